@@ -1,0 +1,66 @@
+"""The exception tree. Every message says what happened *and* what to do next."""
+
+from __future__ import annotations
+
+__all__ = [
+    "HookError",
+    "NamespaceError",
+    "OptionError",
+    "PacketTimeout",
+    "PrivilegeError",
+    "TunDeviceError",
+    "TunPairError",
+]
+
+
+class TunPairError(Exception):
+    """Base of every error pytest-tunpair raises on purpose."""
+
+
+class OptionError(TunPairError, ValueError):
+    """A pair option (marker, factory argument, command line or ini key) has a bad value."""
+
+    def __init__(self, message: str, *, option: str, source: str) -> None:
+        super().__init__(message)
+        self.option = option
+        self.source = source
+
+
+class PrivilegeError(TunPairError, PermissionError):
+    """The process may not create network namespaces or TUN devices here."""
+
+
+class TunDeviceError(TunPairError, OSError):
+    """Opening or configuring a TUN/TAP device failed."""
+
+    def __init__(self, message: str, *, device: str | None = None) -> None:
+        super().__init__(message)
+        self.device = device
+
+
+class NamespaceError(TunPairError, OSError):
+    """Entering, leaving or configuring the test's network namespace failed."""
+
+    def __init__(self, message: str, *, netns: str | None = None) -> None:
+        super().__init__(message)
+        self.netns = netns
+
+
+class HookError(TunPairError, AssertionError):
+    """A hook raised or returned something the relay cannot send.
+
+    Raised in the test thread; the hook's own exception is the ``__cause__``, so pytest
+    shows its traceback.
+    """
+
+    def __init__(self, message: str, *, hook: str, direction: str) -> None:
+        super().__init__(message)
+        self.hook = hook
+        self.direction = direction
+
+
+class PacketTimeout(TunPairError, AssertionError):
+    """``packets.wait_for`` saw no matching packet in time.
+
+    The message lists what *was* captured, so the reader sees why nothing matched.
+    """

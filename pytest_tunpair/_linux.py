@@ -1,0 +1,81 @@
+"""Thin, typed wrappers over the Linux calls Python's stdlib lacks (3.11 has no os.unshare/setns).
+
+Constants keep their kernel names and cite the header they come from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from functools import lru_cache
+
+# include/uapi/linux/sched.h
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+
+# include/uapi/linux/if_tun.h (_IOW('T', n, int) on every arch with the asm-generic ioctl layout)
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+# include/uapi/linux/virtio_net.h: struct virtio_net_hdr (the 10-byte legacy layout the TUN
+# driver uses by default): flags u8, gso_type u8, hdr_len u16, gso_size u16, csum_start u16,
+# csum_offset u16 -- in the host's byte order for legacy virtio.
+VIRTIO_NET_HDR = struct.Struct("=BBHHHH")
+VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.size
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+ZERO_VNET_HDR = bytes(VIRTIO_NET_HDR_LEN)
+
+# include/uapi/linux/if_addr.h
+IFA_F_NODAD = 0x02
+IFA_F_NOPREFIXROUTE = 0x200
+
+# include/uapi/linux/rtnetlink.h
+RT_TABLE_MAIN = 254
+RT_TABLE_LOCAL = 255
+RT_SCOPE_HOST = 254
+RTPROT_KERNEL = 2
+RTN_LOCAL = 2
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    """unshare(2). CLONE_NEWNET affects only the calling thread (kernel-notes: per-thread netns)."""
+    _check(_libc().unshare(ctypes.c_int(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2) for the calling thread."""
+    _check(_libc().setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def has_errno(exc: BaseException, *codes: int) -> bool:
+    return isinstance(exc, OSError) and exc.errno in codes
+
+
+EPERM_LIKE = (errno.EPERM, errno.EACCES)

@@ -1,0 +1,145 @@
+"""A fresh, anonymous network namespace for the calling thread.
+
+Linux lets a single *thread* change network namespace (``unshare(CLONE_NEWNET)`` or
+``setns``): other threads stay where they were, and threads and child processes started
+from that thread inherit its namespace. That is what lets a test body, its subprocesses
+and nothing else live inside the tunnel's namespace.
+
+The namespace is anonymous (no ``ip netns add``, nothing under ``/run/netns``): it lives
+exactly as long as something refers to it -- our fd, a thread inside it, a socket or a
+child process -- and the kernel reclaims it (and its devices) when the last reference
+goes, even if this process is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from types import TracebackType
+
+from . import _linux
+from ._errors import NamespaceError, PrivilegeError
+
+__all__ = ["NetNamespace", "current_netns_inode"]
+
+
+def current_netns_inode() -> int:
+    """Inode of the calling thread's network namespace (``/proc/thread-self/ns/net``)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+class NetNamespace:
+    """Enter a new network namespace in the calling thread; ``exit()`` returns to the old one."""
+
+    def __init__(self) -> None:
+        self._orig_fd: int | None = None
+        self._fd: int | None = None
+        self._thread: int | None = None
+        self.inode: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise NamespaceError("the namespace is not open")
+        return self._fd
+
+    @property
+    def path(self) -> str:
+        """A path ``nsenter --net=PATH`` accepts while the namespace is open.
+
+        ``/proc/PID/fd/N`` names our own fd on the namespace, so it stays valid even while
+        no thread is inside it.
+        """
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def enter(self) -> NetNamespace:
+        if self._fd is not None:
+            raise NamespaceError("this namespace is already entered", netns=self.path)
+        orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _linux.unshare(_linux.CLONE_NEWNET)
+        except OSError as exc:
+            os.close(orig)
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise PrivilegeError(
+                    "cannot create a network namespace (unshare(CLONE_NEWNET): "
+                    f"{os.strerror(exc.errno)}): this needs CAP_NET_ADMIN and CAP_SYS_ADMIN. "
+                    "Run as root, or under `unshare -Urn`, or let pytest-tunpair enter a "
+                    "user namespace by itself (--tunpair-userns=auto)."
+                ) from exc
+            raise NamespaceError(f"cannot create a network namespace: {exc}") from exc
+        try:
+            self._fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            _linux.setns(orig, _linux.CLONE_NEWNET)
+            os.close(orig)
+            raise
+        self._orig_fd = orig
+        self._thread = threading.get_ident()
+        self.inode = os.fstat(self._fd).st_ino
+        return self
+
+    def is_current(self) -> bool:
+        """True when the calling thread is inside this namespace."""
+        return self.inode is not None and current_netns_inode() == self.inode
+
+    def exit(self) -> None:
+        """Go back to the namespace the thread came from and drop our reference."""
+        if self._fd is None:
+            return
+        if threading.get_ident() != self._thread:
+            raise NamespaceError(
+                "a namespace must be left by the thread that entered it; "
+                "close the pair from the thread that opened it",
+                netns=self.path,
+            )
+        assert self._orig_fd is not None
+        try:
+            _linux.setns(self._orig_fd, _linux.CLONE_NEWNET)
+        except OSError as exc:
+            raise NamespaceError(
+                f"cannot return to the original network namespace: {exc}", netns=self.path
+            ) from exc
+        finally:
+            os.close(self._orig_fd)
+            os.close(self._fd)
+            self._orig_fd = self._fd = None
+            self.inode = None
+
+    def write_sysctl(self, name: str, value: str | int) -> None:
+        """Set a per-namespace sysctl, e.g. ``net/ipv4/ip_nonlocal_bind``.
+
+        ``/proc/sys/net`` resolves against the *calling thread's* namespace, so this refuses
+        to write unless the caller is inside this namespace: the host's sysctls are never
+        touched.
+        """
+        if not self.is_current():
+            raise NamespaceError(
+                f"refusing to set {name}: the calling thread is not inside the tunnel namespace",
+                netns=self.path if self._fd is not None else None,
+            )
+        path = "/proc/sys/" + name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NamespaceError(f"cannot set sysctl {name}: {exc}") from exc
+        try:
+            os.write(fd, str(value).encode())
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> NetNamespace:
+        return self.enter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.exit()

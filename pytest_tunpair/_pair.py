@@ -1,0 +1,386 @@
+"""``TunPair``: two devices, the routing recipe and a relay -- usable without pytest.
+
+from pytest_tunpair import TunPair
+
+with TunPair() as pair:           # the calling thread is now in a fresh namespace
+    subprocess.run(["ping", "-c1", pair.b.ip], check=True)
+    print(pair.packets.summary())
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from . import _routing
+from ._capture import Capture, Packet, Stats
+from ._device import TunDevice
+from ._errors import NamespaceError, TunPairError
+from ._netns import NetNamespace
+from ._options import PairOptions
+from ._relay import Hook, Relay
+from ._validate import to_bytes, validate_frame
+
+__all__ = ["Endpoint", "TunPair", "TunPairFactory"]
+
+
+def _prepare_namespace(ns: NetNamespace) -> None:
+    """Per-namespace settings, done once, inside the namespace (never on the host)."""
+    # Step 2 of the recipe removes the addresses from table local, which is also how the
+    # kernel answers "is this address mine?" for bind(): without this a server cannot bind
+    # to a tunnel address (EADDRNOTAVAIL). Both sysctls are per namespace.
+    ns.write_sysctl("net/ipv4/ip_nonlocal_bind", 1)
+    if os.path.isdir("/proc/sys/net/ipv6"):
+        ns.write_sysctl("net/ipv6/ip_nonlocal_bind", 1)
+        # No link-local address on new devices: no router solicitations, MLD or other
+        # chatter in the capture (kernel-notes), only the test's own traffic.
+        ns.write_sysctl("net/ipv6/conf/default/addr_gen_mode", 1)
+    _routing.link_up_lo()
+
+
+class Endpoint:
+    """One end of the pair (``tun_pair.a`` / ``tun_pair.b``)."""
+
+    def __init__(
+        self,
+        pair: TunPair,
+        device: TunDevice,
+        *,
+        ip: str | None,
+        ip6: str | None,
+        mtu: int,
+        mac: str | None,
+        inbound: str,
+    ) -> None:
+        self._pair = pair
+        self._device = device
+        self.name = device.name
+        self.index = device.index
+        self.ip = ip
+        self.ip6 = ip6
+        self.mtu = mtu
+        self.mac = mac
+        self._inbound = inbound  # direction label of packets entering this device
+
+    @property
+    def mode(self) -> str:
+        return self._device.mode
+
+    def inject(self, packet: Any) -> Packet:
+        """Write ``packet`` into this device: the kernel receives it on this interface.
+
+        Takes bytes or a scapy packet: an IPv4/IPv6 packet on TUN, an Ethernet frame on
+        TAP. Bad input raises ``TypeError``/``ValueError`` and writes nothing.
+        """
+        data = to_bytes(packet, what=f"{self.name}.inject()")
+        validate_frame(data, mode=self.mode, mtu=self.mtu)
+        capture = self._pair.packets
+        pkt = Packet(0.0, self._inbound, "injected", data, 0, self.mode)
+        self._device.write(data)
+        pkt.time = time.monotonic() - capture.t0
+        capture.record(pkt)
+        return pkt
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.name} ip={self.ip} ip6={self.ip6} mtu={self.mtu}>"
+
+
+class TunPair:
+    """Two TUN (or TAP) devices in one network namespace, routed through a relay thread.
+
+    Without ``netns`` it creates a fresh namespace and moves the *calling thread* into it
+    until :meth:`close`; with ``netns`` (used by :class:`TunPairFactory`) it joins that one.
+    """
+
+    def __init__(
+        self,
+        options: PairOptions | None = None,
+        *,
+        netns: NetNamespace | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if options is not None and kwargs:
+            raise TypeError("give either a PairOptions or keyword options, not both")
+        self.options = options or PairOptions.from_kwargs(kwargs, source="TunPair()")
+        self._netns = netns
+        self._own_netns = netns is None
+        self._devices: list[TunDevice] = []
+        self._relay: Relay | None = None
+        self._stats = Stats()
+        self.steps: list[str] = []
+        o = self.options
+        self.packets = Capture(
+            mode=o.mode,
+            max_packets=o.max_packets,
+            capture_bytes=o.capture_bytes,
+            snaplen=o.snaplen,
+        )
+        self.a: Endpoint
+        self.b: Endpoint
+        self._impairment: Any = None
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def open(self, *, _index: int = 0) -> TunPair:
+        o = self.options
+        try:
+            if self._own_netns:
+                self._netns = NetNamespace().enter()
+                _prepare_namespace(self._netns)
+            ns = self._netns
+            assert ns is not None
+            if not ns.is_current():
+                raise NamespaceError(
+                    "the calling thread is not inside the pair's namespace: open the pair "
+                    "from the thread that entered it",
+                    netns=ns.path,
+                )
+            if o.ipv6 is not None and not os.path.isdir("/proc/sys/net/ipv6"):
+                raise NamespaceError(
+                    "IPv6 is disabled in this kernel (ipv6.disable=1): pass ipv6=None"
+                )
+            vnet = o.offload
+            dev_a = TunDevice(o.names[0], mode=o.mode, vnet_hdr=vnet)
+            self._devices.append(dev_a)
+            dev_b = TunDevice(o.names[1], mode=o.mode, vnet_hdr=vnet)
+            self._devices.append(dev_b)
+            if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
+                for d in self._devices:
+                    ns.write_sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
+            macs: tuple[str | None, str | None] = (None, None)
+            if o.mode == "tap":
+                macs = (
+                    f"02:74:70:00:{_index & 0xFF:02x}:01",
+                    f"02:74:70:00:{_index & 0xFF:02x}:02",
+                )
+            v4 = o.ipv4 or (None, None)
+            v6 = o.ipv6 or (None, None)
+            sides = [
+                _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
+                _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
+            ]
+            self.steps = _routing.apply_recipe(
+                sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen
+            )
+            for d in self._devices:
+                d.set_offload(o.offload)
+            self.a = Endpoint(
+                self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], inbound="b->a"
+            )
+            self.b = Endpoint(
+                self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], inbound="a->b"
+            )
+            self.packets.t0 = time.monotonic()
+            self.packets.wall_t0 = time.time()
+            self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
+            self._relay.start()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stop the relay, close the devices and (if we made it) leave the namespace.
+
+        Raises the first error a hook or the relay hit, after cleaning up.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        errors = self._teardown()
+        if errors:
+            raise errors[0]
+
+    def _teardown(self) -> list[BaseException]:
+        errors: list[BaseException] = []
+        if self._relay is not None:
+            self._relay.stop()
+            errors.extend(self._relay.take_errors())
+        for d in reversed(self._devices):
+            # Persist only when the namespace will take the devices away with it.
+            d.close(persist=True)
+        if self._own_netns and self._netns is not None and self._netns.active:
+            self._netns.exit()
+        return errors
+
+    def __enter__(self) -> TunPair:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- what tests look at --------------------------------------------------------------------
+    @property
+    def netns_path(self) -> str:
+        """``nsenter --net=PATH`` enters the pair's namespace (while the pair is open)."""
+        if self._netns is None or not self._netns.active:
+            raise NamespaceError("the pair is not open")
+        return self._netns.path
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per direction: packets and bytes delivered, packets dropped (never bounded)."""
+        return self._stats.as_dict()
+
+    @property
+    def mode(self) -> str:
+        return self.options.mode
+
+    def check(self) -> None:
+        """Raise, in the calling thread, the first error the relay or a hook hit."""
+        __tracebackhide__ = True
+        if self._relay is not None:
+            errors = self._relay.take_errors()
+            if errors:
+                raise errors[0]
+
+    # -- programmable wire ------------------------------------------------------------------------
+    def add_hook(self, fn: Callable[[Packet], Any], direction: str | None = None) -> Hook:
+        """Run ``fn(packet)`` in the relay for each packet (see the README for return values)."""
+        if not callable(fn):
+            raise TypeError(f"add_hook() takes a callable, not {type(fn).__name__}")
+        _check_direction(direction, "add_hook")
+        relay = self._require_relay()
+        hook = Hook(fn, direction)
+        for d in _directions(direction):
+            relay.hooks[d] = (*relay.hooks[d], hook)
+        self._update_offload()
+        return hook
+
+    def remove_hook(self, handle: Hook) -> None:
+        relay = self._require_relay()
+        found = False
+        for d in ("a->b", "b->a"):
+            if handle in relay.hooks[d]:
+                relay.hooks[d] = tuple(h for h in relay.hooks[d] if h is not handle)
+                found = True
+        if not found:
+            raise ValueError(f"{handle!r} is not a hook of this pair (removed already?)")
+        self._update_offload()
+
+    def impair(self, direction: str | None = None, **spec: Any) -> None:
+        """netem-like impairments in the relay; ``impair()`` with no arguments turns them off."""
+        from ._impair import ImpairmentEngine, ImpairmentSpec
+
+        _check_direction(direction, "impair")
+        relay = self._require_relay()
+        parsed = ImpairmentSpec.from_kwargs(**spec)
+        seed = parsed.seed if parsed.seed is not None else self.options.seed
+        if seed is None:
+            seed = 0
+        for d in _directions(direction):
+            # Each direction gets its own stream so one's traffic cannot shift the other's
+            # decisions; derived from the seed so a replay reproduces both.
+            relay.engines[d] = (
+                ImpairmentEngine(parsed, seed * 2 + (d == "b->a")) if parsed.active else None
+            )
+        self._impairment = parsed if parsed.active else None
+        self._seed = seed
+        relay.wake()
+        self._update_offload()
+
+    def _update_offload(self) -> None:
+        relay = self._require_relay()
+        busy = any(relay.hooks.values()) or any(e is not None for e in relay.engines.values())
+        for d in self._devices:
+            d.set_offload(self.options.offload and not busy)
+
+    def _require_relay(self) -> Relay:
+        if self._relay is None or self._closed:
+            raise TunPairError("the pair is not open")
+        return self._relay
+
+    def describe(self) -> str:
+        o = self.options
+        parts = [
+            f"{self.a.name}={self.a.ip or ''}{'/' + self.a.ip6 if self.a.ip6 else ''}",
+            f"{self.b.name}={self.b.ip or ''}{'/' + self.b.ip6 if self.b.ip6 else ''}",
+        ]
+        return f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._relay else "new")
+        return f"<TunPair {self.options.names[0]}<->{self.options.names[1]} {state}>"
+
+
+def _check_direction(direction: str | None, what: str) -> None:
+    if direction not in (None, "a->b", "b->a"):
+        raise ValueError(f"{what}(direction={direction!r}): use 'a->b', 'b->a' or None (both)")
+
+
+def _directions(direction: str | None) -> tuple[str, ...]:
+    return ("a->b", "b->a") if direction is None else (direction,)
+
+
+class TunPairFactory:
+    """Makes pairs in one namespace (``tun_pair_factory``); tears all down in reverse order.
+
+    ``open()`` moves the calling thread into a fresh namespace; ``close()`` brings it back.
+    """
+
+    def __init__(
+        self, defaults: Mapping[str, Any] | None = None, *, source: str = "tun_pair_factory"
+    ) -> None:
+        self.defaults = dict(defaults or {})
+        self.source = source
+        self.pairs: list[TunPair] = []
+        self.netns: NetNamespace | None = None
+        self._thread = threading.get_ident()
+
+    def open(self) -> TunPairFactory:
+        ns = NetNamespace().enter()
+        try:
+            _prepare_namespace(ns)
+        except BaseException:
+            ns.exit()
+            raise
+        self.netns = ns
+        return self
+
+    def __call__(self, **options: Any) -> TunPair:
+        return self.make(options, source=self.source)
+
+    def make(self, options: Mapping[str, Any], *, source: str) -> TunPair:
+        if self.netns is None:
+            self.open()
+        index = len(self.pairs)
+        opts = PairOptions.from_kwargs({**self.defaults, **options}, source=source, index=index)
+        pair = TunPair(opts, netns=self.netns)
+        pair.open(_index=index)
+        self.pairs.append(pair)
+        return pair
+
+    @property
+    def netns_path(self) -> str:
+        if self.netns is None:
+            raise NamespaceError("the factory has no namespace yet")
+        return self.netns.path
+
+    def close(self) -> None:
+        """Close every pair (newest first) and leave the namespace; then raise the first
+        error any relay or hook hit."""
+        errors: list[BaseException] = []
+        for pair in reversed(self.pairs):
+            try:
+                pair.close()
+            except BaseException as exc:
+                errors.append(exc)
+        if self.netns is not None and self.netns.active:
+            self.netns.exit()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> TunPairFactory:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

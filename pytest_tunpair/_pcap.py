@@ -1,0 +1,34 @@
+"""Classic libpcap files (https://www.tcpdump.org/manpages/pcap-savefile.5.html)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._capture import Packet
+
+__all__ = ["LINKTYPE_ETHERNET", "LINKTYPE_RAW", "write_pcap"]
+
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101  # raw IPv4 or IPv6, told apart by the version nibble: mixes in one file
+_SNAPLEN = 262144
+
+
+def write_pcap(path: str | Any, packets: Iterable[Packet], *, mode: str, wall_t0: float) -> str:
+    path = os.fspath(path)
+    linktype = LINKTYPE_ETHERNET if mode == "tap" else LINKTYPE_RAW
+    with open(path, "wb") as f:
+        f.write(struct.pack("=IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, _SNAPLEN, linktype))
+        for p in packets:
+            data = p.data
+            ts = wall_t0 + p.time
+            sec = int(ts)
+            usec = round((ts - sec) * 1_000_000)
+            if usec >= 1_000_000:
+                sec, usec = sec + 1, usec - 1_000_000
+            f.write(struct.pack("=IIII", sec, usec, len(data), p.wire_len))
+            f.write(data)
+    return path
