@@ -133,7 +133,7 @@ _DURATION = (
     " (e.g. '20ms', '1.5s', '200us')"
 )
 _RATE = (
-    "bits per second, > 0: a number, or a string like '500kbit', '10mbit', '1gbit'"
+    "in bits per second, > 0: a number, or a string like '500kbit', '10mbit', '1gbit'"
     " (bits/s) or '100kbps' (bytes/s, as in tc); None for unlimited"
 )
 _SEED = "an int, or None to use the session seed"
@@ -200,9 +200,10 @@ def _rate(name: str, value: object) -> float | None:
 def _seed(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    # Integral rather than int so a numpy integer from a parametrize grid is accepted too.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _invalid(name, value, _SEED)
-    return value
+    return int(value)
 
 
 _FIELDS: dict[str, Callable[[str, object], object]] = {
@@ -253,8 +254,10 @@ class ImpairmentSpec:
       are **bytes** per second (so ``"1mbps"`` is 8 000 000 bits/s), case-insensitive;
     * ``seed``: ``None`` or an int.
 
-    ``bool`` is rejected everywhere a number is expected.  Bad values raise ``ValueError``
-    naming the argument and what is allowed.
+    ``bool`` is rejected everywhere a number is expected.  Bad values, including values of the
+    wrong type, raise ``ValueError`` naming the argument and what is allowed, so a caller
+    reporting user configuration errors has one exception to catch; ``TypeError`` is kept for
+    unknown argument names, as Python itself does.
     """
 
     loss: float = 0.0
