@@ -343,3 +343,23 @@ class Capture:
         from ._pcap import write_pcap
 
         return write_pcap(path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0)
+
+    # -- live followers (the command line's trace) ---------------------------------------------
+    def wait_new(self, after_seq: int, timeout: float) -> list[Packet]:
+        """Kept packets recorded after sequence number ``after_seq`` (``-1``: from the start),
+        waiting up to ``timeout`` s for the first one; ``[]`` if none came.
+
+        For a follower thread that prints as the relay records (``tunpair run``): it sleeps on
+        the capture's condition, so the relay pays for a ``notify`` only while someone waits.
+        A jump in ``seq`` between calls means packets were evicted by the capture bounds.
+        """
+        with self._cond:
+            new = self._since(after_seq)
+            if new or timeout <= 0:
+                return new
+            self._waiters += 1
+            try:
+                self._cond.wait(timeout)
+            finally:
+                self._waiters -= 1
+            return self._since(after_seq)

@@ -1,0 +1,669 @@
+"""``tunpair run`` / ``tunpair shell``: the seed's prototyping tool, outside pytest.
+
+tunpair run [options] -- COMMAND [ARGS...]   # COMMAND runs inside a fresh pair's namespace
+tunpair shell [options]                      # an interactive shell there instead
+
+The pair is the very ``TunPair`` the fixtures use; this module only adds a process around
+it: argument parsing, a child process, signal handling and a live trace. The calling
+(main) thread enters the pair's namespace, so the child forked from it lives there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+from ._capture import Capture
+from ._errors import OptionError, PrivilegeError, TunPairError
+from ._options import PairOptions
+from ._pair import TunPair
+
+__all__ = ["build_parser", "main"]
+
+#: tunpair itself failed (could not build the pair...): 125, as env(1) and timeout(1) do,
+#: so it cannot be mistaken for an exit status of COMMAND.
+EXIT_FAILED = 125
+EXIT_CANNOT_RUN = 126
+EXIT_NOT_FOUND = 127
+EXIT_USAGE = 2
+
+_IMPAIRMENTS = ("loss", "delay", "jitter", "duplicate", "reorder", "corrupt", "rate")
+# Leftover processes get this long to exit after SIGTERM before SIGKILL.
+_LEFTOVER_GRACE = 2.0
+# How long the trace printer sleeps on the capture before re-checking whether to stop: it
+# bounds how late the tool exits, and costs a handful of wake-ups a second when idle.
+_PRINTER_TICK = 0.1
+_ENV_KEYS = (
+    "TUNPAIR_NETNS",
+    "TUNPAIR_A",
+    "TUNPAIR_B",
+    "TUNPAIR_A_IP",
+    "TUNPAIR_B_IP",
+    "TUNPAIR_A_IP6",
+    "TUNPAIR_B_IP6",
+)
+
+
+# -- command line -----------------------------------------------------------------------------
+def _prog() -> str:
+    return "tunpair" if os.path.basename(sys.argv[0]) == "tunpair" else "python -m pytest_tunpair"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``run`` and ``shell`` share every pair option."""
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("the pair (the options of @pytest.mark.tunpair)")
+    g.add_argument("--mode", metavar="{tun,tap}", help="raw IP (tun, default) or Ethernet (tap)")
+    g.add_argument("--mtu", metavar="N", help="MTU of both devices (default 1500)")
+    v4 = g.add_mutually_exclusive_group()
+    v4.add_argument(
+        "--ipv4", nargs=2, metavar=("A", "B"), help="IPv4 addresses (198.18.0.1 198.18.0.2)"
+    )
+    v4.add_argument("--no-ipv4", action="store_true", help="no IPv4 on the pair")
+    v6 = g.add_mutually_exclusive_group()
+    v6.add_argument(
+        "--ipv6", nargs=2, metavar=("A", "B"), help="IPv6 addresses (2001:2::1 2001:2::2)"
+    )
+    v6.add_argument("--no-ipv6", action="store_true", help="no IPv6 on the pair")
+    g.add_argument("--names", nargs=2, metavar=("A", "B"), help="device names (tun0 tun1)")
+    g.add_argument("--table", metavar="N", help="routing table for the local routes (13)")
+    g.add_argument("--no-offload", action="store_true", help="no TSO/checksum offload")
+    g.add_argument("--txqueuelen", metavar="N", help="device queue length (5000)")
+
+    c = common.add_argument_group("trace and capture")
+    c.add_argument("-q", "--quiet", action="store_true", help="no packet trace, no banner")
+    c.add_argument("--trace", metavar="FILE", help="write the packet trace to FILE, not stderr")
+    c.add_argument("--pcap", metavar="FILE", help="write every packet to a pcap FILE at exit")
+    c.add_argument("--snaplen", metavar="N", help="keep only the first N bytes of each packet")
+    c.add_argument("--max-packets", metavar="N", help="keep only the newest N packets")
+    c.add_argument("--capture-bytes", metavar="N", help="capture budget in bytes (64 MiB)")
+
+    i = common.add_argument_group("impairments (pair.impair(...), done in the relay)")
+    i.add_argument("--loss", metavar="P", help="drop probability: 0.1 or 10%%")
+    i.add_argument("--delay", metavar="T", help="added latency: seconds, or 20ms, 200us")
+    i.add_argument("--jitter", metavar="T", help="uniform +/- jitter on the delay")
+    i.add_argument("--duplicate", metavar="P", help="duplication probability")
+    i.add_argument("--reorder", metavar="P", help="probability a packet is overtaken")
+    i.add_argument("--corrupt", metavar="P", help="probability of one flipped bit")
+    i.add_argument("--rate", metavar="R", help="bits/s, or 500kbit, 10mbit, 100kbps (bytes/s)")
+    i.add_argument("--seed", metavar="N", help="seed of the impairments (default 0)")
+    i.add_argument(
+        "--direction", choices=("a->b", "b->a"), help="impair one direction only (default both)"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=prog or _prog(),
+        description="A TUN/TAP pair routed through a userspace relay, from the shell: "
+        "the pytest-tunpair machinery without pytest.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="action", metavar="{run,shell}", required=True)
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a command inside a fresh pair's namespace, tracing every packet",
+        description="Run COMMAND inside a fresh network namespace holding the pair, print "
+        "every packet the relay carries to stderr, and exit with COMMAND's status "
+        "(128+N if a signal N killed it). Without COMMAND: an interactive shell.",
+        usage="%(prog)s [options] -- COMMAND [ARGS...]",
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    run.set_defaults(parser=run)
+    shell = sub.add_parser(
+        "shell",
+        parents=[common],
+        help="an interactive shell ($SHELL) inside a fresh pair's namespace",
+        description="Start $SHELL (or /bin/sh) inside a fresh network namespace holding the "
+        "pair, after printing the addresses and the nsenter line for other terminals.",
+    )
+    shell.set_defaults(parser=shell, command=[])
+    return parser
+
+
+@dataclass
+class Plan:
+    """What to do, validated: nothing is built until all of it is known to be good."""
+
+    command: list[str]
+    options: PairOptions
+    impair: dict[str, Any] = field(default_factory=dict)
+    direction: str | None = None
+    pcap: str | None = None
+    trace: str | None = None
+    quiet: bool = False
+
+
+def _int_or_text(value: str | None) -> Any:
+    # Hand PairOptions what it can validate: a whole number if the text is one, else the
+    # text itself, so a bad value gets the same message as in the marker.
+    if value is None:
+        return None
+    try:
+        return int(value, 10)
+    except ValueError:
+        return value
+
+
+def _number_or_text(value: str) -> Any:
+    # ImpairmentSpec takes numbers and unit strings ("10%", "20ms", "1mbit") alike.
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Turn parsed arguments into a :class:`Plan`; bad values end in ``parser.error``."""
+    parser: argparse.ArgumentParser = args.parser
+    source = f"tunpair {args.action}"
+    kwargs: dict[str, Any] = {}
+    flags: dict[str, str] = {}
+
+    def put(key: str, value: Any, flag: str) -> None:
+        kwargs[key] = value
+        flags[key] = flag
+
+    if args.mode is not None:
+        put("mode", args.mode, "--mode")
+    for key in ("mtu", "table", "txqueuelen", "snaplen", "max_packets", "capture_bytes", "seed"):
+        raw = getattr(args, key)
+        if raw is not None:
+            put(key, _int_or_text(raw), "--" + key.replace("_", "-"))
+    if args.no_ipv4 and args.no_ipv6:
+        parser.error("--no-ipv4 and --no-ipv6 leave the pair without addresses; drop one")
+    for family in ("ipv4", "ipv6"):
+        if getattr(args, "no_" + family):
+            put(family, None, f"--no-{family}")
+        elif getattr(args, family) is not None:
+            put(family, tuple(getattr(args, family)), "--" + family)
+    if args.names is not None:
+        put("names", tuple(args.names), "--names")
+    if args.no_offload:
+        put("offload", False, "--no-offload")
+    try:
+        options = PairOptions.from_kwargs(kwargs, source=source)
+    except OptionError as exc:
+        message = str(exc).removeprefix(f"{source}: ")
+        parser.error(f"argument {flags.get(exc.option, '--' + exc.option)}: {message}")
+
+    impair = _impairments(args, parser)
+    if args.direction is not None and not impair:
+        parser.error(
+            "argument --direction: nothing to impair; add --loss, --delay, --jitter, "
+            "--duplicate, --reorder, --corrupt or --rate"
+        )
+    for flag, path in (("--pcap", args.pcap), ("--trace", args.trace)):
+        if path is not None:
+            problem = _unwritable(path)
+            if problem:
+                parser.error(f"argument {flag}: cannot write {path!r}: {problem}")
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return Plan(
+        command=command,
+        options=options,
+        impair=impair,
+        direction=args.direction,
+        pcap=args.pcap,
+        trace=args.trace,
+        quiet=args.quiet,
+    )
+
+
+def _impairments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from ._impair import ImpairmentSpec
+
+    impair: dict[str, Any] = {}
+    for key in _IMPAIRMENTS:
+        raw = getattr(args, key)
+        if raw is None:
+            continue
+        value = _number_or_text(raw)
+        try:
+            # One field at a time, so the message names the flag that is wrong.
+            ImpairmentSpec.from_kwargs(**{key: value})
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            if message.startswith("impair("):  # "impair(loss=2.0): loss is ..." -> "loss is ..."
+                message = message.split("): ", 1)[-1]
+            parser.error(f"argument --{key}: bad value {raw!r}: {message}")
+        impair[key] = value
+    return impair
+
+
+def _unwritable(path: str) -> str | None:
+    if os.path.isdir(path):
+        return "it is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"no directory {parent}"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "permission denied"
+    return None if os.access(parent, os.W_OK | os.X_OK) else "permission denied"
+
+
+# -- the live trace ---------------------------------------------------------------------------
+class TracePrinter:
+    """Prints each packet the relay records, from its own thread.
+
+    The relay never waits for it: the printer sleeps on the capture (``wait_new``) and
+    formats what arrived in chunks. Formatting (scapy) holds the GIL, and a relay thread
+    returning from read()/write() must wait for the GIL (up to the 5 ms switch interval), so
+    an unthrottled printer cut TCP through the pair from 7.7 to 0.5 Gbit/s. Hence a budget:
+    after each chunk the printer sleeps ``1/DUTY - 1`` times as long as it worked, and when
+    more than ``MAX_BACKLOG`` packets wait it prints only the newest ``KEEP`` and says how
+    many it skipped -- nobody reads thousands of lines a second; ``--pcap`` keeps them all.
+    """
+
+    DUTY = 0.2
+    CHUNK = 32
+    MAX_BACKLOG = 512
+    KEEP = 64
+    MAX_PAUSE = 0.1
+
+    def __init__(self, capture: Capture, out: TextIO, lock: threading.Lock) -> None:
+        self._capture = capture
+        self._out = out
+        self._lock = lock
+        self._stop = threading.Event()
+        self._last = -1
+        self.skipped = 0
+        self.broken: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="tunpair-trace", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Print what is left, then end the thread (call it after the relay has stopped)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _main(self) -> None:
+        capture = self._capture
+        while self.broken is None:
+            stopping = self._stop.is_set()
+            new = capture.wait_new(self._last, 0 if stopping else _PRINTER_TICK)
+            if not new:
+                if stopping:
+                    return
+                continue
+            lines = []
+            gap = new[0].seq - self._last - 1
+            if gap > 0:
+                lines.append(
+                    f"... {gap} packets no longer kept by the capture "
+                    "(see --capture-bytes, --max-packets)"
+                )
+            if len(new) > self.MAX_BACKLOG:
+                skip = len(new) - self.KEEP
+                self.skipped += skip
+                lines.append(
+                    f"... {skip} packets not shown: too many to print live "
+                    "(--pcap FILE keeps every packet)"
+                )
+                new = new[skip:]
+            self._last = new[-1].seq
+            for i in range(0, len(new), self.CHUNK):
+                began = time.perf_counter()
+                lines.extend(p.summary() for p in new[i : i + self.CHUNK])
+                self._write(lines)
+                lines = []
+                if not stopping:  # the relay has stopped once we drain: no need to yield
+                    spent = time.perf_counter() - began
+                    time.sleep(min(spent * (1 / self.DUTY - 1), self.MAX_PAUSE))
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            with self._lock:
+                self._out.write("\n".join(lines) + "\n")
+                self._out.flush()
+        except (OSError, ValueError) as exc:  # the reader went away (EPIPE, closed stderr)
+            self.broken = exc
+
+
+# -- signals ----------------------------------------------------------------------------------
+def _terminal_foreground() -> bool:
+    """True when a controlling terminal exists and our process group is its foreground."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class _Signals:
+    """Deliver SIGINT & co. to the child exactly once, and never die before teardown.
+
+    In a terminal's foreground the child stays in our process group, like a command a shell
+    runs: Ctrl-C, Ctrl-\\ and hang-ups reach it from the terminal directly (and it can read
+    the terminal), so we only take note. Elsewhere the child gets a process group of its
+    own, so a signal aimed at our group reaches it only through us: once. SIGTERM never comes
+    from a terminal and is always passed on.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    FROM_TERMINAL = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.terminal = _terminal_foreground()
+        self.child: subprocess.Popen[bytes] | None = None
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        child = self.child
+        if child is None or child.returncode is not None:
+            return  # no child (yet): setup or teardown finishes, then we exit 128+N
+        if self.terminal and signum in self.FROM_TERMINAL:
+            return
+        try:
+            if self.terminal:
+                os.kill(child.pid, signum)
+            else:
+                os.killpg(child.pid, signum)  # like a terminal: the child's whole group
+        except ProcessLookupError:
+            pass
+
+
+# -- one run ----------------------------------------------------------------------------------
+class Session:
+    """Build the pair, run the command inside, tear down, report."""
+
+    def __init__(self, plan: Plan, *, err: TextIO | None = None) -> None:
+        self.plan = plan
+        self.err = err or sys.stderr
+        self.lock = threading.Lock()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            try:
+                self.err.write(f"tunpair: {text}\n")
+                self.err.flush()
+            except (OSError, ValueError):
+                pass
+
+    def run(self) -> int:
+        signals = _Signals()
+        signals.install()
+        trace_file: TextIO | None = None
+        try:
+            if self.plan.trace is not None and not self.plan.quiet:
+                trace_file = open(self.plan.trace, "w", encoding="utf-8")
+            return self._run(signals, trace_file)
+        finally:
+            if trace_file is not None:
+                trace_file.close()
+            signals.restore()
+
+    def _run(self, signals: _Signals, trace_file: TextIO | None) -> int:
+        plan = self.plan
+        pair = TunPair(plan.options)
+        try:
+            pair.open()
+        except (TunPairError, OSError) as exc:
+            hint = ""
+            if isinstance(exc, PrivilegeError):
+                hint = " (from a shell: run tunpair as root, or as `unshare -Urn tunpair ...`)"
+            self.say(f"cannot set up the pair: {exc}{hint}")
+            return EXIT_FAILED
+        printer: TracePrinter | None = None
+        status = EXIT_FAILED
+        try:
+            if plan.impair:
+                pair.impair(plan.direction, **plan.impair)
+            if not plan.quiet:
+                printer = TracePrinter(pair.packets, trace_file or self.err, self.lock)
+                printer.start()
+            status = self._inside(pair, signals)
+        except TunPairError as exc:
+            self.say(str(exc))
+        finally:
+            failed = self._close(pair)
+            if printer is not None:
+                printer.stop()
+        if failed and status == 0:
+            status = EXIT_FAILED
+        if plan.pcap is not None:
+            try:
+                pair.packets.to_pcap(plan.pcap)
+            except OSError as exc:
+                self.say(f"cannot write --pcap {plan.pcap}: {exc}")
+                if status == 0:
+                    status = EXIT_FAILED
+        if not plan.quiet:
+            self.say(self._summary(pair))
+        return status
+
+    def _inside(self, pair: TunPair, signals: _Signals) -> int:
+        plan = self.plan
+        command = plan.command
+        if not command:
+            command = [os.environ.get("SHELL") or "/bin/sh"]
+            self._shell_banner(pair, command[0])
+        elif not plan.quiet:
+            self.say(self._banner(pair) + f"; running: {shlex.join(command)}")
+        if signals.received is not None:
+            return 128 + signals.received  # interrupted while the pair came up
+        try:
+            return self._run_child(command, pair, signals)
+        finally:
+            self._stop_leftovers(pair)
+
+    def _banner(self, pair: TunPair) -> str:
+        text = pair.describe()
+        if plan_impair := self.plan.impair:
+            from ._impair import ImpairmentSpec
+
+            spec = ImpairmentSpec.from_kwargs(**plan_impair)
+            seed = pair.options.seed if pair.options.seed is not None else 0
+            where = f" {self.plan.direction}" if self.plan.direction else ""
+            text += f"; impair{where}: {spec.describe()} seed={seed}"
+        return text
+
+    def _shell_banner(self, pair: TunPair, shell: str) -> None:
+        self.say(self._banner(pair))
+        for label, end in (("a", pair.a), ("b", pair.b)):
+            var = f"$TUNPAIR_{label.upper()}_IP"
+            addrs = [(end.ip, var), (end.ip6, var + "6")]
+            shown = "  ".join(f"{ip} ({v})" for ip, v in addrs if ip)
+            self.say(f"  {label}: {end.name}  {shown}")
+        self.say(
+            f"other terminals: {nsenter_command(pair)} COMMAND   (valid while this shell runs)"
+        )
+        self.say(f"starting {shell}; exit it to tear the pair down")
+
+    def _env(self, pair: TunPair) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+        env["TUNPAIR_NETNS"] = pair.netns_path
+        for label, end in (("A", pair.a), ("B", pair.b)):
+            env[f"TUNPAIR_{label}"] = end.name
+            if end.ip:
+                env[f"TUNPAIR_{label}_IP"] = end.ip
+            if end.ip6:
+                env[f"TUNPAIR_{label}_IP6"] = end.ip6
+        return env
+
+    def _run_child(self, command: list[str], pair: TunPair, signals: _Signals) -> int:
+        try:
+            # Forked from this thread, the child starts inside the pair's namespace.
+            child = subprocess.Popen(
+                command, env=self._env(pair), process_group=None if signals.terminal else 0
+            )
+        except FileNotFoundError:
+            self.say(f"{command[0]}: command not found")
+            return EXIT_NOT_FOUND
+        except OSError as exc:
+            self.say(f"cannot run {command[0]}: {exc.strerror or exc}")
+            return EXIT_CANNOT_RUN
+        signals.child = child
+        if signals.received is not None and not signals.terminal:
+            os.killpg(child.pid, signals.received)  # arrived between fork and now
+        returncode = child.wait()
+        return returncode if returncode >= 0 else 128 - returncode
+
+    def _stop_leftovers(self, pair: TunPair) -> None:
+        """End processes COMMAND left in the namespace: its relay is about to go away."""
+        leftovers = _processes_in(pair.netns_path)
+        if not leftovers:
+            return
+        names = ", ".join(f"{pid} ({_comm(pid)})" for pid in leftovers)
+        self.say(f"stopping {_count(len(leftovers), 'process')} left in the namespace: {names}")
+        _terminate(leftovers, grace=_LEFTOVER_GRACE)
+
+    def _close(self, pair: TunPair) -> bool:
+        try:
+            pair.close()
+        except Exception as exc:
+            self.say(f"the relay failed: {type(exc).__name__}: {exc}")
+            return True
+        return False
+
+    def _summary(self, pair: TunPair) -> str:
+        parts = [
+            f"{d} {_count(s['packets'], 'packet')} ({s['bytes']} bytes"
+            + (f", {s['dropped']} not delivered)" if s["dropped"] else ")")
+            for d, s in pair.stats.items()
+        ]
+        text = "carried " + ", ".join(parts)
+        if self.plan.pcap is not None:
+            text += f"; wrote {_count(len(pair.packets), 'packet')} to {self.plan.pcap}"
+        return text
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
+
+
+def nsenter_command(pair: TunPair) -> str:
+    """The ``nsenter`` line that enters the pair's namespace from another terminal."""
+    if _in_user_namespace():
+        # The namespace belongs to our user namespace (`unshare -Urn`): another process of the
+        # same user may enter it only through that user namespace, keeping its own ids.
+        return (
+            f"nsenter --preserve-credentials --user=/proc/{os.getpid()}/ns/user "
+            f"--net={pair.netns_path}"
+        )
+    return f"nsenter --net={pair.netns_path}"
+
+
+def _in_user_namespace() -> bool:
+    """True unless we are in the initial user namespace (which maps every id to itself)."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def _processes_in(netns_path: str) -> dict[int, int]:
+    """``{pid: pidfd}`` of the processes (other than us) in the namespace at ``netns_path``."""
+    ns = os.stat(netns_path)
+    me = os.getpid()
+    found: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+            if (st.st_dev, st.st_ino) != (ns.st_dev, ns.st_ino):
+                continue
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone meanwhile, or not ours to see
+        # Re-check through the pidfd's pid: the first look may have been at a reused pid.
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+            same = (st.st_dev, st.st_ino) == (ns.st_dev, ns.st_ino)
+        except OSError:
+            same = False
+        if same:
+            found[pid] = pidfd
+        else:
+            os.close(pidfd)
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _terminate(procs: dict[int, int], *, grace: float) -> None:
+    """SIGTERM, wait up to ``grace`` s on the pidfds (readable once a process exits), SIGKILL."""
+    try:
+        for pidfd in procs.values():
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        poller = select.poll()
+        for pidfd in procs.values():
+            poller.register(pidfd, select.POLLIN)
+        alive = set(procs.values())
+        deadline = time.monotonic() + grace
+        while alive:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd, _ev in poller.poll(remaining * 1000):
+                alive.discard(fd)
+                poller.unregister(fd)
+        for pidfd in alive:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    finally:
+        for pidfd in procs.values():
+            os.close(pidfd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m pytest_tunpair`` and the ``tunpair`` script; returns the
+    exit status (2 for a usage error, COMMAND's status for ``run``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        plan = make_plan(args)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # Rootless support belongs here: a `_userns.ensure()`-style call entering a user
+    # namespace must come after parsing (so --help and usage errors stay cheap) and before
+    # anything starts a thread (unshare(CLONE_NEWUSER) needs a single-threaded process;
+    # Session.run starts the relay and trace threads).
+    return Session(plan).run()
