@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
-from ._capture import Capture
+from ._capture import Capture, Packet
 from ._errors import OptionError, PrivilegeError, TunPairError
 from ._options import PairOptions
 from ._pair import TunPair
@@ -44,6 +44,8 @@ _LEFTOVER_GRACE = 2.0
 # How long the trace printer sleeps on the capture before re-checking whether to stop: it
 # bounds how late the tool exits, and costs a handful of wake-ups a second when idle.
 _PRINTER_TICK = 0.1
+# Longest wait for the printer to load scapy before the command starts anyway.
+_PRINTER_READY_TIMEOUT = 30.0
 _ENV_KEYS = (
     "TUNPAIR_NETNS",
     "TUNPAIR_A",
@@ -282,6 +284,7 @@ class TracePrinter:
         self._stop = threading.Event()
         self._last = -1
         self.skipped = 0
+        self.ready = threading.Event()
         self.broken: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="tunpair-trace", daemon=True)
 
@@ -295,6 +298,10 @@ class TracePrinter:
 
     def _main(self) -> None:
         capture = self._capture
+        try:
+            Packet(0.0, "a->b", "forwarded", b"").summary()  # loads scapy's layers
+        finally:
+            self.ready.set()
         while self.broken is None:
             stopping = self._stop.is_set()
             new = capture.wait_new(self._last, 0 if stopping else _PRINTER_TICK)
@@ -368,6 +375,7 @@ class _Signals:
         self.terminal = _terminal_foreground()
         self.child: subprocess.Popen[bytes] | None = None
         self.received: int | None = None
+        self._pending: list[int] = []
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -382,9 +390,23 @@ class _Signals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
+        if self.child is None:
+            self._pending.append(signum)  # setup, or the child is being forked: see adopt()
+        else:
+            self._forward(signum)
+
+    def adopt(self, child: subprocess.Popen[bytes]) -> None:
+        """From now on signals go to ``child``; pass on those that came while it was forked."""
+        self.child = child
+        # Handlers run in this (the main) thread, between bytecodes: one that comes during
+        # this loop already sees self.child and forwards by itself. None is lost or doubled.
+        while self._pending:
+            self._forward(self._pending.pop(0))
+
+    def _forward(self, signum: int) -> None:
         child = self.child
         if child is None or child.returncode is not None:
-            return  # no child (yet): setup or teardown finishes, then we exit 128+N
+            return  # teardown finishes, then we exit with the child's status
         if self.terminal and signum in self.FROM_TERMINAL:
             return
         try:
@@ -429,27 +451,34 @@ class Session:
     def _run(self, signals: _Signals, trace_file: TextIO | None) -> int:
         plan = self.plan
         pair = TunPair(plan.options)
-        try:
-            pair.open()
-        except (TunPairError, OSError) as exc:
-            hint = ""
-            if isinstance(exc, PrivilegeError):
-                hint = " (from a shell: run tunpair as root, or as `unshare -Urn tunpair ...`)"
-            self.say(f"cannot set up the pair: {exc}{hint}")
-            return EXIT_FAILED
         printer: TracePrinter | None = None
-        status = EXIT_FAILED
+        if not plan.quiet:
+            # Started first: it loads scapy while the pair comes up.
+            printer = TracePrinter(pair.packets, trace_file or self.err, self.lock)
+            printer.start()
         try:
-            if plan.impair:
-                pair.impair(plan.direction, **plan.impair)
-            if not plan.quiet:
-                printer = TracePrinter(pair.packets, trace_file or self.err, self.lock)
-                printer.start()
-            status = self._inside(pair, signals)
-        except TunPairError as exc:
-            self.say(str(exc))
+            try:
+                pair.open()
+            except (TunPairError, OSError) as exc:
+                hint = ""
+                if isinstance(exc, PrivilegeError):
+                    hint = " (from a shell: run tunpair as root, or as `unshare -Urn tunpair ...`)"
+                self.say(f"cannot set up the pair: {exc}{hint}")
+                return EXIT_FAILED
+            status = EXIT_FAILED
+            try:
+                if plan.impair:
+                    pair.impair(plan.direction, **plan.impair)
+                if printer is not None:
+                    # Live means live: without this the first lines wait for scapy's import
+                    # (0.3-1 s) and show up after the command has printed its own.
+                    printer.ready.wait(_PRINTER_READY_TIMEOUT)
+                status = self._inside(pair, signals)
+            except TunPairError as exc:
+                self.say(str(exc))
+            finally:
+                failed = self._close(pair)
         finally:
-            failed = self._close(pair)
             if printer is not None:
                 printer.stop()
         if failed and status == 0:
@@ -526,9 +555,7 @@ class Session:
         except OSError as exc:
             self.say(f"cannot run {command[0]}: {exc.strerror or exc}")
             return EXIT_CANNOT_RUN
-        signals.child = child
-        if signals.received is not None and not signals.terminal:
-            os.killpg(child.pid, signals.received)  # arrived between fork and now
+        signals.adopt(child)
         returncode = child.wait()
         return returncode if returncode >= 0 else 128 - returncode
 
