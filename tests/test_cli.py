@@ -573,3 +573,39 @@ def test_wait_new_wakes_on_real_traffic(tun_pair: TunPair) -> None:
     assert not t.is_alive()
     assert [p.direction for p in got] == ["a->b", "b->a"]
     assert packets.wait_new(got[0].seq, 0) == [got[1]]
+
+
+def test_main_leaves_no_thread_or_fd_behind(tunnels: None) -> None:
+    need("ping")
+    script = """
+import os, sys, threading
+from pytest_tunpair._cli import main
+
+def fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+ns = os.readlink("/proc/thread-self/ns/net")
+main(["run", "-q", "--", "true"])  # the routing module keeps one pyroute2 IPBatch per process
+before = fds()
+for args in (
+    ["run", "--", "ping", "-c", "1", "-W", "2", "198.18.0.2"],
+    ["run", "--loss", "1", "--pcap", sys.argv[1], "--", "ping", "-c", "1", "-W", "1", "198.18.0.2"],
+    ["run", "-q", "--", "sh", "-c", "sleep 60 & exit 3"],
+):
+    print("RESULT", main(args), flush=True)
+print("RESULT", fds() == before, [t.name for t in threading.enumerate()])
+print("RESULT", os.readlink("/proc/thread-self/ns/net") == ns)
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", script, "/tmp/tunpair-test-cli-leak.pcap"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=TIMEOUT,
+        start_new_session=True,
+    )
+    os.unlink("/tmp/tunpair-test-cli-leak.pcap")
+    results = [
+        ln.removeprefix("RESULT ") for ln in r.stdout.splitlines() if ln.startswith("RESULT")
+    ]
+    assert results == ["0", "1", "3", "True ['MainThread']", "True"], r.stderr
