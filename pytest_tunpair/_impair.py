@@ -1,0 +1,479 @@
+"""Deterministic, netem-like packet impairment for the relay thread.
+
+This module is pure logic: no sockets, no threads, no clock.  The relay reads a packet from
+one TUN device, hands it to :meth:`ImpairmentEngine.submit` together with the time it read it
+(``time.monotonic()``), and gets back a list of :class:`Emit` records saying what to write to
+the other device and when.  One engine models one direction of the link.
+
+Effects, applied to each packet in this order
+---------------------------------------------
+1. **loss** -- with probability ``loss`` the packet is dropped: exactly one
+   ``Emit(due=None, data, "lost")`` and nothing else (a lost packet occupies no link time and
+   does not overtake a held packet).
+2. **corrupt** -- with probability ``corrupt`` one bit, chosen uniformly over the whole packet,
+   is flipped.  The length never changes.  An empty packet has no bit to flip and is passed on
+   unchanged.
+3. **delay + jitter** -- the packet becomes ready at ``now + max(0, delay + U(-jitter,
+   +jitter))``.  The clamp means jitter never schedules a packet before it arrived.  As in
+   netem, jitter alone may reorder packets whose arrival gaps are smaller than the jitter.
+4. **rate** -- a serialiser of ``rate`` bits/s: a packet starts departing when it is ready
+   *and* the previous transmission of this engine has finished, and it is due when its last
+   bit has left: ``due = max(ready, link_free) + len(data) * 8 / rate``.  With a rate,
+   packets therefore leave in submission order, spaced by at least their serialisation time.
+5. **duplicate** -- with probability ``duplicate`` an exact copy of the (possibly corrupted)
+   bytes is emitted right after the original with action ``"duplicated"``.  Without a rate it
+   has the same ``due``; with a rate it is a second transmission and is due one serialisation
+   time later.
+6. **reorder** -- with probability ``reorder`` the packet (with its duplicate) is held back.
+   It is released right after the next *surviving* packet's emissions, with a ``due`` no
+   earlier than theirs, so that packet overtakes it.  At most one packet is held at a time:
+   a packet that arrives while another is held always overtakes it and is never held itself,
+   so ``reorder=1.0`` swaps packets pairwise (2, 1, 4, 3, ...).  A held packet is never held
+   forever: :meth:`ImpairmentEngine.deadline` is ``arrival + max(delay, 0.005)`` and
+   :meth:`ImpairmentEngine.expire` releases it then, with ``due = max(its own due, deadline)``
+   -- independent of how late the relay calls ``expire``.  ``expire(math.inf)`` flushes.
+
+Actions
+-------
+Every :class:`Emit` carries exactly one action, the most informative one that applies:
+
+* ``"lost"`` -- ``due`` is ``None``, nothing is written;
+* ``"duplicated"`` -- the extra copy made by *duplicate*;
+* ``"corrupted"`` -- the original, with one bit flipped (even if it was also delayed or
+  reordered: the changed bytes matter most when reading a failure report);
+* ``"reordered"`` -- the original, released after having been held back;
+* ``"delayed"`` -- the original, written later than it arrived (delay, jitter, or rate);
+* ``"forwarded"`` -- the original, written as soon as it arrived.
+
+Whether a packet is "delayed" is decided from the latency the engine added (delay/jitter
+drawn > 0, serialisation time > 0, or queueing behind the previous packet), not by comparing
+floats ``due > now``: ``now + 1e-17 == now`` must not flip the label when ``now`` is large.
+
+Determinism
+-----------
+Each engine owns one ``random.Random(seed)`` and draws exactly six ``random()`` values per
+submitted packet, always in this order, whether or not they are used: loss, corrupt, bit
+position, jitter, duplicate, reorder.  Hence:
+
+* the same seed and the same sequence of packet bytes give the same decisions (lost,
+  corrupted and which bit, jitter drawn, duplicated, picked for reorder), byte for byte,
+  whatever the ``now`` values -- times only shift ``due``;
+* packet *k*'s decisions never depend on what happened to earlier packets, nor on the other
+  settings: turning on ``delay`` does not change which packets ``loss`` drops, and raising
+  ``loss`` from 0.1 to 0.2 drops a superset of the packets.  The bit position is the only
+  draw scaled by the packet (by its length).
+
+One thing legitimately depends on timing: whether a held packet is released by being
+overtaken or by :meth:`~ImpairmentEngine.expire`, and therefore whether the *next* packet
+finds the hold slot free.  If the relay only calls ``submit`` (or packets arrive faster than
+the hold time), the sequence of ``(data, action)`` emissions is fully determined by seed and
+input bytes.
+
+An engine is not thread-safe; the relay thread owns it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+__all__ = [
+    "ACTIONS",
+    "REORDER_MIN_HOLD",
+    "Action",
+    "Emit",
+    "ImpairmentEngine",
+    "ImpairmentSpec",
+]
+
+Action = Literal["forwarded", "lost", "duplicated", "corrupted", "delayed", "reordered"]
+ACTIONS: tuple[Action, ...] = (
+    "forwarded",
+    "lost",
+    "duplicated",
+    "corrupted",
+    "delayed",
+    "reordered",
+)
+
+# With no delay there is no natural reorder window; 5 ms is long enough for the next packet
+# of a burst to overtake, and short enough that a lone packet is not noticeably late.
+REORDER_MIN_HOLD = 0.005
+
+# A decimal number as people write it in config: "10", "1.5", ".5", "1e-3".
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_PERCENT_RE = re.compile(rf"\s*({_NUMBER})\s*%\s*")
+_DURATION_RE = re.compile(rf"\s*({_NUMBER})\s*(s|ms|us)\s*")
+# tc(8) rate units: "bit" is bits/s and "bps" is *bytes*/s; k/m/g/t are powers of 1000 and
+# ki/mi/gi/ti powers of 1024.  Matched case-insensitively, like tc.
+_RATE_RE = re.compile(rf"\s*({_NUMBER})\s*([kmgt]i?)?(bit|bps)\s*", re.IGNORECASE)
+
+_DURATION_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+_RATE_PREFIXES = {
+    "": 1.0,
+    "k": 1e3,
+    "m": 1e6,
+    "g": 1e9,
+    "t": 1e12,
+    "ki": 2.0**10,
+    "mi": 2.0**20,
+    "gi": 2.0**30,
+    "ti": 2.0**40,
+}
+_RATE_SUFFIXES = {"bit": 1.0, "bps": 8.0}
+
+_PROBABILITY = "a probability, between 0.0 and 1.0 (a number, or a string like '10%')"
+_DURATION = (
+    "a duration >= 0: seconds as a number, or a string with unit s, ms or us"
+    " (e.g. '20ms', '1.5s', '200us')"
+)
+_RATE = (
+    "in bits per second, > 0: a number, or a string like '500kbit', '10mbit', '1gbit'"
+    " (bits/s) or '100kbps' (bytes/s, as in tc); None for unlimited"
+)
+_SEED = "an int, or None to use the session seed"
+
+
+def _invalid(name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"impair({name}={value!r}): {name} is {allowed}")
+
+
+def _number(name: str, value: object, allowed: str) -> float:
+    # bool is an int subclass, but impair(loss=True) is a mistake, not "100%".
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _invalid(name, value, allowed)
+    number = float(value)
+    if not math.isfinite(number):
+        raise _invalid(name, value, allowed)
+    return number
+
+
+def _probability(name: str, value: object) -> float:
+    if isinstance(value, str):
+        match = _PERCENT_RE.fullmatch(value)
+        if match is None:
+            raise _invalid(name, value, _PROBABILITY)
+        p = float(match.group(1)) / 100.0
+    else:
+        p = _number(name, value, _PROBABILITY)
+    if not 0.0 <= p <= 1.0:
+        raise _invalid(name, value, _PROBABILITY)
+    return p
+
+
+def _duration(name: str, value: object) -> float:
+    if isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value)
+        if match is None:
+            raise _invalid(name, value, _DURATION)
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        seconds = _number(name, value, _DURATION)
+    if not (math.isfinite(seconds) and seconds >= 0.0):
+        raise _invalid(name, value, _DURATION)
+    return seconds
+
+
+def _rate(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        match = _RATE_RE.fullmatch(value)
+        if match is None:
+            raise _invalid(name, value, _RATE)
+        prefix = (match.group(2) or "").lower()
+        suffix = match.group(3).lower()
+        bits = float(match.group(1)) * _RATE_PREFIXES[prefix] * _RATE_SUFFIXES[suffix]
+    else:
+        bits = _number(name, value, _RATE)
+    # Infinity would mean "unlimited", which is spelled None; 0 would never deliver anything.
+    if not (math.isfinite(bits) and bits > 0.0):
+        raise _invalid(name, value, _RATE)
+    return bits
+
+
+def _seed(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    # Integral rather than int so a numpy integer from a parametrize grid is accepted too.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _invalid(name, value, _SEED)
+    return int(value)
+
+
+_FIELDS: dict[str, Callable[[str, object], object]] = {
+    "loss": _probability,
+    "delay": _duration,
+    "jitter": _duration,
+    "duplicate": _probability,
+    "reorder": _probability,
+    "corrupt": _probability,
+    "rate": _rate,
+    "seed": _seed,
+}
+
+
+def _format_percent(p: float) -> str:
+    return f"{p * 100:.6g}%"
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.6g}s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.6g}ms"
+    return f"{seconds * 1e6:.6g}us"
+
+
+def _format_rate(bits: float) -> str:
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:.6g}{unit}"
+    return f"{bits:.6g}bit"
+
+
+@dataclass(frozen=True)
+class ImpairmentSpec:
+    """What to do to the packets of one link direction; the neutral default does nothing.
+
+    Construction validates and normalises every field (``ImpairmentSpec(loss=1.5)`` raises),
+    so an engine never sees a nonsensical spec.  Accepted values:
+
+    * ``loss``, ``duplicate``, ``reorder``, ``corrupt``: probability, a real number in
+      ``[0, 1]`` or a percentage string such as ``"10%"`` or ``"0.5 %"``;
+    * ``delay``, ``jitter``: seconds, a real number ``>= 0`` or a string with unit ``s``,
+      ``ms`` or ``us`` (``"20ms"``, ``"1.5s"``, ``"200us"``);
+    * ``rate``: ``None`` (unlimited) or bits per second ``> 0``, as a real number or a tc(8)
+      style string: ``bit``/``kbit``/``mbit``/``gbit``/``tbit`` are bits/s (powers of 1000),
+      ``kibit``/``mibit``/``gibit``/``tibit`` powers of 1024, and ``bps``/``kbps``/``mbps``/...
+      are **bytes** per second (so ``"1mbps"`` is 8 000 000 bits/s), case-insensitive;
+    * ``seed``: ``None`` or an int.
+
+    ``bool`` is rejected everywhere a number is expected.  Bad values, including values of the
+    wrong type, raise ``ValueError`` naming the argument and what is allowed, so a caller
+    reporting user configuration errors has one exception to catch; ``TypeError`` is kept for
+    unknown argument names, as Python itself does.
+    """
+
+    loss: float = 0.0
+    delay: float = 0.0
+    jitter: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    corrupt: float = 0.0
+    rate: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Normalising here rather than only in from_kwargs means direct construction is just
+        # as safe, and that "10ms" and 0.01 give equal (and equally hashed) specs.
+        for name, normalise in _FIELDS.items():
+            object.__setattr__(self, name, normalise(name, getattr(self, name)))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ImpairmentSpec:
+        """Build a spec from user keyword arguments, e.g. the ``impair`` marker's.
+
+        Raises ``TypeError`` for an unknown name (listing the allowed ones) and ``ValueError``
+        for a bad value.
+        """
+        unknown = sorted(set(kwargs) - set(_FIELDS))
+        if unknown:
+            names = ", ".join(repr(name) for name in unknown)
+            raise TypeError(
+                f"impair() got unexpected keyword argument(s) {names}; "
+                f"allowed: {', '.join(_FIELDS)}"
+            )
+        return cls(**kwargs)
+
+    @property
+    def active(self) -> bool:
+        """True if any impairment differs from the neutral default (the seed alone is not one)."""
+        return (
+            self.loss > 0.0
+            or self.delay > 0.0
+            or self.jitter > 0.0
+            or self.duplicate > 0.0
+            or self.reorder > 0.0
+            or self.corrupt > 0.0
+            or self.rate is not None
+        )
+
+    def describe(self) -> str:
+        """One short line for failure reports, e.g. ``loss=10% delay=20ms jitter=5ms seed=42``.
+
+        The output uses the same units :meth:`from_kwargs` accepts.
+        """
+        parts: list[str] = []
+        formats = (
+            ("loss", _format_percent),
+            ("delay", _format_duration),
+            ("jitter", _format_duration),
+            ("duplicate", _format_percent),
+            ("reorder", _format_percent),
+            ("corrupt", _format_percent),
+        )
+        for name, format_value in formats:
+            value: float = getattr(self, name)
+            if value > 0.0:
+                parts.append(f"{name}={format_value(value)}")
+        if self.rate is not None:
+            parts.append(f"rate={_format_rate(self.rate)}")
+        if not parts:
+            parts.append("no impairment")
+        if self.seed is not None:
+            parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Emit:
+    """One consequence of a submitted packet: write ``data`` at ``due``, or record a loss."""
+
+    due: float | None
+    """Absolute ``time.monotonic()`` time to write ``data``; ``None`` when the packet is lost."""
+    data: bytes
+    action: Action
+
+
+@dataclass(frozen=True)
+class _Held:
+    emits: tuple[Emit, ...]
+    release_at: float
+
+
+class ImpairmentEngine:
+    """Applies one :class:`ImpairmentSpec` to one direction's packet stream.
+
+    ``seed`` is the already-resolved seed (the spec's, or one the caller derived); it is the
+    only source of randomness.
+    """
+
+    def __init__(self, spec: ImpairmentSpec, seed: int) -> None:
+        self._spec = spec
+        self._seed = seed
+        self._rng = random.Random(seed)
+        # When the serialiser finishes its last transmission; -inf so the first packet never
+        # queues, whatever clock origin the caller uses.
+        self._link_free = -math.inf
+        self._held: _Held | None = None
+
+    @property
+    def spec(self) -> ImpairmentSpec:
+        return self._spec
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    def submit(self, data: bytes, now: float) -> list[Emit]:
+        """Impair one packet read at ``now``; return everything to record or schedule.
+
+        The list is in write order: the packet (or its loss), its duplicate, then a held
+        packet this one overtook.  It is empty when the packet itself is held back.
+        """
+        data = bytes(data)
+        spec = self._spec
+        rng = self._rng
+        # Always six draws, in this order, so packet k's fate depends only on the seed and k.
+        u_loss = rng.random()
+        u_corrupt = rng.random()
+        u_bit = rng.random()
+        u_jitter = rng.random()
+        u_duplicate = rng.random()
+        u_reorder = rng.random()
+
+        # random() is in [0, 1): "u < p" never fires for p == 0 and always for p == 1.
+        if u_loss < spec.loss:
+            return [Emit(None, data, "lost")]
+
+        corrupted = u_corrupt < spec.corrupt and len(data) > 0
+        if corrupted:
+            data = _flip_bit(data, u_bit)
+
+        latency = spec.delay
+        if spec.jitter > 0.0:
+            latency = max(0.0, spec.delay + (2.0 * u_jitter - 1.0) * spec.jitter)
+        ready = now + latency
+
+        due, link_latency = self._serialise(len(data), ready)
+        if corrupted:
+            action: Action = "corrupted"
+        elif latency > 0.0 or link_latency:
+            action = "delayed"
+        else:
+            action = "forwarded"
+        emits = [Emit(due, data, action)]
+
+        if u_duplicate < spec.duplicate:
+            copy_due, _ = self._serialise(len(data), ready)
+            emits.append(Emit(copy_due, data, "duplicated"))
+
+        held = self._held
+        if held is None:
+            if u_reorder < spec.reorder:
+                release_at = now + max(spec.delay, REORDER_MIN_HOLD)
+                self._held = _Held(tuple(emits), release_at)
+                return []
+            return emits
+
+        # This packet overtakes the held one, which follows it onto the wire.
+        self._held = None
+        last_due = max(emit.due for emit in emits if emit.due is not None)
+        emits.extend(_release(held, last_due))
+        return emits
+
+    def expire(self, now: float) -> list[Emit]:
+        """Release the held packet if its hold time has run out by ``now``.
+
+        ``expire(math.inf)`` releases whatever is held, e.g. at teardown; the released dues
+        do not depend on ``now``.
+        """
+        held = self._held
+        if held is None or now < held.release_at:
+            return []
+        self._held = None
+        return _release(held, held.release_at)
+
+    def deadline(self) -> float | None:
+        """When :meth:`expire` next has something to do, or ``None`` if nothing is held."""
+        return None if self._held is None else self._held.release_at
+
+    def _serialise(self, length: int, ready: float) -> tuple[float, bool]:
+        """Return when a ``length``-byte packet ready at ``ready`` is due, and whether the
+        link added latency (queueing or serialisation)."""
+        rate = self._spec.rate
+        if rate is None:
+            return ready, False
+        start = max(ready, self._link_free)
+        transmit = length * 8 / rate
+        self._link_free = start + transmit
+        return self._link_free, start > ready or transmit > 0.0
+
+
+def _flip_bit(data: bytes, u: float) -> bytes:
+    bits = len(data) * 8
+    # min() guards the float product rounding up to exactly `bits` for u just below 1.
+    bit = min(int(u * bits), bits - 1)
+    flipped = bytearray(data)
+    flipped[bit >> 3] ^= 0x80 >> (bit & 7)  # bit 0 is the most significant bit of byte 0
+    return bytes(flipped)
+
+
+def _release(held: _Held, not_before: float) -> list[Emit]:
+    released: list[Emit] = []
+    floor = not_before
+    for emit in held.emits:
+        assert emit.due is not None  # lost packets are never held
+        due = max(emit.due, floor)
+        floor = due
+        # A corrupted packet keeps that label (the changed bytes matter most); copies stay
+        # "duplicated" so counting originals by action still works.
+        action: Action = emit.action if emit.action in ("corrupted", "duplicated") else "reordered"
+        released.append(replace(emit, due=due, action=action))
+    return released
