@@ -19,7 +19,7 @@ from typing import Any
 from . import _routing
 from ._capture import Capture, Packet, Stats
 from ._device import TunDevice
-from ._errors import NamespaceError, TunPairError
+from ._errors import NamespaceError, TunDeviceError, TunPairError
 from ._netns import NetNamespace
 from ._options import PairOptions
 from ._relay import Hook, Relay
@@ -79,10 +79,17 @@ class Endpoint:
         data = to_bytes(packet, what=f"{self.name}.inject()")
         validate_frame(data, mode=self.mode, mtu=self.mtu)
         capture = self._pair.packets
-        pkt = Packet(0.0, self._inbound, "injected", data, 0, self.mode)
-        self._device.write(data)
-        pkt.time = time.monotonic() - capture.t0
+        pkt = Packet(time.monotonic() - capture.t0, self._inbound, "injected", data, 0, self.mode)
+        # Recorded before the write: the kernel handles the packet inside write(), and its
+        # answer may cross the relay before write() returns here.
         capture.record(pkt)
+        try:
+            self._device.write(data)
+        except OSError as exc:
+            pkt.action = "dropped"
+            raise TunDeviceError(
+                f"{self.name}: writing the injected packet failed: {exc}", device=self.name
+            ) from exc
         return pkt
 
     def __repr__(self) -> str:
