@@ -208,7 +208,12 @@ class Relay:
             if slow:
                 self._slow_path(buf, now, src, dst, direction, c)
                 continue
-            action = "forwarded"
+            # Record *before* writing: the write delivers the packet (the kernel's receive
+            # path runs in this thread), so the receiver -- ping, a socket, the test -- can
+            # act on it before write() returns. Recorded afterwards, the capture lagged:
+            # tests asserting on it right after a client returned failed now and then.
+            pkt = Packet(now - t0, direction, "forwarded", buf, hdr, mode)
+            record(pkt)
             try:
                 write(dst_fd, buf)
                 c[0] += 1
@@ -217,8 +222,7 @@ class Relay:
                 if exc.errno not in _DROP_ERRNOS:
                     raise
                 c[2] += 1
-                action = "dropped"
-            record(Packet(now - t0, direction, action, buf, hdr, mode))
+                pkt.action = "dropped"
 
     # -- slow path: hooks and impairments ----------------------------------------------------
     def _slow_path(
@@ -337,6 +341,8 @@ class Relay:
         c: list[int],
     ) -> None:
         fd = dst.fd
+        pkt = Packet(t, direction, action, frame, hdr, self.mode)
+        self.capture.record(pkt)  # before the write, as in _drain
         try:
             if fd is None:
                 raise OSError(errno.EBADFD, "device closed")
@@ -347,8 +353,7 @@ class Relay:
             if exc.errno not in _DROP_ERRNOS:
                 raise
             c[2] += 1
-            action = "dropped"
-        self.capture.record(Packet(t, direction, action, frame, hdr, self.mode))
+            pkt.action = "dropped"
 
     def _run_hooks(self, hooks: tuple[Hook, ...], original: Packet, direction: str) -> list[bytes]:
         items = [original]
