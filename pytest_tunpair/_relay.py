@@ -208,17 +208,22 @@ class Relay:
             if slow:
                 self._slow_path(buf, now, src, dst, direction, c)
                 continue
-            action = "forwarded"
+            # Record and count *before* writing: the write hands the packet to the kernel,
+            # which may wake the receiver at once; a test that saw the reply arrive must
+            # find it in the capture and the stats.
+            pkt = Packet(now - t0, direction, "forwarded", buf, hdr, mode)
+            record(pkt)
+            c[0] += 1
+            c[1] += len(buf) - hdr
             try:
                 write(dst_fd, buf)
-                c[0] += 1
-                c[1] += len(buf) - hdr
             except OSError as exc:
                 if exc.errno not in _DROP_ERRNOS:
                     raise
+                c[0] -= 1
+                c[1] -= len(buf) - hdr
                 c[2] += 1
-                action = "dropped"
-            record(Packet(now - t0, direction, action, buf, hdr, mode))
+                pkt.action = "dropped"
 
     # -- slow path: hooks and impairments ----------------------------------------------------
     def _slow_path(
@@ -337,18 +342,22 @@ class Relay:
         c: list[int],
     ) -> None:
         fd = dst.fd
+        # Recorded and counted before the write, as in _drain.
+        pkt = Packet(t, direction, action, frame, hdr, self.mode)
+        self.capture.record(pkt)
+        c[0] += 1
+        c[1] += len(frame) - hdr
         try:
             if fd is None:
                 raise OSError(errno.EBADFD, "device closed")
             os.write(fd, frame)
-            c[0] += 1
-            c[1] += len(frame) - hdr
         except OSError as exc:
             if exc.errno not in _DROP_ERRNOS:
                 raise
+            c[0] -= 1
+            c[1] -= len(frame) - hdr
             c[2] += 1
-            action = "dropped"
-        self.capture.record(Packet(t, direction, action, frame, hdr, self.mode))
+            pkt.action = "dropped"
 
     def _run_hooks(self, hooks: tuple[Hook, ...], original: Packet, direction: str) -> list[bytes]:
         items = [original]
