@@ -79,10 +79,15 @@ class Endpoint:
         data = to_bytes(packet, what=f"{self.name}.inject()")
         validate_frame(data, mode=self.mode, mtu=self.mtu)
         capture = self._pair.packets
-        pkt = Packet(0.0, self._inbound, "injected", data, 0, self.mode)
-        self._device.write(data)
-        pkt.time = time.monotonic() - capture.t0
+        pkt = Packet(time.monotonic() - capture.t0, self._inbound, "injected", data, 0, self.mode)
+        # Recorded before the write: the kernel handles the packet inside write() and its
+        # answer may reach the relay (and the capture) before write() returns.
         capture.record(pkt)
+        try:
+            self._device.write(data)
+        except BaseException:
+            pkt.action = "dropped"
+            raise
         return pkt
 
     def __repr__(self) -> str:

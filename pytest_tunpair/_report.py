@@ -21,6 +21,7 @@ __all__ = [
     "SECTION_TRACE_LINES",
     "PcapSettings",
     "format_section",
+    "pcap_note",
     "pcap_paths",
     "pcap_settings",
     "pcap_stem",
@@ -84,10 +85,7 @@ def format_section(
     for i, pair in enumerate(pairs):
         capture = pair.packets
         lines = [_header(pair)]
-        kept = f"{len(capture)} packets kept"
-        if capture.evicted:
-            kept += f", {capture.evicted} older dropped by the capture bound"
-        lines.append(f"relay carried {_counts(pair.stats)}; {kept}")
+        lines.append(f"relay carried {_counts(pair.stats)}; {len(capture)} packets kept")
         note = notes[i] if i < len(notes) else None
         if note:
             lines.append(note)
@@ -184,17 +182,25 @@ def pcap_paths(directory: Path, stem: str, pair_names: Sequence[tuple[str, str]]
     ]
 
 
-def write_pcaps(pairs: Sequence[ReportedPair], paths: Sequence[Path]) -> list[str]:
-    """Write each pair's capture; return one note per pair for the report section. A file
-    that cannot be written is reported there, never raised: the test's own failure comes
-    first."""
-    notes = []
+def write_pcaps(
+    pairs: Sequence[ReportedPair], paths: Sequence[Path]
+) -> list[tuple[Path, OSError | None]]:
+    """Write each pair's capture; a file that cannot be written comes back with its error,
+    never raised: the test's own failure comes first."""
+    results: list[tuple[Path, OSError | None]] = []
     for pair, path in zip(pairs, paths, strict=True):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             pair.packets.to_pcap(path)
         except OSError as exc:
-            notes.append(f"pcap: could not write {path}: {exc}")
+            results.append((path, exc))
         else:
-            notes.append(f"pcap: {path}")
-    return notes
+            results.append((path, None))
+    return results
+
+
+def pcap_note(path: Path, error: OSError | None) -> str:
+    """The report section's line about one pcap file."""
+    if error is None:
+        return f"pcap: {path}"
+    return f"pcap: could not write {path}: {error}"

@@ -24,6 +24,7 @@ _PCAP = pytest.StashKey[_report.PcapSettings]()  # config: --tunpair-pcap, resol
 _PCAP_STEMS = pytest.StashKey[dict[str, str]]()  # config: file stem -> test id
 _REPORTED = pytest.StashKey[bool]()  # item: the packet trace is in a report already
 _PCAP_FILES = pytest.StashKey[list[Path]]()  # item: pcap files named in its report
+_PCAP_ERRORS = pytest.StashKey[dict[str, str]]()  # config: file -> why it was not written
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +67,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_PCAP_STEMS] = {}
+    config.stash[_PCAP_ERRORS] = {}
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -135,7 +137,6 @@ def pytest_runtest_makereport(
     factory = item.stash.get(_FACTORY, None)
     if factory is None or not factory.pairs:
         return report
-    pairs = factory.pairs
     settings = item.config.stash[_PCAP]
     first_failure = report.failed and not item.stash.get(_REPORTED, False)
     notes: list[str] = []
@@ -143,17 +144,36 @@ def pytest_runtest_makereport(
         first_failure
         or (report.when == "teardown" and (settings.mode == "all" or _PCAP_FILES in item.stash))
     ):
-        # Written at the first failure (so the report can name it) and again once the
-        # test is over (the pairs are closed by then), so the file holds teardown's traffic.
-        paths = item.stash.get(_PCAP_FILES, None)
-        if paths is None:
-            stem = _report.pcap_stem(item.nodeid, item.config.stash[_PCAP_STEMS])
-            names = [pair.options.names for pair in pairs]
-            paths = item.stash[_PCAP_FILES] = _report.pcap_paths(settings.directory, stem, names)
-        notes = _report.write_pcaps(pairs[: len(paths)], paths)
+        notes = _write_pcaps(item, factory.pairs, settings.directory)
     if first_failure:
+        # Once per test: a teardown error after a failed call would only repeat it.
         item.stash[_REPORTED] = True
         report.sections.append(
-            (_report.section_title(report.when), _report.format_section(pairs, notes))
+            (_report.section_title(report.when), _report.format_section(factory.pairs, notes))
         )
     return report
+
+
+def _write_pcaps(item: pytest.Item, pairs: list[TunPair], directory: Path) -> list[str]:
+    # Written at the first failure (so the report can name the files) and again when the
+    # test is over, pairs closed, so the files hold teardown's traffic too.
+    paths = item.stash.get(_PCAP_FILES, None)
+    if paths is None:
+        stem = _report.pcap_stem(item.nodeid, item.config.stash[_PCAP_STEMS])
+        names = [pair.options.names for pair in pairs]
+        paths = item.stash[_PCAP_FILES] = _report.pcap_paths(directory, stem, names)
+    notes = []
+    for path, error in _report.write_pcaps(pairs[: len(paths)], paths):
+        notes.append(_report.pcap_note(path, error))
+        if error is not None:
+            item.config.stash[_PCAP_ERRORS][str(path)] = f"{item.nodeid}: {notes[-1]}"
+    return notes
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # A passing test's file (--tunpair-pcap-mode=all) has no report to name a failure in.
+    errors = terminalreporter.config.stash.get(_PCAP_ERRORS, {})
+    if errors:
+        terminalreporter.section("tunpair: pcap files not written", sep="-", yellow=True)
+        for line in errors.values():
+            terminalreporter.line(line)
