@@ -395,9 +395,11 @@ class Capture(Sequence[Packet]):
             if expired:
                 break
         packets = self._snapshot()
+        evicted = self.evicted
         raise PacketTimeout(
-            f"no packet matched {what} within {timeout:g} s; {len(packets)} captured:\n"
-            + trace(packets, limit=TIMEOUT_TRACE_LINES, evicted=self.evicted)
+            f"no packet matched {what} within {timeout:g} s; {len(packets)} captured:\n",
+            packets=packets,
+            details=lambda: trace(packets, limit=TIMEOUT_TRACE_LINES, evicted=evicted),
         )
 
     def filter(self, *layers: Any, direction: str | None = None) -> list[Packet]:

@@ -257,6 +257,7 @@ def test_wait_for_times_out_within_its_timeout(tun_pair: TunPair) -> None:
     assert "no packet matched" in message and "within 0.5 s" in message
     assert "2 captured" in message
     assert "echo-request" in message and "echo-reply" in message
+    assert info.value.packets == list(tun_pair.packets)  # for code that inspects it
 
 
 def test_wait_for_times_out_under_steady_traffic(tun_pair: TunPair) -> None:
