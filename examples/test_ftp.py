@@ -10,10 +10,10 @@ import threading
 import pytest
 
 pytest.importorskip("pyftpdlib")
-from pyftpdlib.authorizers import DummyAuthorizer  # noqa: E402
-from pyftpdlib.handlers import FTPHandler  # noqa: E402
-from pyftpdlib.servers import FTPServer  # noqa: E402
-from scapy.layers.inet import TCP  # noqa: E402
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import FTPServer
+from scapy.layers.inet import TCP
 
 
 @pytest.fixture

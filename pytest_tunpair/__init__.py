@@ -40,3 +40,11 @@ __all__ = [
     "TunPairFactory",
     "__version__",
 ]
+
+# Show the public names where users import them from (tracebacks read
+# ``pytest_tunpair.PacketTimeout``, not ``pytest_tunpair._errors.PacketTimeout``), as trio does.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -9,10 +9,11 @@ the GSO metadata and builds the scapy object only when someone asks.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -22,6 +23,8 @@ from ._errors import PacketTimeout
 __all__ = ["Capture", "GsoInfo", "Packet"]
 
 DIRECTIONS = ("a->b", "b->a")
+# Lines of trace a PacketTimeout message shows at most.
+TIMEOUT_TRACE_LINES = 30
 
 _GSO_NAMES = {
     _linux.VIRTIO_NET_HDR_GSO_NONE: "none",
@@ -156,16 +159,19 @@ class Packet:
         return bool(self.scapy.haslayer(layer))
 
     def summary(self) -> str:
-        """One tcpdump-like line: time, direction, action, scapy's summary."""
+        """One tcpdump-like line: time, direction, action, scapy's summary, length."""
         try:
             what = self.scapy.summary()
         except Exception as exc:  # a summary must never hide the rest of a report
             what = f"<{len(self.data)} bytes, undecodable: {exc}>"
         gso = self.gso
-        extra = (
-            f" [gso {gso.type} {self.wire_len}B/{gso.size}]" if gso and gso.is_super_packet else ""
-        )
-        return f"{self.time:10.6f} {self.direction} {self.action:<10} {what}{extra}"
+        if gso and gso.is_super_packet:
+            size = f"length {self.wire_len} [gso {gso.type} segments of {gso.size}]"
+        else:
+            size = f"length {self.wire_len}"
+        if len(self.data) < self.wire_len:
+            size += f" [{len(self.data)} kept]"
+        return f"{self.time:10.6f} {self.direction} {self.action:<10} {what}, {size}"
 
     def __repr__(self) -> str:
         return (
@@ -189,8 +195,46 @@ class Stats:
         }
 
 
-class Capture:
-    """A live, thread-safe sequence of :class:`Packet` (``tun_pair.packets``)."""
+def _matcher(match: Any) -> tuple[Callable[[Packet], Any], str]:
+    """``wait_for``'s argument as a predicate, plus the name its timeout message uses."""
+    if isinstance(match, type) and hasattr(match, "fields_desc"):
+        # A scapy layer class is callable too (it builds a packet, always truthy): without
+        # this, wait_for(TCP) would "match" the first packet of any kind.
+        return (lambda p: p.scapy.haslayer(match)), f"layer {match.__name__}"
+    if not callable(match):
+        raise TypeError(
+            f"wait_for() takes a callable (packet -> bool) or a scapy layer class, "
+            f"not {type(match).__name__}: e.g. wait_for(lambda p: p.direction == 'b->a')"
+        )
+    return match, getattr(match, "__qualname__", None) or repr(match)
+
+
+def trace(packets: Sequence[Packet], *, limit: int | None = None, evicted: int = 0) -> str:
+    """One tcpdump-like line per packet; beyond ``limit`` lines, the first and last ones
+    with ``… N more`` between them (the start shows how a conversation began, the end what
+    happened last)."""
+    lines = []
+    if evicted:
+        lines.append(f"… {evicted} older packets not kept (capture bound)")
+    if limit is not None and len(packets) > limit:
+        head = max(1, limit // 4) if limit > 1 else 0
+        tail = limit - head
+        lines.extend(p.summary() for p in packets[:head])
+        lines.append(f"… {len(packets) - limit} more")
+        lines.extend(p.summary() for p in packets[len(packets) - tail :])
+    else:
+        lines.extend(p.summary() for p in packets)
+    return "\n".join(lines) if lines else "(no packets)"
+
+
+class Capture(Sequence[Packet]):
+    """A live, thread-safe sequence of :class:`Packet` (``tun_pair.packets``).
+
+    The relay thread appends while the test reads. Reading methods work on a snapshot taken
+    under the lock, so iterating never sees the sequence change underneath it. Indexes
+    count the packets kept *now*: once a bound (``max_packets``, ``capture_bytes``) or
+    :meth:`clear` drops old packets, ``packets[0]`` is the oldest one left.
+    """
 
     def __init__(
         self,
@@ -209,6 +253,7 @@ class Capture:
         self._next_seq = 0
         self._waiters = 0
         self._cond = threading.Condition(threading.Lock())
+        #: Packets recorded but no longer kept because of a bound (not :meth:`clear`).
         self.evicted = 0
         self.t0 = time.monotonic()
         self.wall_t0 = time.time()
@@ -217,6 +262,8 @@ class Capture:
     def record(self, pkt: Packet) -> None:
         """Append (relay thread). Cuts to ``snaplen`` and enforces the bounds."""
         if self.snaplen is not None and pkt.wire_len > self.snaplen:
+            # A copy of the first bytes: the relay's buffer (the whole packet) goes on to
+            # the other device untouched and is freed afterwards.
             pkt._raw = pkt._raw[: pkt._off + self.snaplen]
             pkt._data = None if pkt._off else pkt._raw
         with self._cond:
@@ -247,6 +294,19 @@ class Capture:
     def __iter__(self) -> Iterator[Packet]:
         return iter(self._snapshot())
 
+    def __reversed__(self) -> Iterator[Packet]:
+        return reversed(self._snapshot())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._snapshot()
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        snapshot = self._snapshot()
+        return snapshot.index(value, start, len(snapshot) if stop is None else stop)
+
+    def count(self, value: Any) -> int:
+        return self._snapshot().count(value)
+
     @overload
     def __getitem__(self, index: int) -> Packet: ...
     @overload
@@ -261,21 +321,31 @@ class Capture:
         return bool(self._packets)
 
     def __repr__(self) -> str:
-        return f"<Capture {len(self)} packets>"
+        extra = f", {self.evicted} older not kept" if self.evicted else ""
+        return f"<Capture {len(self)} packets{extra}>"
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kept packets hold (what the ``capture_bytes`` budget counts)."""
+        """Bytes the kept packets hold, as read from the device (what ``capture_bytes``
+        counts; decoded scapy objects come on top)."""
         return self._bytes
 
     def clear(self) -> None:
-        """Forget what was captured so far; the relay keeps running and recording."""
+        """Forget what was captured so far; the relay keeps running and recording.
+
+        ``tun_pair.stats`` keeps counting from where it was.
+        """
         with self._cond:
             self._packets.clear()
             self._bytes = 0
+            self.evicted = 0
 
     def _since(self, seq: int) -> list[Packet]:
-        """Packets with a sequence number above ``seq`` (caller holds the lock)."""
+        """Packets with a sequence number above ``seq`` (caller holds the lock).
+
+        Sequence numbers are consecutive in the deque (assigned under the lock; bounds and
+        ``clear`` only ever remove from the left), so the start is one subtraction away.
+        """
         packets = self._packets
         if not packets:
             return []
@@ -284,13 +354,21 @@ class Capture:
             return []
         return list(itertools.islice(packets, start, None))
 
-    def wait_for(self, match: Callable[[Packet], Any], *, timeout: float = 2.0) -> Packet:
+    def wait_for(self, match: Callable[[Packet], Any] | type, *, timeout: float = 2.0) -> Packet:
         """The first packet, captured already or arriving within ``timeout`` s, that matches.
 
-        Wakes as soon as the relay records a packet (a condition variable, no polling).
-        ``match`` runs in the calling thread, outside the lock, so it may decode freely.
+        ``match`` is a predicate (``lambda p: p.direction == "b->a"``) or a scapy layer class
+        (``wait_for(TCP)``). It runs in the calling thread, outside the lock, so it may decode
+        freely. Waiting is a condition variable the relay notifies on every packet: the call
+        returns as soon as the packet is recorded, without polling.
+
+        Raises :class:`~pytest_tunpair.PacketTimeout` (an ``AssertionError``) listing what
+        was captured when nothing matched in time.
         """
         __tracebackhide__ = True
+        predicate, what = _matcher(match)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError(f"wait_for(timeout={timeout!r}): give a number of seconds >= 0")
         deadline = time.monotonic() + timeout
         last = -1
         while True:
@@ -306,17 +384,27 @@ class Capture:
                     finally:
                         self._waiters -= 1
                     continue
+                # Under steady traffic there is always something new, so the deadline is
+                # checked here too; a batch taken after it is still examined, so every
+                # packet recorded in time gets its chance.
+                expired = time.monotonic() >= deadline
             for pkt in new:
                 last = pkt.seq
-                if match(pkt):
+                if predicate(pkt):
                     return pkt
+            if expired:
+                break
+        packets = self._snapshot()
+        evicted = self.evicted
         raise PacketTimeout(
-            f"no packet matched {getattr(match, '__name__', match)!s} within {timeout:g} s; "
-            f"captured {len(self)}:\n{self.summary(limit=30)}"
+            f"no packet matched {what} within {timeout:g} s; {len(packets)} captured:\n",
+            packets=packets,
+            details=lambda: trace(packets, limit=TIMEOUT_TRACE_LINES, evicted=evicted),
         )
 
     def filter(self, *layers: Any, direction: str | None = None) -> list[Packet]:
-        """Packets holding every given scapy layer, optionally in one direction only."""
+        """Packets holding every given scapy layer (class or name), optionally in one
+        direction only: ``filter(TCP, direction="b->a")``."""
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'a->b', 'b->a' or None, not {direction!r}")
         return [
@@ -327,22 +415,23 @@ class Capture:
         ]
 
     def summary(self, limit: int | None = None) -> str:
-        """The trace, one tcpdump-like line per packet (``limit``: keep the last N lines)."""
-        packets = self._snapshot()
-        lines = []
-        if self.evicted:
-            lines.append(f"... {self.evicted} older packets not kept (capture bound)")
-        if limit is not None and len(packets) > limit:
-            lines.append(f"... {len(packets) - limit} more before these")
-            packets = packets[-limit:]
-        lines.extend(p.summary() for p in packets)
-        return "\n".join(lines) if lines else "(no packets)"
+        """The trace, one tcpdump-like line per packet: time since the pair came up,
+        direction, what the relay did, scapy's summary. Beyond ``limit`` lines, the first
+        and the last packets with ``… N more`` between them."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"summary(limit={limit!r}): give None or a number >= 1")
+        return trace(self._snapshot(), limit=limit, evicted=self.evicted)
 
-    def to_pcap(self, path: str | Any) -> str:
-        """Write a pcap file (raw-IP link type for TUN, Ethernet for TAP); return its path."""
+    def to_pcap(self, path: str | os.PathLike[str]) -> str:
+        """Write a pcap file (raw-IP link type for TUN, Ethernet for TAP); return its path.
+
+        ``tcpdump -r`` and Wireshark read it; timestamps are wall-clock times.
+        """
         from ._pcap import write_pcap
 
-        return write_pcap(path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0)
+        return write_pcap(
+            path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
+        )
 
     # -- live followers (the command line's trace) ---------------------------------------------
     def wait_new(self, after_seq: int, timeout: float) -> list[Packet]:

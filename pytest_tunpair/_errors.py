@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._capture import Packet
+
 __all__ = [
     "HookError",
     "NamespaceError",
@@ -62,5 +68,26 @@ class HookError(TunPairError, AssertionError):
 class PacketTimeout(TunPairError, AssertionError):
     """``packets.wait_for`` saw no matching packet in time.
 
-    The message lists what *was* captured, so the reader sees why nothing matched.
+    The message lists what *was* captured, so the reader sees why nothing matched;
+    ``packets`` holds those packets. The list is formatted when the message is first read,
+    not when the timeout fires: decoding (and the first import of scapy) must not make the
+    wait overrun its timeout.
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        packets: Sequence[Packet] = (),
+        details: Callable[[], str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.packets = list(packets)
+        self._message = message
+        self._details = details
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = self._message + (self._details() if self._details else "")
+        return self._text

@@ -208,17 +208,23 @@ class Relay:
             if slow:
                 self._slow_path(buf, now, src, dst, direction, c)
                 continue
-            action = "forwarded"
+            # Count and record *before* the write: writing into a TUN runs the receiving
+            # stack in this thread, so the receiver may wake (and the test assert) before
+            # write() even returns here.
+            size = len(buf) - hdr
+            c[0] += 1
+            c[1] += size
+            pkt = Packet(now - t0, direction, "forwarded", buf, hdr, mode)
+            record(pkt)
             try:
                 write(dst_fd, buf)
-                c[0] += 1
-                c[1] += len(buf) - hdr
             except OSError as exc:
                 if exc.errno not in _DROP_ERRNOS:
                     raise
+                c[0] -= 1
+                c[1] -= size
                 c[2] += 1
-                action = "dropped"
-            record(Packet(now - t0, direction, action, buf, hdr, mode))
+                pkt.action = "dropped"
 
     # -- slow path: hooks and impairments ----------------------------------------------------
     def _slow_path(
@@ -336,19 +342,24 @@ class Relay:
         action: str,
         c: list[int],
     ) -> None:
+        # Record first, for the same reason as in _drain.
+        size = len(frame) - hdr
+        c[0] += 1
+        c[1] += size
+        pkt = Packet(t, direction, action, frame, hdr, self.mode)
+        self.capture.record(pkt)
         fd = dst.fd
         try:
             if fd is None:
                 raise OSError(errno.EBADFD, "device closed")
             os.write(fd, frame)
-            c[0] += 1
-            c[1] += len(frame) - hdr
         except OSError as exc:
             if exc.errno not in _DROP_ERRNOS:
                 raise
+            c[0] -= 1
+            c[1] -= size
             c[2] += 1
-            action = "dropped"
-        self.capture.record(Packet(t, direction, action, frame, hdr, self.mode))
+            pkt.action = "dropped"
 
     def _run_hooks(self, hooks: tuple[Hook, ...], original: Packet, direction: str) -> list[bytes]:
         items = [original]

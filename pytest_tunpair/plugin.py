@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from . import _report
+from ._errors import OptionError
 
 if TYPE_CHECKING:
     from ._pair import TunPair, TunPairFactory
@@ -16,6 +20,11 @@ SKIP_REASON = (
 )
 
 _FACTORY = pytest.StashKey["TunPairFactory"]()
+_PCAP = pytest.StashKey[_report.PcapSettings]()  # config: --tunpair-pcap, resolved
+_PCAP_STEMS = pytest.StashKey[dict[str, str]]()  # config: file stem -> test id
+_REPORTED = pytest.StashKey[bool]()  # item: the packet trace is in a report already
+_PCAP_FILES = pytest.StashKey[list[Path]]()  # item: pcap files named in its report
+_PCAP_ERRORS = pytest.StashKey[dict[str, str]]()  # config: file -> why it was not written
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,6 +34,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--tunpair", action="store_true", default=None, help=help_enable)
     parser.addini("tunpair", type="bool", default=False, help=help_enable)
+    help_pcap = (
+        "write the packet capture of each failed test that used a tunnel to DIR, one pcap "
+        "file per pair named after the test id (created if missing)"
+    )
+    group.addoption("--tunpair-pcap", metavar="DIR", default=None, help=help_pcap)
+    parser.addini("tunpair_pcap", default="", help=help_pcap)
+    help_mode = (
+        "which tests --tunpair-pcap writes a file for: 'failed' (default) or 'all' "
+        "(every test that used a tunnel)"
+    )
+    group.addoption("--tunpair-pcap-mode", metavar="MODE", default=None, help=help_mode)
+    parser.addini("tunpair_pcap_mode", default="failed", help=help_mode)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,6 +54,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "tunpair(**options): configure the tun_pair fixture -- mode, names, ipv4, ipv6, mtu, "
         "table, offload, max_packets, snaplen, capture_bytes, seed (see the README)",
     )
+    try:
+        config.stash[_PCAP] = _report.pcap_settings(
+            cli_dir=config.getoption("tunpair_pcap", None),
+            ini_dir=str(config.getini("tunpair_pcap")),
+            cli_mode=config.getoption("tunpair_pcap_mode", None),
+            ini_mode=str(config.getini("tunpair_pcap_mode")),
+            invocation_dir=config.invocation_params.dir,
+            ini_base=config.inipath.parent if config.inipath else config.rootpath,
+            ini_file=str(config.inipath) if config.inipath else None,
+        )
+    except OptionError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_PCAP_STEMS] = {}
+    config.stash[_PCAP_ERRORS] = {}
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -65,8 +100,6 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
 @pytest.fixture
 def tun_pair(tun_pair_factory: TunPairFactory, request: pytest.FixtureRequest) -> TunPair:
     """A TUN pair routed through a relay thread, configured by ``@pytest.mark.tunpair``."""
-    from ._errors import OptionError
-
     marker = request.node.get_closest_marker("tunpair")
     options: dict[str, Any] = {}
     if marker is not None:
@@ -93,3 +126,54 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         for pair in factory.pairs:
             pair.check()
     return result
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # Outermost (tryfirst), so the report is final: an xfailed test is no failure here.
+    report = yield
+    factory = item.stash.get(_FACTORY, None)
+    if factory is None or not factory.pairs:
+        return report
+    settings = item.config.stash[_PCAP]
+    first_failure = report.failed and not item.stash.get(_REPORTED, False)
+    notes: list[str] = []
+    if settings.directory is not None and (
+        first_failure
+        or (report.when == "teardown" and (settings.mode == "all" or _PCAP_FILES in item.stash))
+    ):
+        notes = _write_pcaps(item, factory.pairs, settings.directory)
+    if first_failure:
+        # Once per test: a teardown error after a failed call would only repeat it.
+        item.stash[_REPORTED] = True
+        report.sections.append(
+            (_report.section_title(report.when), _report.format_section(factory.pairs, notes))
+        )
+    return report
+
+
+def _write_pcaps(item: pytest.Item, pairs: list[TunPair], directory: Path) -> list[str]:
+    # Written at the first failure (so the report can name the files) and again when the
+    # test is over, pairs closed, so the files hold teardown's traffic too.
+    paths = item.stash.get(_PCAP_FILES, None)
+    if paths is None:
+        stem = _report.pcap_stem(item.nodeid, item.config.stash[_PCAP_STEMS])
+        names = [pair.options.names for pair in pairs]
+        paths = item.stash[_PCAP_FILES] = _report.pcap_paths(directory, stem, names)
+    notes = []
+    for path, error in _report.write_pcaps(pairs[: len(paths)], paths):
+        notes.append(_report.pcap_note(path, error))
+        if error is not None:
+            item.config.stash[_PCAP_ERRORS][str(path)] = f"{item.nodeid}: {notes[-1]}"
+    return notes
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # A passing test's file (--tunpair-pcap-mode=all) has no report to name a failure in.
+    errors = terminalreporter.config.stash.get(_PCAP_ERRORS, {})
+    if errors:
+        terminalreporter.section("tunpair: pcap files not written", sep="-", yellow=True)
+        for line in errors.values():
+            terminalreporter.line(line)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def run(
 ) -> list[Emit]:
     """Feed packets like the relay does, then flush whatever is still held."""
     out: list[Emit] = []
-    for data, now in zip(packets, times):
+    for data, now in zip(packets, times, strict=False):
         deadline = engine.deadline()
         if drive_expire and deadline is not None and deadline <= now:
             out += engine.expire(now)
@@ -83,7 +84,7 @@ def originals(emits: Sequence[Emit]) -> list[Emit]:
 
 
 def bit_difference(a: bytes, b: bytes) -> int:
-    return sum(bin(x ^ y).count("1") for x, y in zip(a, b))
+    return sum(bin(x ^ y).count("1") for x, y in zip(a, b, strict=False))
 
 
 def with_index(packets: Sequence[bytes]) -> list[bytes]:
@@ -129,7 +130,7 @@ def test_duplicate_only_adds_exact_copies_right_after_the_original(
     times = data.draw(times_st(len(packets)))
     emits = run(ImpairmentEngine(ImpairmentSpec(duplicate=duplicate), seed), packets, times)
     assert [emit.data for emit in originals(emits)] == packets
-    for previous, emit in zip(emits, emits[1:]):
+    for previous, emit in itertools.pairwise(emits):
         if emit.action == "duplicated":
             assert previous.action != "duplicated"
             assert (emit.data, emit.due) == (previous.data, previous.due)
@@ -146,7 +147,7 @@ def test_corrupt_flips_exactly_one_bit_and_keeps_the_length(
     times = data.draw(times_st(len(packets)))
     emits = run(ImpairmentEngine(ImpairmentSpec(corrupt=corrupt), seed), packets, times)
     assert len(emits) == len(packets)
-    for sent, emit in zip(packets, emits):
+    for sent, emit in zip(packets, emits, strict=False):
         assert len(emit.data) == len(sent)
         expected = 1 if emit.action == "corrupted" else 0
         assert bit_difference(sent, emit.data) == expected
@@ -202,7 +203,7 @@ def test_shifting_the_clock_only_shifts_the_dues(
     shifted = [t + shift for t in times]
     second = run(ImpairmentEngine(spec, seed), packets, shifted, drive_expire=False)
     assert [(e.data, e.action) for e in first] == [(e.data, e.action) for e in second]
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=False):
         if a.due is None or b.due is None:
             assert a.due is b.due is None
         else:
@@ -214,7 +215,7 @@ def test_delay_alone_delays_every_packet_by_exactly_the_delay(
     packets: list[bytes], seed: int, delay: float, data: st.DataObject
 ) -> None:
     engine = ImpairmentEngine(ImpairmentSpec(delay=delay), seed)
-    for packet, now in zip(packets, data.draw(times_st(len(packets)))):
+    for packet, now in zip(packets, data.draw(times_st(len(packets))), strict=False):
         (emit,) = engine.submit(packet, now)
         assert emit == Emit(now + delay, packet, "delayed" if delay > 0 else "forwarded")
     assert engine.deadline() is None
@@ -225,7 +226,7 @@ def test_jitter_never_schedules_before_arrival(
     packets: list[bytes], seed: int, delay: float, jitter: float, data: st.DataObject
 ) -> None:
     engine = ImpairmentEngine(ImpairmentSpec(delay=delay, jitter=jitter), seed)
-    for packet, now in zip(packets, data.draw(times_st(len(packets)))):
+    for packet, now in zip(packets, data.draw(times_st(len(packets))), strict=False):
         (emit,) = engine.submit(packet, now)
         assert emit.due is not None
         assert now <= emit.due <= now + delay + jitter + 1e-9
@@ -259,7 +260,7 @@ def test_rate_spaces_back_to_back_packets_by_their_serialisation_time(
     emits = run(ImpairmentEngine(spec, seed), packets, times)
     assert [emit.data for emit in emits] == packets  # a serialiser keeps FIFO order
     previous_due = -math.inf
-    for emit, now in zip(emits, times):
+    for emit, now in zip(emits, times, strict=False):
         assert emit.due is not None
         transmit = len(emit.data) * 8 / rate
         assert emit.due >= now + transmit - 1e-9
@@ -366,7 +367,7 @@ def test_nothing_is_held_forever(
 ) -> None:
     engine = ImpairmentEngine(spec, seed)
     times = data.draw(times_st(len(packets)))
-    for packet, now in zip(packets, times):
+    for packet, now in zip(packets, times, strict=False):
         engine.submit(packet, now)
         deadline = engine.deadline()
         if deadline is not None:

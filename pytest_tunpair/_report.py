@@ -1,0 +1,206 @@
+"""What a failing test says about its tunnels: the packet-trace report section and the
+pcap files of ``--tunpair-pcap``. Plain functions, no pytest: ``plugin.py`` calls them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ._errors import OptionError
+
+if TYPE_CHECKING:
+    from ._capture import Capture
+
+__all__ = [
+    "PCAP_MODES",
+    "SECTION_TRACE_LINES",
+    "PcapSettings",
+    "format_section",
+    "pcap_note",
+    "pcap_paths",
+    "pcap_settings",
+    "pcap_stem",
+    "section_title",
+    "write_pcaps",
+]
+
+#: Packet lines per pair in a report section; beyond it the first and the last packets are
+#: shown with "… N more" between them (the pcap file, if asked for, has them all).
+SECTION_TRACE_LINES = 60
+PCAP_MODES = ("failed", "all")
+# File names are limited to 255 bytes; leave room for the pair suffix and ".pcap".
+_MAX_STEM = 180
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+class ReportedPair(Protocol):
+    """What a report needs from a pair (``TunPair`` has it, open or closed)."""
+
+    @property
+    def packets(self) -> Capture: ...
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]: ...
+
+    def describe(self) -> str: ...
+
+
+# -- the report section --------------------------------------------------------------------
+def section_title(when: str) -> str:
+    """Named like pytest's "Captured log call", for the same reader."""
+    return f"Captured packets {when}"
+
+
+def _header(pair: ReportedPair) -> str:
+    try:
+        return pair.describe()
+    except Exception as exc:  # a report must never hide the test's own failure
+        return f"{pair!r} (describe() failed: {type(exc).__name__}: {exc})"
+
+
+def _counts(stats: Mapping[str, Mapping[str, int]]) -> str:
+    parts = []
+    for direction, c in stats.items():
+        text = f"{direction} {c.get('packets', 0)} packets {c.get('bytes', 0)} bytes"
+        if c.get("dropped"):
+            text += f" ({c['dropped']} dropped)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def format_section(
+    pairs: Sequence[ReportedPair],
+    notes: Sequence[str | None] = (),
+    *,
+    limit: int = SECTION_TRACE_LINES,
+) -> str:
+    """The text of the report section: for each pair a header (``describe()``), what the
+    relay carried, an optional note (the pcap file) and the capped trace."""
+    blocks = []
+    for i, pair in enumerate(pairs):
+        capture = pair.packets
+        lines = [_header(pair)]
+        lines.append(f"relay carried {_counts(pair.stats)}; {len(capture)} packets kept")
+        note = notes[i] if i < len(notes) else None
+        if note:
+            lines.append(note)
+        lines.append(capture.summary(limit=limit))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# -- pcap files ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PcapSettings:
+    """``--tunpair-pcap`` / ``--tunpair-pcap-mode``, resolved. No directory: no files."""
+
+    directory: Path | None = None
+    mode: str = "failed"
+
+
+def pcap_settings(
+    *,
+    cli_dir: str | None,
+    ini_dir: str,
+    cli_mode: str | None,
+    ini_mode: str,
+    invocation_dir: Path,
+    ini_base: Path,
+    ini_file: str | None,
+) -> PcapSettings:
+    """Command line over ini over default. A relative directory is relative to where
+    pytest was started (command line) or to the ini file (ini key).
+
+    Raises ``OptionError`` naming the option and where its value came from.
+    """
+    ini_where = f"in {ini_file}" if ini_file else "ini"
+    if cli_mode is not None:
+        mode, option, source = cli_mode, "--tunpair-pcap-mode", "command line"
+    else:
+        mode, option, source = ini_mode or "failed", "tunpair_pcap_mode", ini_where
+    if mode not in PCAP_MODES:
+        raise OptionError(
+            f"{option}={mode!r} ({source}): use 'failed' (pcap files for failed tests only) "
+            "or 'all' (for every test that used a tunnel)",
+            option=option,
+            source=source,
+        )
+    if cli_dir is not None:
+        raw, base, option, source = cli_dir, invocation_dir, "--tunpair-pcap", "command line"
+    elif ini_dir.strip():
+        raw, base, option, source = ini_dir.strip(), ini_base, "tunpair_pcap", ini_where
+    else:
+        return PcapSettings(None, mode)
+    if not raw:
+        raise OptionError(
+            f"{option}='' ({source}): give the directory to write pcap files to",
+            option=option,
+            source=source,
+        )
+    directory = (base / os.path.expanduser(raw)).resolve()
+    if directory.exists() and not directory.is_dir():
+        raise OptionError(
+            f"{option}={raw!r} ({source}): {directory} exists and is not a directory; "
+            "give a directory (it is created when the first file is written)",
+            option=option,
+            source=source,
+        )
+    return PcapSettings(directory, mode)
+
+
+def pcap_stem(nodeid: str, taken: MutableMapping[str, str] | None = None) -> str:
+    """A file name stem for a test id: ``tests/test_x.py::test_y[1]`` ->
+    ``tests_test_x.py_test_y_1``.
+
+    Long ids are cut and end in a digest of the whole id. ``taken`` (stem -> test id, kept
+    for the session) makes two ids that clean up to the same stem get different ones.
+    """
+    stem = _UNSAFE.sub("_", nodeid).strip("._") or "test"
+    digest = hashlib.sha1(nodeid.encode()).hexdigest()[:10]
+    if len(stem) > _MAX_STEM:
+        stem = f"{stem[: _MAX_STEM - 11]}-{digest}"
+    if taken is not None:
+        owner = taken.setdefault(stem, nodeid)
+        if owner != nodeid:
+            stem = f"{stem[: _MAX_STEM - 11]}-{digest}"
+            taken.setdefault(stem, nodeid)
+    return stem
+
+
+def pcap_paths(directory: Path, stem: str, pair_names: Sequence[tuple[str, str]]) -> list[Path]:
+    """One file per pair: ``STEM.pcap`` for one pair, ``STEM-tun0-tun1.pcap``... for more."""
+    if len(pair_names) == 1:
+        return [directory / f"{stem}.pcap"]
+    return [
+        directory / f"{stem}-{_UNSAFE.sub('_', a)}-{_UNSAFE.sub('_', b)}.pcap"
+        for a, b in pair_names
+    ]
+
+
+def write_pcaps(
+    pairs: Sequence[ReportedPair], paths: Sequence[Path]
+) -> list[tuple[Path, OSError | None]]:
+    """Write each pair's capture; a file that cannot be written comes back with its error,
+    never raised: the test's own failure comes first."""
+    results: list[tuple[Path, OSError | None]] = []
+    for pair, path in zip(pairs, paths, strict=True):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pair.packets.to_pcap(path)
+        except OSError as exc:
+            results.append((path, exc))
+        else:
+            results.append((path, None))
+    return results
+
+
+def pcap_note(path: Path, error: OSError | None) -> str:
+    """The report section's line about one pcap file."""
+    if error is None:
+        return f"pcap: {path}"
+    return f"pcap: could not write {path}: {error}"
