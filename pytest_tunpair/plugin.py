@@ -16,6 +16,7 @@ SKIP_REASON = (
 )
 
 _FACTORY = pytest.StashKey["TunPairFactory"]()
+_SEED = pytest.StashKey[int | None]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,14 +26,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--tunpair", action="store_true", default=None, help=help_enable)
     parser.addini("tunpair", type="bool", default=False, help=help_enable)
+    help_seed = (
+        "default seed of tun_pair.impair() for the run (a failing test's report states the "
+        "seed it used; pass it here to replay). Default: random per test"
+    )
+    group.addoption("--tunpair-seed", metavar="N", default=None, help=help_seed)
+    parser.addini("tunpair_seed", default="", help=help_seed)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SEED] = run_seed(config)  # a bad value stops the run before any test
     config.addinivalue_line(
         "markers",
         "tunpair(**options): configure the tun_pair fixture -- mode, names, ipv4, ipv6, mtu, "
         "table, offload, max_packets, snaplen, capture_bytes, seed (see the README)",
     )
+
+
+def run_seed(config: pytest.Config) -> int | None:
+    """--tunpair-seed, else ini tunpair_seed, else None (the marker's seed= beats both)."""
+    for value, where in (
+        (config.getoption("tunpair_seed", None), "--tunpair-seed"),
+        (config.getini("tunpair_seed"), "ini key tunpair_seed"),
+    ):
+        if value is None or str(value).strip() == "":
+            continue
+        try:
+            seed = int(str(value))
+            if seed < 0:
+                raise ValueError
+        except ValueError:
+            raise pytest.UsageError(
+                f"{where}={value!r}: the seed is a whole number >= 0, e.g. {where}=1234"
+            ) from None
+        return seed
+    return None
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -53,7 +81,9 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
         pytest.skip(SKIP_REASON)
     from ._pair import TunPairFactory
 
-    factory = TunPairFactory(source="tun_pair_factory()")
+    seed = request.config.stash[_SEED]
+    defaults = {} if seed is None else {"seed": seed}
+    factory = TunPairFactory(defaults, source="tun_pair_factory()")
     factory.open()
     request.node.stash[_FACTORY] = factory
     try:
@@ -87,9 +117,18 @@ def tun_pair(tun_pair_factory: TunPairFactory, request: pytest.FixtureRequest) -
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     # Errors from hooks happen in the relay thread; surface them as the test's failure
     # (pytest-httpserver's check() pattern) rather than waiting for teardown.
-    result = yield
+    __tracebackhide__ = True
     factory = item.stash.get(_FACTORY, None)
-    if factory is not None:
-        for pair in factory.pairs:
+    pairs = factory.pairs if factory is not None else []
+    try:
+        result = yield
+        for pair in pairs:
             pair.check()
+    except BaseException:
+        # The seed must be in a failing test's report, so it can be replayed. describe()
+        # has lines beyond the first only for pairs with impairments or hooks.
+        wired = [d for p in pairs if "\n" in (d := p.describe())]
+        if wired:
+            item.add_report_section("call", "tunpair wire", "\n".join(wired))
+        raise
     return result
