@@ -42,6 +42,9 @@ def _prepare_namespace(ns: NetNamespace) -> None:
         ns.write_sysctl("net/ipv6/ip_nonlocal_bind", 1)
         # No link-local address on new devices: no router solicitations, MLD or other
         # chatter in the capture (kernel-notes), only the test's own traffic.
+        # TAP devices too: neighbour discovery still resolves, the kernel sends the NS from
+        # the global address of the packet waiting for it. What a TAP capture still shows
+        # is each device's MLD report for its solicited-node group (README, "TAP mode").
         ns.write_sysctl("net/ipv6/conf/default/addr_gen_mode", 1)
     _routing.link_up_lo()
 
@@ -83,21 +86,24 @@ class Endpoint:
         data = to_bytes(packet, what=f"{self.name}.inject()")
         validate_frame(data, mode=self.mode, mtu=self.mtu)
         capture = self._pair.packets
+        # Record *before* writing: a write into the device runs the kernel's receive path in
+        # this thread, so the kernel's answer (an echo reply, or the ARP request it needs
+        # first on TAP) is queued, read and recorded by the relay before os.write() returns.
+        # Recording afterwards put the answer ahead of the request in the capture.
         pkt = Packet(time.monotonic() - capture.t0, self._inbound, "injected", data, 0, self.mode)
-        # Recorded before the write: the kernel handles the packet inside write(), and its
-        # answer may cross the relay before write() returns here.
         capture.record(pkt)
         try:
             self._device.write(data)
         except OSError as exc:
-            pkt.action = "dropped"
+            pkt.action = "dropped"  # validated, but the device refused it (EIO while down)
             raise TunDeviceError(
                 f"{self.name}: writing the injected packet failed: {exc}", device=self.name
             ) from exc
         return pkt
 
     def __repr__(self) -> str:
-        return f"<Endpoint {self.name} ip={self.ip} ip6={self.ip6} mtu={self.mtu}>"
+        mac = f" mac={self.mac}" if self.mac else ""
+        return f"<Endpoint {self.name}{mac} ip={self.ip} ip6={self.ip6} mtu={self.mtu}>"
 
 
 class TunPair:
@@ -166,6 +172,8 @@ class TunPair:
                     ns.write_sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
             macs: tuple[str | None, str | None] = (None, None)
             if o.mode == "tap":
+                # Stable, so captures and pcaps compare across runs: 02 = locally
+                # administered unicast (never a vendor's), 74:70 = "tp", then pair and side.
                 macs = (
                     f"02:74:70:00:{_index & 0xFF:02x}:01",
                     f"02:74:70:00:{_index & 0xFF:02x}:02",
