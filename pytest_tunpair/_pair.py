@@ -301,12 +301,16 @@ class TunPair:
         _check_direction(direction, "add_hook")
         relay = self._require_relay()
         hook = Hook(fn, direction)
+        self._update_offload(busy=True)  # before the hook sees a packet
         for d in _directions(direction):
             relay.hooks[d] = (*relay.hooks[d], hook)
-        self._update_offload()
         return hook
 
     def remove_hook(self, handle: Hook) -> None:
+        """Stop running the hook ``add_hook`` returned (``ValueError`` if it is not one).
+
+        Packets already handed to the hooks (read before this call) still pass through it,
+        in order; later packets do not."""
         relay = self._require_relay()
         found = False
         for d in ("a->b", "b->a"):
@@ -356,19 +360,20 @@ class TunPair:
         random_seed = parsed.seed is None and self.options.seed is None
         used = parsed.seed if parsed.seed is not None else self.seed
         for d in _directions(direction):
-            if not parsed.active:
+            if parsed.active:
+                self._impairments[d] = (replace(parsed, seed=used), random_seed)
+            else:
                 self._impairments.pop(d, None)
-                relay.set_engine(d, None)
-                continue
-            self._impairments[d] = (replace(parsed, seed=used), random_seed)
+        self._update_offload()  # off before the engines see a packet, back on after
+        for d in _directions(direction):
             # Each direction draws from its own stream (2s for a->b, 2s+1 for b->a), so one
             # direction's traffic never shifts the other's decisions, and both replay.
-            relay.set_engine(d, ImpairmentEngine(parsed, used * 2 + (d == "b->a")))
-        self._update_offload()
+            engine = ImpairmentEngine(parsed, used * 2 + (d == "b->a")) if parsed.active else None
+            relay.set_engine(d, engine)
 
-    def _update_offload(self) -> None:
+    def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = any(relay.hooks.values()) or bool(self._impairments)
+        busy = busy or any(relay.hooks.values()) or bool(self._impairments)
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 

@@ -360,9 +360,12 @@ class Relay:
                     )
                 )
         self._discard_in_flight()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        # -1 before closing: a hook left running may still call wake(), and must not write
+        # into whatever file reuses the descriptor number.
+        wake_r, wake_w = self._wake_r, self._wake_w
         self._wake_r = self._wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     def _add_error(self, exc: BaseException) -> None:
         with self._errors_lock:
@@ -467,7 +470,8 @@ class Relay:
                 self._to_worker(Packet(now - t0, direction, "forwarded", buf, hdr, mode), hooks)
                 continue
             if engine is not None:
-                self._deliver(direction, [(buf[hdr:], "forwarded")], buf[:hdr], now, c)
+                data = buf[hdr:]
+                self._deliver(direction, data, [(data, "forwarded")], buf[:hdr], now, c)
                 continue
             # Count and record *before* the write: writing into a TUN runs the receiving
             # stack in this thread, so the receiver may wake (and the test assert) before
@@ -518,7 +522,7 @@ class Relay:
                 if failure is not None:
                     self._add_error(_hook_error(failure, rec))
                 continue
-            self._deliver(direction, outputs, pkt._raw[: pkt._off], now, c)
+            self._deliver(direction, pkt.data, outputs, pkt._raw[: pkt._off], now, c)
         for direction in list(self._paused):
             if self._backlog[direction] <= MAX_BACKLOG // 2:
                 self._paused.discard(direction)
@@ -531,6 +535,7 @@ class Relay:
     def _deliver(
         self,
         direction: str,
+        original: bytes,
         outputs: list[tuple[bytes, str]],
         vnet: bytes,
         now: float,
@@ -538,15 +543,15 @@ class Relay:
     ) -> None:
         """Write what the hooks produced, through the direction's engine if it has one.
 
-        ``vnet`` is the virtio-net header the packet came with; it is kept only for bytes
-        nobody changed, since it may say "checksum still to do" about the original bytes.
+        ``vnet`` is the virtio-net header ``original`` came with; it is kept only for
+        unchanged bytes, since it may say "checksum still to do" or "GSO" about them.
         """
         dst = self.devs[1] if direction == "a->b" else self.devs[0]
         zero = _linux.ZERO_VNET_HDR if dst.hdr_len else b""
         engine = self.engines[direction]
         t = now - self.capture.t0
         for payload, action in outputs:
-            frame_hdr = vnet if action != "modified" else zero
+            frame_hdr = vnet if payload == original else zero
             if engine is None:
                 self._send(dst, frame_hdr + payload, t, direction, action, c)
                 continue

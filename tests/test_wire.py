@@ -323,6 +323,40 @@ def test_a_slow_hook_slows_only_its_own_traffic(tun_pair: TunPair, udp_pair: Any
     assert sb.recv(100) == b"held"
 
 
+def test_a_blocked_hook_holds_its_direction_back_in_order(tun_pair: TunPair, udp_pair: Any) -> None:
+    # More packets than the worker's backlog: the relay stops reading a->b meanwhile and
+    # the kernel's queue holds the rest; nothing is lost or reordered, b->a keeps flowing.
+    sa, sb = udp_pair
+    release = threading.Event()
+    tun_pair.add_hook(lambda p: None if release.wait(30) else [], direction="a->b")
+    try:
+        for i in range(2000):
+            sa.sendto(b"%d" % i, sb.getsockname())
+        sb.sendto(b"free", sa.getsockname())
+        assert sa.recv(100) == b"free"
+    finally:
+        release.set()
+    assert [int(d) for d in _recv_all(sb, 2000)] == list(range(2000))
+    stats = tun_pair.stats["a->b"]
+    assert (stats["packets"], stats["dropped"]) == (2000, 0)
+
+
+def test_a_hook_may_wait_on_the_capture(tun_pair: TunPair, udp_pair: Any) -> None:
+    # Hooks do not run in the relay thread, so one can wait for other traffic.
+    sa, sb = udp_pair
+
+    def after_go(packet: Packet) -> None:
+        if _payload(packet) == b"after go":
+            tun_pair.packets.wait_for(lambda p: _payload(p) == b"go", timeout=10)
+
+    tun_pair.add_hook(after_go, direction="a->b")
+    sa.sendto(b"after go", sb.getsockname())
+    sb.sendto(b"go", sa.getsockname())
+    assert sa.recv(100) == b"go"
+    assert sb.recv(100) == b"after go"
+    tun_pair.check()
+
+
 def test_a_hook_that_never_returns_fails_the_pair_at_close() -> None:
     entered, release = threading.Event(), threading.Event()
 
