@@ -99,7 +99,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     i.add_argument("--reorder", metavar="P", help="probability a packet is overtaken")
     i.add_argument("--corrupt", metavar="P", help="probability of one flipped bit")
     i.add_argument("--rate", metavar="R", help="bits/s, or 500kbit, 10mbit, 100kbps (bytes/s)")
-    i.add_argument("--seed", metavar="N", help="seed of the impairments (default 0)")
+    i.add_argument("--seed", metavar="N", help="seed of the impairments (default: random, shown)")
     i.add_argument(
         "--direction", choices=("a->b", "b->a"), help="impair one direction only (default both)"
     )
@@ -473,7 +473,7 @@ class Session:
             status = EXIT_FAILED
             try:
                 if plan.impair:
-                    pair.impair(plan.direction, **plan.impair)
+                    pair.impair(direction=plan.direction, **plan.impair)
                 if printer is not None:
                     # Live means live: without this the first lines wait for scapy's import
                     # (0.3-1 s) and show up after the command has printed its own.
@@ -506,7 +506,10 @@ class Session:
             command = [os.environ.get("SHELL") or "/bin/sh"]
             self._shell_banner(pair, command[0])
         elif not plan.quiet:
-            self.say(self._banner(pair) + f"; running: {shlex.join(command)}")
+            first, *more = self._banner(pair)
+            self.say(f"{first}; running: {shlex.join(command)}")
+            for line in more:
+                self.say(line)
         if signals.received is not None:
             return 128 + signals.received  # interrupted while the pair came up
         try:
@@ -514,19 +517,14 @@ class Session:
         finally:
             self._stop_leftovers(pair)
 
-    def _banner(self, pair: TunPair) -> str:
-        text = pair.describe()
-        if plan_impair := self.plan.impair:
-            from ._impair import ImpairmentSpec
-
-            spec = ImpairmentSpec.from_kwargs(**plan_impair)
-            seed = pair.options.seed if pair.options.seed is not None else 0
-            where = f" {self.plan.direction}" if self.plan.direction else ""
-            text += f"; impair{where}: {spec.describe()} seed={seed}"
-        return text
+    def _banner(self, pair: TunPair) -> list[str]:
+        """The pair, then one line per impaired direction with the seed in use."""
+        # describe() speaks to pytest users; here the replay flag is --seed.
+        return pair.describe().replace("--tunpair-seed=", "--seed ").splitlines()
 
     def _shell_banner(self, pair: TunPair, shell: str) -> None:
-        self.say(self._banner(pair))
+        for line in self._banner(pair):
+            self.say(line)
         for label, end in (("a", pair.a), ("b", pair.b)):
             var = f"$TUNPAIR_{label.upper()}_IP"
             addrs = [(end.ip, var), (end.ip6, var + "6")]

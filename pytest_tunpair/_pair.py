@@ -10,11 +10,12 @@ with TunPair() as pair:           # the calling thread is now in a fresh namespa
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _routing
 from ._capture import Capture, Packet, Stats
@@ -24,6 +25,9 @@ from ._netns import NetNamespace
 from ._options import PairOptions
 from ._relay import Hook, Relay
 from ._validate import to_bytes, validate_frame
+
+if TYPE_CHECKING:
+    from ._impair import ImpairmentSpec
 
 __all__ = ["Endpoint", "TunPair", "TunPairFactory"]
 
@@ -134,7 +138,9 @@ class TunPair:
         )
         self.a: Endpoint
         self.b: Endpoint
-        self._impairment: Any = None
+        # Active impairments per direction: (spec with the seed in use, seed was random).
+        self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
+        self._random_seed: int | None = None  # a factory shares one across its pairs
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -250,28 +256,61 @@ class TunPair:
     def mode(self) -> str:
         return self.options.mode
 
-    def check(self) -> None:
-        """Raise, in the calling thread, the first error the relay or a hook hit."""
+    @property
+    def seed(self) -> int:
+        """The seed :meth:`impair` uses when given none.
+
+        The ``seed`` option (marker, ``--tunpair-seed``, ini ``tunpair_seed``) if set; else
+        one picked at random the first time it is needed and kept (shared by the pairs of
+        one ``tun_pair_factory``, i.e. one per test), so a failure report can state it and
+        ``--tunpair-seed`` can replay it.
+        """
+        if self.options.seed is not None:
+            return self.options.seed
+        if self._random_seed is None:
+            self._random_seed = _random_seed()
+        return self._random_seed
+
+    def check(self, timeout: float = 3.0) -> None:
+        """Raise, in the calling thread, the first error the relay or a hook hit.
+
+        First waits (up to ``timeout`` s) for packets already handed to hooks, so a hook
+        failing on the test's last packet fails the test rather than its teardown.
+        """
         __tracebackhide__ = True
         if self._relay is not None:
+            self._relay.sync(timeout)
             errors = self._relay.take_errors()
             if errors:
                 raise errors[0]
 
     # -- programmable wire ------------------------------------------------------------------------
     def add_hook(self, fn: Callable[[Packet], Any], direction: str | None = None) -> Hook:
-        """Run ``fn(packet)`` in the relay for each packet (see the README for return values)."""
+        """Run ``fn(packet)`` for each packet the relay carries (``direction``: one or both).
+
+        ``fn`` returns ``None`` (forward unchanged), bytes or a scapy packet (forward that
+        instead), or a list/tuple of those (``[]`` drops, two items duplicate). Hooks chain
+        in the order added. They run in a worker thread per direction, so a slow hook holds
+        up only the packets that go through it; a hook never runs concurrently with itself.
+        A hook that raises or returns anything else: that packet is dropped and the error
+        is raised in the test thread (:meth:`check`, at the latest :meth:`close`).
+        While any hook or impairment is active, offload is off: hooks see wire-sized packets.
+        """
         if not callable(fn):
             raise TypeError(f"add_hook() takes a callable, not {type(fn).__name__}")
         _check_direction(direction, "add_hook")
         relay = self._require_relay()
         hook = Hook(fn, direction)
+        self._update_offload(busy=True)  # before the hook sees a packet
         for d in _directions(direction):
             relay.hooks[d] = (*relay.hooks[d], hook)
-        self._update_offload()
         return hook
 
     def remove_hook(self, handle: Hook) -> None:
+        """Stop running the hook ``add_hook`` returned (``ValueError`` if it is not one).
+
+        Packets already handed to the hooks (read before this call) still pass through it,
+        in order; later packets do not."""
         relay = self._require_relay()
         found = False
         for d in ("a->b", "b->a"):
@@ -282,30 +321,59 @@ class TunPair:
             raise ValueError(f"{handle!r} is not a hook of this pair (removed already?)")
         self._update_offload()
 
-    def impair(self, direction: str | None = None, **spec: Any) -> None:
-        """netem-like impairments in the relay; ``impair()`` with no arguments turns them off."""
+    def impair(
+        self,
+        loss: float | str = 0.0,
+        delay: float | str = 0.0,
+        jitter: float | str = 0.0,
+        duplicate: float | str = 0.0,
+        reorder: float | str = 0.0,
+        corrupt: float | str = 0.0,
+        rate: float | str | None = None,
+        seed: int | None = None,
+        direction: str | None = None,
+    ) -> None:
+        """netem-like impairments done in the relay, for one direction or both (``None``).
+
+        Probabilities are 0.0-1.0 (or ``"10%"``), ``delay``/``jitter`` seconds (or
+        ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). Each call replaces the settings of
+        the direction(s) it names; ``impair()`` with no arguments turns everything off.
+        A packet held back for reordering when the settings change is released, not lost.
+        ``seed=None`` uses :attr:`seed`. Same seed and same packets: same decisions.
+        """
+        from dataclasses import replace
+
         from ._impair import ImpairmentEngine, ImpairmentSpec
 
         _check_direction(direction, "impair")
         relay = self._require_relay()
-        parsed = ImpairmentSpec.from_kwargs(**spec)
-        seed = parsed.seed if parsed.seed is not None else self.options.seed
-        if seed is None:
-            seed = 0
+        parsed = ImpairmentSpec.from_kwargs(
+            loss=loss,
+            delay=delay,
+            jitter=jitter,
+            duplicate=duplicate,
+            reorder=reorder,
+            corrupt=corrupt,
+            rate=rate,
+            seed=seed,
+        )
+        random_seed = parsed.seed is None and self.options.seed is None
+        used = parsed.seed if parsed.seed is not None else self.seed
         for d in _directions(direction):
-            # Each direction gets its own stream so one's traffic cannot shift the other's
-            # decisions; derived from the seed so a replay reproduces both.
-            relay.engines[d] = (
-                ImpairmentEngine(parsed, seed * 2 + (d == "b->a")) if parsed.active else None
-            )
-        self._impairment = parsed if parsed.active else None
-        self._seed = seed
-        relay.wake()
-        self._update_offload()
+            if parsed.active:
+                self._impairments[d] = (replace(parsed, seed=used), random_seed)
+            else:
+                self._impairments.pop(d, None)
+        self._update_offload()  # off before the engines see a packet, back on after
+        for d in _directions(direction):
+            # Each direction draws from its own stream (2s for a->b, 2s+1 for b->a), so one
+            # direction's traffic never shifts the other's decisions, and both replay.
+            engine = ImpairmentEngine(parsed, used * 2 + (d == "b->a")) if parsed.active else None
+            relay.set_engine(d, engine)
 
-    def _update_offload(self) -> None:
+    def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = any(relay.hooks.values()) or any(e is not None for e in relay.engines.values())
+        busy = busy or any(relay.hooks.values()) or bool(self._impairments)
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 
@@ -315,16 +383,35 @@ class TunPair:
         return self._relay
 
     def describe(self) -> str:
+        """What this pair is, for failure reports: one line for the pair, then one per
+        active impairment (with the seed in use) and per direction with hooks."""
         o = self.options
         parts = [
             f"{self.a.name}={self.a.ip or ''}{'/' + self.a.ip6 if self.a.ip6 else ''}",
             f"{self.b.name}={self.b.ip or ''}{'/' + self.b.ip6 if self.b.ip6 else ''}",
         ]
-        return f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"
+        lines = [f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"]
+        for d in ("a->b", "b->a"):
+            if d in self._impairments:
+                spec, random_seed = self._impairments[d]
+                line = f"impair {d}: {spec.describe()}"
+                if random_seed:
+                    line += f" (picked at random; replay with --tunpair-seed={spec.seed})"
+                lines.append(line)
+        if self._relay is not None:
+            for d in ("a->b", "b->a"):
+                if self._relay.hooks[d]:
+                    lines.append(f"hooks {d}: {', '.join(map(str, self._relay.hooks[d]))}")
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._relay else "new")
         return f"<TunPair {self.options.names[0]}<->{self.options.names[1]} {state}>"
+
+
+def _random_seed() -> int:
+    # Not the `random` module: a test that seeds it must not make every run's seed equal.
+    return secrets.randbelow(2**31)
 
 
 def _check_direction(direction: str | None, what: str) -> None:
@@ -349,6 +436,7 @@ class TunPairFactory:
         self.source = source
         self.pairs: list[TunPair] = []
         self.netns: NetNamespace | None = None
+        self.random_seed = _random_seed()
         self._thread = threading.get_ident()
 
     def open(self) -> TunPairFactory:
@@ -370,6 +458,9 @@ class TunPairFactory:
         index = len(self.pairs)
         opts = PairOptions.from_kwargs({**self.defaults, **options}, source=source, index=index)
         pair = TunPair(opts, netns=self.netns)
+        # One random seed per factory (per test): replaying it with --tunpair-seed then
+        # reproduces every pair of the test, not just one.
+        pair._random_seed = self.random_seed
         pair.open(_index=index)
         self.pairs.append(pair)
         return pair

@@ -25,6 +25,7 @@ _PCAP_STEMS = pytest.StashKey[dict[str, str]]()  # config: file stem -> test id
 _REPORTED = pytest.StashKey[bool]()  # item: the packet trace is in a report already
 _PCAP_FILES = pytest.StashKey[list[Path]]()  # item: pcap files named in its report
 _PCAP_ERRORS = pytest.StashKey[dict[str, str]]()  # config: file -> why it was not written
+_SEED = pytest.StashKey[int | None]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -46,9 +47,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--tunpair-pcap-mode", metavar="MODE", default=None, help=help_mode)
     parser.addini("tunpair_pcap_mode", default="failed", help=help_mode)
+    help_seed = (
+        "default seed of tun_pair.impair() for the run (a failing test's report states the "
+        "seed it used; pass it here to replay). Default: random per test"
+    )
+    group.addoption("--tunpair-seed", metavar="N", default=None, help=help_seed)
+    parser.addini("tunpair_seed", default="", help=help_seed)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SEED] = run_seed(config)  # a bad value stops the run before any test
     config.addinivalue_line(
         "markers",
         "tunpair(**options): configure the tun_pair fixture -- mode, names, ipv4, ipv6, mtu, "
@@ -70,6 +78,26 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_PCAP_ERRORS] = {}
 
 
+def run_seed(config: pytest.Config) -> int | None:
+    """--tunpair-seed, else ini tunpair_seed, else None (the marker's seed= beats both)."""
+    for value, where in (
+        (config.getoption("tunpair_seed", None), "--tunpair-seed"),
+        (config.getini("tunpair_seed"), "ini key tunpair_seed"),
+    ):
+        if value is None or str(value).strip() == "":
+            continue
+        try:
+            seed = int(str(value))
+            if seed < 0:
+                raise ValueError
+        except ValueError:
+            raise pytest.UsageError(
+                f"{where}={value!r}: the seed is a whole number >= 0, e.g. {where}=1234"
+            ) from None
+        return seed
+    return None
+
+
 def enabled(config: pytest.Config) -> bool:
     opt = config.getoption("tunpair", None)
     if opt is not None:
@@ -88,7 +116,9 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
         pytest.skip(SKIP_REASON)
     from ._pair import TunPairFactory
 
-    factory = TunPairFactory(source="tun_pair_factory()")
+    seed = request.config.stash[_SEED]
+    defaults = {} if seed is None else {"seed": seed}
+    factory = TunPairFactory(defaults, source="tun_pair_factory()")
     factory.open()
     request.node.stash[_FACTORY] = factory
     try:
@@ -120,11 +150,12 @@ def tun_pair(tun_pair_factory: TunPairFactory, request: pytest.FixtureRequest) -
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     # Errors from hooks happen in the relay thread; surface them as the test's failure
     # (pytest-httpserver's check() pattern) rather than waiting for teardown.
-    result = yield
+    __tracebackhide__ = True
     factory = item.stash.get(_FACTORY, None)
-    if factory is not None:
-        for pair in factory.pairs:
-            pair.check()
+    pairs = factory.pairs if factory is not None else []
+    result = yield
+    for pair in pairs:
+        pair.check()
     return result
 
 

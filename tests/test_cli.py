@@ -203,10 +203,20 @@ def test_loss_makes_ping_fail_and_the_trace_says_lost(tunnels: None) -> None:
         "run", "--loss", "1", "--seed", "1", "--", "ping", "-c", "2", "-W", "1", "198.18.0.2"
     )
     assert r.returncode == 1, r.stderr  # ping: no reply
-    assert "impair: loss=100% seed=1" in r.stderr
+    assert "tunpair: impair a->b: loss=100% seed=1\n" in r.stderr
+    assert "tunpair: impair b->a: loss=100% seed=1\n" in r.stderr
     lines = trace_lines(r.stderr)
     assert len(lines) == 2 and all(" a->b lost " in ln and "echo-request" in ln for ln in lines)
     assert "a->b 0 packets (0 bytes, 2 not delivered)" in r.stderr
+
+
+def test_without_seed_the_banner_says_how_to_replay(tunnels: None) -> None:
+    r = tunpair("run", "--loss", "0.5", "--", "true")
+    assert r.returncode == 0, r.stderr
+    match = re.search(
+        r"impair a->b: loss=50% seed=(\d+) \(picked at random; replay with --seed (\d+)\)", r.stderr
+    )
+    assert match and match.group(1) == match.group(2), r.stderr
 
 
 def test_delay_in_one_direction(tunnels: None) -> None:
@@ -228,6 +238,7 @@ def test_delay_in_one_direction(tunnels: None) -> None:
     assert r.returncode == 0, r.stderr
     rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", r.stdout)]
     assert len(rtts) == 2 and min(rtts) >= 100  # a lower bound: the delay cannot be skipped
+    assert "impair a->b: delay=100ms" in r.stderr and "impair b->a" not in r.stderr
     lines = trace_lines(r.stderr)
     assert {tuple(ln.split()[1:3]) for ln in lines} == {("a->b", "delayed"), ("b->a", "forwarded")}
 
