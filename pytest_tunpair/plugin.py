@@ -160,6 +160,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return None
     if "tun_pair_factory" not in getattr(item, "fixturenames", ()):
         return None
+    # What pytest's own pytest_runtest_protocol does, with the phases on the test's thread
+    # (runtestprotocol is not re-exported by pytest; plugins such as pytest-rerunfailures
+    # import it the same way). Hook wrappers (pytest-timeout, warnings, faulthandler) keep
+    # running around this on the main thread.
     from _pytest.runner import runtestprotocol
 
     from ._userns import ThreadNotStopped, run_in_disposable_thread
