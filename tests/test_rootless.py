@@ -283,8 +283,10 @@ def _check_xdist_outcome(run: Run, project: Path, owner: int) -> None:
     run.lines().fnmatch_lines(["*8 passed*"])
     ran = sorted(project.glob("ran-*"))
     assert len(ran) == 6, run
-    # Every test had a namespace of its own, whichever worker ran it.
-    assert len({p.read_text() for p in ran}) == 6
+    # Every test ran in a namespace of its own (holding only lo, tun0 and tun1, checked
+    # inside), whichever worker ran it. (Inode numbers of freed namespaces are reused, so
+    # they need not differ from test to test.)
+    assert all(int(p.read_text()) != HOST_NETNS for p in ran)
     assert {p.stat().st_uid for p in ran} == {owner}
 
 
