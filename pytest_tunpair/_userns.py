@@ -35,6 +35,7 @@ import os
 import pwd
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -421,6 +422,27 @@ def _raise_in_thread(ident: int, exc: BaseException, landed: threading.Event) ->
     set_async_exc(ident, _clone_exception_type(exc, landed))
 
 
+_POLL = 0.1
+
+
+def _wait(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)`` that lets the calling thread run its signal handlers.
+
+    A lock wait is woken by a signal only if the kernel delivers it to this very thread,
+    and it need not (measured: a SIGINT sent by another of our threads with ``kill()``
+    left the main thread asleep for good, its handler pending). Returning to the
+    interpreter every 0.1 s lets the main thread run pending handlers -- raising
+    KeyboardInterrupt or pytest-timeout's failure -- wherever the signal landed.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
+        if step <= 0:
+            return event.is_set()
+        if event.wait(step):
+            return True
+
+
 def run_in_disposable_thread(fn: Callable[[], T], *, name: str, grace: float = 5.0) -> T:
     """Run ``fn`` on a fresh thread that may end inside another network namespace.
 
@@ -434,12 +456,13 @@ def run_in_disposable_thread(fn: Callable[[], T], *, name: str, grace: float = 5
     :class:`ThreadNotStopped`; the worker is left behind (a daemon thread).
     """
     outcome: dict[str, object] = {}
-    done = threading.Event()
+    running, done = threading.Event(), threading.Event()
 
     def body() -> None:
         _local.disposable = True
         try:
             try:
+                running.set()
                 outcome["value"] = fn()
             except BaseException as exc:
                 outcome["error"] = exc
@@ -449,15 +472,17 @@ def run_in_disposable_thread(fn: Callable[[], T], *, name: str, grace: float = 5
             done.set()
 
     worker = threading.Thread(target=body, name=name, daemon=True)
-    worker.start()
     try:
-        done.wait()
+        # start() waits for the thread to boot, by which time fn may be running: an
+        # interruption there must be forwarded too.
+        worker.start()
+        _wait(done)
     except BaseException as exc:
-        if done.is_set() or worker.ident is None:
-            raise
+        if done.is_set() or not running.wait(grace) or worker.ident is None:
+            raise  # finished, or never started
         landed = threading.Event()
         _raise_in_thread(worker.ident, exc, landed)
-        if not landed.wait(grace) and not done.is_set():
+        if not _wait(landed, grace) and not done.is_set():
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
             raise ThreadNotStopped(
@@ -467,7 +492,7 @@ def run_in_disposable_thread(fn: Callable[[], T], *, name: str, grace: float = 5
                 "method (timeout_method = thread), or run under `unshare -Urn` or as root, "
                 "where tests run on the main thread."
             ) from exc
-        done.wait()
+        _wait(done)
     if "error" in outcome:
         error = outcome["error"]
         assert isinstance(error, BaseException)

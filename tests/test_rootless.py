@@ -613,6 +613,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_sigint_reaches_the_disposable_thread() -> None:
+    # kill() from another of our threads may deliver the signal to a thread other than the
+    # main one, which then never wakes from a plain lock wait: this caught that (1 run in 5).
     proc = _python(
         """
         import os, signal, threading, time
