@@ -18,7 +18,7 @@ import os
 import threading
 from types import TracebackType
 
-from . import _linux
+from . import _linux, _userns
 from ._errors import NamespaceError, PrivilegeError
 
 __all__ = ["NetNamespace", "current_netns_inode"]
@@ -36,6 +36,7 @@ class NetNamespace:
         self._orig_fd: int | None = None
         self._fd: int | None = None
         self._thread: int | None = None
+        self._disposable = False
         self.inode: int | None = None
 
     @property
@@ -61,6 +62,9 @@ class NetNamespace:
         if self._fd is not None:
             raise NamespaceError("this namespace is already entered", netns=self.path)
         orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        disposable = _userns.thread_is_disposable()
+        if not disposable:
+            self._refuse_one_way_trip(orig)
         try:
             _linux.unshare(_linux.CLONE_NEWNET)
         except OSError as exc:
@@ -81,18 +85,49 @@ class NetNamespace:
             raise
         self._orig_fd = orig
         self._thread = threading.get_ident()
+        self._disposable = disposable
         self.inode = os.fstat(self._fd).st_ino
         return self
+
+    @staticmethod
+    def _refuse_one_way_trip(orig: int) -> None:
+        """Refuse to move a thread that could never come back (see ``_userns``).
+
+        In a user namespace that does not own the thread's network namespace (one the
+        process entered by itself), ``setns`` back fails with EPERM: the thread would stay
+        in the test's namespace for good. ``setns`` into the namespace the thread is in
+        makes the same permission check; without namespace privileges at all we let
+        ``unshare`` below fail with its own message.
+        """
+        try:
+            _linux.setns(orig, _linux.CLONE_NEWNET)
+        except OSError as exc:
+            if exc.errno not in _linux.EPERM_LIKE or not _userns.has_namespace_privileges():
+                return
+            os.close(orig)
+            raise NamespaceError(
+                "this thread could not come back from a new network namespace: the process "
+                "runs in a user namespace that does not own the current one (it entered it "
+                "by itself). Open the pair on a thread that ends with it "
+                "(pytest_tunpair._userns.run_in_disposable_thread; the plugin does this for "
+                "tests that request tun_pair or tun_pair_factory as an argument or with "
+                "usefixtures), or run under `unshare -Urn`, or as root."
+            ) from exc
 
     def is_current(self) -> bool:
         """True when the calling thread is inside this namespace."""
         return self.inode is not None and current_netns_inode() == self.inode
 
     def exit(self) -> None:
-        """Go back to the namespace the thread came from and drop our reference."""
+        """Go back to the namespace the thread came from and drop our reference.
+
+        A disposable thread (``_userns``) that cannot go back stays inside, and any thread
+        may drop the references of a namespace a disposable thread entered.
+        """
         if self._fd is None:
             return
-        if threading.get_ident() != self._thread:
+        same_thread = threading.get_ident() == self._thread
+        if not same_thread and not self._disposable:
             raise NamespaceError(
                 "a namespace must be left by the thread that entered it; "
                 "close the pair from the thread that opened it",
@@ -100,11 +135,17 @@ class NetNamespace:
             )
         assert self._orig_fd is not None
         try:
-            _linux.setns(self._orig_fd, _linux.CLONE_NEWNET)
+            if same_thread:
+                _linux.setns(self._orig_fd, _linux.CLONE_NEWNET)
+            # else: a disposable thread entered and has ended (or been interrupted); dropping
+            # our fds is all that is left to do.
         except OSError as exc:
-            raise NamespaceError(
-                f"cannot return to the original network namespace: {exc}", netns=self.path
-            ) from exc
+            # A disposable thread that cannot come back stays: it ends right after the
+            # test, and the namespace goes with it.
+            if not (self._disposable and exc.errno in _linux.EPERM_LIKE):
+                raise NamespaceError(
+                    f"cannot return to the original network namespace: {exc}", netns=self.path
+                ) from exc
         finally:
             os.close(self._orig_fd)
             os.close(self._fd)

@@ -33,3 +33,19 @@ def need(tool: str) -> str:
     if path is None:
         pytest.skip(f"{tool} is not installed (.ci/run installs it)")
     return path
+
+
+def need_thread_return() -> None:
+    """Skip where a thread that leaves its network namespace could not come back.
+
+    That is the rootless tier: the process runs in a user namespace pytest-tunpair entered
+    by itself, so only disposable threads (the plugin's, for tests using the fixtures) may
+    enter a tunnel namespace, and a standalone ``TunPair`` on the main thread is refused.
+    """
+    from pytest_tunpair._userns import thread_can_return
+
+    if not thread_can_return():
+        pytest.skip(
+            "a standalone TunPair on this thread could not return: the process runs in a user "
+            "namespace it entered itself (rootless tier); run as root or under `unshare -Urn`"
+        )

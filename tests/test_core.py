@@ -16,7 +16,7 @@ import pytest
 
 from pytest_tunpair import TunPair
 
-from .conftest import need, netns_inode
+from .conftest import need, need_thread_return, netns_inode
 
 HOST_NETNS = netns_inode()
 
@@ -301,6 +301,7 @@ def test_factory_makes_more_pairs_in_the_same_namespace(
 
 
 def test_standalone_tunpair_without_pytest_fixture() -> None:
+    need_thread_return()
     before = netns_inode()
     with TunPair(ipv6=None) as pair:
         assert netns_inode() != before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import host_snapshot
+from .conftest import host_snapshot, need_thread_return
 
 INNER = """
 import subprocess
@@ -109,6 +109,7 @@ def test_thread_returns_to_its_namespace_and_host_is_untouched(pytester: pytest.
 
 
 def test_standalone_use_needs_no_pytest(pytester: pytest.Pytester) -> None:
+    need_thread_return()
     script = pytester.makepyfile(
         """
         import subprocess, sys
