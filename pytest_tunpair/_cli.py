@@ -467,7 +467,7 @@ class Session:
             except (TunPairError, OSError) as exc:
                 hint = ""
                 if isinstance(exc, PrivilegeError):
-                    hint = " (from a shell: run tunpair as root, or as `unshare -Urn tunpair ...`)"
+                    hint = " (run tunpair as root, or as `unshare -Urn tunpair ...`)"
                 self.say(f"cannot set up the pair: {exc}{hint}")
                 return EXIT_FAILED
             status = EXIT_FAILED
@@ -683,6 +683,22 @@ def _terminate(procs: dict[int, int], *, grace: float) -> None:
             os.close(pidfd)
 
 
+def _enter_rootless_if_needed() -> None:
+    """Enter a user namespace when unprivileged (``_userns.prepare``, the plugin's rules).
+
+    The plugin keeps the host network for tests without a tunnel, so it runs tunnel tests on
+    threads that end with them. This one-shot tool needs no way back: when the thread could
+    not return from the pair's namespace (setns needs CAP_SYS_ADMIN over the *target's*
+    owning user namespace, and the host's is not ours), it first moves the whole process
+    into a network namespace of its own to return to.
+    """
+    from . import _linux, _userns
+
+    status = _userns.prepare("auto")
+    if not status.can_return:
+        _linux.unshare(_linux.CLONE_NEWNET)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m pytest_tunpair`` and the ``tunpair`` script; returns the
     exit status (2 for a usage error, COMMAND's status for ``run``)."""
@@ -692,8 +708,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = make_plan(args)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    # Rootless support belongs here: a `_userns.ensure()`-style call entering a user
-    # namespace must come after parsing (so --help and usage errors stay cheap) and before
-    # anything starts a thread (unshare(CLONE_NEWUSER) needs a single-threaded process;
-    # Session.run starts the relay and trace threads).
+    # Rootless, as in the plugin: after parsing (so --help and usage errors stay cheap) and
+    # before anything starts a thread (unshare(CLONE_NEWUSER) needs a single-threaded
+    # process; Session.run starts the relay and trace threads).
+    try:
+        _enter_rootless_if_needed()
+    except PrivilegeError as exc:
+        print(f"tunpair: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return Session(plan).run()

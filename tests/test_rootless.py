@@ -665,3 +665,21 @@ def test_a_blocked_thread_is_given_up_after_the_grace_period() -> None:
 def test_prepare_rejects_an_unknown_mode() -> None:
     with pytest.raises(ValueError, match="use one of auto, always, never"):
         _userns.prepare("sometimes")
+
+
+# -- the command-line tool, rootless ---------------------------------------------------------------
+
+
+def test_cli_run_as_a_normal_user(user_python: str, user_src: Path, project: Path) -> None:
+    """`tunpair run` follows the plugin's rules: it enters a user namespace by itself."""
+    _need_world_usable_tun()
+    env = nobody_env(user_python, user_src, project)
+    cmd = [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        user_python, "-m", "pytest_tunpair", "run", "--", "sh", "-c",
+        "ping -c 1 -W 2 198.18.0.2 && exit 7",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    assert "a->b forwarded" in proc.stderr and "b->a forwarded" in proc.stderr, proc.stderr
+    assert os.stat("/proc/self/ns/net").st_ino == HOST_NETNS
