@@ -253,7 +253,7 @@ def bench_throughput(rep: Report, a: argparse.Namespace) -> None:
 
     secs = 1 if a.quick else 3
     rounds = a.rounds or (1 if a.quick else 3)
-    samples: dict[str, list[float]] = {"lo": [], "pair": [], "offload=False": []}
+    samples: dict[str, list[float]] = {"lo": [], "pair": [], "offload=False": [], "snaplen": []}
     stats_by_round: list[tuple[float, dict[str, Any]]] = []
     cpu: list[float] = []
     extra = ["-t", str(secs)]
@@ -291,6 +291,11 @@ def bench_throughput(rep: Report, a: argparse.Namespace) -> None:
             with iperf_server(slow.b.ip or ""):
                 samples["offload=False"].append(gbits(iperf_client(slow.b.ip or "", extra)))
             slow.check()
+        if not a.quick:
+            with TunPair(snaplen=128) as heads:
+                with iperf_server(heads.b.ip or ""):
+                    samples["snaplen"].append(gbits(iperf_client(heads.b.ip or "", extra)))
+                heads.check()
     lo, pair_g, off = (med(samples[k]) for k in ("lo", "pair", "offload=False"))
     rep.raw["throughput"] = samples
     rep.add(
@@ -309,6 +314,15 @@ def bench_throughput(rep: Report, a: argparse.Namespace) -> None:
         f"lo {lo:.2f} Gbit/s",
         f"{off / lo:.2f}",
     )
+    if samples["snaplen"]:
+        snap = med(samples["snaplen"])
+        rep.add(
+            "throughput",
+            "  same with snaplen=128 (reference)",
+            f"{snap:.2f} Gbit/s",
+            f"lo {lo:.2f} Gbit/s",
+            f"{snap / lo:.2f}",
+        )
     if cpu:
         rep.add(
             "throughput", "  relay thread CPU during the run", f"{med(cpu) * 100:.0f} % of a core"
