@@ -43,7 +43,7 @@ def _tcp_payload_len(p: Packet) -> int:
     from scapy.layers.inet import IP, TCP
 
     ip = p.scapy[IP]
-    return int(ip.len) - ip.ihl * 4 - ip[TCP].dataofs * 4
+    return int(ip.len) - int(ip.ihl) * 4 - int(ip[TCP].dataofs) * 4
 
 
 @pytest.mark.tunpair(ipv6=None)
