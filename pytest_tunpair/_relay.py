@@ -61,6 +61,16 @@ MAX_BACKLOG = 512
 # Errors kept for the test thread; a hook failing on every packet of a bulk transfer must
 # not hold thousands of tracebacks (and the frames they reference).
 MAX_ERRORS = 20
+# A fast-path batch (read, then record under one lock, then write) ends at this many packets
+# or bytes: a few GSO super-packets, so the buffers are still in cache when written out.
+BATCH = 16
+BATCH_BYTES = 256 * 1024
+# Packets shorter than this are copied into an exact-size bytes object. read() allocates
+# READ_SIZE and shrinks the block in place; a capture keeping thousands of those shrunk
+# blocks, evicted oldest first, fragments the heap into holes too small for the next read
+# (measured: 34 MiB of free but resident heap beside a 64 MiB capture of MTU-sized
+# packets). The copy costs a small memcpy; the read buffer goes back at once.
+COPY_BELOW = READ_SIZE - 4096
 # Errors that mean "this write did not go through" rather than "the relay is broken":
 # EIO while a device is down, ENOBUFS/EAGAIN under pressure, EINVAL for a malformed packet.
 _DROP_ERRNOS = frozenset(
@@ -442,54 +452,92 @@ class Relay:
                     event.set()
 
     def _drain(self, src: TunDevice, dst: TunDevice, direction: str, c: list[int]) -> None:
-        read, write, monotonic = os.read, os.write, time.monotonic
+        """Move what ``src`` has queued (up to ``BURST`` packets) to ``dst``, recording it.
+
+        Fast path, NAPI-style: read a batch (until the queue is empty, ``BATCH`` packets or
+        ``BATCH_BYTES``), record and count the whole batch under one capture lock, then write
+        it out. Recording comes *before* writing because a write into a TUN runs the
+        receiving stack in this thread: the receiver -- and the test waiting on it -- may
+        wake before ``write()`` returns, and must find the packet captured and counted.
+        Per packet: one read, one write, one ``Packet`` around the bytes object ``read``
+        returned, no decoding (``Packet`` slices and decodes lazily); only packets shorter
+        than ``COPY_BELOW`` are copied, to an exact-size object.
+        """
         src_fd, dst_fd = src.fd, dst.fd
         if src_fd is None or dst_fd is None:
             return
+        read, write, monotonic = os.read, os.write, time.monotonic
         hdr = src.hdr_len
         mode = self.mode
-        record = self.capture.record
         t0 = self.capture.t0
         hooks = self.hooks[direction]
+        # After the last hook goes, packets still with the worker finish first, in order.
         hooked = bool(hooks) or self._backlog[direction] > 0
         engine = self.engines[direction]
-        for _ in range(BURST):
-            if hooked and self._backlog[direction] >= MAX_BACKLOG:
-                self._pause(direction, src_fd)
-                return
-            try:
-                buf = read(src_fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in _DROP_ERRNOS:
+        if hooked or engine is not None:
+            for _ in range(BURST):
+                if hooked and self._backlog[direction] >= MAX_BACKLOG:
+                    self._pause(direction, src_fd)
                     return
-                raise
-            now = monotonic()
-            if hooked:
-                self._to_worker(Packet(now - t0, direction, "forwarded", buf, hdr, mode), hooks)
-                continue
-            if engine is not None:
+                try:
+                    buf = read(src_fd, READ_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in _DROP_ERRNOS:
+                        return
+                    raise
+                if len(buf) < COPY_BELOW:
+                    buf = bytes(memoryview(buf))
+                now = monotonic()
+                if hooked:
+                    pkt = Packet(now - t0, direction, "forwarded", buf, hdr, mode)
+                    self._to_worker(pkt, hooks)
+                    continue
                 data = buf[hdr:]
                 self._deliver(direction, data, [(data, "forwarded")], buf[:hdr], now, c)
-                continue
-            # Count and record *before* the write: writing into a TUN runs the receiving
-            # stack in this thread, so the receiver may wake (and the test assert) before
-            # write() even returns here.
-            size = len(buf) - hdr
-            c[0] += 1
-            c[1] += size
-            pkt = Packet(now - t0, direction, "forwarded", buf, hdr, mode)
-            record(pkt)
-            try:
-                write(dst_fd, buf)
-            except OSError as exc:
-                if exc.errno not in _DROP_ERRNOS:
-                    raise
-                c[0] -= 1
-                c[1] -= size
-                c[2] += 1
-                pkt.action = "dropped"
+            return
+        record_many = self.capture.record_many
+        left = BURST
+        while left > 0:
+            bufs: list[bytes] = []
+            pkts: list[Packet] = []
+            size = 0
+            empty = False
+            while len(bufs) < BATCH and size < BATCH_BYTES:
+                try:
+                    buf = read(src_fd, READ_SIZE)
+                except BlockingIOError:
+                    empty = True
+                    break
+                except OSError as exc:
+                    if exc.errno not in _DROP_ERRNOS:
+                        raise
+                    empty = True
+                    break
+                if len(buf) < COPY_BELOW:
+                    buf = bytes(memoryview(buf))
+                bufs.append(buf)
+                pkts.append(Packet(monotonic() - t0, direction, "forwarded", buf, hdr, mode))
+                size += len(buf)
+            if bufs:
+                n = len(bufs)
+                record_many(pkts)
+                c[0] += n
+                c[1] += size - n * hdr
+                for i, buf in enumerate(bufs):
+                    try:
+                        write(dst_fd, buf)
+                    except OSError as exc:
+                        if exc.errno not in _DROP_ERRNOS:
+                            raise
+                        c[0] -= 1
+                        c[1] -= len(buf) - hdr
+                        c[2] += 1
+                        pkts[i].action = "dropped"
+                left -= n
+            if empty:
+                return
 
     # -- slow path: hooks (worker threads) ---------------------------------------------------
     def _to_worker(self, pkt: Packet, hooks: tuple[Hook, ...]) -> None:

@@ -1,0 +1,829 @@
+#!/usr/bin/env python3
+"""pytest-tunpair benchmark: each performance goal next to its baseline, in one run.
+
+    sudo python benchmarks/run.py                 # everything, about a minute
+    sudo python benchmarks/run.py --quick         # seconds: smaller samples, same table
+    sudo python benchmarks/run.py --only throughput --only latency
+    sudo python benchmarks/run.py --json out.json # the raw samples too
+
+Sections (goals from issue 9; baselines in the same run, on the same machine):
+
+- ``throughput``: iperf3 through a pair (default MTU, capture at its defaults) vs iperf3
+  over ``lo``; goal >= 50 % of ``lo``. ``offload=False`` is shown for reference, and the
+  relay's own per-direction counters (``pair.stats``) of the default run.
+- ``overhead``: an inner pytest run of N tests using ``tun_pair`` vs the same N tests
+  without it; goal <= 5 ms per test. Baseline: the seed article's shell recipe
+  (``ip netns add`` + the ``ip`` commands + ``ip netns del``) per namespace.
+- ``unused``: ``pytest --co`` of a generated project (1000 tests) that never opens a
+  tunnel, with the plugin vs ``-p no:tunpair``, median CPU time of the pytest process
+  (steadier than wall clock on a shared machine; wall clock is shown too); goal within
+  5 %. Also the plugin's own import time, and whether scapy or pyroute2 were imported by
+  the time collection finished (they must not be).
+- ``latency``: ping RTT through the pair (median) vs ping over ``lo``; goal < 0.5 ms.
+- ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
+  default capture settings, vs the documented capture bound (``capture_bytes``).
+
+Everything runs inside network namespaces this script creates (each ``TunPair`` enters a
+fresh anonymous one; ``lo`` baselines run in a pair's namespace too), so nothing touches the
+host's network. The shell baseline uses ``ip netns add`` with a name unique to this process
+and always deletes it. Subprocesses and namespaces are cleaned up on errors and Ctrl-C.
+
+The script is a measurement, not a test: it exits 0 whatever the numbers say, unless
+``--strict`` is given (then 1 when a goal is missed). Timings on a shared machine are noisy;
+run it on an idle one for figures worth quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Measure the checkout this script lives in, also in the inner pytest processes.
+sys.path.insert(0, REPO)
+_ENV = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+)
+
+SECTIONS = ("throughput", "overhead", "unused", "latency", "memory")
+IPERF_PORT = 5201
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+# -- cleanup: every process we start is killed, every shell namespace deleted ---------------
+
+_procs: list[subprocess.Popen[Any]] = []
+_shell_netns: set[str] = set()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM takes the same way out as Ctrl-C, so every `finally` and `with` runs.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _cleanup() -> None:
+    for p in _procs:
+        if p.poll() is None:
+            p.kill()
+        with contextlib.suppress(Exception):
+            p.wait(5)
+    _procs.clear()
+    for name in sorted(_shell_netns):
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    _shell_netns.clear()
+
+
+@contextlib.contextmanager
+def popen(cmd: Sequence[str], **kwargs: Any) -> Iterator[subprocess.Popen[str]]:
+    """Start a process (in the calling thread's namespace); kill it on the way out."""
+    kwargs.setdefault("stdout", subprocess.DEVNULL)
+    proc = subprocess.Popen(list(cmd), stderr=subprocess.PIPE, text=True, **kwargs)
+    _procs.append(proc)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+        _procs.remove(proc)
+
+
+def run(cmd: Sequence[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    section: str
+    what: str
+    measured: str
+    baseline: str = ""
+    ratio: str = ""
+    goal: str = ""
+    ok: bool | None = None  # None: no goal (reference figure)
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        self.rows.append(Row(*args, **kwargs))
+
+    def table(self) -> str:
+        head = ("section", "what", "measured", "baseline", "ratio", "goal", "met")
+        body = [
+            (
+                r.section,
+                r.what,
+                r.measured,
+                r.baseline,
+                r.ratio,
+                r.goal,
+                "" if r.ok is None else ("yes" if r.ok else "NO"),
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+        line = "  ".join("-" * w for w in widths)
+        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), line]
+        out += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+        return "\n".join(x.rstrip() for x in out)
+
+
+def med(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1000:.2f} ms"
+
+
+# -- helpers that run inside a namespace -------------------------------------------------------
+
+
+def wait_listen(port: int, timeout: float = 10.0) -> None:
+    """Wait until something listens on ``port`` in the calling thread's namespace.
+
+    ``/proc/thread-self/net`` is the calling thread's namespace (``/proc/net`` would be the
+    main thread's). No probe connection: iperf3 would take it for a client.
+    """
+    want = f":{port:04X} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/thread-self/net/{name}") as f:
+                    next(f)
+                    for line in f:
+                        parts = line.split()
+                        if parts[3] == "0A" and (parts[1] + " ").endswith(want):
+                            return
+            except FileNotFoundError:
+                pass
+        time.sleep(0.01)
+    raise RuntimeError(f"iperf3 server did not listen on port {port} within {timeout} s")
+
+
+@contextlib.contextmanager
+def iperf_server(bind: str) -> Iterator[None]:
+    with popen(["iperf3", "-s", "-B", bind, "-p", str(IPERF_PORT)]) as proc:
+        wait_listen(IPERF_PORT)
+        yield
+        if proc.poll() is not None:
+            raise RuntimeError(f"iperf3 server exited: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def iperf_client(host: str, extra: Sequence[str]) -> dict[str, Any]:
+    res = run(
+        ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-J", *extra],
+        timeout=120,
+    )
+    try:
+        data: dict[str, Any] = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"iperf3 failed: {res.stdout[-500:]} {res.stderr[-500:]}") from None
+    if "error" in data:
+        raise RuntimeError(f"iperf3: {data['error']}")
+    return data
+
+
+def gbits(data: dict[str, Any]) -> float:
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def relay_thread_cpu() -> tuple[float, float] | None:
+    """(user, system) CPU seconds of the relay thread(s) of this process so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0.0
+    found = False
+    for t in threading.enumerate():
+        if t.name.startswith("tunpair-relay") and t.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+            found = True
+    return (user, system) if found else None
+
+
+def ping_rtts(host: str, count: int) -> list[float]:
+    # -i 0.01 (below 0.2 s) needs root, which this script has anyway.
+    res = run(["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "2", host], timeout=60)
+    rtts = [float(m) / 1000 for m in re.findall(r"time=([\d.]+) ms", res.stdout)]
+    if not rtts:
+        raise RuntimeError(f"ping {host} got no reply: {res.stdout[-300:]} {res.stderr[-300:]}")
+    return rtts
+
+
+# -- sections ----------------------------------------------------------------------------------
+
+
+def bench_throughput(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    secs = 1 if a.quick else 3
+    rounds = a.rounds or (1 if a.quick else 3)
+    samples: dict[str, list[float]] = {"lo": [], "pair": [], "offload=False": [], "snaplen": []}
+    stats_by_round: list[tuple[float, dict[str, Any]]] = []
+    cpu: list[float] = []
+    extra = ["-t", str(secs)]
+    for _ in range(rounds):
+        # Interleaved, so that a burst of load from elsewhere hits all three alike.
+        with TunPair() as idle:  # only for its namespace: lo is up in there
+            with iperf_server("127.0.0.1"):
+                samples["lo"].append(gbits(iperf_client("127.0.0.1", extra)))
+            idle.check()
+        with TunPair() as pair:
+            with iperf_server(pair.b.ip or ""):
+                c0, w0 = relay_thread_cpu(), time.monotonic()
+                g = gbits(iperf_client(pair.b.ip or "", extra))
+                c1, w1 = relay_thread_cpu(), time.monotonic()
+            pair.check()
+            samples["pair"].append(g)
+            if c0 and c1:
+                cpu.append((c1[0] + c1[1] - c0[0] - c0[1]) / (w1 - w0))
+            cap = pair.packets
+            stats_by_round.append(
+                (
+                    g,
+                    {
+                        "stats": pair.stats,
+                        "kept": len(cap),
+                        "kept_bytes": cap.nbytes,
+                        "evicted": cap.evicted,
+                        "gso": sum(
+                            1 for p in cap if (i := p.gso) is not None and i.is_super_packet
+                        ),
+                    },
+                )
+            )
+        with TunPair(offload=False) as slow:
+            with iperf_server(slow.b.ip or ""):
+                samples["offload=False"].append(gbits(iperf_client(slow.b.ip or "", extra)))
+            slow.check()
+        if not a.quick:
+            with TunPair(snaplen=128) as heads:
+                with iperf_server(heads.b.ip or ""):
+                    samples["snaplen"].append(gbits(iperf_client(heads.b.ip or "", extra)))
+                heads.check()
+    lo, pair_g, off = (med(samples[k]) for k in ("lo", "pair", "offload=False"))
+    rep.raw["throughput"] = samples
+    rep.add(
+        "throughput",
+        f"iperf3 TCP {secs} s, MTU 1500, capture on (x{rounds})",
+        f"{pair_g:.2f} Gbit/s",
+        f"lo {lo:.2f} Gbit/s",
+        f"{pair_g / lo:.2f}",
+        ">= 0.50",
+        pair_g / lo >= 0.5,
+    )
+    rep.add(
+        "throughput",
+        "  same with offload=False (reference)",
+        f"{off:.2f} Gbit/s",
+        f"lo {lo:.2f} Gbit/s",
+        f"{off / lo:.2f}",
+    )
+    if samples["snaplen"]:
+        snap = med(samples["snaplen"])
+        rep.add(
+            "throughput",
+            "  same with snaplen=128 (reference)",
+            f"{snap:.2f} Gbit/s",
+            f"lo {lo:.2f} Gbit/s",
+            f"{snap / lo:.2f}",
+        )
+    if cpu:
+        rep.add(
+            "throughput", "  relay thread CPU during the run", f"{med(cpu) * 100:.0f} % of a core"
+        )
+    # The counters of the median round.
+    _g, info = sorted(stats_by_round, key=lambda x: x[0])[len(stats_by_round) // 2]
+    for d, c in info["stats"].items():
+        avg = c["bytes"] / c["packets"] if c["packets"] else 0
+        rep.add(
+            "throughput",
+            f"  pair.stats {d}",
+            f"{c['packets']} pkts, {c['bytes'] / MIB:.0f} MiB, {avg:.0f} B/pkt, "
+            f"{c['dropped']} dropped",
+        )
+    rep.add(
+        "throughput",
+        "  capture at the end",
+        f"{info['kept']} pkts kept ({info['gso']} GSO), {info['kept_bytes'] / MIB:.1f} MiB, "
+        f"{info['evicted']} evicted",
+    )
+    rep.raw["throughput_counters"] = info
+
+
+INNER_CONFTEST = """
+import json, os, sys, time
+_T = {}
+_START = time.perf_counter()
+
+def pytest_runtest_logreport(report):
+    _T.setdefault(report.nodeid, {})[report.when] = report.duration
+
+def pytest_sessionfinish(session):
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("scapy", "pyroute2"))
+    with open(os.environ["TUNPAIR_BENCH_OUT"], "w") as f:
+        json.dump({
+            "durations": _T,
+            "heavy": heavy,
+            "plugin": session.config.pluginmanager.hasplugin("tunpair")
+                      or session.config.pluginmanager.hasplugin("pytest_tunpair.plugin"),
+            "session": time.perf_counter() - _START,
+        }, f)
+"""
+
+
+def plugin_args() -> tuple[list[str], list[str]]:
+    """pytest args that load / block the plugin, whether or not its entry point is installed."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "tunpair" for ep in entry_points(group="pytest11")):
+        return [], ["-p", "no:tunpair"]
+    return ["-p", "pytest_tunpair.plugin"], []
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def inner_pytest(project: str, args: Sequence[str]) -> tuple[float, float, dict[str, Any]]:
+    """Run pytest in ``project``; return wall time, CPU time and what its conftest reported.
+
+    CPU time (user + system of the finished child) moves much less than wall time when other
+    processes compete for the machine.
+    """
+    out = os.path.join(project, "result.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out)
+    env = dict(_ENV, TUNPAIR_BENCH_OUT=out)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    c0, t0 = _children_cpu(), time.perf_counter()
+    res = run(cmd, timeout=600, cwd=project, env=env)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    if res.returncode != 0:
+        raise RuntimeError(
+            f"inner pytest {args} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        )
+    with open(out) as f:
+        return wall, cpu, json.load(f)
+
+
+SHELL_RECIPE = [
+    # The seed article's steps, one `ip` command each, in a named namespace.
+    "link set lo up",
+    "tuntap add dev tun0 mode tun",
+    "tuntap add dev tun1 mode tun",
+    "addr add 198.18.0.1 peer 198.18.0.2 dev tun0",
+    "addr add 198.18.0.2 peer 198.18.0.1 dev tun1",
+    "link set tun0 up",
+    "link set tun1 up",
+    "route del local 198.18.0.1 dev tun0 table local",
+    "route del local 198.18.0.2 dev tun1 table local",
+    "route add local 198.18.0.1 dev tun0 table 13",
+    "route add local 198.18.0.2 dev tun1 table 13",
+    "rule add iif tun0 lookup 13",
+    "rule add iif tun1 lookup 13",
+]
+
+
+def shell_recipe_once(name: str) -> float:
+    t0 = time.perf_counter()
+    _shell_netns.add(name)
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        for step in SHELL_RECIPE:
+            subprocess.run(["ip", "-n", name, *step.split()], check=True, capture_output=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        _shell_netns.discard(name)
+    return time.perf_counter() - t0
+
+
+def bench_overhead(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    n = a.tests or (10 if a.quick else 200)
+    load, _block = plugin_args()
+    with tempfile.TemporaryDirectory(prefix="tunpair-bench-") as project:
+        with open(os.path.join(project, "conftest.py"), "w") as f:
+            f.write(INNER_CONFTEST)
+        for name, sig in (("with", "tun_pair, i"), ("without", "i")):
+            with open(os.path.join(project, f"test_{name}.py"), "w") as f:
+                f.write(
+                    textwrap.dedent(f"""
+                    import pytest
+
+                    @pytest.mark.parametrize("i", range({n}))
+                    def test_{name}({sig}):
+                        assert i >= 0
+                    """)
+                )
+        common = ["--tunpair", *load]
+        wall_w, _cpu, res_w = inner_pytest(project, [*common, "test_with.py"])
+        wall_wo, _cpu, res_wo = inner_pytest(project, [*common, "test_without.py"])
+    per_w = med([sum(d.values()) for d in res_w["durations"].values()])
+    per_wo = med([sum(d.values()) for d in res_wo["durations"].values()])
+    phases = {
+        side: {
+            when: med([d.get(when, 0.0) for d in res["durations"].values()])
+            for when in ("setup", "call", "teardown")
+        }
+        for side, res in (("with", res_w), ("without", res_wo))
+    }
+    overhead = per_w - per_wo
+    by_wall = (wall_w - wall_wo) / n
+
+    k = 2 if a.quick else 20
+    shell = []
+    for i in range(k):
+        shell.append(shell_recipe_once(f"tunpair-bench-{os.getpid()}-{i}"))
+    shell_med = med(shell)
+
+    direct = []
+    for _ in range(5 if a.quick else 50):
+        t0 = time.perf_counter()
+        with TunPair():
+            pass
+        direct.append(time.perf_counter() - t0)
+
+    rep.raw["overhead"] = {
+        "n": n,
+        "per_test_with": per_w,
+        "per_test_without": per_wo,
+        "phases": phases,
+        "wall_with": wall_w,
+        "wall_without": wall_wo,
+        "shell": shell,
+        "tunpair_open_close": direct,
+    }
+    rep.add(
+        "overhead",
+        f"per test, tun_pair vs none (median of {n})",
+        f"+{fmt_ms(overhead)}",
+        f"shell recipe {fmt_ms(shell_med)}",
+        f"{overhead / shell_med:.2f}",
+        "<= 5 ms",
+        overhead <= 0.005,
+    )
+    first = sum(next(iter(res_w["durations"].values())).values())
+    rep.add(
+        "overhead",
+        "  from wall clock: difference / N",
+        f"+{fmt_ms(by_wall)}",
+        f"incl. first test {fmt_ms(first)} (imports)",
+    )
+    pw, pwo = phases["with"], phases["without"]
+    rep.add(
+        "overhead",
+        "  setup / call / teardown medians",
+        " / ".join(f"{pw[w] * 1000:.2f}" for w in ("setup", "call", "teardown")) + " ms",
+        "without: " + " / ".join(f"{pwo[w] * 1000:.2f}" for w in ("setup", "call", "teardown")),
+    )
+    rep.add(
+        "overhead",
+        f"  TunPair() open+close, no pytest (x{len(direct)})",
+        fmt_ms(med(direct)),
+        f"shell recipe {fmt_ms(shell_med)} (x{k})",
+        f"{med(direct) / shell_med:.2f}",
+    )
+
+
+def bench_unused(rep: Report, a: argparse.Namespace) -> None:
+    files, per_file = (10, 20) if a.quick else (50, 20)
+    rounds = 1 if a.quick else 7
+    load, block = plugin_args()
+    runs: dict[str, dict[str, list[float]]] = {
+        "with": {"wall": [], "cpu": []},
+        "without": {"wall": [], "cpu": []},
+    }
+    res_with: dict[str, Any] = {}
+    res_without: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tunpair-bench-") as project:
+        with open(os.path.join(project, "conftest.py"), "w") as f:
+            f.write(INNER_CONFTEST)
+        for i in range(files):
+            with open(os.path.join(project, f"test_mod{i}.py"), "w") as f:
+                f.write("import pytest\n\n")
+                for j in range(per_file):
+                    f.write(f"def test_{j}():\n    assert {j} >= 0\n\n")
+        # A warm-up run fills the page cache.
+        inner_pytest(project, ["--co", *load])
+        for _ in range(rounds):  # alternating, so that load from elsewhere hits both alike
+            wall, cpu, res_with = inner_pytest(project, ["--co", *load])
+            runs["with"]["wall"].append(wall)
+            runs["with"]["cpu"].append(cpu)
+            wall, cpu, res_without = inner_pytest(project, ["--co", *block])
+            runs["without"]["wall"].append(wall)
+            runs["without"]["cpu"].append(cpu)
+
+    def paired(kind: str) -> float:
+        # Median of the per-round ratios: each pair of runs shares the machine's state.
+        return med(
+            [w / wo for w, wo in zip(runs["with"][kind], runs["without"][kind], strict=True)]
+        )
+
+    c_with, c_without = med(runs["with"]["cpu"]), med(runs["without"]["cpu"])
+    w_with, w_without = med(runs["with"]["wall"]), med(runs["without"]["wall"])
+    t_without = w_without
+    rep.raw["unused"] = {**runs, "heavy": res_with["heavy"]}
+    rep.add(
+        "unused",
+        f"pytest --co, {files * per_file} tests, CPU time (x{rounds})",
+        f"{c_with:.3f} s",
+        f"-p no:tunpair {c_without:.3f} s",
+        f"{paired('cpu'):.3f}",
+        "<= 1.05",
+        paired("cpu") <= 1.05,
+    )
+    rep.add(
+        "unused",
+        "  same, wall clock",
+        f"{w_with:.3f} s",
+        f"-p no:tunpair {w_without:.3f} s",
+        f"{paired('wall'):.3f}",
+    )
+    # The plugin's own import, after pytest's, in a fresh interpreter each time.
+    probe = (
+        "import time, pytest; t = time.perf_counter(); import pytest_tunpair.plugin; "
+        "print(time.perf_counter() - t)"
+    )
+    imports = []
+    for _ in range(3 if a.quick else 7):
+        res = run([sys.executable, "-c", probe], timeout=60, env=_ENV)
+        if res.returncode == 0:
+            imports.append(float(res.stdout.split()[-1]))
+    rep.raw["unused"]["plugin_import"] = imports
+    if imports:
+        rep.add(
+            "unused",
+            "  import pytest_tunpair.plugin, after pytest",
+            fmt_ms(med(imports)),
+            f"of {t_without:.3f} s",
+            f"{med(imports) / t_without:.3f}",
+        )
+    heavy = res_with["heavy"]
+    rep.add(
+        "unused",
+        "  scapy/pyroute2 imported at plugin load",
+        ", ".join(heavy[:3]) + (" ..." if len(heavy) > 3 else "") if heavy else "none",
+        "",
+        "",
+        "none",
+        not heavy,
+    )
+    if not res_with["plugin"] or res_without["plugin"]:
+        rep.notes.append(
+            f"unused: plugin loaded with={res_with['plugin']} without={res_without['plugin']} "
+            "(expected True/False): the comparison may not measure the plugin"
+        )
+
+
+def bench_latency(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    count = 10 if a.quick else 200
+    with TunPair() as pair:
+        lo = ping_rtts("127.0.0.1", count)
+        tun = ping_rtts(pair.b.ip or "", count)
+        pair.check()
+    rep.raw["latency"] = {"lo": lo, "pair": tun}
+    rep.add(
+        "latency",
+        f"ping RTT through the pair (median of {len(tun)})",
+        fmt_ms(med(tun)),
+        f"lo {fmt_ms(med(lo))}",
+        f"{med(tun) / med(lo):.1f}",
+        "< 0.5 ms",
+        med(tun) < 0.0005,
+    )
+
+
+def _vm(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def memory_child(size: int, offload: bool) -> dict[str, Any]:
+    """In a fresh process: RSS growth while ``size`` bytes of TCP cross a default pair."""
+    import gc
+
+    from pytest_tunpair import TunPair
+
+    # Warm-up: imports, the routing compiler, the relay's malloc arena -- costs any first
+    # pair pays once per process, not per byte carried.
+    with TunPair() as warm, iperf_server(warm.b.ip or ""):
+        iperf_client(warm.b.ip or "", ["-n", "1M"])
+    gc.collect()
+    before = _vm("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
+    with TunPair(offload=offload) as pair:
+        with iperf_server(pair.b.ip or ""):
+            t0 = time.monotonic()
+            g = gbits(iperf_client(pair.b.ip or "", ["-n", str(size)]))
+            secs = time.monotonic() - t0
+        pair.check()
+        during = _vm("VmRSS")
+        peak = _vm("VmHWM")
+        info = {
+            "before": before,
+            "during": during,
+            "peak": peak,
+            "bound": pair.options.capture_bytes,
+            "kept": len(pair.packets),
+            "kept_bytes": pair.packets.nbytes,
+            "stats": pair.stats,
+            "gbit": g,
+            "secs": secs,
+        }
+    return info
+
+
+def bench_memory(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair._options import DEFAULT_CAPTURE_BYTES
+
+    size = a.memory_bytes or (64 * MIB if a.quick else GIB)
+    cases = [(True, size)]
+    if not a.quick:
+        # Wire-sized packets: many more Packet objects per captured byte.
+        cases.append((False, min(size, 256 * MIB)))
+    for offload, nbytes in cases:
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", str(nbytes)]
+        if not offload:
+            cmd.append("--no-offload")
+        with popen(cmd, stdout=subprocess.PIPE, env=_ENV) as proc:
+            out, err = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child failed: {err[-2000:]}")
+        info = json.loads(out.strip().splitlines()[-1])
+        rep.raw.setdefault("memory", []).append(info)
+        growth = info["peak"] - info["before"]
+        bound = info["bound"]
+        label = "" if offload else ", offload=False"
+        rep.add(
+            "memory",
+            f"peak RSS growth, {nbytes / MIB:.0f} MiB TCP{label}",
+            f"{growth / MIB:.1f} MiB",
+            f"capture_bytes {bound / MIB:.0f} MiB",
+            f"{growth / bound:.2f}",
+            "<= 1.00",
+            growth <= bound,
+        )
+        rep.add(
+            "memory",
+            "  capture at the end",
+            f"{info['kept']} pkts, {info['kept_bytes'] / MIB:.1f} MiB, at {info['gbit']:.2f} Gbit/s",
+        )
+    if DEFAULT_CAPTURE_BYTES != rep.raw["memory"][0]["bound"]:
+        rep.notes.append("memory: the pair did not use the default capture_bytes")
+
+
+BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
+    "throughput": bench_throughput,
+    "overhead": bench_overhead,
+    "unused": bench_unused,
+    "latency": bench_latency,
+    "memory": bench_memory,
+}
+
+NEEDS = {
+    "throughput": ["iperf3"],
+    "overhead": ["ip"],
+    "unused": [],
+    "latency": ["ping"],
+    "memory": ["iperf3"],
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small samples: seconds instead of a minute"
+    )
+    p.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this section (repeatable)"
+    )
+    p.add_argument("--rounds", type=int, help="throughput rounds (default 3, --quick 1)")
+    p.add_argument("--tests", type=int, help="tests per side in the overhead section (default 200)")
+    p.add_argument(
+        "--memory-bytes", type=int, help="bytes sent in the memory section (default 1 GiB)"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the raw samples to FILE")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--no-offload", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    if a.memory_child:
+        try:
+            print(json.dumps(memory_child(a.memory_child, not a.no_offload)))
+        finally:
+            _cleanup()
+        return 0
+    if os.geteuid() != 0:
+        print("benchmarks/run.py needs root (network namespaces, TUN devices): run it with sudo")
+        return 2
+    sections = a.only or list(SECTIONS)
+    rep = Report()
+    started = time.monotonic()
+    load = os.getloadavg()[0]
+    print(
+        f"pytest-tunpair benchmark: {os.cpu_count()} CPUs, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, load average {load:.2f} at start"
+        + (", --quick" if a.quick else ""),
+        flush=True,
+    )
+    failed = False
+    try:
+        for name in sections:
+            missing = [t for t in NEEDS[name] if shutil.which(t) is None]
+            if missing:
+                rep.notes.append(f"{name}: skipped, {', '.join(missing)} not installed")
+                continue
+            t0 = time.monotonic()
+            print(f"  {name} ...", end="", flush=True)
+            try:
+                BENCHES[name](rep, a)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                failed = True
+                rep.notes.append(f"{name}: failed: {type(exc).__name__}: {exc}")
+            print(f" {time.monotonic() - t0:.1f} s", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", flush=True)
+        _cleanup()
+        return 130
+    finally:
+        _cleanup()
+    print()
+    print(rep.table())
+    for note in rep.notes:
+        print(f"note: {note}")
+    print(
+        f"\n{time.monotonic() - started:.0f} s in total; "
+        f"load average {os.getloadavg()[0]:.2f} at the end "
+        "(figures from a busy machine are low: rerun when it is idle)"
+    )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(
+                {"rows": [r.__dict__ for r in rep.rows], "raw": rep.raw, "notes": rep.notes},
+                f,
+                indent=1,
+            )
+    missed = any(r.ok is False for r in rep.rows)
+    if failed:
+        return 1
+    return 1 if (a.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
