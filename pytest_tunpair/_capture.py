@@ -357,8 +357,8 @@ class Capture(Sequence[Packet]):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kept packets hold, as read from the device (what ``capture_bytes``
-        counts; decoded scapy objects come on top)."""
+        """Bytes the kept packets hold, as read from the device. (``capture_bytes`` charges
+        more per packet, see :meth:`record_many`; decoded scapy objects come on top.)"""
         return self._bytes
 
     def clear(self) -> None:

@@ -4,8 +4,8 @@ One thread serves both directions with ``poll()``: a blocked ``read()`` on a TUN
 woken by ``close()`` from another thread (kernel-notes), so the loop also polls a wake-up
 pipe, and one thread keeps the hot path free of hand-offs between threads.
 
-Fast path (no hook, no impairment on that direction): read, write to the other device,
-record. It always runs in the relay thread.
+Fast path (no hook, no impairment on that direction): read a batch, record it, write it to
+the other device (recording first: see ``_drain``). It always runs in the relay thread.
 
 Slow path, per direction:
 
