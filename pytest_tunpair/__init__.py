@@ -1,26 +1,50 @@
 """pytest-tunpair: a real in-kernel TUN/TAP pair per test, routed through a userspace relay.
 
-Importing the package is cheap: scapy and pyroute2 load only when a pair is opened or a
-packet decoded.
+Importing the package is cheap: the public names load on first use (PEP 562), and scapy and
+pyroute2 only when a pair is opened or a packet decoded. pytest imports
+``pytest_tunpair.plugin`` (and so this file) in every run of every project that installs
+the plugin, including runs that never open a tunnel.
 """
 
 from __future__ import annotations
 
-from ._capture import Capture, GsoInfo, Packet
-from ._errors import (
-    HookError,
-    NamespaceError,
-    OptionError,
-    PacketTimeout,
-    PrivilegeError,
-    TunDeviceError,
-    TunPairError,
-)
-from ._options import PairOptions
-from ._pair import Endpoint, TunPair, TunPairFactory
-from ._relay import Hook
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._capture import Capture, GsoInfo, Packet
+    from ._errors import (
+        HookError,
+        NamespaceError,
+        OptionError,
+        PacketTimeout,
+        PrivilegeError,
+        TunDeviceError,
+        TunPairError,
+    )
+    from ._options import PairOptions
+    from ._pair import Endpoint, TunPair, TunPairFactory
+    from ._relay import Hook
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "Capture": "._capture",
+    "GsoInfo": "._capture",
+    "Packet": "._capture",
+    "HookError": "._errors",
+    "NamespaceError": "._errors",
+    "OptionError": "._errors",
+    "PacketTimeout": "._errors",
+    "PrivilegeError": "._errors",
+    "TunDeviceError": "._errors",
+    "TunPairError": "._errors",
+    "PairOptions": "._options",
+    "Endpoint": "._pair",
+    "TunPair": "._pair",
+    "TunPairFactory": "._pair",
+    "Hook": "._relay",
+}
 
 __all__ = [
     "Capture",
@@ -41,10 +65,19 @@ __all__ = [
     "__version__",
 ]
 
-# Show the public names where users import them from (tracebacks read
-# ``pytest_tunpair.PacketTimeout``, not ``pytest_tunpair._errors.PacketTimeout``), as trio does.
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type):
-        _obj.__module__ = __name__
-del _name, _obj
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    obj = getattr(importlib.import_module(module, __name__), name)
+    # Show public names where users import them from (tracebacks read
+    # ``pytest_tunpair.PacketTimeout``, not ``pytest_tunpair._errors.PacketTimeout``), as
+    # trio does; done here so that the classes a plugin run imports early get it too.
+    obj.__module__ = __name__
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

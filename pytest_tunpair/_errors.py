@@ -91,3 +91,18 @@ class PacketTimeout(TunPairError, AssertionError):
         if self._text is None:
             self._text = self._message + (self._details() if self._details else "")
         return self._text
+
+
+# Tracebacks name the errors where users import them from: ``pytest_tunpair.PacketTimeout``,
+# not ``pytest_tunpair._errors.PacketTimeout``, whichever module raised them (as trio does).
+for _cls in (
+    TunPairError,
+    OptionError,
+    PrivilegeError,
+    TunDeviceError,
+    NamespaceError,
+    HookError,
+    PacketTimeout,
+):
+    _cls.__module__ = "pytest_tunpair"
+del _cls
