@@ -1,12 +1,29 @@
 from __future__ import annotations
 
 import os
+import queue
+import re
+import shlex
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TypeVar
 
 import pytest
 
 pytest_plugins = ["pytester"]
+
+T = TypeVar("T")
+
+# The shell banner's line for other terminals: `nsenter --net=...` as root, with
+# `--preserve-credentials --user=...` in front when the tool runs in a user namespace.
+NSENTER = (
+    r"other terminals: (nsenter (?:--preserve-credentials --user=/proc/\d+/ns/user )?"
+    r"--net=/proc/\d+/fd/\d+) COMMAND"
+)
 
 
 def host_snapshot() -> str:
@@ -49,3 +66,68 @@ def need_thread_return() -> None:
             "a standalone TunPair on this thread could not return: the process runs in a user "
             "namespace it entered itself (rootless tier); run as root or under `unshare -Urn`"
         )
+
+
+def run_standalone(fn: Callable[[], T]) -> T:
+    """Run ``fn``, which opens a standalone ``TunPair``, where that is allowed.
+
+    On this thread when it could come back from the pair's namespace (root, ``unshare
+    -Urn``); in the rootless tier on a disposable thread that ends inside it, as the README
+    says to open a standalone pair there. Exceptions (and assertion failures) reach the caller.
+    """
+    from pytest_tunpair._userns import run_in_disposable_thread, thread_can_return
+
+    if thread_can_return():
+        return fn()
+    return run_in_disposable_thread(fn, name=f"standalone {fn.__qualname__}")
+
+
+def _setgroups_denied() -> bool:
+    try:
+        return Path("/proc/self/setgroups").read_text().strip() == "deny"
+    except OSError:
+        return False
+
+
+def tcpdump_read(path: object, *args: str) -> subprocess.CompletedProcess[str]:
+    """``tcpdump -n -r PATH ARGS``: what a person would run to read a pcap file.
+
+    Run as root, Debian's tcpdump drops privileges to its own user once the file is open,
+    even with ``-r``; with ``-Z root`` it still calls ``initgroups()``. Inside a user
+    namespace entered by an unprivileged user (the rootless tier, ``unshare -Ur``) that
+    user is not mapped and ``setgroups`` is denied, so either way it stops with "Couldn't
+    change to ...: Operation not permitted". There tcpdump runs as a non-root uid of a
+    nested user namespace (mapped to ours, so the file stays readable) and drops nothing.
+    """
+    cmd = [need("tcpdump"), "-n", "-r", str(path), *args]
+    if os.getuid() == 0 and _setgroups_denied():
+        cmd = [need("unshare"), "--user", "--map-user=65534", "--map-group=65534", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def nsenter_line(stderr: IO[str], timeout: float) -> list[str]:
+    """The shell banner's nsenter line, as a command (reads ``stderr`` up to it)."""
+    __tracebackhide__ = True
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stderr:
+            lines.put(line)
+            if re.search(NSENTER, line):
+                return
+        lines.put(None)  # the tool ended without one
+
+    # A reader thread, so that a banner without the line fails the test instead of
+    # blocking it until the shell (which waits for its stdin) exits.
+    threading.Thread(target=read, daemon=True).start()
+    seen = []
+    deadline = time.monotonic() + timeout
+    try:
+        while (line := lines.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
+            seen.append(line)
+            match = re.search(NSENTER, line)
+            if match:
+                return shlex.split(match.group(1))
+    except queue.Empty:
+        seen.append(f"(nothing more within {timeout} s)")
+    pytest.fail("no nsenter line in the banner:\n" + "".join(seen))

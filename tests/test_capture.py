@@ -17,7 +17,7 @@ import pytest_tunpair
 from pytest_tunpair import Capture, Packet, PacketTimeout, TunPair
 from pytest_tunpair._options import DEFAULT_CAPTURE_BYTES
 
-from .conftest import need
+from .conftest import need, run_standalone, tcpdump_read
 
 # Generous: these bound how long a test may hang, they do not measure anything.
 WAIT = 10.0
@@ -359,12 +359,10 @@ def test_summary_reads_like_tcpdump(tun_pair: TunPair) -> None:
 
 # -- pcap ------------------------------------------------------------------------------------
 def _tcpdump(path: object, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [need("tcpdump"), "-n", "-r", str(path), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    __tracebackhide__ = True
+    out = tcpdump_read(path, *args)
+    assert out.returncode == 0, out.stderr
+    return out
 
 
 def _pcap_records(path: object) -> tuple[tuple[int, ...], list[tuple[int, int, int, int]]]:
@@ -420,8 +418,12 @@ def test_to_pcap_of_a_tap_pair_is_ethernet(tun_pair: TunPair, tmp_path) -> None:
 
 
 def test_capture_is_readable_after_the_pair_closed(tmp_path) -> None:
-    with TunPair(ipv6=None) as pair:
-        _ping(pair.b.ip)
+    def ping_once() -> TunPair:
+        with TunPair(ipv6=None) as pair:
+            _ping(pair.b.ip)
+        return pair
+
+    pair = run_standalone(ping_once)
     assert len(pair.packets) == 2
     assert "echo-reply" in pair.packets.summary()
     _tcpdump(pair.packets.to_pcap(tmp_path / "closed.pcap"))

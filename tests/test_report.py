@@ -18,7 +18,7 @@ from pytest_tunpair._report import (
     section_title,
 )
 
-from .conftest import need
+from .conftest import need, run_standalone, tcpdump_read
 
 # Inner tests: a ping through the pair, then pass or fail.
 INNER = """
@@ -237,12 +237,8 @@ def test_pcap_written_for_failed_tests_only_and_named_in_the_report(
             f"pcap: {directory}/test_inner.py_test_fails.pcap",
         ]
     )
-    out = subprocess.run(
-        [need("tcpdump"), "-n", "-r", str(directory / "test_inner.py_test_fails.pcap")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = tcpdump_read(directory / "test_inner.py_test_fails.pcap")
+    assert out.returncode == 0, out.stderr
     assert "link-type RAW" in out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 2
@@ -292,12 +288,8 @@ def test_pcap_holds_teardown_traffic_and_one_file_per_pair(pytester: pytest.Pyte
     result.stdout.fnmatch_lines([f"pcap: {directory}/{stem}-tun2-tun3.pcap"])
     # The report was written at the failure, before teardown pinged; the file was written
     # again once the test was over.
-    first = subprocess.run(
-        [need("tcpdump"), "-n", "-r", str(directory / f"{stem}-tun0-tun1.pcap")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    first = tcpdump_read(directory / f"{stem}-tun0-tun1.pcap")
+    assert first.returncode == 0, first.stderr
     assert len(first.stdout.splitlines()) == 2 and "echo reply" in first.stdout
 
 
@@ -421,8 +413,15 @@ def test_pcap_settings_precedence(tmp_path: Path) -> None:
 
 def test_format_section_of_a_real_pair() -> None:
     need("ping")
-    with TunPair(ipv6=None) as pair:
-        subprocess.run(["ping", "-c", "1", "-W", "2", pair.b.ip], check=True, capture_output=True)
+
+    def ping_once() -> TunPair:
+        with TunPair(ipv6=None) as pair:
+            subprocess.run(
+                ["ping", "-c", "1", "-W", "2", pair.b.ip], check=True, capture_output=True
+            )
+        return pair
+
+    pair = run_standalone(ping_once)
     text = format_section([pair], ["pcap: /x.pcap"], limit=1)
     lines = text.splitlines()
     assert lines[0] == pair.describe()

@@ -28,7 +28,7 @@ import pytest
 import pytest_tunpair
 from pytest_tunpair import _userns
 
-from .conftest import host_snapshot, need
+from .conftest import host_snapshot, need, nsenter_line
 
 NOBODY = 65534
 PKG_DIR = Path(pytest_tunpair.__file__).parent
@@ -682,4 +682,47 @@ def test_cli_run_as_a_normal_user(user_python: str, user_src: Path, project: Pat
     proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 7, proc.stderr
     assert "a->b forwarded" in proc.stderr and "b->a forwarded" in proc.stderr, proc.stderr
+    assert os.stat("/proc/self/ns/net").st_ino == HOST_NETNS
+
+
+def test_cli_nsenter_line_works_from_outside_its_user_namespace(
+    user_python: str, user_src: Path, project: Path
+) -> None:
+    """The shell banner's line, run as another terminal of the same user would run it."""
+    _need_world_usable_tun()
+    need("nsenter")
+    need("ping")
+    env = {**nobody_env(user_python, user_src, project), "SHELL": "/bin/sh"}
+    shell = [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        user_python, "-m", "pytest_tunpair", "shell",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        shell,
+        cwd=project,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        nsenter = nsenter_line(proc.stderr, 120)
+        # The tool entered a user namespace: a process outside it must join it first.
+        assert nsenter[1] == "--preserve-credentials" and nsenter[2].startswith("--user="), nsenter
+        other = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             *nsenter, "ping", "-c", "1", "-W", "2", "198.18.0.2"],
+            cwd=project, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        _out, err = proc.communicate("exit 0\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "b->a forwarded" in err and "echo-reply" in err, err  # through this pair's relay
     assert os.stat("/proc/self/ns/net").st_ino == HOST_NETNS

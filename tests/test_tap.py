@@ -16,7 +16,7 @@ import pytest
 from pytest_tunpair import Packet, TunPair
 from pytest_tunpair._validate import validate_frame
 
-from .conftest import need
+from .conftest import need, run_standalone, tcpdump_read
 
 tap = pytest.mark.tunpair(mode="tap")
 
@@ -267,12 +267,12 @@ def test_tap_tcp_server_sees_a(tun_pair: TunPair, family: str) -> None:
 
 @tap
 def test_tap_pcap_is_ethernet_and_shows_arp_and_nd(tun_pair: TunPair, tmp_path: Any) -> None:
-    tcpdump = need("tcpdump")
+    need("tcpdump")
     assert _ping(tun_pair.b.ip or "", count=1).returncode == 0
     assert _ping("-6", tun_pair.b.ip6 or "", count=1).returncode == 0
     _wait_count(tun_pair, _echo_replies, 2)
     path = tun_pair.packets.to_pcap(tmp_path / "tap.pcap")
-    r = subprocess.run([tcpdump, "-n", "-e", "-r", path], capture_output=True, text=True)
+    r = tcpdump_read(path, "-e")
     assert r.returncode == 0, r.stderr
     assert "link-type EN10MB (Ethernet)" in r.stderr
     out = r.stdout
@@ -525,7 +525,10 @@ def test_tun_and_tap_pairs_side_by_side(tun_pair: TunPair, tun_pair_factory: Any
 
 
 def test_standalone_tap_pair() -> None:
-    with TunPair(mode="tap", ipv6=None) as pair:
-        assert pair.a.mac == "02:74:70:00:00:01"
-        assert _ping(pair.b.ip or "", count=1).returncode == 0
-        assert pair.packets[0].scapy.summary().startswith("Ether / ARP who has 198.18.0.2")
+    def body() -> None:
+        with TunPair(mode="tap", ipv6=None) as pair:
+            assert pair.a.mac == "02:74:70:00:00:01"
+            assert _ping(pair.b.ip or "", count=1).returncode == 0
+            assert pair.packets[0].scapy.summary().startswith("Ether / ARP who has 198.18.0.2")
+
+    run_standalone(body)

@@ -19,7 +19,7 @@ from scapy.packet import Raw
 
 from pytest_tunpair import HookError, Packet, TunPair, TunPairFactory
 
-from .conftest import need
+from .conftest import need, run_standalone
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
@@ -31,10 +31,27 @@ def _ping(*args: str, count: int = 1) -> subprocess.CompletedProcess[str]:
     )
 
 
+RCVBUF = 4 << 20
+
+
 def _udp(bind: str, family: int = socket.AF_INET) -> socket.socket:
     s = socket.socket(family, socket.SOCK_DGRAM)
-    # Room for a few hundred datagrams queued at once (root may exceed rmem_max).
-    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+    # Room for a few thousand datagrams queued at once. SO_RCVBUFFORCE may exceed
+    # net.core.rmem_max but needs CAP_NET_ADMIN in the *initial* user namespace, which the
+    # rootless tier lacks: there SO_RCVBUF gets what rmem_max allows (the kernel doubles it).
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    except PermissionError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 2 * RCVBUF:
+            s.close()
+            with open("/proc/sys/net/core/rmem_max") as f:
+                rmem_max = f.read().strip()
+            pytest.skip(
+                f"needs a {RCVBUF >> 20} MiB socket receive buffer: SO_RCVBUFFORCE needs "
+                f"CAP_NET_ADMIN in the initial user namespace, and net.core.rmem_max is "
+                f"{rmem_max} (`sysctl -w net.core.rmem_max={RCVBUF}`, or run as root)"
+            )
     s.bind((bind, 0))
     s.settimeout(5)
     return s
@@ -292,10 +309,14 @@ def test_relay_survives_a_raising_hook(tun_pair: TunPair) -> None:
 
 def test_hook_error_is_raised_at_close_at_the_latest() -> None:
     need("ping")
-    with pytest.raises(HookError, match="returned str"):
-        with TunPair(ipv6=None) as pair:
-            pair.add_hook(lambda p: "not a packet")
-            subprocess.run(["ping", "-c", "1", "-W", "1", pair.b.ip], capture_output=True)
+
+    def body() -> None:
+        with pytest.raises(HookError, match="returned str"):
+            with TunPair(ipv6=None) as pair:
+                pair.add_hook(lambda p: "not a packet")
+                subprocess.run(["ping", "-c", "1", "-W", "1", pair.b.ip], capture_output=True)
+
+    run_standalone(body)
 
 
 def test_a_slow_hook_slows_only_its_own_traffic(tun_pair: TunPair, udp_pair: Any) -> None:
@@ -364,13 +385,16 @@ def test_a_hook_that_never_returns_fails_the_pair_at_close() -> None:
         entered.set()
         release.wait(60)
 
-    try:
+    def body() -> None:
         with pytest.raises(HookError, match=r"stuck .* did not return"):
             with TunPair(ipv6=None) as pair:
                 pair.add_hook(stuck)
                 with _udp(pair.a.ip) as s:  # type: ignore[arg-type]
                     s.sendto(b"x", (pair.b.ip, 9))
                 assert entered.wait(10)
+
+    try:
+        run_standalone(body)
     finally:
         release.set()
 
@@ -457,14 +481,18 @@ def test_turning_impairments_off_releases_a_held_packet(tun_pair: TunPair, udp_p
 
 
 def test_packets_still_delayed_at_close_are_recorded_as_dropped() -> None:
-    with TunPair(ipv6=None) as pair:
-        pair.impair(delay="60s", direction="a->b")
-        with _udp(pair.a.ip) as s:  # type: ignore[arg-type]
-            s.sendto(b"too late", (pair.b.ip, 9))
-        relay = pair._relay
-        assert relay is not None
-        _wait_until(lambda: relay._timers)  # read by the relay, now waiting in the heap
-        assert len(pair.packets) == 0
+    def body() -> TunPair:
+        with TunPair(ipv6=None) as pair:
+            pair.impair(delay="60s", direction="a->b")
+            with _udp(pair.a.ip) as s:  # type: ignore[arg-type]
+                s.sendto(b"too late", (pair.b.ip, 9))
+            relay = pair._relay
+            assert relay is not None
+            _wait_until(lambda: relay._timers)  # read by the relay, now waiting in the heap
+            assert len(pair.packets) == 0
+        return pair
+
+    pair = run_standalone(body)
     # The pair closed without waiting a minute: the packet was not written, and says so.
     (pkt,) = pair.packets
     assert (pkt.direction, pkt.action, _payload(pkt)) == ("a->b", "dropped", b"too late")
