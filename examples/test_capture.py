@@ -1,11 +1,15 @@
 """Asserting on the wire: wait for a packet, filter by layer, save a pcap for tcpdump."""
 
+import os
 import shutil
 import socket
 import subprocess
 
 import pytest
 from scapy.layers.inet import TCP
+
+# The initial user namespace's inode (fixed by the kernel: PROC_USER_INIT_INO).
+ROOT_USERNS = 0xEFFFFFFD
 
 
 def test_handshake(tun_pair, tmp_path):
@@ -20,5 +24,13 @@ def test_handshake(tun_pair, tmp_path):
     pcap = tun_pair.packets.to_pcap(tmp_path / "handshake.pcap")
     if shutil.which("tcpdump") is None:
         pytest.skip("tcpdump is not installed")
-    out = subprocess.run(["tcpdump", "-n", "-r", pcap], capture_output=True, text=True, check=True)
+    if os.getuid() != 0 or os.stat("/proc/self/ns/user").st_ino == ROOT_USERNS:
+        # Real root: tcpdump opens the file, then drops to its own user.
+        cmd = ["tcpdump", "-n", "-r", pcap]
+    else:
+        # Root only inside a user namespace (rootless runs): tcpdump's privilege drop fails
+        # there, so run it as an unprivileged uid of a nested user namespace.
+        cmd = ["unshare", "--user", "--map-user=65534", "--map-group=65534",
+               "tcpdump", "-n", "-r", pcap]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "Flags [S.]" in out.stdout  # tcpdump's name for the SYN-ACK
