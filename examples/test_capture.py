@@ -19,7 +19,9 @@ def test_handshake(tun_pair, tmp_path):
         lambda p: TCP in p.scapy and p.scapy[TCP].flags == "SA", timeout=2
     )
     assert syn_ack.direction == "b->a"
-    assert len(tun_pair.packets.filter(TCP, direction="a->b")) >= 2
+    # The client's FIN: the relay carries each direction in order, so SYN and ACK are in.
+    tun_pair.packets.wait_for(lambda p: TCP in p.scapy and "F" in p.scapy[TCP].flags)
+    assert len(tun_pair.packets.filter(TCP, direction="a->b")) >= 3
 
     pcap = tun_pair.packets.to_pcap(tmp_path / "handshake.pcap")
     if shutil.which("tcpdump") is None:
