@@ -131,3 +131,31 @@ def nsenter_line(stderr: IO[str], timeout: float) -> list[str]:
     except queue.Empty:
         seen.append(f"(nothing more within {timeout} s)")
     pytest.fail("no nsenter line in the banner:\n" + "".join(seen))
+
+
+def tcp_send(server_ip: str, payload: bytes, *, timeout: float = 30) -> bytes:
+    """Send ``payload`` over TCP from an unbound client to a server bound to ``server_ip``
+    (b's address: the bytes cross the relay a->b); return what the server received."""
+    import socket
+    import threading
+
+    received = bytearray()
+    with socket.socket(socket.AF_INET6 if ":" in server_ip else socket.AF_INET) as server:
+        server.bind((server_ip, 0))
+        server.listen(1)
+        server.settimeout(timeout)
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(timeout)
+                while chunk := conn.recv(1 << 16):
+                    received.extend(chunk)
+
+        t = threading.Thread(target=serve)
+        t.start()
+        with socket.create_connection(server.getsockname()[:2], timeout=timeout) as client:
+            client.sendall(payload)
+        t.join(timeout)
+        assert not t.is_alive(), "the receiver did not finish"
+    return bytes(received)

@@ -16,7 +16,7 @@ import pytest
 
 from pytest_tunpair import TunPair
 
-from .conftest import need, need_thread_return, netns_inode
+from .conftest import need, need_thread_return, netns_inode, tcp_send
 
 HOST_NETNS = netns_inode()
 
@@ -203,22 +203,7 @@ def test_udp_both_ways(tun_pair: TunPair, family: str) -> None:
 
 def test_one_mib_tcp_transfer_crosses_the_relay(tun_pair: TunPair) -> None:
     payload = os.urandom(1 << 20)
-    received = bytearray()
-    with socket.socket() as server:
-        server.bind((tun_pair.b.ip, 0))
-        server.listen(1)
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            with conn:
-                while chunk := conn.recv(65536):
-                    received.extend(chunk)
-
-        t = threading.Thread(target=serve)
-        t.start()
-        with socket.create_connection(server.getsockname(), timeout=10) as client:
-            client.sendall(payload)
-        t.join(10)
+    received = tcp_send(tun_pair.b.ip, payload)
     assert bytes(received) == payload
     # Every byte went through the relay: the a->b byte count holds the payload plus headers.
     assert tun_pair.stats["a->b"]["bytes"] > len(payload)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,27 +15,12 @@ import pytest
 from pytest_tunpair import Packet, TunPair
 from pytest_tunpair._capture import PACKET_OVERHEAD, SLACK_SHIFT
 
+from .conftest import tcp_send
+
 
 def _tcp_send(pair: TunPair, payload: bytes) -> bytes:
     """Send ``payload`` from a to b over TCP; return what b received."""
-    received = bytearray()
-    with socket.socket() as server:
-        server.bind((pair.b.ip, 0))
-        server.listen(1)
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            with conn:
-                while chunk := conn.recv(1 << 20):
-                    received.extend(chunk)
-
-        t = threading.Thread(target=serve)
-        t.start()
-        with socket.create_connection(server.getsockname(), timeout=10) as client:
-            client.sendall(payload)
-        t.join(30)
-        assert not t.is_alive()
-    return bytes(received)
+    return tcp_send(pair.b.ip, payload)
 
 
 def _tcp_payload_len(p: Packet) -> int:

@@ -16,7 +16,7 @@ import pytest
 from pytest_tunpair import Packet, TunPair
 from pytest_tunpair._validate import validate_frame
 
-from .conftest import need, run_standalone, tcpdump_read
+from .conftest import need, run_standalone, tcp_send, tcpdump_read
 
 tap = pytest.mark.tunpair(mode="tap")
 
@@ -454,23 +454,7 @@ def test_tap_one_mib_tcp_transfer_arrives_intact(tun_pair_factory: Any, offload:
 
     pair: TunPair = tun_pair_factory(mode="tap", offload=offload)
     payload = os.urandom(1 << 20)
-    received = bytearray()
-    with socket.socket() as server:
-        server.bind((pair.b.ip, 0))
-        server.listen(1)
-        server.settimeout(10)
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            with conn:
-                while chunk := conn.recv(65536):
-                    received.extend(chunk)
-
-        t = threading.Thread(target=serve)
-        t.start()
-        with socket.create_connection(server.getsockname(), timeout=10) as client:
-            client.sendall(payload)
-        t.join(10)
+    received = tcp_send(pair.b.ip, payload, timeout=10)
     assert bytes(received) == payload
     # b's FIN follows everything a sent, and the relay records in order.
     pair.packets.wait_for(

@@ -19,7 +19,7 @@ from scapy.packet import Raw
 
 from pytest_tunpair import HookError, Packet, TunPair, TunPairFactory
 
-from .conftest import need, run_standalone
+from .conftest import need, run_standalone, tcp_send
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
@@ -500,25 +500,7 @@ def test_packets_still_delayed_at_close_are_recorded_as_dropped() -> None:
 
 
 def _tcp_transfer(pair: TunPair, payload: bytes, timeout: float = 30) -> bytes:
-    received = bytearray()
-    with socket.socket() as server:
-        server.bind((pair.b.ip, 0))
-        server.listen(1)
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(timeout)
-                while chunk := conn.recv(65536):
-                    received.extend(chunk)
-
-        t = threading.Thread(target=serve)
-        t.start()
-        with socket.create_connection(server.getsockname(), timeout=timeout) as client:
-            client.sendall(payload)
-        t.join(timeout)
-        assert not t.is_alive(), "the receiver did not finish"
-    return bytes(received)
+    return tcp_send(pair.b.ip, payload, timeout=timeout)
 
 
 def test_tcp_transfer_arrives_intact_through_ten_percent_loss(tun_pair: TunPair) -> None:
