@@ -14,4 +14,6 @@ def test_two_links(tun_pair, tun_pair_factory):
         socket.create_connection(server.getsockname()).close()
     assert second.packets.filter("TCP")  # crossed the second pair's relay...
     assert not tun_pair.packets.filter("TCP")  # ...and not the first's
+
+
 # --8<-- [end:factory]

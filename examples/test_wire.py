@@ -23,6 +23,8 @@ def test_inject_as_if_from_a(tun_pair):
     tun_pair.b.inject(IP(src=tun_pair.a.ip, dst=tun_pair.b.ip) / ICMP())
     reply = tun_pair.packets.wait_for(lambda p: p.direction == "b->a" and p.haslayer(ICMP))
     assert reply.scapy[ICMP].type == 0  # echo-reply, back through the relay
+
+
 # --8<-- [end:inject]
 
 
@@ -37,6 +39,8 @@ def test_a_hook_drops_icmp(tun_pair):
     assert [p.action for p in tun_pair.packets.filter(ICMP)] == ["dropped"]
     tun_pair.remove_hook(handle)
     assert ping(tun_pair.b.ip).returncode == 0
+
+
 # --8<-- [end:hooks]
 
 
@@ -51,14 +55,17 @@ def test_a_hook_rewrites_a_datagram(tun_pair):
         return pkt
 
     tun_pair.add_hook(shout)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, socket.socket(
-        socket.AF_INET, socket.SOCK_DGRAM
-    ) as tx:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
         rx.bind((tun_pair.b.ip, 0))
         rx.settimeout(5)
         tx.sendto(b"hello", rx.getsockname())
         assert rx.recv(100) == b"HELLO"
     assert tun_pair.packets.filter(UDP)[0].action == "modified"
+
+
 # --8<-- [end:rewrite]
 
 
@@ -74,4 +81,6 @@ def test_impaired_link(tun_pair):
     assert ping(tun_pair.b.ip).returncode != 0
     tun_pair.impair()  # all off
     assert ping(tun_pair.b.ip).returncode == 0
+
+
 # --8<-- [end:impair]
