@@ -12,6 +12,7 @@ from scapy.layers.inet import TCP
 ROOT_USERNS = 0xEFFFFFFD
 
 
+# --8<-- [start:handshake]
 def test_handshake(tun_pair, tmp_path):
     with socket.create_server((tun_pair.b.ip, 0)) as server:
         socket.create_connection(server.getsockname()).close()
@@ -23,7 +24,8 @@ def test_handshake(tun_pair, tmp_path):
     tun_pair.packets.wait_for(lambda p: TCP in p.scapy and "F" in p.scapy[TCP].flags)
     assert len(tun_pair.packets.filter(TCP, direction="a->b")) >= 3
 
-    pcap = tun_pair.packets.to_pcap(tmp_path / "handshake.pcap")
+    pcap = tun_pair.packets.to_pcap(tmp_path / "handshake.pcap")  # for tcpdump, Wireshark
+    # --8<-- [end:handshake]
     if shutil.which("tcpdump") is None:
         pytest.skip("tcpdump is not installed")
     if os.getuid() != 0 or os.stat("/proc/self/ns/user").st_ino == ROOT_USERNS:

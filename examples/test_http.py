@@ -24,6 +24,7 @@ class Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
+# --8<-- [start:server]
 @pytest.fixture
 def server(tun_pair):
     # Asking for tun_pair first puts this server inside the test's namespace.
@@ -34,6 +35,7 @@ def server(tun_pair):
     srv.shutdown()
     srv.server_close()
     thread.join()
+    # --8<-- [end:server]
 
 
 def test_urllib_through_the_tunnel(tun_pair, server):

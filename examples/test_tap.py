@@ -23,6 +23,7 @@ def ping(*args):
     subprocess.run(["ping", "-c", "1", "-W", "2", *args], check=True, capture_output=True)
 
 
+# --8<-- [start:arp]
 def test_ping_resolves_b_with_arp_first(tun_pair):
     ping(tun_pair.b.ip)
     # The relay records a frame as it delivers it: wait for the reply rather than assume.
@@ -34,6 +35,7 @@ def test_ping_resolves_b_with_arp_first(tun_pair):
     echo = tun_pair.packets.filter(ICMP)[0].scapy
     assert (echo[Ether].src, echo[Ether].dst) == (tun_pair.a.mac, tun_pair.b.mac)
     print(tun_pair.packets.summary())  # pytest -s shows the trace, tcpdump style
+    # --8<-- [end:arp]
 
 
 def test_ping6_resolves_b_with_neighbour_discovery(tun_pair):
