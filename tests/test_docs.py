@@ -1,0 +1,58 @@
+"""The README's promises: its set-up lines are the ones CI runs, its quickstart is a file CI
+runs, and the version lives in one place."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest_tunpair
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def fenced(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def setup_lines() -> list[str]:
+    section = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    blocks = fenced(section, "sh")
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_setup_is_an_apt_line_and_two_commands() -> None:
+    lines = setup_lines()
+    assert len(lines) == 3, lines
+    apt, install, tests = lines
+    assert apt.startswith("apt-get update && ") and "python3-venv" in apt
+    assert (
+        install.startswith("python3 -m venv .venv && ") and "pytest --tunpair examples/" in install
+    )
+    assert tests.startswith(".venv/bin/python -m pytest --tunpair")
+
+
+def test_ci_runs_the_readme_setup_first_and_verbatim() -> None:
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [
+        line
+        for line in ci
+        if line.strip() and not line.lstrip().startswith(("#", "set ", "cd ", "START=", "tier"))
+    ]
+    assert commands[:3] == setup_lines(), "the README's set-up must be .ci/run's first commands"
+
+
+def test_readme_quickstart_is_the_example_ci_runs() -> None:
+    (quickstart, *_rest) = fenced(README, "python")
+    assert quickstart == (ROOT / "examples" / "test_quickstart.py").read_text()
+
+
+def test_the_version_lives_in_one_place() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert project["project"]["dynamic"] == ["version"]
+    attr = project["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert attr == "pytest_tunpair.__version__"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pytest_tunpair.__version__)
