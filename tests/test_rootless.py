@@ -1,14 +1,17 @@
 """Rootless and parallel runs: a normal user, ``unshare -Urn``, pytest-xdist, and the refusals.
 
 The unprivileged tests run an inner pytest as nobody (``setpriv``, so the outer run must be
-root) with an interpreter nobody can execute: ``TUNPAIR_USER_PYTHON`` (``.ci/run`` makes a
-venv from the system ``python3`` and exports it) or ``/opt/tunpair-user-venv/bin/python``.
-``/dev/net/tun`` must be mode 0666. Where either is missing they skip, naming it. The inner
-runs import a world-readable copy of this checkout's package, so they test the code at hand.
+real root). They set up what that needs themselves, so that the README's plain
+``pytest --tunpair`` runs them: a world-readable copy of this checkout's package and of the
+distributions the inner runs import (pytest, pyroute2, scapy, xdist, timeout), an
+interpreter nobody can execute (this one, or the system's ``python3``; ``TUNPAIR_USER_PYTHON``
+overrides), and -- where the host's ``/dev/net/tun`` is not mode 0666 -- a private mount
+namespace with a 0666 ``/dev/net/tun`` of its own, so the host's device is left as it is.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import signal
@@ -32,7 +35,13 @@ from .conftest import host_snapshot, need, nsenter_line
 
 NOBODY = 65534
 PKG_DIR = Path(pytest_tunpair.__file__).parent
-DEFAULT_USER_PYTHON = "/opt/tunpair-user-venv/bin/python"
+# What the inner runs import, with what those need (the pytest11 entry points of xdist and
+# pytest-timeout are in their dist-info directories, which are copied too).
+INNER_DISTRIBUTIONS = (
+    "pytest", "pluggy", "iniconfig", "packaging", "pygments",
+    "pyroute2", "scapy", "pytest-xdist", "execnet", "pytest-timeout",
+)  # fmt: skip
+INNER_IMPORTS = "import pytest, pyroute2, scapy, xdist, pytest_timeout"
 USAGE_ERROR = 4
 HOST_NETNS = os.stat("/proc/self/ns/net").st_ino
 
@@ -46,45 +55,40 @@ def _need_real_root() -> None:
         )
 
 
-def _need_world_usable_tun() -> None:
+def _host_tun_is_world_usable() -> bool:
     try:
-        mode = stat.S_IMODE(os.stat(_userns.TUN_PATH).st_mode)
-    except OSError as exc:
-        pytest.skip(f"{_userns.TUN_PATH} is not usable: {exc}")
-    if mode & 0o006 != 0o006:
-        pytest.skip(
-            f"{_userns.TUN_PATH} is mode {mode:04o}: an unprivileged user cannot open it "
-            f"(`chmod 0666 {_userns.TUN_PATH}`, the usual distribution default; .ci/run sets it)"
-        )
+        return stat.S_IMODE(os.stat(_userns.TUN_PATH).st_mode) & 0o006 == 0o006
+    except OSError:
+        return False
 
 
-@pytest.fixture(scope="session")
-def user_python() -> str:
-    """An interpreter with pytest, pyroute2, scapy, pytest-xdist that nobody can run."""
-    _need_real_root()
-    need("setpriv")
-    python = os.environ.get("TUNPAIR_USER_PYTHON") or DEFAULT_USER_PYTHON
-    why = (
-        "the unprivileged tier needs a Python environment a normal user can run, with "
-        "pytest, pyroute2, scapy, pytest-xdist and pytest-timeout: set TUNPAIR_USER_PYTHON "
-        "(.ci/run makes one; see CONTRIBUTING.md)"
-    )
-    if not os.path.exists(python):
-        pytest.skip(f"{why}; {python} does not exist")
-    probe = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c",
-         "import pytest, pyroute2, scapy, xdist, pytest_timeout"],
-        capture_output=True, text=True, timeout=120, cwd="/",
-    )  # fmt: skip
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        pytest.skip(f"{why}; nobody cannot use {python}: {last}")
-    return python
+# Runs argv (as root) in a private mount namespace where /dev/net/tun is a fresh node of the
+# same device, mode 0666 -- what an unprivileged user finds on a stock Debian or Ubuntu. The
+# mount is private to that namespace (unshare -m makes propagation private): the host's
+# /dev/net/tun keeps its mode.
+PRIVATE_TUN = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o mode=0755 tunpair-tun /dev/net && mknod -m 0666 /dev/net/tun c 10 200 && exec "$@"', "sh"]  # fmt: skip
+
+
+def world_tun() -> list[str]:
+    """The prefix that gives nobody a usable /dev/net/tun: none where the host's is 0666."""
+    return [] if _host_tun_is_world_usable() else PRIVATE_TUN
+
+
+def _copy_distribution(name: str, dest: Path) -> None:
+    dist = importlib.metadata.distribution(name)
+    for file in dist.files or ():
+        if file.parts[0] == ".." or "__pycache__" in file.parts or file.suffix == ".pyc":
+            continue  # scripts in bin/, and bytecode the inner runs do not need
+        src = Path(str(dist.locate_file(file)))
+        if src.is_file():
+            (dest / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest / file)
 
 
 @pytest.fixture(scope="session")
 def user_src() -> Iterator[Path]:
-    """A world-readable copy of the package, with the ``pytest11`` entry point beside it."""
+    """A world-readable tree: the package, its ``pytest11`` entry point, and what it imports."""
+    _need_real_root()
     root = Path(tempfile.mkdtemp(prefix="tunpair-src-"))
     try:
         shutil.copytree(
@@ -96,11 +100,50 @@ def user_src() -> Iterator[Path]:
             f"Metadata-Version: 2.1\nName: pytest-tunpair\nVersion: {pytest_tunpair.__version__}\n"
         )
         (info / "entry_points.txt").write_text("[pytest11]\ntunpair = pytest_tunpair.plugin\n")
+        for name in INNER_DISTRIBUTIONS:
+            try:
+                _copy_distribution(name, root)
+            except importlib.metadata.PackageNotFoundError:
+                pass  # optional (pygments on older pytest); the probe below has the last word
         for path in [root, *root.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _interpreters() -> list[str]:
+    """Interpreters to try, best first: the one named, this one, the system's python3."""
+    named = os.environ.get("TUNPAIR_USER_PYTHON")
+    found = [named] if named else []
+    for python in (sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"):
+        if python and python not in found:
+            found.append(python)
+    return found
+
+
+@pytest.fixture(scope="session")
+def user_python(user_src: Path) -> str:
+    """An interpreter nobody can execute that runs the inner pytest from ``user_src``."""
+    need("setpriv")
+    tried = []
+    for python in _interpreters():
+        probe = subprocess.run(
+            # Through sh: setpriv may exec a path that nobody could not (inner runs re-exec
+            # sys.executable for xdist workers and under unshare, as nobody).
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "sh", "-c", 'exec "$0" -c "$1"', python,
+             f"import sys; assert sys.version_info >= (3, 11), sys.version; {INNER_IMPORTS}"],
+            capture_output=True, text=True, timeout=120, cwd="/",
+            env={"PYTHONPATH": str(user_src), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return python
+        tried.append(f"{python}: {(probe.stderr.strip().splitlines() or ['?'])[-1]}")
+    pytest.skip(
+        "the unprivileged tests need a Python 3.11+ that nobody can execute (set "
+        "TUNPAIR_USER_PYTHON to one); tried " + "; ".join(tried)
+    )
 
 
 @pytest.fixture
@@ -138,6 +181,7 @@ def nobody_cmd(
     python: str, *args: str, wrap: Sequence[str] = (), outer: Sequence[str] = ()
 ) -> list[str]:
     return [
+        *world_tun(),
         *outer,
         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
         *wrap,
@@ -213,7 +257,6 @@ def test_plain():
 
 
 def test_plain_flag_as_a_normal_user(user_python: str, user_src: Path, project: Path) -> None:
-    _need_world_usable_tun()
     write(project, "test_inner.py", TUNNEL_TESTS)
     write(
         project,
@@ -246,7 +289,6 @@ def test_plain_flag_as_a_normal_user(user_python: str, user_src: Path, project: 
 
 
 def test_under_unshare_Urn(user_python: str, user_src: Path, project: Path) -> None:
-    _need_world_usable_tun()
     write(project, "test_inner.py", TUNNEL_TESTS)
     run = run_as_nobody(user_python, user_src, project, "--tunpair", wrap=["unshare", "-Urn"])
     assert run.ret == 0, run
@@ -294,7 +336,6 @@ def _check_xdist_outcome(run: Run, project: Path, owner: int) -> None:
 def test_xdist_as_a_normal_user(
     user_python: str, user_src: Path, project: Path, workers: str
 ) -> None:
-    _need_world_usable_tun()
     write(project, "test_inner.py", XDIST_TESTS)
     before = host_snapshot()
     run = run_as_nobody(user_python, user_src, project, "--tunpair", "-n", workers)
@@ -357,7 +398,6 @@ FAKE_DEV_NET = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o mode=0755 tunpai
 
 
 def test_refusal_never_without_privileges(user_python: str, user_src: Path, project: Path) -> None:
-    _need_world_usable_tun()
     write(project, "test_inner.py", SIMPLE)
     run = run_as_nobody(user_python, user_src, project, "--tunpair", "--tunpair-userns=never")
     assert_refused(
@@ -413,7 +453,6 @@ sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 
 
 def test_refusal_user_namespaces_disabled(user_python: str, user_src: Path, project: Path) -> None:
-    _need_world_usable_tun()
     write(project, "test_inner.py", SIMPLE)
     host_limit = Path("/proc/sys/user/max_user_namespaces").read_text()
     run = run_as_nobody(
@@ -431,7 +470,6 @@ def test_refusal_user_namespaces_disabled(user_python: str, user_src: Path, proj
 def test_refusal_when_threads_run_before_configure(
     user_python: str, user_src: Path, project: Path
 ) -> None:
-    _need_world_usable_tun()
     write(project, "test_inner.py", SIMPLE)
     write(
         project,
@@ -465,7 +503,6 @@ def test_dynamic_fixture_request_is_refused_not_stranded(
     user_python: str, user_src: Path, project: Path
 ) -> None:
     """A pair requested with getfixturevalue() would strand the main thread: refused."""
-    _need_world_usable_tun()
     write(
         project,
         "test_inner.py",
@@ -490,7 +527,6 @@ def test_dynamic_fixture_request_is_refused_not_stranded(
 def test_ctrl_c_interrupts_a_tunnel_test_and_tears_it_down(
     user_python: str, user_src: Path, project: Path
 ) -> None:
-    _need_world_usable_tun()
     write(
         project,
         "test_inner.py",
@@ -537,7 +573,6 @@ def test_ctrl_c_interrupts_a_tunnel_test_and_tears_it_down(
 
 def test_pytest_timeout_signal_method(user_python: str, user_src: Path, project: Path) -> None:
     """SIGALRM reaches the main thread only: the failure is forwarded to the test's thread."""
-    _need_world_usable_tun()
     write(
         project,
         "test_inner.py",
@@ -672,9 +707,9 @@ def test_prepare_rejects_an_unknown_mode() -> None:
 
 def test_cli_run_as_a_normal_user(user_python: str, user_src: Path, project: Path) -> None:
     """`tunpair run` follows the plugin's rules: it enters a user namespace by itself."""
-    _need_world_usable_tun()
     env = nobody_env(user_python, user_src, project)
     cmd = [
+        *world_tun(),
         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
         user_python, "-m", "pytest_tunpair", "run", "--", "sh", "-c",
         "ping -c 1 -W 2 198.18.0.2 && exit 7",
@@ -689,11 +724,11 @@ def test_cli_nsenter_line_works_from_outside_its_user_namespace(
     user_python: str, user_src: Path, project: Path
 ) -> None:
     """The shell banner's line, run as another terminal of the same user would run it."""
-    _need_world_usable_tun()
     need("nsenter")
     need("ping")
     env = {**nobody_env(user_python, user_src, project), "SHELL": "/bin/sh"}
     shell = [
+        *world_tun(),
         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
         user_python, "-m", "pytest_tunpair", "shell",
     ]  # fmt: skip
