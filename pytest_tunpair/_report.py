@@ -1,15 +1,17 @@
-"""What a failing test says about its tunnels: the packet-trace report section and the
-pcap files of ``--tunpair-pcap``. Plain functions, no pytest: ``plugin.py`` calls them."""
+"""What a failing test says about its tunnels: the packet-trace report section, its
+pytest-html extras and the pcap files of ``--tunpair-pcap``. Plain functions, no pytest:
+``plugin.py`` calls them."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import OptionError
 
@@ -17,10 +19,12 @@ if TYPE_CHECKING:
     from ._capture import Capture
 
 __all__ = [
+    "HTML_TRACE_LINES",
     "PCAP_MODES",
     "SECTION_TRACE_LINES",
     "PcapSettings",
     "format_section",
+    "html_extras",
     "pcap_note",
     "pcap_paths",
     "pcap_settings",
@@ -32,6 +36,8 @@ __all__ = [
 #: Packet lines per pair in a report section; beyond it the first and the last packets are
 #: shown with "… N more" between them (the pcap file, if asked for, has them all).
 SECTION_TRACE_LINES = 60
+#: The same for the trace attached to pytest-html's report: a page has more room.
+HTML_TRACE_LINES = 2000
 PCAP_MODES = ("failed", "all")
 # File names are limited to 255 bytes; leave room for the pair suffix and ".pcap".
 _MAX_STEM = 180
@@ -92,6 +98,29 @@ def format_section(
         lines.append(capture.summary(limit=limit))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def html_extras(
+    pairs: Sequence[ReportedPair], notes: Sequence[str | None] = ()
+) -> list[dict[str, Any]]:
+    """pytest-html extras for a failing test's row: the packet trace as text, then images.
+
+    A pair with a ``report_images()`` method (returning ``(name, png_bytes)`` pairs, e.g.
+    plots of what its link did) gets each image attached as a PNG: this is where plots join
+    the HTML report. Only called when pytest-html is active, so importing it here is safe.
+    """
+    from pytest_html import extras
+
+    items: list[dict[str, Any]] = [
+        extras.text(format_section(pairs, notes, limit=HTML_TRACE_LINES), name="Captured packets")
+    ]
+    for pair in pairs:
+        report_images = getattr(pair, "report_images", None)
+        if report_images is None:
+            continue
+        for name, png in report_images():
+            items.append(extras.png(base64.b64encode(png).decode("ascii"), name=name))
+    return items
 
 
 # -- pcap files ------------------------------------------------------------------------------

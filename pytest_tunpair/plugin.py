@@ -186,6 +186,10 @@ def pytest_runtest_makereport(
         report.sections.append(
             (_report.section_title(report.when), _report.format_section(factory.pairs, notes))
         )
+        if item.config.pluginmanager.hasplugin("html"):
+            # pytest-html shows a report's ``extras`` in the test's row.
+            extras = [*getattr(report, "extras", []), *_report.html_extras(factory.pairs, notes)]
+            setattr(report, "extras", extras)  # noqa: B010 (TestReport declares no such field)
     return report
 
 
