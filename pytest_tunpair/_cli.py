@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -54,7 +55,16 @@ _ENV_KEYS = (
     "TUNPAIR_B_IP",
     "TUNPAIR_A_IP6",
     "TUNPAIR_B_IP6",
+    "TUNPAIR_TRACE",
 )
+#: Put before the shell's prompt, so that a terminal inside the pair says so.
+PROMPT_MARK = "(tunpair) "
+# bash reads ~/.bashrc after the environment, and Debian's sets PS1: the mark goes on top
+# of it from an rcfile that reads ~/.bashrc first.
+_BASH_RC = f"""\
+if [ -f ~/.bashrc ]; then . ~/.bashrc; fi
+PS1="{PROMPT_MARK}${{PS1-\\s-\\v\\$ }}"
+"""
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -129,7 +139,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         parents=[common],
         help="an interactive shell ($SHELL) inside a fresh pair's namespace",
         description="Start $SHELL (or /bin/sh) inside a fresh network namespace holding the "
-        "pair, after printing the addresses and the nsenter line for other terminals.",
+        "pair, after printing the addresses and the nsenter line for other terminals. The "
+        f"prompt starts with {PROMPT_MARK.strip()!r}. In a terminal the live trace goes to a "
+        "file (the banner names it; `tail -f` it in a second pane) so that it never writes "
+        "over the prompt; --trace FILE picks the file, --trace /dev/stderr the terminal.",
     )
     shell.set_defaults(parser=shell, command=[])
     return parser
@@ -431,6 +444,8 @@ class Session:
         self.plan = plan
         self.err = err or sys.stderr
         self.lock = threading.Lock()
+        #: Where the live trace goes when not to ``err`` (--trace, or a shell's file).
+        self.trace_path: str | None = None
 
     def say(self, text: str) -> None:
         with self.lock:
@@ -447,11 +462,22 @@ class Session:
         try:
             if self.plan.trace is not None and not self.plan.quiet:
                 trace_file = open(self.plan.trace, "w", encoding="utf-8")
+                self.trace_path = self.plan.trace
+            elif self._interactive_shell() and not self.plan.quiet:
+                # A shell owns the terminal: lines written while its line editor waits land
+                # on the prompt and what is being typed. The trace goes to a file instead,
+                # in full and live (flushed per batch), for `tail -f` in a second pane.
+                fd, self.trace_path = tempfile.mkstemp(prefix="tunpair-trace-", suffix=".txt")
+                trace_file = os.fdopen(fd, "w", encoding="utf-8")
             return self._run(signals, trace_file)
         finally:
             if trace_file is not None:
                 trace_file.close()
             signals.restore()
+
+    def _interactive_shell(self) -> bool:
+        """``shell`` (or ``run`` alone) in a terminal: there is a prompt to keep clean."""
+        return not self.plan.command and self.err.isatty() and sys.stdin.isatty()
 
     def _run(self, signals: _Signals, trace_file: TextIO | None) -> int:
         plan = self.plan
@@ -503,8 +529,9 @@ class Session:
         plan = self.plan
         command = plan.command
         if not command:
-            command = [os.environ.get("SHELL") or "/bin/sh"]
-            self._shell_banner(pair, command[0])
+            shell = os.environ.get("SHELL") or "/bin/sh"
+            self._shell_banner(pair, shell)
+            return self._run_shell(shell, pair, signals)
         elif not plan.quiet:
             first, *more = self._banner(pair)
             self.say(f"{first}; running: {shlex.join(command)}")
@@ -514,6 +541,25 @@ class Session:
             return 128 + signals.received  # interrupted while the pair came up
         try:
             return self._run_child(command, pair, signals)
+        finally:
+            self._stop_leftovers(pair)
+
+    def _run_shell(self, shell: str, pair: TunPair, signals: _Signals) -> int:
+        env = {"PS1": PROMPT_MARK + os.environ.get("PS1", "$ ")}  # sh, dash, ksh: from env
+        if os.path.basename(shell) != "bash":
+            return self._inside_child([shell], pair, signals, env)
+        with tempfile.NamedTemporaryFile("w", prefix="tunpair-bashrc-", suffix=".sh") as rc:
+            rc.write(_BASH_RC)
+            rc.flush()
+            return self._inside_child([shell, "--rcfile", rc.name], pair, signals, env)
+
+    def _inside_child(
+        self, command: list[str], pair: TunPair, signals: _Signals, env: dict[str, str]
+    ) -> int:
+        if signals.received is not None:
+            return 128 + signals.received  # interrupted while the pair came up
+        try:
+            return self._run_child(command, pair, signals, env)
         finally:
             self._stop_leftovers(pair)
 
@@ -533,11 +579,17 @@ class Session:
         self.say(
             f"other terminals: {nsenter_command(pair)} COMMAND   (valid while this shell runs)"
         )
+        if self.trace_path is not None and not self.plan.quiet:
+            self.say(f"live trace: tail -f {shlex.quote(self.trace_path)}   ($TUNPAIR_TRACE)")
+            if os.environ.get("TMUX"):
+                self.say(f"  in a tmux pane: tmux split-window -d 'tail -f {self.trace_path}'")
         self.say(f"starting {shell}; exit it to tear the pair down")
 
     def _env(self, pair: TunPair) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
         env["TUNPAIR_NETNS"] = pair.netns_path
+        if self.trace_path is not None:
+            env["TUNPAIR_TRACE"] = self.trace_path
         for label, end in (("A", pair.a), ("B", pair.b)):
             env[f"TUNPAIR_{label}"] = end.name
             if end.ip:
@@ -546,11 +598,19 @@ class Session:
                 env[f"TUNPAIR_{label}_IP6"] = end.ip6
         return env
 
-    def _run_child(self, command: list[str], pair: TunPair, signals: _Signals) -> int:
+    def _run_child(
+        self,
+        command: list[str],
+        pair: TunPair,
+        signals: _Signals,
+        extra_env: dict[str, str] | None = None,
+    ) -> int:
         try:
             # Forked from this thread, the child starts inside the pair's namespace.
             child = subprocess.Popen(
-                command, env=self._env(pair), process_group=None if signals.terminal else 0
+                command,
+                env={**self._env(pair), **(extra_env or {})},
+                process_group=None if signals.terminal else 0,
             )
         except FileNotFoundError:
             self.say(f"{command[0]}: command not found")
@@ -588,6 +648,8 @@ class Session:
         text = "carried " + ", ".join(parts)
         if self.plan.pcap is not None:
             text += f"; wrote {_count(len(pair.packets), 'packet')} to {self.plan.pcap}"
+        if self.trace_path is not None and self.plan.trace is None:
+            text += f"; the trace is in {self.trace_path}"
         return text
 
 

@@ -486,19 +486,59 @@ def test_ctrl_c_in_a_terminal(tunnels: None, tmux: Tmux) -> None:
     assert host_snapshot() == before
 
 
-def test_interactive_shell_in_a_terminal(tunnels: None, tmux: Tmux) -> None:
+def _wait_for_file(path: Path, pattern: str) -> str:
+    __tracebackhide__ = True
+    deadline = time.monotonic() + TIMEOUT
+    while not re.search(pattern, text := path.read_text()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{pattern!r} never appeared in {path}:\n{text}")
+        time.sleep(0.05)
+    return text
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_interactive_shell_in_a_terminal(
+    tunnels: None, tmux: Tmux, tmp_path: Path, shell: str
+) -> None:
+    """The prompt says where it is, and the live trace goes to a file, not over the prompt."""
     need("ping")
+    need(shell)
+    home = tmp_path / "home"
+    home.mkdir()
+    # Debian's ~/.bashrc sets PS1 after the environment is read: the mark must survive it.
+    (home / ".bashrc").write_text("PS1='me@box$ '\n")
     tmux(
         "send-keys",
-        f"SHELL=/bin/sh {sys.executable} -m pytest_tunpair shell; echo EXIT=$?",
+        f"HOME={home} SHELL={shell} {sys.executable} -m pytest_tunpair shell; echo EXIT=$?",
         "Enter",
     )
-    tmux.wait_for(r"starting /bin/sh")
-    tmux("send-keys", "ping -c 1 -W 2 $TUNPAIR_B_IP > /dev/null && echo PING-OK", "Enter")
-    tmux.wait_for(r"\nPING-OK")
-    tmux.wait_for(r"b->a forwarded\s+IP / ICMP 198\.18\.0\.2 > 198\.18\.0\.1 echo-reply")
-    tmux("send-keys", "exit 6", "Enter")
-    tmux.wait_for(r"EXIT=6")
+    trace = Path(tmux.wait_for(r"live trace: tail -f (\S+)").group(1))
+    try:
+        tmux.wait_for(r"starting " + shell)
+        # (capture-pane drops the prompt's trailing space)
+        prompt = "(tunpair) me@box$" if shell.endswith("bash") else "(tunpair) $"
+        tmux.wait_for(re.escape(prompt) + r"\s*\Z")
+        tmux(
+            "send-keys", "ping -c 2 -i 0.2 -W 2 $TUNPAIR_B_IP > /dev/null && echo PING-OK", "Enter"
+        )
+        tmux.wait_for(r"\nPING-OK\n" + re.escape(prompt) + r"\s*\Z")
+        _wait_for_file(
+            trace, r"b->a forwarded\s+IP / ICMP 198\.18\.0\.2 > 198\.18\.0\.1 echo-reply"
+        )
+        tmux("send-keys", "echo $TUNPAIR_TRACE", "Enter")
+        tmux.wait_for(re.escape(str(trace)) + r"\n")
+        assert "forwarded" not in tmux.screen()  # nothing was written over the terminal
+        # Traffic while the prompt waits (from a second terminal, or a background job) still
+        # goes to the file alone.
+        tmux("send-keys", "(sleep 0.5; ping -c 1 -W 2 $TUNPAIR_B_IP > /dev/null) &", "Enter")
+        _wait_for_file(trace, r"(?s)(echo-reply.*){3}")
+        screen = tmux.screen()
+        assert "forwarded" not in screen and screen.rstrip().endswith(prompt), screen
+        tmux("send-keys", "exit 6", "Enter")
+        tmux.wait_for(r"the trace is in " + re.escape(str(trace)))
+        tmux.wait_for(r"EXIT=6")
+    finally:
+        trace.unlink(missing_ok=True)  # the tool keeps it for the user; the test does not
 
 
 # -- the entry points and the printer (no tunnel needed) -----------------------------------------
