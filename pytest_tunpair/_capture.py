@@ -53,15 +53,23 @@ class GsoInfo:
     """
 
     type: str
+    """The GSO type: ``"tcpv4"``, ``"tcpv6"``, ``"udp"`` for a super-packet, ``"none"`` otherwise."""
     size: int
+    """The segment size (the MSS for TCP) a super-packet is to be cut into; 0 when not one."""
     hdr_len: int
+    """Length of the headers that every segment repeats (IP + TCP), as the kernel gave it."""
     needs_csum: bool
+    """True: the TCP/UDP checksum holds only the pseudo-header sum (partial, as with offload)."""
     csum_start: int
+    """Where checksumming starts, in bytes from the start of the packet (with ``needs_csum``)."""
     csum_offset: int
+    """Where the checksum goes, in bytes from ``csum_start`` (with ``needs_csum``)."""
     ecn: bool = False
+    """True: the TCP segments carry ECN's CWR, which the segmenter must keep on the first only."""
 
     @property
     def is_super_packet(self) -> bool:
+        """True for a GSO super-packet: one ``Packet`` holding many segments' worth of data."""
         return self.type != "none"
 
 
@@ -108,18 +116,31 @@ class Packet:
         mode: str = "tun",
     ) -> None:
         self.time = time
+        """When the relay wrote (or dropped) it: seconds since the pair came up."""
         self.direction = direction
+        """``"a->b"`` or ``"b->a"``: the device it came from, and the one it went to."""
         self.action = action
+        """What the relay did: ``"forwarded"``, ``"injected"``, ``"dropped"``, ``"modified"``,
+        ``"duplicated"``, ``"lost"``, ``"delayed"``, ``"reordered"`` or ``"corrupted"``.
+        """
         self._raw = raw
         self._off = off
         self._data: bytes | None = None if off else raw
         self._scapy: Any = None
         self.mode = mode
+        """``"tun"`` or ``"tap"``: whether ``data`` is an IP packet or an Ethernet frame."""
         self.wire_len = len(raw) - off
+        """Its length on the wire (also ``len(packet)``), even when ``snaplen`` kept less."""
         self.seq = -1
+        """The packet's number in its pair's capture, in the order packets were recorded: 0 for the
+        first, counting across both directions. Numbers are never reused: packets that a bound or
+        :meth:`Capture.clear` forgot leave a gap, so ``seq`` orders and identifies packets where
+        indexes into ``tun_pair.packets`` shift. ``-1`` until the capture records it.
+        """
 
     @property
     def data(self) -> bytes:
+        """The IP packet (TUN) or Ethernet frame (TAP) as read, without the virtio-net header."""
         if self._data is None:
             self._data = self._raw[self._off :]
         return self._data
@@ -163,6 +184,7 @@ class Packet:
         return self._scapy
 
     def haslayer(self, layer: Any) -> bool:
+        """Whether the decoded packet holds ``layer`` (a scapy layer class or its name)."""
         return bool(self.scapy.haslayer(layer))
 
     def summary(self) -> str:
@@ -252,18 +274,30 @@ class Capture(Sequence[Packet]):
         snaplen: int | None = None,
     ) -> None:
         self.mode = mode
+        """``"tun"`` or ``"tap"``: raw IP packets or Ethernet frames (and the pcap's link type)."""
         self.max_packets = max_packets
+        """Keep at most this many packets (the newest); ``None``: no count limit."""
         self.capture_bytes = capture_bytes
+        """Byte budget of the record (packets plus bookkeeping); beyond it the oldest are forgotten.
+        ``None``: no budget.
+        """
         self.snaplen = snaplen
+        """Keep only the first N bytes of each packet (``len(packet)`` stays the wire length);
+        ``None``: whole packets.
+        """
         self._packets: deque[Packet] = deque()
         self._bytes = 0
         self._next_seq = 0
         self._waiters = 0
         self._cond = threading.Condition(threading.Lock())
-        #: Packets recorded but no longer kept because of a bound (not :meth:`clear`).
         self.evicted = 0
+        """Packets recorded but no longer kept because of a bound (:meth:`clear` not counted)."""
         self.t0 = time.monotonic()
+        """``time.monotonic()`` when the capture began: ``Packet.time`` counts from here."""
         self.wall_t0 = time.time()
+        """``time.time()`` at the same moment: the pcap's wall-clock timestamps are ``wall_t0 +
+        Packet.time``.
+        """
 
     # -- relay side ---------------------------------------------------------------------
     def record(self, pkt: Packet) -> None:
@@ -332,10 +366,12 @@ class Capture(Sequence[Packet]):
         return value in self._snapshot()
 
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        """Position of ``value`` among the packets kept now (``Sequence.index``)."""
         snapshot = self._snapshot()
         return snapshot.index(value, start, len(snapshot) if stop is None else stop)
 
     def count(self, value: Any) -> int:
+        """How many of the packets kept now equal ``value`` (``Sequence.count``)."""
         return self._snapshot().count(value)
 
     @overload

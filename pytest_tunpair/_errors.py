@@ -42,6 +42,7 @@ class TunDeviceError(TunPairError, OSError):
     def __init__(self, message: str, *, device: str | None = None) -> None:
         super().__init__(message)
         self.device = device
+        """The name of the device concerned, if known."""
 
 
 class NamespaceError(TunPairError, OSError):
@@ -50,6 +51,7 @@ class NamespaceError(TunPairError, OSError):
     def __init__(self, message: str, *, netns: str | None = None) -> None:
         super().__init__(message)
         self.netns = netns
+        """The namespace concerned (an ``nsenter --net=`` path), if known."""
 
 
 class HookError(TunPairError, AssertionError):
@@ -62,7 +64,9 @@ class HookError(TunPairError, AssertionError):
     def __init__(self, message: str, *, hook: str, direction: str) -> None:
         super().__init__(message)
         self.hook = hook
+        """The hook that failed (its ``Hook`` handle)."""
         self.direction = direction
+        """The direction of the packet it failed on."""
 
 
 class PacketTimeout(TunPairError, AssertionError):
@@ -83,6 +87,7 @@ class PacketTimeout(TunPairError, AssertionError):
     ) -> None:
         super().__init__(message)
         self.packets = list(packets)
+        """Every packet captured when the wait gave up (the message shows the first and last)."""
         self._message = message
         self._details = details
         self._text: str | None = None

@@ -66,15 +66,24 @@ class Endpoint:
         self._pair = pair
         self._device = device
         self.name = device.name
+        """The device's name, e.g. ``"tun0"``."""
         self.index = device.index
+        """The device's ifindex inside the pair's namespace."""
         self.ip = ip
+        """This end's IPv4 address (``"198.18.0.1"`` for a), or ``None`` without IPv4."""
         self.ip6 = ip6
+        """This end's IPv6 address (``"2001:2::1"`` for a), or ``None`` without IPv6."""
         self.mtu = mtu
+        """The device's MTU."""
         self.mac = mac
+        """The TAP device's MAC (``02:74:70:00:<pair>:01``/``:02``, the same on every run); ``None``
+        for TUN.
+        """
         self._inbound = inbound  # direction label of packets entering this device
 
     @property
     def mode(self) -> str:
+        """``"tun"`` or ``"tap"``."""
         return self._device.mode
 
     def inject(self, packet: Any) -> Packet:
@@ -123,12 +132,16 @@ class TunPair:
         if options is not None and kwargs:
             raise TypeError("give either a PairOptions or keyword options, not both")
         self.options = options or PairOptions.from_kwargs(kwargs, source="TunPair()")
+        """The pair's options, validated (the marker's, the factory call's or the constructor's)."""
         self._netns = netns
         self._own_netns = netns is None
         self._devices: list[TunDevice] = []
         self._relay: Relay | None = None
         self._stats = Stats()
         self.steps: list[str] = []
+        """The ``ip`` commands the set-up stands for, in order (the routing recipe as a shell would
+        run it).
+        """
         o = self.options
         self.packets = Capture(
             mode=o.mode,
@@ -136,8 +149,11 @@ class TunPair:
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
         )
+        """Every packet the relay carried, in order (a live :class:`Capture`)."""
         self.a: Endpoint
+        """Side a: the first device (``tun0``, ``198.18.0.1``)."""
         self.b: Endpoint
+        """Side b: the second device (``tun1``, ``198.18.0.2``)."""
         # Active impairments per direction: (spec with the seed in use, seed was random).
         self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
         self._random_seed: int | None = None  # a factory shares one across its pairs
@@ -145,6 +161,7 @@ class TunPair:
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self, *, _index: int = 0) -> TunPair:
+        """Build the pair (``with TunPair() as pair`` calls this); returns the pair."""
         o = self.options
         try:
             if self._own_netns:
@@ -254,6 +271,7 @@ class TunPair:
 
     @property
     def mode(self) -> str:
+        """``"tun"`` or ``"tap"`` (``options.mode``)."""
         return self.options.mode
 
     @property
@@ -433,13 +451,19 @@ class TunPairFactory:
         self, defaults: Mapping[str, Any] | None = None, *, source: str = "tun_pair_factory"
     ) -> None:
         self.defaults = dict(defaults or {})
+        """Options every pair of this factory starts from (a call's own options win)."""
         self.source = source
+        """How option errors name the caller, e.g. ``"tun_pair_factory"``."""
         self.pairs: list[TunPair] = []
+        """The pairs made so far, oldest first."""
         self.netns: NetNamespace | None = None
+        """The namespace all its pairs share (``None`` until the first pair or :meth:`open`)."""
         self.random_seed = _random_seed()
+        """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
         self._thread = threading.get_ident()
 
     def open(self) -> TunPairFactory:
+        """Move the calling thread into a fresh namespace for the pairs (the first call does)."""
         ns = NetNamespace().enter()
         try:
             _prepare_namespace(ns)
@@ -453,6 +477,7 @@ class TunPairFactory:
         return self.make(options, source=self.source)
 
     def make(self, options: Mapping[str, Any], *, source: str) -> TunPair:
+        """``factory(**options)``, with the name option errors give the caller (``source``)."""
         if self.netns is None:
             self.open()
         index = len(self.pairs)
@@ -467,6 +492,7 @@ class TunPairFactory:
 
     @property
     def netns_path(self) -> str:
+        """``nsenter --net=PATH`` enters the pairs' namespace from another shell."""
         if self.netns is None:
             raise NamespaceError("the factory has no namespace yet")
         return self.netns.path

@@ -110,11 +110,16 @@ class Hook:
 
     def __init__(self, fn: Callable[[Packet], Any], direction: str | None) -> None:
         self.fn = fn
+        """The hook function, called with each :class:`Packet`."""
         self.direction = direction
+        """``"a->b"``, ``"b->a"``, or ``None`` for both."""
         self.name: str = getattr(fn, "__qualname__", None) or repr(fn)
+        """The function's qualified name, as reports show it."""
         code = getattr(fn, "__code__", None)
         self.where = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}" if code else "?"
+        """``file.py:line`` where the function is defined."""
         self.lock = threading.Lock()
+        """Held while the hook runs, so that it never runs concurrently with itself."""
 
     def __str__(self) -> str:
         return f"{self.name} ({self.where})"
