@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from .conftest import host_snapshot, need
@@ -126,14 +128,14 @@ def test_standalone_use_needs_no_pytest(pytester: pytest.Pytester) -> None:
     # In the rootless tier a script's main thread could not come back from the pair's
     # namespace, and TunPair refuses; the fix its message names is `unshare -Urn`.
     wrap = [] if thread_can_return() else [need("unshare"), "-Urn"]
-    result = pytester.run(*wrap, "python", str(script))
+    result = pytester.run(*wrap, sys.executable, str(script))
     assert result.ret == 0, result.stderr.str()
     result.stdout.fnmatch_lines(["PACKETS 2"])
 
 
 def test_plugin_import_does_not_load_scapy_or_pyroute2(pytester: pytest.Pytester) -> None:
     result = pytester.run(
-        "python",
+        sys.executable,  # a stock Debian has no `python` command
         "-c",
         "import sys, pytest_tunpair.plugin; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scapy', 'pyroute2')))",
