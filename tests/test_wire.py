@@ -472,9 +472,8 @@ def test_turning_impairments_off_releases_a_held_packet(tun_pair: TunPair, udp_p
     sa, sb = udp_pair
     tun_pair.impair(reorder=1.0, delay="2s", direction="a->b")  # holds the first packet
     sa.sendto(b"held", sb.getsockname())
-    # Nothing is recorded while a packet is held back: wait on the engine itself.
-    engine = tun_pair._relay.engines  # type: ignore[union-attr]
-    _wait_until(lambda: engine["a->b"] is not None and engine["a->b"].deadline() is not None)
+    # Nothing is recorded while a packet is held back: wait until the relay holds it.
+    _wait_until(lambda: tun_pair.pending == 1)
     tun_pair.impair()
     sb.settimeout(10)
     assert sb.recv(100) == b"held"
@@ -486,9 +485,7 @@ def test_packets_still_delayed_at_close_are_recorded_as_dropped() -> None:
             pair.impair(delay="60s", direction="a->b")
             with _udp(pair.a.ip) as s:  # type: ignore[arg-type]
                 s.sendto(b"too late", (pair.b.ip, 9))
-            relay = pair._relay
-            assert relay is not None
-            _wait_until(lambda: relay._timers)  # read by the relay, now waiting in the heap
+            _wait_until(lambda: pair.pending == 1)  # read by the relay, waiting on a timer
             assert len(pair.packets) == 0
         return pair
 
