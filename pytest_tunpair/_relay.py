@@ -271,6 +271,7 @@ _WRITE = 0  # write to the link's destination; count it delivered (or dropped if
 _REPLY = 1  # write back into the link's source (a rule's reply), recorded as "injected"
 _DROP = 2  # record only; count it dropped
 _TAKEN = 3  # record only; count it delivered (taken by the divert function)
+_INJECT = 4  # write to the link's destination, recorded as given (Relay.write); not counted
 
 _Out = tuple[Packet, bytes, Link, int]
 
@@ -437,6 +438,8 @@ class Relay:
         ``"a"``) before the write, in one critical section with it: the kernel's answer,
         which the write itself may produce, is recorded after it, and a reader never sees
         the action change. A failed write raises ``OSError``, the record saying
+        ``"dropped"``. From the relay thread itself (a divert function), the frame goes out
+        with the packets being processed, in order, and a failure only shows as
         ``"dropped"``.
         """
         link = self._sides[side]
@@ -445,6 +448,12 @@ class Relay:
         raw = _linux.ZERO_VNET_HDR + frame if hdr else frame
         capture = self.capture
         pkt = Packet(0.0, link.direction, action, raw, hdr, self.mode)
+        if threading.get_ident() == self._thread.ident:
+            # From the relay thread (a divert function or a rule answering a packet): queued
+            # behind what the relay is about to record -- the packet being answered -- and
+            # written with it, so an answer never precedes its request in the capture.
+            self._out.append((pkt, raw, link, _INJECT))
+            return pkt
         with capture.lock:
             pkt.time = pkt.arrival = time.monotonic() - capture.t0
             capture.record_locked((pkt,))
@@ -717,6 +726,8 @@ class Relay:
         self._flush()
 
     def _divert(self, link: Link, divert: Divert, pkt: Packet) -> bool:
+        out = self._out
+        mark = len(out)
         try:
             taken = divert(pkt)
         except Exception as exc:
@@ -725,7 +736,8 @@ class Relay:
             return False
         if taken:
             pkt.action = "scripted"
-            self._out.append((pkt, pkt.frame, link, _TAKEN))
+            # Before whatever the function wrote in answer (Relay.write queued it).
+            out.insert(mark, (pkt, pkt.frame, link, _TAKEN))
         return bool(taken)
 
     def _to_worker(self, link: Link, pkt: Packet, hooks: tuple[Hook, ...]) -> None:
@@ -930,7 +942,7 @@ class Relay:
                         c.packets += 1
                         c.bytes += pkt.wire_len
                         continue
-                    dev = link.dst if kind == _WRITE else link.src
+                    dev = link.src if kind == _REPLY else link.dst
                     try:
                         fd = dev.fd
                         if fd is None:
