@@ -80,7 +80,9 @@ class Queue(Protocol):
         """When :meth:`dequeue_ready` next has something, ``None`` when empty."""
         ...
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """Packets held now; :meth:`Relay.pending` calls it from other threads too."""
+        ...
 
 
 # What a timer heap entry is: (due, tie-break, packet, frame to write).
@@ -102,6 +104,7 @@ class Link:
         "divert",
         "dst",
         "engine",
+        "held",
         "held_arrival",
         "hooks",
         "paused",
@@ -130,7 +133,10 @@ class Link:
         #: The relay stopped polling ``src`` (the backlog reached ``MAX_BACKLOG``).
         self.paused = False
         self.timers: list[_Timer] = []
-        #: When the packet the engine holds back (for reordering) was read.
+        #: 1 while the engine holds a packet back (for reordering); kept by the relay thread
+        #: so that other threads can count it without touching the engine.
+        self.held = 0
+        #: When that packet was read.
         self.held_arrival = 0.0
         self._tseq = itertools.count()
 
@@ -169,8 +175,8 @@ class Link:
     def pending(self) -> int:
         """Packets this link holds now: with the hook worker, on a timer, in the engine
         (a packet held for reordering), in the queue."""
-        held = 1 if self.engine is not None and self.engine.deadline() is not None else 0
-        return self.backlog + len(self.timers) + held + (len(self.queue) if self.queue else 0)
+        queue = self.queue
+        return self.backlog + len(self.timers) + self.held + (len(queue) if queue else 0)
 
     def __repr__(self) -> str:
         return f"<Link {self.direction} hooks={len(self.hooks)} pending={self.pending()}>"

@@ -810,6 +810,7 @@ class Relay:
             emits = engine.submit(payload, now)
             if not emits:  # held back for reordering: remember when it came
                 link.held_arrival = out.arrival
+            link.held = int(engine.deadline() is not None)
             for emit in emits:
                 arrival = link.held_arrival if emit.action == "reordered" else out.arrival
                 self._emit(link, emit, payload, frame_hdr, now, action, arrival)
@@ -900,6 +901,7 @@ class Relay:
         zero = _linux.ZERO_VNET_HDR if link.dst.hdr_len else b""
         for emit in engine.expire(until):
             self._emit(link, emit, emit.data, zero, now, "forwarded", link.held_arrival)
+        link.held = int(link.engine is not None and link.engine.deadline() is not None)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
