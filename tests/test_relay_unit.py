@@ -346,6 +346,20 @@ def test_delayed_packets_leave_on_time(rig: Rig) -> None:
     assert statistics.median(errors) < 0.0007, errors
 
 
+def test_rate_paces_departures(rig: Rig) -> None:
+    rig.relay.set_engine("a->b", engine(rate="8mbit"))  # 1000 bytes: 1 ms on the wire
+    for i in range(20):
+        rig.a.send(numbered(i, 1000))
+    assert [number(rig.b.recv()) for _ in range(20)] == list(range(20))
+    packets = list(rig.capture)
+    start = packets[0].arrival
+    # Sent back to back, so packet k's last bit leaves (k + 1) packet times after the first
+    # arrived: never earlier, and late only by the relay's wake-up.
+    late = [p.time - start - (k + 1) * 0.001 for k, p in enumerate(packets)]
+    assert min(late) > -1e-6, late
+    assert statistics.median(late) < 0.0007, late  # not rounded up to whole milliseconds
+
+
 def test_timer_wakes_poll_at_a_sub_millisecond_deadline() -> None:
     timer = Timer()
     try:
