@@ -676,8 +676,10 @@ def _departures(pair: Any, delay: float, count: int, gap: float) -> tuple[list[f
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
     ):
+        # Room for every datagram: they are read after the last one was sent.
+        rx.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
         rx.bind((pair.b.ip, 0))
-        rx.settimeout(5)
+        rx.settimeout(5 + delay)
         tx.bind((pair.a.ip, 0))
         c0 = relay_thread_ns()
         for i in range(count):
