@@ -184,9 +184,16 @@ def pytest_runtest_makereport(
         # Once per test: a teardown error after a failed call would only repeat it.
         item.stash[_REPORTED] = True
         report.sections.append(
-            (_report.section_title(report.when), _report.format_section(factory.pairs, notes))
+            (
+                _report.section_title(report.when),
+                _report.format_section(factory.pairs, notes, replay=_replay_hint),
+            )
         )
     return report
+
+
+def _replay_hint(seed: int) -> str:
+    return f"replay with --tunpair-seed={seed}"
 
 
 def _write_pcaps(item: pytest.Item, pairs: list[TunPair], directory: Path) -> list[str]:
