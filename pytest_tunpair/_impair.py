@@ -138,31 +138,53 @@ class ImpairmentSpec:
     does.
     """
 
-    loss: float = option(0.0, _PROBABILITY, "drop probability", reason_names_option=True)
-    delay: float = option(0.0, _DURATION, "added one-way latency", reason_names_option=True)
+    loss: float = option(
+        0.0, _PROBABILITY, "drop probability", reason_names_option=True, group="impair"
+    )
+    delay: float = option(
+        0.0, _DURATION, "added one-way latency", reason_names_option=True, group="impair"
+    )
     jitter: float = option(
-        0.0, _DURATION, "uniform +/- variation of the delay", reason_names_option=True
+        0.0,
+        _DURATION,
+        "uniform +/- variation of the delay",
+        reason_names_option=True,
+        group="impair",
     )
     duplicate: float = option(
-        0.0, _PROBABILITY, "probability a packet is sent twice", reason_names_option=True
+        0.0,
+        _PROBABILITY,
+        "probability a packet is sent twice",
+        reason_names_option=True,
+        group="impair",
     )
     reorder: float = option(
-        0.0, _PROBABILITY, "probability a packet is overtaken by the next", reason_names_option=True
+        0.0,
+        _PROBABILITY,
+        "probability a packet is overtaken by the next",
+        reason_names_option=True,
+        group="impair",
     )
     corrupt: float = option(
-        0.0, _PROBABILITY, "probability of one flipped bit", reason_names_option=True
+        0.0,
+        _PROBABILITY,
+        "probability of one flipped bit",
+        reason_names_option=True,
+        group="impair",
     )
     rate: float | None = option(
         None,
         _RATE,
         "link rate: packets leave spaced by their serialisation time",
         reason_names_option=True,
+        group="impair",
     )
     seed: int | None = option(
         None,
         Int(None, optional=True, what="an int, or None to use the session seed"),
         "seed of the random decisions (None: the pair's seed); same seed, same decisions",
         reason_names_option=True,
+        group="impair",
         inert=True,
         cli=False,  # the command line's --seed is the pair's
     )

@@ -172,6 +172,8 @@ class Duration(Kind):
         return text
 
     def format(self, value: Any) -> str:
+        if value == 0:
+            return "0"
         if value >= 1.0:
             return f"{value:.6g}s"
         if value >= 1e-3:

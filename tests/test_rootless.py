@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import pytest_tunpair
-from pytest_tunpair import _userns
+from pytest_tunpair import _disposable, _userns
 
 from .conftest import host_snapshot, need, nsenter_line
 
@@ -577,28 +577,28 @@ def test_pytest_timeout_signal_method(user_python: str, user_src: Path, project:
 
 # -- the machinery, in-process ------------------------------------------------------------------
 def test_run_in_disposable_thread_returns_raises_and_marks() -> None:
-    assert not _userns.thread_is_disposable()
+    assert not _disposable.thread_is_disposable()
     seen: list[object] = []
 
     def fn() -> int:
         seen.append(threading.current_thread() is not threading.main_thread())
-        seen.append(_userns.thread_is_disposable())
+        seen.append(_disposable.thread_is_disposable())
         return 42
 
-    assert _userns.run_in_disposable_thread(fn, name="t") == 42
+    assert _disposable.run_in_disposable_thread(fn, name="t") == 42
     assert seen == [True, True]
 
     def boom() -> None:
         raise ValueError("from the thread")
 
     with pytest.raises(ValueError, match="from the thread"):
-        _userns.run_in_disposable_thread(boom, name="t")
+        _disposable.run_in_disposable_thread(boom, name="t")
 
 
 def test_forwarded_exception_keeps_its_message() -> None:
     landed = threading.Event()
     original = pytest.fail.Exception("Timeout (>3.0s) from pytest-timeout.", pytrace=True)
-    clone = _userns._clone_exception_type(original, landed)()
+    clone = _disposable._clone_exception_type(original, landed)()
     assert isinstance(clone, pytest.fail.Exception)
     assert (clone.msg, clone.pytrace, str(clone)) == (original.msg, True, str(original))
     assert landed.is_set()
@@ -618,7 +618,7 @@ def test_sigint_reaches_the_disposable_thread() -> None:
     proc = _python(
         """
         import os, signal, threading, time
-        from pytest_tunpair._userns import run_in_disposable_thread
+        from pytest_tunpair._disposable import run_in_disposable_thread
 
         started, seen = threading.Event(), []
 
@@ -645,7 +645,8 @@ def test_a_blocked_thread_is_given_up_after_the_grace_period() -> None:
     proc = _python(
         """
         import signal, time
-        from pytest_tunpair._userns import ThreadNotStopped, run_in_disposable_thread
+        from pytest_tunpair import ThreadNotStopped
+        from pytest_tunpair._disposable import run_in_disposable_thread
 
         def alarm(signum, frame):
             raise RuntimeError("too slow")
