@@ -366,12 +366,6 @@ class TunPair:
             raise PairClosedError("the pair is not open: use it between open() and close()")
         return self._relay
 
-    @property
-    def seed_is_random(self) -> bool:
-        """True when an active impairment draws from :attr:`seed` picked at random (no
-        option gave it): replaying the run needs that seed."""
-        return any(random_seed for _, random_seed in self._impairments.values())
-
     def describe(self, replay: Callable[[int], str] | None = None) -> str:
         """What this pair is, for failure reports: one line for the pair, then one per
         active impairment (with the seed in use) and per direction with hooks.

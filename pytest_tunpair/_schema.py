@@ -495,4 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as a script this file is ``__main__``, a second copy of the module whose
+    # ``Declared`` the records' fields do not use: call the package's own.
+    from pytest_tunpair._schema import main as _main
+
+    raise SystemExit(_main())

@@ -250,7 +250,10 @@ def test_delay_in_one_direction(tunnels: None) -> None:
         (["--mtu", "big"], "argument --mtu: bad value 'big': use a whole number from 68"),
         (["--mtu", "1000"], "argument --mtu: bad value '1000': IPv6 needs an MTU of at"),
         (["--mode", "tup"], "argument --mode: bad value 'tup': use 'tun' (raw IP) or"),
-        (["--ipv4", "198.18.0.1", "nope"], "argument --ipv4: bad value '198.18.0.1 nope': 'nope' is not an IPv4"),
+        (
+            ["--ipv4", "198.18.0.1", "nope"],
+            "argument --ipv4: bad value '198.18.0.1 nope': 'nope' is not an IPv4",
+        ),
         (["--names", "a", "a"], "argument --names: bad value 'a a': the two"),
         (["--table", "255"], "argument --table: bad value '255': tables 253 (default)"),
         (["--no-ipv4", "--no-ipv6"], "--no-ipv4 and --no-ipv6 leave the pair without addresses"),

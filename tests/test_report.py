@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair import TunPair
-from pytest_tunpair import OptionError
+from pytest_tunpair import OptionError, TunPair
 from pytest_tunpair._report import (
     PcapSettings,
     format_section,
@@ -349,7 +348,11 @@ def test_ini_directory_is_relative_to_the_ini_file(pytester: pytest.Pytester) ->
             "",
             "*command line: bad value for --tunpair-pcap='afile': */afile exists and is not a directory*",
         ),
-        (["--tunpair-pcap="], "", "*command line: bad value for --tunpair-pcap='': give the directory*"),
+        (
+            ["--tunpair-pcap="],
+            "",
+            "*command line: bad value for --tunpair-pcap='': give the directory*",
+        ),
     ],
     ids=["mode-cli", "mode-ini", "dir-is-a-file", "dir-empty"],
 )
@@ -407,7 +410,9 @@ def test_pcap_settings_precedence(tmp_path: Path) -> None:
     assert ini == PcapSettings(tmp_path / "ini" / "p", "all")
     cli = pcap_settings(cli_dir="q", ini_dir="p", cli_mode="failed", ini_mode="all", **kw)
     assert cli == PcapSettings(tmp_path / "cwd" / "q", "failed")
-    with pytest.raises(OptionError, match=r"ini file tox.ini: bad value for tunpair_pcap_mode='x'") as info:
+    with pytest.raises(
+        OptionError, match=r"ini file tox.ini: bad value for tunpair_pcap_mode='x'"
+    ) as info:
         pcap_settings(cli_dir=None, ini_dir="", cli_mode=None, ini_mode="x", **kw)
     assert (info.value.option, info.value.value) == ("tunpair_pcap_mode", "x")
     assert info.value.source == "ini file tox.ini" and "'failed'" in info.value.reason
