@@ -98,10 +98,11 @@ def in_user_namespace() -> bool:
     return not in_initial_user_namespace()
 
 
-def check_mode(mode: str, *, source: str) -> str:
-    """``mode`` if it is one of :data:`MODES`, else :class:`OptionError` (from ``source``)."""
+def check_mode(mode: str, *, source: str, option: str = "mode") -> str:
+    """``mode`` if it is one of :data:`MODES`, else :class:`OptionError` naming ``option``
+    as given in ``source``."""
     if mode not in MODES:
-        raise OptionError("userns", mode, source=source, reason=f"use one of {', '.join(MODES)}")
+        raise OptionError(option, mode, source=source, reason=f"use one of {', '.join(MODES)}")
     return mode
 
 

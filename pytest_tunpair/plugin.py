@@ -254,7 +254,9 @@ def _configure_userns(config: pytest.Config) -> None:
     if mode is None:
         try:
             mode = _userns.check_mode(
-                str(config.getini("tunpair_userns")).strip(), source="ini key tunpair_userns"
+                str(config.getini("tunpair_userns")).strip(),
+                option="tunpair_userns",
+                source=f"ini file {config.inipath}" if config.inipath else "ini file",
             )
         except OptionError as exc:
             raise pytest.UsageError(str(exc)) from None

@@ -382,6 +382,38 @@ def test_refusal_tun_device_not_openable(user_python: str, user_src: Path, proje
     )
 
 
+def test_cli_refusal_speaks_of_the_cli(user_python: str, user_src: Path, project: Path) -> None:
+    """`tunpair run` without access to /dev/net/tun: the fixes name tunpair, not pytest."""
+    outer = [*FAKE_DEV_NET]
+    outer[4] = outer[4].format("mknod -m 0600 /dev/net/tun c 10 200 &&")
+    cmd = [
+        *outer,
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        user_python, "-m", "pytest_tunpair", "run", "--", "true",
+    ]  # fmt: skip
+    env = nobody_env(user_python, user_src, project)
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 125, proc.stderr
+    assert "cannot open /dev/net/tun (mode 0600, owner root)" in proc.stderr, proc.stderr
+    assert "run tunpair as root" in proc.stderr and "pytest " not in proc.stderr, proc.stderr
+
+
+def test_standalone_pair_refusal_names_no_pytest_flag(
+    user_python: str, user_src: Path, project: Path
+) -> None:
+    """A script opening a TunPair as a normal user is told what works outside pytest."""
+    script = "from pytest_tunpair import TunPair\nTunPair().open()\n"
+    cmd = [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        user_python, "-c", script,
+    ]  # fmt: skip
+    env = nobody_env(user_python, user_src, project)
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "PrivilegeError" in proc.stderr and "unshare -Urn" in proc.stderr, proc.stderr
+    assert "--tunpair" not in proc.stderr and "_userns" not in proc.stderr, proc.stderr
+
+
 def test_refusal_tun_device_missing(user_python: str, user_src: Path, project: Path) -> None:
     write(project, "test_inner.py", SIMPLE)
     outer = [*FAKE_DEV_NET]
@@ -457,7 +489,9 @@ def test_refusal_bad_ini_value(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(SIMPLE)
     result = pytester.runpytest_subprocess()
     assert result.ret == USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: ini key tunpair_userns = 'sometimes': use one of auto*"])
+    result.stderr.fnmatch_lines(
+        ["ERROR: ini file *: bad value for tunpair_userns='sometimes': use one of auto*"]
+    )
 
 
 # -- living on disposable threads ---------------------------------------------------------------
