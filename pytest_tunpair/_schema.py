@@ -219,16 +219,23 @@ class Rate(Kind):
         return f"{value:.6g}bit"
 
 
-@dataclass(frozen=True)
 class Int(Kind):
-    """A whole number in ``[lo, hi]`` (``hi=None``: no upper bound); ``optional``: or None."""
-
-    lo: int | None = 0
-    hi: int | None = None
-    optional: bool = False
-    what: str | None = None  # overrides the generic phrase, e.g. "an int, or None to ..."
+    """A whole number in ``[lo, hi]`` (None: no bound that side); ``optional``: or None."""
 
     metavar = "N"
+
+    def __init__(
+        self,
+        lo: int | None = 0,
+        hi: int | None = None,
+        *,
+        optional: bool = False,
+        what: str | None = None,
+    ) -> None:
+        self.lo = lo
+        self.hi = hi
+        self.optional = optional
+        self.what = what  # overrides the generic phrase, e.g. "an int, or None to ..."
 
     @property
     def allowed(self) -> str:  # type: ignore[override]
@@ -260,12 +267,12 @@ class Int(Kind):
         return str(value)
 
 
-@dataclass(frozen=True)
 class Choice(Kind):
     """One of ``values``; ``reason`` (optional) explains them."""
 
-    values: tuple[str, ...] = ()
-    reason: str | None = None
+    def __init__(self, values: tuple[str, ...], reason: str | None = None) -> None:
+        self.values = values
+        self.reason = reason
 
     @property
     def allowed(self) -> str:  # type: ignore[override]
@@ -295,11 +302,11 @@ class Bool(Kind):
         return value
 
 
-@dataclass(frozen=True)
 class Object(Kind):
     """An instance of ``cls`` (e.g. a loss model); never on the command line."""
 
-    cls: type = object
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
 
     @property
     def allowed(self) -> str:  # type: ignore[override]
@@ -311,11 +318,11 @@ class Object(Kind):
         return value
 
 
-@dataclass(frozen=True)
 class OneOf(Kind):
     """The first of ``kinds`` that accepts the value (``loss=0.1`` or a loss model)."""
 
-    kinds: tuple[Kind, ...] = ()
+    def __init__(self, kinds: tuple[Kind, ...]) -> None:
+        self.kinds = kinds
 
     @property
     def allowed(self) -> str:  # type: ignore[override]
