@@ -19,7 +19,7 @@ __all__ = ["OFFLOAD_FLAGS", "TunDevice"]
 # The virtio-net header describing each one travels with it.
 OFFLOAD_FLAGS = _linux.TUN_F_CSUM | _linux.TUN_F_TSO4 | _linux.TUN_F_TSO6
 
-_TUN_PATH = "/dev/net/tun"
+_TUN_PATH = _linux.TUN_PATH
 
 
 def _missing_tun_message(exc: OSError) -> str:

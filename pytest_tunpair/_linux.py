@@ -15,6 +15,9 @@ from functools import lru_cache
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 
+# Documentation/networking/tuntap.rst: the clone device every TUN/TAP fd is opened from.
+TUN_PATH = "/dev/net/tun"
+
 # include/uapi/linux/if_tun.h (_IOW('T', n, int) on every arch with the asm-generic ioctl layout)
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB

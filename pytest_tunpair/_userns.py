@@ -62,7 +62,7 @@ CAP_SYS_ADMIN = 21
 # include/linux/proc_ns.h: the initial user namespace always has this inode number.
 PROC_USER_INIT_INO = 0xEFFFFFFD
 
-TUN_PATH = "/dev/net/tun"
+TUN_PATH = _linux.TUN_PATH
 _USERNS_SYSCTLS = (
     # Ubuntu 23.10+: unprivileged user namespaces get no capabilities (AppArmor).
     ("kernel.apparmor_restrict_unprivileged_userns", "0"),
