@@ -1,11 +1,11 @@
 """The relay: the userspace "MAC+PHY" between the two devices, in one background thread.
 
 One thread serves both directions with ``poll()``: a blocked ``read()`` on a TUN fd is not
-woken by ``close()`` from another thread (docs/internals.md), so the loop also polls a
-wake-up pipe, and one thread keeps the hot path free of hand-offs between threads. Each
-direction is a :class:`~pytest_tunpair._link.Link` holding everything it owns; the loop's
-one timeout is the earliest of the links' deadlines, waited for with a timerfd
-(``_timer``) so that sub-millisecond delays are kept.
+woken by ``close()`` from another thread (docs/internals.md, "A blocked read() is not woken
+by close()"), so the loop also polls a wake-up pipe, and one thread keeps the hot path free
+of hand-offs between threads. Each direction is a :class:`~pytest_tunpair._link.Link`
+holding everything it owns; the loop's one timeout is the earliest of the links'
+deadlines, waited for with a timerfd (``_timer``) so that sub-millisecond delays are kept.
 
 Fast path (nothing configured on that direction): read a batch, then record and write it
 in one critical section (see ``_drain``). It always runs in the relay thread.
@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 __all__ = ["Hook", "Relay"]
 
 # Read size: big enough for a 64 KB GSO super-packet plus Ethernet and virtio-net headers,
-# and under glibc's 128 KiB mmap threshold (kernel-notes: 256 KiB reads mmap a buffer on
-# every call from a non-main thread: 10x slower).
+# and under glibc's 128 KiB mmap threshold (docs/internals.md, "Read size: under glibc's mmap
+# threshold": 256 KiB reads mmap a buffer on every call from a non-main thread: 10x slower).
 READ_SIZE = 65536 + 256
 # Packets drained from one device before looking at the other: fairness between directions.
 BURST = 64
@@ -624,8 +624,9 @@ class Relay:
         Fast path, NAPI-style: read a batch (until the queue is empty, ``BATCH`` packets or
         ``BATCH_BYTES``), then record, write and count the whole batch in one critical
         section under the capture's lock. Recording comes *before* writing because a write
-        into a TUN runs the receiving stack in this thread: the receiver -- and the test
-        waiting on it -- may wake before ``write()`` returns, and must find the packet
+        into a TUN runs the receiving stack in this thread (docs/internals.md, "A write into
+        a TUN device wakes the receiver before write() returns"): the receiver -- and the
+        test waiting on it -- may wake before ``write()`` returns, and must find the packet
         captured and counted; holding the lock across the writes means that a reader who
         looks meanwhile waits for the batch, and sees every packet with its final action
         (a failed write makes it "dropped"). Per packet: one read, one write, one

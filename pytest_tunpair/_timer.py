@@ -2,7 +2,8 @@
 
 ``select.poll()`` takes its timeout in whole milliseconds and the relay's loop rounded the
 next deadline up, so ``delay="200us"`` each way gave a ping RTT of 2.66 ms instead of about
-0.74 ms (docs/internals.md, "Timers"). A timerfd armed at the absolute
+0.74 ms (docs/internals.md, "poll() rounds timeouts to milliseconds"). A timerfd armed
+(docs/internals.md, "A timerfd wakes poll() at a sub-millisecond deadline") at the absolute
 ``CLOCK_MONOTONIC`` time of the next deadline -- the clock ``time.monotonic()`` reads --
 becomes readable when it expires, so the loop polls it with the devices and never sleeps
 or spins: the kernel's hrtimer wakes it.
@@ -26,7 +27,7 @@ CLOCK_MONOTONIC = 1
 TFD_TIMER_ABSTIME = 1
 TFD_NONBLOCK = os.O_NONBLOCK
 TFD_CLOEXEC = os.O_CLOEXEC
-# include/uapi/linux/prctl.h
+# include/uapi/linux/prctl.h; per thread (docs/internals.md, "Timer slack is per thread")
 PR_SET_TIMERSLACK = 29
 #: Timer slack for the relay thread, in ns: poll()'s own timeouts (and any other timer of
 #: the thread) may then fire at most 1 us late instead of the default 50 us.
