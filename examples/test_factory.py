@@ -5,6 +5,8 @@ Run: pytest --tunpair examples/
 
 import socket
 
+import pytest
+
 
 # --8<-- [start:factory]
 def test_two_links(tun_pair, tun_pair_factory):
@@ -17,3 +19,22 @@ def test_two_links(tun_pair, tun_pair_factory):
 
 
 # --8<-- [end:factory]
+
+
+# --8<-- [start:marker]
+@pytest.mark.tunpair(mtu=9000, ipv6=None)
+def test_a_jumbo_datagram_crosses_whole(tun_pair):
+    assert (tun_pair.a.mtu, tun_pair.a.ip6) == (9000, None)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.bind((tun_pair.b.ip, 0))
+        rx.settimeout(5)
+        tx.sendto(bytes(8000), rx.getsockname())
+        assert len(rx.recv(9000)) == 8000
+    (datagram,) = tun_pair.packets.filter("UDP")
+    assert len(datagram) == 8028  # one IP packet: 20 + 8 + 8000 bytes, no fragments
+
+
+# --8<-- [end:marker]
