@@ -108,7 +108,10 @@ def format_section(
 
 
 def html_extras(
-    pairs: Sequence[ReportedPair], notes: Sequence[str | None] = ()
+    pairs: Sequence[ReportedPair],
+    notes: Sequence[str | None] = (),
+    *,
+    replay: Callable[[int], str] | None = None,
 ) -> list[dict[str, Any]]:
     """pytest-html extras for a failing test's row: the packet trace as text, then images.
 
@@ -119,7 +122,10 @@ def html_extras(
     from pytest_html import extras
 
     items: list[dict[str, Any]] = [
-        extras.text(format_section(pairs, notes, limit=HTML_TRACE_LINES), name="Captured packets")
+        extras.text(
+            format_section(pairs, notes, limit=HTML_TRACE_LINES, replay=replay),
+            name="Captured packets",
+        )
     ]
     for pair in pairs:
         report_images = getattr(pair, "report_images", None)

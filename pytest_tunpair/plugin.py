@@ -198,7 +198,8 @@ def pytest_runtest_makereport(
         )
         if item.config.pluginmanager.hasplugin("html"):
             # pytest-html shows a report's ``extras`` in the test's row.
-            extras = [*getattr(report, "extras", []), *_report.html_extras(factory.pairs, notes)]
+            extras = _report.html_extras(factory.pairs, notes, replay=_replay_hint)
+            extras = [*getattr(report, "extras", []), *extras]
             setattr(report, "extras", extras)  # noqa: B010 (TestReport declares no such field)
     return report
 

@@ -38,7 +38,7 @@ class _PairWithImages:
         self.packets = packets
         self.stats = {"a->b": {"packets": 0, "bytes": 0}, "b->a": {"packets": 0, "bytes": 0}}
 
-    def describe(self) -> str:
+    def describe(self, replay: object = None) -> str:
         return "tun pair (test double)"
 
     def report_images(self) -> list[tuple[str, bytes]]:
