@@ -53,6 +53,16 @@ def _need_real_root() -> None:
             "switching to an unprivileged user (setpriv) needs real root, as CI runs; as a "
             "normal user, run the whole suite instead (the rootless tier, see CONTRIBUTING.md)"
         )
+    # The host's own policy, which a test must not change (Ubuntu 24.04's AppArmor sysctl,
+    # older Debian's switch, or a zero limit): nobody could not build a tunnel at all.
+    fix = _userns._userns_sysctl_fix()
+    if fix is None and Path("/proc/sys/user/max_user_namespaces").read_text().strip() == "0":
+        fix = "`sudo sysctl -w user.max_user_namespaces=10000`"
+    if fix is not None:
+        pytest.skip(
+            "these tests run pytest as nobody, which needs unprivileged user namespaces, and "
+            f"this host forbids them: {fix} to run them"
+        )
 
 
 def _host_tun_is_world_usable() -> bool:
