@@ -90,3 +90,14 @@ def test_every_public_attribute_has_a_docstring() -> None:
             if not member.docstring:
                 missing.append(f"{name}.{member_name}")
     assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_python_in_the_docs_is_included_from_files_ci_runs() -> None:
+    """Every ```python block of the site is a snippet include (--8<--), never pasted code."""
+    pasted = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for block in fenced(page.read_text(), "python"):
+            lines = [line for line in block.splitlines() if line.strip()]
+            if not lines or not all(line.startswith("--8<-- ") for line in lines):
+                pasted.append(f"{page.name}: {lines[:1]}")
+    assert not pasted, pasted
