@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._capture import Packet
 
 __all__ = [
     "HookError",
+    "LeftoverProcessError",
+    "LeftoverProcessWarning",
     "NamespaceError",
     "OptionError",
     "PacketTimeout",
     "PrivilegeError",
+    "SpawnError",
     "TunDeviceError",
     "TunPairError",
 ]
@@ -93,6 +96,44 @@ class PacketTimeout(TunPairError, AssertionError):
         return self._text
 
 
+class SpawnError(TunPairError):
+    """``tun_pair.spawn()``: the process exited, or was not ready in time (it is stopped).
+
+    The message holds the command, its exit status and the last lines of its output.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: Sequence[str] | str,
+        returncode: int | None,
+        output: str,
+    ) -> None:
+        super().__init__(message)
+        self.command: Any = command
+        """The ``args`` given to ``spawn``."""
+        self.returncode = returncode
+        """Its exit status (negative: killed by that signal), ``None`` if unknown."""
+        self.output = output
+        """The last lines of what it wrote ("" when its output went where the caller said)."""
+
+
+class LeftoverProcessError(TunPairError):
+    """Processes not started with ``spawn`` were still running in the namespace at the end
+    (``--tunpair-leftovers=fail``); they have been stopped."""
+
+    def __init__(self, message: str, *, processes: Sequence[str]) -> None:
+        super().__init__(message)
+        self.processes = list(processes)
+        """``"PID (command line)"`` of each."""
+
+
+class LeftoverProcessWarning(UserWarning):
+    """Processes not started with ``spawn`` were still running in the namespace at the end
+    (``--tunpair-leftovers=warn``, the default); they have been stopped."""
+
+
 # Tracebacks name the errors where users import them from: ``pytest_tunpair.PacketTimeout``,
 # not ``pytest_tunpair._errors.PacketTimeout``, whichever module raised them (as trio does).
 for _cls in (
@@ -103,6 +144,9 @@ for _cls in (
     NamespaceError,
     HookError,
     PacketTimeout,
+    SpawnError,
+    LeftoverProcessError,
+    LeftoverProcessWarning,
 ):
     _cls.__module__ = "pytest_tunpair"
 del _cls

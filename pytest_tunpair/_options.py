@@ -51,6 +51,9 @@ class PairOptions:
     capture_bytes: int | None = DEFAULT_CAPTURE_BYTES
     seed: int | None = None
     txqueuelen: int = 5000
+    drain: float = 1.0
+    """Seconds the pair's teardown waits for packets still in the relay (delayed,
+    rate-limited, held for reordering) to be delivered; 0: drop them at once."""
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
@@ -127,6 +130,7 @@ class PairOptions:
         capture_bytes = _opt_int(kwargs, "capture_bytes", DEFAULT_CAPTURE_BYTES, fail, lo=0)
         seed = _opt_int(kwargs, "seed", None, fail, lo=0)
         txqueuelen = _int(kwargs, "txqueuelen", 5000, fail, lo=1, hi=2**31 - 1)
+        drain = _seconds(kwargs, "drain", 1.0, fail)
         return cls(
             mode=mode,
             names=(names[0], names[1]),
@@ -140,6 +144,7 @@ class PairOptions:
             capture_bytes=capture_bytes,
             seed=seed,
             txqueuelen=txqueuelen,
+            drain=drain,
             _given=frozenset(kwargs),
         )
 
@@ -151,6 +156,16 @@ def _int(kwargs: Mapping[str, Any], key: str, default: int, fail: Any, *, lo: in
     if not lo <= value <= hi:
         raise fail(key, f"use a whole number from {lo} to {hi}")
     return value
+
+
+def _seconds(kwargs: Mapping[str, Any], key: str, default: float, fail: Any) -> float:
+    from ._impair import _DURATION, _duration
+
+    value = kwargs.get(key, default)
+    try:
+        return _duration(key, value)
+    except ValueError:
+        raise fail(key, f"use {_DURATION}") from None
 
 
 def _opt_int(

@@ -27,6 +27,9 @@ _REPORTED = pytest.StashKey[bool]()  # item: the packet trace is in a report alr
 _PCAP_FILES = pytest.StashKey[list[Path]]()  # item: pcap files named in its report
 _PCAP_ERRORS = pytest.StashKey[dict[str, str]]()  # config: file -> why it was not written
 _SEED = pytest.StashKey[int | None]()
+_LEFTOVERS = pytest.StashKey[str]()  # config: --tunpair-leftovers, resolved
+# kill | warn | fail; also in _procs (no import of it here: plugin load stays cheap).
+LEFTOVER_POLICIES = ("kill", "warn", "fail")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -54,6 +57,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--tunpair-seed", metavar="N", default=None, help=help_seed)
     parser.addini("tunpair_seed", default="", help=help_seed)
+    help_leftovers = (
+        "what to do at teardown with processes a test left running in its tunnel namespace "
+        "that tun_pair.spawn() did not start (spawned ones are always stopped): kill them, "
+        "warn (default: kill them and emit a warning naming each), or fail (kill them and "
+        "fail the test's teardown)"
+    )
+    group.addoption(
+        "--tunpair-leftovers", choices=LEFTOVER_POLICIES, default=None, help=help_leftovers
+    )
+    parser.addini("tunpair_leftovers", default="warn", help=help_leftovers)
     _addoption_userns(group, parser)
 
 
@@ -61,6 +74,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     _configure_userns(config)
     config.stash[_SEED] = run_seed(config)  # a bad value stops the run before any test
+    config.stash[_LEFTOVERS] = _leftover_policy(config)
     config.addinivalue_line(
         "markers",
         "tunpair(**options): configure the tun_pair fixture -- mode, names, ipv4, ipv6, mtu, "
@@ -102,6 +116,17 @@ def run_seed(config: pytest.Config) -> int | None:
     return None
 
 
+def _leftover_policy(config: pytest.Config) -> str:
+    value = config.getoption("tunpair_leftovers", None)
+    if value is None:
+        value = str(config.getini("tunpair_leftovers")).strip() or "warn"
+        if value not in LEFTOVER_POLICIES:
+            raise pytest.UsageError(
+                f"ini key tunpair_leftovers = {value!r}: use one of {', '.join(LEFTOVER_POLICIES)}"
+            )
+    return str(value)
+
+
 def enabled(config: pytest.Config) -> bool:
     opt = config.getoption("tunpair", None)
     if opt is not None:
@@ -122,13 +147,27 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
 
     seed = request.config.stash[_SEED]
     defaults = {} if seed is None else {"seed": seed}
-    factory = TunPairFactory(defaults, source="tun_pair_factory()")
+    factory = TunPairFactory(
+        defaults, source="tun_pair_factory()", leftovers=request.config.stash[_LEFTOVERS]
+    )
     factory.open()
     request.node.stash[_FACTORY] = factory
     try:
         yield factory
     finally:
+        _close(factory)
+
+
+def _close(factory: TunPairFactory) -> None:
+    from ._errors import LeftoverProcessError
+
+    try:
         factory.close()
+    except LeftoverProcessError as exc:
+        message = str(exc)
+    else:
+        return
+    pytest.fail(message, pytrace=False)  # outside the except: no "during handling of"
 
 
 @pytest.fixture

@@ -1,0 +1,324 @@
+"""Daemons in the namespace: spawn with readiness, nothing left running, drained teardown,
+module and session pairs, fixture order. Real daemons (http.server, nginx), real clients
+(curl), only to the pair's addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_tunpair import SpawnError, TunPair
+
+from .conftest import need, run_standalone
+
+NGINX = "/usr/sbin/nginx"
+PORT = 8080
+
+
+def curl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [need("curl"), "-sS", "--max-time", "20", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; it waits for its parent or init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(cond: object, timeout: float = 10.0) -> None:
+    __tracebackhide__ = True
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {cond}"
+        time.sleep(0.01)
+
+
+# -- spawn and readiness ---------------------------------------------------------------------
+def test_http_server_spawned_ready_on_its_port_and_fetched_with_curl(
+    tun_pair: TunPair, tmp_path: Path
+) -> None:
+    (tmp_path / "hello.txt").write_text("hello from the namespace\n")
+    server = tun_pair.spawn(
+        [sys.executable, "-m", "http.server", "--bind", tun_pair.b.ip, str(PORT)],
+        ready=PORT,
+        cwd=tmp_path,
+    )
+    # Readiness came from the socket table: nothing crossed the relay to find out.
+    assert len(tun_pair.packets) == 0
+    assert server.poll() is None
+    r = curl(f"http://{tun_pair.b.ip}:{PORT}/hello.txt")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from the namespace\n"
+    assert any(p.direction == "a->b" for p in tun_pair.packets)
+    # Its log went to the pair's file.
+    wait_until(lambda: "GET /hello.txt" in tun_pair.output(server))
+
+
+NGINX_CONF = """
+daemon off;
+master_process {master};
+worker_processes 2;
+pid {tmp}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {ip}:{port};
+        listen [{ip6}]:{port};
+        location / {{ return 200 "nginx in the namespace\\n"; }}
+    }}
+}}
+"""
+
+
+def nginx_conf(tmp_path: Path, pair: TunPair, port: int = PORT) -> Path:
+    if not os.access(NGINX, os.X_OK):
+        pytest.skip(f"nginx is not installed at {NGINX}")
+    from pytest_tunpair._userns import thread_can_return
+
+    # Workers drop privileges to `nobody` with initgroups(), which a user namespace with
+    # setgroups denied refuses: there nginx serves from its master process alone.
+    master = "on" if thread_can_return() and os.getuid() == 0 else "off"
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(tmp=tmp_path, ip=pair.b.ip, ip6=pair.b.ip6, port=port, master=master)
+    )
+    return conf
+
+
+def test_nginx_spawned_and_fetched_over_both_families(tun_pair: TunPair, tmp_path: Path) -> None:
+    conf = nginx_conf(tmp_path, tun_pair)
+    nginx = tun_pair.spawn(
+        [NGINX, "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)], ready=PORT
+    )
+    for url in (f"http://{tun_pair.b.ip}:{PORT}/", f"http://[{tun_pair.b.ip6}]:{PORT}/"):
+        r = curl(url)
+        assert r.returncode == 0, r.stderr + tun_pair.output(nginx)
+        assert r.stdout == "nginx in the namespace\n"
+
+
+def test_nginx_and_its_workers_are_gone_after_teardown(tmp_path: Path) -> None:
+    def run() -> tuple[int, list[int]]:
+        with TunPair() as pair:
+            conf = nginx_conf(tmp_path, pair)
+            nginx = pair.spawn(
+                [NGINX, "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)], ready=PORT
+            )
+            assert curl(f"http://{pair.b.ip}:{PORT}/").returncode == 0
+            children = [
+                int(line.split()[0])
+                for line in subprocess.run(
+                    ["ps", "-o", "pid=", "--ppid", str(nginx.pid)], capture_output=True, text=True
+                ).stdout.splitlines()
+            ]
+        return nginx.pid, children
+
+    master, workers = run_standalone(run)
+    assert not running(master)
+    assert not any(running(pid) for pid in workers)
+
+
+def test_ready_on_udp_port_path_and_callable(tun_pair: TunPair, tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import socket, sys, time
+        s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET,
+                          socket.SOCK_DGRAM)
+        time.sleep(0.2)  # not at once: readiness has to wait for it
+        s.bind((sys.argv[1], 5353))
+        open(sys.argv[2], "w").close()
+        while True:
+            data, peer = s.recvfrom(100)
+            s.sendto(data.upper(), peer)
+        """
+    )
+    flag = tmp_path / "bound"
+    started = time.monotonic()
+    tun_pair.spawn([sys.executable, "-c", code, tun_pair.b.ip6, str(flag)], ready=("udp", 5353))
+    assert time.monotonic() - started >= 0.2
+    assert flag.exists()  # bound before the flag file: the UDP wait really waited
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.sendto(b"ping", (tun_pair.b.ip6, 5353))
+        assert s.recv(100) == b"PING"
+
+    other = tmp_path / "other"
+    tun_pair.spawn(["sh", "-c", f"sleep 0.1; touch {other}; exec sleep 60"], ready=other)
+    assert other.exists()
+    calls = []
+    tun_pair.spawn(["sleep", "60"], ready=lambda: calls.append(1) or len(calls) >= 3)
+    assert len(calls) == 3
+
+
+def test_process_that_exits_first_raises_spawn_error_with_its_output(tun_pair: TunPair) -> None:
+    with pytest.raises(SpawnError) as info:
+        tun_pair.spawn(
+            ["sh", "-c", "echo starting; echo 'bind: address in use' >&2; exit 3"], ready=PORT
+        )
+    err = info.value
+    assert err.returncode == 3
+    assert err.command[0] == "sh"
+    text = str(err)
+    assert "exited with status 3 before a TCP socket listening on port 8080" in text
+    assert "starting" in text and "bind: address in use" in text
+    assert err.output.splitlines() == ["starting", "bind: address in use"]
+
+
+def test_process_not_ready_in_time_is_stopped_and_raises(tun_pair: TunPair) -> None:
+    started = time.monotonic()
+    with pytest.raises(SpawnError, match=r"not ready within 0.5 s.*port 9999") as info:
+        tun_pair.spawn(["sh", "-c", "echo waiting; exec sleep 60"], ready=9999, timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert info.value.returncode == -signal.SIGTERM  # stopped, not left running
+    assert "waiting" in str(info.value)
+
+
+def test_bad_ready_values_fail_before_anything_starts(tun_pair: TunPair) -> None:
+    for bad in (True, ("sctp", 1), 70000, 3.5):
+        with pytest.raises((TypeError, ValueError), match=r"spawn\(ready="):
+            tun_pair.spawn(["sleep", "60"], ready=bad)
+    assert not tun_pair._keeper or not tun_pair._keeper.spawned
+
+
+# -- nothing left running ------------------------------------------------------------------------
+SETSID_SERVER = """
+import os, socket, sys, time
+child = os.fork()
+if child == 0:
+    os.setsid()  # like sshd's per-connection children: out of the parent's session and group
+    while True:
+        time.sleep(1)
+with open(sys.argv[2], "w") as f:
+    f.write(str(child))
+s = socket.create_server((sys.argv[1], 2222))
+while True:
+    time.sleep(1)
+"""
+
+
+def test_spawned_server_and_its_setsid_child_are_gone_after_teardown(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child"
+
+    def run() -> tuple[int, int]:
+        with TunPair() as pair:
+            server = pair.spawn(
+                [sys.executable, "-c", SETSID_SERVER, pair.b.ip, str(pidfile)], ready=2222
+            )
+            child = int(pidfile.read_text())
+            assert running(child)
+            # A session of its own: killing the server's process group would miss it.
+            assert os.getsid(child) == child != os.getsid(server.pid)
+        return server.pid, child
+
+    server, child = run_standalone(run)
+    assert not running(server)
+    assert not running(child)
+
+
+def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    def run() -> tuple[int, float]:
+        with TunPair() as pair:
+            proc = pair.spawn(
+                ["sh", "-c", f"trap '' TERM; touch {tmp_path}/up; while :; do sleep 0.1; done"],
+                ready=tmp_path / "up",
+            )
+            started = time.monotonic()
+        return proc.pid, time.monotonic() - started
+
+    pid, took = run_standalone(run)
+    assert not running(pid)
+    assert 1.5 < took < 15  # SIGTERM ignored: SIGKILL after 2 s
+
+
+def test_host_processes_are_never_touched() -> None:
+    host = subprocess.Popen(["sleep", "60"])  # started here, on the host network
+    try:
+
+        def run() -> None:
+            with TunPair() as pair:
+                pair.spawn(["sleep", "60"])
+                subprocess.Popen(["sleep", "61"])  # a leftover, inside
+
+        with pytest.warns(UserWarning, match=r"stopped 1 process .*\(sleep 61\)"):
+            run_standalone(run)
+        assert host.poll() is None
+    finally:
+        host.kill()
+        host.wait()
+
+
+LEFTOVER_TEST = """
+import subprocess, sys
+
+def test_leaves_one_behind(tun_pair, tmp_path):
+    proc = subprocess.Popen(["sleep", "300"])
+    with open("pid", "w") as f:
+        f.write(str(proc.pid))
+
+def test_spawned_ones_are_quiet(tun_pair):
+    tun_pair.spawn(["sleep", "300"])
+"""
+
+
+@pytest.mark.parametrize("policy", ["warn", "fail", "kill"])
+def test_leftover_policies(pytester: pytest.Pytester, policy: str) -> None:
+    pytester.makepyfile(LEFTOVER_TEST)
+    args = ["--tunpair", "-p", "no:cacheprovider", "-rA"]
+    if policy != "warn":  # the default
+        args.append(f"--tunpair-leftovers={policy}")
+    result = pytester.runpytest_subprocess(*args)
+    pid = int((pytester.path / "pid").read_text())
+    assert not running(pid)
+    out = result.stdout.str()
+    message = f"stopped 1 process left running in the tunnel namespace: {pid} (sleep 300)"
+    if policy == "warn":
+        result.assert_outcomes(passed=2, warnings=1)
+        result.stdout.fnmatch_lines(["*LeftoverProcessWarning: " + message + "*"])
+    elif policy == "fail":
+        result.assert_outcomes(passed=2, errors=1)
+        result.stdout.fnmatch_lines(
+            ["*ERROR at teardown of test_leaves_one_behind*", message + "*"]
+        )
+        assert "Traceback" not in out and "_procs.py" not in out
+        assert "During handling" not in out
+    else:
+        result.assert_outcomes(passed=2)
+        assert "stopped 1 process" not in out
+    if policy == "warn":
+        assert out.count(message) == 1
+
+
+def test_leftover_policy_from_ini_and_bad_values(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(LEFTOVER_TEST)
+    pytester.makeini("[pytest]\ntunpair_leftovers = fail\n")
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result = pytester.runpytest_subprocess("--tunpair", "--tunpair-leftovers=maybe")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--tunpair-leftovers*invalid choice*'maybe'*"])
+    pytester.makeini("[pytest]\ntunpair_leftovers = often\n")
+    result = pytester.runpytest_subprocess("--tunpair")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: ini key tunpair_leftovers = 'often': use one of kill*"])
