@@ -322,3 +322,44 @@ def test_leftover_policy_from_ini_and_bad_values(pytester: pytest.Pytester) -> N
     result = pytester.runpytest_subprocess("--tunpair")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: ini key tunpair_leftovers = 'often': use one of kill*"])
+
+
+# -- drained teardown ------------------------------------------------------------------------------
+FIN_SERVER = """
+import signal, socket, sys
+srv = socket.create_server((sys.argv[1], 7000))
+conn, _ = srv.accept()
+
+def on_term(signum, frame):
+    # What the kernel holds for us when teardown stops us: b"" once the client's FIN is in.
+    try:
+        got = "fin" if conn.recv(1 << 16, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"" else "data"
+    except BlockingIOError:
+        got = "no fin"
+    with open(sys.argv[2], "w") as f:
+        f.write(got)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+assert conn.recv(5) == b"hello"
+signal.pause()
+"""
+
+
+@pytest.mark.parametrize(("drain", "delay", "seen"), [(1.0, "200ms", "fin"), (0, "2s", "no fin")])
+def test_a_delayed_fin_reaches_the_server_before_teardown(
+    tmp_path: Path, drain: float, delay: str, seen: str
+) -> None:
+    result = tmp_path / "result"
+
+    def run() -> None:
+        with TunPair(drain=drain) as pair:
+            pair.spawn([sys.executable, "-c", FIN_SERVER, pair.b.ip, str(result)], ready=7000)
+            with socket.create_connection((pair.b.ip, 7000), timeout=10) as client:
+                client.sendall(b"hello")
+                pair.packets.wait_for(lambda p: p.direction == "b->a", timeout=10)  # its ACK
+                pair.impair(delay=delay)
+            # The FIN now waits in the relay's delay line while the pair closes.
+
+    run_standalone(run)
+    assert result.read_text() == seen
