@@ -5,6 +5,7 @@ module and session pairs, fixture order. Real daemons (http.server, nginx), real
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from pytest_tunpair import SpawnError, TunPair
 
-from .conftest import need, run_standalone
+from .conftest import host_snapshot, need, run_standalone, tcpdump_read
 
 NGINX = "/usr/sbin/nginx"
 PORT = 8080
@@ -363,3 +364,233 @@ def test_a_delayed_fin_reaches_the_server_before_teardown(
 
     run_standalone(run)
     assert result.read_text() == seen
+
+
+# -- module and session pairs ------------------------------------------------------------------
+MODULE_SERVER = """
+import os, subprocess, sys, pytest
+
+pytestmark = pytest.mark.tunpair(mtu=1400)
+HOST = os.stat("/proc/thread-self/ns/net").st_ino
+
+@pytest.fixture(scope="module")
+def server(tun_pair_module, tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    (root / "index.html").write_text("served once for the module")
+    proc = tun_pair_module.spawn(
+        [sys.executable, "-m", "http.server", "--bind", tun_pair_module.b.ip, "8000"],
+        ready=8000, cwd=root,
+    )
+    with open("spawned", "a") as f:
+        f.write(f"{proc.pid}\\n")
+    yield f"http://{tun_pair_module.b.ip}:8000/"
+    assert os.stat("/proc/thread-self/ns/net").st_ino != HOST  # finalizer runs inside too
+
+def fetch(url, port):
+    r = subprocess.run(["curl", "-sS", "--local-port", str(port), url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+@pytest.mark.parametrize("port", [40001, 40002, 40003])
+def test_fetch(server, tun_pair_module, port):
+    assert tun_pair_module.options.mtu == 1400
+    assert os.stat("/proc/thread-self/ns/net").st_ino != HOST
+    tun_pair_module.add_hook(lambda p: None)  # removed at the test's end
+    assert len(tun_pair_module._relay.hooks["a->b"]) == 1
+    assert fetch(server, port) == "served once for the module"
+    mine = tun_pair_module.packets.since(tun_pair_module.test_start)
+    assert mine and all(f":{port}" in p.summary() or f"{port} >" in p.summary()
+                        or str(port) in p.summary() for p in mine)
+    assert False, f"deliberate: show the packets of port {port}"
+
+def test_plain_stays_on_the_host():
+    assert os.stat("/proc/thread-self/ns/net").st_ino == HOST
+"""
+
+
+PORTS = {40001, 40002, 40003}
+
+
+def _check_module_run(result: pytest.RunResult, path: Path, pcaps: Path) -> None:
+    __tracebackhide__ = True
+    result.assert_outcomes(failed=3, passed=1)
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out
+    spawned = (path / "spawned").read_text().split()
+    assert 1 <= len(spawned) <= 2, spawned  # once per process (xdist: once per worker)
+    assert not any(running(int(pid)) for pid in spawned)
+    # Each failure report holds that test's packets only.
+    for port in PORTS:
+        report = re.split(
+            r"_ test_fetch\[\d+\] _|short test summary", out.split(f"_ test_fetch[{port}] _")[1]
+        )[0]
+        assert "Captured packets call" in report, report
+        report = report.split("Captured packets call")[1]
+        assert f"198.18.0.1:{port} > 198.18.0.2:8000 S" in report, report
+        assert not any(str(other) in report for other in PORTS - {port}), report
+        # The hook each test adds is gone at its end: one per report, not one per test so far.
+        assert report.count("hooks a->b") == 1, report
+    files = sorted(pcaps.glob("*.pcap"))
+    assert len(files) == 3, files
+    for f in files:
+        port = int(f.stem.rsplit("_", 1)[1])
+        text = tcpdump_read(f).stdout
+        assert f"198.18.0.1.{port} > 198.18.0.2.8000: Flags [S]" in text, text
+        assert not any(str(other) in text for other in PORTS - {port}), text
+
+
+@pytest.mark.parametrize("how", ["root", "rootless", "xdist"])
+def test_module_server_serves_three_tests_each_report_its_own_packets(
+    pytester: pytest.Pytester, how: str
+) -> None:
+    need("curl")
+    pytester.makepyfile(test_mod=MODULE_SERVER)
+    pcaps = pytester.path / "pcaps"
+    args = ["--tunpair", "-p", "no:cacheprovider", f"--tunpair-pcap={pcaps}"]
+    if how == "rootless":
+        if os.getuid() != 0:
+            pytest.skip("--tunpair-userns=always is tested as root")
+        args.append("--tunpair-userns=always")
+    if how == "xdist":
+        args += ["-n", "2"]
+    before = host_snapshot()
+    result = pytester.runpytest_subprocess(*args)
+    assert host_snapshot() == before
+    _check_module_run(result, pytester.path, pcaps)
+
+
+SESSION_TESTS = {
+    "conftest.py": """
+import os, sys, pytest
+
+@pytest.fixture(scope="session")
+def echo(tun_pair_session):
+    code = ("import socket,sys\\n"
+            "s=socket.create_server((sys.argv[1], 7))\\n"
+            "while True:\\n"
+            "    c,_=s.accept(); c.sendall(c.recv(100)); c.close()\\n")
+    proc = tun_pair_session.spawn([sys.executable, "-c", code, tun_pair_session.b.ip], ready=7)
+    with open("spawned", "a") as f:
+        f.write(f"{proc.pid}\\n")
+    return (tun_pair_session.b.ip, 7)
+""",
+    "test_one.py": """
+import socket, subprocess
+
+def ask(addr, data=b"hi"):
+    with socket.create_connection(addr, timeout=5) as s:
+        s.sendall(data)
+        return s.recv(100)
+
+def test_impair_and_leave_one_behind(echo, tun_pair_session):
+    tun_pair_session.impair(loss=1.0)  # removed at the test's end
+    try:
+        ask(echo)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("loss=1.0 let a connection through")
+    subprocess.Popen(["sleep", "300"])  # this test's leftover: warned at its end
+
+def test_works_again(echo, tun_pair_session):
+    assert tun_pair_session.describe().count("impair") == 0
+    assert ask(echo) == b"hi"
+""",
+    "test_two.py": """
+import os, socket, pytest
+
+HOST = os.stat("/proc/thread-self/ns/net").st_ino
+
+@pytest.fixture(scope="module")
+def client_socket(tun_pair_session):
+    # Set up in this module's first test, long after the session pair was made: inside.
+    s = socket.socket()
+    s.bind((tun_pair_session.a.ip, 0))
+    yield s
+    s.close()
+
+def test_module_fixture_on_the_session_pair(client_socket, echo):
+    client_socket.settimeout(5)
+    client_socket.connect(echo)
+    client_socket.sendall(b"two")
+    assert client_socket.recv(100) == b"two"
+
+def test_plain():
+    assert os.stat("/proc/thread-self/ns/net").st_ino == HOST
+
+def test_mixing_is_refused(tun_pair, tun_pair_session):
+    pass
+""",
+}
+
+
+@pytest.mark.parametrize("how", ["root", "rootless"])
+def test_session_pair_shared_across_modules(pytester: pytest.Pytester, how: str) -> None:
+    pytester.makepyfile(**SESSION_TESTS)
+    args = ["--tunpair", "-p", "no:cacheprovider", "-rA"]
+    if how == "rootless":
+        if os.getuid() != 0:
+            pytest.skip("--tunpair-userns=always is tested as root")
+        args.append("--tunpair-userns=always")
+    before = host_snapshot()
+    result = pytester.runpytest_subprocess(*args)
+    assert host_snapshot() == before
+    result.assert_outcomes(passed=4, errors=1, warnings=1)
+    result.stdout.fnmatch_lines(
+        [
+            "test_mixing_is_refused requests tun_pair_factory and tun_pair_factory_session: "
+            "a test runs inside one network namespace*",
+            "*LeftoverProcessWarning: stopped 1 process left running in the tunnel "
+            "namespace: * (sleep 300)*",
+        ]
+    )
+    spawned = (pytester.path / "spawned").read_text().split()
+    assert len(spawned) == 1 and not running(int(spawned[0]))
+
+
+# -- fixture order ---------------------------------------------------------------------------------
+@pytest.fixture
+def bound_server() -> object:
+    """Binds the pair's b address without requesting the pair: needs the namespace first."""
+    with socket.create_server(("198.18.0.2", 0)) as s:
+        yield s
+
+
+def test_argument_order_reversed_still_runs_fixtures_inside(
+    bound_server: socket.socket, tun_pair: TunPair
+) -> None:
+    port = bound_server.getsockname()[1]
+    with socket.create_connection((tun_pair.b.ip, port), timeout=10):
+        conn, _ = bound_server.accept()
+        conn.close()
+    assert any(p.direction == "a->b" for p in tun_pair.packets)
+
+
+DYNAMIC = """
+import os
+START = os.stat("/proc/thread-self/ns/net").st_ino
+
+def test_dynamic(request):
+    request.getfixturevalue("tun_pair")
+
+def test_dynamic_module(request):
+    request.getfixturevalue("tun_pair_module")
+
+def test_still_home():
+    assert os.stat("/proc/thread-self/ns/net").st_ino == START
+"""
+
+
+def test_dynamic_request_rootless_is_one_line(pytester: pytest.Pytester) -> None:
+    if os.getuid() != 0:
+        pytest.skip("--tunpair-userns=always is tested as root")
+    pytester.makepyfile(DYNAMIC)
+    result = pytester.runpytest_subprocess("--tunpair", "--tunpair-userns=always")
+    result.assert_outcomes(failed=2, passed=1)
+    out = result.stdout.str()
+    for name in ("tun_pair_factory", "tun_pair_factory_module"):
+        result.stdout.fnmatch_lines(
+            [f"{name} was requested while the test ran (request.getfixturevalue?): *"]
+        )
+    assert "pytest_tunpair" not in out and "Traceback" not in out
