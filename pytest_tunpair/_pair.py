@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import select
 import subprocess
 import threading
 import time
@@ -260,13 +261,27 @@ class TunPair:
         peers get the FINs of connections closed just before teardown. True if it emptied."""
         relay = self._relay
         if relay is None or timeout <= 0:
-            return relay is None or _pending(relay) == 0
+            return relay is None or self._pending() == 0
         deadline = time.monotonic() + timeout
-        while _pending(relay):
+        while self._pending():
             if not relay.alive or time.monotonic() >= deadline:
                 return False
             time.sleep(_DRAIN_POLL)
         return True
+
+    def _pending(self) -> int:
+        """Packets on their way: held by the relay, or queued in a device for it to read.
+
+        The second matters at teardown: a socket closed just before has put its FIN in the
+        device's queue (a TUN transmit queues synchronously), where the relay may not have
+        looked yet."""
+        relay = self._relay
+        held = _pending(relay) if relay is not None else 0
+        poller = select.poll()
+        for d in self._devices:
+            if d.fd is not None:
+                poller.register(d.fd, select.POLLIN)
+        return held + len(poller.poll(0))
 
     # -- processes ---------------------------------------------------------------------------
     def spawn(

@@ -303,6 +303,8 @@ class Keeper:
         self.spawned: list[subprocess.Popen[Any]] = []
         self._logs: dict[int, IO[bytes]] = {}  # pid -> its output file
         self._tag = f"{SPAWN_TAG}={os.getpid()}-{secrets.token_hex(6)}"
+        #: How a ``warn`` policy warns (the plugin points the warning at the test).
+        self.warn: Callable[[str], None] = _warn
         self._lock = threading.Lock()
 
     # -- spawn -------------------------------------------------------------------------------
@@ -481,7 +483,7 @@ class Keeper:
         )
         if policy == "fail":
             raise LeftoverProcessError(message, processes=names)
-        warnings.warn(LeftoverProcessWarning(message), stacklevel=2)
+        self.warn(message)
         return names
 
     def close(self, *, leftovers: bool = True) -> None:
@@ -495,6 +497,10 @@ class Keeper:
             for log in self._logs.values():
                 log.close()
             self._logs.clear()
+
+
+def _warn(message: str) -> None:
+    warnings.warn(LeftoverProcessWarning(message), stacklevel=4)
 
 
 def _descends(pid: int, roots: set[int], found: Mapping[int, Proc]) -> bool:

@@ -166,11 +166,30 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
         defaults, source="tun_pair_factory()", leftovers=request.config.stash[_LEFTOVERS]
     )
     factory.open()
+    _warn_at(factory, request.node)
     request.node.stash[_FACTORY] = factory
     try:
         yield factory
     finally:
         _close(factory)
+
+
+def _warn_at(factory: TunPairFactory, item: pytest.Item) -> None:
+    """Leftover warnings name the test (its file and line), not the plugin's code."""
+    import warnings
+
+    from ._errors import LeftoverProcessWarning
+
+    path, line, _name = item.location
+    filename = str(item.config.rootpath / path)
+
+    def warn(message: str) -> None:
+        warnings.warn_explicit(
+            LeftoverProcessWarning(message), LeftoverProcessWarning, filename, (line or 0) + 1
+        )
+
+    if factory.keeper is not None:
+        factory.keeper.warn = warn
 
 
 def _close(factory: TunPairFactory) -> None:
@@ -320,6 +339,7 @@ def _tunpair_test_in_scoped_namespace(
     names = [n for n in SCOPED_FACTORIES if n in item.fixturenames]
     factory = cast("TunPairFactory", request.getfixturevalue(names[0]))
     checkpoint = factory.begin()
+    _warn_at(factory, item)
     item.stash[_CHECKPOINT] = (factory, checkpoint)
     yield
     from ._errors import LeftoverProcessError
