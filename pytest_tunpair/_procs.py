@@ -62,7 +62,7 @@ SPAWN_TAG = "TUNPAIR_SPAWN_TAG"
 OUTPUT_LINES = 20
 # How often readiness is polled: first quickly (a server that binds at once is seen within
 # a few ms), then less often (a slow one does not cost a core).
-_POLL_FIRST, _POLL_MAX = 0.005, 0.05
+_POLL_FIRST, _POLL_MAX = 0.005, 0.02
 # include/net/tcp_states.h: TCP_LISTEN; an unconnected UDP socket reads TCP_CLOSE.
 _TCP_LISTEN = 0x0A
 _TCP_CLOSE = 0x07
