@@ -91,7 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "tunpair(**options): configure the tun_pair fixture -- mode, names, ipv4, ipv6, mtu, "
-        "table, offload, max_packets, snaplen, capture_bytes, seed (see the README)",
+        "table, offload, max_packets, snaplen, capture_bytes, seed, txqueuelen, drain (see "
+        "the README); on a module (pytestmark) it also configures tun_pair_module",
     )
     try:
         config.stash[_PCAP] = _report.pcap_settings(
