@@ -490,7 +490,8 @@ class Keeper:
         """Stop everything in the namespace: spawned families quietly, then the leftovers by
         the policy (may raise :class:`LeftoverProcessError`, after stopping them all)."""
         try:
-            self.stop_family()
+            if self.spawned:
+                self.stop_family()
             if leftovers:
                 self.stop_leftovers()
         finally:

@@ -536,6 +536,15 @@ def test_module_fixture_on_the_session_pair(client_socket, echo):
     client_socket.sendall(b"two")
     assert client_socket.recv(100) == b"two"
 
+@pytest.fixture
+def bound_here():
+    # Does not request the pair, and comes first in the test's arguments: still inside.
+    with socket.create_server(("198.18.0.2", 0)) as s:
+        yield s
+
+def test_argument_order_does_not_matter(bound_here, tun_pair_session):
+    assert bound_here.getsockname()[0] == tun_pair_session.b.ip
+
 def test_plain():
     assert os.stat("/proc/thread-self/ns/net").st_ino == HOST
 
@@ -556,7 +565,7 @@ def test_session_pair_shared_across_modules(pytester: pytest.Pytester, how: str)
     before = host_snapshot()
     result = pytester.runpytest_subprocess(*args)
     assert host_snapshot() == before
-    result.assert_outcomes(passed=4, errors=1, warnings=1)
+    result.assert_outcomes(passed=5, errors=1, warnings=1)
     result.stdout.fnmatch_lines(
         [
             "test_mixing_is_refused requests tun_pair_factory and tun_pair_factory_session: "
