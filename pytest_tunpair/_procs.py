@@ -1,7 +1,7 @@
 """Processes inside a pair's namespace: ``spawn`` with readiness, and nothing left running.
 
 A process belongs to a network namespace when ``/proc/PID/ns/net`` is the namespace's
-inode (the thread-group leader's namespace; ``docs/internals.md``, "Processes in a
+inode (the thread-group leader's namespace; docs/internals.md, "Daemons: processes in a
 namespace"). That is how processes are found at teardown, whatever they did to hide from a
 process-group kill: sshd's per-connection children call ``setsid()``, so ``killpg`` misses
 them, but they stay in the namespace and keep their parent. So teardown takes the
@@ -14,8 +14,9 @@ Every signal goes through a pidfd opened after the namespace check and checked a
 through it, so a pid reused meanwhile is never signalled.
 
 Readiness is read from the namespace's socket tables (``/proc/PID/net/tcp`` and friends,
-which list every socket of the namespace PID is in): waiting for a server never puts a
-packet on the wire, so it adds nothing to the capture.
+which list every socket of the namespace PID is in; docs/internals.md, "Daemons: readiness
+from /proc/PID/net"): waiting for a server never puts a packet on the wire, so it adds
+nothing to the capture.
 
 No pytest here: the command-line tool uses the same machinery.
 """

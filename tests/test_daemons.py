@@ -334,7 +334,9 @@ def test_leftover_policy_from_ini_and_bad_values(pytester: pytest.Pytester) -> N
     pytester.makeini("[pytest]\ntunpair_leftovers = often\n")
     result = pytester.runpytest_subprocess("--tunpair")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: ini key tunpair_leftovers = 'often': use one of kill*"])
+    result.stderr.fnmatch_lines(
+        ["ERROR: ini file *: bad value for tunpair_leftovers='often': use one of kill, warn, fail"]
+    )
 
 
 # -- drained teardown ------------------------------------------------------------------------------
