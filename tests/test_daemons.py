@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair import SpawnError, TunPair
+from pytest_tunpair import Capture, Packet, SpawnError, TunPair
+from pytest_tunpair._procs import members, parse_ready
 
 from .conftest import host_snapshot, need, run_standalone, tcpdump_read
 
@@ -209,7 +210,7 @@ def test_bad_ready_values_fail_before_anything_starts(tun_pair: TunPair) -> None
     for bad in (True, ("sctp", 1), 70000, 3.5):
         with pytest.raises((TypeError, ValueError), match=r"spawn\(ready="):
             tun_pair.spawn(["sleep", "60"], ready=bad)
-    assert not tun_pair._keeper or not tun_pair._keeper.spawned
+    assert members(os.stat(tun_pair.netns_path)) == {}  # nothing was started
 
 
 # -- nothing left running ------------------------------------------------------------------------
@@ -419,7 +420,7 @@ def test_fetch(server, tun_pair_module, port):
     assert tun_pair_module.options.mtu == 1400
     assert os.stat("/proc/thread-self/ns/net").st_ino != HOST
     tun_pair_module.add_hook(lambda p: None)  # removed at the test's end
-    assert len(tun_pair_module._relay.hooks["a->b"]) == 1
+    assert tun_pair_module.describe().count("hooks a->b") == 1
     assert fetch(server, port) == "served once for the module"
     mine = tun_pair_module.packets.since(tun_pair_module.test_start)
     assert mine and all(f":{port}" in p.summary() or f"{port} >" in p.summary()
@@ -625,3 +626,34 @@ def test_dynamic_request_rootless_is_one_line(pytester: pytest.Pytester) -> None
             [f"{name} was requested while the test ran (request.getfixturevalue?): *"]
         )
     assert "pytest_tunpair" not in out and "Traceback" not in out
+
+
+# -- the pieces, without a kernel ------------------------------------------------------------------
+def test_capture_mark_since_and_view() -> None:
+    capture = Capture(max_packets=3)
+    for i in range(2):
+        capture.record(Packet(float(i), "a->b", "forwarded", bytes([0x45, i])))
+    mark = capture.mark()
+    assert mark == 2
+    for i in range(2, 5):
+        capture.record(Packet(float(i), "b->a", "forwarded", bytes([0x45, i])))
+    assert [p.seq for p in capture.since(mark)] == [2, 3, 4]
+    assert [p.seq for p in capture.since(0)] == [2, 3, 4]  # 0 and 1 were evicted (max 3)
+    assert capture.since(5) == []
+    view = capture.view(3)
+    assert [p.seq for p in view] == [3, 4] and view.evicted == 0
+    assert capture.view(0).evicted == 2  # the two the bound dropped
+    with pytest.raises(TypeError, match="sequence number"):
+        capture.since(1.5)  # type: ignore[arg-type]
+
+
+def test_parse_ready() -> None:
+    assert parse_ready(8080).describe() == "a TCP socket listening on port 8080"  # type: ignore[union-attr]
+    assert parse_ready(("udp", 53)).kind == "udp"  # type: ignore[union-attr]
+    assert parse_ready("/run/x.pid").kind == "path"  # type: ignore[union-attr]
+    assert parse_ready(Path("/run/x.pid")).path == "/run/x.pid"  # type: ignore[union-attr]
+    assert parse_ready(lambda: True).kind == "call"  # type: ignore[union-attr]
+    assert parse_ready(None) is None
+    for bad in (True, 0, 65536, ("sctp", 1), ("udp", "53"), 1.5):
+        with pytest.raises((TypeError, ValueError), match=r"spawn\(ready="):
+            parse_ready(bad)
