@@ -76,7 +76,7 @@ class Endpoint:
         ip6: str | None,
         mtu: int,
         mac: str | None,
-        inbound: str,
+        side: str,
     ) -> None:
         self._pair = pair
         self._device = device
@@ -86,7 +86,7 @@ class Endpoint:
         self.ip6 = ip6
         self.mtu = mtu
         self.mac = mac
-        self._inbound = inbound  # direction label of packets entering this device
+        self._side = side  # "a" or "b": where Relay.write puts what inject() gets
 
     @property
     def mode(self) -> str:
@@ -100,21 +100,19 @@ class Endpoint:
         """
         data = to_bytes(packet, what=f"{self.name}.inject()")
         validate_frame(data, mode=self.mode, mtu=self.mtu)
-        capture = self._pair.packets
-        # Record *before* writing: a write into the device runs the kernel's receive path in
-        # this thread, so the kernel's answer (an echo reply, or the ARP request it needs
-        # first on TAP) is queued, read and recorded by the relay before os.write() returns.
-        # Recording afterwards put the answer ahead of the request in the capture.
-        pkt = Packet(time.monotonic() - capture.t0, self._inbound, "injected", data, 0, self.mode)
-        capture.record(pkt)
+        relay = self._pair._relay
+        if relay is None or self._device.fd is None:
+            raise TunDeviceError(f"{self.name} is closed", device=self.name)
+        # The relay records the packet *before* writing it (in one critical section with the
+        # write): a write into the device runs the kernel's receive path in this thread, so
+        # the kernel's answer (an echo reply, or the ARP request it needs first on TAP) is
+        # queued, read and recorded by the relay before os.write() returns.
         try:
-            self._device.write(data)
-        except OSError as exc:
-            pkt.action = "dropped"  # validated, but the device refused it (EIO while down)
+            return relay.write(self._side, data)
+        except OSError as exc:  # validated, but the device refused it (EIO while down)
             raise TunDeviceError(
                 f"{self.name}: writing the injected packet failed: {exc}", device=self.name
             ) from exc
-        return pkt
 
     def __repr__(self) -> str:
         mac = f" mac={self.mac}" if self.mac else ""
@@ -142,7 +140,6 @@ class TunPair:
         self._own_netns = netns is None
         self._devices: list[TunDevice] = []
         self._relay: Relay | None = None
-        self._stats = Stats()
         self.steps: list[str] = []
         o = self.options
         self.packets = Capture(
@@ -151,6 +148,7 @@ class TunPair:
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
         )
+        self._stats = Stats(self.packets.lock)
         self.a: Endpoint
         self.b: Endpoint
         # Active impairments per direction: (spec with the seed in use, seed was random).
@@ -212,12 +210,8 @@ class TunPair:
             )
             for d in self._devices:
                 d.set_offload(o.offload)
-            self.a = Endpoint(
-                self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], inbound="b->a"
-            )
-            self.b = Endpoint(
-                self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], inbound="a->b"
-            )
+            self.a = Endpoint(self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
+            self.b = Endpoint(self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
             self.packets.t0 = time.monotonic()
             self.packets.wall_t0 = time.time()
             self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
@@ -263,31 +257,32 @@ class TunPair:
         return errors + leftover
 
     def _drain(self, timeout: float) -> bool:
-        """Wait (up to ``timeout`` s) while the relay runs until it holds no packet: the
-        peers get the FINs of connections closed just before teardown. True if it emptied."""
+        """Wait (up to ``timeout`` s) while the relay runs until no packet is on its way:
+        the peers get the FINs of connections closed just before teardown. True if it
+        emptied."""
         relay = self._relay
-        if relay is None or timeout <= 0:
-            return relay is None or self._pending() == 0
+        if relay is None:
+            return True
         deadline = time.monotonic() + timeout
-        while self._pending():
-            if not relay.alive or time.monotonic() >= deadline:
+        while True:
+            if not relay.drain(max(0.0, deadline - time.monotonic())):
+                return False
+            # The relay holds nothing; a packet may still wait in a device's queue, where a
+            # socket closed just before has put its FIN without the relay having looked yet
+            # (docs/internals.md, "Daemons: a closed socket's FIN is in the device queue at
+            # once"): the relay reads it next, then it is pending until delivered.
+            if not self._device_queued() or not relay.alive:
+                return not self._device_queued()
+            if time.monotonic() >= deadline:
                 return False
             time.sleep(_DRAIN_POLL)
-        return True
 
-    def _pending(self) -> int:
-        """Packets on their way: held by the relay, or queued in a device for it to read.
-
-        The second matters at teardown: a socket closed just before has put its FIN in the
-        device's queue, where the relay may not have looked yet (docs/internals.md,
-        "Daemons: a closed socket's FIN is in the device queue at once")."""
-        relay = self._relay
-        held = _pending(relay) if relay is not None else 0
+    def _device_queued(self) -> bool:
         poller = select.poll()
         for d in self._devices:
             if d.fd is not None:
                 poller.register(d.fd, select.POLLIN)
-        return held + len(poller.poll(0))
+        return bool(poller.poll(0))
 
     # -- processes ---------------------------------------------------------------------------
     def spawn(
@@ -338,17 +333,23 @@ class TunPair:
         relay = self._require_relay()
         return _Checkpoint(
             start=self.packets.mark(),
-            hooks=set(relay.hooks["a->b"]) | set(relay.hooks["b->a"]),
+            hooks=set(relay.hooks("a->b")) | set(relay.hooks("b->a")),
+            rules={d: relay.rules(d) for d in ("a->b", "b->a")},
             engines=dict(self._engines),
             impairments=dict(self._impairments),
             stats=self.stats,
         )
 
     def _restore(self, cp: _Checkpoint) -> None:
-        """Remove the hooks and impairments added since ``cp``; put back those it had."""
+        """Remove the hooks, rules and impairments added since ``cp``; put back those it
+        had."""
         relay = self._require_relay()
-        for hook in (set(relay.hooks["a->b"]) | set(relay.hooks["b->a"])) - cp.hooks:
+        for hook in (set(relay.hooks("a->b")) | set(relay.hooks("b->a"))) - cp.hooks:
             self.remove_hook(hook)
+        for d in ("a->b", "b->a"):
+            for rule in relay.rules(d):
+                if rule not in cp.rules.get(d, ()):
+                    relay.remove_rule(d, rule)
         for d, engine in cp.engines.items():
             if self._engines[d] is not engine:
                 self._engines[d] = engine
@@ -383,6 +384,14 @@ class TunPair:
     @property
     def mode(self) -> str:
         return self.options.mode
+
+    @property
+    def pending(self) -> int:
+        """Packets the relay holds right now (delayed, held for reordering, queued, or
+        waiting for a hook): read, not yet written or dropped. 0 when the pair is closed."""
+        if self._relay is None or self._closed:
+            return 0
+        return self._relay.pending()
 
     @property
     def seed(self) -> int:
@@ -430,8 +439,7 @@ class TunPair:
         relay = self._require_relay()
         hook = Hook(fn, direction)
         self._update_offload(busy=True)  # before the hook sees a packet
-        for d in _directions(direction):
-            relay.hooks[d] = (*relay.hooks[d], hook)
+        relay.add_hook(hook)
         return hook
 
     def remove_hook(self, handle: Hook) -> None:
@@ -440,12 +448,7 @@ class TunPair:
         Packets already handed to the hooks (read before this call) still pass through it,
         in order; later packets do not."""
         relay = self._require_relay()
-        found = False
-        for d in ("a->b", "b->a"):
-            if handle in relay.hooks[d]:
-                relay.hooks[d] = tuple(h for h in relay.hooks[d] if h is not handle)
-                found = True
-        if not found:
+        if not isinstance(handle, Hook) or not relay.remove_hook(handle):
             raise ValueError(f"{handle!r} is not a hook of this pair (removed already?)")
         self._update_offload()
 
@@ -486,7 +489,7 @@ class TunPair:
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = busy or any(relay.hooks.values()) or bool(self._impairments)
+        busy = busy or relay.needs_segments() or bool(self._impairments)
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 
@@ -518,8 +521,9 @@ class TunPair:
                 lines.append(line)
         if self._relay is not None:
             for d in ("a->b", "b->a"):
-                if self._relay.hooks[d]:
-                    lines.append(f"hooks {d}: {', '.join(map(str, self._relay.hooks[d]))}")
+                hooks = self._relay.hooks(d)
+                if hooks:
+                    lines.append(f"hooks {d}: {', '.join(map(str, hooks))}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -533,6 +537,7 @@ class _Checkpoint:
 
     start: int
     hooks: set[Hook]
+    rules: dict[str, tuple[Any, ...]]
     engines: dict[str, ImpairmentEngine | None]
     impairments: dict[str, tuple[ImpairmentSpec, bool]]
     stats: dict[str, dict[str, int]]
@@ -555,12 +560,6 @@ def _run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
             visit.leave()
 
     return run_in_disposable_thread(joined, name="tunpair-spawn")
-
-
-def _pending(relay: Relay) -> int:
-    # Packets the relay still holds: delay timers, an engine's reorder hold, hook backlog.
-    held = sum(1 for e in relay.engines.values() if e is not None and e.deadline() is not None)
-    return len(relay._timers) + held + sum(relay._backlog.values()) + len(relay.done)
 
 
 def _random_seed() -> int:
@@ -661,7 +660,7 @@ class TunPairFactory:
             if pair_cp is not None:
                 pair._restore(pair_cp)
             else:  # made during the test: goes back to nothing
-                pair._restore(_Checkpoint(0, set(), {"a->b": None, "b->a": None}, {}, {}))
+                pair._restore(_Checkpoint(0, set(), {}, {"a->b": None, "b->a": None}, {}, {}))
         if self.keeper is not None:
             self.keeper.stop_leftovers(since=cp.processes)
 
