@@ -216,13 +216,15 @@ def test_bad_ready_values_fail_before_anything_starts(tun_pair: TunPair) -> None
 # -- nothing left running ------------------------------------------------------------------------
 SETSID_SERVER = """
 import os, socket, sys, time
-child = os.fork()
-if child == 0:
+if os.fork() == 0:
     os.setsid()  # like sshd's per-connection children: out of the parent's session and group
+    with open(sys.argv[2] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(sys.argv[2] + ".tmp", sys.argv[2])
     while True:
         time.sleep(1)
-with open(sys.argv[2], "w") as f:
-    f.write(str(child))
+while not os.path.exists(sys.argv[2]):  # listen (be ready) once the child has its session
+    time.sleep(0.01)
 s = socket.create_server((sys.argv[1], 2222))
 while True:
     time.sleep(1)
