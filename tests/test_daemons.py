@@ -659,3 +659,24 @@ def test_parse_ready() -> None:
     for bad in (True, 0, 65536, ("sctp", 1), ("udp", "53"), 1.5):
         with pytest.raises((TypeError, ValueError), match=r"spawn\(ready="):
             parse_ready(bad)
+
+
+def test_a_delayed_fin_reaches_the_server_through_the_fixture(pytester: pytest.Pytester) -> None:
+    """The same through ``tun_pair``: the fixture's teardown drains before stopping."""
+    pytester.makepyfile(
+        fin_server=FIN_SERVER,
+        test_fin=f"""
+        import socket, sys
+        SERVER = {str(pytester.path / "fin_server.py")!r}
+
+        def test_close_then_end(tun_pair):
+            tun_pair.spawn([sys.executable, SERVER, tun_pair.b.ip, "result"], ready=7000)
+            with socket.create_connection((tun_pair.b.ip, 7000), timeout=10) as client:
+                client.sendall(b"hello")
+                tun_pair.packets.wait_for(lambda p: p.direction == "b->a" and p.seq > 2)
+                tun_pair.impair(delay="200ms")
+        """,
+    )
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert (pytester.path / "result").read_text() == "fin hello"
