@@ -291,7 +291,11 @@ def test_leaves_one_behind(tun_pair, tmp_path):
         f.write(str(proc.pid))
 
 def test_spawned_ones_are_quiet(tun_pair):
-    tun_pair.spawn(["sleep", "300"])
+    # A child in a session of its own is still the spawned process's: stopped, not reported.
+    tun_pair.spawn(
+        ["sh", "-c", "setsid sleep 301 & echo $! > c.tmp && mv c.tmp child; exec sleep 300"],
+        ready="child",
+    )
 """
 
 
@@ -304,6 +308,7 @@ def test_leftover_policies(pytester: pytest.Pytester, policy: str) -> None:
     result = pytester.runpytest_subprocess(*args)
     pid = int((pytester.path / "pid").read_text())
     assert not running(pid)
+    assert not running(int((pytester.path / "child").read_text()))
     out = result.stdout.str()
     message = f"stopped 1 process left running in the tunnel namespace: {pid} (sleep 300)"
     if policy == "warn":
