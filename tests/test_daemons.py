@@ -621,6 +621,16 @@ def test_still_home():
 """
 
 
+def test_dynamic_request_works_where_the_thread_can_come_back(pytester: pytest.Pytester) -> None:
+    from pytest_tunpair._userns import in_initial_user_namespace
+
+    if not in_initial_user_namespace():
+        pytest.skip("the main thread could not come back here (rootless tier)")
+    pytester.makepyfile(DYNAMIC)
+    result = pytester.runpytest_subprocess("--tunpair")
+    result.assert_outcomes(passed=3)
+
+
 def test_dynamic_request_rootless_is_one_line(pytester: pytest.Pytester) -> None:
     if os.getuid() != 0:
         pytest.skip("--tunpair-userns=always is tested as root")
