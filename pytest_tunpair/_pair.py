@@ -587,6 +587,7 @@ class FactoryCheckpoint:
 
     pairs: dict[int, _Checkpoint]
     processes: set[tuple[int, int]]
+    spawned: int
 
 
 class TunPairFactory:
@@ -640,21 +641,26 @@ class TunPairFactory:
         return self.netns.join()
 
     def begin(self) -> FactoryCheckpoint:
-        """Start one test: remember each pair's hooks, impairments and where its capture
-        is, and who runs in the namespace; :meth:`end` undoes what the test added."""
+        """Start one test: remember each pair's hooks, rules, impairments and where its
+        capture is, and who runs in the namespace; :meth:`end` undoes what the test added."""
         for pair in self.pairs:
             pair.test_start = pair.packets.mark()
         assert self.keeper is not None
         return FactoryCheckpoint(
-            {id(pair): pair._checkpoint() for pair in self.pairs}, self.keeper.snapshot()
+            {id(pair): pair._checkpoint() for pair in self.pairs},
+            self.keeper.snapshot(),
+            len(self.keeper.spawned),
         )
 
     def end(self, cp: FactoryCheckpoint) -> None:
         """End the test ``cp`` began: deliver what the relays hold (each pair's ``drain``),
-        remove its hooks and impairments, and stop processes it left running that ``spawn``
-        did not start (by the leftover policy: may raise :class:`LeftoverProcessError`)."""
+        stop what it spawned (with their descendants), remove its hooks, rules and
+        impairments, and stop the other processes it left running (by the leftover policy:
+        may raise :class:`LeftoverProcessError`)."""
         for pair in self.pairs:
             pair._drain(pair.options.drain)
+        if self.keeper is not None and len(self.keeper.spawned) > cp.spawned:
+            self.keeper.stop_family(self.keeper.spawned[cp.spawned :])
         for pair in self.pairs:
             pair_cp = cp.pairs.get(id(pair))
             if pair_cp is not None:

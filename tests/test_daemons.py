@@ -526,6 +526,11 @@ def test_impair_and_leave_one_behind(echo, tun_pair_session):
 def test_works_again(echo, tun_pair_session):
     assert tun_pair_session.describe().count("impair") == 0
     assert ask(echo) == b"hi"
+
+def test_spawns_its_own(echo, tun_pair_session):
+    proc = tun_pair_session.spawn(["sleep", "300"])  # this test's: stopped at its end
+    with open("own", "w") as f:
+        f.write(str(proc.pid))
 """,
     "test_two.py": """
 import os, socket, pytest
@@ -558,6 +563,15 @@ def test_argument_order_does_not_matter(bound_here, tun_pair_session):
 def test_plain():
     assert os.stat("/proc/thread-self/ns/net").st_ino == HOST
 
+def test_what_an_earlier_test_spawned_is_gone(tun_pair_session):
+    # Stopped at the end of the test that spawned it, not kept for the session.
+    pid = open("own").read()
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), state
+
 def test_mixing_is_refused(tun_pair, tun_pair_session):
     pass
 """,
@@ -575,7 +589,7 @@ def test_session_pair_shared_across_modules(pytester: pytest.Pytester, how: str)
     before = host_snapshot()
     result = pytester.runpytest_subprocess(*args)
     assert host_snapshot() == before
-    result.assert_outcomes(passed=5, errors=1, warnings=1)
+    result.assert_outcomes(passed=7, errors=1, warnings=1)
     result.stdout.fnmatch_lines(
         [
             "test_mixing_is_refused requests tun_pair_factory and tun_pair_factory_session: "
@@ -586,6 +600,7 @@ def test_session_pair_shared_across_modules(pytester: pytest.Pytester, how: str)
     )
     spawned = (pytester.path / "spawned").read_text().split()
     assert len(spawned) == 1 and not running(int(spawned[0]))
+    assert not running(int((pytester.path / "own").read_text()))
 
 
 # -- fixture order ---------------------------------------------------------------------------------
