@@ -569,7 +569,7 @@ class Session:
         self.say(
             f"other terminals: {nsenter_command(pair)} COMMAND   (valid while this shell runs)"
         )
-        if self.trace_path is not None and not self.plan.quiet:
+        if self.trace_path is not None and not self.trace_path.startswith("/dev/"):
             self.say(f"live trace: tail -f {shlex.quote(self.trace_path)}   ($TUNPAIR_TRACE)")
             if os.environ.get("TMUX"):
                 self.say(f"  in a tmux pane: tmux split-window -d 'tail -f {self.trace_path}'")
