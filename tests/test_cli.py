@@ -459,6 +459,9 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
         "/bin/sh",
     )
     try:
+        # Keys sent before the shell's first prompt are echoed by the terminal ahead of it,
+        # and the command's output then follows the prompt on one line: wait for the prompt.
+        t.wait_for(r"[$#]\s*\Z")
         yield t
     finally:
         t("kill-server")
