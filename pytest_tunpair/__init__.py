@@ -21,10 +21,14 @@ if TYPE_CHECKING:
         PrivilegeError,
         TunDeviceError,
         TunPairError,
+        UnexpectedPacket,
     )
+    from ._flows import Flow
+    from ._match import PacketSource
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
     from ._relay import Hook
+    from ._sockets import SocketInfo
 
 __version__ = "0.1.0"
 
@@ -39,6 +43,10 @@ _WHERE = {
     "PrivilegeError": "._errors",
     "TunDeviceError": "._errors",
     "TunPairError": "._errors",
+    "UnexpectedPacket": "._errors",
+    "Flow": "._flows",
+    "PacketSource": "._match",
+    "SocketInfo": "._sockets",
     "PairOptions": "._options",
     "Endpoint": "._pair",
     "TunPair": "._pair",
@@ -49,19 +57,23 @@ _WHERE = {
 __all__ = [
     "Capture",
     "Endpoint",
+    "Flow",
     "GsoInfo",
     "Hook",
     "HookError",
     "NamespaceError",
     "OptionError",
     "Packet",
+    "PacketSource",
     "PacketTimeout",
     "PairOptions",
     "PrivilegeError",
+    "SocketInfo",
     "TunDeviceError",
     "TunPair",
     "TunPairError",
     "TunPairFactory",
+    "UnexpectedPacket",
     "__version__",
 ]
 

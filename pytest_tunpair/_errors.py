@@ -16,6 +16,7 @@ __all__ = [
     "PrivilegeError",
     "TunDeviceError",
     "TunPairError",
+    "UnexpectedPacket",
 ]
 
 
@@ -65,14 +66,11 @@ class HookError(TunPairError, AssertionError):
         self.direction = direction
 
 
-class PacketTimeout(TunPairError, AssertionError):
-    """``packets.wait_for`` saw no matching packet in time.
-
-    The message lists what *was* captured, so the reader sees why nothing matched;
-    ``packets`` holds those packets. The list is formatted when the message is first read,
-    not when the timeout fires: decoding (and the first import of scapy) must not make the
-    wait overrun its timeout.
-    """
+class _PacketAssertion(TunPairError, AssertionError):
+    """An assertion about captured packets that failed; ``packets`` holds the ones it
+    looked at. The message's packet list is formatted when the message is first read, not
+    when the assertion fails: decoding (and the first import of scapy) must not make a wait
+    overrun its timeout."""
 
     def __init__(
         self,
@@ -93,6 +91,33 @@ class PacketTimeout(TunPairError, AssertionError):
         return self._text
 
 
+class PacketTimeout(_PacketAssertion):
+    """No matching packet came in time (``packets.wait_for``, ``expect``,
+    ``expect_sequence``, ``wait_quiet``).
+
+    The message lists what *was* captured, and for ``expect`` the fields in which the
+    closest packets differed, so the reader sees why nothing matched.
+    """
+
+
+class UnexpectedPacket(_PacketAssertion):
+    """``packets.expect_none`` saw a packet it was told must not come.
+
+    ``packet`` is that packet; ``packets`` what was examined up to it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        packet: Packet,
+        packets: Sequence[Packet] = (),
+        details: Callable[[], str] | None = None,
+    ) -> None:
+        super().__init__(message, packets=packets, details=details)
+        self.packet = packet
+
+
 # Tracebacks name the errors where users import them from: ``pytest_tunpair.PacketTimeout``,
 # not ``pytest_tunpair._errors.PacketTimeout``, whichever module raised them (as trio does).
 for _cls in (
@@ -103,6 +128,7 @@ for _cls in (
     NamespaceError,
     HookError,
     PacketTimeout,
+    UnexpectedPacket,
 ):
     _cls.__module__ = "pytest_tunpair"
 del _cls

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _routing
+from . import _linux, _routing
 from ._capture import Capture, Packet, Stats
 from ._device import TunDevice
 from ._errors import NamespaceError, TunDeviceError, TunPairError
@@ -28,6 +28,7 @@ from ._validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
     from ._impair import ImpairmentSpec
+    from ._sockets import SocketInfo
 
 __all__ = ["Endpoint", "TunPair", "TunPairFactory"]
 
@@ -135,6 +136,7 @@ class TunPair:
             max_packets=o.max_packets,
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
+            pending=self._pending,
         )
         self.a: Endpoint
         self.b: Endpoint
@@ -271,6 +273,43 @@ class TunPair:
             self._random_seed = _random_seed()
         return self._random_seed
 
+    def sockets(self, proto: str = "tcp") -> list[SocketInfo]:
+        """Every ``proto`` (``"tcp"`` or ``"udp"``) socket in the pair's namespace, as the
+        kernel reports it over NETLINK_SOCK_DIAG: the test's own and those of any process
+        started in the namespace (a daemon, ``curl``), with ``tcp_info`` for TCP.
+
+        Works from any thread: the netlink socket is created inside the namespace.
+        """
+        from ._sockets import PROTOCOLS, dump
+
+        if proto not in PROTOCOLS:
+            raise ValueError(f"sockets(proto={proto!r}): use one of {', '.join(PROTOCOLS)}")
+        ns = self._netns
+        if ns is None or not ns.active or self._closed:
+            raise TunPairError("the pair is not open: sockets() reads its namespace")
+        if ns.is_current():
+            return dump(proto)
+        # The namespace is a property of the thread: ask from a short-lived thread that
+        # enters it, leaving the caller where it is.
+        result: list[list[SocketInfo]] = []
+        failure: list[BaseException] = []
+
+        def inside() -> None:
+            try:
+                _linux.setns(ns.fd, _linux.CLONE_NEWNET)
+                result.append(dump(proto))
+            except BaseException as exc:
+                failure.append(exc)
+
+        t = threading.Thread(target=inside, name="tunpair sockets", daemon=True)
+        t.start()
+        t.join()
+        if failure:
+            raise NamespaceError(
+                f"reading the sockets of the pair's namespace failed: {failure[0]}", netns=ns.path
+            ) from failure[0]
+        return result[0]
+
     def check(self, timeout: float = 3.0) -> None:
         """Raise, in the calling thread, the first error the relay or a hook hit.
 
@@ -376,6 +415,13 @@ class TunPair:
         busy = busy or any(relay.hooks.values()) or bool(self._impairments)
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
+
+    def _pending(self) -> int:
+        relay = self._relay
+        if relay is None or self._closed:
+            return 0
+        pending = getattr(relay, "pending", None)
+        return int(pending()) if pending is not None else 0
 
     def _require_relay(self) -> Relay:
         if self._relay is None or self._closed:
