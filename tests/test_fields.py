@@ -72,8 +72,9 @@ def expected_fields(sp: ScapyPacket) -> dict[str, Any]:
     elif ICMP in sp:
         out.update(icmp_type=sp[ICMP].type, icmp_code=sp[ICMP].code)
         out["payload"] = bytes(sp[ICMP].payload)
-    elif ICMPv6EchoRequest in sp:
-        out.update(icmp_type=128, icmp_code=0, payload=sp[ICMPv6EchoRequest].data)
+    elif out["ip_proto"] == 58:  # scapy has a class per ICMPv6 type: read its bytes
+        raw = bytes(layer)
+        out.update(icmp_type=raw[0], icmp_code=raw[1], payload=raw[8:])
     else:  # another protocol: what follows the IP headers
         out["payload"] = bytes(layer)
     return out
