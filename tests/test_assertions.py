@@ -79,15 +79,17 @@ def test_every_field_equals_scapys_decode_of_real_traffic(
     assert any(len(p.payload or b"") > pair.b.mtu for p in supers)
 
 
-def test_fields_read_a_capture_quickly_enough_to_filter_it(tun_pair: TunPair) -> None:
-    # Not a benchmark (benchmarks/run.py has the figures): filtering by port must not
-    # decode with scapy, so a few thousand packets take no time worth noticing.
+def test_filters_and_flows_never_decode_with_scapy(tun_pair: TunPair) -> None:
+    # Not a benchmark (benchmarks/run.py has the figures): filtering by port and grouping
+    # into flows read the header bytes, so a capture of a download costs no scapy decode.
     assert tun_pair.b.ip
-    tcp_send(tun_pair.b.ip, os.urandom(2_000_000))
-    packets = list(tun_pair.packets)
+    sent = os.urandom(2_000_000)
+    tcp_send(tun_pair.b.ip, sent)
     data = tun_pair.packets.filter(TCP, direction="a->b", payload=lambda b: len(b) > 0)
-    assert sum(len(p.payload or b"") for p in data) == 2_000_000
-    assert all(p._scapy is None for p in packets), "a field filter decoded with scapy"
+    assert data and all(p.dport == data[0].dport for p in data)
+    (flow,) = tun_pair.packets.flows()
+    assert flow.stream("a->b") == sent and flow.handshake
+    assert all(p._scapy is None for p in tun_pair.packets), "a field filter decoded with scapy"
 
 
 # -- filters -------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def test_expect_ignore_leaves_set_fields_out(tun_pair: TunPair) -> None:
     assert tun_pair.b.ip
     with _connection(tun_pair.b.ip):
         template = IP(dst=tun_pair.b.ip, ttl=1) / TCP(flags="S")
-        with pytest.raises(PacketTimeout, match="IP.ttl: expected 1, got 64"):
+        with pytest.raises(PacketTimeout, match=r"IP\.ttl: expected 1, got 64"):
             tun_pair.packets.expect(template, timeout=0.2)
         syn = tun_pair.packets.expect(template, ignore=("IP.ttl",))
     assert syn.flags == "S"
@@ -195,7 +197,7 @@ def test_wait_quiet_waits_out_steady_traffic_then_fails(tun_pair: TunPair) -> No
     )
     try:
         tun_pair.packets.wait_for(proto="icmp", timeout=WAIT)
-        with pytest.raises(PacketTimeout, match="wait_quiet: the wire was not quiet for 0.3 s"):
+        with pytest.raises(PacketTimeout, match=r"wait_quiet: the wire was not quiet for 0\.3 s"):
             tun_pair.packets.wait_quiet(0.3, timeout=0.6)
     finally:
         ping.wait(WAIT)
