@@ -329,6 +329,14 @@ class Matcher:
         i = 0
         for tlayer, fields in self._tlayers:
             cls = type(tlayer)
+            if cls.__name__ == "Raw" and i > 0 and "load" in fields:
+                # The bytes after the layers matched so far, however scapy decoded them
+                # (with scapy.all loaded, TCP port 80 carries HTTP layers, not Raw).
+                got_load = bytes(players[i - 1].payload)
+                if got_load != fields["load"]:
+                    lines.append(f"Raw.load: expected {fields['load']!r}, got {got_load!r}")
+                    score += 1
+                continue
             j = next((k for k in range(i, len(players)) if type(players[k]) is cls), None)
             if j is None:
                 have = " / ".join(type(x).__name__ for x in players)

@@ -323,3 +323,22 @@ def test_sockets_lists_udp_too(tun_pair: TunPair) -> None:
     assert not [x for x in tun_pair.sockets("tcp") if x.local == s.getsockname()]
     with pytest.raises(ValueError, match="use one of tcp, udp"):
         tun_pair.sockets("sctp")
+
+
+def test_sockets_tcp_info_is_the_kernels_struct(tun_pair: TunPair) -> None:
+    from pytest_tunpair._sockets import decode_tcp_info
+
+    assert tun_pair.b.ip
+    with _connection(tun_pair.b.ip) as (client, _):
+        client.sendall(b"x" * 100_000)
+        own = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512)
+        (mine,) = [s for s in tun_pair.sockets() if s.local == client.getsockname()]
+    direct = decode_tcp_info(own)
+    assert set(direct) == set(mine.tcp_info)
+    for name in ("state", "snd_mss", "rcv_mss", "advmss", "pmtu", "snd_wscale", "rcv_wscale"):
+        assert mine.tcp_info[name] == direct[name], name
+    info = mine.tcp_info
+    assert info["bytes_sent"] + info["notsent_bytes"] >= 100_000  # sent, or still queued
+    assert info["pmtu"] == tun_pair.b.mtu and info["rtt"] > 0
+    assert mine.remote == (tun_pair.b.ip, client.getpeername()[1])
+    assert mine.inode == os.fstat(client.fileno()).st_ino
