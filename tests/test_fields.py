@@ -359,3 +359,46 @@ def test_the_matcher_works_on_any_packet_source() -> None:
     assert len(expect_sequence(inbox, [TCP(flags="S"), TCP(flags="A")], timeout=0)) == 2
     with pytest.raises(UnexpectedPacket):
         expect_none(inbox, TCP(flags="S"), after=0.0, during=0)
+
+
+TEMPLATE_FIELDS = {
+    "IP": {"src": "10.0.0.1", "dst": "10.0.0.2", "ttl": 17, "tos": 4, "id": 99},
+    "TCP": {"sport": 1234, "dport": 80, "flags": "PA", "seq": 7, "ack": 9, "window": 512},
+}
+OTHER_VALUES = {
+    "src": "10.0.0.9",
+    "dst": "10.0.0.8",
+    "ttl": 18,
+    "tos": 8,
+    "id": 100,
+    "sport": 1235,
+    "dport": 81,
+    "flags": "S",
+    "seq": 8,
+    "ack": 10,
+    "window": 513,
+}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ip_keys=st.sets(st.sampled_from(sorted(TEMPLATE_FIELDS["IP"]))),
+    tcp_keys=st.sets(st.sampled_from(sorted(TEMPLATE_FIELDS["TCP"]))),
+    wrong=st.sampled_from(sorted(OTHER_VALUES)),
+)
+def test_a_template_of_a_packets_own_fields_matches_and_one_changed_field_is_named(
+    ip_keys: set[str], tcp_keys: set[str], wrong: str
+) -> None:
+    ip_all, tcp_all = TEMPLATE_FIELDS["IP"], TEMPLATE_FIELDS["TCP"]
+    c = _capture(IP(**ip_all) / TCP(**tcp_all) / b"data")
+    ip_t = {k: ip_all[k] for k in ip_keys}
+    tcp_t = {k: tcp_all[k] for k in tcp_keys}
+    assert c.expect(IP(**ip_t) / TCP(**tcp_t), timeout=0).seq == 0
+    layer = "IP" if wrong in ip_all else "TCP"
+    (ip_t if layer == "IP" else tcp_t)[wrong] = OTHER_VALUES[wrong]
+    with pytest.raises(PacketTimeout) as info:
+        c.expect(IP(**ip_t) / TCP(**tcp_t), timeout=0)
+    diffs = [line.strip() for line in str(info.value).splitlines() if ": expected " in line]
+    assert len(diffs) == 1 and diffs[0].startswith(f"{layer}.{wrong}: expected "), diffs
+    # ... and ignoring it makes the template match again.
+    assert c.expect(IP(**ip_t) / TCP(**tcp_t), ignore=[f"{layer}.{wrong}"], timeout=0).seq == 0
