@@ -479,10 +479,13 @@ def wait_match(
             return None
 
 
-def _trace(source: PacketSource, packets: Sequence[Packet], count: int) -> str:
+def _trace(packets: Sequence[Packet], count: int) -> str:
     from ._capture import trace
 
-    return trace(packets, limit=TRACE_LINES, evicted=count - len(packets))
+    text = trace(packets, limit=TRACE_LINES)
+    if count > len(packets):
+        text = f"… {count - len(packets)} packets examined before these\n" + text
+    return text
 
 
 def _closest(matcher: Matcher, packets: Sequence[Packet]) -> str:
@@ -501,17 +504,13 @@ def _closest(matcher: Matcher, packets: Sequence[Packet]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _timeout_error(
-    message: str, matcher: Matcher, source: PacketSource, watch: _Watch
-) -> PacketTimeout:
+def _timeout_error(message: str, matcher: Matcher, watch: _Watch) -> PacketTimeout:
     examined = list(watch.examined)
     count = watch.count
 
     def details() -> str:
         return (
-            _closest(matcher, examined)
-            + f"trace ({count} examined):\n"
-            + _trace(source, examined, count)
+            _closest(matcher, examined) + f"trace ({count} examined):\n" + _trace(examined, count)
         )
 
     return PacketTimeout(message + f"; {count} examined\n", packets=examined, details=details)
@@ -547,7 +546,6 @@ def expect(
         raise _timeout_error(
             f"expect: no packet matched {matcher.description} within {timeout:g} s",
             matcher,
-            source,
             watch,
         )
     return found
@@ -591,7 +589,7 @@ def expect_none(
     count = watch.count
 
     def details() -> str:
-        return f"  {found.summary()}\ntrace ({count} examined):\n" + _trace(source, examined, count)
+        return f"  {found.summary()}\ntrace ({count} examined):\n" + _trace(examined, count)
 
     raise UnexpectedPacket(
         f"expect_none: packet #{found.seq} matched {matcher.description}, "
@@ -642,7 +640,6 @@ def expect_sequence(
                 f"expect_sequence: step {step} of {len(matchers)}, {matcher.description}, "
                 f"matched no packet within {timeout:g} s (steps matched: {got})",
                 matcher,
-                source,
                 watch,
             )
         found.append(pkt)
