@@ -120,7 +120,8 @@ def parse(data: bytes, start: int, mode: str) -> Parsed:
         total = data[off + 2] << 8 | data[off + 3]
         ip_proto = data[off + 9]
         ttl = data[off + 8]
-        # A GSO super-packet above 64 KiB (BIG TCP) carries total length 0.
+        # A GSO super-packet above 64 KiB (BIG TCP) carries total length 0
+        # (docs/internals.md, "Header fields: offsets, not scapy").
         end = off + total if total else n
         # Only the first fragment (offset 0) carries the transport header.
         l4 = -1 if (data[off + 6] & 0x1F or data[off + 7]) else off + (data[off] & 0x0F) * 4

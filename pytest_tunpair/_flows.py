@@ -138,10 +138,12 @@ class Flow:
     def retransmissions(self) -> list[Packet]:
         """TCP packets whose sequence range (payload, SYN and FIN) had been sent before.
 
-        Counted from the sender's side, in the order the relay read the packets: a packet
-        the relay lost or dropped was still sent, so resending it is a retransmission; the
-        relay's own duplicates (``"duplicated"``) are not. A GSO super-packet covers its
-        whole payload, so a wire-sized resend of part of it counts. Keep-alives (one byte
+        Counted as the kernel counts ``RetransSegs`` (docs/internals.md, "RetransSegs
+        counts re-sent sequence ranges, per segment"), from the sender's side, in the
+        order the relay read the packets: a packet the relay lost or dropped was still
+        sent, so resending it is a retransmission; the relay's own duplicates
+        (``"duplicated"``) are not. A GSO super-packet covers its whole payload, so a
+        wire-sized resend of part of it counts. Keep-alives (one byte
         or none, just below what was sent) do not count, as the kernel does not count them.
         """
         if self.proto != "tcp":

@@ -240,7 +240,8 @@ def dump(proto: str = "tcp") -> list[SocketInfo]:
     """Every ``proto`` socket (IPv4 and IPv6) of the calling thread's network namespace."""
     protocol = PROTOCOLS[proto]
     out: list[SocketInfo] = []
-    # A netlink socket belongs to the namespace of the thread that creates it.
+    # A netlink socket belongs to the namespace of the thread that creates it
+    # (docs/internals.md, "A sock_diag socket dumps its creator's namespace").
     with socket.socket(
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     ) as sock:

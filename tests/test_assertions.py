@@ -211,7 +211,8 @@ def test_wait_quiet_waits_out_steady_traffic_then_fails(tun_pair: TunPair) -> No
 
 def _retrans_segs() -> int:
     # /proc/thread-self/net follows this thread's namespace; /proc/self/net follows the
-    # process's main thread, which is elsewhere when tests run on a disposable thread.
+    # process's main thread, which is elsewhere when tests run on a disposable thread
+    # (docs/internals.md, "The namespace of /proc/self/net is the main thread's").
     lines = [line.split() for line in Path("/proc/thread-self/net/snmp").read_text().splitlines()]
     tcp = [line for line in lines if line[0] == "Tcp:"]
     return int(dict(zip(tcp[0][1:], tcp[1][1:], strict=True))["RetransSegs"])
