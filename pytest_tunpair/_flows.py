@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from . import _fields
+from ._capture import DELIVERED
 
 if TYPE_CHECKING:
     from ._capture import Packet
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
 __all__ = ["Flow", "flows"]
 
 DIRECTIONS = ("a->b", "b->a")
-# Not what reached the receiver: the relay dropped or lost it.
-_UNDELIVERED = frozenset({"dropped", "lost"})
 _SYN, _FIN, _RST, _ACK = 0x02, 0x01, 0x04, 0x10
 _MOD = 1 << 32
 _HALF = 1 << 31
@@ -51,8 +50,7 @@ class _Unwrap:
 def _order(p: Packet) -> float:
     # The order the sender sent in: when the relay read the packet (``arrival``), which a
     # reordering or delaying relay may write much later (``time``).
-    arrival = getattr(p, "arrival", None)
-    return p.time if arrival is None else float(arrival)
+    return p.arrival
 
 
 class Flow:
@@ -88,7 +86,7 @@ class Flow:
         out = {d: {"packets": 0, "bytes": 0, "dropped": 0} for d in DIRECTIONS}
         for p in self.packets:
             c = out[p.direction]
-            if p.action in _UNDELIVERED:
+            if p.action not in DELIVERED:
                 c["dropped"] += 1
             else:
                 c["packets"] += 1
@@ -206,7 +204,7 @@ class Flow:
         unwrap: _Unwrap | None = None
         base: int | None = None
         for p in sorted(self.in_direction(direction), key=_order):
-            if p.action in _UNDELIVERED or p.action == "corrupted":
+            if p.action not in DELIVERED or p.action == "corrupted":
                 continue
             flags = p._parsed()[_fields.TCP_FLAGS]
             seq = p.tcp_seq
@@ -236,7 +234,7 @@ class Flow:
         return bytes(out)
 
     def _delivered(self) -> Iterable[Packet]:
-        return (p for p in self.packets if p.action not in _UNDELIVERED)
+        return (p for p in self.packets if p.action in DELIVERED)
 
     def __repr__(self) -> str:
         (a, ap), (b, bp) = self.endpoints

@@ -16,17 +16,15 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from . import _fields
+from ._capture import _FAST_LAYERS, DELIVERED, Packet, trace
+from ._capture import _may_tunnel as _parsed_may_tunnel
 from ._errors import PacketTimeout, UnexpectedPacket
 
-if TYPE_CHECKING:
-    from ._capture import Packet
-
 __all__ = [
-    "UNDELIVERED",
     "Matcher",
     "PacketSource",
     "compile_match",
@@ -38,9 +36,6 @@ __all__ = [
 ]
 
 DIRECTIONS = ("a->b", "b->a")
-#: Actions of packets that did not reach the other device. Expectations look at the rest
-#: (forwarded, injected, modified, delayed, ...) unless given ``action=``.
-UNDELIVERED = frozenset({"dropped", "lost"})
 #: ``action=ANY_ACTION``: every packet counts, whatever the relay did with it.
 ANY_ACTION: Any = type("AnyAction", (), {"__repr__": lambda self: "ANY_ACTION"})()
 # How many packets a failure message lists as the closest candidates, and how many of the
@@ -260,7 +255,7 @@ class Matcher:
         checks: list[tuple[str, Any]] = []
         for layer, fields in self._tlayers:
             name = type(layer).__name__
-            if type(layer).__module__.startswith("scapy.") and name in _fields_layers():
+            if type(layer).__module__.startswith("scapy.") and name in _FAST_LAYERS:
                 checks.append(("layer", name))
             for k, v in fields.items():
                 attr = _FAST_FIELDS.get((name, k))
@@ -290,7 +285,7 @@ class Matcher:
         if self.action is ANY_ACTION:
             pass
         elif self.action is None:
-            if p.action in UNDELIVERED:
+            if p.action not in DELIVERED:
                 out.append(f"action: expected a delivered packet, got {p.action!r}")
         elif not (self.action(p.action) if callable(self.action) else p.action == self.action):
             out.append(f"action: expected {self.action!r}, got {p.action!r}")
@@ -375,16 +370,8 @@ class Matcher:
         return score, lines
 
 
-def _fields_layers() -> Collection[str]:
-    from ._capture import _FAST_LAYERS
-
-    return _FAST_LAYERS
-
-
 def _may_tunnel(p: Packet) -> bool:
-    from ._capture import _may_tunnel as may
-
-    return may(p._parsed())
+    return _parsed_may_tunnel(p._parsed())
 
 
 def _is_template(obj: Any) -> bool:
@@ -480,8 +467,6 @@ def wait_match(
 
 
 def _trace(packets: Sequence[Packet], count: int) -> str:
-    from ._capture import trace
-
     text = trace(packets, limit=TRACE_LINES)
     if count > len(packets):
         text = f"… {count - len(packets)} packets examined before these\n" + text

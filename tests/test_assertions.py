@@ -343,3 +343,35 @@ def test_sockets_tcp_info_is_the_kernels_struct(tun_pair: TunPair) -> None:
     info = mine.tcp_info
     assert info["bytes_sent"] + info["notsent_bytes"] >= 100_000  # sent, or still queued
     assert info["pmtu"] == tun_pair.b.mtu and info["rtt"] > 0
+
+
+def test_wait_quiet_waits_for_packets_held_in_the_relay(tun_pair: TunPair) -> None:
+    assert tun_pair.b.ip
+    tun_pair.impair(delay="400ms", direction="a->b")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv:
+        srv.bind((tun_pair.b.ip, 0))
+        port = srv.getsockname()[1]
+        _udp(tun_pair.b.ip, port)
+        # Nothing is recorded while the datagram is delayed; the relay still holds it.
+        tun_pair.packets.wait_quiet(0.1, timeout=WAIT)
+        (got,) = tun_pair.packets.filter(dport=port)
+        assert got.action == "delayed" and got.sojourn >= 0.35
+
+
+def test_wait_quiet_waits_for_a_slow_hook(tun_pair: TunPair) -> None:
+    assert tun_pair.b.ip
+    release = threading.Event()
+
+    def slow(p: object) -> None:
+        release.wait(WAIT)
+
+    tun_pair.add_hook(slow, direction="a->b")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv:
+        srv.bind((tun_pair.b.ip, 0))
+        port = srv.getsockname()[1]
+        _udp(tun_pair.b.ip, port)
+        with pytest.raises(PacketTimeout, match="1 held in the relay"):
+            tun_pair.packets.wait_quiet(0.1, timeout=0.5)
+        release.set()
+        tun_pair.packets.wait_quiet(0.1, timeout=WAIT)
+        assert [p.action for p in tun_pair.packets.filter(dport=port)] == ["forwarded"]

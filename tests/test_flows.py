@@ -161,3 +161,20 @@ def test_udp_and_icmp_flows() -> None:
         dns.stream("a->b")
     with pytest.raises(ValueError, match="direction"):
         dns.in_direction("up")
+
+
+def test_a_segment_the_relay_reordered_is_not_a_retransmission() -> None:
+    capture = Capture()
+
+    def seg(seq: int, data: bytes, arrival: float, time: float, action: str) -> Packet:
+        layers = IP(src=A, dst=B) / TCP(sport=1, dport=2, flags="PA", seq=seq) / data
+        p = Packet(time, "a->b", action, bytes(layers), 0, "tun", arrival)
+        capture.record(p)
+        return p
+
+    seg(100, b"b" * 10, arrival=0.002, time=0.002, action="forwarded")
+    # Read first, held back and written after the one above: recorded second.
+    seg(90, b"a" * 10, arrival=0.001, time=0.003, action="reordered")
+    (flow,) = capture.flows()
+    assert flow.retransmissions == []
+    assert flow.stream("a->b") == b"a" * 10 + b"b" * 10
