@@ -10,6 +10,7 @@ extension headers), RFC 9293 (TCP), RFC 768 (UDP), RFC 826 (ARP), IEEE 802.1Q (V
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Final
 
 __all__ = ["ECN_NAMES", "FIELDS", "PROTO_NAMES", "Parsed", "parse"]
@@ -85,6 +86,14 @@ Parsed = tuple[
     bool,  # ARP
 ]
 
+# Version/IHL, TOS, total length, (id skipped), flags/fragment offset, TTL, protocol.
+_V4 = struct.Struct("!BBH2xHBB")
+# Version/traffic class/flow label word, payload length, next header, hop limit.
+_V6 = struct.Struct("!IHBB")
+# Ports, (sequence and acknowledgment numbers skipped), data offset/NS byte, flags byte.
+_TCP = struct.Struct("!HH8xBB")
+_PORT_PAIR = struct.Struct("!HH")
+
 _NOTHING: Parsed = (None, None, -1, -1, 0, None, None, None, None, None, -1, False)
 
 
@@ -116,22 +125,17 @@ def parse(data: bytes, start: int, mode: str) -> Parsed:
     if version == 4:
         if n < off + 20:
             return (4, None, off, -1, n, None, None, None, None, None, -1, False)
-        tclass = data[off + 1]
-        total = data[off + 2] << 8 | data[off + 3]
-        ip_proto = data[off + 9]
-        ttl = data[off + 8]
+        vihl, tclass, total, frag, ttl, ip_proto = _V4.unpack_from(data, off)
         # A GSO super-packet above 64 KiB (BIG TCP) carries total length 0
         # (docs/internals.md, "Header fields: offsets, not scapy").
         end = off + total if total else n
         # Only the first fragment (offset 0) carries the transport header.
-        l4 = -1 if (data[off + 6] & 0x1F or data[off + 7]) else off + (data[off] & 0x0F) * 4
+        l4 = -1 if frag & 0x1FFF else off + (vihl & 0x0F) * 4
     elif version == 6:
         if n < off + 40:
             return (6, None, off, -1, n, None, None, None, None, None, -1, False)
-        tclass = (data[off] & 0x0F) << 4 | data[off + 1] >> 4
-        plen = data[off + 4] << 8 | data[off + 5]
-        ip_proto = data[off + 6]
-        ttl = data[off + 7]
+        word, plen, ip_proto, ttl = _V6.unpack_from(data, off)
+        tclass = word >> 20 & 0xFF
         l4 = off + 40
         end = l4 + plen if plen else n  # 0: jumbogram (RFC 2675) or BIG TCP
         while l4 >= 0:
@@ -160,18 +164,18 @@ def parse(data: bytes, start: int, mode: str) -> Parsed:
     # (the retransmission count needs the real length); reads stop at what is there.
     lim = min(end, n)
     if 0 <= l4 < lim:
-        if ip_proto in _PORTS and lim >= l4 + 4:
-            sport = data[l4] << 8 | data[l4 + 1]
-            dport = data[l4 + 2] << 8 | data[l4 + 3]
         if ip_proto == 6:
             if lim >= l4 + 20:
-                flags = (data[l4 + 12] & 1) << 8 | data[l4 + 13]
-                poff = l4 + (data[l4 + 12] >> 4) * 4
-        elif ip_proto == 17 or ip_proto == 1 or ip_proto == 58:
-            # UDP's header, and ICMP's type, code, checksum and 4 bytes of rest-of-header.
-            poff = l4 + 8
+                sport, dport, doff, flags = _TCP.unpack_from(data, l4)
+                flags |= (doff & 1) << 8
+                poff = l4 + (doff >> 4) * 4
+            elif lim >= l4 + 4:
+                sport, dport = _PORT_PAIR.unpack_from(data, l4)
         else:
-            poff = l4
+            if ip_proto in _PORTS and lim >= l4 + 4:
+                sport, dport = _PORT_PAIR.unpack_from(data, l4)
+            # UDP's header, and ICMP's type, code, checksum and 4 bytes of rest-of-header.
+            poff = l4 + 8 if ip_proto == 17 or ip_proto == 1 or ip_proto == 58 else l4
         if poff > lim:
             poff = -1
     return (version, ip_proto, off, l4, end, sport, dport, ttl, tclass, flags, poff, False)
