@@ -13,7 +13,7 @@ import socket
 import struct
 from typing import Final
 
-__all__ = ["ECN_NAMES", "FIELDS", "PROTO_NAMES", "Parsed", "parse"]
+__all__ = ["ECN_NAMES", "FIELDS", "FLAG_LETTERS", "FLAG_STRINGS", "PROTO_NAMES", "Parsed", "parse"]
 
 #: Every field a ``Packet`` parses without scapy, as ``filter()``/``wait_for()`` keywords.
 FIELDS = (
@@ -40,9 +40,9 @@ PROTO_NAMES: dict[int | None, str] = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv
 ECN_NAMES = ("not-ect", "ect1", "ect0", "ce")
 # TCP flag letters in bit order, as scapy writes them (str(TCP(flags="SA").flags) == "SA"):
 # FIN SYN RST PSH ACK URG ECE CWR, then NS (RFC 3540), the low bit of byte 12.
-_FLAG_LETTERS = "FSRPAUECN"
+FLAG_LETTERS = "FSRPAUECN"
 FLAG_STRINGS = tuple(
-    "".join(letter for bit, letter in enumerate(_FLAG_LETTERS) if n >> bit & 1) for n in range(512)
+    "".join(letter for bit, letter in enumerate(FLAG_LETTERS) if n >> bit & 1) for n in range(512)
 )
 
 ETH_P_IP = 0x0800

@@ -78,6 +78,17 @@ def _address(value: str, what: str) -> str:
         ) from None
 
 
+def _flags(value: str, what: str) -> str:
+    # In the packet's order whatever the order given, as scapy's TCP(flags="AS") is "SA".
+    unknown = set(value) - set(_fields.FLAG_LETTERS)
+    if unknown or len(set(value)) != len(value):
+        raise ValueError(
+            f"{what}(flags={value!r}): give each TCP flag once, in scapy's letters "
+            f"{_fields.FLAG_LETTERS} (e.g. 'SA'), or a predicate (lambda f: 'R' in f)"
+        )
+    return "".join(letter for letter in _fields.FLAG_LETTERS if letter in value)
+
+
 def _check_direction(direction: str | None, what: str) -> None:
     if direction is not None and direction not in DIRECTIONS:
         raise ValueError(f"{what}(direction={direction!r}): use 'a->b', 'b->a' or None (both)")
@@ -105,6 +116,8 @@ def packet_filter(
             raise TypeError(f"{what}() got an unexpected keyword argument {name!r}; valid: {valid}")
         if (name == "src" or name == "dst") and isinstance(value, str):
             value = _address(value, f"{what}({name}")
+        if name == "flags" and isinstance(value, str):
+            value = _flags(value, what)
         if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
             value = value.compressed
         tests.append((name, value, callable(value)))

@@ -165,16 +165,27 @@ class SocketInfo:
     """
 
     proto: str
+    """``"tcp"`` or ``"udp"``."""
     family: int
+    """``socket.AF_INET`` or ``socket.AF_INET6``."""
     local: tuple[str, int]
+    """The socket's own ``(address, port)``."""
     remote: tuple[str, int]
+    """The peer's ``(address, port)``; ``("0.0.0.0", 0)`` (or ``("::", 0)``) if none."""
     state: str
+    """The TCP state by the kernel's name, see :data:`TCP_STATES`."""
     inode: int
+    """The socket's inode: ``/proc/PID/fd/N`` links to ``socket:[inode]``."""
     uid: int
+    """The socket's owner."""
     rqueue: int
+    """Bytes received and not read yet (a listener: connections waiting for accept)."""
     wqueue: int
+    """Bytes written and not acknowledged yet (a listener: its backlog)."""
     tcp_info: Mapping[str, int] = field(default_factory=dict)
+    """``struct tcp_info`` by the kernel's names without ``tcpi_``; empty if none."""
     congestion: str | None = None
+    """The congestion control algorithm (``"cubic"``, ``"bbr"``), TCP only."""
 
     def pids(self) -> list[int]:
         """Processes holding this socket open (by scanning ``/proc/*/fd``; only processes

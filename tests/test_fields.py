@@ -226,6 +226,10 @@ def test_filter_by_fields_values_and_predicates() -> None:
     )
     assert [p.seq for p in c.filter(dport=53)] == [0]
     assert [p.seq for p in c.filter(TCP, dport=80, flags="S")] == [1]
+    assert [p.seq for p in c.filter(flags="AS")] == [2]  # any order, as scapy's flags
+    assert [p.seq for p in c.filter(flags=lambda f: "S" in f)] == [1, 2]
+    with pytest.raises(ValueError, match="FSRPAUECN"):
+        c.filter(flags="SYN")
     assert [p.seq for p in c.filter(sport=lambda p: p > 1024)] == [0, 2]
     assert [p.seq for p in c.filter(dst="2001:DB8:0::2")] == [2]  # normalised
     assert [p.seq for p in c.filter(proto="tcp", direction="b->a")] == [2]
