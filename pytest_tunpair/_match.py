@@ -266,9 +266,15 @@ class Matcher:
 
     def _fast_checks(self) -> list[tuple[str, Any]]:
         checks: list[tuple[str, Any]] = []
+        seen: set[str] = set()
         for layer, fields in self._tlayers:
             name = type(layer).__name__
-            if type(layer).__module__.startswith("scapy.") and name in _FAST_LAYERS:
+            if not type(layer).__module__.startswith("scapy.") or name in seen:
+                # Someone else's class, or a second IP (a tunnel's inner one): the parsed
+                # fields describe the outer stack only, scapy compares the rest.
+                continue
+            seen.add(name)
+            if name in _FAST_LAYERS:
                 checks.append(("layer", name))
             for k, v in fields.items():
                 attr = _FAST_FIELDS.get((name, k))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
     IPv6,
@@ -406,3 +406,18 @@ def test_a_template_of_a_packets_own_fields_matches_and_one_changed_field_is_nam
     assert len(diffs) == 1 and diffs[0].startswith(f"{layer}.{wrong}: expected "), diffs
     # ... and ignoring it makes the template match again.
     assert c.expect(IP(**ip_t) / TCP(**tcp_t), ignore=[f"{layer}.{wrong}"], timeout=0).seq == 0
+
+
+def test_templates_over_a_tunnel_and_an_icmp_error() -> None:
+    c = _capture(
+        IP(src="10.0.0.1", dst="10.0.0.2") / IP(src="192.0.2.1", dst="192.0.2.2") / TCP(dport=22),
+        IP(dst="10.0.0.2") / ICMP(type=3, code=3) / IP(dst="10.0.0.9") / UDP(dport=53),
+    )
+    inner = IP(dst="10.0.0.2") / IP(dst="192.0.2.2") / TCP(dport=22)
+    assert c.expect(inner, timeout=0).seq == 0
+    # scapy decodes the header an ICMP error quotes as IPerror / UDPerror.
+    error = IP(dst="10.0.0.2") / ICMP(type=3) / IPerror(dst="10.0.0.9") / UDPerror(dport=53)
+    assert c.expect(error, timeout=0).seq == 1
+    with pytest.raises(PacketTimeout, match=r"IP: no such layer .*IP / ICMP / IPerror"):
+        c.expect(IP(dst="10.0.0.2") / ICMP(type=3) / IP(dst="10.0.0.9"), timeout=0)
+    assert c.filter(UDP) == [] and UDP not in c[1].scapy  # the quoted header is UDPerror
