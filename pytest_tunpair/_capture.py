@@ -331,13 +331,17 @@ class Packet:
         when the packet may carry another packet inside (IP-in-IP, GRE, UDP tunnels), and
         any other layer is asked of scapy.
         """
-        name = layer if isinstance(layer, str) else getattr(layer, "__name__", None)
-        fast = _FAST_LAYERS.get(name) if name else None
-        if fast is not None and (isinstance(layer, str) or _is_scapy_layer(layer)):
+        if isinstance(layer, str):
+            name: str | None = layer
+        elif str(getattr(layer, "__module__", "")).startswith("scapy."):
+            name = getattr(layer, "__name__", None)
+        else:
+            name = None  # someone else's class of the same name
+        if name in _fields.LAYERS:
             f = self._parsed()
-            if fast(self, f):
+            if _fields.has_layer(name, self.mode, f):
                 return True
-            if not _may_tunnel(f):
+            if not _fields.may_tunnel(f):
                 return False
         return bool(self.scapy.haslayer(layer))
 
@@ -369,36 +373,6 @@ class Packet:
             f"<Packet {number} t={self.time:.6f} {self.direction} {self.action} "
             f"{self.wire_len} bytes>"
         )
-
-
-def _is_scapy_layer(layer: Any) -> bool:
-    return str(getattr(layer, "__module__", "")).startswith("scapy.")
-
-
-# Layer -> "does the parsed packet have it", for the layers the header parser reads. Each
-# answer matches scapy's decode of the outer stack.
-_FAST_LAYERS: dict[str, Callable[[Packet, _fields.Parsed], bool]] = {
-    "Ether": lambda p, f: p.mode == "tap",
-    "ARP": lambda p, f: bool(f[_fields.ARP]),
-    "IP": lambda p, f: f[_fields.VERSION] == 4,
-    "IPv6": lambda p, f: f[_fields.VERSION] == 6,
-    "TCP": lambda p, f: f[_fields.IP_PROTO] == 6 and f[_fields.TCP_FLAGS] is not None,
-    "UDP": lambda p, f: f[_fields.IP_PROTO] == 17 and f[_fields.PAYLOAD] >= 0,
-    "ICMP": lambda p, f: f[_fields.IP_PROTO] == 1 and f[_fields.PAYLOAD] >= 0,
-}
-# What scapy may find a second IP/TCP/UDP stack inside: IP-in-IP (4), IPv6-in-IP (41), GRE
-# (47), EtherIP (97), L2TPv3 (115), and UDP on the ports scapy binds tunnels to (VXLAN
-# 4789/4790, Geneve 6081, GTP-U 2152 and GTP-C 2123, L2TP 1701).
-_TUNNEL_PROTOS = frozenset((4, 41, 47, 97, 115))
-_TUNNEL_PORTS = frozenset((4789, 4790, 6081, 2152, 2123, 1701))
-
-
-def _may_tunnel(f: _fields.Parsed) -> bool:
-    if f[_fields.IP_PROTO] in _TUNNEL_PROTOS:
-        return True
-    return f[_fields.IP_PROTO] == 17 and (
-        f[_fields.SPORT] in _TUNNEL_PORTS or f[_fields.DPORT] in _TUNNEL_PORTS
-    )
 
 
 # The trace shows how long the relay held packets it delayed on purpose, and any other

@@ -13,7 +13,18 @@ import socket
 import struct
 from typing import Final
 
-__all__ = ["ECN_NAMES", "FIELDS", "FLAG_LETTERS", "FLAG_STRINGS", "PROTO_NAMES", "Parsed", "parse"]
+__all__ = [
+    "ECN_NAMES",
+    "FIELDS",
+    "FLAG_LETTERS",
+    "FLAG_STRINGS",
+    "LAYERS",
+    "PROTO_NAMES",
+    "Parsed",
+    "has_layer",
+    "may_tunnel",
+    "parse",
+]
 
 #: Every field a ``Packet`` parses without scapy, as ``filter()``/``wait_for()`` keywords.
 FIELDS = (
@@ -218,3 +229,36 @@ def icmp_byte(data: bytes, f: Parsed, at: int) -> int | None:
     ):
         return data[f[L4] + at]
     return None
+
+
+#: scapy layers whose presence the parsed offsets tell (``TCP in packet`` without scapy).
+LAYERS = frozenset(("Ether", "ARP", "IP", "IPv6", "TCP", "UDP", "ICMP"))
+# What scapy may find a second IP/TCP/UDP stack inside: IP-in-IP (4), IPv6-in-IP (41), GRE
+# (47), EtherIP (97), L2TPv3 (115), and UDP on the ports scapy binds tunnels to (VXLAN
+# 4789/4790, Geneve 6081, GTP-U 2152 and GTP-C 2123, L2TP 1701).
+_TUNNEL_PROTOS = frozenset((4, 41, 47, 97, 115))
+_TUNNEL_PORTS = frozenset((4789, 4790, 6081, 2152, 2123, 1701))
+
+
+def has_layer(name: str, mode: str, f: Parsed) -> bool:
+    """Whether scapy's decode of the outer stack has layer ``name`` (one of :data:`LAYERS`)."""
+    if name == "TCP":
+        return f[IP_PROTO] == 6 and f[TCP_FLAGS] is not None
+    if name == "UDP":
+        return f[IP_PROTO] == 17 and f[PAYLOAD] >= 0
+    if name == "IP":
+        return f[VERSION] == 4
+    if name == "IPv6":
+        return f[VERSION] == 6
+    if name == "ICMP":
+        return f[IP_PROTO] == 1 and f[PAYLOAD] >= 0
+    if name == "ARP":
+        return f[ARP]
+    return name == "Ether" and mode == "tap"
+
+
+def may_tunnel(f: Parsed) -> bool:
+    """The packet may carry another packet inside, which scapy decodes too."""
+    if f[IP_PROTO] in _TUNNEL_PROTOS:
+        return True
+    return f[IP_PROTO] == 17 and (f[SPORT] in _TUNNEL_PORTS or f[DPORT] in _TUNNEL_PORTS)

@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from . import _fields
-from ._capture import _FAST_LAYERS, DELIVERED, Packet, trace
-from ._capture import _may_tunnel as _parsed_may_tunnel
+from ._capture import DELIVERED, Packet, trace
 from ._errors import PacketTimeout, UnexpectedPacket
 
 __all__ = [
@@ -274,7 +273,7 @@ class Matcher:
                 # fields describe the outer stack only, scapy compares the rest.
                 continue
             seen.add(name)
-            if name in _FAST_LAYERS:
+            if name in _fields.LAYERS:
                 checks.append(("layer", name))
             for k, v in fields.items():
                 attr = _FAST_FIELDS.get((name, k))
@@ -390,7 +389,7 @@ class Matcher:
 
 
 def _may_tunnel(p: Packet) -> bool:
-    return _parsed_may_tunnel(p._parsed())
+    return _fields.may_tunnel(p._parsed())
 
 
 def _is_template(obj: Any) -> bool:
