@@ -13,14 +13,13 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from . import _fields
-from ._capture import DELIVERED
+from ._capture import DELIVERED, DIRECTIONS
 
 if TYPE_CHECKING:
     from ._capture import Packet
 
 __all__ = ["Flow", "flows"]
 
-DIRECTIONS = ("a->b", "b->a")
 _SYN, _FIN, _RST, _ACK = 0x02, 0x01, 0x04, 0x10
 _MOD = 1 << 32
 _HALF = 1 << 31

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from . import _fields
-from ._capture import DELIVERED, Packet, trace
+from ._capture import DELIVERED, DIRECTIONS, Packet, trace
 from ._errors import PacketTimeout, UnexpectedPacket
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "wait_match",
 ]
 
-DIRECTIONS = ("a->b", "b->a")
 #: ``action=ANY_ACTION``: every packet counts, whatever the relay did with it.
 ANY_ACTION: Any = type("AnyAction", (), {"__repr__": lambda self: "ANY_ACTION"})()
 # How many packets a failure message lists as the closest candidates, and how many of the
@@ -66,14 +65,14 @@ class PacketSource(Protocol):
 # -- field filters ------------------------------------------------------------------------------
 
 
-def _address(value: str, what: str) -> str:
+def _address(value: str, name: str, what: str) -> str:
     # Users write "fd00::0001" or "FD00::1"; the parser gives inet_ntop's compressed form.
     try:
         return ipaddress.ip_address(value).compressed
     except ValueError:
         raise ValueError(
-            f"{what}={value!r} is not an IP address: give one like '10.0.0.2' or 'fd00::2', "
-            "or a predicate (lambda a: a.startswith('10.'))"
+            f"{what}({name}={value!r}): not an IP address; give one like '10.0.0.2' or "
+            "'fd00::2', or a predicate (lambda a: a.startswith('10.'))"
         ) from None
 
 
@@ -114,7 +113,7 @@ def packet_filter(
             valid = ", ".join(("direction", "action", *_fields.FIELDS))
             raise TypeError(f"{what}() got an unexpected keyword argument {name!r}; valid: {valid}")
         if (name == "src" or name == "dst") and isinstance(value, str):
-            value = _address(value, f"{what}({name}")
+            value = _address(value, name, what)
         if name == "flags" and isinstance(value, str):
             value = _flags(value, what)
         if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
