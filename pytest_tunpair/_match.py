@@ -226,9 +226,7 @@ class Matcher:
         self.template: Any = None
         self.predicate: Callable[[Packet], Any] | None = None
         self.layer: Any = None
-        ignore = tuple(ignore)
-        if isinstance(ignore, str):
-            ignore = (ignore,)
+        ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
         if _is_template(match):
             self.template = match
             self._tlayers = [(layer, _explicit_fields(layer)) for layer in _layers(match)]

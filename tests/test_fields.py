@@ -271,6 +271,7 @@ def test_template_compares_only_the_fields_it_sets() -> None:
     assert c.expect(TCP(sport=80), timeout=0).seq == 1  # a layer anywhere in the packet
     assert c.expect(IP(dst="10.0.0.0/24") / TCP(flags="SA"), timeout=0).seq == 1  # a Net
     assert c.expect(IP(ttl=1) / TCP(flags="S"), timeout=0, ignore=["IP.ttl"]).seq == 0
+    assert c.expect(IP(ttl=1) / TCP(flags="S"), timeout=0, ignore="IP.ttl").seq == 0
 
 
 def test_template_failure_names_the_fields_that_differed() -> None:
