@@ -340,6 +340,8 @@ class Matcher:
         for tlayer, fields in self._tlayers:
             cls = type(tlayer)
             if cls.__name__ == "Raw" and i > 0 and "load" in fields:
+                if "Raw.load" in self._ignore:
+                    continue
                 # The bytes after the layers matched so far, however scapy decoded them
                 # (with scapy.all loaded, TCP port 80 carries HTTP layers, not Raw).
                 got_load = bytes(players[i - 1].payload)
