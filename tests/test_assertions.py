@@ -375,3 +375,32 @@ def test_wait_quiet_waits_for_a_slow_hook(tun_pair: TunPair) -> None:
         release.set()
         tun_pair.packets.wait_quiet(0.1, timeout=WAIT)
         assert [p.action for p in tun_pair.packets.filter(dport=port)] == ["forwarded"]
+
+
+def test_a_failed_expectation_reads_well_in_the_pytest_report(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import socket
+        from scapy.layers.inet import IP, TCP
+
+        def test_wants_a_reset(tun_pair):
+            with socket.create_server((tun_pair.a.ip, 0)) as server:
+                client = socket.create_connection(server.getsockname())
+                conn, _ = server.accept()
+                tun_pair.packets.expect(IP(dst=tun_pair.b.ip) / TCP(flags="R"), timeout=0.3)
+        """
+    )
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E*.PacketTimeout: expect: no packet matched IP(dst='198.18.0.2')/TCP(flags='R')*",
+            "E * closest:",
+            "E * #1 * a->b forwarded  IP / TCP 198.18.0.1:* > 198.18.0.2:* SA, length 60",
+            "E * TCP.flags: expected 'R', got 'SA'",
+            "E * trace (3 examined):",
+            "*Captured packets call*",
+        ]
+    )
+    # The helpers hide their frames: the traceback ends at the test's own line.
+    assert "_match.py" not in result.stdout.str()
