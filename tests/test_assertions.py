@@ -304,7 +304,9 @@ def test_sockets_show_a_daemons_connection_with_its_tcp_info(
         info = daemon.tcp_info
         assert info["rtt"] > 0 and info["snd_cwnd"] > 0 and info["pmtu"] == tun_pair.b.mtu
         assert info["total_retrans"] > 0, info
-        assert info["bytes_acked"] >= 2_000_000
+        # Sent, at least what the client read (the ACKs for the last of it may be on their
+        # way, or lost: bytes_acked can lag).
+        assert info["bytes_sent"] >= 2_000_000
         # The same socket from another thread (outside the namespace) reads the same.
         other: list[object] = []
         t = threading.Thread(target=lambda: other.append(tun_pair.sockets()))
