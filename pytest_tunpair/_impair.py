@@ -79,7 +79,20 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ._schema import Duration, Int, Probability, Rate, changed, declared, option, validate
+from ._queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec
+from ._schema import (
+    Bool,
+    Choice,
+    Duration,
+    Int,
+    Invalid,
+    Probability,
+    Rate,
+    changed,
+    declared,
+    option,
+    validate,
+)
 
 __all__ = [
     "ACTIONS",
@@ -107,6 +120,32 @@ REORDER_MIN_HOLD = 0.005
 _PROBABILITY = Probability()
 _DURATION = Duration()
 _RATE = Rate()
+
+
+class _AqmDuration(Duration):
+    """A duration > 0, or None for the queue discipline's own default (CoDel's, PIE's)."""
+
+    allowed = (
+        "a duration > 0: seconds as a number, or a string with unit s, ms or us"
+        " (e.g. '5ms'); None for the discipline's default"
+    )
+
+    def check(self, value: object) -> float | None:  # type: ignore[override]
+        if value is None:
+            return None
+        seconds = super().check(value)
+        if seconds <= 0.0:
+            raise self.refuse()
+        return seconds
+
+    def format(self, value: Any) -> str:
+        return "None" if value is None else super().format(value)
+
+    def from_text(self, text: str) -> Any:
+        try:
+            return super().from_text(text)
+        except Invalid:
+            raise Invalid("add a unit (5ms, 100ms)") from None
 
 
 @dataclass(frozen=True)
@@ -179,6 +218,52 @@ class ImpairmentSpec:
         reason_names_option=True,
         group="impair",
     )
+    limit: int = option(
+        DEFAULT_LIMIT,
+        Int(1, what="a whole number of packets >= 1"),
+        "packets a direction may hold (waiting, on the wire, delayed), as netem's limit; "
+        "beyond it the queue discipline drops",
+        reason_names_option=True,
+        group="impair",
+    )
+    limit_bytes: int | None = option(
+        None,
+        Int(1, optional=True, what="None or a whole number of bytes >= 1"),
+        "bytes a direction may hold, on top of limit (None: no bound in bytes)",
+        reason_names_option=True,
+        group="impair",
+    )
+    queue: str = option(
+        "droptail",
+        Choice(DISCIPLINES),
+        "queue discipline: droptail drops the arrival, drophead the oldest waiting packet; "
+        "codel (RFC 8289) and pie (RFC 8033) drop early to keep the queueing delay near target",
+        reason_names_option=True,
+        group="impair",
+    )
+    target: float | None = option(
+        None,
+        _AqmDuration(),
+        "queueing delay CoDel or PIE aim at",
+        reason_names_option=True,
+        group="impair",
+        default_doc="5ms (codel), 15ms (pie)",
+    )
+    interval: float | None = option(
+        None,
+        _AqmDuration(),
+        "CoDel's interval: how long the delay may stay above target before it drops",
+        reason_names_option=True,
+        group="impair",
+        default_doc="100ms",
+    )
+    ecn: bool = option(
+        False,
+        Bool(),
+        "mark ECN-capable packets CE where CoDel, PIE or loss would drop them",
+        reason_names_option=True,
+        group="impair",
+    )
     seed: int | None = option(
         None,
         Int(None, optional=True, what="an int, or None to use the session seed"),
@@ -215,6 +300,17 @@ class ImpairmentSpec:
                 f"allowed: {', '.join(allowed)}"
             )
         return cls(**kwargs)
+
+    def queue_spec(self) -> QueueSpec:
+        """The bottleneck queue these parameters describe (``limit`` ... ``ecn``)."""
+        return QueueSpec(
+            limit=self.limit,
+            limit_bytes=self.limit_bytes,
+            discipline=self.queue,  # type: ignore[arg-type]  # checked by its Choice
+            target=self.target,
+            interval=self.interval,
+            ecn=self.ecn,
+        )
 
     @property
     def active(self) -> bool:

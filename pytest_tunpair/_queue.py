@@ -155,8 +155,8 @@ class QueueSpec:
     ``ecn`` marks ECN-capable packets instead of dropping them where the AQM would drop.
     ``mtu`` is what the AQMs count as one full-sized packet.
 
-    Construction checks the values (``ValueError``); the user-facing parsing of strings
-    such as ``"5ms"`` happens in the impairment option schema, before this.
+    The values arrive checked: ``impair()``'s parameters are declared, parsed and
+    validated once, in ``ImpairmentSpec`` (``_impair.py``), which builds this record.
     """
 
     limit: int | None = DEFAULT_LIMIT
@@ -167,24 +167,6 @@ class QueueSpec:
     ecn: bool = False
     mtu: int = MTU
     derandomize: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("limit", "limit_bytes"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an int >= 1 or None, not {value!r}")
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or None for no bound), not {value!r}")
-        if self.discipline not in DISCIPLINES:
-            raise ValueError(f"discipline must be one of {DISCIPLINES}, not {self.discipline!r}")
-        for name in ("target", "interval"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0.0):
-                raise ValueError(f"{name} must be a duration > 0 or None, not {value!r}")
-        if not isinstance(self.ecn, bool):
-            raise ValueError(f"ecn must be True or False, not {self.ecn!r}")
-        if self.mtu < 1:
-            raise ValueError(f"mtu must be >= 1, not {self.mtu!r}")
 
     @property
     def effective_target(self) -> float:

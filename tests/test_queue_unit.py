@@ -550,25 +550,6 @@ def test_wire_size_of_a_plain_packet() -> None:
 # -- the spec ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {"limit": 0},
-        {"limit": -5},
-        {"limit": True},
-        {"limit_bytes": 0},
-        {"discipline": "red"},
-        {"target": -0.001},
-        {"target": 0.0},
-        {"interval": math.inf},
-        {"ecn": "yes"},
-    ],
-)
-def test_spec_rejects_nonsense(kw: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match=next(iter(kw)).split("_")[0]):
-        QueueSpec(**kw)  # type: ignore[arg-type]
-
-
 def test_spec_defaults() -> None:
     assert QueueSpec().limit == 1000
     assert QueueSpec(discipline="codel").effective_target == CODEL_TARGET
