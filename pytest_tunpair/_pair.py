@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _routing
 from ._capture import Capture, Packet, Stats
-from ._device import TunDevice
+from ._device import DeviceCounters, TunDevice
 from ._errors import NamespaceError, OptionError, PairClosedError, TunDeviceError
 from ._netns import NetNamespace
 from ._options import PairOptions
@@ -28,6 +28,7 @@ from ._validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
     from ._impair import ImpairmentSpec
+    from ._queue import PacketQueue
 
 __all__ = ["Endpoint", "TunPair", "TunPairFactory"]
 
@@ -140,6 +141,8 @@ class TunPair:
         # Active impairments per direction: (spec with the seed in use, seed was random).
         self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
         self._random_seed: int | None = None  # a factory shares one across its pairs
+        self._device_counters: DeviceCounters | None = None
+        self._device_drops: dict[str, int] = {}
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -188,6 +191,7 @@ class TunPair:
             )
             for d in self._devices:
                 d.set_offload(o.offload)
+            self._device_counters = DeviceCounters()  # opened here, inside the namespace
             self.a = Endpoint(self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
             self.b = Endpoint(self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
             self.packets.t0 = time.monotonic()
@@ -216,6 +220,12 @@ class TunPair:
         if self._relay is not None:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
+        if self._device_counters is not None:
+            # The last word, for stats read after close (a failure report); the open file
+            # holds the namespace, so it goes before the namespace does.
+            self._device_drops = self._device_counters.tx_dropped()
+            self._device_counters.close()
+            self._device_counters = None
         for d in reversed(self._devices):
             d.close()
         if self._own_netns and self._netns is not None and self._netns.active:
@@ -243,8 +253,25 @@ class TunPair:
 
     @property
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per direction: packets and bytes delivered, packets dropped (never bounded)."""
-        return self._stats.as_dict()
+        """Per direction (never bounded by the capture):
+
+        * ``packets``, ``bytes``: delivered to the other device;
+        * ``dropped``: taken off the link by the relay (a hook, a rule, loss, the queue's
+          bound or discipline, a failed write, or in flight at close);
+        * ``marked``: delivered CE-marked instead of dropped (``ecn=True``);
+        * ``queued``: held by the direction's queue now; ``queue_peak``: the most it held;
+        * ``device_dropped``: dropped by the kernel *before* the relay read them -- the
+          source device's transmit queue (``txqueuelen``) was full.
+        """
+        stats = self._stats.as_dict()
+        relay = self._relay
+        counters = self._device_counters
+        drops = counters.tx_dropped() if counters is not None else self._device_drops
+        for direction, dev in zip(("a->b", "b->a"), self._devices, strict=False):
+            entry = stats[direction]
+            entry["queued"] = relay.queued(direction) if relay is not None else 0
+            entry["device_dropped"] = drops.get(dev.name, 0)
+        return stats
 
     @property
     def mode(self) -> str:
@@ -336,6 +363,7 @@ class TunPair:
 
         _check_direction(direction, "impair")
         relay = self._require_relay()
+        # Everything is checked before anything changes: a bad value leaves the pair as it was.
         parsed = ImpairmentSpec.from_kwargs(**params)
         random_seed = parsed.seed is None and self.options.seed is None
         used = parsed.seed if parsed.seed is not None else self.seed
@@ -345,15 +373,47 @@ class TunPair:
             else:
                 self._impairments.pop(d, None)
         self._update_offload()  # off before the engines see a packet, back on after
+        tap = self.options.mode == "tap"
         for d in _directions(direction):
             # Each direction draws from its own stream (2s for a->b, 2s+1 for b->a), so one
             # direction's traffic never shifts the other's decisions, and both replay.
-            engine = ImpairmentEngine(parsed, used * 2 + (d == "b->a")) if parsed.active else None
+            stream = used * 2 + (d == "b->a")
+            engine = None
+            if parsed.active and parsed.needs_engine:
+                engine = ImpairmentEngine(parsed, stream, tap=tap)
             relay.set_engine(d, engine)
+            relay.set_queue(d, self._queue(parsed, stream) if parsed.active else None)
+
+    def _queue(self, spec: ImpairmentSpec, stream: int) -> PacketQueue | None:
+        """The bottleneck of one direction (``None`` if ``spec`` holds no packet)."""
+        from ._queue import LinkQueue, PacketQueue, RateServer
+
+        if not spec.needs_queue:
+            return None
+        hdr = self._devices[0].hdr_len
+        server = RateServer(spec.rate) if spec.rate is not None else None
+        # PIE's draws come from a stream of their own (a string seed: hashed, not the int
+        # the engine uses), so they never echo the engine's loss draws.
+        queue = LinkQueue(
+            spec.queue_spec(),
+            server,
+            offset=hdr,
+            tap=self.options.mode == "tap",
+            delay=spec.delay,
+            seed=f"queue-{stream}",
+        )
+        return PacketQueue(queue, hdr)
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = busy or relay.needs_segments() or bool(self._impairments)
+        # Delay, jitter, rate and the queue work on GSO super-packets by their wire length
+        # (that is how an impaired link reaches gigabit rates); the other impairments act
+        # on packets as a real wire carries them.
+        busy = (
+            busy
+            or relay.needs_segments()
+            or any(spec.needs_segments for spec, _ in self._impairments.values())
+        )
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 

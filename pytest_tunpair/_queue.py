@@ -93,12 +93,14 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from . import _linux
+from ._capture import Packet
 
 __all__ = [
     "DISCIPLINES",
     "Discipline",
     "LinkQueue",
     "Outcome",
+    "PacketQueue",
     "QueueSpec",
     "RateServer",
     "Server",
@@ -137,7 +139,6 @@ _ETH_P_IP = 0x0800
 _ETH_P_IPV6 = 0x86DD
 _ETH_P_8021Q = 0x8100
 _ETH_P_8021AD = 0x88A8
-_ETH_HLEN = 14
 # include/uapi/linux/in.h
 _IPPROTO_TCP = 6
 
@@ -303,9 +304,10 @@ class LinkQueue:
     """One direction's buffer, discipline, server and propagation line (see the module doc).
 
     ``server`` drains the buffer (``None``: no bottleneck, packets leave on arrival and
-    only the propagation line holds them); ``ip_offset`` is where the IP header starts in
-    the bytes passed to :meth:`enqueue` (the virtio-net header, plus 14 for a TAP frame),
-    used to ECN-mark; ``seed`` seeds PIE's draws.
+    only the propagation line holds them); ``offset`` is where the packet starts in the
+    bytes passed to :meth:`enqueue` (after the virtio-net header, if any), ``tap`` that it
+    is an Ethernet frame (used to find the IP header to ECN-mark); ``delay`` is the
+    latency of a packet enqueued without one; ``seed`` seeds PIE's draws.
     """
 
     def __init__(
@@ -313,14 +315,16 @@ class LinkQueue:
         spec: QueueSpec | None = None,
         server: Server | None = None,
         *,
-        ip_offset: int = 0,
+        offset: int = 0,
         tap: bool = False,
-        seed: int = 0,
+        delay: float = 0.0,
+        seed: int | str = 0,
     ) -> None:
         self.spec = spec = spec if spec is not None else QueueSpec()
         self.server: Server = server if server is not None else _Instant()
-        self.ip_offset = ip_offset
+        self.offset = offset
         self.tap = tap
+        self.delay = delay
         self._limit = spec.limit if spec.limit is not None else math.inf
         self._limit_bytes = spec.limit_bytes if spec.limit_bytes is not None else math.inf
         self._waiting: deque[_Entry] = deque()
@@ -360,22 +364,22 @@ class LinkQueue:
         tag: object = None,
         size: int | None = None,
         count: int = 1,
-        latency: float = 0.0,
+        latency: float | None = None,
     ) -> list[Outcome]:
         """Offer one packet arriving at ``now``; return every outcome up to ``now``.
 
-        ``size`` is its length on the wire (default ``len(data) - ip_offset`` plus the
-        Ethernet header for TAP: what the server serialises and ``limit_bytes`` counts),
-        ``count`` the packets it stands for (a GSO super-packet's segments: what ``limit``
-        counts), ``latency`` its propagation delay after leaving the server.  The list
+        ``size`` is its length on the wire (default ``len(data) - offset``: what the server
+        serialises and ``limit_bytes`` counts), ``count`` the packets it stands for (a GSO
+        super-packet's segments: what ``limit`` counts), ``latency`` its propagation delay
+        after leaving the server (default: ``delay``).  The list
         holds what :meth:`advance` would have returned for ``now`` plus this packet's own
         fate if it was decided at once (a drop; or ``"sent"`` if nothing delays it).
         """
         self._advance(now)
         now = self._clock
         if size is None:
-            size = len(data) - self.ip_offset + (_ETH_HLEN if self.tap else 0)
-        entry = _Entry(data, tag, size, count, now, latency)
+            size = len(data) - self.offset
+        entry = _Entry(data, tag, size, count, now, self.delay if latency is None else latency)
         if self._overflows(entry) and not self._make_room(entry):
             if self._aqm is not None:
                 self._aqm.on_overflow()
@@ -521,7 +525,7 @@ class LinkQueue:
         self._drop(entry, now, reason)
 
     def _mark(self, entry: _Entry) -> bool:
-        marked = set_ce(entry.data, self.ip_offset, tap=self.tap)
+        marked = set_ce(entry.data, self.offset, tap=self.tap)
         if marked is None:
             return False
         entry.data = marked
@@ -578,6 +582,82 @@ class LinkQueue:
 
 def _outcome_time(outcome: Outcome) -> float:
     return outcome.time
+
+
+class PacketQueue:
+    """A :class:`LinkQueue` as the relay uses it (``_link.Queue``): relay ``Packet`` in,
+    ``(Packet, due)`` out, times on ``time.monotonic()``.
+
+    A packet is sized by :func:`wire_size` (a GSO super-packet counts as its segments and
+    their length on a real wire). What leaves is relabelled: ``"delayed"`` if the link held
+    it at all, ``"marked"`` (in a new ``Packet`` around the CE-marked frame) if ECN marked
+    it; a drop comes back with ``due`` ``None`` and action ``"dropped"``.
+    """
+
+    __slots__ = ("_pkts", "_ready", "queue", "vnet_len")
+
+    def __init__(self, queue: LinkQueue, vnet_len: int) -> None:
+        self.queue = queue
+        self.vnet_len = vnet_len
+        self._ready: list[tuple[Packet, float | None]] = []
+
+    def enqueue(self, pkt: Packet, now: float, latency: float | None = None) -> list[Packet]:
+        """Take ``pkt`` (read at ``now``; ``latency``: its propagation delay, default the
+        queue's ``delay``); return the packets dropped now. What became ready meanwhile
+        waits for the next :meth:`dequeue_ready`."""
+        frame = pkt.frame
+        size, count = wire_size(frame, self.vnet_len, tap=self.queue.tap)
+        outcomes = self.queue.enqueue(frame, now, tag=pkt, size=size, count=count, latency=latency)
+        dropped = []
+        for outcome in outcomes:
+            pkt_out, due = self._convert(outcome)
+            if due is None:
+                dropped.append(pkt_out)
+            else:
+                self._ready.append((pkt_out, due))
+        return dropped
+
+    def dequeue_ready(self, now: float) -> list[tuple[Packet, float | None]]:
+        """Packets due at the far end by ``now`` and packets the AQM dropped by then, in
+        order; ``dequeue_ready(math.inf)`` lets the link serve everything it holds."""
+        ready, self._ready = self._ready, []
+        ready.extend(self._convert(o) for o in self.queue.advance(now))
+        return ready
+
+    def deadline(self) -> float | None:
+        if self._ready:
+            return -math.inf
+        return self.queue.deadline()
+
+    def __len__(self) -> int:
+        """Packets held now, in the units of ``limit`` (read from any thread)."""
+        return self.queue.packets
+
+    @property
+    def peak(self) -> int:
+        return self.queue.peak
+
+    def _convert(self, outcome: Outcome) -> tuple[Packet, float | None]:
+        pkt = outcome.tag
+        assert isinstance(pkt, Packet)
+        if outcome.action == "dropped":
+            pkt.action = "dropped"
+            return pkt, None
+        if outcome.action == "marked":
+            action = "marked" if pkt.action in _MARKABLE else pkt.action
+            marked = Packet(
+                pkt.arrival, pkt.direction, action, outcome.data, self.vnet_len, pkt.mode
+            )
+            marked.arrival = pkt.arrival
+            return marked, outcome.time
+        if pkt.action == "forwarded" and outcome.time > outcome.arrival:
+            pkt.action = "delayed"
+        return pkt, outcome.time
+
+
+# Labels a CE mark replaces: those saying only *when* a packet left. The others (modified,
+# corrupted, duplicated) say more about the bytes the receiver got, and are kept.
+_MARKABLE = frozenset({"forwarded", "delayed", "reordered", "marked"})
 
 
 # -- disciplines ------------------------------------------------------------------------------
@@ -782,7 +862,7 @@ class _Pie:
         if (
             self.ecn
             and self.drop_prob <= PIE_MARK_ECNTH
-            and ecn_codepoint(entry.data, self.queue.ip_offset, tap=self.queue.tap)
+            and ecn_codepoint(entry.data, self.queue.offset, tap=self.queue.tap)
             in (ECN_ECT0, ECN_ECT1)
         ):
             return "mark"

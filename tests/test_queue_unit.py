@@ -12,6 +12,8 @@ import statistics
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytest_tunpair import _linux
 from pytest_tunpair._queue import (
@@ -109,6 +111,34 @@ def test_back_to_back_packets_are_spaced_by_their_serialisation_time() -> None:
     assert [o.tag for o in outs] == [0, 1, 2]
     assert [o.time for o in outs] == pytest.approx([0.001, 0.0015, 0.0025])
     assert [o.sojourn for o in outs] == pytest.approx([0.0, 0.001, 0.0015])
+
+
+@given(
+    st.lists(st.integers(20, 9000), min_size=1, max_size=40),
+    st.lists(st.floats(0, 0.01), min_size=40, max_size=40),
+    st.sampled_from([1e3, 1e6, 1e9]) | st.floats(1e3, 1e10),
+    st.floats(0, 1),
+)
+def test_rate_keeps_fifo_order_and_serialisation_spacing(
+    sizes: list[int], gaps: list[float], rate: float, delay: float
+) -> None:
+    q = LinkQueue(QueueSpec(limit=10_000), RateServer(rate), delay=delay)
+    outs: list[Outcome] = []
+    t = 0.0
+    arrivals = []
+    for i, size in enumerate(sizes):
+        t += gaps[i]
+        arrivals.append(t)
+        outs += q.enqueue(bytes(size), t, tag=i)
+    outs += q.advance(math.inf)
+    assert [o.tag for o in outs] == list(range(len(sizes)))
+    previous = -math.inf
+    for o, size, arrival in zip(outs, sizes, arrivals, strict=True):
+        transmit = size * 8 / rate
+        assert o.departed >= arrival + transmit - 1e-9
+        assert o.departed - previous >= transmit * (1 - 1e-9) - 1e-9
+        assert o.time == pytest.approx(o.departed + delay)
+        previous = o.departed
 
 
 def test_a_late_caller_does_not_shift_the_schedule() -> None:
