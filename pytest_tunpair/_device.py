@@ -125,8 +125,9 @@ class DeviceCounters:
     thread: ``/proc/net/dev`` opened while inside it.
 
     A TUN device whose transmit queue (``txqueuelen``) is full drops what the kernel sends
-    it before the relay can read it, and counts that in its ``tx_dropped`` (docs/internals.md,
-    "A TUN device counts the drops of its full transmit queue"). ``/proc/net/dev`` shows the
+    it before the relay can read it, and counts that in its ``tx_dropped``
+    (docs/internals.md, "TX-queue drops show only as tx_dropped"; "/proc/net/dev shows the
+    namespace of the thread that opened it"). ``/proc/net/dev`` shows the
     namespace of the thread that opened it, whichever thread reads it later, and a read is
     one small file read -- no netlink socket, no pyroute2 import -- so the pair's ``stats``
     can read it every time. The open file holds a reference to the namespace: :meth:`close`
