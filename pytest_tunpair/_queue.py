@@ -1,10 +1,11 @@
 """The bottleneck of one link direction: a bounded queue, its discipline, ECN, and a server.
 
 This module is pure logic: no sockets, no threads, no clock.  The relay hands every packet
-that survived the impairment engine to :meth:`LinkQueue.enqueue` with the time it read it,
-calls :meth:`LinkQueue.advance` when :meth:`LinkQueue.deadline` has passed, and records
-what comes back: :class:`Outcome` records saying which packets left (and when they are due
-at the far end), which were dropped and which were ECN-marked.  One queue models one
+that survived the impairment engine to :meth:`LinkQueue.enqueue` (through
+:class:`PacketQueue`, which speaks the relay's ``Packet``) with the time it read it, calls
+:meth:`LinkQueue.advance` when :meth:`LinkQueue.deadline` has passed, and records what
+comes back: :class:`Outcome` records saying which packets left (and when they are due at
+the far end), which were dropped and which were ECN-marked.  One queue models one
 direction.  Times are seconds on any monotonic clock, as long as they never go backwards.
 
 The model

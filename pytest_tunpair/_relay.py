@@ -24,8 +24,10 @@ timers. What is ready goes out at the end of a burst, recorded and written under
   backlog, every packet of it goes through the worker (hooked or not) so that removing a
   hook never lets later packets overtake earlier ones.
 * **impairments** (``_impair.ImpairmentEngine``, pure logic, owned by the relay thread) run
-  after the hooks and rules. Delayed packets wait on their link's timer heap: nothing ever
-  sleeps, so a delay on one direction never holds up the other.
+  after the hooks and rules; then the link's **queue** (``_queue.PacketQueue``: the bound,
+  the discipline, ``rate`` and the propagation delay) holds what it must. Packets wait in
+  the queue or on their link's timer heap: nothing ever sleeps, so a delay on one
+  direction never holds up the other.
 """
 
 from __future__ import annotations
