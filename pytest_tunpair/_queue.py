@@ -595,7 +595,7 @@ class PacketQueue:
     it; a drop comes back with ``due`` ``None`` and action ``"dropped"``.
     """
 
-    __slots__ = ("_pkts", "_ready", "queue", "vnet_len")
+    __slots__ = ("_ready", "queue", "vnet_len")
 
     def __init__(self, queue: LinkQueue, vnet_len: int) -> None:
         self.queue = queue
@@ -647,9 +647,9 @@ class PacketQueue:
         if outcome.action == "marked":
             action = "marked" if pkt.action in _MARKABLE else pkt.action
             marked = Packet(
-                pkt.arrival, pkt.direction, action, outcome.data, self.vnet_len, pkt.mode
-            )
-            marked.arrival = pkt.arrival
+                pkt.arrival, pkt.direction, action, outcome.data, self.vnet_len, pkt.mode,
+                pkt.arrival,
+            )  # fmt: skip
             return marked, outcome.time
         if pkt.action == "forwarded" and outcome.time > outcome.arrival:
             pkt.action = "delayed"

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_tunpair import _linux
+from pytest_tunpair._capture import Packet
 from pytest_tunpair._queue import (
     CODEL_INTERVAL,
     CODEL_TARGET,
@@ -27,6 +28,7 @@ from pytest_tunpair._queue import (
     PIE_TARGET,
     LinkQueue,
     Outcome,
+    PacketQueue,
     QueueSpec,
     RateServer,
     ecn_codepoint,
@@ -585,3 +587,44 @@ def test_spec_defaults() -> None:
     assert QueueSpec(discipline="codel").effective_target == CODEL_TARGET
     assert QueueSpec(discipline="pie").effective_target == 0.015
     assert QueueSpec(discipline="codel").effective_interval == CODEL_INTERVAL
+
+
+# -- the relay's adapter ----------------------------------------------------------------------
+
+
+def _pkt(data: bytes, t: float, action: str = "forwarded") -> Packet:
+    return Packet(t, "a->b", action, data, 0, "tun", t)
+
+
+def test_packet_queue_labels_what_it_held_and_returns_drops() -> None:
+    pq = PacketQueue(LinkQueue(QueueSpec(limit=2), RateServer(RATE), delay=0.01), 0)
+    pkts = [_pkt(ipv4(ident=i), 0.0) for i in range(3)]
+    dropped = [d for p in pkts for d in pq.enqueue(p, 0.0)]
+    assert dropped == [pkts[2]] and pkts[2].action == "dropped"
+    assert len(pq) == 2 and pq.peak == 2
+    assert pq.deadline() == pytest.approx(SERVICE)
+    out = pq.dequeue_ready(1.0)
+    assert [p for p, _due in out] == pkts[:2]
+    assert [due for _p, due in out] == pytest.approx([0.011, 0.012])
+    assert all(p.action == "delayed" for p, _due in out)
+    assert len(pq) == 0 and pq.deadline() is None
+
+
+def test_packet_queue_returns_codel_drops_and_ce_marked_copies() -> None:
+    def run(ecn: bool) -> list[tuple[Packet, float | None]]:
+        spec = QueueSpec(limit=100_000, discipline="codel", ecn=ecn)
+        pq = PacketQueue(LinkQueue(spec, RateServer(RATE)), 0)
+        out: list[tuple[Packet, float | None]] = []
+        for i in range(2000):  # 2x overload for 1 s
+            t = i * SERVICE / 2
+            # Drops at dequeue (CoDel's) that happened by now come back from enqueue too.
+            out += [(p, None) for p in pq.enqueue(_pkt(ipv4(ecn=ECN_ECT0, ident=i), t), t)]
+            out += pq.dequeue_ready(t)
+        return out + pq.dequeue_ready(math.inf)
+
+    plain = run(False)
+    drops = [p for p, due in plain if due is None]
+    assert drops and all(p.action == "dropped" for p in drops)
+    marked = [p for p, due in run(True) if p.action == "marked"]
+    assert len(marked) >= len(drops)  # a mark does not shorten the queue as a drop does
+    assert all(ecn_codepoint(p.data) == ECN_CE and p.arrival < p.time + 1 for p in marked)
