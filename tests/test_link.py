@@ -111,7 +111,8 @@ def test_udp_overload_into_a_bounded_rate_keeps_ping_rtt_low(
 def _loss_based(sock: socket.socket) -> None:
     """Cubic (or Reno) for this socket: a new namespace inherits the host's default, which
     may be BBR -- a model-based sender that never fills a buffer, so neither a standing
-    queue nor an AQM's effect on it would show."""
+    queue nor an AQM's effect on it would show (docs/internals.md, "A new namespace
+    inherits the host's TCP congestion control")."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
     except OSError:  # not in tcp_allowed_congestion_control for an unprivileged user
