@@ -20,6 +20,11 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   5 %. Also the plugin's own import time, and whether scapy or pyroute2 were imported by
   the time collection finished (they must not be).
 - ``latency``: ping RTT through the pair (median) vs ping over ``lo``; goal < 0.5 ms.
+- ``daemons``: how late ``spawn(ready=PORT)`` returns after the server's ``listen()``
+  (the server stamps CLOCK_MONOTONIC right after it; goal < 60 ms; the poll backs off
+  to every 20 ms); and drained teardown: a FIN held by ``delay=200ms`` is delivered,
+  so ``close()`` takes about the delay (goal 200-500 ms), and ``drain=0.5`` caps the wait
+  under a 2 s delay (goal 0.5-0.8 s).
 - ``timing``: delays applied by the relay, configured vs achieved: for ``delay`` = 100 us,
   1 ms, 20 ms (and 1 s without ``--quick``), the departure error of each UDP datagram (its ``sojourn`` -- written
   minus read, on the relay's clock -- minus the delay; median and 99th percentile; goals
@@ -72,7 +77,7 @@ _ENV = dict(
     os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 )
 
-SECTIONS = ("throughput", "overhead", "unused", "latency", "timing", "link", "memory")
+SECTIONS = ("throughput", "overhead", "unused", "latency", "daemons", "timing", "link", "memory")
 IPERF_PORT = 5201
 GIB = 1 << 30
 MIB = 1 << 20
@@ -660,6 +665,102 @@ def bench_latency(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+_STAMPING_SERVER = """
+import socket, sys, time
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+with open(sys.argv[3], "w") as f:
+    f.write(repr(time.monotonic()))  # CLOCK_MONOTONIC: the same clock in every process
+conn, _ = s.accept()
+while conn.recv(65536):
+    pass
+time.sleep(60)
+"""
+
+
+def _fin_teardown(delay: str, drain: float, port: int) -> tuple[float, bool]:
+    """close() time of a pair whose client's FIN waits in ``delay``; whether it arrived."""
+    import socket
+
+    from pytest_tunpair import TunPair
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stamp = os.path.join(tmp, "stamp")
+        pair = TunPair(drain=drain).open()
+        try:
+            pair.spawn(
+                [sys.executable, "-c", _STAMPING_SERVER, pair.b.ip or "", str(port), stamp],
+                ready=port,
+            )
+            with socket.create_connection((pair.b.ip, port), timeout=10) as client:
+                client.sendall(b"x")
+                pair.packets.wait_for(lambda p: p.direction == "b->a" and p.seq > 2, timeout=5)
+                pair.impair(delay=delay)
+            started = time.monotonic()
+        finally:
+            pair.close()
+        took = time.monotonic() - started
+        from scapy.layers.inet import TCP
+
+        fin = any(
+            p.direction == "a->b" and p.action != "dropped" and p.scapy[TCP].flags.F
+            for p in pair.packets
+            if p.haslayer(TCP)
+        )
+        return took, fin
+
+
+def bench_daemons(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    n = 5 if a.quick else 30
+    lags = []
+    with TunPair() as pair, tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            stamp = os.path.join(tmp, f"stamp{i}")
+            port = 9000 + i
+            proc = pair.spawn(
+                [sys.executable, "-c", _STAMPING_SERVER, pair.b.ip or "", str(port), stamp],
+                ready=port,
+            )
+            returned = time.monotonic()
+            with open(stamp) as f:
+                lags.append(returned - float(f.read()))
+            proc.kill()
+            proc.wait()
+    rep.raw["daemons"] = {"ready_lag": lags}
+    rep.add(
+        "daemons",
+        f"spawn(ready=PORT) returns after listen() (median of {n})",
+        fmt_ms(med(lags)),
+        f"max {fmt_ms(max(lags))}",
+        "",
+        "< 60 ms",
+        med(lags) < 0.060,
+    )
+    took, fin = _fin_teardown("200ms", 1.0, 7001)
+    rep.raw["daemons"]["drain_200ms"] = took
+    rep.add(
+        "daemons",
+        "teardown, FIN delayed 200 ms (drain=1.0)",
+        f"{took * 1000:.0f} ms" + ("" if fin else ", FIN NOT delivered"),
+        "delay 200 ms",
+        f"{took / 0.2:.2f}",
+        "200-500 ms, FIN delivered",
+        fin and 0.19 <= took <= 0.5,
+    )
+    took, _fin = _fin_teardown("2s", 0.5, 7002)
+    rep.raw["daemons"]["drain_cap"] = took
+    rep.add(
+        "daemons",
+        "teardown, FIN delayed 2 s (drain=0.5)",
+        f"{took * 1000:.0f} ms",
+        "drain 500 ms",
+        f"{took / 0.5:.2f}",
+        "500-800 ms",
+        0.49 <= took <= 0.8,
+    )
+
+
 def pct(xs: Sequence[float], q: float) -> float:
     """The ``q``-quantile (0..1) of ``xs``, nearest rank."""
     ys = sorted(xs)
@@ -982,6 +1083,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "overhead": bench_overhead,
     "unused": bench_unused,
     "latency": bench_latency,
+    "daemons": bench_daemons,
     "timing": bench_timing,
     "link": bench_link,
     "memory": bench_memory,
@@ -992,6 +1094,7 @@ NEEDS = {
     "overhead": ["ip"],
     "unused": [],
     "latency": ["ping"],
+    "daemons": [],
     "timing": ["ping"],
     "link": ["iperf3", "ping"],
     "memory": ["iperf3"],

@@ -15,11 +15,14 @@ from ._errors import OptionError
 
 if TYPE_CHECKING:
     from ._capture import Capture
+    from ._options import PairOptions
+    from ._pair import TunPair
 
 __all__ = [
     "PCAP_MODES",
     "SECTION_TRACE_LINES",
     "PcapSettings",
+    "TestSlice",
     "format_section",
     "pcap_note",
     "pcap_paths",
@@ -49,6 +52,35 @@ class ReportedPair(Protocol):
     def stats(self) -> dict[str, dict[str, int]]: ...
 
     def describe(self, replay: Callable[[int], str] | None = None) -> str: ...
+
+
+class TestSlice:
+    """One test's part of a pair that outlives it (module and session pairs): the packets
+    from ``start`` (a ``Packet.seq``) on and the counts since ``stats``."""
+
+    def __init__(self, pair: TunPair, start: int, stats: Mapping[str, Mapping[str, int]]) -> None:
+        self.pair = pair
+        self.start = start
+        self._stats0 = stats
+
+    @property
+    def packets(self) -> Capture:
+        return self.pair.packets.view(self.start)
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        now = self.pair.stats
+        return {
+            d: {k: v - self._stats0.get(d, {}).get(k, 0) for k, v in counts.items()}
+            for d, counts in now.items()
+        }
+
+    @property
+    def options(self) -> PairOptions:
+        return self.pair.options
+
+    def describe(self, replay: Callable[[int], str] | None = None) -> str:
+        return self.pair.describe(replay)
 
 
 # -- the report section --------------------------------------------------------------------
