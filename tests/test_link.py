@@ -257,3 +257,41 @@ def test_bad_queue_options_raise_and_change_nothing(
     assert tun_pair.b.ip
     rtts = _ping_rtts(tun_pair.b.ip, 1, 0.2)
     assert rtts and rtts[0] >= 55  # the old 30 ms each way still applies
+
+
+MODULE_TESTS = """
+import socket, time
+
+def burst(pair, n=20):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \\
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        rx.bind((pair.b.ip, 0))
+        rx.settimeout(1)
+        for _ in range(n):
+            tx.sendto(bytes(1000), rx.getsockname())
+        got = 0
+        try:
+            while True:
+                rx.recv(2000)
+                got += 1
+        except TimeoutError:
+            return got
+
+def test_a_small_slow_link(tun_pair_module):
+    tun_pair_module.impair(rate="100kbit", limit=5, direction="a->b")
+    assert burst(tun_pair_module) <= 6
+
+def test_the_next_test_has_the_plain_link_back(tun_pair_module):
+    assert burst(tun_pair_module) == 20
+    assert tun_pair_module.stats["a->b"]["queued"] == 0
+
+def test_and_may_set_its_own(tun_pair_module):
+    tun_pair_module.impair(rate="100kbit", limit=3, direction="a->b")
+    assert burst(tun_pair_module) <= 4
+"""
+
+
+def test_a_module_pair_gets_its_link_back_after_each_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_module_link=MODULE_TESTS)
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
