@@ -392,7 +392,7 @@ def _format_seconds(seconds: float) -> str:
 class Counters:
     """One direction's counters; the relay thread adds to them, :class:`Stats` reads."""
 
-    __slots__ = ("bytes", "dropped", "packets")
+    __slots__ = ("bytes", "dropped", "marked", "packets", "queue_peak")
 
     def __init__(self) -> None:
         #: Packets written to the other device.
@@ -400,11 +400,21 @@ class Counters:
         #: Their bytes (without the virtio-net header).
         self.bytes = 0
         #: Packets the relay did not deliver (dropped by a hook, a rule, an impairment's
-        #: loss, a failed write, or still in flight when the pair closed).
+        #: loss, the link's queue, a failed write, or still in flight when the pair closed).
         self.dropped = 0
+        #: Packets written CE-marked instead of dropped (``ecn=True``), recorded "marked".
+        self.marked = 0
+        #: The most packets the direction's queue held at once.
+        self.queue_peak = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped}
+        return {
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "dropped": self.dropped,
+            "marked": self.marked,
+            "queue_peak": self.queue_peak,
+        }
 
 
 class Stats:
