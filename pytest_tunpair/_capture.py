@@ -29,8 +29,8 @@ __all__ = ["Capture", "Counters", "GsoInfo", "Packet", "Stats"]
 DIRECTIONS = ("a->b", "b->a")
 #: Actions of packets that reached the receiving side: written to the other device (or,
 #: ``"scripted"``, taken by a scripted peer standing in for it; ``"marked"`` went CE-marked
-#: instead of dropped). Any other action -- a hook's or a rule's drop (``"dropped"``,
-#: ``"reset"``, ``"too-big"``, ...), an impairment's loss -- means the receiver never got it.
+#: instead of dropped). Any other action -- a hook's or a rule's drop (``"dropped"`` or the
+#: rule's own label), an impairment's loss -- means the receiver never got it.
 DELIVERED = frozenset(
     {
         "forwarded",
