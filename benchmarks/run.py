@@ -30,8 +30,16 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   minus read, on the relay's clock -- minus the delay; median and 99th percentile; goals
   < 100 us and < 1 ms), with the relay thread's CPU time per packet; and ping RTT through
   ``delay="200us"`` each way vs the same pair without delay + 0.4 ms.
+- ``link``: the bottleneck queue, configured vs achieved in the same run: ``rate`` (1, 20,
+  100 Mbit/s) under a 1.5x UDP overload; the bound (ping RTT through a full
+  ``rate="10mbit"`` buffer against ``limit`` x one packet's time); CoDel's queueing delay
+  with four Cubic flows against its 5 ms target (drop-tail for reference); and iperf3
+  through ``rate``, ``delay`` and a queue (goal >= 1 Gbit/s, the plain pair beside it).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
+- ``fields``: reading ``Packet.dport`` of 100 000 captured packets (a TCP transfer through
+  an ``offload=False`` pair, copied) vs scapy's decode of the same packets, per packet from a
+  sample; goal < 0.5 s.
 
 Everything runs inside network namespaces this script creates (each ``TunPair`` enters a
 fresh anonymous one; ``lo`` baselines run in a pair's namespace too), so nothing touches the
@@ -72,7 +80,17 @@ _ENV = dict(
     os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 )
 
-SECTIONS = ("throughput", "overhead", "unused", "latency", "daemons", "timing", "memory")
+SECTIONS = (
+    "throughput",
+    "overhead",
+    "unused",
+    "latency",
+    "daemons",
+    "timing",
+    "link",
+    "memory",
+    "fields",
+)
 IPERF_PORT = 5201
 GIB = 1 << 30
 MIB = 1 << 20
@@ -841,6 +859,155 @@ def bench_timing(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+# -- link: the bottleneck queue, configured vs achieved ----------------------------------------
+
+UDP_SIZE = 1400  # datagram payload; 1428 bytes on the wire (IPv4 + UDP headers)
+
+
+def udp_overload_args(host: str, rate_bps: float, seconds: float) -> list[str]:
+    """iperf3 (C, steady at any rate this machine carries) sending paced UDP to ``host``."""
+    return [
+        "iperf3", "-c", host, "-p", str(IPERF_PORT), "-u", "-b", f"{rate_bps:.0f}",
+        "-l", str(UDP_SIZE), "-t", f"{seconds:g}", "-J",
+    ]  # fmt: skip
+
+
+def achieved_rate(pair: Any, skip: float) -> float:
+    """Bits/s the a->b link delivered, from the capture: the wire bytes written between the
+    first and last delivery after ``skip`` seconds of the run (the queue is full by then)."""
+    out = [p for p in pair.packets if p.direction == "a->b" and p.action == "delayed"]
+    t_first = out[0].time + skip
+    steady = [p for p in out if p.time >= t_first]
+    if len(steady) < 3:
+        raise RuntimeError(f"only {len(steady)} packets delivered: cannot measure a rate")
+    bits = sum(p.wire_len for p in steady[1:]) * 8  # the first one's last bit opens it
+    return bits / (steady[-1].time - steady[0].time)
+
+
+def bench_link(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    secs = 1.5 if a.quick else 4.0
+    raw: dict[str, Any] = {}
+    # Rate: UDP at 1.5x the configured rate, so the wire is never idle; the achieved rate
+    # is what the relay wrote, per second, once the queue is full.
+    for label, rate in (("1mbit", 1e6), ("20mbit", 20e6), ("100mbit", 100e6)):
+        with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+            pair.impair(rate=label, direction="a->b")
+            run(udp_overload_args(pair.b.ip or "", rate * 1.5, max(secs, 2.0)), timeout=60)
+            got = achieved_rate(pair, 0.5)
+            pair.check()
+        raw[f"rate {label}"] = got
+        rep.add(
+            "link",
+            f"rate={label}: delivered under 1.5x UDP overload",
+            f"{got / 1e6:.3f} Mbit/s",
+            f"configured {rate / 1e6:g} Mbit/s",
+            f"{got / rate:.3f}",
+            "1.00 +- 0.02",
+            abs(got / rate - 1) <= 0.02,
+        )
+    # The bound: ping through a full buffer waits for the packets ahead of it, which the
+    # bound caps at limit x one packet's time on the wire.
+    for limit in (50, 200):
+        with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+            base = med(ping_rtts(pair.b.ip or "", 10))
+            pair.impair(rate="10mbit", limit=limit, direction="a->b")
+            with popen(udp_overload_args(pair.b.ip or "", 20e6, secs + 2.0)) as flood:
+                time.sleep(1.0)
+                # Pings that find the buffer full are dropped, as on a real link: send
+                # enough for a median.
+                rtts = ping_rtts(pair.b.ip or "", 20 if a.quick else 60)
+                flood.wait(60)
+            stats = pair.stats["a->b"]
+            pair.check()
+        want = limit * (UDP_SIZE + 28) * 8 / 10e6 + base
+        raw[f"bound {limit}"] = {"rtts": rtts, "base": base, "stats": stats}
+        rep.add(
+            "link",
+            f"ping RTT, 2x UDP overload into rate=10mbit limit={limit} (median of {len(rtts)})",
+            fmt_ms(med(rtts)),
+            f"limit x packet time + base {fmt_ms(want)}",
+            f"{med(rtts) / want:.2f}",
+            "0.80 .. 1.10",
+            0.8 <= med(rtts) / want <= 1.1,
+        )
+        rep.add(
+            "link",
+            f"  queue_peak, dropped (limit={limit})",
+            f"{stats['queue_peak']}, {stats['dropped']} of {stats['dropped'] + stats['packets']}",
+        )
+    # CoDel against TCP filling the link: Cubic flows into 20 Mbit/s. The queueing delay
+    # is a packet's sojourn minus its own time on the wire; CoDel aims at 5 ms, drop-tail
+    # (1000 packets) is the reference. Wire-sized packets (offload=False) as a 20 Mbit/s
+    # link carries them; with offload on, the kernel's GSO super-packets (up to ~9 ms each
+    # on this wire) make the queue coarser, shown for reference.
+    cases = [
+        ("codel", 1, False, {}),
+        ("codel", 4, False, {}),
+        ("codel", 1, True, {}),
+        ("droptail", 1, False, {"limit": 1000}),
+    ]
+    for queue, flows, offload, extra in cases:
+        with TunPair(ipv6=None, offload=offload) as pair:
+            pair.impair(rate="20mbit", queue=queue, direction="a->b", **extra)
+            with iperf_server(pair.b.ip or ""):
+                t_start = time.monotonic() - pair.packets.t0
+                args = ["-t", str(secs + 1), "-P", str(flows), "-C", "cubic"]
+                iperf_client(pair.b.ip or "", args)
+            delays = [
+                p.sojourn - p.wire_len * 8 / 20e6
+                for p in pair.packets
+                if p.direction == "a->b"
+                and p.action == "delayed"
+                and p.wire_len > 200
+                and p.arrival > t_start + 1.0
+            ]
+            pair.check()
+        what = f"{flows} Cubic flow{'s' if flows > 1 else ''}, offload={offload}"
+        raw[f"sojourn {queue} {what}"] = delays
+        if queue == "droptail":
+            rep.add(
+                "link",
+                f"  queueing delay, {what}, queue=droptail limit=1000 (reference)",
+                f"median {fmt_ms(med(delays))}",
+            )
+            continue
+        goal = not offload
+        rep.add(
+            "link",
+            f"{'' if goal else '  '}queueing delay, {what}, rate=20mbit queue=codel",
+            f"median {fmt_ms(med(delays))}, p90 {fmt_ms(pct(delays, 0.9))}",
+            "target 5.00 ms",
+            f"{med(delays) / 0.005:.2f}",
+            "<= 3x target" if goal else "",
+            med(delays) <= 0.015 if goal else None,
+        )
+    # The impaired path at full speed: rate, delay and a queue, no hooks (offload stays on,
+    # the queue paces GSO super-packets by their wire length).
+    samples = []
+    plain = []
+    for _ in range(1 if a.quick else 3):
+        with TunPair() as pair:
+            with iperf_server(pair.b.ip or ""):
+                plain.append(gbits(iperf_client(pair.b.ip or "", ["-t", str(secs)])))
+            pair.impair(rate="5gbit", delay="1ms", limit=5000)
+            with iperf_server(pair.b.ip or ""):
+                samples.append(gbits(iperf_client(pair.b.ip or "", ["-t", str(secs)])))
+            pair.check()
+    raw["impaired throughput"] = {"impaired": samples, "plain": plain}
+    rep.add(
+        "link",
+        'iperf3 TCP through rate="5gbit" delay="1ms" limit=5000, MTU 1500',
+        f"{med(samples):.2f} Gbit/s",
+        f"no impairment {med(plain):.2f} Gbit/s",
+        f"{med(samples) / med(plain):.2f}",
+        ">= 1 Gbit/s",
+        med(samples) >= 1.0,
+    )
+    rep.raw["link"] = raw
+
+
 def _vm(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -924,6 +1091,60 @@ def bench_memory(rep: Report, a: argparse.Namespace) -> None:
         rep.notes.append("memory: the pair did not use the default capture_bytes")
 
 
+def bench_fields(rep: Report, a: argparse.Namespace) -> None:
+    """Reading a header field of 100 000 captured packets vs scapy's decode of the same."""
+    from pytest_tunpair import Packet, TunPair
+
+    total = 100_000
+    with TunPair(offload=False) as pair:  # wire-sized packets, as under hooks or loss
+        import socket
+
+        with socket.socket() as server:
+            server.bind((pair.b.ip or "", 0))
+            server.listen(1)
+
+            def sink() -> None:
+                conn, _ = server.accept()
+                with conn:
+                    while conn.recv(1 << 16):
+                        pass
+
+            t = threading.Thread(target=sink)
+            t.start()
+            with socket.create_connection(server.getsockname()) as client:
+                client.sendall(os.urandom(4 * MIB))
+            t.join(30)
+        captured = [(p.direction, p._raw, p._off, p.mode) for p in pair.packets]
+        pair.check()
+    copies = [captured[i % len(captured)] for i in range(total)]
+    # Fresh Packet objects each round: nothing parsed or decoded before the clock starts.
+    times = []
+    for _ in range(1 if a.quick else 3):
+        packets = [Packet(0.0, d, "forwarded", raw, off, mode) for d, raw, off, mode in copies]
+        t0 = time.perf_counter()
+        ports = sum(1 for p in packets if p.dport is not None)
+        times.append(time.perf_counter() - t0)
+    assert ports == total, "every packet of a TCP transfer has ports"
+    sample = 500 if a.quick else 5000
+    packets = [Packet(0.0, d, "forwarded", raw, off, mode) for d, raw, off, mode in copies[:sample]]
+    _ = packets[0].scapy  # the first decode imports scapy's layers: not part of the figure
+    t0 = time.perf_counter()
+    for p in packets[1:]:
+        p.scapy.getlayer(1)
+    per_packet = (time.perf_counter() - t0) / (sample - 1)
+    fields = med(times)
+    rep.raw["fields"] = {"fields_s": times, "scapy_per_packet_s": per_packet, "sample": sample}
+    rep.add(
+        "fields",
+        f"Packet.dport of {total:,} captured packets (parsed from the bytes)",
+        f"{fields:.3f} s",
+        f"scapy decode {per_packet * total:.1f} s (from {sample})",
+        f"{fields / (per_packet * total):.3f}",
+        "< 0.5 s",
+        fields < 0.5,
+    )
+
+
 BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "throughput": bench_throughput,
     "overhead": bench_overhead,
@@ -931,7 +1152,9 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "latency": bench_latency,
     "daemons": bench_daemons,
     "timing": bench_timing,
+    "link": bench_link,
     "memory": bench_memory,
+    "fields": bench_fields,
 }
 
 NEEDS = {
@@ -941,7 +1164,9 @@ NEEDS = {
     "latency": ["ping"],
     "daemons": [],
     "timing": ["ping"],
+    "link": ["iperf3", "ping"],
     "memory": ["iperf3"],
+    "fields": [],
 }
 
 

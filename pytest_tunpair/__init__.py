@@ -26,10 +26,14 @@ if TYPE_CHECKING:
         ThreadNotStopped,
         TunDeviceError,
         TunPairError,
+        UnexpectedPacket,
     )
+    from ._flows import Flow
+    from ._match import PacketSource
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
     from ._relay import Hook
+    from ._sockets import SocketInfo
 
 __version__ = "0.1.0"
 
@@ -49,6 +53,10 @@ _WHERE = {
     "ThreadNotStopped": "._errors",
     "TunDeviceError": "._errors",
     "TunPairError": "._errors",
+    "UnexpectedPacket": "._errors",
+    "Flow": "._flows",
+    "PacketSource": "._match",
+    "SocketInfo": "._sockets",
     "PairOptions": "._options",
     "Endpoint": "._pair",
     "TunPair": "._pair",
@@ -59,6 +67,7 @@ _WHERE = {
 __all__ = [
     "Capture",
     "Endpoint",
+    "Flow",
     "GsoInfo",
     "Hook",
     "HookError",
@@ -67,16 +76,19 @@ __all__ = [
     "NamespaceError",
     "OptionError",
     "Packet",
+    "PacketSource",
     "PacketTimeout",
     "PairClosedError",
     "PairOptions",
     "PrivilegeError",
+    "SocketInfo",
     "SpawnError",
     "ThreadNotStopped",
     "TunDeviceError",
     "TunPair",
     "TunPairError",
     "TunPairFactory",
+    "UnexpectedPacket",
     "__version__",
 ]
 

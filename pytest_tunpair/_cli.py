@@ -632,11 +632,16 @@ class Session:
         return False
 
     def _summary(self, pair: TunPair) -> str:
-        parts = [
-            f"{d} {plural(s['packets'], 'packet')} ({s['bytes']} bytes"
-            + (f", {s['dropped']} not delivered)" if s["dropped"] else ")")
-            for d, s in pair.stats.items()
-        ]
+        parts = []
+        for d, s in pair.stats.items():
+            more = [f"{s['bytes']} bytes"]
+            if s["dropped"]:
+                more.append(f"{s['dropped']} not delivered")
+            if s.get("marked"):
+                more.append(f"{s['marked']} ECN-marked")
+            if s.get("device_dropped"):
+                more.append(f"{s['device_dropped']} dropped by the device before the relay")
+            parts.append(f"{d} {plural(s['packets'], 'packet')} ({', '.join(more)})")
         text = "carried " + ", ".join(parts)
         if self.plan.pcap is not None:
             text += f"; wrote {plural(len(pair.packets), 'packet')} to {self.plan.pcap}"

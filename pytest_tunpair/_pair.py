@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _routing
+from . import _linux, _routing
 from ._capture import Capture, Packet, Stats
-from ._device import TunDevice
+from ._device import DeviceCounters, TunDevice
 from ._errors import (
     LeftoverProcessError,
     NamespaceError,
@@ -38,6 +38,8 @@ from ._validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
     from ._impair import ImpairmentEngine, ImpairmentSpec
+    from ._queue import PacketQueue
+    from ._sockets import SocketInfo
 
 T = TypeVar("T")
 # How often a draining teardown looks at what the relay still holds.
@@ -160,6 +162,7 @@ class TunPair:
             max_packets=o.max_packets,
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
+            pending=self._pending,
         )
         """Every packet the relay carried, in order (a live :class:`Capture`)."""
         self._stats = Stats(self.packets.lock)
@@ -170,6 +173,8 @@ class TunPair:
         # Active impairments per direction: (spec with the seed in use, seed was random).
         self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
         self._random_seed: int | None = None  # a factory shares one across its pairs
+        self._device_counters: DeviceCounters | None = None
+        self._device_drops: dict[str, int] = {}
         # The engine last asked for per direction (the relay swaps asynchronously).
         self._engines: dict[str, ImpairmentEngine | None] = {"a->b": None, "b->a": None}
         self._keeper: Keeper | None = None  # the namespace owner's (ours, or the factory's)
@@ -227,6 +232,7 @@ class TunPair:
             )
             for d in self._devices:
                 d.set_offload(o.offload)
+            self._device_counters = DeviceCounters()  # opened here, inside the namespace
             self.a = Endpoint(self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
             self.b = Endpoint(self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
             self.packets.t0 = time.monotonic()
@@ -267,6 +273,12 @@ class TunPair:
         if self._relay is not None:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
+        if self._device_counters is not None:
+            # The last word, for stats read after close (a failure report); the open file
+            # holds the namespace, so it goes before the namespace does.
+            self._device_drops = self._device_counters.tx_dropped()
+            self._device_counters.close()
+            self._device_counters = None
         for d in reversed(self._devices):
             d.close()
         if self._own_netns and self._netns is not None and self._netns.active:
@@ -371,6 +383,17 @@ class TunPair:
             if self._engines[d] is not engine:
                 self._engines[d] = engine
                 relay.set_engine(d, engine)
+        for d in ("a->b", "b->a"):
+            before = cp.impairments.get(d)
+            if self._impairments.get(d) != before:
+                # A fresh queue from the checkpoint's settings: one that was swapped out has
+                # been run to its end (it served what it held) and cannot be put back.
+                queue = None
+                if before is not None:
+                    spec = before[0]
+                    assert spec.seed is not None
+                    queue = self._queue(spec, spec.seed * 2 + (d == "b->a"))
+                relay.set_queue(d, queue)
         self._impairments = dict(cp.impairments)
         self._update_offload()
 
@@ -395,8 +418,25 @@ class TunPair:
 
     @property
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per direction: packets and bytes delivered, packets dropped (never bounded)."""
-        return self._stats.as_dict()
+        """Per direction (never bounded by the capture):
+
+        * ``packets``, ``bytes``: delivered to the other device;
+        * ``dropped``: taken off the link by the relay (a hook, a rule, loss, the queue's
+          bound or discipline, a failed write, or in flight at close);
+        * ``marked``: delivered CE-marked instead of dropped (``ecn=True``);
+        * ``queued``: held by the direction's queue now; ``queue_peak``: the most it held;
+        * ``device_dropped``: dropped by the kernel *before* the relay read them -- the
+          source device's transmit queue (``txqueuelen``) was full.
+        """
+        stats = self._stats.as_dict()
+        relay = self._relay
+        counters = self._device_counters
+        drops = counters.tx_dropped() if counters is not None else self._device_drops
+        for direction, dev in zip(("a->b", "b->a"), self._devices, strict=False):
+            entry = stats[direction]
+            entry["queued"] = relay.queued(direction) if relay is not None else 0
+            entry["device_dropped"] = drops.get(dev.name, 0)
+        return stats
 
     @property
     def mode(self) -> str:
@@ -425,6 +465,46 @@ class TunPair:
         if self._random_seed is None:
             self._random_seed = _random_seed()
         return self._random_seed
+
+    def sockets(self, proto: str = "tcp") -> list[SocketInfo]:
+        """Every ``proto`` (``"tcp"`` or ``"udp"``) socket in the pair's namespace, as the
+        kernel reports it over NETLINK_SOCK_DIAG: the test's own and those of any process
+        started in the namespace (a daemon, ``curl``), with ``tcp_info`` for TCP.
+
+        Works from any thread: the netlink socket is created inside the namespace.
+        """
+        from ._sockets import PROTOCOLS, dump
+
+        if proto not in PROTOCOLS:
+            raise ValueError(f"sockets(proto={proto!r}): use one of {', '.join(PROTOCOLS)}")
+        ns = self._netns
+        if ns is None or not ns.active or self._closed:
+            raise PairClosedError(
+                "the pair is not open: sockets() reads its namespace, use it between open() and close()"
+            )
+        if ns.is_current():
+            return dump(proto)
+        # The namespace is a property of the thread: ask from a short-lived thread that
+        # enters it, leaving the caller where it is (docs/internals.md, "A sock_diag socket
+        # dumps its creator's namespace").
+        result: list[list[SocketInfo]] = []
+        failure: list[BaseException] = []
+
+        def inside() -> None:
+            try:
+                _linux.setns(ns.fd, _linux.CLONE_NEWNET)
+                result.append(dump(proto))
+            except BaseException as exc:
+                failure.append(exc)
+
+        t = threading.Thread(target=inside, name="tunpair sockets", daemon=True)
+        t.start()
+        t.join()
+        if failure:
+            raise NamespaceError(
+                f"reading the sockets of the pair's namespace failed: {failure[0]}", netns=ns.path
+            ) from failure[0]
+        return result[0]
 
     def check(self, timeout: float = 3.0) -> None:
         """Raise, in the calling thread, the first error the relay or a hook hit.
@@ -489,6 +569,7 @@ class TunPair:
 
         _check_direction(direction, "impair")
         relay = self._require_relay()
+        # Everything is checked before anything changes: a bad value leaves the pair as it was.
         parsed = ImpairmentSpec.from_kwargs(**params)
         random_seed = parsed.seed is None and self.options.seed is None
         used = parsed.seed if parsed.seed is not None else self.seed
@@ -498,18 +579,54 @@ class TunPair:
             else:
                 self._impairments.pop(d, None)
         self._update_offload()  # off before the engines see a packet, back on after
+        tap = self.options.mode == "tap"
         for d in _directions(direction):
             # Each direction draws from its own stream (2s for a->b, 2s+1 for b->a), so one
             # direction's traffic never shifts the other's decisions, and both replay.
-            engine = ImpairmentEngine(parsed, used * 2 + (d == "b->a")) if parsed.active else None
+            stream = used * 2 + (d == "b->a")
+            engine = None
+            if parsed.active and parsed.needs_engine:
+                engine = ImpairmentEngine(parsed, stream, tap=tap)
             self._engines[d] = engine
             relay.set_engine(d, engine)
+            relay.set_queue(d, self._queue(parsed, stream) if parsed.active else None)
+
+    def _queue(self, spec: ImpairmentSpec, stream: int) -> PacketQueue | None:
+        """The bottleneck of one direction (``None`` if ``spec`` holds no packet)."""
+        from ._queue import LinkQueue, PacketQueue, RateServer
+
+        if not spec.needs_queue:
+            return None
+        hdr = self._devices[0].hdr_len
+        server = RateServer(spec.rate) if spec.rate is not None else None
+        # PIE's draws come from a stream of their own (a string seed: hashed, not the int
+        # the engine uses), so they never echo the engine's loss draws.
+        queue = LinkQueue(
+            spec.queue_spec(),
+            server,
+            offset=hdr,
+            tap=self.options.mode == "tap",
+            delay=spec.delay,
+            seed=f"queue-{stream}",
+        )
+        return PacketQueue(queue, hdr)
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = busy or relay.needs_segments() or bool(self._impairments)
+        # Delay, jitter, rate and the queue work on GSO super-packets by their wire length
+        # (that is how an impaired link reaches gigabit rates); the other impairments act
+        # on packets as a real wire carries them.
+        busy = (
+            busy
+            or relay.needs_segments()
+            or any(spec.needs_segments for spec, _ in self._impairments.values())
+        )
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
+
+    def _pending(self) -> int:
+        relay = self._relay
+        return 0 if relay is None or self._closed else relay.pending()
 
     def _require_relay(self) -> Relay:
         if self._relay is None or self._closed:

@@ -111,8 +111,16 @@ def _counts(stats: Mapping[str, Mapping[str, int]]) -> str:
     parts = []
     for direction, c in stats.items():
         text = f"{direction} {plural(c.get('packets', 0), 'packet')} {c.get('bytes', 0)} bytes"
+        notes = []
         if c.get("dropped"):
-            text += f" ({c['dropped']} dropped)"
+            notes.append(f"{c['dropped']} dropped")
+        if c.get("marked"):
+            notes.append(f"{c['marked']} ECN-marked")
+        if c.get("device_dropped"):
+            # Offered load that never reached the relay: the sender outran it.
+            notes.append(f"{c['device_dropped']} dropped by the device before the relay read them")
+        if notes:
+            text += f" ({', '.join(notes)})"
         parts.append(text)
     return ", ".join(parts)
 
