@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         TunDeviceError,
         TunPairError,
     )
+    from ._gemodel import GilbertElliott
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
     from ._relay import Hook
@@ -39,6 +40,7 @@ _WHERE = {
     "PrivilegeError": "._errors",
     "TunDeviceError": "._errors",
     "TunPairError": "._errors",
+    "GilbertElliott": "._gemodel",
     "PairOptions": "._options",
     "Endpoint": "._pair",
     "TunPair": "._pair",
@@ -49,6 +51,7 @@ _WHERE = {
 __all__ = [
     "Capture",
     "Endpoint",
+    "GilbertElliott",
     "GsoInfo",
     "Hook",
     "HookError",
