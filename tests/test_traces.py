@@ -66,7 +66,7 @@ def test_bad_file_names_file_and_line(tmp_path: Path, text: str, match: str) -> 
 def test_missing_file_and_bad_sequences(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="cannot read the trace file"):
         load(tmp_path / "nope")
-    with pytest.raises(OptionError, match="item 1 of the sequence is 1.5"):
+    with pytest.raises(OptionError, match=r"item 1 of the sequence is 1\.5"):
         load([1, 1.5])  # type: ignore[list-item]
     with pytest.raises(OptionError, match="item 2 of the sequence: 1 is earlier"):
         load([1, 2, 1])
