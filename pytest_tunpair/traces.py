@@ -20,6 +20,10 @@ A file of the lines ``1`` ... ``1000`` is one opportunity per millisecond, 1500 
 
 ``impair(trace=...)`` takes a path or a sequence of ints. :class:`TraceServer` is the pure
 model the bottleneck queue uses to serve packets from a trace.
+
+mahimahi's ``PACKET_SIZE`` is 1504 because its TUN devices carry the 4-byte packet
+information header (``IFF_TUN`` without ``IFF_NO_PI``, src/util/netdevice.cc): that is a
+1500-byte IP packet, which is what this module counts.
 """
 
 from __future__ import annotations
@@ -210,8 +214,9 @@ def save(times: Sequence[int] | Trace, path: str | os.PathLike[str]) -> None:
 class TraceServer:
     """Serves a FIFO queue's packets from a trace: when each packet's last byte leaves.
 
-    Pure and clock-free: the queue passes times in (``time.monotonic()`` seconds) and
-    calls :meth:`depart` for each packet when it reaches the head of the queue. ``start``
+    Pure and clock-free: the queue passes times in (``time.monotonic()`` seconds). It is
+    a server of the bottleneck queue: for its head packet the queue asks :meth:`ready`
+    when it can start, then calls :meth:`finish` once per packet, in order. ``start``
     is the time the trace's millisecond 0 maps to. Not thread-safe; the relay thread owns
     it.
     """
@@ -248,27 +253,29 @@ class TraceServer:
     def _ended(self, k: int) -> bool:
         return not self._repeat and k >= self._n
 
-    def next_opportunity(self, after: float) -> float | None:
-        """When the next opportunity at or after ``after`` comes, None if the trace has
-        ended (``repeat=False``)."""
-        k = max(self._k, self._first_at_or_after(after))
-        return None if self._ended(k) else self._time(k)
+    def ready(self, t: float) -> float:
+        """The earliest time ``>= t`` at which a packet can start: the next opportunity
+        with bytes left, ``math.inf`` once the trace has ended (``repeat=False``). Pure:
+        it consumes nothing."""
+        k = max(self._k, self._first_at_or_after(t))
+        return math.inf if self._ended(k) else self._time(k)
 
-    def depart(self, length: int, ready: float) -> float | None:
-        """Serve a ``length``-byte packet that reaches the head of the queue at ``ready``.
+    def finish(self, size: int, start: float) -> float:
+        """Deliver a ``size``-byte packet that starts at ``start`` (a time :meth:`ready`
+        returned); return when its last byte leaves, the time of the opportunity that
+        carries it, and consume the bytes it used.
 
-        Returns when its last byte leaves: the time of the opportunity that carries it. The
-        packet uses what is left of an opportunity at or after ``ready`` (so packets queued
+        The packet uses what is left of the opportunity at ``start`` (so packets queued
         behind one another share opportunities) and as many further ones as it needs;
-        opportunities that passed before ``ready`` are lost. Returns None, and keeps no
-        state, if the trace ends first (``repeat=False``): the packet never leaves.
+        opportunities that passed before ``start`` are lost. ``math.inf`` (and nothing
+        consumed) if the trace ends first: the packet never leaves.
         """
-        k0 = self._first_at_or_after(ready)
+        k0 = self._first_at_or_after(start)
         k, left = (k0, PACKET_SIZE) if k0 > self._k else (self._k, self._left)
-        remaining = max(length, 1)  # an empty packet still takes its turn
+        remaining = max(size, 1)  # an empty packet still takes its turn
         while True:
             if self._ended(k):
-                return None
+                return math.inf
             take = min(left, remaining)
             remaining -= take
             left -= take
@@ -280,6 +287,13 @@ class TraceServer:
             k, left = k + 1, PACKET_SIZE
         self._k, self._left = k, left
         return due
+
+    def depart(self, size: int, t: float) -> float | None:
+        """``finish(size, ready(t))``: when a packet at the head of the queue from ``t`` on
+        leaves, or None if it never does."""
+        start = self.ready(t)
+        due = math.inf if start == math.inf else self.finish(size, start)
+        return None if due == math.inf else due
 
     def capacity(self, t0: float, t1: float) -> int:
         """Bytes the trace could deliver in ``[t0, t1)``, for plotting the configured link."""

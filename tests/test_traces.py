@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,20 @@ def test_unused_opportunities_are_lost() -> None:
     assert server.depart(100, 0.0) == pytest.approx(MS)
     # 1400 bytes of the 1 ms opportunity are unused; a packet arriving later cannot have them.
     assert server.depart(1500, 10.5 * MS) == pytest.approx(11 * MS)
-    assert server.next_opportunity(11.2 * MS) == pytest.approx(12 * MS)
+    assert server.ready(11.2 * MS) == pytest.approx(12 * MS)
+    assert server.ready(0.0) == pytest.approx(12 * MS)  # only what is still to come
+
+
+def test_ready_is_pure_and_finish_shares_the_opportunity() -> None:
+    server = TraceServer(load([10, 20]), start=0.0)
+    assert server.ready(0.0) == server.ready(0.0) == pytest.approx(0.010)
+    assert server.finish(600, server.ready(0.0)) == pytest.approx(0.010)
+    assert server.ready(0.0) == pytest.approx(0.010)  # 900 bytes left there
+    assert server.finish(900, 0.010) == pytest.approx(0.010)
+    assert server.ready(0.0) == pytest.approx(0.020)
+    once = TraceServer(load([10]), start=0.0, repeat=False)
+    assert once.finish(2000, 0.0) == math.inf  # needs a second opportunity that never comes
+    assert once.ready(0.0) == pytest.approx(0.010)  # and consumed nothing
 
 
 def test_packet_ready_exactly_at_an_opportunity_uses_it() -> None:
@@ -129,7 +143,7 @@ def test_no_repeat_stops_delivery() -> None:
     assert server.depart(PACKET_SIZE, 0.0) == pytest.approx(0.010)
     assert server.depart(PACKET_SIZE, 0.0) is None
     assert server.depart(10, 0.0) is None
-    assert server.next_opportunity(0.0) is None
+    assert server.ready(0.0) == math.inf
 
 
 def test_gap_delivers_nothing() -> None:
