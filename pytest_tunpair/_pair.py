@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import _routing
 from ._capture import Capture, Packet, Stats
 from ._device import TunDevice
-from ._errors import NamespaceError, TunDeviceError, TunPairError
+from ._errors import NamespaceError, OptionError, PairClosedError, TunDeviceError
 from ._netns import NetNamespace
 from ._options import PairOptions
 from ._relay import Hook, Relay
@@ -41,7 +41,8 @@ def _prepare_namespace(ns: NetNamespace) -> None:
     if os.path.isdir("/proc/sys/net/ipv6"):
         ns.write_sysctl("net/ipv6/ip_nonlocal_bind", 1)
         # No link-local address on new devices: no router solicitations, MLD or other
-        # chatter in the capture (kernel-notes), only the test's own traffic.
+        # chatter in the capture (docs/internals.md, "No link-local addresses"), only the
+        # test's own traffic.
         # TAP devices too: neighbour discovery still resolves, the kernel sends the NS from
         # the global address of the packet waiting for it. What a TAP capture still shows
         # is each device's MLD report for its solicited-node group (README, "TAP mode").
@@ -61,7 +62,7 @@ class Endpoint:
         ip6: str | None,
         mtu: int,
         mac: str | None,
-        inbound: str,
+        side: str,
     ) -> None:
         self._pair = pair
         self._device = device
@@ -71,7 +72,7 @@ class Endpoint:
         self.ip6 = ip6
         self.mtu = mtu
         self.mac = mac
-        self._inbound = inbound  # direction label of packets entering this device
+        self._side = side  # "a" or "b": where Relay.write puts what inject() gets
 
     @property
     def mode(self) -> str:
@@ -85,21 +86,19 @@ class Endpoint:
         """
         data = to_bytes(packet, what=f"{self.name}.inject()")
         validate_frame(data, mode=self.mode, mtu=self.mtu)
-        capture = self._pair.packets
-        # Record *before* writing: a write into the device runs the kernel's receive path in
-        # this thread, so the kernel's answer (an echo reply, or the ARP request it needs
-        # first on TAP) is queued, read and recorded by the relay before os.write() returns.
-        # Recording afterwards put the answer ahead of the request in the capture.
-        pkt = Packet(time.monotonic() - capture.t0, self._inbound, "injected", data, 0, self.mode)
-        capture.record(pkt)
+        relay = self._pair._relay
+        if relay is None or self._device.fd is None:
+            raise TunDeviceError(f"{self.name} is closed", device=self.name)
+        # The relay records the packet *before* writing it (in one critical section with the
+        # write): a write into the device runs the kernel's receive path in this thread, so
+        # the kernel's answer (an echo reply, or the ARP request it needs first on TAP) is
+        # queued, read and recorded by the relay before os.write() returns.
         try:
-            self._device.write(data)
-        except OSError as exc:
-            pkt.action = "dropped"  # validated, but the device refused it (EIO while down)
+            return relay.write(self._side, data)
+        except OSError as exc:  # validated, but the device refused it (EIO while down)
             raise TunDeviceError(
                 f"{self.name}: writing the injected packet failed: {exc}", device=self.name
             ) from exc
-        return pkt
 
     def __repr__(self) -> str:
         mac = f" mac={self.mac}" if self.mac else ""
@@ -127,7 +126,6 @@ class TunPair:
         self._own_netns = netns is None
         self._devices: list[TunDevice] = []
         self._relay: Relay | None = None
-        self._stats = Stats()
         self.steps: list[str] = []
         o = self.options
         self.packets = Capture(
@@ -136,6 +134,7 @@ class TunPair:
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
         )
+        self._stats = Stats(self.packets.lock)
         self.a: Endpoint
         self.b: Endpoint
         # Active impairments per direction: (spec with the seed in use, seed was random).
@@ -189,12 +188,8 @@ class TunPair:
             )
             for d in self._devices:
                 d.set_offload(o.offload)
-            self.a = Endpoint(
-                self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], inbound="b->a"
-            )
-            self.b = Endpoint(
-                self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], inbound="a->b"
-            )
+            self.a = Endpoint(self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
+            self.b = Endpoint(self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
             self.packets.t0 = time.monotonic()
             self.packets.wall_t0 = time.time()
             self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
@@ -222,8 +217,7 @@ class TunPair:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
         for d in reversed(self._devices):
-            # Persist only when the namespace will take the devices away with it.
-            d.close(persist=True)
+            d.close()
         if self._own_netns and self._netns is not None and self._netns.active:
             self._netns.exit()
         return errors
@@ -244,7 +238,7 @@ class TunPair:
     def netns_path(self) -> str:
         """``nsenter --net=PATH`` enters the pair's namespace (while the pair is open)."""
         if self._netns is None or not self._netns.active:
-            raise NamespaceError("the pair is not open")
+            raise PairClosedError("the pair is not open: use it between open() and close()")
         return self._netns.path
 
     @property
@@ -255,6 +249,14 @@ class TunPair:
     @property
     def mode(self) -> str:
         return self.options.mode
+
+    @property
+    def pending(self) -> int:
+        """Packets the relay holds right now (delayed, held for reordering, queued, or
+        waiting for a hook): read, not yet written or dropped. 0 when the pair is closed."""
+        if self._relay is None or self._closed:
+            return 0
+        return self._relay.pending()
 
     @property
     def seed(self) -> int:
@@ -302,8 +304,7 @@ class TunPair:
         relay = self._require_relay()
         hook = Hook(fn, direction)
         self._update_offload(busy=True)  # before the hook sees a packet
-        for d in _directions(direction):
-            relay.hooks[d] = (*relay.hooks[d], hook)
+        relay.add_hook(hook)
         return hook
 
     def remove_hook(self, handle: Hook) -> None:
@@ -312,32 +313,20 @@ class TunPair:
         Packets already handed to the hooks (read before this call) still pass through it,
         in order; later packets do not."""
         relay = self._require_relay()
-        found = False
-        for d in ("a->b", "b->a"):
-            if handle in relay.hooks[d]:
-                relay.hooks[d] = tuple(h for h in relay.hooks[d] if h is not handle)
-                found = True
-        if not found:
+        if not isinstance(handle, Hook) or not relay.remove_hook(handle):
             raise ValueError(f"{handle!r} is not a hook of this pair (removed already?)")
         self._update_offload()
 
-    def impair(
-        self,
-        loss: float | str = 0.0,
-        delay: float | str = 0.0,
-        jitter: float | str = 0.0,
-        duplicate: float | str = 0.0,
-        reorder: float | str = 0.0,
-        corrupt: float | str = 0.0,
-        rate: float | str | None = None,
-        seed: int | None = None,
-        direction: str | None = None,
-    ) -> None:
+    def impair(self, *, direction: str | None = None, **params: Any) -> None:
         """netem-like impairments done in the relay, for one direction or both (``None``).
 
+        ``params`` are the fields of ``ImpairmentSpec`` (table in docs/options.md): ``loss``,
+        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``seed``.
         Probabilities are 0.0-1.0 (or ``"10%"``), ``delay``/``jitter`` seconds (or
-        ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). Each call replaces the settings of
-        the direction(s) it names; ``impair()`` with no arguments turns everything off.
+        ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). A bad value raises
+        :class:`~pytest_tunpair.OptionError`, an unknown name ``TypeError``. Each call
+        replaces the settings of the direction(s) it names; ``impair()`` with no arguments
+        turns everything off.
         A packet held back for reordering when the settings change is released, not lost.
         ``seed=None`` uses :attr:`seed`. Same seed and same packets: same decisions.
         """
@@ -347,16 +336,7 @@ class TunPair:
 
         _check_direction(direction, "impair")
         relay = self._require_relay()
-        parsed = ImpairmentSpec.from_kwargs(
-            loss=loss,
-            delay=delay,
-            jitter=jitter,
-            duplicate=duplicate,
-            reorder=reorder,
-            corrupt=corrupt,
-            rate=rate,
-            seed=seed,
-        )
+        parsed = ImpairmentSpec.from_kwargs(**params)
         random_seed = parsed.seed is None and self.options.seed is None
         used = parsed.seed if parsed.seed is not None else self.seed
         for d in _directions(direction):
@@ -373,18 +353,21 @@ class TunPair:
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = busy or any(relay.hooks.values()) or bool(self._impairments)
+        busy = busy or relay.needs_segments() or bool(self._impairments)
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 
     def _require_relay(self) -> Relay:
         if self._relay is None or self._closed:
-            raise TunPairError("the pair is not open")
+            raise PairClosedError("the pair is not open: use it between open() and close()")
         return self._relay
 
-    def describe(self) -> str:
+    def describe(self, replay: Callable[[int], str] | None = None) -> str:
         """What this pair is, for failure reports: one line for the pair, then one per
-        active impairment (with the seed in use) and per direction with hooks."""
+        active impairment (with the seed in use) and per direction with hooks.
+
+        ``replay(seed)`` says how the caller's user replays a seed picked at random (the
+        plugin names ``--tunpair-seed``, ``tunpair run`` its ``--seed``)."""
         o = self.options
         parts = [
             f"{self.a.name}={self.a.ip or ''}{'/' + self.a.ip6 if self.a.ip6 else ''}",
@@ -396,12 +379,15 @@ class TunPair:
                 spec, random_seed = self._impairments[d]
                 line = f"impair {d}: {spec.describe()}"
                 if random_seed:
-                    line += f" (picked at random; replay with --tunpair-seed={spec.seed})"
+                    assert spec.seed is not None
+                    how = f"; {replay(spec.seed)}" if replay is not None else ""
+                    line += f" (picked at random{how})"
                 lines.append(line)
         if self._relay is not None:
             for d in ("a->b", "b->a"):
-                if self._relay.hooks[d]:
-                    lines.append(f"hooks {d}: {', '.join(map(str, self._relay.hooks[d]))}")
+                hooks = self._relay.hooks(d)
+                if hooks:
+                    lines.append(f"hooks {d}: {', '.join(map(str, hooks))}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -416,7 +402,12 @@ def _random_seed() -> int:
 
 def _check_direction(direction: str | None, what: str) -> None:
     if direction not in (None, "a->b", "b->a"):
-        raise ValueError(f"{what}(direction={direction!r}): use 'a->b', 'b->a' or None (both)")
+        raise OptionError(
+            "direction",
+            direction,
+            source=f"{what}()",
+            reason="use 'a->b', 'b->a' or None (both)",
+        )
 
 
 def _directions(direction: str | None) -> tuple[str, ...]:
