@@ -25,16 +25,24 @@ the transition. Packet *k*'s fate therefore depends only on the seed and *k*.
 from __future__ import annotations
 
 import math
-import numbers
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from ._impair import _format_percent, _probability
+from ._errors import OptionError
+from ._schema import Int, Invalid, Object, Probability, declared, option, validate
 
-__all__ = ["GilbertElliott", "GilbertElliottChain"]
+__all__ = ["GilbertElliott", "GilbertElliottChain", "LossModel"]
 
 _SPLIT = re.compile(r"\s*[,\s]\s*")
+_PROBABILITY = Probability()
+_SOURCE = "GilbertElliott()"
+
+
+def _required(kind: Probability, help: str) -> Any:
+    """A declared field without a default (``option()`` always gives one)."""
+    return field(metadata=option(None, kind, help, cli=False).metadata)
 
 
 @dataclass(frozen=True)
@@ -48,38 +56,39 @@ class GilbertElliott:
     decisions are seeded like every other impairment.
     """
 
-    p: float
-    r: float
-    loss_bad: float = 1.0
-    loss_good: float = 0.0
-    max_burst: int | None = None
+    p: float = _required(_PROBABILITY, "probability of moving from good to bad after a packet")
+    r: float = _required(_PROBABILITY, "probability of moving from bad back to good after a packet")
+    loss_bad: float = option(1.0, _PROBABILITY, "loss probability in the bad state", cli=False)
+    loss_good: float = option(0.0, _PROBABILITY, "loss probability in the good state", cli=False)
+    max_burst: int | None = option(
+        None,
+        Int(1, optional=True, what="None, or an int >= 1 (the longest run of consecutive losses)"),
+        "cap on a run of consecutive losses",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
-        for name in ("p", "r", "loss_bad", "loss_good"):
-            value = _probability(f"GilbertElliott.{name}", getattr(self, name))
-            object.__setattr__(self, name, value)
-        burst = self.max_burst
-        if burst is not None and (
-            isinstance(burst, bool) or not isinstance(burst, numbers.Integral) or burst < 1
-        ):
-            raise ValueError(
-                f"GilbertElliott(max_burst={burst!r}): max_burst is an int >= 1 "
-                "(the longest run of consecutive losses), or None for no cap"
-            )
-        if burst is not None:
-            object.__setattr__(self, "max_burst", int(burst))
+        validate(self, source=_SOURCE)
 
     @classmethod
-    def parse(cls, text: str) -> GilbertElliott:
+    def parse(cls, text: str, *, source: str = "--gemodel") -> GilbertElliott:
         """``"p,r[,loss_bad[,loss_good]]"``, as on the command line (``--gemodel 1%,30%``);
-        the order is netem's ``gemodel p r 1-h 1-k``."""
+        the order is netem's ``gemodel p r 1-h 1-k``. A bad text raises
+        :class:`~pytest_tunpair.OptionError` from ``source``."""
         parts = [part for part in _SPLIT.split(text.strip()) if part]
         if not 2 <= len(parts) <= 4:
-            raise ValueError(
-                f"gemodel {text!r}: give p,r[,loss_bad[,loss_good]], e.g. '1%,30%' or '0.01,0.3'"
+            raise OptionError(
+                "gemodel",
+                text,
+                source=source,
+                reason="give p,r[,loss_bad[,loss_good]], e.g. '1%,30%' or '0.01,0.3'",
             )
-        values: list[float | str] = [float(x) if _is_float(x) else x for x in parts]
-        return cls(*values)  # type: ignore[arg-type]
+        values: list[Any] = [_number_or_text(x) for x in parts]
+        names = [f.name for f, _ in declared(cls)]
+        try:
+            return cls(**dict(zip(names, values, strict=False)))
+        except OptionError as exc:
+            raise exc.with_source(source) from None
 
     @property
     def bad_fraction(self) -> float:
@@ -101,27 +110,39 @@ class GilbertElliott:
         return math.inf if self.r == 0.0 else 1.0 / self.r
 
     def describe(self) -> str:
-        """``gemodel(p=1% r=30%)`` plus the non-default fields, for failure reports."""
-        parts = [f"p={_format_percent(self.p)}", f"r={_format_percent(self.r)}"]
+        """``GilbertElliott(p=0.01, r=0.3)`` plus the fields that differ from their
+        defaults: the call that makes this model again."""
+        parts = [f"p={self.p:g}", f"r={self.r:g}"]
         if self.loss_bad != 1.0:
-            parts.append(f"loss_bad={_format_percent(self.loss_bad)}")
+            parts.append(f"loss_bad={self.loss_bad:g}")
         if self.loss_good != 0.0:
-            parts.append(f"loss_good={_format_percent(self.loss_good)}")
+            parts.append(f"loss_good={self.loss_good:g}")
         if self.max_burst is not None:
             parts.append(f"max_burst={self.max_burst}")
-        return f"gemodel({' '.join(parts)})"
+        return f"GilbertElliott({', '.join(parts)})"
 
     def chain(self, seed: int | str) -> GilbertElliottChain:
         """A fresh chain (starting in the good state) drawing from ``random.Random(seed)``."""
         return GilbertElliottChain(self, seed)
 
 
-def _is_float(text: str) -> bool:
+def _number_or_text(text: str) -> float | str:
     try:
-        float(text)
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return text
+
+
+class LossModel(Object):
+    """The schema kind of a loss model in ``impair(loss=...)``: shown as its ``describe()``."""
+
+    def __init__(self) -> None:
+        super().__init__(GilbertElliott)
+
+    def format(self, value: Any) -> str:
+        if isinstance(value, GilbertElliott):
+            return value.describe()
+        raise Invalid(f"use {self.allowed}")
 
 
 class GilbertElliottChain:

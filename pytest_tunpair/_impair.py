@@ -63,6 +63,11 @@ position, jitter, duplicate, reorder.  Hence:
   ``loss`` from 0.1 to 0.2 drops a superset of the packets.  The bit position is the only
   draw scaled by the packet (by its length).
 
+``loss=GilbertElliott(...)`` (burst loss, see ``_gemodel``) is the one decision that
+depends on earlier packets, by design: its chain remembers the link's state. It draws from
+its own ``random.Random("gemodel:<seed>")``, exactly two values per packet, so the six draws
+above are unchanged and its losses too depend only on the seed and the packet's position.
+
 One thing legitimately depends on timing: whether a held packet is released by being
 overtaken or by :meth:`~ImpairmentEngine.expire`, and therefore whether the *next* packet
 finds the hold slot free.  If the relay only calls ``submit`` (or packets arrive faster than
@@ -79,7 +84,8 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ._schema import Duration, Int, Probability, Rate, changed, declared, option, validate
+from ._gemodel import GilbertElliott, GilbertElliottChain, LossModel
+from ._schema import Duration, Int, OneOf, Probability, Rate, changed, declared, option, validate
 
 __all__ = [
     "ACTIONS",
@@ -122,7 +128,8 @@ class ImpairmentSpec:
     so an engine never sees a nonsensical spec.  Accepted values:
 
     * ``loss``, ``duplicate``, ``reorder``, ``corrupt``: probability, a real number in
-      ``[0, 1]`` or a percentage string such as ``"10%"`` or ``"0.5 %"``;
+      ``[0, 1]`` or a percentage string such as ``"10%"`` or ``"0.5 %"``; ``loss`` may
+      also be a burst-loss model, :class:`~pytest_tunpair.GilbertElliott`;
     * ``delay``, ``jitter``: seconds, a real number ``>= 0`` or a string with unit ``s``,
       ``ms`` or ``us`` (``"20ms"``, ``"1.5s"``, ``"200us"``);
     * ``rate``: ``None`` (unlimited) or bits per second ``> 0``, as a real number or a tc(8)
@@ -138,8 +145,13 @@ class ImpairmentSpec:
     does.
     """
 
-    loss: float = option(
-        0.0, _PROBABILITY, "drop probability", reason_names_option=True, group="impair"
+    # option() returns a dataclasses.Field (as for the float fields, which ruff lets pass).
+    loss: float | GilbertElliott = option(  # noqa: RUF009
+        0.0,
+        OneOf((_PROBABILITY, LossModel())),
+        "drop probability, or a burst-loss model: GilbertElliott(p, r)",
+        reason_names_option=True,
+        group="impair",
     )
     delay: float = option(
         0.0, _DURATION, "added one-way latency", reason_names_option=True, group="impair"
@@ -266,6 +278,14 @@ class ImpairmentEngine:
         # queues, whatever clock origin the caller uses.
         self._link_free = -math.inf
         self._held: _Held | None = None
+        # A burst-loss model keeps its state in a chain with a stream of its own, so the
+        # engine's six draws per packet (and every other decision) stay what they are.
+        self._chain: GilbertElliottChain | None = None
+        self._loss = 0.0
+        if isinstance(spec.loss, GilbertElliott):
+            self._chain = spec.loss.chain(f"gemodel:{seed}")
+        else:
+            self._loss = spec.loss
 
     @property
     def spec(self) -> ImpairmentSpec:
@@ -293,7 +313,8 @@ class ImpairmentEngine:
         u_reorder = rng.random()
 
         # random() is in [0, 1): "u < p" never fires for p == 0 and always for p == 1.
-        if u_loss < spec.loss:
+        chain = self._chain
+        if chain.lost() if chain is not None else u_loss < self._loss:
             return [Emit(None, data, "lost")]
 
         corrupted = u_corrupt < spec.corrupt and len(data) > 0

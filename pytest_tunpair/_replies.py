@@ -7,10 +7,11 @@ Ethernet header, builds the IP reply and puts back a header with the MAC address
 so the reply reaches the sender's stack as if the peer had sent it.
 
 A reply's source address is the original packet's destination. The relay has no address of
-its own, and the routing recipe (docs/internals.md, "The routing trick") only delivers to
+its own, and the routing recipe (docs/internals.md, "The routing recipe") only delivers to
 a side packets that look as if they came from the other side; the kernel matches an ICMP
-error to its socket by the quoted header, never by the error's source (RFC 1122 3.2.2,
-RFC 4443 2.4), so path-MTU discovery and error reporting work all the same.
+error to its socket by the quoted header, never by the error's source (docs/internals.md,
+"ICMP errors reach the socket by the quoted header"), so path-MTU discovery and error
+reporting work all the same.
 """
 
 from __future__ import annotations

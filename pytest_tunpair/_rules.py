@@ -7,8 +7,8 @@ and at the same time the handle the test holds (``tun_pair.outage()``, ``tun_pai
 counters; the test thread ends a rule through its pair, which asks the relay to remove it.
 
 A rule decides from the packet's bytes with a struct parse (:func:`header_fields`), never
-scapy: it runs on every packet of its direction (kernel-notes: scapy costs ~0.24 ms a
-packet, a header parse a few microseconds).
+scapy: it runs on every packet of its direction (docs/internals.md, "scapy decode cost":
+about 0.24 ms a packet, against a few microseconds for a header parse).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from __future__ import annotations
 import math
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _replies
+from ._errors import OptionError
 from ._link import Verdict
+from ._schema import Bool, Choice, Duration, Int, Invalid, Kind
 
 if TYPE_CHECKING:
     from ._capture import Packet
@@ -98,6 +101,45 @@ def field_predicate(fields: Mapping[str, Any], what: str) -> Callable[[Packet], 
     return predicate
 
 
+def _checked(kind: Kind, name: str, value: object, source: str) -> Any:
+    try:
+        return kind.check(value)
+    except Invalid as exc:
+        raise OptionError(name, value, source=source, reason=exc.reason) from None
+
+
+def check_duration(name: str, value: object, source: str) -> float:
+    """A duration argument (seconds, or ``"500ms"``), or :class:`OptionError`."""
+    seconds: float = _checked(Duration(), name, value, source)
+    return seconds
+
+
+def check_fail(times: object, how: object) -> tuple[int | None, str]:
+    """``fail()``'s ``times`` and ``how``, checked."""
+    count = _checked(
+        Int(1, optional=True, what="an int >= 1, or None for every matching packet"),
+        "times",
+        times,
+        "fail()",
+    )
+    kind = _checked(Choice(tuple(HOWS)), "how", how, "fail()")
+    return count, kind
+
+
+def check_mtu(mtu: object, icmp: object) -> tuple[int, bool]:
+    """``path_mtu()``'s ``mtu`` (68 to 65535, RFC 791's minimum) and ``icmp``, checked."""
+    size = _checked(
+        Int(
+            _replies.IPV4_MIN_MTU, 65535, what="a whole number from 68 to 65535, or None to end it"
+        ),
+        "mtu",
+        mtu,
+        "path_mtu()",
+    )
+    flag = _checked(Bool(), "icmp", icmp, "path_mtu()")
+    return size, flag
+
+
 def _fmt_time(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
@@ -139,14 +181,17 @@ class Outage:
             return _LOST
         return None
 
-    def active(self, now: float) -> bool:
+    def in_force(self, now: float) -> bool:
         """True if the outage has not ended by ``now`` (``time.monotonic()``)."""
         return not self._ended and now < self._mono_end
 
+    @property
+    def active(self) -> bool:
+        """True until the outage has ended (it may not have begun yet)."""
+        return self.in_force(time.monotonic())
+
     def end(self) -> None:
         """End the outage now (no-op once ended): packets read from now on pass."""
-        import time
-
         if self._ended:
             return
         now = time.monotonic()
@@ -214,6 +259,10 @@ class Fault:
     def active(self) -> bool:
         """Neither spent nor removed."""
         return not self._removed and not self.spent
+
+    def in_force(self, now: float) -> bool:
+        """:attr:`active` (the time does not matter to a fault)."""
+        return self.active
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
         if self.spent:
@@ -283,6 +332,10 @@ class PathMtu:
             return None  # not IPv4 we can cut (malformed): let the kernel judge it
         self.fragmented += 1
         return Verdict("fragmented", forward=tuple(fragments))
+
+    def in_force(self, now: float) -> bool:
+        """Always: a path MTU lasts until ``path_mtu(None)`` or another ``path_mtu()``."""
+        return True
 
     def describe(self) -> str:
         how = "ICMP back to the sender" if self.icmp else "no ICMP: black hole"

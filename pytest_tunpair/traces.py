@@ -76,12 +76,12 @@ class Trace:
 
     def describe(self) -> str:
         """``trace=NAME (N opportunities over T ms, mean R)`` for failure reports."""
-        from ._impair import _format_rate
+        from ._schema import Rate
 
         name = Path(self.name).name if self.name != "<sequence>" else "sequence"
         return (
             f"trace={name} ({len(self.times)} opportunities over {self.period_ms} ms, "
-            f"mean {_format_rate(self.rate)})"
+            f"mean {Rate().format(self.rate)})"
         )
 
     def opportunities(self, until_ms: float, *, repeat: bool = True) -> Iterator[int]:
@@ -97,8 +97,15 @@ class Trace:
             offset += self.period_ms
 
 
-def _fail(message: str, option: str, source: str) -> OptionError:
-    return OptionError(f"{source}: {option}: {message}", option=option, source=source)
+def _fail(value: object, reason: str, option: str, source: str) -> OptionError:
+    return OptionError(option, value, source=source, reason=reason)
+
+
+def _shown(trace: object) -> object:
+    """The value an error shows: a path as given, a long sequence summarised."""
+    if isinstance(trace, Sequence) and not isinstance(trace, str) and len(trace) > 8:
+        return f"<sequence of {len(trace)} timestamps>"
+    return trace
 
 
 def load(trace: TraceLike, *, option: str = "trace", source: str = "impair()") -> Trace:
@@ -113,11 +120,12 @@ def load(trace: TraceLike, *, option: str = "trace", source: str = "impair()") -
     if isinstance(trace, Trace):
         return trace
     if isinstance(trace, (str, os.PathLike)):
-        return _load_file(Path(trace), option, source)
+        return _load_file(Path(trace), trace, option, source)
     if isinstance(trace, (bytes, bytearray)) or not isinstance(trace, Sequence):
         raise _fail(
-            f"{trace!r} is not a trace: give the path of a mahimahi trace file or a sequence "
-            "of int millisecond timestamps (e.g. pytest_tunpair.traces.constant(12))",
+            trace,
+            "give the path of a mahimahi trace file or a sequence of int millisecond "
+            "timestamps (e.g. pytest_tunpair.traces.constant(12))",
             option,
             source,
         )
@@ -126,17 +134,21 @@ def load(trace: TraceLike, *, option: str = "trace", source: str = "impair()") -
         where = f"item {index} of the sequence"
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise _fail(
-                f"{where} is {value!r}, not a non-negative int of milliseconds", option, source
+                _shown(trace),
+                f"{where} is {value!r}, not a non-negative int of milliseconds",
+                option,
+                source,
             )
-        _append(times, int(value), where, option, source)
-    return _finish(times, "<sequence>", option, source)
+        _append(times, int(value), where, _shown(trace), option, source)
+    return _finish(times, "<sequence>", _shown(trace), option, source)
 
 
-def _load_file(path: Path, option: str, source: str) -> Trace:
+def _load_file(path: Path, given: object, option: str, source: str) -> Trace:
     try:
         text = path.read_text(encoding="ascii", errors="replace")
     except OSError as exc:
         raise _fail(
+            given,
             f"cannot read the trace file {str(path)!r} ({exc.strerror or exc}): check the path",
             option,
             source,
@@ -149,18 +161,20 @@ def _load_file(path: Path, option: str, source: str) -> Trace:
         where = f"{path}, line {lineno}"
         if not stripped.isdigit():
             raise _fail(
+                given,
                 f"{where}: {stripped[:40]!r} is not a millisecond timestamp (a trace has one "
                 "non-negative integer per line)",
                 option,
                 source,
             )
-        _append(times, int(stripped), where, option, source)
-    return _finish(times, str(path), option, source)
+        _append(times, int(stripped), where, given, option, source)
+    return _finish(times, str(path), given, option, source)
 
 
-def _append(times: list[int], ms: int, where: str, option: str, source: str) -> None:
+def _append(times: list[int], ms: int, where: str, given: object, option: str, source: str) -> None:
     if times and ms < times[-1]:
         raise _fail(
+            given,
             f"{where}: {ms} is earlier than the timestamp before it ({times[-1]}); "
             "trace timestamps never decrease",
             option,
@@ -169,12 +183,13 @@ def _append(times: list[int], ms: int, where: str, option: str, source: str) -> 
     times.append(ms)
 
 
-def _finish(times: list[int], name: str, option: str, source: str) -> Trace:
+def _finish(times: list[int], name: str, given: object, option: str, source: str) -> Trace:
     what = "the sequence" if name == "<sequence>" else f"the trace file {name}"
     if not times:
-        raise _fail(f"{what} has no timestamps (one integer ms per line)", option, source)
+        raise _fail(given, f"{what} has no timestamps (one integer ms per line)", option, source)
     if times[-1] == 0:
         raise _fail(
+            given,
             f"{what} lasts no time (its last timestamp is 0), so repeating it never "
             "advances: end it at the trace's length in ms",
             option,

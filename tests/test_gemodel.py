@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_tunpair import GilbertElliott
+from pytest_tunpair import GilbertElliott, OptionError
 
 N = 200_000
 
@@ -69,24 +69,29 @@ def test_degenerate_models() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"p": 1.5, "r": 0.1}, "GilbertElliott.p"),
-        ({"p": 0.1, "r": "x"}, "GilbertElliott.r"),
+        ({"p": 1.5, "r": 0.1}, r"GilbertElliott\(\): bad value for p=1\.5: use a probability"),
+        ({"p": 0.1, "r": "x"}, "r='x'"),
         ({"p": 0.1, "r": 0.1, "loss_bad": True}, "loss_bad"),
         ({"p": 0.1, "r": 0.1, "max_burst": 0}, "max_burst"),
         ({"p": 0.1, "r": 0.1, "max_burst": 2.5}, "max_burst"),
     ],
 )
 def test_bad_values_name_the_field(kwargs: dict[str, object], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(OptionError, match=match):
         GilbertElliott(**kwargs)  # type: ignore[arg-type]
 
 
 def test_parse_and_describe() -> None:
     model = GilbertElliott.parse("1%,30%")
     assert model == GilbertElliott(p=0.01, r=0.3)
-    assert model.describe() == "gemodel(p=1% r=30%)"
+    assert model.describe() == "GilbertElliott(p=0.01, r=0.3)"
+    assert eval(model.describe()) == model  # the description is the call
     full = GilbertElliott.parse("0.1, 0.2, 0.9, 0.001")
     assert full == GilbertElliott(p=0.1, r=0.2, loss_bad=0.9, loss_good=0.001)
-    assert "loss_good=0.1%" in full.describe()
-    with pytest.raises(ValueError, match="p,r"):
+    assert "loss_good=0.001" in full.describe()
+    with pytest.raises(OptionError, match=r"--gemodel: bad value for gemodel='0\.1': give p,r"):
         GilbertElliott.parse("0.1")
+    with pytest.raises(OptionError, match=r"--gemodel: bad value for r=2\.0"):
+        GilbertElliott.parse("0.1,2")
+    with pytest.raises(TypeError):
+        GilbertElliott(p=0.1)  # type: ignore[call-arg]

@@ -61,7 +61,7 @@ def test_bad_file_names_file_and_line(tmp_path: Path, text: str, match: str) -> 
         load(path, source="marker")
     assert info.value.option == "trace"
     assert info.value.source == "marker"
-    assert "marker: trace:" in str(info.value)
+    assert str(info.value).startswith("marker: bad value for trace=")
 
 
 def test_missing_file_and_bad_sequences(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_missing_file_and_bad_sequences(tmp_path: Path) -> None:
         load([1, 1.5])  # type: ignore[list-item]
     with pytest.raises(OptionError, match="item 2 of the sequence: 1 is earlier"):
         load([1, 2, 1])
-    with pytest.raises(OptionError, match="not a trace"):
+    with pytest.raises(OptionError, match="give the path of a mahimahi trace file"):
         load(42)  # type: ignore[arg-type]
     with pytest.raises(OptionError, match="item 0 of the sequence is True"):
         load([True])
