@@ -349,6 +349,10 @@ class TunPair:
                 self._impairments[d] = (replace(parsed, seed=used), random_seed)
             else:
                 self._impairments.pop(d, None)
+            if parsed.rate is not None:
+                self.packets.configured[d] = parsed.rate
+            else:
+                self.packets.configured.pop(d, None)
         self._update_offload()  # off before the engines see a packet, back on after
         for d in _directions(direction):
             # Each direction draws from its own stream (2s for a->b, 2s+1 for b->a), so one

@@ -107,8 +107,9 @@ def plot(
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    start = 0.0
-    end = max((p.time for p in carried), default=1.0)
+    # From the first packet on: setting up a test often takes longer than its traffic.
+    start = min((p.arrival for p in carried), default=0.0)
+    end = max((p.time for p in carried), default=start + 1.0)
     end = max(end, start + 1e-3)
     width = _bin_width(end - start)
     bins = max(1, math.ceil((end - start) / width))

@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, TCP
@@ -318,3 +319,27 @@ def test_path_mtu_rejects_bad_values(tun_pair: TunPair) -> None:
         tun_pair.path_mtu(20)
     with pytest.raises(OptionError, match="mtu"):
         tun_pair.path_mtu(True)  # type: ignore[arg-type]
+
+
+# -- plots ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_plot_of_a_real_run(tun_pair: TunPair, tmp_path: Path, suffix: str) -> None:
+    pytest.importorskip("matplotlib")
+    tun_pair.impair(rate="20mbit", delay="5ms", direction="a->b")
+    payload = b"p" * 300_000
+    assert tcp_send(tun_pair.b.ip, payload) == payload
+    out = tun_pair.packets.plot(tmp_path / f"run{suffix}")
+    assert out == str(tmp_path / f"run{suffix}")
+    data = Path(out).read_bytes()
+    if suffix == ".png":
+        assert data.startswith(b"\x89PNG") and len(data) > 20_000
+    else:
+        assert b"<svg" in data[:500]
+    log = tun_pair.packets.to_mahimahi_log(tmp_path / "up.log")
+    lines = Path(log).read_text().splitlines()
+    assert lines[4] == "# base timestamp: 0"
+    assert sum(" - " in line for line in lines) == sum(
+        p.action == "delayed" for p in tun_pair.packets if p.direction == "a->b"
+    )
