@@ -585,7 +585,7 @@ class Capture(Sequence[Packet]):
         if direction not in DIRECTIONS:
             raise ValueError(f"to_mahimahi_log(direction={direction!r}): use 'a->b' or 'b->a'")
         packets = self._snapshot()
-        link = self.configured.get(direction)
+        link: Any = self.configured.get(direction)
         opportunities: Any = ()
         if hasattr(link, "opportunities"):
             end = max((p.time for p in packets), default=0.0)

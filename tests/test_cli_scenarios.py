@@ -1,0 +1,67 @@
+"""``tunpair run`` with network scenarios: --gemodel, --outage, --path-mtu, --plot, --trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import need
+from .test_cli import trace_lines, tunnels, tunpair
+
+__all__ = ["tunnels"]  # the fixture, imported for these tests
+
+
+def test_outage_drops_the_pings_inside_it(tunnels: None) -> None:
+    need("ping")
+    r = tunpair(
+        "run", "--outage", "0s,10s", "--", "ping", "-c", "2", "-i", "0.2", "-W", "1", "198.18.0.2"
+    )
+    assert r.returncode == 1, r.stderr  # no reply
+    assert "outage a->b/b->a: from " in r.stderr
+    assert {ln.split()[1:3][1] for ln in trace_lines(r.stderr)} == {"lost"}
+
+
+def test_path_mtu_answers_big_pings(tunnels: None) -> None:
+    need("ping")
+    r = tunpair(
+        "run", "--path-mtu", "1000", "--", "ping", "-c", "1", "-M", "do", "-s", "1200",
+        "-W", "1", "198.18.0.2",
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "path_mtu a->b/b->a: 1000" in r.stderr
+    assert "mtu = 1000" in r.stdout + r.stderr  # ping reports the ICMP's next-hop MTU
+    actions = [ln.split()[2] for ln in trace_lines(r.stderr)]
+    assert actions[:2] == ["too-big", "injected"]
+
+
+def test_gemodel_and_plot(tunnels: None, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    need("ping")
+    plot = tmp_path / "run.png"
+    r = tunpair(
+        "run", "--gemodel", "30%,50%", "--seed", "3", "--plot", str(plot), "--",
+        "ping", "-c", "20", "-i", "0.01", "-W", "1", "198.18.0.2",
+    )  # fmt: skip
+    assert "impair a->b: loss=GilbertElliott(p=0.3, r=0.5) seed=3" in r.stderr, r.stderr
+    assert " lost " in r.stderr
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gemodel", "0.1"], "argument --gemodel: bad value '0.1': give p,r"),
+        (["--gemodel", "1%,2"], "argument --gemodel: bad value '1%,2': use a probability"),
+        (["--gemodel", "1%,2%", "--loss", "1%"], "give --loss or --gemodel, not both"),
+        (["--outage", "2s"], "argument --outage: bad value '2s': give AFTER,DURATION"),
+        (["--outage", "2,1s"], "argument --outage: bad value '2,1s': after: add a unit"),
+        (["--path-mtu", "20"], "argument --path-mtu: bad value '20': use a whole number from 68"),
+        (["--plot", "x.pdf"], "argument --plot: 'x.pdf' must end in .png or .svg"),
+    ],
+)
+def test_bad_scenario_options_are_usage_errors(args: list[str], message: str) -> None:
+    r = tunpair("run", *args, "--", "true")
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
