@@ -291,8 +291,8 @@ class Fault:
         self._on_remove(self)
 
     def describe(self) -> str:
-        times = "every" if self.times is None else f"{self.hits}/{self.times}"
-        return f"fail {self.direction}: {self.how} {self._what} ({times} hits)"
+        hits = f"{self.hits} hits" if self.times is None else f"{self.hits}/{self.times} hits"
+        return f"fail {self.direction}: {self.how} {self._what} ({hits})"
 
     def __repr__(self) -> str:
         return f"<Fault {self.describe()}>"

@@ -65,3 +65,36 @@ def test_bad_scenario_options_are_usage_errors(args: list[str], message: str) ->
     assert r.returncode == 2
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- the plugin's --tunpair-plot ---------------------------------------------------------------
+INNER_FAILS = """
+import subprocess
+
+
+def test_fails(tun_pair):
+    tun_pair.fail(how="unreachable", times=None, proto="icmp")
+    subprocess.run(["ping", "-c", "2", "-i", "0.2", "-W", "1", tun_pair.b.ip], capture_output=True)
+    assert False
+"""
+
+
+def test_plot_next_to_each_pcap(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("matplotlib")
+    pytester.makepyfile(test_inner=INNER_FAILS)
+    result = pytester.runpytest_subprocess(
+        "--tunpair", "-p", "no:cacheprovider", "--tunpair-pcap=out", "--tunpair-plot"
+    )
+    result.assert_outcomes(failed=1)
+    png = pytester.path / "out" / "test_inner.py_test_fails.png"
+    assert png.read_bytes().startswith(b"\x89PNG")
+    result.stdout.fnmatch_lines(["fail a->b: unreachable proto='icmp' (2 hits)", f"plot: {png}"])
+
+
+def test_plot_from_the_ini_file(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("matplotlib")
+    pytester.makepyfile(test_inner=INNER_FAILS)
+    pytester.makeini("[pytest]\ntunpair_pcap = out\ntunpair_plot = true\n")
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    assert (pytester.path / "out" / "test_inner.py_test_fails.png").exists()
