@@ -25,6 +25,9 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   minus read, on the relay's clock -- minus the delay; median and 99th percentile; goals
   < 100 us and < 1 ms), with the relay thread's CPU time per packet; and ping RTT through
   ``delay="200us"`` each way vs the same pair without delay + 0.4 ms.
+- ``scenarios``: network scenarios, configured against achieved in the same run:
+  Gilbert-Elliott burst loss (loss rate and mean burst length against the model's
+  ``p / (p + r)`` and ``1 / r``).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
 
@@ -67,7 +70,7 @@ _ENV = dict(
     os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 )
 
-SECTIONS = ("throughput", "overhead", "unused", "latency", "timing", "memory")
+SECTIONS = ("throughput", "overhead", "unused", "latency", "timing", "memory", "scenarios")
 IPERF_PORT = 5201
 GIB = 1 << 30
 MIB = 1 << 20
@@ -740,6 +743,75 @@ def bench_timing(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+def _numbered_losses(pair: Any, count: int) -> list[bool]:
+    """Send ``count`` numbered UDP datagrams a->b; return, per number, whether the relay
+    recorded it lost."""
+    import socket
+    import struct
+
+    pair.packets.clear()
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        sink.bind((pair.b.ip, 0))
+        for i in range(count):
+            client.sendto(struct.pack("!I", i) + bytes(60), sink.getsockname())
+            if i % 50 == 49:
+                time.sleep(0.001)  # the device queue and the relay keep up
+        deadline = time.monotonic() + 10
+        while sum(p.direction == "a->b" for p in pair.packets) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the relay did not see every datagram")
+            time.sleep(0.01)
+    lost = [False] * count
+    for p in pair.packets:
+        if p.direction == "a->b":
+            lost[struct.unpack_from("!I", p.data, 28)[0]] = p.action == "lost"
+    return lost
+
+
+def bench_scenarios(rep: Report, a: argparse.Namespace) -> None:
+    """Network scenarios, configured against achieved: Gilbert-Elliott burst loss."""
+    from pytest_tunpair import GilbertElliott, TunPair
+
+    count = 3000 if a.quick else 30000
+    model = GilbertElliott(p=0.05, r=0.25)
+    with TunPair(ipv6=None) as pair:
+        pair.impair(loss=model, seed=1, direction="a->b")
+        lost = _numbered_losses(pair, count)
+        pair.check()
+    bursts: list[int] = []
+    run = 0
+    for x in [*lost, False]:
+        if x:
+            run += 1
+        elif run:
+            bursts.append(run)
+            run = 0
+    rate = sum(lost) / count
+    mean = sum(bursts) / len(bursts) if bursts else 0.0
+    rep.raw["scenarios"] = {"gemodel": {"lost": sum(lost), "bursts": bursts}}
+    rep.add(
+        "scenarios",
+        f"Gilbert-Elliott p=5% r=25%: loss rate ({count} UDP datagrams)",
+        f"{rate * 100:.2f}%",
+        f"model {model.loss_rate * 100:.2f}%",
+        f"{rate / model.loss_rate:.2f}",
+        "within 15%",
+        abs(rate / model.loss_rate - 1) < 0.15,
+    )
+    rep.add(
+        "scenarios",
+        f"Gilbert-Elliott p=5% r=25%: mean burst ({len(bursts)} bursts)",
+        f"{mean:.2f} packets",
+        f"model 1/r = {model.mean_burst:.2f}",
+        f"{mean / model.mean_burst:.2f}",
+        "within 15%",
+        abs(mean / model.mean_burst - 1) < 0.15,
+    )
+
+
 def _vm(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -830,6 +902,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "latency": bench_latency,
     "timing": bench_timing,
     "memory": bench_memory,
+    "scenarios": bench_scenarios,
 }
 
 NEEDS = {
@@ -839,6 +912,7 @@ NEEDS = {
     "latency": ["ping"],
     "timing": ["ping"],
     "memory": ["iperf3"],
+    "scenarios": [],
 }
 
 
