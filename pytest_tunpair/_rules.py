@@ -84,7 +84,12 @@ def field_predicate(fields: Mapping[str, Any], what: str) -> Callable[[Packet], 
         if name in ("src", "dst") and isinstance(value, str):
             import ipaddress
 
-            value = str(ipaddress.ip_address(value))
+            try:
+                value = str(ipaddress.ip_address(value))
+            except ValueError:
+                raise OptionError(
+                    name, value, source=f"{what}()", reason="give an IPv4 or IPv6 address"
+                ) from None
         tests.append((name, value, callable(value)))
 
     def predicate(pkt: Packet) -> bool:
