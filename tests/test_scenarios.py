@@ -343,3 +343,15 @@ def test_plot_of_a_real_run(tun_pair: TunPair, tmp_path: Path, suffix: str) -> N
     assert sum(" - " in line for line in lines) == sum(
         p.action == "delayed" for p in tun_pair.packets if p.direction == "a->b"
     )
+
+
+def test_offload_is_off_while_a_rule_is_set(tun_pair: TunPair) -> None:
+    assert tun_pair.b.ip is not None
+    fault = tun_pair.fail(dport=1)  # never matches: only its presence counts
+    payload = b"o" * 2_000_000
+    assert tcp_send(tun_pair.b.ip, payload) == payload
+    assert max(p.wire_len for p in tun_pair.packets) <= 1500  # no GSO super-packets
+    fault.remove()
+    tun_pair.packets.clear()
+    assert tcp_send(tun_pair.b.ip, payload) == payload
+    assert max(p.wire_len for p in tun_pair.packets) > 1500  # offload back on
