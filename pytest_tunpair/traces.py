@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Union
 
 from ._errors import OptionError
+from ._schema import Invalid, Kind
 
 __all__ = ["PACKET_SIZE", "Trace", "TraceServer", "constant", "load", "save"]
 
@@ -75,12 +76,12 @@ class Trace:
         return len(self.times)
 
     def describe(self) -> str:
-        """``trace=NAME (N opportunities over T ms, mean R)`` for failure reports."""
+        """``NAME (N opportunities over T ms, mean R)`` for failure reports."""
         from ._schema import Rate
 
         name = Path(self.name).name if self.name != "<sequence>" else "sequence"
         return (
-            f"trace={name} ({len(self.times)} opportunities over {self.period_ms} ms, "
+            f"{name} ({len(self.times)} opportunities over {self.period_ms} ms, "
             f"mean {Rate().format(self.rate)})"
         )
 
@@ -310,6 +311,13 @@ class TraceServer:
         due = math.inf if start == math.inf else self.finish(size, start)
         return None if due == math.inf else due
 
+    def opportunity_times(self, until: float) -> Iterator[float]:
+        """The time of every opportunity from the start to ``until`` (for mahimahi's log)."""
+        k = 0
+        while not self._ended(k) and (t := self._time(k)) < until:
+            yield t
+            k += 1
+
     def capacity(self, t0: float, t1: float) -> int:
         """Bytes the trace could deliver in ``[t0, t1)``, for plotting the configured link."""
         if t1 <= t0:
@@ -319,3 +327,24 @@ class TraceServer:
         if not self._repeat:
             end, begin = min(end, self._n), min(begin, self._n)
         return (end - begin) * PACKET_SIZE
+
+
+class TraceKind(Kind):
+    """The option schema's kind for ``impair(trace=...)``: checked by :func:`load`."""
+
+    allowed = (
+        "a mahimahi trace: the path of a trace file, or a sequence of int millisecond "
+        "timestamps (traces.constant(12)); None for none"
+    )
+    metavar = "FILE"
+
+    def check(self, value: object) -> Trace | None:
+        if value is None:
+            return None
+        try:
+            return load(value)  # type: ignore[arg-type]
+        except OptionError as exc:
+            raise Invalid(exc.reason) from None
+
+    def format(self, value: object) -> str:
+        return value.describe() if isinstance(value, Trace) else repr(value)
