@@ -609,9 +609,9 @@ class Capture(Sequence[Packet]):
 
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"plot(direction={direction!r}): use 'a->b', 'b->a' or None")
-        return str(
-            plot(self._snapshot(), path, direction=direction, configured=dict(self.configured))
-        )
+        # A trace server draws as its capacity per time bin; a rate as a level line.
+        configured = {d: getattr(link, "capacity", link) for d, link in self.configured.items()}
+        return str(plot(self._snapshot(), path, direction=direction, configured=configured))
 
     def to_mahimahi_log(
         self, path: str | os.PathLike[str], *, direction: str = "a->b", drops: bool = True
@@ -629,9 +629,9 @@ class Capture(Sequence[Packet]):
         packets = self._snapshot()
         link: Any = self.configured.get(direction)
         opportunities: Any = ()
-        if hasattr(link, "opportunities"):
+        if hasattr(link, "opportunity_times"):
             end = max((p.time for p in packets), default=0.0)
-            opportunities = link.opportunities(end)
+            opportunities = link.opportunity_times(end)
         return str(
             to_mahimahi_log(
                 packets, path, direction=direction, drops=drops, opportunities=opportunities

@@ -50,6 +50,9 @@ _BITS_PER_OPPORTUNITY_PER_MS = PACKET_SIZE * 8 * 1000
 # exact time must still find it, whatever the rounding of (ready - start) * 1000.
 _EPSILON_MS = 1e-6
 
+# An opportunity index no trace reaches: what comes "at infinity".
+_NEVER = 1 << 62
+
 TraceLike = Union[str, "os.PathLike[str]", Sequence[int], "Trace"]
 
 
@@ -256,6 +259,9 @@ class TraceServer:
         return self._start + (rounds * self._period + self._times[line]) / 1000.0
 
     def _first_at_or_after(self, t: float) -> int:
+        if t == math.inf:
+            # Past every opportunity: the index after the last, or "never" when repeating.
+            return self._n if not self._repeat else _NEVER
         rel = (t - self._start) * 1000.0 - _EPSILON_MS
         if rel <= self._times[0]:
             return 0
@@ -267,7 +273,7 @@ class TraceServer:
         return rounds * self._n + line
 
     def _ended(self, k: int) -> bool:
-        return not self._repeat and k >= self._n
+        return k >= _NEVER or (not self._repeat and k >= self._n)
 
     def ready(self, t: float) -> float:
         """The earliest time ``>= t`` at which a packet can start: the next opportunity

@@ -1,4 +1,4 @@
-"""Network scenarios on real traffic: fault rules, outages, path MTU, burst loss.
+"""Network scenarios on real traffic: fault rules, outages, path MTU, burst loss, traces, plots.
 
 Every test runs real sockets through a real pair in the test's own namespace; the relay's
 capture says what happened to each packet.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from scapy.layers.inet import ICMP, TCP
 
-from pytest_tunpair import GilbertElliott, OptionError, Packet, TunPair
+from pytest_tunpair import GilbertElliott, OptionError, Packet, TunPair, traces
 
 from .conftest import tcp_send
 
@@ -319,6 +319,72 @@ def test_path_mtu_rejects_bad_values(tun_pair: TunPair) -> None:
         tun_pair.path_mtu(20)
     with pytest.raises(OptionError, match="mtu"):
         tun_pair.path_mtu(True)  # type: ignore[arg-type]
+
+
+# -- traces -----------------------------------------------------------------------------
+
+
+def blast_udp(target: tuple[str, int], mbit: float, seconds: float, size: int = 1200) -> None:
+    """Send size-byte datagrams at about `mbit` Mbit/s for `seconds`."""
+    gap = size * 8 / (mbit * 1e6)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        start = time.monotonic()
+        sent = 0
+        while (now := time.monotonic()) - start < seconds:
+            due = start + sent * gap
+            if now < due:
+                time.sleep(min(due - now, 0.002))
+                continue
+            client.sendto(b"z" * size, target)
+            sent += 1
+
+
+def receive_for(sink: socket.socket, seconds: float) -> list[tuple[float, int]]:
+    out = []
+    sink.settimeout(0.2)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            data = sink.recv(4096)
+        except TimeoutError:
+            continue
+        out.append((time.monotonic(), len(data)))
+    return out
+
+
+def test_constant_trace_gives_its_rate(tun_pair: TunPair, udp_sink: socket.socket) -> None:
+    tun_pair.impair(trace=traces.constant(12), direction="a->b")
+    got: list[tuple[float, int]] = []
+    receiver = threading.Thread(target=lambda: got.extend(receive_for(udp_sink, 3.2)))
+    receiver.start()
+    blast_udp(udp_sink.getsockname(), 16, 3.0)
+    receiver.join()
+    steady = [(t, n) for t, n in got if got[0][0] + 0.5 <= t <= got[0][0] + 2.5]
+    goodput = sum(n for _, n in steady[1:]) * 8 / (steady[-1][0] - steady[0][0])
+    # 1228 bytes on the wire per 1200 of payload.
+    assert goodput == pytest.approx(12e6 * 1200 / 1228, rel=0.10)
+
+
+def test_trace_gap_delivers_nothing(tun_pair: TunPair, udp_sink: socket.socket) -> None:
+    # 12 Mbit/s for 300 ms, nothing for 500 ms, 12 Mbit/s for 200 ms; once.
+    trace = [*range(1, 301), *range(801, 1001)]
+    tun_pair.impair(trace=trace, trace_repeat=False, direction="a->b")
+    t0 = time.monotonic() - tun_pair.packets.t0
+    blast_udp(udp_sink.getsockname(), 8, 1.0)
+    delivered = [
+        p.time - t0
+        for p in tun_pair.packets
+        if p.direction == "a->b" and p.action not in ("lost", "dropped")
+    ]
+    assert any(t < 0.3 for t in delivered) and any(t > 0.8 for t in delivered)
+    assert not [t for t in delivered if 0.31 < t < 0.79]
+
+
+def test_bad_trace_names_file_and_line(tun_pair: TunPair, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.trace"
+    bad.write_text("1\n2\nthree\n")
+    with pytest.raises(OptionError, match=r"bad\.trace, line 3"):
+        tun_pair.impair(trace=bad)
 
 
 # -- plots ------------------------------------------------------------------------------

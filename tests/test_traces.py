@@ -176,3 +176,9 @@ def test_capacity_counts_opportunities_in_a_window() -> None:
     once = TraceServer(load(constant(12)), start=0.0, repeat=False)
     assert once.capacity(0.5, 3.0) == 501 * PACKET_SIZE
     assert list(load([5, 10]).opportunities(31)) == [5, 10, 15, 20, 25, 30]
+
+
+def test_at_infinity_nothing_starts() -> None:
+    # The queue asks for ready(inf) when it is flushed at close.
+    assert TraceServer(load([5, 10]), start=0.0).ready(math.inf) == math.inf
+    assert TraceServer(load([5, 10]), start=0.0, repeat=False).ready(math.inf) == math.inf
