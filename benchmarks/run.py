@@ -35,7 +35,8 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   ``rate="10mbit"`` buffer against ``limit`` x one packet's time); CoDel's queueing delay
   with four Cubic flows against its 5 ms target (drop-tail for reference); and iperf3
   through ``rate``, ``delay`` and a queue (goal >= 1 Gbit/s, the plain pair beside it).
-- ``scenarios``: network scenarios, configured against achieved in the same run:
+- ``scenarios``: network scenarios, configured against achieved in the same run: the
+  rate a constant mahimahi trace (12 and 48 Mbit/s) delivers under a 1.5x UDP overload;
   Gilbert-Elliott burst loss (loss rate and mean burst length against the model's
   ``p / (p + r)`` and ``1 / r``).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
@@ -1037,8 +1038,31 @@ def _numbered_losses(pair: Any, count: int) -> list[bool]:
 
 
 def bench_scenarios(rep: Report, a: argparse.Namespace) -> None:
-    """Network scenarios, configured against achieved: Gilbert-Elliott burst loss."""
-    from pytest_tunpair import GilbertElliott, TunPair
+    """Network scenarios, configured against achieved: trace rates, Gilbert-Elliott."""
+    from pytest_tunpair import GilbertElliott, TunPair, traces
+
+    secs = 2.0 if a.quick else 4.0
+    raw: dict[str, Any] = {}
+    # A mahimahi trace as the link, offered 1.5x its rate: the delivered wire rate once the
+    # queue is full, against the trace's (1500 bytes per opportunity).
+    for mbit in (12, 48):
+        trace = traces.constant(mbit)
+        with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+            pair.impair(trace=trace, direction="a->b")
+            run(udp_overload_args(pair.b.ip or "", mbit * 1.5e6, secs), timeout=60)
+            achieved = achieved_rate(pair, 0.5)
+            pair.check()
+        configured = traces.load(trace).rate
+        raw[f"trace {mbit}mbit"] = achieved
+        rep.add(
+            "scenarios",
+            f"trace constant({mbit}): delivered under 1.5x UDP overload",
+            f"{achieved / 1e6:.2f} Mbit/s",
+            f"trace {configured / 1e6:.2f} Mbit/s",
+            f"{achieved / configured:.3f}",
+            "within 5%",
+            abs(achieved / configured - 1) < 0.05,
+        )
 
     count = 3000 if a.quick else 30000
     model = GilbertElliott(p=0.05, r=0.25)
@@ -1047,16 +1071,17 @@ def bench_scenarios(rep: Report, a: argparse.Namespace) -> None:
         lost = _numbered_losses(pair, count)
         pair.check()
     bursts: list[int] = []
-    run = 0
+    length = 0
     for x in [*lost, False]:
         if x:
-            run += 1
-        elif run:
-            bursts.append(run)
-            run = 0
+            length += 1
+        elif length:
+            bursts.append(length)
+            length = 0
     rate = sum(lost) / count
     mean = sum(bursts) / len(bursts) if bursts else 0.0
-    rep.raw["scenarios"] = {"gemodel": {"lost": sum(lost), "bursts": bursts}}
+    raw["gemodel"] = {"lost": sum(lost), "bursts": bursts}
+    rep.raw["scenarios"] = raw
     rep.add(
         "scenarios",
         f"Gilbert-Elliott p=5% r=25%: loss rate ({count} UDP datagrams)",
@@ -1181,7 +1206,7 @@ NEEDS = {
     "timing": ["ping"],
     "link": ["iperf3", "ping"],
     "memory": ["iperf3"],
-    "scenarios": [],
+    "scenarios": ["iperf3"],
 }
 
 
