@@ -246,6 +246,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
             ImpairmentSpec.from_kwargs(**{key: value})
         except OptionError as exc:
             _bad(parser, exc, typed)
+    try:
+        ImpairmentSpec.from_kwargs(**impair)  # then together (--rate with --trace)
+    except OptionError as exc:
+        _bad(parser, exc, typed)
     if args.direction is not None and not impair:
         flags = [
             decl.flag(f.name, default_of(f)) for f, decl in declared(ImpairmentSpec) if decl.cli

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,29 @@ def test_gemodel_and_plot(tunnels: None, tmp_path: Path) -> None:
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_trace_and_rate_are_a_usage_error(tmp_path: Path) -> None:
+    trace = tmp_path / "t.up"
+    trace.write_text("1\n")
+    r = tunpair("run", "--trace", str(trace), "--rate", "1mbit", "--", "true")
+    assert r.returncode == 2
+    assert "argument --trace: bad value" in r.stderr and "give rate or trace, not both" in r.stderr
+
+
+def test_trace_file_paces_the_link(tunnels: None, tmp_path: Path) -> None:
+    need("ping")
+    trace = tmp_path / "slow.up"
+    trace.write_text("100\n")  # one opportunity every 100 ms
+    r = tunpair(
+        "run", "--trace", str(trace), "--direction", "a->b", "--",
+        "ping", "-c", "3", "-i", "0.05", "-W", "2", "198.18.0.2",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "impair a->b: trace=slow.up (1 opportunities over 100 ms, mean 120kbit)" in r.stderr
+    rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", r.stdout)]
+    # Each request waits for the next 100 ms opportunity: RTTs up to 100 ms, never more.
+    assert len(rtts) == 3 and max(rtts) < 150 and sum(rtts) > 30
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -58,6 +82,8 @@ def test_gemodel_and_plot(tunnels: None, tmp_path: Path) -> None:
         (["--outage", "2,1s"], "argument --outage: bad value '2,1s': after: add a unit"),
         (["--path-mtu", "20"], "argument --path-mtu: bad value '20': use a whole number from 68"),
         (["--plot", "x.pdf"], "argument --plot: 'x.pdf' must end in .png or .svg"),
+        (["--trace", "/nonexistent.up"], "argument --trace: bad value '/nonexistent.up': cannot"),
+        (["--trace", "/proc/self/status"], "line 1: 'Name:"),
     ],
 )
 def test_bad_scenario_options_are_usage_errors(args: list[str], message: str) -> None:
