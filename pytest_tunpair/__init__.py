@@ -26,11 +26,15 @@ if TYPE_CHECKING:
         ThreadNotStopped,
         TunDeviceError,
         TunPairError,
+        UnexpectedPacket,
     )
+    from ._flows import Flow
     from ._gemodel import GilbertElliott
+    from ._match import PacketSource
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
     from ._relay import Hook
+    from ._sockets import SocketInfo
 
 __version__ = "0.1.0"
 
@@ -50,7 +54,11 @@ _WHERE = {
     "ThreadNotStopped": "._errors",
     "TunDeviceError": "._errors",
     "TunPairError": "._errors",
+    "UnexpectedPacket": "._errors",
+    "Flow": "._flows",
     "GilbertElliott": "._gemodel",
+    "PacketSource": "._match",
+    "SocketInfo": "._sockets",
     "PairOptions": "._options",
     "Endpoint": "._pair",
     "TunPair": "._pair",
@@ -61,6 +69,7 @@ _WHERE = {
 __all__ = [
     "Capture",
     "Endpoint",
+    "Flow",
     "GilbertElliott",
     "GsoInfo",
     "Hook",
@@ -70,16 +79,19 @@ __all__ = [
     "NamespaceError",
     "OptionError",
     "Packet",
+    "PacketSource",
     "PacketTimeout",
     "PairClosedError",
     "PairOptions",
     "PrivilegeError",
+    "SocketInfo",
     "SpawnError",
     "ThreadNotStopped",
     "TunDeviceError",
     "TunPair",
     "TunPairError",
     "TunPairFactory",
+    "UnexpectedPacket",
     "__version__",
 ]
 

@@ -6,15 +6,14 @@ and at the same time the handle the test holds (``tun_pair.outage()``, ``tun_pai
 ``tun_pair.path_mtu()``). The relay thread only reads a rule's settings and bumps its
 counters; the test thread ends a rule through its pair, which asks the relay to remove it.
 
-A rule decides from the packet's bytes with a struct parse (:func:`header_fields`), never
-scapy: it runs on every packet of its direction (docs/internals.md, "scapy decode cost":
+A rule decides from the packet's bytes with a struct parse (the fields of ``_fields``),
+never scapy: it runs on every packet of its direction (docs/internals.md, "scapy decode cost":
 about 0.24 ms a packet, against a few microseconds for a header parse).
 """
 
 from __future__ import annotations
 
 import math
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,82 +27,25 @@ from ._schema import Bool, Choice, Duration, Int, Invalid, Kind
 if TYPE_CHECKING:
     from ._capture import Packet
 
-__all__ = ["HOWS", "Fault", "Outage", "PathMtu", "header_fields"]
+__all__ = ["HOWS", "Fault", "Outage", "PathMtu", "field_predicate"]
 
 #: What ``fail(how=...)`` does to a matching packet, and the action it is recorded with.
 HOWS = {"drop": "dropped", "reset": "reset", "unreachable": "unreachable"}
 
 _LOST = Verdict("lost")
 _DROPPED = Verdict("dropped")
-_TCP_FLAG_LETTERS = "FSRPAUECN"  # bit order, as scapy spells flags ("SA" is SYN+ACK)
-_PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-
-
-def header_fields(data: bytes, mode: str) -> dict[str, Any]:
-    """The fields ``fail(**fields)`` filters on, from a device frame: ``ip_version``,
-    ``src``, ``dst``, ``proto`` (``"tcp"``, ``"udp"``, ``"icmp"``, ``"icmpv6"`` or the
-    number), ``sport``, ``dport`` and ``flags`` (TCP flags as scapy writes them, ``"S"``,
-    ``"SA"``); missing ones are None."""
-    import ipaddress
-
-    fields: dict[str, Any] = dict.fromkeys(
-        ("ip_version", "src", "dst", "proto", "sport", "dport", "flags")
-    )
-    try:
-        p = _replies._Parsed(_replies.l3(data, mode))
-    except _replies.ReplyError:
-        return fields
-    ip = _replies.l3(data, mode)
-    fields["ip_version"] = p.version
-    fields["src"] = str(ipaddress.ip_address(p.src))
-    fields["dst"] = str(ipaddress.ip_address(p.dst))
-    fields["proto"] = _PROTO_NAMES.get(p.proto, p.proto)
-    if p.first_fragment and p.proto in (6, 17) and len(ip) >= p.l4 + 4:
-        fields["sport"], fields["dport"] = struct.unpack_from("!HH", ip, p.l4)
-    if p.first_fragment and p.proto == 6 and len(ip) >= p.l4 + 14:
-        bits = ((ip[p.l4 + 12] & 1) << 8) | ip[p.l4 + 13]
-        fields["flags"] = "".join(c for i, c in enumerate(_TCP_FLAG_LETTERS) if bits >> i & 1)
-    return fields
 
 
 def field_predicate(fields: Mapping[str, Any], what: str) -> Callable[[Packet], bool] | None:
-    """A predicate testing ``fields`` (each a value, or a predicate on the value) against a
-    packet's :func:`header_fields`; None when there are none. Unknown names raise
-    ``TypeError`` naming the known ones."""
+    """The keyword filters of ``packets.filter`` (``dport=443, flags="S"``: each a value or
+    a predicate on the value) as one predicate; None when there are none. The fields are
+    parsed from the packet's bytes without scapy (``_fields``), once per packet. Unknown
+    names raise ``TypeError`` naming the known ones; a bad address or flags ``ValueError``."""
     if not fields:
         return None
-    known = ("ip_version", "src", "dst", "proto", "sport", "dport", "flags")
-    for name in fields:
-        if name not in known:
-            raise TypeError(
-                f"{what}() got an unexpected keyword argument {name!r}; "
-                f"the packet fields are: {', '.join(known)}"
-            )
-    tests = []
-    for name, value in fields.items():
-        if name in ("src", "dst") and isinstance(value, str):
-            import ipaddress
+    from ._match import packet_filter
 
-            try:
-                value = str(ipaddress.ip_address(value))
-            except ValueError:
-                raise OptionError(
-                    name, value, source=f"{what}()", reason="give an IPv4 or IPv6 address"
-                ) from None
-        tests.append((name, value, callable(value)))
-
-    def predicate(pkt: Packet) -> bool:
-        got = header_fields(pkt.data, pkt.mode)
-        for name, value, call in tests:
-            have = got[name]
-            if call:
-                if have is None or not value(have):
-                    return False
-            elif have != value:
-                return False
-        return True
-
-    return predicate
+    return packet_filter(fields=dict(fields), what=what)
 
 
 def _checked(kind: Kind, name: str, value: object, source: str) -> Any:

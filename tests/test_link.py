@@ -178,7 +178,9 @@ def test_codel_keeps_a_tcp_flows_queue_near_target_where_droptail_stands(
     # CoDel (target 5 ms) holds the sojourn -- queueing plus the packet's own time on the
     # 20 Mbit/s wire -- near its target; drop-tail lets TCP fill its 1000 packets: at
     # 0.6 ms each, a standing queue of hundreds of ms.
-    assert statistics.median(codel) < 0.030, statistics.median(codel)
+    # (about 18 ms on an idle machine; the bound leaves room for a busy one, still far
+    # below drop-tail's standing queue)
+    assert statistics.median(codel) < 0.060, statistics.median(codel)
     assert statistics.median(droptail) > 0.150, statistics.median(droptail)
     assert tun_pair.stats["a->b"]["queue_peak"] > 200
 
