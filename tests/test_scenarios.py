@@ -421,3 +421,27 @@ def test_offload_is_off_while_a_rule_is_set(tun_pair: TunPair) -> None:
     tun_pair.packets.clear()
     assert tcp_send(tun_pair.b.ip, payload) == payload
     assert max(p.wire_len for p in tun_pair.packets) > 1500  # offload back on
+
+
+def test_mahimahi_log_of_a_trace_run(
+    tun_pair: TunPair, udp_sink: socket.socket, tmp_path: Path
+) -> None:
+    tun_pair.impair(trace=[10, 20], direction="a->b")  # one opportunity every 10 ms
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        for _ in range(5):
+            client.sendto(b"m" * 1000, udp_sink.getsockname())
+        udp_sink.settimeout(2)
+        for _ in range(5):
+            udp_sink.recv(2000)
+    lines = Path(tun_pair.packets.to_mahimahi_log(tmp_path / "up.log")).read_text().splitlines()
+    events = [line.split() for line in lines if not line.startswith("#")]
+    assert sum(e[1] == "+" for e in events) == 5
+    departures = [int(e[0]) for e in events if e[1] == "-"]
+    opportunities = [int(e[0]) for e in events if e[1] == "#"]
+    assert len(departures) == 5 and len(opportunities) >= 4
+    # Every departure at an opportunity (written a little after it: the relay's lateness).
+    assert all(any(0 <= d - o <= 5 for o in opportunities) for d in departures)
+    # 1028-byte datagrams, 1500 bytes per opportunity: departures 10 ms apart or sharing one.
+    gaps = [b - a for a, b in zip(departures, departures[1:], strict=False)]
+    assert all(g in (0, 9, 10, 11) for g in gaps), gaps
+    assert all(b - a in (9, 10, 11) for a, b in zip(opportunities, opportunities[1:], strict=False))
