@@ -105,7 +105,9 @@ class Packet:
     rate, hooks and queueing added); ``direction`` is ``"a->b"`` or ``"b->a"``;
     ``action`` says what the relay did (``"forwarded"``, ``"injected"``, ``"dropped"``,
     ``"modified"``, ``"duplicated"``, ``"lost"``, ``"delayed"``, ``"reordered"``,
-    ``"corrupted"``, ``"scripted"``); ``data`` is the IP packet (TUN) or Ethernet frame
+    ``"corrupted"``, ``"scripted"``; from the scenario rules ``"reset"``,
+    ``"unreachable"``, ``"too-big"``, ``"fragmented"``); ``data`` is the IP packet (TUN) or
+    Ethernet frame
     (TAP), without the virtio-net header; ``scapy`` decodes it on first access.
 
     ``seq`` is the packet's number in the capture, given when it is recorded -- that is,
