@@ -20,16 +20,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import _capture
+
 __all__ = ["DELIVERED", "NOT_CARRIED", "plot", "to_mahimahi_log"]
 
-#: Actions of packets the relay wrote to the other side (a departure from the link).
-DELIVERED = frozenset(
-    {"forwarded", "delayed", "duplicated", "corrupted", "reordered", "modified", "marked"}
-)
 #: Actions of packets that never crossed the link: written by the relay or the test itself
-#: (``inject``, replies of fault rules) or taken by the scripted peer. Every other action
-#: is a drop.
-NOT_CARRIED = frozenset({"injected", "scripted"})
+#: (``inject``, replies of fault rules), taken by the scripted peer, or replaced by their
+#: fragments (``"fragmented"``: the fragments are recorded on their own).
+NOT_CARRIED = frozenset({"injected", "scripted", "fragmented"})
+#: Actions of packets the link delivered (a departure); every other carried one is a drop.
+DELIVERED = _capture.DELIVERED - NOT_CARRIED
 
 DIRECTION_COLOURS = {"a->b": "tab:blue", "b->a": "tab:orange"}
 # Bin widths for the throughput panel, in seconds: the smallest that gives at most
