@@ -32,9 +32,11 @@ __all__ = [
     "pcap_paths",
     "pcap_settings",
     "pcap_stem",
+    "plot_note",
     "plural",
     "section_title",
     "write_pcaps",
+    "write_plots",
 ]
 
 #: Packet lines per pair in a report section; beyond it the first and the last packets are
@@ -152,13 +154,12 @@ def html_extras(
     notes: Sequence[str | None] = (),
     *,
     replay: Callable[[int], str] | None = None,
+    images: Sequence[Path] = (),
 ) -> list[dict[str, Any]]:
-    """pytest-html extras for a failing test's row: the packet trace as text, then images.
-
-    A pair with a ``report_images()`` method (returning ``(name, png_bytes)`` pairs, e.g.
-    plots of what its link did) gets each image attached as a PNG: this is where plots join
-    the HTML report. Only called when pytest-html is active, so importing it here is safe.
-    """
+    """pytest-html extras for a failing test's row: the packet trace as text, then each PNG
+    in ``images`` (the plots ``--tunpair-plot`` wrote; missing files are skipped, a report
+    never fails over them). Only called when pytest-html is active, so importing it here is
+    safe."""
     from pytest_html import extras
 
     items: list[dict[str, Any]] = [
@@ -167,12 +168,12 @@ def html_extras(
             name="Captured packets",
         )
     ]
-    for pair in pairs:
-        report_images = getattr(pair, "report_images", None)
-        if report_images is None:
+    for path in images:
+        try:
+            png = path.read_bytes()
+        except OSError:
             continue
-        for name, png in report_images():
-            items.append(extras.png(base64.b64encode(png).decode("ascii"), name=name))
+        items.append(extras.png(base64.b64encode(png).decode("ascii"), name=path.name))
     return items
 
 
@@ -183,6 +184,8 @@ class PcapSettings:
 
     directory: Path | None = None
     mode: str = "failed"
+    plot: bool = False
+    """``--tunpair-plot``: a throughput/sojourn plot (PNG) next to each pcap file."""
 
 
 def pcap_settings(
@@ -194,6 +197,7 @@ def pcap_settings(
     invocation_dir: Path,
     ini_base: Path,
     ini_file: str | None,
+    plot: bool = False,
 ) -> PcapSettings:
     """Command line over ini over default. A relative directory is relative to where
     pytest was started (command line) or to the ini file (ini key).
@@ -218,7 +222,7 @@ def pcap_settings(
     elif ini_dir.strip():
         raw, base, option, source = ini_dir.strip(), ini_base, "tunpair_pcap", ini_where
     else:
-        return PcapSettings(None, mode)
+        return PcapSettings(None, mode, plot)
     if not raw:
         raise OptionError(
             option, raw, source=source, reason="give the directory to write pcap files to"
@@ -232,7 +236,7 @@ def pcap_settings(
             reason=f"{directory} exists and is not a directory; "
             "give a directory (it is created when the first file is written)",
         )
-    return PcapSettings(directory, mode)
+    return PcapSettings(directory, mode, plot)
 
 
 def pcap_stem(nodeid: str, taken: MutableMapping[str, str] | None = None) -> str:
@@ -279,6 +283,31 @@ def write_pcaps(
         else:
             results.append((path, None))
     return results
+
+
+def write_plots(
+    pairs: Sequence[ReportedPair], paths: Sequence[Path]
+) -> list[tuple[Path, Exception | None]]:
+    """Next to each pcap file, a PNG of the pair's throughput and sojourn
+    (``--tunpair-plot``); errors come back, never raised, as for :func:`write_pcaps`."""
+    results: list[tuple[Path, Exception | None]] = []
+    for pair, pcap in zip(pairs, paths, strict=True):
+        path = pcap.with_suffix(".png")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pair.packets.plot(path)
+        except (OSError, ImportError, ValueError) as exc:
+            results.append((path, exc))
+        else:
+            results.append((path, None))
+    return results
+
+
+def plot_note(path: Path, error: Exception | None) -> str:
+    """The report section's line about one plot file."""
+    if error is None:
+        return f"plot: {path}"
+    return f"plot: could not write {path}: {error}"
 
 
 def pcap_note(path: Path, error: OSError | None) -> str:

@@ -31,8 +31,27 @@ def test_a_failing_tunnel_test_gets_its_trace_as_an_html_extra(pytester: pytest.
     assert "Captured packets" in page  # the extra's name, shown as the link in the row
 
 
-class _PairWithImages:
-    """What a pair that draws plots offers the report (no kernel: only the report's part)."""
+def test_a_failing_tunnel_test_gets_its_plot_as_an_html_extra(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("matplotlib")
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest_subprocess(
+        "--tunpair",
+        "-p",
+        "no:cacheprovider",
+        "--tunpair-pcap=out/pcaps",
+        "--tunpair-plot",
+        "--html=out/report.html",
+    )
+    result.assert_outcomes(passed=1, failed=2)
+    pngs = sorted(Path(pytester.path, "out", "assets").glob("*.png"))
+    assert len(pngs) == 1, pngs  # test_fails's plot; nothing for the others
+    written = Path(pytester.path, "out", "pcaps", "test_inner.py_test_fails.png")
+    assert pngs[0].read_bytes() == written.read_bytes()
+    assert pngs[0].read_bytes().startswith(b"\x89PNG")
+
+
+class _Pair:
+    """What the report needs of a pair (no kernel: only the report's part is under test)."""
 
     def __init__(self, packets: object) -> None:
         self.packets = packets
@@ -41,15 +60,15 @@ class _PairWithImages:
     def describe(self, replay: object = None) -> str:
         return "tun pair (test double)"
 
-    def report_images(self) -> list[tuple[str, bytes]]:
-        return [("queue", b"\x89PNG fake")]
 
-
-def test_a_pairs_images_become_png_extras() -> None:
+def test_images_become_png_extras_and_missing_ones_are_skipped(tmp_path: Path) -> None:
     from pytest_tunpair import Capture
 
-    (trace, image) = html_extras([_PairWithImages(Capture())])  # type: ignore[list-item]
+    plot = tmp_path / "run.png"
+    plot.write_bytes(b"\x89PNG fake")
+    extras = html_extras([_Pair(Capture())], images=[plot, tmp_path / "gone.png"])  # type: ignore[list-item]
+    (trace, image) = extras
     assert trace["format_type"] == "text" and trace["name"] == "Captured packets"
     assert trace["content"].startswith("tun pair (test double)")
-    assert image["format_type"] == "image" and image["name"] == "queue"
+    assert image["format_type"] == "image" and image["name"] == "run.png"
     assert base64.b64decode(image["content"]) == b"\x89PNG fake"
