@@ -112,7 +112,9 @@ def plot(
     end = max((p.time for p in carried), default=start + 1.0)
     end = max(end, start + 1e-3)
     width = _bin_width(end - start)
-    bins = max(1, math.ceil((end - start) / width))
+    # The tolerance: a span of exactly N widths computed in floats can round up to N + 1
+    # bins, the last of zero width.
+    bins = max(1, math.ceil((end - start) / width - 1e-9))
     edges = [start + i * width for i in range(bins)] + [end]
     centres = [(edges[i] + edges[i + 1]) / 2 for i in range(bins)]
     # Mbit/s per bit counted in each bin (the last bin may be shorter than the others).
