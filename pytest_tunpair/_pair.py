@@ -28,6 +28,7 @@ from ._validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
     from ._impair import ImpairmentSpec
+    from ._peer import ScriptedPeer
 
 __all__ = ["Endpoint", "TunPair", "TunPairFactory"]
 
@@ -141,6 +142,7 @@ class TunPair:
         # Active impairments per direction: (spec with the seed in use, seed was random).
         self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
         self._random_seed: int | None = None  # a factory shares one across its pairs
+        self._peers: list[ScriptedPeer] = []  # every peer scripted so far, open or closed
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -218,6 +220,11 @@ class TunPair:
 
     def _teardown(self) -> list[BaseException]:
         errors: list[BaseException] = []
+        for peer in self._peers:
+            try:
+                peer.close(_pair_closing=True)
+            except BaseException as exc:
+                errors.append(exc)
         if self._relay is not None:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
@@ -283,6 +290,8 @@ class TunPair:
             errors = self._relay.take_errors()
             if errors:
                 raise errors[0]
+        for peer in self._peers:
+            peer.check()
 
     # -- programmable wire ------------------------------------------------------------------------
     def add_hook(self, fn: Callable[[Packet], Any], direction: str | None = None) -> Hook:
@@ -371,9 +380,43 @@ class TunPair:
             engine = ImpairmentEngine(parsed, used * 2 + (d == "b->a")) if parsed.active else None
             relay.set_engine(d, engine)
 
+    def script(self, side: str = "b") -> ScriptedPeer:
+        """Play side ``"a"`` or ``"b"`` from the test: a :class:`ScriptedPeer`.
+
+        From now on, packets the relay reads that are addressed to that side's addresses
+        are handed to the peer (recorded with ``action == "scripted"``) instead of being
+        written into its device, and ``peer.send()`` writes into the other device as if
+        that side had sent them. ``peer.close()``, or leaving ``with tun_pair.script("b")
+        as peer:``, restores forwarding. Offload is off while a peer is active.
+        """
+        from ._peer import ScriptedPeer
+
+        if side not in ("a", "b"):
+            raise ValueError(f"script(side={side!r}): use 'a' or 'b'")
+        self._require_relay()
+        for peer in self._peers:
+            if peer.side == side and peer.active:
+                raise TunPairError(
+                    f"side {side!r} is scripted already: close that peer first (peer.close(), "
+                    "or leave its with block)"
+                )
+        self._update_offload(busy=True)  # before the peer sees a packet
+        peer = ScriptedPeer(self, side)
+        self._peers.append(peer)
+        return peer
+
+    def _peer_closed(self, peer: ScriptedPeer) -> None:
+        if not self._closed:
+            self._update_offload()
+
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = busy or any(relay.hooks.values()) or bool(self._impairments)
+        busy = (
+            busy
+            or any(relay.hooks.values())
+            or bool(self._impairments)
+            or any(p.active for p in self._peers)
+        )
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 
@@ -402,6 +445,7 @@ class TunPair:
             for d in ("a->b", "b->a"):
                 if self._relay.hooks[d]:
                     lines.append(f"hooks {d}: {', '.join(map(str, self._relay.hooks[d]))}")
+        lines.extend(peer.describe() for peer in self._peers)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
