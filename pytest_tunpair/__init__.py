@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     )
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
+    from ._peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._relay import Hook
+    from ._tcpseg import TcpOptions
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,10 @@ _WHERE = {
     "TunPair": "._pair",
     "TunPairFactory": "._pair",
     "Hook": "._relay",
+    "ScriptedPeer": "._peer",
+    "ScriptedTcp": "._peer",
+    "ScriptedUdp": "._peer",
+    "TcpOptions": "._tcpseg",
 }
 
 __all__ = [
@@ -58,6 +64,10 @@ __all__ = [
     "PacketTimeout",
     "PairOptions",
     "PrivilegeError",
+    "ScriptedPeer",
+    "ScriptedTcp",
+    "ScriptedUdp",
+    "TcpOptions",
     "TunDeviceError",
     "TunPair",
     "TunPairError",

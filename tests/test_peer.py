@@ -1,0 +1,368 @@
+"""The scripted peer: the Linux TCP stack's documented behaviour, asserted packet by packet.
+
+The client (or server) is a real kernel socket in the test thread, inside the pair's
+namespace; the peer plays the other side. Timing tolerances hold on a busy 2-core machine:
+lower bounds come from the kernel's own constants, upper bounds are generous.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+# Imported here, not at the first packet: the first scapy import takes a second or more,
+# and a SYN-ACK that late would make the client's first RTT sample (and its RTO) huge.
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+
+from pytest_tunpair import PacketTimeout, ScriptedPeer, TunPair, TunPairError
+
+tap = pytest.mark.tunpair(mode="tap")
+# Linux's TCP_RTO_MIN (include/net/tcp.h): 200 ms. Packet times are when the relay read a
+# packet, so an interval can come out a little short of the kernel's: allow 10%.
+RTO_MIN = 0.200
+SLACK = 0.9
+
+
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def _addr(pair: TunPair, side: str, v6: bool) -> str:
+    end = pair.a if side == "a" else pair.b
+    ip = end.ip6 if v6 else end.ip
+    assert ip is not None
+    return ip
+
+
+def netns_sysctl(pair: TunPair, name: str, value: int) -> None:
+    """Set a per-namespace sysctl of the pair's namespace (never the host's: the write
+    goes through /proc/sys, which resolves against the calling thread's namespace)."""
+    assert os.stat("/proc/thread-self/ns/net").st_ino == os.stat(pair.netns_path).st_ino
+    with open(f"/proc/sys/{name.replace('.', '/')}", "w") as f:
+        f.write(str(value))
+
+
+class Background:
+    """Run ``fn`` in a thread (it inherits the namespace); ``result()`` re-raises."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.value = fn()
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float = 10.0) -> Any:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the background client did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@pytest.fixture
+def peer(tun_pair: TunPair) -> Iterator[ScriptedPeer]:
+    with tun_pair.script("b") as p:
+        yield p
+
+
+def connect_nonblocking(ip: str, port: int) -> socket.socket:
+    """A client socket whose SYN is on its way (so the test thread can play the server)."""
+    client = socket.socket(_family(ip), socket.SOCK_STREAM)
+    client.setblocking(False)
+    err = client.connect_ex((ip, port))
+    assert err in (0, 115), os.strerror(err)  # EINPROGRESS
+    client.setblocking(True)
+    client.settimeout(10)
+    return client
+
+
+# -- the basics, over IPv4 and IPv6, TUN and TAP ------------------------------------------------
+FAMILIES = [pytest.param(False, id="ipv4"), pytest.param(True, id="ipv6")]
+
+
+def _round_trip(pair: TunPair, peer: ScriptedPeer, v6: bool) -> None:
+    client = connect_nonblocking(_addr(pair, "b", v6), 8080)
+    with client:
+        conn = peer.tcp_accept(8080)
+        assert conn.family == (6 if v6 else 4)
+        # What the kernel offered in its SYN (net.ipv4.tcp_sack, tcp_timestamps and
+        # tcp_window_scaling default to 1; MSS = MTU 1500 - 40 or 60 bytes of headers).
+        assert conn.peer_options.sack and conn.peer_options.timestamps
+        assert conn.peer_options.wscale is not None
+        assert conn.peer_options.mss == (1440 if v6 else 1460)
+        client.sendall(b"hello, peer")
+        seg = conn.recv()
+        assert bytes(seg.scapy[TCP].payload) == b"hello, peer"
+        assert conn.received == b"hello, peer"
+        conn.send(b"echo: " + conn.received)
+        assert client.recv(100) == b"echo: hello, peer"
+        # The kernel acknowledged our data, and echoed our timestamp (RFC 7323 4.3).
+        ack = conn.expect(flags="A", tcp_ack=conn.snd_nxt)
+        assert ack.scapy[TCP].window > 0
+        client.shutdown(socket.SHUT_WR)
+        conn.expect(flags="FA")
+        assert conn.fin_received
+        conn.fin()
+        assert client.recv(100) == b""  # our FIN reached the socket: end of stream
+
+
+@pytest.mark.parametrize("v6", FAMILIES)
+def test_client_data_round_trips_through_tcp_accept(
+    tun_pair: TunPair, peer: ScriptedPeer, v6: bool
+) -> None:
+    _round_trip(tun_pair, peer, v6)
+    scripted = [p for p in tun_pair.packets if p.action == "scripted"]
+    assert scripted and all(p.direction == "a->b" for p in scripted)
+    assert len(scripted) == len(peer.packets)
+    assert not peer.unexpected() or all(not p.scapy[TCP].payload for p in peer.unexpected())
+
+
+@tap
+@pytest.mark.parametrize("v6", FAMILIES)
+def test_tap_round_trip_answers_neighbours(tun_pair: TunPair, peer: ScriptedPeer, v6: bool) -> None:
+    _round_trip(tun_pair, peer, v6)
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS
+    from scapy.layers.l2 import ARP
+
+    asked = ARP if not v6 else ICMPv6ND_NS
+    answer = ARP if not v6 else ICMPv6ND_NA
+    queries = [p for p in peer.packets if p.scapy.haslayer(asked)]
+    assert queries, "the kernel resolved b's address through the peer"
+    answers = [p for p in tun_pair.packets if p.action == "injected" and p.scapy.haslayer(answer)]
+    assert answers and all(p.scapy.src == tun_pair.b.mac for p in answers)
+
+
+@tap
+def test_tap_neighbours_unanswered_when_turned_off(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    from scapy.layers.l2 import ARP
+
+    peer.answer_neighbours = False
+    with socket.socket() as client:
+        client.setblocking(False)
+        client.connect_ex((tun_pair.b.ip, 8080))
+        request = peer.wait_for(ARP)
+        assert request.scapy[ARP].pdst == tun_pair.b.ip
+        # Unanswered, the kernel's SYN never leaves: it waits for the neighbour.
+        with pytest.raises(PacketTimeout, match="a SYN to port 8080"):
+            peer.tcp_accept(8080, timeout=0.5)
+    assert not any(p.action == "injected" for p in tun_pair.packets)
+
+
+@pytest.mark.parametrize("v6", FAMILIES)
+def test_tcp_connect_to_a_kernel_server(tun_pair: TunPair, peer: ScriptedPeer, v6: bool) -> None:
+    a_ip = _addr(tun_pair, "a", v6)
+    with socket.socket(_family(a_ip)) as server:
+        server.bind((a_ip, 0))
+        server.listen(1)
+        server.settimeout(5)
+        port = server.getsockname()[1]
+        conn = peer.tcp_connect(port, family=6 if v6 else 4)
+        assert conn.peer_options.mss is not None and conn.timestamps
+        accepted, who = server.accept()
+        with accepted:
+            assert who[:2] == (_addr(tun_pair, "b", v6), conn.local[1])
+            conn.send(b"ping")
+            assert accepted.recv(10) == b"ping"
+            accepted.sendall(b"pong")
+            conn.recv()
+            assert conn.received == b"pong"
+
+
+@pytest.mark.parametrize("v6", FAMILIES)
+def test_tcp_connect_refused_by_the_kernel(tun_pair: TunPair, peer: ScriptedPeer, v6: bool) -> None:
+    with pytest.raises(ConnectionRefusedError, match="RST"):
+        peer.tcp_connect(9, family=6 if v6 else 4)
+
+
+@pytest.mark.parametrize("v6", FAMILIES)
+@pytest.mark.parametrize("mode", ["tun", pytest.param("tap", marks=tap)])
+def test_syn_answered_by_rst_refuses_the_client(
+    tun_pair: TunPair, peer: ScriptedPeer, v6: bool, mode: str
+) -> None:
+    b_ip = _addr(tun_pair, "b", v6)
+
+    def connect() -> None:
+        with socket.socket(_family(b_ip)) as c:
+            c.settimeout(5)
+            c.connect((b_ip, 8080))
+
+    client = Background(connect)
+    syn = peer.wait_for(lambda p: p.scapy.haslayer(TCP) and p.scapy[TCP].flags == "S")
+    tcp = syn.scapy[TCP]
+    l3 = (IPv6 if v6 else IP)(src=b_ip, dst=_addr(tun_pair, "a", v6))
+    peer.send(l3 / TCP(sport=tcp.dport, dport=tcp.sport, flags="RA", seq=0, ack=tcp.seq + 1))
+    # RFC 9293 3.10.7.3: a RST acknowledging the SYN in SYN-SENT -> "connection refused".
+    with pytest.raises(ConnectionRefusedError):
+        client.result()
+
+
+# -- retransmission ----------------------------------------------------------------------------
+def _transfer(
+    pair: TunPair, peer: ScriptedPeer, data: bytes, **accept: Any
+) -> tuple[Any, Background]:
+    client = connect_nonblocking(pair.b.ip, 8080)
+    conn = peer.tcp_accept(8080, **accept)
+
+    def send() -> None:
+        with client:
+            client.sendall(data)
+
+    return conn, Background(send)
+
+
+def test_rto_at_least_200ms_and_doubling(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    # Tail loss probes (net.ipv4.tcp_early_retrans, default 3) would retransmit the last
+    # segment before the RTO fires: off, as packetdrill's RTO scripts have it.
+    netns_sysctl(tun_pair, "net.ipv4.tcp_early_retrans", 0)
+    conn, sender = _transfer(tun_pair, peer, b"x" * 100)
+    conn.auto_ack = False  # never acknowledge: every copy after the first is an RTO
+    first = conn.recv()
+    again = conn.recv(timeout=5)
+    third = conn.recv(timeout=5)
+    for p in (again, third):
+        assert p.scapy[TCP].seq == first.scapy[TCP].seq
+        assert bytes(p.scapy[TCP].payload) == b"x" * 100
+    rto1 = again.time - first.time
+    rto2 = third.time - again.time
+    # RFC 6298 2.4 (at least 1 s; Linux's TCP_RTO_MIN lowers it to 200 ms) and 5.5 (back
+    # off: double the RTO on each expiry).
+    assert rto1 >= RTO_MIN * SLACK, f"first retransmission after {rto1:.3f} s"
+    assert 1.5 <= rto2 / rto1 <= 3.0, f"RTOs {rto1:.3f} s then {rto2:.3f} s: not doubled"
+    conn.ack()
+    sender.result()
+
+
+def test_three_dup_acks_trigger_fast_retransmit(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    netns_sysctl(tun_pair, "net.ipv4.tcp_early_retrans", 0)  # no tail loss probe in between
+    # Without SACK the kernel counts duplicate ACKs as RFC 5681 3.2 does (Reno; with SACK
+    # it would wait for SACK blocks, RFC 6675).
+    conn, sender = _transfer(tun_pair, peer, b"y" * 20000, sack=False)
+    conn.auto_ack = False
+    # The SYN-ACK's window is never scaled (RFC 7323 2.2), so the first ACK after it
+    # changes the window -- and an ACK that does is no duplicate (RFC 5681 2, item e).
+    conn.ack()
+    s1 = conn.recv()
+    lost = s1.scapy[TCP].seq  # pretend the first segment never arrived
+    dups = []
+    for _ in range(3):
+        conn.recv()  # a later segment arrived: answer with a duplicate ACK
+        dups.append(conn.ack(lost))
+    retx = conn.expect(tcp_seq=lost, len=len(s1.scapy[TCP].payload), timeout=3)
+    assert retx.time > dups[2].time
+    # "Well before the RTO": the kernel retransmits as it processes the third duplicate,
+    # in the writer's context; the RTO would be at least 200 ms after the first send.
+    assert retx.time - dups[2].time < RTO_MIN / 2
+    early = [p for p in peer.packets if s1.seq < p.seq < retx.seq]
+    assert not any(p.scapy[TCP].seq == lost for p in early), "retransmitted before the third"
+    conn.auto_ack = True
+    conn.ack()  # everything up to rcv_nxt arrived after all
+    while len(conn.received) < 20000:
+        conn.recv(timeout=3)
+    sender.result()
+    assert conn.received == b"y" * 20000
+
+
+def test_zero_window_draws_probes_and_reopening_resumes(
+    tun_pair: TunPair, peer: ScriptedPeer
+) -> None:
+    data = os.urandom(30000)
+    # A zero window from the SYN-ACK on: the kernel may send nothing (RFC 9293 3.8.6.1).
+    conn, sender = _transfer(tun_pair, peer, data, window=0)
+    # Linux probes a zero window with a segment at snd_una - 1 and no data
+    # (tcp_xmit_probe_skb), which the peer ACKs, still advertising zero.
+    probe = {"len": 0, "tcp_seq": (conn.rcv_nxt - 1) % 2**32, "flags": "A"}
+    p1 = conn.expect(**probe, timeout=5)
+    p2 = conn.expect(**probe, timeout=5)
+    assert p2.time - p1.time >= RTO_MIN * SLACK  # the persist timer backs off from the RTO
+    assert conn.received == b"", "data sent into a zero window"
+    conn.window = 65535
+    conn.ack()
+    while len(conn.received) < len(data):
+        conn.recv(timeout=3)
+    sender.result()
+    assert conn.received == data
+
+
+# -- the peer's own contract ------------------------------------------------------------------
+def test_udp_endpoint(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    ep = peer.udp(5353)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((tun_pair.a.ip, 0))
+        s.settimeout(5)
+        s.sendto(b"question", (tun_pair.b.ip, 5353))
+        data, (addr, port) = ep.recvfrom()
+        assert (data, addr, port) == (b"question", tun_pair.a.ip, s.getsockname()[1])
+        ep.send(b"answer", port)
+        assert s.recvfrom(100) == (b"answer", (tun_pair.b.ip, 5353))
+
+
+def test_close_restores_forwarding(tun_pair: TunPair) -> None:
+    with tun_pair.script("b") as peer:
+        with pytest.raises(TunPairError, match="scripted already"):
+            tun_pair.script("b")
+        with socket.socket() as c:
+            c.setblocking(False)
+            c.connect_ex((tun_pair.b.ip, 8080))
+            peer.wait_for(TCP)  # never answered: the client is left waiting
+    assert not peer.active
+    with pytest.raises(TunPairError, match="closed"):
+        peer.send(IP(dst=tun_pair.a.ip) / TCP())
+    # The relay carries b's traffic to b's device again: a kernel server there answers.
+    with socket.socket() as server:
+        server.bind((tun_pair.b.ip, 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname(), timeout=5):
+            pass
+    assert tun_pair.packets[-1].action == "forwarded"
+    tun_pair.check()
+
+
+def test_bad_packets_are_refused_and_nothing_is_written(
+    tun_pair: TunPair, peer: ScriptedPeer
+) -> None:
+    before = len(tun_pair.packets)
+    with pytest.raises(TypeError, match="bytes or a scapy packet"):
+        peer.send("not a packet")
+    with pytest.raises(ValueError, match="MTU"):
+        peer.send(IP(src=tun_pair.b.ip, dst=tun_pair.a.ip) / TCP() / (b"z" * 2000))
+    with pytest.raises(ValueError, match="port"):
+        peer.tcp_accept(0)
+    with pytest.raises(ValueError, match="wscale"):
+        peer.tcp_accept(80, wscale=15)
+    assert len(tun_pair.packets) == before
+
+
+def test_unexpected_packets_are_in_the_report(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    ep = peer.udp(9999)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"looked at", (tun_pair.b.ip, 9999))
+        assert ep.recv() == b"looked at"
+        s.sendto(b"never looked at", (tun_pair.b.ip, 9998))
+    peer.packets.wait_for(lambda p: len(peer.packets) == 2)
+    (left,) = peer.unexpected()
+    assert left.seq == 1
+    report = tun_pair.describe()
+    assert "2 packets handed to it, 1 the script never looked at" in report
+    assert ":9998" in report and ":9999" not in report
+
+
+def test_timeout_names_what_the_peer_got(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"x", (tun_pair.b.ip, 9999))
+    with pytest.raises(PacketTimeout) as info:
+        peer.tcp_accept(8080, timeout=0.3)
+    text = str(info.value)
+    assert "a SYN to port 8080" in text and "UDP" in text
