@@ -366,3 +366,22 @@ def test_timeout_names_what_the_peer_got(tun_pair: TunPair, peer: ScriptedPeer) 
         peer.tcp_accept(8080, timeout=0.3)
     text = str(info.value)
     assert "a SYN to port 8080" in text and "UDP" in text
+
+
+def test_a_silent_peer_does_not_hold_up_the_relay(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    with socket.socket() as client:
+        client.setblocking(False)
+        client.connect_ex((tun_pair.b.ip, 8080))
+        peer.wait_for(TCP)  # the SYN is the peer's, and it never answers
+        # The other direction still flows: b's kernel to a, through the relay.
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+        ):
+            rx.bind((tun_pair.a.ip, 0))
+            rx.settimeout(5)
+            tx.bind((tun_pair.b.ip, 0))
+            tx.sendto(b"still flowing", rx.getsockname())
+            assert rx.recv(100) == b"still flowing"
+    assert any(p.direction == "b->a" and p.action == "forwarded" for p in tun_pair.packets)
+    tun_pair.check()
