@@ -170,7 +170,10 @@ class ScriptedPeer:
             self._record(pkt)
             return True
         except BaseException as exc:  # never into the relay: the test thread raises it
-            exc.add_note(f"(in the scripted peer on {self._me.name}, at packet #{pkt.seq})")
+            exc.add_note(
+                f"(in the scripted peer on {self._me.name}, on the {pkt.direction} packet read "
+                f"at t={pkt.time:.6f}; the peer kept it)"
+            )
             with self._lock:
                 self._errors.append(exc)
             return True

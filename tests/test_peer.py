@@ -385,3 +385,53 @@ def test_a_silent_peer_does_not_hold_up_the_relay(tun_pair: TunPair, peer: Scrip
             assert rx.recv(100) == b"still flowing"
     assert any(p.direction == "b->a" and p.action == "forwarded" for p in tun_pair.packets)
     tun_pair.check()
+
+
+def test_failure_report_lists_what_the_script_never_looked_at(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_inner="""
+        import socket
+
+        def test_script(tun_pair):
+            peer = tun_pair.script("b")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"x", (tun_pair.b.ip, 4242))
+            peer.packets.wait_for(lambda p: True)
+            assert False, "the script gave up"
+        """
+    )
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Captured packets call*",
+            "scripted peer on tun1 (active): 1 packets handed to it, 1 the script never looked at:",
+            "*UDP 198.18.0.1:* > 198.18.0.2:4242*",
+        ]
+    )
+
+
+@tap
+def test_an_error_in_the_relay_thread_part_surfaces_in_the_test(
+    tun_pair: TunPair, peer: ScriptedPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_tunpair import _neigh
+
+    real = _neigh.neighbour_answer
+    calls = []
+
+    def broken_once(*args: Any, **kwargs: Any) -> bytes | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the neighbour answer broke")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_neigh, "neighbour_answer", broken_once)
+    client = connect_nonblocking(tun_pair.b.ip, 8080)
+    with client:
+        # The kernel asks again (ARP retries every second), and then the peer answers.
+        peer.tcp_accept(8080, timeout=5)
+    with pytest.raises(RuntimeError, match="the neighbour answer broke") as info:
+        tun_pair.check()
+    assert any("scripted peer on tap1" in note for note in info.value.__notes__)
+    tun_pair.check()  # raised once, then gone
