@@ -162,7 +162,10 @@ def test_tap_neighbours_unanswered_when_turned_off(tun_pair: TunPair, peer: Scri
 
 
 @pytest.mark.parametrize("v6", FAMILIES)
-def test_tcp_connect_to_a_kernel_server(tun_pair: TunPair, peer: ScriptedPeer, v6: bool) -> None:
+@pytest.mark.parametrize("mode", ["tun", pytest.param("tap", marks=tap)])
+def test_tcp_connect_to_a_kernel_server(
+    tun_pair: TunPair, peer: ScriptedPeer, v6: bool, mode: str
+) -> None:
     a_ip = _addr(tun_pair, "a", v6)
     with socket.socket(_family(a_ip)) as server:
         server.bind((a_ip, 0))
@@ -294,6 +297,8 @@ def test_zero_window_draws_probes_and_reopening_resumes(
         conn.recv(timeout=3)
     sender.result()
     assert conn.received == data
+    # Offload is off while a peer is active: wire-sized segments, no GSO super-packets.
+    assert max(p.wire_len for p in peer.packets) <= tun_pair.a.mtu
 
 
 # -- the peer's own contract ------------------------------------------------------------------
