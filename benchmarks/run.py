@@ -6,7 +6,7 @@
     sudo python benchmarks/run.py --only throughput --only latency
     sudo python benchmarks/run.py --json out.json # the raw samples too
 
-Sections (goals from issue 9; baselines in the same run, on the same machine):
+Sections (each with its goal; baselines in the same run, on the same machine):
 
 - ``throughput``: iperf3 through a pair (default MTU, capture at its defaults) vs iperf3
   over ``lo``; goal >= 50 % of ``lo``. ``offload=False`` is shown for reference, and the

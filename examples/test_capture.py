@@ -32,7 +32,15 @@ def test_handshake(tun_pair, tmp_path):
     else:
         # Root only inside a user namespace (rootless runs): tcpdump's privilege drop fails
         # there, so run it as an unprivileged uid of a nested user namespace.
-        cmd = ["unshare", "--user", "--map-user=65534", "--map-group=65534",
-               "tcpdump", "-n", "-r", pcap]
+        cmd = [
+            "unshare",
+            "--user",
+            "--map-user=65534",
+            "--map-group=65534",
+            "tcpdump",
+            "-n",
+            "-r",
+            pcap,
+        ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "Flags [S.]" in out.stdout  # tcpdump's name for the SYN-ACK

@@ -48,6 +48,7 @@ def test_urllib_through_the_tunnel(tun_pair, server):
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_child_process_inherits_the_namespace(tun_pair, server):
     url = f"http://{tun_pair.b.ip}:{server.server_address[1]}/"
-    out = subprocess.run(["curl", "-sS", "--max-time", "5", url], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "5", url], capture_output=True, text=True, check=True
+    ).stdout
     assert out == f"hello {tun_pair.a.ip}"

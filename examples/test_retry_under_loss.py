@@ -74,8 +74,7 @@ def test_client_retries_through_loss(tun_pair, ack_server):
         # The client sent it again, and a later copy got through.
         assert sent[payload(p)] > 1
         assert any(
-            q.action == "forwarded" and payload(q) == payload(p) and q.seq > p.seq
-            for q in requests
+            q.action == "forwarded" and payload(q) == payload(p) and q.seq > p.seq for q in requests
         )
     # Answers were lost too, and the client recovered from that the same way.
     assert any(p.action == "lost" for p in tun_pair.packets if p.direction == "b->a")

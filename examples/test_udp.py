@@ -10,8 +10,10 @@ from scapy.layers.inet import UDP
 def test_udp_echo(tun_pair, family):
     a = tun_pair.a.ip if family == socket.AF_INET else tun_pair.a.ip6
     b = tun_pair.b.ip if family == socket.AF_INET else tun_pair.b.ip6
-    with socket.socket(family, socket.SOCK_DGRAM) as server, \
-            socket.socket(family, socket.SOCK_DGRAM) as client:
+    with (
+        socket.socket(family, socket.SOCK_DGRAM) as server,
+        socket.socket(family, socket.SOCK_DGRAM) as client,
+    ):
         server.bind((b, 0))
         server.settimeout(5)
         client.settimeout(5)

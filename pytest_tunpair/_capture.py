@@ -1,7 +1,8 @@
 """What the relay carried: ``Packet`` records and the live, thread-safe ``Capture``.
 
 The relay thread appends; test code reads. Recording is kept cheap because it sits in the
-hot path (kernel-notes: a tuple per packet cost 10-15% of throughput): a ``Packet`` keeps
+hot path (docs/internals.md, "Recording cost per packet": a tuple per packet cost 10-15% of
+throughput): a ``Packet`` keeps
 the buffer exactly as read from the device and slices off the virtio-net header, decodes
 the GSO metadata and builds the scapy object only when someone asks.
 """
@@ -66,7 +67,8 @@ class GsoInfo:
 
 
 def _load_scapy() -> tuple[Any, Any, Any, Any]:
-    # Importing the layers is what costs (kernel-notes: 0.3 s for inet); do it once, lazily.
+    # Importing the layers is what costs (docs/internals.md, "Import cost of scapy and
+    # pyroute2": 0.3 s for inet); do it once, lazily.
     from scapy.layers.inet import IP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether

@@ -22,12 +22,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
+from . import _userns
 from ._capture import Capture, Packet
 from ._errors import OptionError, PrivilegeError, TunPairError
 from ._options import PairOptions
 from ._pair import TunPair
+from ._report import plural
+from ._schema import Bool, Invalid, declared, default_of
 
 __all__ = ["build_parser", "main"]
 
@@ -38,7 +41,6 @@ EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 EXIT_USAGE = 2
 
-_IMPAIRMENTS = ("loss", "delay", "jitter", "duplicate", "reorder", "corrupt", "rate")
 # Leftover processes get this long to exit after SIGTERM before SIGKILL.
 _LEFTOVER_GRACE = 2.0
 # How long the trace printer sleeps on the capture before re-checking whether to stop: it
@@ -62,45 +64,53 @@ def _prog() -> str:
     return "tunpair" if os.path.basename(sys.argv[0]) == "tunpair" else "python -m pytest_tunpair"
 
 
+_GROUPS = {
+    "pair": "the pair (the options of @pytest.mark.tunpair)",
+    "capture": "trace and capture",
+    "impair": "impairments (pair.impair(...), done in the relay)",
+}
+# argparse's value for a flag meaning "None" (--no-ipv4): None itself means "not given".
+_NONE = object()
+
+
+def _add_options(groups: dict[str, Any], cls: type, prefix: str) -> None:
+    """One flag per declared option of ``cls`` (``_schema``), its help from the declaration."""
+    for f, decl in declared(cls):
+        if not decl.cli:
+            continue
+        default = default_of(f)
+        flag = decl.flag(f.name, default)
+        dest = prefix + f.name
+        shown = decl.default_doc or decl.kind.format(default)
+        text = f"{decl.help} (default {shown})".replace("%", "%%")
+        group = groups[decl.group]
+        if isinstance(decl.kind, Bool):
+            text = (f"turn off: {decl.help}" if default else decl.help).replace("%", "%%")
+            group.add_argument(flag, dest=dest, action="store_const", const=not default, help=text)
+            continue
+        if decl.none_flag is not None:
+            group = group.add_mutually_exclusive_group()
+        metavar: Any = ("A", "B") if decl.nargs == 2 else decl.kind.metavar
+        group.add_argument(flag, dest=dest, nargs=decl.nargs, metavar=metavar, help=text)
+        if decl.none_flag is not None:
+            group.add_argument(
+                decl.none_flag, dest=dest, action="store_const", const=_NONE, help=f"{f.name}=None"
+            )
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``run`` and ``shell`` share every pair option."""
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("the pair (the options of @pytest.mark.tunpair)")
-    g.add_argument("--mode", metavar="{tun,tap}", help="raw IP (tun, default) or Ethernet (tap)")
-    g.add_argument("--mtu", metavar="N", help="MTU of both devices (default 1500)")
-    v4 = g.add_mutually_exclusive_group()
-    v4.add_argument(
-        "--ipv4", nargs=2, metavar=("A", "B"), help="IPv4 addresses (198.18.0.1 198.18.0.2)"
-    )
-    v4.add_argument("--no-ipv4", action="store_true", help="no IPv4 on the pair")
-    v6 = g.add_mutually_exclusive_group()
-    v6.add_argument(
-        "--ipv6", nargs=2, metavar=("A", "B"), help="IPv6 addresses (2001:2::1 2001:2::2)"
-    )
-    v6.add_argument("--no-ipv6", action="store_true", help="no IPv6 on the pair")
-    g.add_argument("--names", nargs=2, metavar=("A", "B"), help="device names (tun0 tun1)")
-    g.add_argument("--table", metavar="N", help="routing table for the local routes (13)")
-    g.add_argument("--no-offload", action="store_true", help="no TSO/checksum offload")
-    g.add_argument("--txqueuelen", metavar="N", help="device queue length (5000)")
+    from ._impair import ImpairmentSpec
 
-    c = common.add_argument_group("trace and capture")
+    common = argparse.ArgumentParser(add_help=False)
+    groups = {key: common.add_argument_group(title) for key, title in _GROUPS.items()}
+    c = groups["capture"]
     c.add_argument("-q", "--quiet", action="store_true", help="no packet trace, no banner")
     c.add_argument("--trace", metavar="FILE", help="write the packet trace to FILE, not stderr")
     c.add_argument("--pcap", metavar="FILE", help="write every packet to a pcap FILE at exit")
-    c.add_argument("--snaplen", metavar="N", help="keep only the first N bytes of each packet")
-    c.add_argument("--max-packets", metavar="N", help="keep only the newest N packets")
-    c.add_argument("--capture-bytes", metavar="N", help="capture budget in bytes (64 MiB)")
-
-    i = common.add_argument_group("impairments (pair.impair(...), done in the relay)")
-    i.add_argument("--loss", metavar="P", help="drop probability: 0.1 or 10%%")
-    i.add_argument("--delay", metavar="T", help="added latency: seconds, or 20ms, 200us")
-    i.add_argument("--jitter", metavar="T", help="uniform +/- jitter on the delay")
-    i.add_argument("--duplicate", metavar="P", help="duplication probability")
-    i.add_argument("--reorder", metavar="P", help="probability a packet is overtaken")
-    i.add_argument("--corrupt", metavar="P", help="probability of one flipped bit")
-    i.add_argument("--rate", metavar="R", help="bits/s, or 500kbit, 10mbit, 100kbps (bytes/s)")
-    i.add_argument("--seed", metavar="N", help="seed of the impairments (default: random, shown)")
-    i.add_argument(
+    _add_options(groups, ImpairmentSpec, "impair_")
+    _add_options(groups, PairOptions, "pair_")
+    groups["impair"].add_argument(
         "--direction", choices=("a->b", "b->a"), help="impair one direction only (default both)"
     )
 
@@ -148,64 +158,67 @@ class Plan:
     quiet: bool = False
 
 
-def _int_or_text(value: str | None) -> Any:
-    # Hand PairOptions what it can validate: a whole number if the text is one, else the
-    # text itself, so a bad value gets the same message as in the marker.
-    if value is None:
-        return None
-    try:
-        return int(value, 10)
-    except ValueError:
-        return value
+def _given(
+    args: argparse.Namespace, cls: type, prefix: str, parser: argparse.ArgumentParser
+) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """The declared options of ``cls`` given on the command line, as values its check
+    takes, and for each the flag and the text the user typed (for messages)."""
+    values: dict[str, Any] = {}
+    typed: dict[str, tuple[str, str]] = {}
+    for f, decl in declared(cls):
+        raw = getattr(args, prefix + f.name, None) if decl.cli else None
+        if raw is None:
+            continue
+        flag = decl.flag(f.name, default_of(f))
+        if raw is _NONE:
+            values[f.name], typed[f.name] = None, (decl.none_flag or flag, "")
+        elif isinstance(raw, bool):
+            values[f.name], typed[f.name] = raw, (flag, "")
+        elif isinstance(raw, list):
+            values[f.name], typed[f.name] = tuple(raw), (flag, " ".join(raw))
+        else:
+            try:
+                values[f.name] = decl.kind.from_text(raw)
+            except Invalid as exc:
+                parser.error(f"argument {flag}: bad value {raw!r}: {exc.reason}")
+            typed[f.name] = (flag, raw)
+    return values, typed
 
 
-def _number_or_text(value: str) -> Any:
-    # ImpairmentSpec takes numbers and unit strings ("10%", "20ms", "1mbit") alike.
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def _bad(
+    parser: argparse.ArgumentParser, exc: OptionError, typed: dict[str, tuple[str, str]]
+) -> NoReturn:
+    flag, text = typed.get(exc.option, ("--" + exc.option.replace("_", "-"), ""))
+    value = f" {text!r}" if text else ""
+    parser.error(f"argument {flag}: bad value{value}: {exc.reason}")
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Turn parsed arguments into a :class:`Plan`; bad values end in ``parser.error``."""
+    from ._impair import ImpairmentSpec
+
     parser: argparse.ArgumentParser = args.parser
-    source = f"tunpair {args.action}"
-    kwargs: dict[str, Any] = {}
-    flags: dict[str, str] = {}
-
-    def put(key: str, value: Any, flag: str) -> None:
-        kwargs[key] = value
-        flags[key] = flag
-
-    if args.mode is not None:
-        put("mode", args.mode, "--mode")
-    for key in ("mtu", "table", "txqueuelen", "snaplen", "max_packets", "capture_bytes", "seed"):
-        raw = getattr(args, key)
-        if raw is not None:
-            put(key, _int_or_text(raw), "--" + key.replace("_", "-"))
-    if args.no_ipv4 and args.no_ipv6:
+    kwargs, typed = _given(args, PairOptions, "pair_", parser)
+    if "ipv4" in kwargs and "ipv6" in kwargs and kwargs["ipv4"] is kwargs["ipv6"] is None:
         parser.error("--no-ipv4 and --no-ipv6 leave the pair without addresses; drop one")
-    for family in ("ipv4", "ipv6"):
-        if getattr(args, "no_" + family):
-            put(family, None, f"--no-{family}")
-        elif getattr(args, family) is not None:
-            put(family, tuple(getattr(args, family)), "--" + family)
-    if args.names is not None:
-        put("names", tuple(args.names), "--names")
-    if args.no_offload:
-        put("offload", False, "--no-offload")
     try:
-        options = PairOptions.from_kwargs(kwargs, source=source)
+        options = PairOptions.from_kwargs(kwargs, source=f"tunpair {args.action}")
     except OptionError as exc:
-        message = str(exc).removeprefix(f"{source}: ")
-        parser.error(f"argument {flags.get(exc.option, '--' + exc.option)}: {message}")
+        _bad(parser, exc, typed)
 
-    impair = _impairments(args, parser)
+    impair, typed = _given(args, ImpairmentSpec, "impair_", parser)
+    for key, value in impair.items():
+        try:
+            # One field at a time, so the message names the flag that is wrong.
+            ImpairmentSpec.from_kwargs(**{key: value})
+        except OptionError as exc:
+            _bad(parser, exc, typed)
     if args.direction is not None and not impair:
+        flags = [
+            decl.flag(f.name, default_of(f)) for f, decl in declared(ImpairmentSpec) if decl.cli
+        ]
         parser.error(
-            "argument --direction: nothing to impair; add --loss, --delay, --jitter, "
-            "--duplicate, --reorder, --corrupt or --rate"
+            f"argument --direction: nothing to impair; add {', '.join(flags[:-1])} or {flags[-1]}"
         )
     for flag, path in (("--pcap", args.pcap), ("--trace", args.trace)):
         if path is not None:
@@ -224,27 +237,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         trace=args.trace,
         quiet=args.quiet,
     )
-
-
-def _impairments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    from ._impair import ImpairmentSpec
-
-    impair: dict[str, Any] = {}
-    for key in _IMPAIRMENTS:
-        raw = getattr(args, key)
-        if raw is None:
-            continue
-        value = _number_or_text(raw)
-        try:
-            # One field at a time, so the message names the flag that is wrong.
-            ImpairmentSpec.from_kwargs(**{key: value})
-        except (TypeError, ValueError) as exc:
-            message = str(exc)
-            if message.startswith("impair("):  # "impair(loss=2.0): loss is ..." -> "loss is ..."
-                message = message.split("): ", 1)[-1]
-            parser.error(f"argument --{key}: bad value {raw!r}: {message}")
-        impair[key] = value
-    return impair
 
 
 def _unwritable(path: str) -> str | None:
@@ -519,8 +511,7 @@ class Session:
 
     def _banner(self, pair: TunPair) -> list[str]:
         """The pair, then one line per impaired direction with the seed in use."""
-        # describe() speaks to pytest users; here the replay flag is --seed.
-        return pair.describe().replace("--tunpair-seed=", "--seed ").splitlines()
+        return pair.describe(replay=lambda seed: f"replay with --seed {seed}").splitlines()
 
     def _shell_banner(self, pair: TunPair, shell: str) -> None:
         for line in self._banner(pair):
@@ -568,7 +559,7 @@ class Session:
         if not leftovers:
             return
         names = ", ".join(f"{pid} ({_comm(pid)})" for pid in leftovers)
-        self.say(f"stopping {_count(len(leftovers), 'process')} left in the namespace: {names}")
+        self.say(f"stopping {plural(len(leftovers), 'process')} left in the namespace: {names}")
         _terminate(leftovers, grace=_LEFTOVER_GRACE)
 
     def _close(self, pair: TunPair) -> bool:
@@ -581,23 +572,19 @@ class Session:
 
     def _summary(self, pair: TunPair) -> str:
         parts = [
-            f"{d} {_count(s['packets'], 'packet')} ({s['bytes']} bytes"
+            f"{d} {plural(s['packets'], 'packet')} ({s['bytes']} bytes"
             + (f", {s['dropped']} not delivered)" if s["dropped"] else ")")
             for d, s in pair.stats.items()
         ]
         text = "carried " + ", ".join(parts)
         if self.plan.pcap is not None:
-            text += f"; wrote {_count(len(pair.packets), 'packet')} to {self.plan.pcap}"
+            text += f"; wrote {plural(len(pair.packets), 'packet')} to {self.plan.pcap}"
         return text
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
 def nsenter_command(pair: TunPair) -> str:
     """The ``nsenter`` line that enters the pair's namespace from another terminal."""
-    if _in_user_namespace():
+    if _userns.in_user_namespace():
         # The namespace belongs to our user namespace (`unshare -Urn`): another process of the
         # same user may enter it only through that user namespace, keeping its own ids.
         return (
@@ -605,15 +592,6 @@ def nsenter_command(pair: TunPair) -> str:
             f"--net={pair.netns_path}"
         )
     return f"nsenter --net={pair.netns_path}"
-
-
-def _in_user_namespace() -> bool:
-    """True unless we are in the initial user namespace (which maps every id to itself)."""
-    try:
-        with open("/proc/self/uid_map", encoding="ascii") as f:
-            return f.read().split() != ["0", "0", "4294967295"]
-    except OSError:
-        return False
 
 
 def _processes_in(netns_path: str) -> dict[int, int]:
@@ -692,9 +670,9 @@ def _enter_rootless_if_needed() -> None:
     owning user namespace, and the host's is not ours), it first moves the whole process
     into a network namespace of its own to return to.
     """
-    from . import _linux, _userns
+    from . import _linux
 
-    status = _userns.prepare("auto")
+    status = _userns.prepare("auto", program="tunpair")
     if not status.can_return:
         _linux.unshare(_linux.CLONE_NEWNET)
 

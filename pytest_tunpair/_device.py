@@ -14,11 +14,12 @@ from ._errors import PrivilegeError, TunDeviceError
 __all__ = ["OFFLOAD_FLAGS", "TunDevice"]
 
 # What the relay asks the kernel to hand it when offload is on: checksum offload plus TSO
-# for both families, so TCP arrives as GSO super-packets of up to 64 KB (kernel-notes: 1.0 ->
-# 7 Gbit/s through a Python relay). The virtio-net header describing each one travels with it.
+# for both families, so TCP arrives as GSO super-packets of up to 64 KB (docs/internals.md,
+# "Offload: GSO super-packets through the relay": 1.0 -> 7 Gbit/s through a Python relay).
+# The virtio-net header describing each one travels with it.
 OFFLOAD_FLAGS = _linux.TUN_F_CSUM | _linux.TUN_F_TSO4 | _linux.TUN_F_TSO6
 
-_TUN_PATH = "/dev/net/tun"
+_TUN_PATH = _linux.TUN_PATH
 
 
 def _missing_tun_message(exc: OSError) -> str:
@@ -95,23 +96,23 @@ class TunDevice:
             return os.write(self.fd, _linux.ZERO_VNET_HDR + payload) - self.hdr_len
         return os.write(self.fd, payload)
 
-    def close(self, *, persist: bool = True) -> None:
-        """Close the fd.
+    def close(self) -> None:
+        """Close the fd, leaving the device to its namespace.
 
-        With ``persist`` the device outlives the fd and goes away with its namespace, which
-        the kernel tears down asynchronously. Closing a non-persistent TUN fd unregisters the
-        device synchronously, about 25 ms per device (kernel-notes), which would dominate a
-        test's teardown.
+        The device is made persistent first, so it outlives the fd and goes away with its
+        namespace, which the kernel tears down asynchronously. Closing a non-persistent TUN
+        fd unregisters the device synchronously, about 25 ms per device
+        (docs/internals.md, "Teardown: TUNSETPERSIST, then let the namespace go"), which
+        would dominate a test's teardown.
         """
         fd, self.fd = self.fd, None
         if fd is None:
             return
         try:
-            if persist:
-                try:
-                    fcntl.ioctl(fd, _linux.TUNSETPERSIST, 1)
-                except OSError:
-                    pass  # the device then unregisters synchronously: slower, still correct
+            try:
+                fcntl.ioctl(fd, _linux.TUNSETPERSIST, 1)
+            except OSError:
+                pass  # the device then unregisters synchronously: slower, still correct
         finally:
             os.close(fd)
 

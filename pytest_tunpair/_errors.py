@@ -1,9 +1,22 @@
-"""The exception tree. Every message says what happened *and* what to do next."""
+"""The exception tree. Every message says what happened *and* what to do next.
+
+::
+
+    TunPairError                       everything pytest-tunpair raises on purpose
+    ├── OptionError (ValueError)       a bad option: .option, .value, .source, .reason
+    ├── PrivilegeError (PermissionError)   no way to create namespaces or TUN devices here
+    ├── TunDeviceError (OSError)       opening or configuring a device failed (.device)
+    ├── NamespaceError (OSError)       entering/leaving/configuring a namespace failed (.netns)
+    ├── PairClosedError (RuntimeError) the pair is not open (not yet, or any more)
+    ├── HookError (AssertionError)     a hook raised or returned something unsendable
+    ├── PacketTimeout (AssertionError) ``packets.wait_for`` saw no matching packet in time
+    └── ThreadNotStopped               an interruption could not stop a test's own thread
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._capture import Packet
@@ -13,7 +26,9 @@ __all__ = [
     "NamespaceError",
     "OptionError",
     "PacketTimeout",
+    "PairClosedError",
     "PrivilegeError",
+    "ThreadNotStopped",
     "TunDeviceError",
     "TunPairError",
 ]
@@ -24,12 +39,52 @@ class TunPairError(Exception):
 
 
 class OptionError(TunPairError, ValueError):
-    """A pair option (marker, factory argument, command line or ini key) has a bad value."""
+    """An option (marker, factory or ``impair()`` argument, command line, ini key) is bad.
 
-    def __init__(self, message: str, *, option: str, source: str) -> None:
-        super().__init__(message)
+    The parts are kept apart so each front end can phrase them for its user (the command
+    line names its flag, the plugin the marker): ``str()`` is the generic form,
+    ``"<source>: bad value for <option>=<value>: <reason>"`` (or ``unknown option``).
+    """
+
+    def __init__(
+        self, option: str, value: object, *, source: str, reason: str, unknown: bool = False
+    ) -> None:
         self.option = option
+        """The option's name, e.g. ``"mtu"``."""
+        self.value = value
+        """The value given (for an unknown option: the value given to it)."""
         self.source = source
+        """Where it came from: ``"@pytest.mark.tunpair"``, ``"--mtu"``, ``"impair()"``..."""
+        self.reason = reason
+        """What is wrong and what to give instead, e.g. ``"use a whole number from 68..."``."""
+        self.unknown = unknown
+        """True when no option has this name (``reason`` then lists the known ones)."""
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if self.unknown:
+            return f"{self.source}: unknown option {self.option!r}; {self.reason}"
+        return f"{self.source}: bad value for {self.option}={self.value!r}: {self.reason}"
+
+    def with_source(self, source: str) -> OptionError:
+        """The same error, as coming from ``source``."""
+        return OptionError(
+            self.option, self.value, source=source, reason=self.reason, unknown=self.unknown
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only parts: the default pickling (xdist sends errors between processes)
+        # would call OptionError(message) and fail.
+        return (
+            _rebuild_option_error,
+            (self.option, self.value, self.source, self.reason, self.unknown),
+        )
+
+
+def _rebuild_option_error(
+    option: str, value: object, source: str, reason: str, unknown: bool
+) -> OptionError:
+    return OptionError(option, value, source=source, reason=reason, unknown=unknown)
 
 
 class PrivilegeError(TunPairError, PermissionError):
@@ -50,6 +105,18 @@ class NamespaceError(TunPairError, OSError):
     def __init__(self, message: str, *, netns: str | None = None) -> None:
         super().__init__(message)
         self.netns = netns
+
+
+class PairClosedError(TunPairError, RuntimeError):
+    """The pair is not open: it was never opened, or it is closed already."""
+
+
+class ThreadNotStopped(TunPairError):
+    """An interruption (e.g. a pytest-timeout failure) could not stop a test's own thread.
+
+    Only in runs where tunnel tests run on threads of their own (a user namespace the
+    process entered by itself); the message says which pytest-timeout setting avoids it.
+    """
 
 
 class HookError(TunPairError, AssertionError):
@@ -101,6 +168,8 @@ for _cls in (
     PrivilegeError,
     TunDeviceError,
     NamespaceError,
+    PairClosedError,
+    ThreadNotStopped,
     HookError,
     PacketTimeout,
 ):

@@ -75,12 +75,11 @@ An engine is not thread-safe; the relay thread owns it.
 from __future__ import annotations
 
 import math
-import numbers
 import random
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from ._schema import Duration, Int, Probability, Rate, changed, declared, option, validate
 
 __all__ = [
     "ACTIONS",
@@ -105,141 +104,19 @@ ACTIONS: tuple[Action, ...] = (
 # of a burst to overtake, and short enough that a lone packet is not noticeably late.
 REORDER_MIN_HOLD = 0.005
 
-# A decimal number as people write it in config: "10", "1.5", ".5", "1e-3".
-_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
-_PERCENT_RE = re.compile(rf"\s*({_NUMBER})\s*%\s*")
-_DURATION_RE = re.compile(rf"\s*({_NUMBER})\s*(s|ms|us)\s*")
-# tc(8) rate units: "bit" is bits/s and "bps" is *bytes*/s; k/m/g/t are powers of 1000 and
-# ki/mi/gi/ti powers of 1024.  Matched case-insensitively, like tc.
-_RATE_RE = re.compile(rf"\s*({_NUMBER})\s*([kmgt]i?)?(bit|bps)\s*", re.IGNORECASE)
-
-_DURATION_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
-_RATE_PREFIXES = {
-    "": 1.0,
-    "k": 1e3,
-    "m": 1e6,
-    "g": 1e9,
-    "t": 1e12,
-    "ki": 2.0**10,
-    "mi": 2.0**20,
-    "gi": 2.0**30,
-    "ti": 2.0**40,
-}
-_RATE_SUFFIXES = {"bit": 1.0, "bps": 8.0}
-
-_PROBABILITY = "a probability, between 0.0 and 1.0 (a number, or a string like '10%')"
-_DURATION = (
-    "a duration >= 0: seconds as a number, or a string with unit s, ms or us"
-    " (e.g. '20ms', '1.5s', '200us')"
-)
-_RATE = (
-    "in bits per second, > 0: a number, or a string like '500kbit', '10mbit', '1gbit'"
-    " (bits/s) or '100kbps' (bytes/s, as in tc); None for unlimited"
-)
-_SEED = "an int, or None to use the session seed"
-
-
-def _invalid(name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"impair({name}={value!r}): {name} is {allowed}")
-
-
-def _number(name: str, value: object, allowed: str) -> float:
-    # bool is an int subclass, but impair(loss=True) is a mistake, not "100%".
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _invalid(name, value, allowed)
-    number = float(value)
-    if not math.isfinite(number):
-        raise _invalid(name, value, allowed)
-    return number
-
-
-def _probability(name: str, value: object) -> float:
-    if isinstance(value, str):
-        match = _PERCENT_RE.fullmatch(value)
-        if match is None:
-            raise _invalid(name, value, _PROBABILITY)
-        p = float(match.group(1)) / 100.0
-    else:
-        p = _number(name, value, _PROBABILITY)
-    if not 0.0 <= p <= 1.0:
-        raise _invalid(name, value, _PROBABILITY)
-    return p
-
-
-def _duration(name: str, value: object) -> float:
-    if isinstance(value, str):
-        match = _DURATION_RE.fullmatch(value)
-        if match is None:
-            raise _invalid(name, value, _DURATION)
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    else:
-        seconds = _number(name, value, _DURATION)
-    if not (math.isfinite(seconds) and seconds >= 0.0):
-        raise _invalid(name, value, _DURATION)
-    return seconds
-
-
-def _rate(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        match = _RATE_RE.fullmatch(value)
-        if match is None:
-            raise _invalid(name, value, _RATE)
-        prefix = (match.group(2) or "").lower()
-        suffix = match.group(3).lower()
-        bits = float(match.group(1)) * _RATE_PREFIXES[prefix] * _RATE_SUFFIXES[suffix]
-    else:
-        bits = _number(name, value, _RATE)
-    # Infinity would mean "unlimited", which is spelled None; 0 would never deliver anything.
-    if not (math.isfinite(bits) and bits > 0.0):
-        raise _invalid(name, value, _RATE)
-    return bits
-
-
-def _seed(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    # Integral rather than int so a numpy integer from a parametrize grid is accepted too.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _invalid(name, value, _SEED)
-    return int(value)
-
-
-_FIELDS: dict[str, Callable[[str, object], object]] = {
-    "loss": _probability,
-    "delay": _duration,
-    "jitter": _duration,
-    "duplicate": _probability,
-    "reorder": _probability,
-    "corrupt": _probability,
-    "rate": _rate,
-    "seed": _seed,
-}
-
-
-def _format_percent(p: float) -> str:
-    return f"{p * 100:.6g}%"
-
-
-def _format_duration(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:.6g}s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.6g}ms"
-    return f"{seconds * 1e6:.6g}us"
-
-
-def _format_rate(bits: float) -> str:
-    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
-        if bits >= scale:
-            return f"{bits / scale:.6g}{unit}"
-    return f"{bits:.6g}bit"
+_PROBABILITY = Probability()
+_DURATION = Duration()
+_RATE = Rate()
 
 
 @dataclass(frozen=True)
 class ImpairmentSpec:
     """What to do to the packets of one link direction; the neutral default does nothing.
+
+    Each parameter is one field below, declared with its kind, default and help
+    (``_schema.option``): validation here, ``TunPair.impair()``'s keyword arguments, the
+    ``tunpair run`` flags and the table in ``docs/options.md`` come from these declarations,
+    so a new parameter is one new field (and its effect in the engine).
 
     Construction validates and normalises every field (``ImpairmentSpec(loss=1.5)`` raises),
     so an engine never sees a nonsensical spec.  Accepted values:
@@ -255,79 +132,106 @@ class ImpairmentSpec:
     * ``seed``: ``None`` or an int.
 
     ``bool`` is rejected everywhere a number is expected.  Bad values, including values of the
-    wrong type, raise ``ValueError`` naming the argument and what is allowed, so a caller
-    reporting user configuration errors has one exception to catch; ``TypeError`` is kept for
-    unknown argument names, as Python itself does.
+    wrong type, raise :class:`~pytest_tunpair.OptionError` (a ``ValueError``) naming the
+    argument and what is allowed, so a caller reporting user configuration errors has one
+    exception to catch; ``TypeError`` is kept for unknown argument names, as Python itself
+    does.
     """
 
-    loss: float = 0.0
-    delay: float = 0.0
-    jitter: float = 0.0
-    duplicate: float = 0.0
-    reorder: float = 0.0
-    corrupt: float = 0.0
-    rate: float | None = None
-    seed: int | None = None
+    loss: float = option(
+        0.0, _PROBABILITY, "drop probability", reason_names_option=True, group="impair"
+    )
+    delay: float = option(
+        0.0, _DURATION, "added one-way latency", reason_names_option=True, group="impair"
+    )
+    jitter: float = option(
+        0.0,
+        _DURATION,
+        "uniform +/- variation of the delay",
+        reason_names_option=True,
+        group="impair",
+    )
+    duplicate: float = option(
+        0.0,
+        _PROBABILITY,
+        "probability a packet is sent twice",
+        reason_names_option=True,
+        group="impair",
+    )
+    reorder: float = option(
+        0.0,
+        _PROBABILITY,
+        "probability a packet is overtaken by the next",
+        reason_names_option=True,
+        group="impair",
+    )
+    corrupt: float = option(
+        0.0,
+        _PROBABILITY,
+        "probability of one flipped bit",
+        reason_names_option=True,
+        group="impair",
+    )
+    rate: float | None = option(
+        None,
+        _RATE,
+        "link rate: packets leave spaced by their serialisation time",
+        reason_names_option=True,
+        group="impair",
+    )
+    seed: int | None = option(
+        None,
+        Int(None, optional=True, what="an int, or None to use the session seed"),
+        "seed of the random decisions (None: the pair's seed); same seed, same decisions",
+        reason_names_option=True,
+        group="impair",
+        inert=True,
+        cli=False,  # the command line's --seed is the pair's
+    )
 
     def __post_init__(self) -> None:
         # Normalising here rather than only in from_kwargs means direct construction is just
         # as safe, and that "10ms" and 0.01 give equal (and equally hashed) specs.
-        for name, normalise in _FIELDS.items():
-            object.__setattr__(self, name, normalise(name, getattr(self, name)))
+        validate(self, source="impair()")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The parameter names, in declaration order (what ``impair()`` accepts)."""
+        return [f.name for f, _ in declared(cls)]
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ImpairmentSpec:
-        """Build a spec from user keyword arguments, e.g. the ``impair`` marker's.
+        """Build a spec from user keyword arguments, e.g. ``impair()``'s.
 
-        Raises ``TypeError`` for an unknown name (listing the allowed ones) and ``ValueError``
-        for a bad value.
+        Raises ``TypeError`` for an unknown name (listing the allowed ones) and
+        :class:`~pytest_tunpair.OptionError` for a bad value.
         """
-        unknown = sorted(set(kwargs) - set(_FIELDS))
+        allowed = cls.names()
+        unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
             names = ", ".join(repr(name) for name in unknown)
             raise TypeError(
                 f"impair() got unexpected keyword argument(s) {names}; "
-                f"allowed: {', '.join(_FIELDS)}"
+                f"allowed: {', '.join(allowed)}"
             )
         return cls(**kwargs)
 
     @property
     def active(self) -> bool:
         """True if any impairment differs from the neutral default (the seed alone is not one)."""
-        return (
-            self.loss > 0.0
-            or self.delay > 0.0
-            or self.jitter > 0.0
-            or self.duplicate > 0.0
-            or self.reorder > 0.0
-            or self.corrupt > 0.0
-            or self.rate is not None
-        )
+        return any(not decl.inert for _, decl, _ in changed(self))
 
     def describe(self) -> str:
         """One short line for failure reports, e.g. ``loss=10% delay=20ms jitter=5ms seed=42``.
 
         The output uses the same units :meth:`from_kwargs` accepts.
         """
-        parts: list[str] = []
-        formats = (
-            ("loss", _format_percent),
-            ("delay", _format_duration),
-            ("jitter", _format_duration),
-            ("duplicate", _format_percent),
-            ("reorder", _format_percent),
-            ("corrupt", _format_percent),
-        )
-        for name, format_value in formats:
-            value: float = getattr(self, name)
-            if value > 0.0:
-                parts.append(f"{name}={format_value(value)}")
-        if self.rate is not None:
-            parts.append(f"rate={_format_rate(self.rate)}")
+        parts = [
+            f"{name}={decl.kind.format(v)}" for name, decl, v in changed(self) if not decl.inert
+        ]
         if not parts:
             parts.append("no impairment")
-        if self.seed is not None:
-            parts.append(f"seed={self.seed}")
+        parts += [f"{name}={decl.kind.format(v)}" for name, decl, v in changed(self) if decl.inert]
         return " ".join(parts)
 
 

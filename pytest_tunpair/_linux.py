@@ -15,11 +15,13 @@ from functools import lru_cache
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 
+# Documentation/networking/tuntap.rst: the clone device every TUN/TAP fd is opened from.
+TUN_PATH = "/dev/net/tun"
+
 # include/uapi/linux/if_tun.h (_IOW('T', n, int) on every arch with the asm-generic ioctl layout)
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 TUNSETOFFLOAD = 0x400454D0
-TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -46,7 +48,6 @@ IFA_F_NODAD = 0x02
 IFA_F_NOPREFIXROUTE = 0x200
 
 # include/uapi/linux/rtnetlink.h
-RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
 RT_SCOPE_HOST = 254
 RTPROT_KERNEL = 2
@@ -65,17 +66,14 @@ def _check(ret: int, what: str) -> None:
 
 
 def unshare(flags: int) -> None:
-    """unshare(2). CLONE_NEWNET affects only the calling thread (kernel-notes: per-thread netns)."""
+    """unshare(2). CLONE_NEWNET affects only the calling thread (docs/internals.md,
+    "A network namespace per thread")."""
     _check(_libc().unshare(ctypes.c_int(flags)), "unshare")
 
 
 def setns(fd: int, nstype: int) -> None:
     """setns(2) for the calling thread."""
     _check(_libc().setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
-
-
-def has_errno(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, OSError) and exc.errno in codes
 
 
 EPERM_LIKE = (errno.EPERM, errno.EACCES)

@@ -18,7 +18,7 @@ import os
 import threading
 from types import TracebackType
 
-from . import _linux, _userns
+from . import _disposable, _linux, _userns
 from ._errors import NamespaceError, PrivilegeError
 
 __all__ = ["NetNamespace", "current_netns_inode"]
@@ -62,7 +62,7 @@ class NetNamespace:
         if self._fd is not None:
             raise NamespaceError("this namespace is already entered", netns=self.path)
         orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        disposable = _userns.thread_is_disposable()
+        disposable = _disposable.thread_is_disposable()
         if not disposable:
             self._refuse_one_way_trip(orig)
         try:
@@ -73,8 +73,8 @@ class NetNamespace:
                 raise PrivilegeError(
                     "cannot create a network namespace (unshare(CLONE_NEWNET): "
                     f"{os.strerror(exc.errno)}): this needs CAP_NET_ADMIN and CAP_SYS_ADMIN. "
-                    "Run as root, or under `unshare -Urn`, or let pytest-tunpair enter a "
-                    "user namespace by itself (--tunpair-userns=auto)."
+                    "Run as root, or under `unshare -Urn` (the pytest plugin and `tunpair "
+                    "run` enter a user namespace by themselves when unprivileged)."
                 ) from exc
             raise NamespaceError(f"cannot create a network namespace: {exc}") from exc
         try:
@@ -91,7 +91,7 @@ class NetNamespace:
 
     @staticmethod
     def _refuse_one_way_trip(orig: int) -> None:
-        """Refuse to move a thread that could never come back (see ``_userns``).
+        """Refuse to move a thread that could never come back (see ``_userns.py``).
 
         In a user namespace that does not own the thread's network namespace (one the
         process entered by itself), ``setns`` back fails with EPERM: the thread would stay
@@ -108,10 +108,9 @@ class NetNamespace:
             raise NamespaceError(
                 "this thread could not come back from a new network namespace: the process "
                 "runs in a user namespace that does not own the current one (it entered it "
-                "by itself). Open the pair on a thread that ends with it "
-                "(pytest_tunpair._userns.run_in_disposable_thread; the plugin does this for "
-                "tests that request tun_pair or tun_pair_factory as an argument or with "
-                "usefixtures), or run under `unshare -Urn`, or as root."
+                "by itself). Open the pair on a thread that ends with it (the pytest plugin "
+                "does this for tests that request tun_pair or tun_pair_factory as an "
+                "argument or with usefixtures), or run under `unshare -Urn`, or as root."
             ) from exc
 
     def is_current(self) -> bool:
@@ -121,7 +120,7 @@ class NetNamespace:
     def exit(self) -> None:
         """Go back to the namespace the thread came from and drop our reference.
 
-        A disposable thread (``_userns``) that cannot go back stays inside, and any thread
+        A disposable thread (``_disposable.py``) that cannot go back stays inside, and any thread
         may drop the references of a namespace a disposable thread entered.
         """
         if self._fd is None:

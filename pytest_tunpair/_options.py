@@ -1,13 +1,18 @@
-"""Pair options: one validated record, whatever the source (marker, factory call, CLI)."""
+"""Pair options: one validated record, whatever the source (marker, factory call, CLI).
+
+Each option is one field below, declared with its kind, default and help
+(``_schema.option``); validation, the command-line flags, the marker's help and the table in
+``docs/options.md`` all come from these declarations."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ._errors import OptionError
+from ._schema import Bool, Choice, Int, Invalid, Kind, declared, option, unknown, validate
 
 __all__ = ["DEFAULT_CAPTURE_BYTES", "PairOptions"]
 
@@ -35,27 +40,178 @@ def _default_ipv6(index: int) -> tuple[str, str]:
     return (f"2001:2::{2 * index + 1:x}", f"2001:2::{2 * index + 2:x}")
 
 
+class DeviceNames(Kind):
+    """Two distinct interface names."""
+
+    allowed = "two device names (1-15 characters, no '/', ':' or space)"
+    metavar = "A B"
+
+    def check(self, value: object) -> tuple[str, str]:
+        if (
+            not isinstance(value, (tuple, list))
+            or len(value) != 2
+            or not all(isinstance(n, str) for n in value)
+        ):
+            raise Invalid("give two device names, e.g. names=('tun0', 'tun1')")
+        for n in value:
+            if not n or len(n.encode()) >= _IFNAMSIZ or any(c in n for c in "/: \t\n%"):
+                raise Invalid(f"{n!r} is not a valid device name (1-15 chars, no '/', ':', space)")
+        if value[0] == value[1]:
+            raise Invalid("the two devices need different names")
+        return (value[0], value[1])
+
+    def format(self, value: Any) -> str:
+        return repr(tuple(value))
+
+
+class AddressPair(Kind):
+    """Two distinct unicast addresses of one IP version, or None (no such family)."""
+
+    metavar = "A B"
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.example = (
+            "('198.18.0.1', '198.18.0.2')" if version == 4 else "('2001:2::1', '2001:2::2')"
+        )
+        self.allowed = f"two IPv{version} addresses, or None (no IPv{version})"
+
+    def check(self, value: object) -> tuple[str, str] | None:
+        if value is None:
+            return None
+        key = f"ipv{self.version}"
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise Invalid(f"give two addresses, e.g. {key}={self.example}, or None")
+        out = []
+        for item in value:
+            try:
+                addr = ipaddress.ip_address(str(item))
+            except ValueError:
+                raise Invalid(f"{item!r} is not an IPv{self.version} address") from None
+            if addr.version != self.version:
+                raise Invalid(f"{item!r} is not an IPv{self.version} address")
+            if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
+                raise Invalid(f"{item} cannot be an interface address")
+            out.append(str(addr))
+        if out[0] == out[1]:
+            raise Invalid("the two ends need different addresses")
+        return (out[0], out[1])
+
+    def format(self, value: Any) -> str:
+        return "None" if value is None else repr(tuple(value))
+
+
+class RoutingTable(Int):
+    def check(self, value: object) -> int | None:
+        table = super().check(value)
+        if table in _RESERVED_TABLES:
+            raise Invalid("tables 253 (default), 254 (main) and 255 (local) are taken")
+        return table
+
+
 @dataclass(frozen=True)
 class PairOptions:
-    """Everything that shapes one pair. Build it with :meth:`from_kwargs` to get validation."""
+    """Everything that shapes one pair; construction validates (``PairOptions(mtu="big")``
+    raises :class:`~pytest_tunpair.OptionError`). :meth:`from_kwargs` also picks the
+    defaults of the n-th pair of a test."""
 
-    mode: str = "tun"
-    names: tuple[str, str] = ("tun0", "tun1")
-    ipv4: tuple[str, str] | None = ("198.18.0.1", "198.18.0.2")
-    ipv6: tuple[str, str] | None = ("2001:2::1", "2001:2::2")
-    mtu: int = 1500
-    table: int = 13
-    offload: bool = True
-    max_packets: int | None = None
-    snaplen: int | None = None
-    capture_bytes: int | None = DEFAULT_CAPTURE_BYTES
-    seed: int | None = None
-    txqueuelen: int = 5000
-    _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    mode: str = option(
+        "tun",
+        Choice(("tun", "tap"), reason="use 'tun' (raw IP) or 'tap' (Ethernet)"),
+        "raw IP (tun) or Ethernet (tap) devices",
+    )
+    names: tuple[str, str] = option(
+        ("tun0", "tun1"),
+        DeviceNames(),
+        "device names of ends a and b",
+        nargs=2,
+        default_doc="('tun0', 'tun1'); the n-th pair of a test: tun2n, tun2n+1 (tap: tap...)",
+    )
+    ipv4: tuple[str, str] | None = option(
+        ("198.18.0.1", "198.18.0.2"),
+        AddressPair(4),
+        "IPv4 addresses of ends a and b (RFC 2544 benchmarking range by default)",
+        nargs=2,
+        none_flag="--no-ipv4",
+        default_doc="('198.18.0.1', '198.18.0.2'); the n-th pair: 198.18.0.2n+1, .2n+2",
+    )
+    ipv6: tuple[str, str] | None = option(
+        ("2001:2::1", "2001:2::2"),
+        AddressPair(6),
+        "IPv6 addresses of ends a and b (RFC 5180 benchmarking prefix by default)",
+        nargs=2,
+        none_flag="--no-ipv6",
+        default_doc="('2001:2::1', '2001:2::2'); the n-th pair: 2001:2::2n+1, ::2n+2",
+    )
+    mtu: int = option(1500, Int(68, 65535), "MTU of both devices (IPv6 needs at least 1280)")
+    table: int = option(
+        13,
+        RoutingTable(1, 2**32 - 1),
+        "routing table holding the pair's local routes (not 253, 254, 255)",
+    )
+    offload: bool = option(
+        True,
+        Bool(),
+        "TSO/checksum offload towards the relay (GSO super-packets in the capture); "
+        "off while hooks or impairments are active",
+    )
+    max_packets: int | None = option(
+        None,
+        Int(0, optional=True),
+        "keep only the newest N packets in the capture (None: no count limit)",
+        group="capture",
+    )
+    snaplen: int | None = option(
+        None,
+        Int(1, optional=True),
+        "keep only the first N bytes of each captured packet",
+        group="capture",
+    )
+    capture_bytes: int | None = option(
+        DEFAULT_CAPTURE_BYTES,
+        Int(0, optional=True),
+        "capture budget in bytes (packets plus bookkeeping); the oldest are forgotten "
+        "beyond it, stats keep counting; None: unbounded",
+        group="capture",
+        default_doc="67108864 (64 MiB)",
+    )
+    seed: int | None = option(
+        None,
+        Int(0, optional=True),
+        "seed of impair() when it is given none (None: random per test, shown in reports)",
+        group="impair",
+    )
+    txqueuelen: int = option(
+        5000,
+        Int(1, 2**31 - 1),
+        "transmit queue length of both devices (the kernel's 500 drops at full speed)",
+    )
+
+    def __post_init__(self) -> None:
+        self._validate("PairOptions()")
+
+    def _validate(self, source: str) -> None:
+        validate(self, source=source)
+        if self.ipv4 is None and self.ipv6 is None:
+            raise OptionError(
+                "ipv4",
+                None,
+                source=source,
+                reason="ipv4=None and ipv6=None leave the pair without addresses; "
+                "keep at least one family",
+            )
+        if self.ipv6 is not None and self.mtu < 1280:
+            raise OptionError(
+                "mtu",
+                self.mtu,
+                source=source,
+                reason="IPv6 needs an MTU of at least 1280 (or pass ipv6=None)",
+            )
 
     @classmethod
     def names_allowed(cls) -> list[str]:
-        return [f.name for f in fields(cls) if not f.name.startswith("_")]
+        """The option names, in declaration order."""
+        return [f.name for f, _ in declared(cls)]
 
     @classmethod
     def from_kwargs(
@@ -71,125 +227,15 @@ class PairOptions:
         ``198.18.0.3``/``198.18.0.4``...) so factory pairs never collide.
         """
         allowed = cls.names_allowed()
-        for key in kwargs:
+        for key, value in kwargs.items():
             if key not in allowed:
-                raise OptionError(
-                    f"{source}: unknown option {key!r}; the options are: {', '.join(allowed)}",
-                    option=key,
-                    source=source,
-                )
-
-        def fail(key: str, why: str) -> OptionError:
-            return OptionError(
-                f"{source}: bad value for {key}={kwargs[key]!r}: {why}", option=key, source=source
-            )
-
-        mode = kwargs.get("mode", "tun")
-        if mode not in ("tun", "tap"):
-            raise fail("mode", "use 'tun' (raw IP) or 'tap' (Ethernet)")
-
-        names = kwargs.get("names", _default_names(mode, index))
-        if (
-            not isinstance(names, (tuple, list))
-            or len(names) != 2
-            or not all(isinstance(n, str) for n in names)
-        ):
-            raise fail("names", "give two device names, e.g. names=('tun0', 'tun1')")
-        for n in names:
-            if not n or len(n.encode()) >= _IFNAMSIZ or any(c in n for c in "/: \t\n%"):
-                raise fail(
-                    "names", f"{n!r} is not a valid device name (1-15 chars, no '/', ':', space)"
-                )
-        if names[0] == names[1]:
-            raise fail("names", "the two devices need different names")
-
-        ipv4 = _addr_pair(kwargs, "ipv4", 4, _default_ipv4(index), fail)
-        ipv6 = _addr_pair(kwargs, "ipv6", 6, _default_ipv6(index), fail)
-        if ipv4 is None and ipv6 is None:
-            raise OptionError(
-                f"{source}: ipv4=None and ipv6=None leave the pair without addresses; "
-                "keep at least one family",
-                option="ipv4",
-                source=source,
-            )
-
-        mtu = _int(kwargs, "mtu", 1500, fail, lo=68, hi=65535)
-        if ipv6 is not None and mtu < 1280:
-            raise fail("mtu", "IPv6 needs an MTU of at least 1280 (or pass ipv6=None)")
-        table = _int(kwargs, "table", 13, fail, lo=1, hi=2**32 - 1)
-        if table in _RESERVED_TABLES:
-            raise fail("table", "tables 253 (default), 254 (main) and 255 (local) are taken")
-        offload = kwargs.get("offload", True)
-        if not isinstance(offload, bool):
-            raise fail("offload", "use True or False")
-        max_packets = _opt_int(kwargs, "max_packets", None, fail, lo=0)
-        snaplen = _opt_int(kwargs, "snaplen", None, fail, lo=1)
-        capture_bytes = _opt_int(kwargs, "capture_bytes", DEFAULT_CAPTURE_BYTES, fail, lo=0)
-        seed = _opt_int(kwargs, "seed", None, fail, lo=0)
-        txqueuelen = _int(kwargs, "txqueuelen", 5000, fail, lo=1, hi=2**31 - 1)
-        return cls(
-            mode=mode,
-            names=(names[0], names[1]),
-            ipv4=ipv4,
-            ipv6=ipv6,
-            mtu=mtu,
-            table=table,
-            offload=offload,
-            max_packets=max_packets,
-            snaplen=snaplen,
-            capture_bytes=capture_bytes,
-            seed=seed,
-            txqueuelen=txqueuelen,
-            _given=frozenset(kwargs),
-        )
-
-
-def _int(kwargs: Mapping[str, Any], key: str, default: int, fail: Any, *, lo: int, hi: int) -> int:
-    value = kwargs.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise fail(key, f"use a whole number from {lo} to {hi}")
-    if not lo <= value <= hi:
-        raise fail(key, f"use a whole number from {lo} to {hi}")
-    return value
-
-
-def _opt_int(
-    kwargs: Mapping[str, Any], key: str, default: int | None, fail: Any, *, lo: int
-) -> int | None:
-    value = kwargs.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise fail(key, f"use None or a whole number >= {lo}")
-    return value
-
-
-def _addr_pair(
-    kwargs: Mapping[str, Any],
-    key: str,
-    version: int,
-    default: tuple[str, str],
-    fail: Any,
-) -> tuple[str, str] | None:
-    if key not in kwargs:
-        return default
-    value = kwargs[key]
-    if value is None:
-        return None
-    example = "('198.18.0.1', '198.18.0.2')" if version == 4 else "('2001:2::1', '2001:2::2')"
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise fail(key, f"give two addresses, e.g. {key}={example}, or None")
-    out = []
-    for item in value:
+                raise unknown(key, value, allowed, source=source)
+        values = dict(kwargs)
+        mode = values.get("mode", "tun")
+        values.setdefault("names", _default_names(mode if isinstance(mode, str) else "tun", index))
+        values.setdefault("ipv4", _default_ipv4(index))
+        values.setdefault("ipv6", _default_ipv6(index))
         try:
-            addr = ipaddress.ip_address(str(item))
-        except ValueError:
-            raise fail(key, f"{item!r} is not an IPv{version} address") from None
-        if addr.version != version:
-            raise fail(key, f"{item!r} is not an IPv{version} address")
-        if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
-            raise fail(key, f"{item} cannot be an interface address")
-        out.append(str(addr))
-    if out[0] == out[1]:
-        raise fail(key, "the two ends need different addresses")
-    return (out[0], out[1])
+            return cls(**values)
+        except OptionError as exc:
+            raise exc.with_source(source) from None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import _routing
 from ._capture import Capture, Packet, Stats
 from ._device import TunDevice
-from ._errors import NamespaceError, TunDeviceError, TunPairError
+from ._errors import NamespaceError, OptionError, PairClosedError, TunDeviceError, TunPairError
 from ._netns import NetNamespace
 from ._options import PairOptions
 from ._relay import Hook, Relay
@@ -42,7 +42,8 @@ def _prepare_namespace(ns: NetNamespace) -> None:
     if os.path.isdir("/proc/sys/net/ipv6"):
         ns.write_sysctl("net/ipv6/ip_nonlocal_bind", 1)
         # No link-local address on new devices: no router solicitations, MLD or other
-        # chatter in the capture (kernel-notes), only the test's own traffic.
+        # chatter in the capture (docs/internals.md, "No link-local addresses"), only the
+        # test's own traffic.
         # TAP devices too: neighbour discovery still resolves, the kernel sends the NS from
         # the global address of the packet waiting for it. What a TAP capture still shows
         # is each device's MLD report for its solicited-node group (README, "TAP mode").
@@ -229,8 +230,7 @@ class TunPair:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
         for d in reversed(self._devices):
-            # Persist only when the namespace will take the devices away with it.
-            d.close(persist=True)
+            d.close()
         if self._own_netns and self._netns is not None and self._netns.active:
             self._netns.exit()
         return errors
@@ -251,7 +251,7 @@ class TunPair:
     def netns_path(self) -> str:
         """``nsenter --net=PATH`` enters the pair's namespace (while the pair is open)."""
         if self._netns is None or not self._netns.active:
-            raise NamespaceError("the pair is not open")
+            raise PairClosedError("the pair is not open: use it between open() and close()")
         return self._netns.path
 
     @property
@@ -330,23 +330,16 @@ class TunPair:
             raise ValueError(f"{handle!r} is not a hook of this pair (removed already?)")
         self._update_offload()
 
-    def impair(
-        self,
-        loss: float | str = 0.0,
-        delay: float | str = 0.0,
-        jitter: float | str = 0.0,
-        duplicate: float | str = 0.0,
-        reorder: float | str = 0.0,
-        corrupt: float | str = 0.0,
-        rate: float | str | None = None,
-        seed: int | None = None,
-        direction: str | None = None,
-    ) -> None:
+    def impair(self, *, direction: str | None = None, **params: Any) -> None:
         """netem-like impairments done in the relay, for one direction or both (``None``).
 
+        ``params`` are the fields of ``ImpairmentSpec`` (table in docs/options.md): ``loss``,
+        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``seed``.
         Probabilities are 0.0-1.0 (or ``"10%"``), ``delay``/``jitter`` seconds (or
-        ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). Each call replaces the settings of
-        the direction(s) it names; ``impair()`` with no arguments turns everything off.
+        ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). A bad value raises
+        :class:`~pytest_tunpair.OptionError`, an unknown name ``TypeError``. Each call
+        replaces the settings of the direction(s) it names; ``impair()`` with no arguments
+        turns everything off.
         A packet held back for reordering when the settings change is released, not lost.
         ``seed=None`` uses :attr:`seed`. Same seed and same packets: same decisions.
         """
@@ -356,16 +349,7 @@ class TunPair:
 
         _check_direction(direction, "impair")
         relay = self._require_relay()
-        parsed = ImpairmentSpec.from_kwargs(
-            loss=loss,
-            delay=delay,
-            jitter=jitter,
-            duplicate=duplicate,
-            reorder=reorder,
-            corrupt=corrupt,
-            rate=rate,
-            seed=seed,
-        )
+        parsed = ImpairmentSpec.from_kwargs(**params)
         random_seed = parsed.seed is None and self.options.seed is None
         used = parsed.seed if parsed.seed is not None else self.seed
         for d in _directions(direction):
@@ -422,12 +406,15 @@ class TunPair:
 
     def _require_relay(self) -> Relay:
         if self._relay is None or self._closed:
-            raise TunPairError("the pair is not open")
+            raise PairClosedError("the pair is not open: use it between open() and close()")
         return self._relay
 
-    def describe(self) -> str:
+    def describe(self, replay: Callable[[int], str] | None = None) -> str:
         """What this pair is, for failure reports: one line for the pair, then one per
-        active impairment (with the seed in use) and per direction with hooks."""
+        active impairment (with the seed in use) and per direction with hooks.
+
+        ``replay(seed)`` says how the caller's user replays a seed picked at random (the
+        plugin names ``--tunpair-seed``, ``tunpair run`` its ``--seed``)."""
         o = self.options
         parts = [
             f"{self.a.name}={self.a.ip or ''}{'/' + self.a.ip6 if self.a.ip6 else ''}",
@@ -439,7 +426,9 @@ class TunPair:
                 spec, random_seed = self._impairments[d]
                 line = f"impair {d}: {spec.describe()}"
                 if random_seed:
-                    line += f" (picked at random; replay with --tunpair-seed={spec.seed})"
+                    assert spec.seed is not None
+                    how = f"; {replay(spec.seed)}" if replay is not None else ""
+                    line += f" (picked at random{how})"
                 lines.append(line)
         if self._relay is not None:
             for d in ("a->b", "b->a"):
@@ -460,7 +449,12 @@ def _random_seed() -> int:
 
 def _check_direction(direction: str | None, what: str) -> None:
     if direction not in (None, "a->b", "b->a"):
-        raise ValueError(f"{what}(direction={direction!r}): use 'a->b', 'b->a' or None (both)")
+        raise OptionError(
+            "direction",
+            direction,
+            source=f"{what}()",
+            reason="use 'a->b', 'b->a' or None (both)",
+        )
 
 
 def _directions(direction: str | None) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """The relay: the userspace "MAC+PHY" between the two devices, in one background thread.
 
 One thread serves both directions with ``poll()``: a blocked ``read()`` on a TUN fd is not
-woken by ``close()`` from another thread (kernel-notes), so the loop also polls a wake-up
+woken by ``close()`` from another thread (docs/internals.md, "A blocked read() is not woken
+by close()"), so the loop also polls a wake-up
 pipe, and one thread keeps the hot path free of hand-offs between threads.
 
 Fast path (no hook, no impairment on that direction): read a batch, record it, write it to
@@ -50,8 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["Hook", "Relay"]
 
 # Read size: big enough for a 64 KB GSO super-packet plus Ethernet and virtio-net headers,
-# and under glibc's 128 KiB mmap threshold (kernel-notes: 256 KiB reads mmap a buffer on
-# every call from a non-main thread: 10x slower).
+# and under glibc's 128 KiB mmap threshold (docs/internals.md, "Read size: under glibc's mmap
+# threshold": 256 KiB reads mmap a buffer on every call from a non-main thread: 10x slower).
 READ_SIZE = 65536 + 256
 # Packets drained from one device before looking at the other: fairness between directions.
 BURST = 64
@@ -265,8 +266,6 @@ class Relay:
         dev_b: TunDevice,
         capture: Capture,
         stats: Stats,
-        *,
-        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.devs = (dev_a, dev_b)
         self.capture = capture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -25,6 +25,7 @@ __all__ = [
     "pcap_paths",
     "pcap_settings",
     "pcap_stem",
+    "plural",
     "section_title",
     "write_pcaps",
 ]
@@ -47,7 +48,7 @@ class ReportedPair(Protocol):
     @property
     def stats(self) -> dict[str, dict[str, int]]: ...
 
-    def describe(self) -> str: ...
+    def describe(self, replay: Callable[[int], str] | None = None) -> str: ...
 
 
 # -- the report section --------------------------------------------------------------------
@@ -56,9 +57,14 @@ def section_title(when: str) -> str:
     return f"Captured packets {when}"
 
 
-def _header(pair: ReportedPair) -> str:
+def plural(n: int, word: str) -> str:
+    """``1 packet``, ``2 packets``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
+
+
+def _header(pair: ReportedPair, replay: Callable[[int], str] | None) -> str:
     try:
-        return pair.describe()
+        return pair.describe(replay)
     except Exception as exc:  # a report must never hide the test's own failure
         return f"{pair!r} (describe() failed: {type(exc).__name__}: {exc})"
 
@@ -66,7 +72,7 @@ def _header(pair: ReportedPair) -> str:
 def _counts(stats: Mapping[str, Mapping[str, int]]) -> str:
     parts = []
     for direction, c in stats.items():
-        text = f"{direction} {c.get('packets', 0)} packets {c.get('bytes', 0)} bytes"
+        text = f"{direction} {plural(c.get('packets', 0), 'packet')} {c.get('bytes', 0)} bytes"
         if c.get("dropped"):
             text += f" ({c['dropped']} dropped)"
         parts.append(text)
@@ -78,14 +84,15 @@ def format_section(
     notes: Sequence[str | None] = (),
     *,
     limit: int = SECTION_TRACE_LINES,
+    replay: Callable[[int], str] | None = None,
 ) -> str:
-    """The text of the report section: for each pair a header (``describe()``), what the
-    relay carried, an optional note (the pcap file) and the capped trace."""
+    """The text of the report section: for each pair a header (``describe(replay)``), what
+    the relay carried, an optional note (the pcap file) and the capped trace."""
     blocks = []
     for i, pair in enumerate(pairs):
         capture = pair.packets
-        lines = [_header(pair)]
-        lines.append(f"relay carried {_counts(pair.stats)}; {len(capture)} packets kept")
+        lines = [_header(pair, replay)]
+        lines.append(f"relay carried {_counts(pair.stats)}; {plural(len(capture), 'packet')} kept")
         note = notes[i] if i < len(notes) else None
         if note:
             lines.append(note)
@@ -118,17 +125,18 @@ def pcap_settings(
 
     Raises ``OptionError`` naming the option and where its value came from.
     """
-    ini_where = f"in {ini_file}" if ini_file else "ini"
+    ini_where = f"ini file {ini_file}" if ini_file else "ini file"
     if cli_mode is not None:
         mode, option, source = cli_mode, "--tunpair-pcap-mode", "command line"
     else:
         mode, option, source = ini_mode or "failed", "tunpair_pcap_mode", ini_where
     if mode not in PCAP_MODES:
         raise OptionError(
-            f"{option}={mode!r} ({source}): use 'failed' (pcap files for failed tests only) "
-            "or 'all' (for every test that used a tunnel)",
-            option=option,
+            option,
+            mode,
             source=source,
+            reason="use 'failed' (pcap files for failed tests only) "
+            "or 'all' (for every test that used a tunnel)",
         )
     if cli_dir is not None:
         raw, base, option, source = cli_dir, invocation_dir, "--tunpair-pcap", "command line"
@@ -138,17 +146,16 @@ def pcap_settings(
         return PcapSettings(None, mode)
     if not raw:
         raise OptionError(
-            f"{option}='' ({source}): give the directory to write pcap files to",
-            option=option,
-            source=source,
+            option, raw, source=source, reason="give the directory to write pcap files to"
         )
     directory = (base / os.path.expanduser(raw)).resolve()
     if directory.exists() and not directory.is_dir():
         raise OptionError(
-            f"{option}={raw!r} ({source}): {directory} exists and is not a directory; "
-            "give a directory (it is created when the first file is written)",
-            option=option,
+            option,
+            raw,
             source=source,
+            reason=f"{directory} exists and is not a directory; "
+            "give a directory (it is created when the first file is written)",
         )
     return PcapSettings(directory, mode)
 

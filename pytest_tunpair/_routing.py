@@ -13,14 +13,16 @@ consulted first on *both* the output and the input path. The recipe:
 
 Both sides need step 3, otherwise requests cross but replies are dropped.
 
-IPv6 needs two more things (kernel-notes): addresses get ``nodad|noprefixroute`` (a kernel
+IPv6 needs two more things (docs/internals.md, "IPv6: no prefix route, explicit peer
+routes"): addresses get ``nodad|noprefixroute`` (a kernel
 prefix route for the local address would beat the route via the peer device and the packet
 would leave with the wrong source), and each peer gets an explicit route via the other
 device with ``prefsrc`` set, so the server sees the client's address.
 
 pyroute2's :class:`IPBatch` compiles the requests; they go to the kernel in one ``send`` on
 a plain netlink socket opened in the calling thread's namespace, which costs about as much
-as one request sent alone (kernel-notes: 0.6-0.9 ms per request one by one).
+as one request sent alone (docs/internals.md, "Setup cost: one rtnetlink message": 0.6-0.9 ms
+per request one by one).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ __all__ = ["Side", "apply_recipe", "link_up_lo"]
 _NLMSG_ERROR = 2
 _NLMSGHDR = struct.Struct("=IHHII")
 
-_compiler_lock = threading.RLock()
+_compiler_lock = threading.Lock()  # the batch compiles one plan at a time
 _batch: Any = None
 
 
@@ -264,7 +266,8 @@ def _main_plan(
         if s.mac:
             link["address"] = s.mac
         # Up first: taking a TUN down and up again re-adds its addresses to table local
-        # (kernel-notes), which would silently route traffic through lo again.
+        # (docs/internals.md, "Down and up re-adds the local addresses"), which would silently
+        # route traffic through lo again.
         plan.add(
             f"ip link set {s.name} up mtu {mtu} txqueuelen {txqueuelen}", "link", "set", **link
         )
@@ -281,7 +284,8 @@ def _main_plan(
                 prefixlen=32,
             )
             # 2. out of table local. pyroute2 needs scope and proto spelled out here, where
-            # iproute2 fills them in (kernel-notes: ESRCH otherwise).
+            # iproute2 fills them in (docs/internals.md, "pyroute2 needs scope and proto for
+            # local routes": ESRCH otherwise).
             plan.add(
                 f"ip route del local {s.ip} dev {s.name} table local",
                 "route",

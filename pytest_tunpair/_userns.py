@@ -1,4 +1,8 @@
-"""Running without root: a user namespace of our own, and threads that need not come back.
+"""Running without root: what the kernel allows this process, and a user namespace of our own.
+
+Kernel probes (capabilities, which user namespace, whether a thread could come back from
+another network namespace), the refusal messages naming the fixes, and entering a user
+namespace (:func:`prepare`). The threads that need not come back are in ``_disposable.py``.
 
 An unprivileged process can enter a new *user* namespace by itself (``unshare(CLONE_NEWUSER)``
 while it is single-threaded, ``deny`` to ``/proc/self/setgroups``, then one-line
@@ -14,8 +18,8 @@ have nothing (``setns`` -> EPERM). Under ``unshare -Urn`` the process's namespac
 by its own user namespace and ``setns`` back works. So :func:`prepare` asks the kernel
 directly -- ``setns()`` into the namespace the thread is already in succeeds exactly when
 returning would -- and when the answer is no, each tunnel-using test runs on a *disposable
-thread* (:func:`run_in_disposable_thread`) that enters the test's namespace and simply
-ends. The main thread never leaves the host namespace, so tests without a tunnel keep
+thread* that enters the test's namespace and simply
+ends (``_disposable.run_in_disposable_thread``). The main thread never leaves the host namespace, so tests without a tunnel keep
 seeing the host network.
 
 Why not make every worker process enter its own user namespace: pytest-xdist workers
@@ -29,33 +33,27 @@ No pytest import here: the command-line tool uses the same machinery.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import pwd
 import stat
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from . import _linux
-from ._errors import PrivilegeError, TunPairError
+from ._errors import OptionError, PrivilegeError
 
 __all__ = [
     "MODES",
     "Status",
-    "ThreadNotStopped",
+    "check_mode",
     "has_namespace_privileges",
+    "in_user_namespace",
     "prepare",
-    "run_in_disposable_thread",
     "thread_can_return",
-    "thread_is_disposable",
 ]
 
-T = TypeVar("T")
-
+#: The user-namespace modes (``--tunpair-userns``); :func:`check_mode` validates one.
 MODES = ("auto", "always", "never")
 
 # include/uapi/linux/capability.h
@@ -64,7 +62,7 @@ CAP_SYS_ADMIN = 21
 # include/linux/proc_ns.h: the initial user namespace always has this inode number.
 PROC_USER_INIT_INO = 0xEFFFFFFD
 
-TUN_PATH = "/dev/net/tun"
+TUN_PATH = _linux.TUN_PATH
 _USERNS_SYSCTLS = (
     # Ubuntu 23.10+: unprivileged user namespaces get no capabilities (AppArmor).
     ("kernel.apparmor_restrict_unprivileged_userns", "0"),
@@ -91,7 +89,21 @@ def has_namespace_privileges() -> bool:
 
 
 def in_initial_user_namespace() -> bool:
+    """True in the host's user namespace (the one every id maps to itself in)."""
     return os.stat("/proc/self/ns/user").st_ino == PROC_USER_INIT_INO
+
+
+def in_user_namespace() -> bool:
+    """True in a user namespace other than the initial one (``unshare -Urn``, or ours)."""
+    return not in_initial_user_namespace()
+
+
+def check_mode(mode: str, *, source: str, option: str = "mode") -> str:
+    """``mode`` if it is one of :data:`MODES`, else :class:`OptionError` naming ``option``
+    as given in ``source``."""
+    if mode not in MODES:
+        raise OptionError(option, mode, source=source, reason=f"use one of {', '.join(MODES)}")
+    return mode
 
 
 def outer_uid() -> int:
@@ -134,12 +146,18 @@ def _refuse(cause: str, *fixes: str) -> PrivilegeError:
     )
 
 
-_AS_ROOT = "run pytest as root"
-_UNSHARE = "run it under `unshare -Urn pytest ...`"
+def _as_root(program: str) -> str:
+    return f"run {program} as root"
+
+
+def _unshare(program: str) -> str:
+    return f"run it under `unshare -Urn {program} ...`"
+
+
 _CHMOD = f"make the device usable by all users, as most distributions ship it: `sudo chmod 0666 {TUN_PATH}`"
 
 
-def check_tun_device() -> None:
+def check_tun_device(program: str = "pytest") -> None:
     """Refuse early when ``/dev/net/tun`` is missing or the real user cannot open it.
 
     A user namespace does not help with the second: opening the node is an ordinary
@@ -162,9 +180,11 @@ def check_tun_device() -> None:
             except (OSError, KeyError):
                 what = ""
             raise _refuse(
-                f"cannot open {TUN_PATH}{what}: {os.strerror(exc.errno)}", _CHMOD, _AS_ROOT
+                f"cannot open {TUN_PATH}{what}: {os.strerror(exc.errno)}",
+                _CHMOD,
+                _as_root(program),
             ) from None
-        raise _refuse(f"cannot open {TUN_PATH}: {exc}", _AS_ROOT) from None
+        raise _refuse(f"cannot open {TUN_PATH}: {exc}", _as_root(program)) from None
     os.close(fd)
 
 
@@ -180,7 +200,7 @@ def _userns_sysctl_fix() -> str | None:
     return None
 
 
-def _userns_refusal(exc: OSError) -> PrivilegeError:
+def _userns_refusal(exc: OSError, program: str) -> PrivilegeError:
     if exc.errno == errno.ENOSPC:
         # user.max_user_namespaces = 0 (or the limit is used up).
         try:
@@ -191,19 +211,19 @@ def _userns_refusal(exc: OSError) -> PrivilegeError:
         return _refuse(
             f"user namespaces are disabled or used up (user.max_user_namespaces = {limit})",
             "`sudo sysctl -w user.max_user_namespaces=10000`",
-            _AS_ROOT,
+            _as_root(program),
         )
     fix = _userns_sysctl_fix()
     if fix is not None:
         return _refuse(
             f"unprivileged user namespaces are disabled ({os.strerror(exc.errno or 0)})",
             fix,
-            _AS_ROOT,
+            _as_root(program),
         )
     return _refuse(
         f"cannot enter a user namespace ({exc.strerror}; in a container, its seccomp "
         "profile may forbid it)",
-        _AS_ROOT + " with CAP_NET_ADMIN and CAP_SYS_ADMIN (a privileged container)",
+        _as_root(program) + " with CAP_NET_ADMIN and CAP_SYS_ADMIN (a privileged container)",
         "allow user namespaces in the container's seccomp profile",
     )
 
@@ -231,7 +251,7 @@ def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def enter_user_namespace() -> None:
+def enter_user_namespace(program: str = "pytest") -> None:
     """Move this (single-threaded) process into a new user namespace, as root inside it.
 
     Files it creates stay owned by the real user: uid and gid 0 inside map to the real
@@ -243,14 +263,14 @@ def enter_user_namespace() -> None:
             f"the process must enter a user namespace, which Linux allows only while it is "
             f"single-threaded, and it already runs {threads} threads (started by a "
             "conftest.py or plugin before pytest-tunpair's pytest_configure)",
-            _UNSHARE,
-            _AS_ROOT,
+            _unshare(program),
+            _as_root(program),
         )
     uid, gid = os.getuid(), os.getgid()
     try:
         _linux.unshare(_linux.CLONE_NEWUSER)
     except OSError as exc:
-        raise _userns_refusal(exc) from None
+        raise _userns_refusal(exc, program) from None
     # setgroups must be denied before an unprivileged process may write gid_map
     # (user_namespaces(7)); supplementary groups are kept, just frozen.
     try:
@@ -262,7 +282,7 @@ def enter_user_namespace() -> None:
             with open(path, "w") as f:
                 f.write(text)
     except OSError as exc:
-        raise _userns_refusal(exc) from None
+        raise _userns_refusal(exc, program) from None
 
 
 def _probe_netns() -> OSError | None:
@@ -297,10 +317,6 @@ class Status:
     can_return: bool
     """False: tunnel tests must run on disposable threads."""
 
-    @property
-    def how(self) -> str:
-        return "user namespace" if self.in_userns else "root"
-
     def describe(self) -> str:
         if not self.in_userns:
             who = "root" if os.getuid() == 0 else f"uid {os.getuid()} with capabilities"
@@ -312,25 +328,25 @@ class Status:
         return text + ")"
 
 
-def prepare(mode: str = "auto", *, may_enter: bool = True) -> Status:
+def prepare(mode: str = "auto", *, may_enter: bool = True, program: str = "pytest") -> Status:
     """Make this process able to build tunnels, or raise :class:`PrivilegeError` saying why not.
 
     ``mode``: ``auto`` enters a user namespace only when the process lacks CAP_NET_ADMIN or
     CAP_SYS_ADMIN (unshare(CLONE_NEWNET) needs the latter); ``always`` makes sure it runs in
     one (entering one unless it already is in a user namespace other than the initial one);
     ``never`` refuses to. ``may_enter=False`` (an xdist worker: already multi-threaded)
-    relies on the parent process having entered one.
+    relies on the parent process having entered one. ``program`` is what the refusals
+    tell the user to run differently (``pytest``, ``tunpair``).
     """
-    if mode not in MODES:
-        raise ValueError(f"bad user-namespace mode {mode!r}: use one of {', '.join(MODES)}")
-    check_tun_device()
+    check_mode(mode, source="prepare()")
+    check_tun_device(program)
     privileged = has_namespace_privileges()
     if mode == "never" and not privileged:
         raise _refuse(
             "this process lacks CAP_NET_ADMIN and CAP_SYS_ADMIN, and --tunpair-userns=never "
             "forbids entering a user namespace",
-            _AS_ROOT,
-            _UNSHARE,
+            _as_root(program),
+            _unshare(program),
             "use --tunpair-userns=auto",
         )
     enter = (mode == "auto" and not privileged) or (
@@ -342,12 +358,12 @@ def prepare(mode: str = "auto", *, may_enter: bool = True) -> Status:
             raise _refuse(
                 "this worker process lacks CAP_NET_ADMIN and CAP_SYS_ADMIN and is already "
                 "multi-threaded, so it cannot enter a user namespace (its parent should have)",
-                _UNSHARE,
-                _AS_ROOT,
+                _unshare(program),
+                _as_root(program),
             )
         real_uid = os.getuid()
         _keep_user_name(real_uid)
-        enter_user_namespace()
+        enter_user_namespace(program)
         entered = True
     elif not in_initial_user_namespace() and os.getuid() == 0:
         # Started in one (`unshare -Urn`): same user-name pitfall as above.
@@ -359,12 +375,12 @@ def prepare(mode: str = "auto", *, may_enter: bool = True) -> Status:
             raise _refuse(
                 f"cannot create a network namespace inside the user namespace ({failure.strerror})",
                 *([fix] if fix else []),
-                _AS_ROOT,
+                _as_root(program),
             )
         raise _refuse(
             f"cannot create a network namespace ({failure.strerror})",
-            _AS_ROOT + " with CAP_NET_ADMIN and CAP_SYS_ADMIN",
-            "use --tunpair-userns=auto" if mode == "never" else _UNSHARE,
+            _as_root(program) + " with CAP_NET_ADMIN and CAP_SYS_ADMIN",
+            "use --tunpair-userns=auto" if mode == "never" else _unshare(program),
         )
     in_userns = not in_initial_user_namespace()
     return Status(
@@ -373,128 +389,3 @@ def prepare(mode: str = "auto", *, may_enter: bool = True) -> Status:
         outer_uid=outer_uid() if in_userns else os.getuid(),
         can_return=thread_can_return(),
     )
-
-
-# -- disposable threads --------------------------------------------------------------------
-_local = threading.local()
-
-
-def thread_is_disposable() -> bool:
-    """True on a thread started by :func:`run_in_disposable_thread`.
-
-    Such a thread need not return from the network namespace it enters (``NetNamespace``
-    then only drops its references): it ends right after, and the namespace with it.
-    """
-    return bool(getattr(_local, "disposable", False))
-
-
-class ThreadNotStopped(TunPairError):
-    """An interruption (e.g. a pytest-timeout failure) could not stop a disposable thread."""
-
-
-def _clone_exception_type(exc: BaseException, landed: threading.Event) -> type[BaseException]:
-    """A subclass of ``type(exc)`` whose no-argument construction recreates ``exc``.
-
-    ``PyThreadState_SetAsyncExc`` takes a type on Python 3.11 and builds the instance with
-    no arguments, in the target thread, when the exception lands there: this keeps the
-    message (e.g. pytest-timeout's "Timeout (>5.0s)") and tells us it has landed.
-    """
-    base = type(exc)
-
-    def __init__(self: BaseException) -> None:
-        try:
-            base.__init__(self, *exc.args)
-        except TypeError:
-            BaseException.__init__(self, *exc.args)
-        self.__dict__.update(getattr(exc, "__dict__", {}))
-        landed.set()
-
-    return type(
-        base.__name__,
-        (base,),
-        {"__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__},
-    )
-
-
-def _raise_in_thread(ident: int, exc: BaseException, landed: threading.Event) -> None:
-    set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-    set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
-    set_async_exc(ident, _clone_exception_type(exc, landed))
-
-
-_POLL = 0.1
-
-
-def _wait(event: threading.Event, timeout: float | None = None) -> bool:
-    """``event.wait(timeout)`` that lets the calling thread run its signal handlers.
-
-    A lock wait is woken by a signal only if the kernel delivers it to this very thread,
-    and it need not (measured: a SIGINT sent by another of our threads with ``kill()``
-    left the main thread asleep for good, its handler pending). Returning to the
-    interpreter every 0.1 s lets the main thread run pending handlers -- raising
-    KeyboardInterrupt or pytest-timeout's failure -- wherever the signal landed.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        step = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
-        if step <= 0:
-            return event.is_set()
-        if event.wait(step):
-            return True
-
-
-def run_in_disposable_thread(fn: Callable[[], T], *, name: str, grace: float = 5.0) -> T:
-    """Run ``fn`` on a fresh thread that may end inside another network namespace.
-
-    The calling thread waits interruptibly. An exception that reaches it while it waits --
-    KeyboardInterrupt from Ctrl-C, pytest-timeout's failure from SIGALRM, both delivered
-    to the main thread only -- is raised in the worker too, at its next Python instruction,
-    so the test fails or stops there as it would have on the main thread, and its teardown
-    runs. A thread blocked in a system call (``time.sleep``, a ``recv`` without timeout)
-    only sees it when the call returns: if it has not landed within ``grace`` seconds,
-    KeyboardInterrupt is raised here at once and anything else becomes
-    :class:`ThreadNotStopped`; the worker is left behind (a daemon thread).
-    """
-    outcome: dict[str, object] = {}
-    running, done = threading.Event(), threading.Event()
-
-    def body() -> None:
-        _local.disposable = True
-        try:
-            try:
-                running.set()
-                outcome["value"] = fn()
-            except BaseException as exc:
-                outcome["error"] = exc
-        except BaseException as late:  # an interruption that landed after fn returned
-            outcome.setdefault("error", late)
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=body, name=name, daemon=True)
-    try:
-        # start() waits for the thread to boot, by which time fn may be running: an
-        # interruption there must be forwarded too.
-        worker.start()
-        _wait(done)
-    except BaseException as exc:
-        if done.is_set() or not running.wait(grace) or worker.ident is None:
-            raise  # finished, or never started
-        landed = threading.Event()
-        _raise_in_thread(worker.ident, exc, landed)
-        if not _wait(landed, grace) and not done.is_set():
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            raise ThreadNotStopped(
-                f"{exc.__class__.__name__}: {exc} -- and the test's thread {name!r} did not "
-                f"stop within {grace:g} s (it is blocked in a system call, which only the "
-                "main thread's signal handlers can interrupt). Use pytest-timeout's thread "
-                "method (timeout_method = thread), or run under `unshare -Urn` or as root, "
-                "where tests run on the main thread."
-            ) from exc
-        _wait(done)
-    if "error" in outcome:
-        error = outcome["error"]
-        assert isinstance(error, BaseException)
-        raise error
-    return outcome["value"]  # type: ignore[return-value]

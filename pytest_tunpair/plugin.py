@@ -61,11 +61,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     _configure_userns(config)
     config.stash[_SEED] = run_seed(config)  # a bad value stops the run before any test
+    from ._options import PairOptions
+
     config.addinivalue_line(
         "markers",
-        "tunpair(**options): configure the tun_pair fixture -- mode, names, ipv4, ipv6, mtu, "
-        "table, offload, max_packets, snaplen, capture_bytes, seed (see the README)",
+        "tunpair(**options): configure the tun_pair fixture -- "
+        f"{', '.join(PairOptions.names_allowed())} (see docs/options.md)",
     )
+    if config.pluginmanager.hasplugin("timeout"):
+        config.pluginmanager.register(_TimeoutFromAnyThread(), "tunpair-timeout")
     try:
         config.stash[_PCAP] = _report.pcap_settings(
             cli_dir=config.getoption("tunpair_pcap", None),
@@ -147,7 +151,10 @@ def tun_pair(tun_pair_factory: TunPairFactory, request: pytest.FixtureRequest) -
     try:
         return tun_pair_factory.make(options, source="@pytest.mark.tunpair")
     except OptionError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        error = exc
+    # Outside the except block: the failure is the option's message, said once, with no
+    # "During handling of the above exception" chain.
+    pytest.fail(str(error), pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -184,9 +191,16 @@ def pytest_runtest_makereport(
         # Once per test: a teardown error after a failed call would only repeat it.
         item.stash[_REPORTED] = True
         report.sections.append(
-            (_report.section_title(report.when), _report.format_section(factory.pairs, notes))
+            (
+                _report.section_title(report.when),
+                _report.format_section(factory.pairs, notes, replay=_replay_hint),
+            )
         )
     return report
+
+
+def _replay_hint(seed: int) -> str:
+    return f"replay with --tunpair-seed={seed}"
 
 
 def _write_pcaps(item: pytest.Item, pairs: list[TunPair], directory: Path) -> list[str]:
@@ -224,7 +238,9 @@ def _addoption_userns(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
         "CAP_SYS_ADMIN, so that a normal user can build tunnels; always: even as root; "
         "never: refuse to run unprivileged"
     )
-    group.addoption("--tunpair-userns", choices=("auto", "always", "never"), help=help_userns)
+    from ._userns import MODES  # no heavy import: _userns uses only the standard library
+
+    group.addoption("--tunpair-userns", choices=MODES, help=help_userns)
     parser.addini("tunpair_userns", default="auto", help=help_userns)
 
 
@@ -236,11 +252,14 @@ def _configure_userns(config: pytest.Config) -> None:
 
     mode = config.getoption("tunpair_userns", None)
     if mode is None:
-        mode = str(config.getini("tunpair_userns")).strip()
-        if mode not in _userns.MODES:
-            raise pytest.UsageError(
-                f"ini key tunpair_userns = {mode!r}: use one of {', '.join(_userns.MODES)}"
+        try:
+            mode = _userns.check_mode(
+                str(config.getini("tunpair_userns")).strip(),
+                option="tunpair_userns",
+                source=f"ini file {config.inipath}" if config.inipath else "ini file",
             )
+        except OptionError as exc:
+            raise pytest.UsageError(str(exc)) from None
     try:
         # xdist workers already run execnet's thread: they use the user namespace the
         # controller entered before starting them.
@@ -281,9 +300,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     # running around this on the main thread.
     from _pytest.runner import runtestprotocol
 
-    from ._userns import ThreadNotStopped, run_in_disposable_thread
+    from ._disposable import run_in_disposable_thread
+    from ._errors import ThreadNotStopped
 
-    _cancel_timeout_from_any_thread(item)
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     try:
         run_in_disposable_thread(
@@ -295,21 +314,29 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     return True
 
 
-def _cancel_timeout_from_any_thread(item: pytest.Item) -> None:
-    # pytest-timeout (signal method) arms SIGALRM on the main thread, but also cancels it
-    # from pytest_exception_interact -- on the test's thread here, where signal.signal()
-    # raises ValueError (an INTERNALERROR for every failing test). Stopping the timer works
-    # from any thread; its own wrapper restores the handler on the main thread afterwards.
-    cancel = getattr(item, "cancel_timeout", None)
-    if cancel is None:
-        return
+class _TimeoutFromAnyThread:
+    """pytest-timeout's timer, cancelled from a test's own thread (registered only when
+    pytest-timeout is present).
 
-    def cancel_anywhere() -> None:
-        try:
-            cancel()
-        except ValueError:
-            import signal
+    Its signal method arms SIGALRM on the main thread, but also cancels it from
+    pytest_exception_interact -- on the test's thread when tests run on threads of their
+    own, where ``signal.signal()`` raises ValueError (an INTERNALERROR for every failing
+    test). Stopping the timer works from any thread; pytest-timeout's wrapper around the
+    whole protocol cancels again on the main thread, restoring the SIGALRM handler there.
+    """
 
-            signal.setitimer(signal.ITIMER_REAL, 0)
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> bool | None:
+        import threading
 
-    item.cancel_timeout = cancel_anywhere  # type: ignore[attr-defined]
+        if threading.current_thread() is threading.main_thread():
+            return None  # pytest-timeout's own cancel
+        cancel = getattr(item, "cancel_timeout", None)
+        if cancel is not None:
+            try:
+                cancel()
+            except ValueError:  # signal.signal() off the main thread, after the timer stopped
+                import signal
+
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        return True  # firstresult: done

@@ -75,7 +75,8 @@ def run_standalone(fn: Callable[[], T]) -> T:
     -Urn``); in the rootless tier on a disposable thread that ends inside it, as the README
     says to open a standalone pair there. Exceptions (and assertion failures) reach the caller.
     """
-    from pytest_tunpair._userns import run_in_disposable_thread, thread_can_return
+    from pytest_tunpair._disposable import run_in_disposable_thread
+    from pytest_tunpair._userns import thread_can_return
 
     if thread_can_return():
         return fn()

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_tunpair import OptionError
 from pytest_tunpair._impair import (
     ACTIONS,
     REORDER_MIN_HOLD,
@@ -506,33 +507,41 @@ def test_from_kwargs_accepts_and_normalises(
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"loss": 1.5}, "impair(loss=1.5): loss is a probability, between 0.0 and 1.0"),
-        ({"loss": -0.1}, "impair(loss=-0.1): loss is a probability"),
-        ({"loss": True}, "impair(loss=True): loss is a probability"),
+        (
+            {"loss": 1.5},
+            "impair(): bad value for loss=1.5: loss is a probability, between 0.0 and 1.0",
+        ),
+        ({"loss": -0.1}, "impair(): bad value for loss=-0.1: loss is a probability"),
+        ({"loss": True}, "impair(): bad value for loss=True: loss is a probability"),
         ({"duplicate": "101%"}, "duplicate is a probability"),
-        ({"reorder": "half"}, "impair(reorder='half')"),
+        ({"reorder": "half"}, "bad value for reorder='half':"),
         ({"corrupt": float("nan")}, "corrupt is a probability"),
         ({"corrupt": None}, "corrupt is a probability"),
-        ({"delay": -1}, "impair(delay=-1): delay is a duration >= 0"),
+        ({"delay": -1}, "impair(): bad value for delay=-1: delay is a duration >= 0"),
         ({"delay": "10"}, "unit s, ms or us"),
-        ({"delay": "10 min"}, "impair(delay='10 min')"),
+        ({"delay": "10 min"}, "bad value for delay='10 min':"),
         ({"jitter": float("inf")}, "jitter is a duration"),
         ({"jitter": False}, "jitter is a duration"),
-        ({"rate": 0}, "impair(rate=0): rate is in bits per second, > 0"),
+        ({"rate": 0}, "impair(): bad value for rate=0: rate is in bits per second, > 0"),
         ({"rate": -5.0}, "rate is in bits per second"),
         ({"rate": float("inf")}, "None for unlimited"),
         ({"rate": "fast"}, "'100kbps' (bytes/s"),
-        ({"rate": "10mb"}, "impair(rate='10mb')"),
+        ({"rate": "10mb"}, "bad value for rate='10mb':"),
         ({"rate": True}, "rate is in bits per second"),
-        ({"seed": 1.0}, "impair(seed=1.0): seed is an int"),
+        ({"seed": 1.0}, "impair(): bad value for seed=1.0: seed is an int"),
         ({"seed": True}, "seed is an int"),
         ({"seed": "42"}, "seed is an int"),
     ],
 )
 def test_from_kwargs_rejects_bad_values(kwargs: dict[str, object], fragment: str) -> None:
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(OptionError) as excinfo:
         ImpairmentSpec.from_kwargs(**kwargs)
     assert fragment in str(excinfo.value)
+    [(name, value)] = kwargs.items()
+    error = excinfo.value
+    assert (error.option, error.source) == (name, "impair()")
+    assert error.value == value or value != value  # nan != nan
+    assert error.reason.startswith(f"{name} is ")
 
 
 def test_from_kwargs_rejects_unknown_names_and_lists_the_allowed_ones() -> None:

@@ -1,4 +1,4 @@
-"""Issue 7: nothing leaks, interrupts end the run cleanly, hostile input never breaks the relay."""
+"""Reliability: nothing leaks, interrupts end the run cleanly, hostile input never breaks the relay."""
 
 from __future__ import annotations
 

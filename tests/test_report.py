@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair import TunPair
-from pytest_tunpair._errors import OptionError
+from pytest_tunpair import OptionError, TunPair
 from pytest_tunpair._report import (
     PcapSettings,
     format_section,
@@ -65,7 +64,7 @@ def test_a_failing_test_shows_its_packet_trace(pytester: pytest.Pytester) -> Non
             "*AssertionError: wrong on purpose*",
             "*- Captured packets call -*",
             "tun pair tun0=198.18.0.1/2001:2::1 <-> tun1=198.18.0.2/2001:2::2 mtu=1500 table=13",
-            "relay carried a->b 1 packets 84 bytes, b->a 1 packets 84 bytes; 2 packets kept",
+            "relay carried a->b 1 packet 84 bytes, b->a 1 packet 84 bytes; 2 packets kept",
             "*0.* a->b forwarded  IP / ICMP 198.18.0.1 > 198.18.0.2 echo-request 0 / Raw, length 84",
             "*0.* b->a forwarded  IP / ICMP 198.18.0.2 > 198.18.0.1 echo-reply 0 / Raw, length 84",
         ]
@@ -109,7 +108,7 @@ def test_teardown(broken_teardown):
             "*RuntimeError: setup broke*",
             "*- Captured packets setup -*",
             "tun pair tun0=*",
-            "relay carried a->b 1 packets 84 bytes*",
+            "relay carried a->b 1 packet 84 bytes*",
             "*ERROR at teardown of test_teardown*",
             "*RuntimeError: teardown broke*",
             "*- Captured packets teardown -*",
@@ -210,7 +209,7 @@ def test_every_pair_of_the_test_gets_a_header(pytester: pytest.Pytester) -> None
             "(no packets)",
             "",
             "tun pair tun2=198.18.0.3 <-> tun3=198.18.0.4 mtu=1400 table=13",
-            "relay carried a->b 1 packets 84 bytes, b->a 1 packets 84 bytes; 2 packets kept",
+            "relay carried a->b 1 packet 84 bytes, b->a 1 packet 84 bytes; 2 packets kept",
             "*echo-request*",
         ]
     )
@@ -337,19 +336,23 @@ def test_ini_directory_is_relative_to_the_ini_file(pytester: pytest.Pytester) ->
         (
             ["--tunpair-pcap-mode=sometimes"],
             "",
-            "*--tunpair-pcap-mode='sometimes' (command line): use 'failed'*or 'all'*",
+            "*command line: bad value for --tunpair-pcap-mode='sometimes': use 'failed'*or 'all'*",
         ),
         (
             [],
             "tunpair_pcap_mode = never\n",
-            "*tunpair_pcap_mode='never' (in *tox.ini): use 'failed'*",
+            "*ini file *tox.ini: bad value for tunpair_pcap_mode='never': use 'failed'*",
         ),
         (
             ["--tunpair-pcap=afile"],
             "",
-            "*--tunpair-pcap='afile' (command line): */afile exists and is not a directory*",
+            "*command line: bad value for --tunpair-pcap='afile': */afile exists and is not a directory*",
         ),
-        (["--tunpair-pcap="], "", "*--tunpair-pcap='' (command line): give the directory*"),
+        (
+            ["--tunpair-pcap="],
+            "",
+            "*command line: bad value for --tunpair-pcap='': give the directory*",
+        ),
     ],
     ids=["mode-cli", "mode-ini", "dir-is-a-file", "dir-empty"],
 )
@@ -407,8 +410,12 @@ def test_pcap_settings_precedence(tmp_path: Path) -> None:
     assert ini == PcapSettings(tmp_path / "ini" / "p", "all")
     cli = pcap_settings(cli_dir="q", ini_dir="p", cli_mode="failed", ini_mode="all", **kw)
     assert cli == PcapSettings(tmp_path / "cwd" / "q", "failed")
-    with pytest.raises(OptionError, match=r"tunpair_pcap_mode='x' \(in tox.ini\)"):
+    with pytest.raises(
+        OptionError, match=r"ini file tox.ini: bad value for tunpair_pcap_mode='x'"
+    ) as info:
         pcap_settings(cli_dir=None, ini_dir="", cli_mode=None, ini_mode="x", **kw)
+    assert (info.value.option, info.value.value) == ("tunpair_pcap_mode", "x")
+    assert info.value.source == "ini file tox.ini" and "'failed'" in info.value.reason
 
 
 def test_format_section_of_a_real_pair() -> None:
@@ -426,7 +433,7 @@ def test_format_section_of_a_real_pair() -> None:
     lines = text.splitlines()
     assert lines[0] == pair.describe()
     assert (
-        lines[1] == "relay carried a->b 1 packets 84 bytes, b->a 1 packets 84 bytes; 2 packets kept"
+        lines[1] == "relay carried a->b 1 packet 84 bytes, b->a 1 packet 84 bytes; 2 packets kept"
     )
     assert lines[2] == "pcap: /x.pcap"
     assert lines[3] == "… 1 more" and "echo-reply" in lines[4]

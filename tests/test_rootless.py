@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import pytest_tunpair
-from pytest_tunpair import _userns
+from pytest_tunpair import _disposable, _userns
 
 from .conftest import host_snapshot, need, nsenter_line
 
@@ -382,6 +382,38 @@ def test_refusal_tun_device_not_openable(user_python: str, user_src: Path, proje
     )
 
 
+def test_cli_refusal_speaks_of_the_cli(user_python: str, user_src: Path, project: Path) -> None:
+    """`tunpair run` without access to /dev/net/tun: the fixes name tunpair, not pytest."""
+    outer = [*FAKE_DEV_NET]
+    outer[4] = outer[4].format("mknod -m 0600 /dev/net/tun c 10 200 &&")
+    cmd = [
+        *outer,
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        user_python, "-m", "pytest_tunpair", "run", "--", "true",
+    ]  # fmt: skip
+    env = nobody_env(user_python, user_src, project)
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 125, proc.stderr
+    assert "cannot open /dev/net/tun (mode 0600, owner root)" in proc.stderr, proc.stderr
+    assert "run tunpair as root" in proc.stderr and "pytest " not in proc.stderr, proc.stderr
+
+
+def test_standalone_pair_refusal_names_no_pytest_flag(
+    user_python: str, user_src: Path, project: Path
+) -> None:
+    """A script opening a TunPair as a normal user is told what works outside pytest."""
+    script = "from pytest_tunpair import TunPair\nTunPair().open()\n"
+    cmd = [
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+        user_python, "-c", script,
+    ]  # fmt: skip
+    env = nobody_env(user_python, user_src, project)
+    proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "PrivilegeError" in proc.stderr and "unshare -Urn" in proc.stderr, proc.stderr
+    assert "--tunpair" not in proc.stderr and "_userns" not in proc.stderr, proc.stderr
+
+
 def test_refusal_tun_device_missing(user_python: str, user_src: Path, project: Path) -> None:
     write(project, "test_inner.py", SIMPLE)
     outer = [*FAKE_DEV_NET]
@@ -457,7 +489,9 @@ def test_refusal_bad_ini_value(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(SIMPLE)
     result = pytester.runpytest_subprocess()
     assert result.ret == USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: ini key tunpair_userns = 'sometimes': use one of auto*"])
+    result.stderr.fnmatch_lines(
+        ["ERROR: ini file *: bad value for tunpair_userns='sometimes': use one of auto*"]
+    )
 
 
 # -- living on disposable threads ---------------------------------------------------------------
@@ -577,28 +611,28 @@ def test_pytest_timeout_signal_method(user_python: str, user_src: Path, project:
 
 # -- the machinery, in-process ------------------------------------------------------------------
 def test_run_in_disposable_thread_returns_raises_and_marks() -> None:
-    assert not _userns.thread_is_disposable()
+    assert not _disposable.thread_is_disposable()
     seen: list[object] = []
 
     def fn() -> int:
         seen.append(threading.current_thread() is not threading.main_thread())
-        seen.append(_userns.thread_is_disposable())
+        seen.append(_disposable.thread_is_disposable())
         return 42
 
-    assert _userns.run_in_disposable_thread(fn, name="t") == 42
+    assert _disposable.run_in_disposable_thread(fn, name="t") == 42
     assert seen == [True, True]
 
     def boom() -> None:
         raise ValueError("from the thread")
 
     with pytest.raises(ValueError, match="from the thread"):
-        _userns.run_in_disposable_thread(boom, name="t")
+        _disposable.run_in_disposable_thread(boom, name="t")
 
 
 def test_forwarded_exception_keeps_its_message() -> None:
     landed = threading.Event()
     original = pytest.fail.Exception("Timeout (>3.0s) from pytest-timeout.", pytrace=True)
-    clone = _userns._clone_exception_type(original, landed)()
+    clone = _disposable._clone_exception_type(original, landed)()
     assert isinstance(clone, pytest.fail.Exception)
     assert (clone.msg, clone.pytrace, str(clone)) == (original.msg, True, str(original))
     assert landed.is_set()
@@ -618,7 +652,7 @@ def test_sigint_reaches_the_disposable_thread() -> None:
     proc = _python(
         """
         import os, signal, threading, time
-        from pytest_tunpair._userns import run_in_disposable_thread
+        from pytest_tunpair._disposable import run_in_disposable_thread
 
         started, seen = threading.Event(), []
 
@@ -645,7 +679,8 @@ def test_a_blocked_thread_is_given_up_after_the_grace_period() -> None:
     proc = _python(
         """
         import signal, time
-        from pytest_tunpair._userns import ThreadNotStopped, run_in_disposable_thread
+        from pytest_tunpair import ThreadNotStopped
+        from pytest_tunpair._disposable import run_in_disposable_thread
 
         def alarm(signum, frame):
             raise RuntimeError("too slow")

@@ -1,4 +1,4 @@
-"""Inject, hooks and impairments (issue 4), over real traffic through real devices."""
+"""Inject, hooks and impairments, over real traffic through real devices."""
 
 from __future__ import annotations
 
