@@ -821,6 +821,11 @@ class ScriptedTcp:
         # A 1 ms clock (RFC 7323 5.4 recommends 1 ms to 1 s per tick), from a random start.
         return (int(time.monotonic() * 1000) + self._ts_offset) % (1 << 32)
 
+    def _default_options(self) -> list[tuple[str, Any]]:
+        if not self._ts:
+            return []
+        return [("NOP", None), ("NOP", None), ("Timestamp", (self._tsval(), self._ts_recent))]
+
     def _emit(
         self,
         flags: str,
@@ -840,11 +845,7 @@ class ScriptedTcp:
         if window_field is None:
             window_field = min(self._window >> self._rcv_shift, _WINDOW_MAX)
         if options is None:
-            options = (
-                [("NOP", None), ("NOP", None), ("Timestamp", (self._tsval(), self._ts_recent))]
-                if self._ts
-                else []
-            )
+            options = self._default_options()
         tcp = TCP(
             sport=self.local[1],
             dport=self.remote[1],
@@ -891,13 +892,34 @@ class ScriptedTcp:
             field = min(window >> self._rcv_shift, _WINDOW_MAX)
         return self._emit(flags, data=data, seq=seq, window_field=field, options=options)
 
-    def ack(self, n: int | None = None, *, window: int | None = None) -> Packet:
-        """Send a pure ACK of ``n`` (default :attr:`rcv_nxt`); repeated, a duplicate ACK."""
+    def ack(
+        self,
+        n: int | None = None,
+        *,
+        window: int | None = None,
+        sack: Iterable[tuple[int, int]] = (),
+    ) -> Packet:
+        """Send a pure ACK of ``n`` (default :attr:`rcv_nxt`); repeated, a duplicate ACK.
+
+        ``sack``: up to three (left, right) sequence ranges received out of order, sent
+        as SACK blocks (RFC 2018; needs :attr:`sack` negotiated). Linux counts duplicate
+        ACKs towards a fast retransmit only with SACK blocks once SACK is negotiated.
+        """
         field = None
         if window is not None:
             _check_window(window, "conn.ack")
             field = min(window >> self._rcv_shift, _WINDOW_MAX)
-        return self._emit("A", ack=self.rcv_nxt if n is None else n % (1 << 32), window_field=field)
+        blocks = [(int(a) % (1 << 32), int(b) % (1 << 32)) for a, b in sack]
+        options = None
+        if blocks:
+            if not self._sack:
+                raise ValueError("conn.ack(sack=...): SACK was not negotiated (conn.sack is False)")
+            if len(blocks) > 3:
+                raise ValueError("conn.ack(sack=...): at most 3 blocks fit beside timestamps")
+            flat = tuple(x for block in blocks for x in block)
+            options = [*self._default_options(), ("NOP", None), ("NOP", None), ("SAck", flat)]
+        ack = self.rcv_nxt if n is None else n % (1 << 32)
+        return self._emit("A", ack=ack, window_field=field, options=options)
 
     def fin(self) -> Packet:
         """Send a FIN (with an ACK of :attr:`rcv_nxt`): this side is done sending."""
