@@ -6,7 +6,9 @@ b's addresses: it is not written into b's device but handed to the peer (its own
 a's device as if b had sent them. What runs in the relay thread is only the decision
 "addressed to the peer?" (a few byte compares) and, on TAP, the ARP/neighbour answer: the
 script itself runs in the test thread, so a script that stalls, answers wrongly or raises
-never holds up the relay. This is packetdrill's and packetimpact's model, with Python's
+never holds up the relay. It needs no thread of its own: what it writes is received by the
+kernel inside the ``write()``, whose answer is then already queued (docs/internals.md,
+"Peer: a write into a TUN runs the kernel's answer in the writer's thread"). This is packetdrill's and packetimpact's model, with Python's
 control flow: the kernel under test is the real one in the pair's namespace.
 
 On top, TCP and UDP endpoints that track state (:class:`ScriptedTcp`, :class:`ScriptedUdp`)

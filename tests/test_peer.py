@@ -227,8 +227,9 @@ def _transfer(
 
 
 def test_rto_at_least_200ms_and_doubling(tun_pair: TunPair, peer: ScriptedPeer) -> None:
-    # Tail loss probes (net.ipv4.tcp_early_retrans, default 3) would retransmit the last
-    # segment before the RTO fires: off, as packetdrill's RTO scripts have it.
+    # Tail loss probes (net.ipv4.tcp_early_retrans, default 3) would retransmit the
+    # segment about when the RTO would: off, as packetdrill's RTO scripts have it
+    # (docs/internals.md, "Peer: tail loss probes and SYN retries").
     netns_sysctl(tun_pair, "net.ipv4.tcp_early_retrans", 0)
     conn, sender = _transfer(tun_pair, peer, b"x" * 100)
     conn.auto_ack = False  # never acknowledge: every copy after the first is an RTO
@@ -255,12 +256,14 @@ def test_three_dup_acks_trigger_fast_retransmit(
     netns_sysctl(tun_pair, "net.ipv4.tcp_early_retrans", 0)  # no tail loss probe in between
     # Without SACK the kernel counts duplicate ACKs as RFC 5681 3.2 does (Reno); with SACK
     # negotiated it counts the segments the SACK blocks cover (RFC 6675 5) -- duplicate
-    # ACKs without blocks then never trigger a fast retransmit (measured: the RTO fires).
+    # ACKs without blocks then never trigger a fast retransmit (docs/internals.md, "Peer:
+    # with SACK negotiated, duplicate ACKs need SACK blocks").
     conn, sender = _transfer(tun_pair, peer, b"y" * 20000, sack=sack)
     assert conn.sack == sack
     conn.auto_ack = False
     # The SYN-ACK's window is never scaled (RFC 7323 2.2), so the first ACK after it
-    # changes the window -- and an ACK that does is no duplicate (RFC 5681 2, item e).
+    # changes the window -- and an ACK that does is no duplicate (RFC 5681 2, item e;
+    # docs/internals.md, "Peer: the first ACK after the handshake is a window update").
     conn.ack()
     s1 = conn.recv()
     lost = s1.scapy[TCP].seq  # pretend the first segment never arrived
@@ -291,8 +294,8 @@ def test_zero_window_draws_probes_and_reopening_resumes(
     data = os.urandom(30000)
     # A zero window from the SYN-ACK on: the kernel may send nothing (RFC 9293 3.8.6.1).
     conn, sender = _transfer(tun_pair, peer, data, window=0)
-    # Linux probes a zero window with a segment at snd_una - 1 and no data
-    # (tcp_xmit_probe_skb), which the peer ACKs, still advertising zero.
+    # Linux probes a zero window with a segment at snd_una - 1 and no data, which the peer
+    # ACKs, still advertising zero (docs/internals.md, "Peer: zero-window probes").
     probe = {"len": 0, "tcp_seq": (conn.rcv_nxt - 1) % 2**32, "flags": "A"}
     p1 = conn.expect(**probe, timeout=5)
     p2 = conn.expect(**probe, timeout=5)
