@@ -548,7 +548,7 @@ class ScriptedTcp:
         self._segs: list[tuple[Packet, Segment]] = []
         self._pos = 0
         self._scan = -1  # sequence number of the last inbox packet examined
-        self._established = False
+        self._synced = False  # rcv_nxt is known: the kernel's SYN was seen
 
     def __repr__(self) -> str:
         return (
@@ -593,12 +593,12 @@ class ScriptedTcp:
         if theirs.tsval is not None:
             self._ts_recent = theirs.tsval
 
-    def _syn_options(self, tsecr: int) -> list[tuple[str, Any]]:
+    def _syn_options(self, tsecr: int, *, answering: bool) -> list[tuple[str, Any]]:
         # Linux's order (tcp_options_write): MSS, SACK-permitted with timestamps, NOP,
-        # window scale -- so a capture reads like the kernel's own SYN-ACK.
+        # window scale -- so a capture reads like the kernel's own SYN-ACK. A SYN-ACK
+        # carries only the options the SYN offered (RFC 7323 1.3, RFC 2018 2).
         o = self._opts
         peer = self.peer_options
-        answering = self._established or self.rcv_nxt != 0
         opts: list[tuple[str, Any]] = []
         if o.mss is not None:
             opts.append(("MSS", o.mss))
@@ -615,12 +615,16 @@ class ScriptedTcp:
         self._peer._register(self)
         self._scan = syn_pkt.seq
         self.rcv_nxt = seq_add(syn.seq, 1)
+        self._synced = True
         self._negotiate(syn)
         window = min(self._window, _WINDOW_MAX)  # RFC 7323 2.2: a SYN's window is unscaled
 
         def syn_ack() -> None:
             self._emit(
-                "SA", seq=self._iss, window_field=window, options=self._syn_options(syn.tsval or 0)
+                "SA",
+                seq=self._iss,
+                window_field=window,
+                options=self._syn_options(syn.tsval or 0, answering=True),
             )
 
         syn_ack()
@@ -641,7 +645,6 @@ class ScriptedTcp:
                 syn_ack()
                 continue
             break
-        self._established = True
         if seg.payload or "F" in seg.flags:
             self._pos -= 1  # the ACK carried data: recv() returns it
 
@@ -655,7 +658,7 @@ class ScriptedTcp:
             seq=self._iss,
             ack=0,
             window_field=min(o.window, _WINDOW_MAX),
-            options=self._syn_options(0),
+            options=self._syn_options(0, answering=False),
         )
         self.snd_nxt = seq_add(self._iss, 1)
         pkt, seg = self._next_segment(
@@ -669,8 +672,8 @@ class ScriptedTcp:
                 f"a RST (packet #{pkt.seq}): nothing listens there"
             )
         self.rcv_nxt = seq_add(seg.seq, 1)
+        self._synced = True
         self._negotiate(seg)
-        self._established = True
         self.ack()
 
     # -- incoming ---------------------------------------------------------------------------
@@ -720,7 +723,7 @@ class ScriptedTcp:
             and not seq_gt(s.seq, self._last_ack_sent if self._last_ack_sent else s.seq)
         ):
             self._ts_recent = s.tsval  # RFC 7323 4.3 (TS.Recent)
-        if not self._established or "S" in s.flags:
+        if not self._synced or "S" in s.flags:
             return
         before = self.rcv_nxt
         start = s.seq
