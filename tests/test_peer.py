@@ -91,6 +91,13 @@ def connect_nonblocking(ip: str, port: int) -> socket.socket:
 
 # -- the basics, over IPv4 and IPv6, TUN and TAP ------------------------------------------------
 FAMILIES = [pytest.param(False, id="ipv4"), pytest.param(True, id="ipv6")]
+# (mode, v6) for the stack checks: each over IPv4 and IPv6, TUN and TAP.
+PATHS = [
+    pytest.param("tun", False, id="tun-ipv4"),
+    pytest.param("tun", True, id="tun-ipv6"),
+    pytest.param("tap", False, id="tap-ipv4", marks=tap),
+    pytest.param("tap", True, id="tap-ipv6", marks=tap),
+]
 
 
 def _round_trip(pair: TunPair, peer: ScriptedPeer, v6: bool) -> None:
@@ -214,9 +221,9 @@ def test_syn_answered_by_rst_refuses_the_client(
 
 # -- retransmission ----------------------------------------------------------------------------
 def _transfer(
-    pair: TunPair, peer: ScriptedPeer, data: bytes, **accept: Any
+    pair: TunPair, peer: ScriptedPeer, data: bytes, v6: bool, **accept: Any
 ) -> tuple[Any, Background]:
-    client = connect_nonblocking(pair.b.ip, 8080)
+    client = connect_nonblocking(_addr(pair, "b", v6), 8080)
     conn = peer.tcp_accept(8080, **accept)
 
     def send() -> None:
@@ -226,12 +233,15 @@ def _transfer(
     return conn, Background(send)
 
 
-def test_rto_at_least_200ms_and_doubling(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+@pytest.mark.parametrize(("mode", "v6"), PATHS)
+def test_rto_at_least_200ms_and_doubling(
+    tun_pair: TunPair, peer: ScriptedPeer, mode: str, v6: bool
+) -> None:
     # Tail loss probes (net.ipv4.tcp_early_retrans, default 3) would retransmit the
     # segment about when the RTO would: off, as packetdrill's RTO scripts have it
     # (docs/internals.md, "Peer: tail loss probes and SYN retries").
     netns_sysctl(tun_pair, "net.ipv4.tcp_early_retrans", 0)
-    conn, sender = _transfer(tun_pair, peer, b"x" * 100)
+    conn, sender = _transfer(tun_pair, peer, b"x" * 100, v6)
     conn.auto_ack = False  # never acknowledge: every copy after the first is an RTO
     first = conn.recv()
     again = conn.recv(timeout=5)
@@ -249,12 +259,15 @@ def test_rto_at_least_200ms_and_doubling(tun_pair: TunPair, peer: ScriptedPeer) 
     sender.result()
 
 
-def test_three_dup_acks_trigger_fast_retransmit(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+@pytest.mark.parametrize(("mode", "v6"), PATHS)
+def test_three_dup_acks_trigger_fast_retransmit(
+    tun_pair: TunPair, peer: ScriptedPeer, mode: str, v6: bool
+) -> None:
     netns_sysctl(tun_pair, "net.ipv4.tcp_early_retrans", 0)  # no tail loss probe in between
     # Without SACK the kernel counts duplicate ACKs as RFC 5681 3.2 does (Reno). With SACK
     # negotiated, bare duplicates never trigger a fast retransmit (docs/internals.md,
     # "Peer: with SACK negotiated, duplicate ACKs need SACK blocks"): see the next test.
-    conn, sender = _transfer(tun_pair, peer, b"y" * 20000, sack=False)
+    conn, sender = _transfer(tun_pair, peer, b"y" * 20000, v6, sack=False)
     conn.auto_ack = False
     # The SYN-ACK's window is never scaled (RFC 7323 2.2), so the first ACK after it
     # changes the window -- and an ACK that does is no duplicate (RFC 5681 2, item e;
@@ -279,14 +292,15 @@ def test_three_dup_acks_trigger_fast_retransmit(tun_pair: TunPair, peer: Scripte
     assert conn.received == b"y" * 20000
 
 
+@pytest.mark.parametrize(("mode", "v6"), PATHS)
 def test_a_sack_block_draws_a_retransmission_of_the_hole(
-    tun_pair: TunPair, peer: ScriptedPeer
+    tun_pair: TunPair, peer: ScriptedPeer, mode: str, v6: bool
 ) -> None:
     netns_sysctl(tun_pair, "net.ipv4.tcp_early_retrans", 0)  # no tail loss probe in between
     # RFC 8985 (RACK, Linux's default loss detection: net.ipv4.tcp_recovery=1): a segment
     # is lost once one sent after it is SACKed and a reordering window (a quarter of the
     # minimum RTT) has passed -- no count of duplicate ACKs, and long before the RTO.
-    conn, sender = _transfer(tun_pair, peer, b"s" * 20000)
+    conn, sender = _transfer(tun_pair, peer, b"s" * 20000, v6)
     assert conn.sack
     conn.auto_ack = False
     conn.ack()  # the window update (see the previous test)
@@ -309,12 +323,13 @@ def test_a_sack_block_draws_a_retransmission_of_the_hole(
     assert conn.received == b"s" * 20000
 
 
+@pytest.mark.parametrize(("mode", "v6"), PATHS)
 def test_zero_window_draws_probes_and_reopening_resumes(
-    tun_pair: TunPair, peer: ScriptedPeer
+    tun_pair: TunPair, peer: ScriptedPeer, mode: str, v6: bool
 ) -> None:
     data = os.urandom(30000)
     # A zero window from the SYN-ACK on: the kernel may send nothing (RFC 9293 3.8.6.1).
-    conn, sender = _transfer(tun_pair, peer, data, window=0)
+    conn, sender = _transfer(tun_pair, peer, data, v6, window=0)
     # Linux probes a zero window with a segment at snd_una - 1 and no data, which the peer
     # ACKs, still advertising zero (docs/internals.md, "Peer: zero-window probes").
     probe = {"len": 0, "tcp_seq": (conn.rcv_nxt - 1) % 2**32, "flags": "A"}
@@ -329,7 +344,8 @@ def test_zero_window_draws_probes_and_reopening_resumes(
     sender.result()
     assert conn.received == data
     # Offload is off while a peer is active: wire-sized segments, no GSO super-packets.
-    assert max(p.wire_len for p in peer.packets) <= tun_pair.a.mtu
+    ethernet = 14 if mode == "tap" else 0
+    assert max(p.wire_len for p in peer.packets) <= tun_pair.a.mtu + ethernet
 
 
 # -- the peer's own contract ------------------------------------------------------------------
