@@ -20,6 +20,11 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   5 %. Also the plugin's own import time, and whether scapy or pyroute2 were imported by
   the time collection finished (they must not be).
 - ``latency``: ping RTT through the pair (median) vs ping over ``lo``; goal < 0.5 ms.
+- ``timing``: delays applied by the relay, configured vs achieved: for ``delay`` = 100 us,
+  1 ms, 20 ms (and 1 s without ``--quick``), the departure error of each UDP datagram (its ``sojourn`` -- written
+  minus read, on the relay's clock -- minus the delay; median and 99th percentile; goals
+  < 100 us and < 1 ms), with the relay thread's CPU time per packet; and ping RTT through
+  ``delay="200us"`` each way vs the same pair without delay + 0.4 ms.
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
 
@@ -62,7 +67,7 @@ _ENV = dict(
     os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 )
 
-SECTIONS = ("throughput", "overhead", "unused", "latency", "memory")
+SECTIONS = ("throughput", "overhead", "unused", "latency", "timing", "memory")
 IPERF_PORT = 5201
 GIB = 1 << 30
 MIB = 1 << 20
@@ -237,6 +242,20 @@ def relay_thread_cpu() -> tuple[float, float] | None:
             system += int(fields[12]) / tick
             found = True
     return (user, system) if found else None
+
+
+def relay_thread_ns() -> int | None:
+    """Nanoseconds the relay thread(s) of this process ran on a CPU so far (schedstat: ns,
+    where ``stat``'s clock ticks are 10 ms)."""
+    total = None
+    for t in threading.enumerate():
+        if t.name.startswith("tunpair-relay") and t.native_id is not None and "hooks" not in t.name:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/schedstat") as f:
+                    total = (total or 0) + int(f.read().split()[0])
+            except (FileNotFoundError, ValueError, IndexError):
+                continue
+    return total
 
 
 def ping_rtts(host: str, count: int) -> list[float]:
@@ -636,6 +655,91 @@ def bench_latency(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+def pct(xs: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``xs``, nearest rank."""
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, max(0, round(q * (len(ys) - 1))))] if ys else float("nan")
+
+
+def fmt_us(s: float) -> str:
+    return f"{s * 1e6:.0f} us"
+
+
+def _departures(pair: Any, delay: float, count: int, gap: float) -> tuple[list[float], float]:
+    """Send ``count`` datagrams a->b, ``gap`` s apart, through ``delay``; return each one's
+    departure error (sojourn - delay) and the relay thread's CPU seconds per datagram."""
+    import socket
+
+    pair.impair(delay=delay, direction="a->b")
+    pair.packets.clear()
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        # Room for every datagram: they are read after the last one was sent.
+        rx.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
+        rx.bind((pair.b.ip, 0))
+        rx.settimeout(5 + delay)
+        tx.bind((pair.a.ip, 0))
+        c0 = relay_thread_ns()
+        for i in range(count):
+            tx.sendto(i.to_bytes(4, "big"), rx.getsockname())
+            time.sleep(gap)
+        for _ in range(count):
+            rx.recv(100)
+        c1 = relay_thread_ns()
+    pair.impair(direction="a->b")
+    errors = [p.sojourn - delay for p in pair.packets if p.direction == "a->b"]
+    cpu = (c1 - c0) / 1e9 / count if c0 is not None and c1 is not None else float("nan")
+    return errors, cpu
+
+
+def bench_timing(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    count = 100 if a.quick else 1000
+    raw: dict[str, Any] = {}
+    with TunPair(ipv6=None) as pair:
+        # The same datagrams without delay: the fast path's CPU per packet, for comparison.
+        _, cpu0 = _departures(pair, 0.0, count, 0.002)
+        rep.add("timing", "  relay CPU per datagram, no delay (fast path)", f"{cpu0 * 1e6:.1f} us")
+        delays = [("100us", 100e-6), ("1ms", 1e-3), ("20ms", 20e-3)]
+        if not a.quick:
+            delays.append(("1s", 1.0))
+        for label, delay in delays:
+            errors, cpu = _departures(pair, delay, count, 0.002)
+            raw[label] = errors
+            p50, p99 = med(errors), pct(errors, 0.99)
+            rep.add(
+                "timing",
+                f"departure error, delay={label} ({len(errors)} UDP datagrams)",
+                f"median {fmt_us(p50)}, p99 {fmt_us(p99)}",
+                f"scheduled: read + {label}",
+                "",
+                "< 100 us, < 1 ms",
+                p50 < 100e-6 and p99 < 1e-3 and min(errors) > -1e-6,
+            )
+            rep.add("timing", f"  relay CPU per datagram, delay={label}", f"{cpu * 1e6:.1f} us")
+        pings = 10 if a.quick else 100
+        base = ping_rtts(pair.b.ip or "", pings)
+        pair.impair(delay="200us")
+        slow = ping_rtts(pair.b.ip or "", pings)
+        pair.impair()
+        pair.check()
+    raw["ping"] = {"baseline": base, "delay200us": slow}
+    rep.raw["timing"] = raw
+    want = med(base) + 0.0004
+    rep.add(
+        "timing",
+        f'ping RTT through delay="200us" each way (median of {len(slow)})',
+        fmt_ms(med(slow)),
+        f"no delay {fmt_ms(med(base))} + 0.40 ms",
+        f"{(med(slow) - med(base)) * 1e3:+.2f} ms",
+        "+0.40 ms +- 0.2",
+        abs(med(slow) - want) < 0.0002,
+    )
+
+
 def _vm(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -724,6 +828,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "overhead": bench_overhead,
     "unused": bench_unused,
     "latency": bench_latency,
+    "timing": bench_timing,
     "memory": bench_memory,
 }
 
@@ -732,6 +837,7 @@ NEEDS = {
     "overhead": ["ip"],
     "unused": [],
     "latency": ["ping"],
+    "timing": ["ping"],
     "memory": ["iperf3"],
 }
 

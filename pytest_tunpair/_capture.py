@@ -21,7 +21,7 @@ from typing import Any, overload
 from . import _linux
 from ._errors import PacketTimeout
 
-__all__ = ["Capture", "GsoInfo", "Packet"]
+__all__ = ["Capture", "Counters", "GsoInfo", "Packet", "Stats"]
 
 DIRECTIONS = ("a->b", "b->a")
 # Lines of trace a PacketTimeout message shows at most.
@@ -80,11 +80,18 @@ def _load_scapy() -> tuple[Any, Any, Any, Any]:
 class Packet:
     """One packet the relay saw.
 
-    ``time`` is seconds since the pair came up; ``direction`` is ``"a->b"`` or ``"b->a"``;
+    ``time`` is seconds since the pair came up, when the relay wrote the packet (or dropped
+    it); ``arrival`` when the relay read it (``sojourn`` is the difference: what delay,
+    rate, hooks and queueing added); ``direction`` is ``"a->b"`` or ``"b->a"``;
     ``action`` says what the relay did (``"forwarded"``, ``"injected"``, ``"dropped"``,
     ``"modified"``, ``"duplicated"``, ``"lost"``, ``"delayed"``, ``"reordered"``,
-    ``"corrupted"``); ``data`` is the IP packet (TUN) or Ethernet frame (TAP), without the
-    virtio-net header; ``scapy`` decodes it on first access.
+    ``"corrupted"``, ``"scripted"``); ``data`` is the IP packet (TUN) or Ethernet frame
+    (TAP), without the virtio-net header; ``scapy`` decodes it on first access.
+
+    ``seq`` is the packet's number in the capture, given when it is recorded -- that is,
+    once its action is final. A hook sees a packet before that (``seq == -1``); a hook that
+    drops a packet or fails on it gets that same object recorded, so the number a
+    :class:`~pytest_tunpair.HookError` names is then the packet's ``seq``.
     """
 
     __slots__ = (
@@ -93,6 +100,7 @@ class Packet:
         "_raw",
         "_scapy",
         "action",
+        "arrival",
         "direction",
         "mode",
         "seq",
@@ -108,8 +116,12 @@ class Packet:
         raw: bytes,
         off: int = 0,
         mode: str = "tun",
+        arrival: float | None = None,
     ) -> None:
+        #: Seconds since the pair came up when the packet was written (or dropped).
         self.time = time
+        #: Seconds since the pair came up when the relay read it (``time`` if injected).
+        self.arrival = time if arrival is None else arrival
         self.direction = direction
         self.action = action
         self._raw = raw
@@ -119,6 +131,24 @@ class Packet:
         self.mode = mode
         self.wire_len = len(raw) - off
         self.seq = -1
+
+    @property
+    def sojourn(self) -> float:
+        """Seconds the relay held the packet: ``time - arrival`` (0 for injected ones)."""
+        return self.time - self.arrival
+
+    @property
+    def vnet_header(self) -> bytes:
+        """The virtio-net header the packet came with (``b""`` when offload is off)."""
+        return self._raw[: self._off]
+
+    @property
+    def frame(self) -> bytes:
+        """What the device gave (or takes): the virtio-net header, if any, then ``data``.
+
+        The relay writes this, so an unchanged packet keeps its "GSO"/"checksum still to
+        do" header. (Cut to ``snaplen`` once recorded.)"""
+        return self._raw
 
     @property
     def data(self) -> bytes:
@@ -180,28 +210,69 @@ class Packet:
             size = f"length {self.wire_len}"
         if len(self.data) < self.wire_len:
             size += f" [{len(self.data)} kept]"
+        sojourn = self.sojourn
+        if self.action in _HELD_ACTIONS or sojourn >= SHOW_SOJOURN:
+            size += f" (sojourn {_format_seconds(sojourn)})"
         return f"{self.time:10.6f} {self.direction} {self.action:<10} {what}, {size}"
 
     def __repr__(self) -> str:
+        number = f"#{self.seq}" if self.seq >= 0 else "(not recorded yet)"
         return (
-            f"<Packet #{self.seq} t={self.time:.6f} {self.direction} {self.action} "
+            f"<Packet {number} t={self.time:.6f} {self.direction} {self.action} "
             f"{self.wire_len} bytes>"
         )
 
 
-class Stats:
-    """Per-direction counters, kept even when the capture itself is bounded."""
+# The trace shows how long the relay held packets it delayed on purpose, and any other
+# packet held this long (a slow hook, a queue).
+_HELD_ACTIONS = frozenset({"delayed", "reordered"})
+SHOW_SOJOURN = 0.001
 
-    __slots__ = ("counters",)
+
+def _format_seconds(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.3f}s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f}ms"
+    return f"{seconds * 1e6:.1f}us"
+
+
+class Counters:
+    """One direction's counters; the relay thread adds to them, :class:`Stats` reads."""
+
+    __slots__ = ("bytes", "dropped", "packets")
 
     def __init__(self) -> None:
-        # [packets, bytes, dropped]: lists so the relay mutates them without lookups.
-        self.counters: dict[str, list[int]] = {d: [0, 0, 0] for d in DIRECTIONS}
+        #: Packets written to the other device.
+        self.packets = 0
+        #: Their bytes (without the virtio-net header).
+        self.bytes = 0
+        #: Packets the relay did not deliver (dropped by a hook, a rule, an impairment's
+        #: loss, a failed write, or still in flight when the pair closed).
+        self.dropped = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped}
+
+
+class Stats:
+    """Per-direction counters, kept even when the capture itself is bounded.
+
+    With the capture's lock (``lock``), :meth:`as_dict` reads counters that agree with what
+    the capture shows: the relay updates both in one critical section.
+    """
+
+    __slots__ = ("counters", "lock")
+
+    def __init__(self, lock: threading.Condition | None = None) -> None:
+        self.counters: dict[str, Counters] = {d: Counters() for d in DIRECTIONS}
+        self.lock = lock
 
     def as_dict(self) -> dict[str, dict[str, int]]:
-        return {
-            d: {"packets": c[0], "bytes": c[1], "dropped": c[2]} for d, c in self.counters.items()
-        }
+        if self.lock is None:
+            return {d: c.as_dict() for d, c in self.counters.items()}
+        with self.lock:
+            return {d: c.as_dict() for d, c in self.counters.items()}
 
 
 def _matcher(match: Any) -> tuple[Callable[[Packet], Any], str]:
@@ -268,12 +339,25 @@ class Capture(Sequence[Packet]):
         self.wall_t0 = time.time()
 
     # -- relay side ---------------------------------------------------------------------
+    @property
+    def lock(self) -> threading.Condition:
+        """The capture's lock. The relay holds it while it records a batch *and* writes it
+        (:meth:`record_locked`), so a reader never sees an action that changes afterwards
+        (a write that fails turns "forwarded" into "dropped" before anyone can look)."""
+        return self._cond
+
     def record(self, pkt: Packet) -> None:
-        """Append one packet (relay thread, ``inject``)."""
-        self.record_many((pkt,))
+        """Append one packet."""
+        with self._cond:
+            self.record_locked((pkt,))
 
     def record_many(self, pkts: Sequence[Packet]) -> None:
-        """Append packets in order under one lock (the relay records a burst at a time).
+        """Append packets in order under one lock."""
+        with self._cond:
+            self.record_locked(pkts)
+
+    def record_locked(self, pkts: Sequence[Packet]) -> None:
+        """Append packets in order; the caller holds :attr:`lock`.
 
         Cuts to ``snaplen`` and enforces the bounds. ``capture_bytes`` is charged what the
         kept packets cost the process, not just their bytes: :data:`PACKET_OVERHEAD` per
@@ -290,31 +374,31 @@ class Capture(Sequence[Packet]):
                     pkt._raw = pkt._raw[: pkt._off + snaplen]
                     pkt._data = None if pkt._off else pkt._raw
         size = 0
-        with self._cond:
-            seq = self._next_seq
-            for pkt in pkts:
-                pkt.seq = seq
-                seq += 1
-                size += len(pkt._raw)
-            self._next_seq = seq
-            packets = self._packets
-            packets.extend(pkts)
-            self._bytes += size
-            if self.max_packets is not None:
-                while len(packets) > self.max_packets:
-                    self._bytes -= len(packets.popleft()._raw)
-                    self.evicted += 1
-            budget = self.capture_bytes
-            if budget is not None:
-                while (
-                    packets
-                    and self._bytes + (self._bytes >> SLACK_SHIFT) + len(packets) * PACKET_OVERHEAD
-                    > budget
-                ):
-                    self._bytes -= len(packets.popleft()._raw)
-                    self.evicted += 1
-            if self._waiters:
-                self._cond.notify_all()
+        seq = self._next_seq
+        for pkt in pkts:
+            pkt.seq = seq
+            seq += 1
+            size += len(pkt._raw)
+        self._next_seq = seq
+        packets = self._packets
+        packets.extend(pkts)
+        self._bytes += size
+        if self.max_packets is not None:
+            while len(packets) > self.max_packets:
+                self._bytes -= len(packets.popleft()._raw)
+                self.evicted += 1
+        budget = self.capture_bytes
+        if budget is not None:
+            while (
+                packets
+                and self._bytes + (self._bytes >> SLACK_SHIFT) + len(packets) * PACKET_OVERHEAD
+                > budget
+            ):
+                self._bytes -= len(packets.popleft()._raw)
+                self.evicted += 1
+        if self._waiters:
+            # Waiters wake once the caller releases the lock: after the batch's writes.
+            self._cond.notify_all()
 
     # -- sequence protocol ----------------------------------------------------------------
     def _snapshot(self) -> list[Packet]:

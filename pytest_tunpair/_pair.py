@@ -63,7 +63,7 @@ class Endpoint:
         ip6: str | None,
         mtu: int,
         mac: str | None,
-        inbound: str,
+        side: str,
     ) -> None:
         self._pair = pair
         self._device = device
@@ -73,7 +73,7 @@ class Endpoint:
         self.ip6 = ip6
         self.mtu = mtu
         self.mac = mac
-        self._inbound = inbound  # direction label of packets entering this device
+        self._side = side  # "a" or "b": where Relay.write puts what inject() gets
 
     @property
     def mode(self) -> str:
@@ -87,21 +87,19 @@ class Endpoint:
         """
         data = to_bytes(packet, what=f"{self.name}.inject()")
         validate_frame(data, mode=self.mode, mtu=self.mtu)
-        capture = self._pair.packets
-        # Record *before* writing: a write into the device runs the kernel's receive path in
-        # this thread, so the kernel's answer (an echo reply, or the ARP request it needs
-        # first on TAP) is queued, read and recorded by the relay before os.write() returns.
-        # Recording afterwards put the answer ahead of the request in the capture.
-        pkt = Packet(time.monotonic() - capture.t0, self._inbound, "injected", data, 0, self.mode)
-        capture.record(pkt)
+        relay = self._pair._relay
+        if relay is None or self._device.fd is None:
+            raise TunDeviceError(f"{self.name} is closed", device=self.name)
+        # The relay records the packet *before* writing it (in one critical section with the
+        # write): a write into the device runs the kernel's receive path in this thread, so
+        # the kernel's answer (an echo reply, or the ARP request it needs first on TAP) is
+        # queued, read and recorded by the relay before os.write() returns.
         try:
-            self._device.write(data)
-        except OSError as exc:
-            pkt.action = "dropped"  # validated, but the device refused it (EIO while down)
+            return relay.write(self._side, data)
+        except OSError as exc:  # validated, but the device refused it (EIO while down)
             raise TunDeviceError(
                 f"{self.name}: writing the injected packet failed: {exc}", device=self.name
             ) from exc
-        return pkt
 
     def __repr__(self) -> str:
         mac = f" mac={self.mac}" if self.mac else ""
@@ -129,7 +127,6 @@ class TunPair:
         self._own_netns = netns is None
         self._devices: list[TunDevice] = []
         self._relay: Relay | None = None
-        self._stats = Stats()
         self.steps: list[str] = []
         o = self.options
         self.packets = Capture(
@@ -138,6 +135,7 @@ class TunPair:
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
         )
+        self._stats = Stats(self.packets.lock)
         self.a: Endpoint
         self.b: Endpoint
         # Active impairments per direction: (spec with the seed in use, seed was random).
@@ -192,12 +190,8 @@ class TunPair:
             )
             for d in self._devices:
                 d.set_offload(o.offload)
-            self.a = Endpoint(
-                self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], inbound="b->a"
-            )
-            self.b = Endpoint(
-                self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], inbound="a->b"
-            )
+            self.a = Endpoint(self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
+            self.b = Endpoint(self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
             self.packets.t0 = time.monotonic()
             self.packets.wall_t0 = time.time()
             self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
@@ -264,6 +258,14 @@ class TunPair:
         return self.options.mode
 
     @property
+    def pending(self) -> int:
+        """Packets the relay holds right now (delayed, held for reordering, queued, or
+        waiting for a hook): read, not yet written or dropped. 0 when the pair is closed."""
+        if self._relay is None or self._closed:
+            return 0
+        return self._relay.pending()
+
+    @property
     def seed(self) -> int:
         """The seed :meth:`impair` uses when given none.
 
@@ -311,8 +313,7 @@ class TunPair:
         relay = self._require_relay()
         hook = Hook(fn, direction)
         self._update_offload(busy=True)  # before the hook sees a packet
-        for d in _directions(direction):
-            relay.hooks[d] = (*relay.hooks[d], hook)
+        relay.add_hook(hook)
         return hook
 
     def remove_hook(self, handle: Hook) -> None:
@@ -321,12 +322,7 @@ class TunPair:
         Packets already handed to the hooks (read before this call) still pass through it,
         in order; later packets do not."""
         relay = self._require_relay()
-        found = False
-        for d in ("a->b", "b->a"):
-            if handle in relay.hooks[d]:
-                relay.hooks[d] = tuple(h for h in relay.hooks[d] if h is not handle)
-                found = True
-        if not found:
+        if not isinstance(handle, Hook) or not relay.remove_hook(handle):
             raise ValueError(f"{handle!r} is not a hook of this pair (removed already?)")
         self._update_offload()
 
@@ -395,12 +391,8 @@ class TunPair:
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        busy = (
-            busy
-            or any(relay.hooks.values())
-            or bool(self._impairments)
-            or any(p.active for p in self._peers)
-        )
+        # needs_segments() covers an active peer: its divert function is set.
+        busy = busy or relay.needs_segments() or bool(self._impairments)
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 
@@ -432,8 +424,9 @@ class TunPair:
                 lines.append(line)
         if self._relay is not None:
             for d in ("a->b", "b->a"):
-                if self._relay.hooks[d]:
-                    lines.append(f"hooks {d}: {', '.join(map(str, self._relay.hooks[d]))}")
+                hooks = self._relay.hooks(d)
+                if hooks:
+                    lines.append(f"hooks {d}: {', '.join(map(str, hooks))}")
         lines.extend(peer.describe() for peer in self._peers)
         return "\n".join(lines)
 

@@ -81,29 +81,24 @@ class _Divert:
     """The peer's one attachment to the relay.
 
     ``take(packet) -> bool`` sees every packet of the direction towards the scripted side
-    before anything else does and keeps those it returns True for; :meth:`write` puts a
-    frame into the other device, validated and recorded as ``"injected"``.
+    first, in the relay thread, before hooks (``Relay.set_divert``); those it keeps are
+    recorded as ``"scripted"`` and not written. :meth:`write` puts a frame into the other
+    device through ``inject()``: validated, and recorded as ``"injected"``.
     """
 
     def __init__(
-        self, pair: TunPair, me: Endpoint, other: Endpoint, take: Callable[[Packet], bool]
+        self, pair: TunPair, direction: str, other: Endpoint, take: Callable[[Packet], bool]
     ) -> None:
-        self._pair = pair
         self._other = other
-        relay = pair._require_relay()
-        self._relay = relay
-
-        def divert(pkt: Packet) -> list[Any] | None:
-            return [] if take(pkt) else None
-
-        divert.__qualname__ = f"scripted peer on {me.name}"
-        self._hook = pair.add_hook(divert, me._inbound)
+        self._direction = direction
+        self._relay = pair._require_relay()
+        self._relay.set_divert(self._direction, take)
 
     def write(self, frame: bytes) -> Packet:
         return self._other.inject(frame)
 
     def remove(self) -> None:
-        self._pair.remove_hook(self._hook)
+        self._relay.set_divert(self._direction, None)
 
 
 class ScriptedPeer:
@@ -126,7 +121,7 @@ class ScriptedPeer:
         #: This side's MAC address on TAP (``None`` on TUN).
         self.mac = me.mac
         #: The direction of the packets handed to the peer (``"a->b"`` for side b).
-        self.direction = me._inbound
+        self.direction = "a->b" if side == "b" else "b->a"
         #: On TAP, answer ARP requests and neighbour solicitations for this side's addresses
         #: (set False to see them in :attr:`packets` and answer, or not, yourself).
         self.answer_neighbours = True
@@ -148,7 +143,7 @@ class ScriptedPeer:
         self._flows: dict[tuple[str, int, str, int], ScriptedTcp] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._divert = _Divert(pair, me, other, self._take)
+        self._divert = _Divert(pair, self.direction, other, self._take)
 
     # -- relay side ------------------------------------------------------------------------
     def _take(self, pkt: Packet) -> bool:

@@ -2,13 +2,17 @@
 
 One thread serves both directions with ``poll()``: a blocked ``read()`` on a TUN fd is not
 woken by ``close()`` from another thread (docs/internals.md, "A blocked read() is not woken
-by close()"), so the loop also polls a wake-up
-pipe, and one thread keeps the hot path free of hand-offs between threads.
+by close()"), so the loop also polls a wake-up pipe, and one thread keeps the hot path free
+of hand-offs between threads. Each direction is a :class:`~pytest_tunpair._link.Link`
+holding everything it owns; the loop's one timeout is the earliest of the links'
+deadlines, waited for with a timerfd (``_timer``) so that sub-millisecond delays are kept.
 
-Fast path (no hook, no impairment on that direction): read a batch, record it, write it to
-the other device (recording first: see ``_drain``). It always runs in the relay thread.
+Fast path (nothing configured on that direction): read a batch, then record and write it
+in one critical section (see ``_drain``). It always runs in the relay thread.
 
-Slow path, per direction:
+Slow path, per packet, in the stages of ``_link``: divert, hooks, rules, engine, queue,
+timers. What is ready goes out at the end of a burst, recorded and written under one lock
+(``_flush``), so what a reader sees of a packet never changes afterwards.
 
 * **hooks** run in a worker thread of their own for that direction, started when the first
   hooked packet arrives. The relay thread reads the packet, queues it to the worker and goes
@@ -20,15 +24,13 @@ Slow path, per direction:
   backlog, every packet of it goes through the worker (hooked or not) so that removing a
   hook never lets later packets overtake earlier ones.
 * **impairments** (``_impair.ImpairmentEngine``, pure logic, owned by the relay thread) run
-  after the hooks. Delayed packets wait in a timer heap that bounds the ``poll()`` timeout:
-  nothing ever sleeps, so a delay on one direction never holds up the other.
+  after the hooks and rules. Delayed packets wait on their link's timer heap: nothing ever
+  sleeps, so a delay on one direction never holds up the other.
 """
 
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import math
 import os
 import queue
@@ -42,11 +44,13 @@ from typing import TYPE_CHECKING, Any
 from . import _linux
 from ._capture import Capture, Packet, Stats
 from ._errors import HookError
+from ._link import Divert, Link, Queue, Rule
+from ._timer import Timer, set_timer_slack
 from ._validate import is_scapy_packet
 
 if TYPE_CHECKING:
-    from ._device import TunDevice
     from ._impair import Emit, ImpairmentEngine
+    from ._link import _Device
 
 __all__ = ["Hook", "Relay"]
 
@@ -124,9 +128,9 @@ class Hook:
         return f"<Hook {self.name} at {self.where} direction={self.direction or 'both'}>"
 
 
-# What a worker hands back: (direction, packet as read, outputs or None, error or None).
+# What a worker hands back: (link, packet as read, outputs or None, error or None).
 # An output is (bytes, action); [] means "dropped by the hooks".
-_Result = tuple[str, Packet, list[tuple[bytes, str]] | None, "_HookFailure | None"]
+_Result = tuple[Link, Packet, list[tuple[bytes, str]] | None, "_HookFailure | None"]
 
 
 class _HookFailure:
@@ -150,29 +154,30 @@ class _HookFailure:
 class _HookWorker:
     """Runs the hook chain for one direction in its own thread."""
 
-    def __init__(self, relay: Relay, direction: str) -> None:
+    def __init__(self, relay: Relay, link: Link) -> None:
         self.relay = relay
-        self.direction = direction
+        self.link = link
+        self.direction = link.direction
         self.inbox: queue.SimpleQueue[tuple[Packet, tuple[Hook, ...]] | None] = queue.SimpleQueue()
         self.current: Hook | None = None
         self.stopping = False
         self.thread = threading.Thread(
-            target=self._main, name=f"{relay.name}-hooks-{direction}", daemon=True
+            target=self._main, name=f"{relay.name}-hooks-{link.direction}", daemon=True
         )
         self.thread.start()
 
     def _main(self) -> None:
-        relay = self.relay
+        relay, link = self.relay, self.link
         while True:
             item = self.inbox.get()
             if item is None:
                 return
             pkt, hooks = item
             if self.stopping:  # the pair is closing: hand it back unprocessed
-                relay.done.append((self.direction, pkt, None, None))
+                relay.done.append((link, pkt, None, None))
                 continue
             outputs, failure = self._run(hooks, pkt)
-            relay.done.append((self.direction, pkt, outputs, failure))
+            relay.done.append((link, pkt, outputs, failure))
             relay.wake()
 
     def _run(
@@ -199,7 +204,11 @@ class _HookWorker:
                     if data is pkt.data:
                         nxt.append(pkt)
                     else:
-                        nxt.append(Packet(pkt.time, pkt.direction, "modified", data, 0, pkt.mode))
+                        nxt.append(
+                            Packet(
+                                pkt.time, pkt.direction, "modified", data, 0, pkt.mode, pkt.arrival
+                            )
+                        )
             items = nxt
         return _label(original.data, [p.data for p in items]), None
 
@@ -257,17 +266,29 @@ def _label(original: bytes, outputs: list[bytes]) -> list[tuple[bytes, str]]:
     return labelled
 
 
-class Relay:
-    """Carries packets between ``dev_a`` and ``dev_b`` until :meth:`stop`."""
+# What the relay thread does with a packet at flush time (see Relay._flush).
+_WRITE = 0  # write to the link's destination; count it delivered (or dropped if that fails)
+_REPLY = 1  # write back into the link's source (a rule's reply), recorded as "injected"
+_DROP = 2  # record only; count it dropped
+_TAKEN = 3  # record only; count it delivered (taken by the divert function)
+_INJECT = 4  # write to the link's destination, recorded as given (Relay.write); not counted
 
-    def __init__(
-        self,
-        dev_a: TunDevice,
-        dev_b: TunDevice,
-        capture: Capture,
-        stats: Stats,
-    ) -> None:
+_Out = tuple[Packet, bytes, Link, int]
+
+
+class Relay:
+    """Carries packets between ``dev_a`` and ``dev_b`` until :meth:`stop`.
+
+    ``dev_a``/``dev_b`` need ``fd``, ``name``, ``mode`` and ``hdr_len`` (a ``TunDevice``;
+    the unit tests pass socket stand-ins). The methods below are how other modules and
+    threads change what the relay does; the fields are the relay thread's.
+    """
+
+    def __init__(self, dev_a: _Device, dev_b: _Device, capture: Capture, stats: Stats) -> None:
         self.devs = (dev_a, dev_b)
+        if dev_a.fd is None or dev_b.fd is None:
+            raise ValueError("the relay needs two open devices")
+        self._fds = (dev_a.fd, dev_b.fd)
         self.capture = capture
         self.stats = stats
         self.mode = dev_a.mode
@@ -275,30 +296,38 @@ class Relay:
         self.errors: list[BaseException] = []
         self.errors_dropped = 0
         self._errors_lock = threading.Lock()
-        # Copy-on-write tuples: the relay reads them without a lock, the test thread swaps.
-        self.hooks: dict[str, tuple[Hook, ...]] = {"a->b": (), "b->a": ()}
-        # Owned by the relay thread; the test thread asks for changes with set_engine().
-        self.engines: dict[str, ImpairmentEngine | None] = {"a->b": None, "b->a": None}
-        self._engine_swaps: dict[str, ImpairmentEngine | None] = {}
+        self.links: dict[str, Link] = {
+            "a->b": Link("a->b", dev_a, dev_b, stats.counters["a->b"]),
+            "b->a": Link("b->a", dev_b, dev_a, stats.counters["b->a"]),
+        }
+        self._sides = {"a": self.links["b->a"], "b": self.links["a->b"]}
+        # Changes the relay thread applies before it reads another packet:
+        # ("engine" | "queue", direction) -> the new one.
+        self._swaps: dict[tuple[str, str], Any] = {}
         self._swap_lock = threading.Lock()
-        self._timers: list[tuple[float, int, int, bytes, str, str]] = []
-        self._tseq = itertools.count()
-        self._workers: dict[str, _HookWorker] = {}
-        self._backlog = {"a->b": 0, "b->a": 0}
-        self._paused: set[str] = set()
+        # Serialises the test threads' read-modify-write of the copy-on-write tuples.
+        self._edit_lock = threading.Lock()
         self.done: deque[_Result] = deque()
+        self._out: list[_Out] = []
+        self._failures: list[tuple[_HookFailure, Packet]] = []
         self._syncs: list[threading.Event] = []
+        self._drains: list[threading.Event] = []
         self._poller: Any = None
+        try:
+            self._timer: Timer | None = Timer()
+        except OSError:  # pragma: no cover - timerfd exists since Linux 2.6.25
+            self._timer = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
 
-    # -- control (test thread) -------------------------------------------------------------
+    # -- control (any thread) ----------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     @property
     def alive(self) -> bool:
+        """The relay thread is running."""
         return self._thread.is_alive()
 
     def wake(self) -> None:
@@ -309,6 +338,64 @@ class Relay:
         except OSError:
             pass  # stopped already (fd closed): nothing to wake
 
+    def _links(self, direction: str | None) -> tuple[Link, ...]:
+        if direction is None:
+            return tuple(self.links.values())
+        return (self.links[direction],)
+
+    def add_hook(self, hook: Hook) -> None:
+        """Run ``hook`` on its direction(s) (``hook.direction``; ``None``: both), after the
+        hooks already there. Packets read from now on go through it."""
+        with self._edit_lock:
+            for link in self._links(hook.direction):
+                link.hooks = (*link.hooks, hook)
+
+    def remove_hook(self, hook: Hook) -> bool:
+        """Stop running ``hook``; False if it was not registered. Packets already handed to
+        the hook worker still pass through it, in order; later ones do not (and never
+        overtake them)."""
+        found = False
+        with self._edit_lock:
+            for link in self.links.values():
+                if hook in link.hooks:
+                    link.hooks = tuple(h for h in link.hooks if h is not hook)
+                    found = True
+        return found
+
+    def hooks(self, direction: str) -> tuple[Hook, ...]:
+        """The hooks of ``direction``, in the order they run."""
+        return self.links[direction].hooks
+
+    def add_rule(self, direction: str, rule: Rule) -> None:
+        """Run ``rule.apply(pkt, now)`` on each packet of ``direction`` after the hooks and
+        before the impairment engine (see :class:`~pytest_tunpair._link.Verdict`)."""
+        with self._edit_lock:
+            link = self.links[direction]
+            link.rules = (*link.rules, rule)
+
+    def remove_rule(self, direction: str, rule: Rule) -> bool:
+        """Stop applying ``rule`` to ``direction``; False if it was not there."""
+        with self._edit_lock:
+            link = self.links[direction]
+            if rule not in link.rules:
+                return False
+            link.rules = tuple(r for r in link.rules if r is not rule)
+            return True
+
+    def rules(self, direction: str) -> tuple[Rule, ...]:
+        return self.links[direction].rules
+
+    def set_divert(self, direction: str, fn: Divert | None) -> None:
+        """Offer every packet read on ``direction`` to ``fn`` first (relay thread, before
+        the hooks): ``True`` means taken -- recorded as ``"scripted"``, counted as
+        delivered, not written to the other device. ``None`` stops diverting."""
+        self.links[direction].divert = fn
+
+    def needs_segments(self) -> bool:
+        """A stage that must see wire-sized packets is set (hooks, rules, divert): the
+        pair then turns offload off."""
+        return any(link.wants_segments() for link in self.links.values())
+
     def set_engine(self, direction: str, engine: ImpairmentEngine | None) -> None:
         """Replace a direction's impairment engine (``None``: no impairment).
 
@@ -317,14 +404,74 @@ class Relay:
         switching off impairments never loses a packet.
         """
         with self._swap_lock:
-            self._engine_swaps[direction] = engine
+            self._swaps["engine", direction] = engine
         self.wake()
+
+    def set_queue(self, direction: str, queue: Queue | None) -> None:
+        """Replace a direction's bottleneck queue (``None``: none). As with
+        :meth:`set_engine`, what the old queue holds is released, not lost."""
+        with self._swap_lock:
+            self._swaps["queue", direction] = queue
+        self.wake()
+
+    def pending(self) -> int:
+        """Packets held anywhere in the relay now: with a hook worker, in an engine or a
+        queue, on a delay timer. (Packets still in a device's own queue are not counted.)"""
+        return sum(link.pending() for link in self.links.values())
+
+    def drain(self, timeout: float) -> bool:
+        """Wait, while the relay runs, until :meth:`pending` is 0; False after ``timeout``
+        seconds with packets still held (or if the relay is not running)."""
+        if not self._thread.is_alive():
+            return self.pending() == 0
+        event = threading.Event()
+        with self._swap_lock:
+            self._drains.append(event)
+        self.wake()
+        return event.wait(timeout)
+
+    def write(self, side: str, frame: bytes, action: str = "injected") -> Packet:
+        """Write ``frame`` (without virtio-net header) into device ``"a"`` or ``"b"``: that
+        device's kernel receives it. Any thread may call it.
+
+        The packet is recorded in the direction that enters ``side`` (``"b->a"`` for
+        ``"a"``) before the write, in one critical section with it: the kernel's answer,
+        which the write itself may produce, is recorded after it, and a reader never sees
+        the action change. A failed write raises ``OSError``, the record saying
+        ``"dropped"``. From the relay thread itself (a divert function), the frame goes out
+        with the packets being processed, in order, and a failure only shows as
+        ``"dropped"``.
+        """
+        link = self._sides[side]
+        dev = link.dst
+        hdr = dev.hdr_len
+        raw = _linux.ZERO_VNET_HDR + frame if hdr else frame
+        capture = self.capture
+        pkt = Packet(0.0, link.direction, action, raw, hdr, self.mode)
+        if threading.get_ident() == self._thread.ident:
+            # From the relay thread (a divert function or a rule answering a packet): queued
+            # behind what the relay is about to record -- the packet being answered -- and
+            # written with it, so an answer never precedes its request in the capture.
+            self._out.append((pkt, raw, link, _INJECT))
+            return pkt
+        with capture.lock:
+            pkt.time = pkt.arrival = time.monotonic() - capture.t0
+            capture.record_locked((pkt,))
+            try:
+                fd = dev.fd
+                if fd is None:
+                    raise OSError(errno.EBADFD, f"{dev.name} is closed")
+                os.write(fd, raw)
+            except OSError:
+                pkt.action = "dropped"
+                raise
+        return pkt
 
     def sync(self, timeout: float) -> bool:
         """Wait until the relay has read what the devices hold and the hook workers have
         handed back every packet: errors of hooks that already saw a packet are then in
         :attr:`errors`. False if that took longer than ``timeout`` (a slow hook)."""
-        if not self._workers or not self._thread.is_alive():
+        if not any(link.worker for link in self.links.values()) or not self._thread.is_alive():
             return True  # without hooks, nothing is in flight that could fail
         event = threading.Event()
         with self._swap_lock:
@@ -351,21 +498,22 @@ class Relay:
             )
             return  # keep the fds: the thread may still use them
         deadline = time.monotonic() + timeout
-        for worker in self._workers.values():
+        workers = [link.worker for link in self.links.values() if link.worker is not None]
+        for worker in workers:
             worker.stopping = True
             worker.inbox.put(None)
-        for direction, worker in self._workers.items():
+        for worker in workers:
             worker.thread.join(max(0.0, deadline - time.monotonic()))
             if worker.thread.is_alive():
                 stuck = worker.current
                 what = f"hook {stuck}" if stuck else "a hook"
                 self._add_error(
                     HookError(
-                        f"{what} on {direction} did not return within {timeout:g} s of the "
-                        "pair closing; its thread was left behind. A hook must return "
+                        f"{what} on {worker.direction} did not return within {timeout:g} s "
+                        "of the pair closing; its thread was left behind. A hook must return "
                         "(hooks run while the test runs: do not block in one forever).",
                         hook=stuck.name if stuck else "?",
-                        direction=direction,
+                        direction=worker.direction,
                     )
                 )
         self._discard_in_flight()
@@ -375,6 +523,8 @@ class Relay:
         self._wake_r = self._wake_w = -1
         os.close(wake_r)
         os.close(wake_w)
+        if self._timer is not None:
+            self._timer.close()
 
     def _add_error(self, exc: BaseException) -> None:
         with self._errors_lock:
@@ -396,39 +546,50 @@ class Relay:
     # -- the loop (relay thread) -------------------------------------------------------------
     def _main(self) -> None:
         try:
+            set_timer_slack()
             self._loop()
         except BaseException as exc:  # never die silently: the test thread re-raises it
             exc.add_note(f"(raised in relay thread {self.name})")
             self._add_error(exc)
 
-    def _timeout_ms(self) -> int:
-        due = self._timers[0][0] if self._timers else None
-        for engine in self.engines.values():
-            if engine is not None:
-                d = engine.deadline()
+    def _deadline(self) -> float | None:
+        """The one source of the loop's timeout: the earliest of the links' deadlines."""
+        due = None
+        for link in self.links.values():
+            if link.timers or link.engine is not None or link.queue is not None:
+                d = link.deadline()
                 if d is not None and (due is None or d < due):
                     due = d
-        if due is None:
-            return -1
-        return max(0, int((due - time.monotonic()) * 1000 + 0.999))
+        return due
 
     def _loop(self) -> None:
-        dev_a, dev_b = self.devs
-        fd_a, fd_b = dev_a.fd, dev_b.fd
-        assert fd_a is not None and fd_b is not None
+        fd_a, fd_b = self._fds
         self._poller = poller = select.poll()
         poller.register(fd_a, select.POLLIN)
         poller.register(fd_b, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        routes = {
-            fd_a: (dev_a, dev_b, "a->b", self.stats.counters["a->b"]),
-            fd_b: (dev_b, dev_a, "b->a", self.stats.counters["b->a"]),
-        }
+        timer = self._timer
+        timer_fd = -2
+        if timer is not None:
+            timer_fd = timer.fd
+            poller.register(timer_fd, select.POLLIN)
+        routes = {fd_a: self.links["a->b"], fd_b: self.links["b->a"]}
         wake_r = self._wake_r
+        monotonic = time.monotonic
         while not self._stopping:
-            events = poller.poll(self._timeout_ms())
-            # Engine swaps first: one asked for before a packet was sent applies to it.
-            if self._engine_swaps:
+            due = self._deadline()
+            timeout = -1
+            if due is not None:
+                wait = due - monotonic()
+                if wait <= 0:
+                    timeout = 0
+                elif timer is not None:
+                    timer.arm(due)  # poll() itself would round up to whole milliseconds
+                else:  # pragma: no cover - no timerfd
+                    timeout = int(wait * 1000 + 0.999)
+            events = poller.poll(timeout)
+            # Swaps first: one asked for before a packet was sent applies to it.
+            if self._swaps:
                 self._apply_swaps()
             for fd, _ev in events:
                 if fd == wake_r:
@@ -437,66 +598,56 @@ class Relay:
                     except BlockingIOError:
                         pass
                     continue
-                src, dst, direction, counters = routes[fd]
-                self._drain(src, dst, direction, counters)
+                if fd == timer_fd:
+                    timer.ack()  # type: ignore[union-attr]
+                    continue
+                self._drain(routes[fd])
             # After the pipe was emptied, so a result queued meanwhile wakes the next poll.
             if self.done:
                 self._process_done()
-            if self._timers or self.engines["a->b"] or self.engines["b->a"]:
+            if due is not None:
                 self._run_timers()
-            if self._syncs and not (self._backlog["a->b"] or self._backlog["b->a"]):
+            if self._syncs and not any(link.backlog for link in self.links.values()):
                 with self._swap_lock:
                     syncs, self._syncs = self._syncs, []
                 for event in syncs:
                     event.set()
+            if self._drains and self.pending() == 0:
+                with self._swap_lock:
+                    drains, self._drains = self._drains, []
+                for event in drains:
+                    event.set()
 
-    def _drain(self, src: TunDevice, dst: TunDevice, direction: str, c: list[int]) -> None:
-        """Move what ``src`` has queued (up to ``BURST`` packets) to ``dst``, recording it.
+    def _drain(self, link: Link) -> None:
+        """Move what the link's source has queued (up to ``BURST`` packets) on, recording it.
 
         Fast path, NAPI-style: read a batch (until the queue is empty, ``BATCH`` packets or
-        ``BATCH_BYTES``), record and count the whole batch under one capture lock, then write
-        it out. Recording comes *before* writing because a write into a TUN runs the
-        receiving stack in this thread: the receiver -- and the test waiting on it -- may
-        wake before ``write()`` returns, and must find the packet captured and counted.
-        Per packet: one read, one write, one ``Packet`` around the bytes object ``read``
-        returned, no decoding (``Packet`` slices and decodes lazily); only packets shorter
-        than ``COPY_BELOW`` are copied, to an exact-size object.
+        ``BATCH_BYTES``), then record, write and count the whole batch in one critical
+        section under the capture's lock. Recording comes *before* writing because a write
+        into a TUN runs the receiving stack in this thread (docs/internals.md, "A write into
+        a TUN device wakes the receiver before write() returns"): the receiver -- and the
+        test waiting on it -- may wake before ``write()`` returns, and must find the packet
+        captured and counted; holding the lock across the writes means that a reader who
+        looks meanwhile waits for the batch, and sees every packet with its final action
+        (a failed write makes it "dropped"). Per packet: one read, one write, one
+        ``Packet`` around the bytes object ``read`` returned, no decoding; only packets
+        shorter than ``COPY_BELOW`` are copied, to an exact-size object.
         """
-        src_fd, dst_fd = src.fd, dst.fd
+        src_fd, dst_fd = link.src.fd, link.dst.fd
         if src_fd is None or dst_fd is None:
             return
-        read, write, monotonic = os.read, os.write, time.monotonic
-        hdr = src.hdr_len
-        mode = self.mode
-        t0 = self.capture.t0
-        hooks = self.hooks[direction]
-        # After the last hook goes, packets still with the worker finish first, in order.
-        hooked = bool(hooks) or self._backlog[direction] > 0
-        engine = self.engines[direction]
-        if hooked or engine is not None:
-            for _ in range(BURST):
-                if hooked and self._backlog[direction] >= MAX_BACKLOG:
-                    self._pause(direction, src_fd)
-                    return
-                try:
-                    buf = read(src_fd, READ_SIZE)
-                except BlockingIOError:
-                    return
-                except OSError as exc:
-                    if exc.errno in _DROP_ERRNOS:
-                        return
-                    raise
-                if len(buf) < COPY_BELOW:
-                    buf = bytes(memoryview(buf))
-                now = monotonic()
-                if hooked:
-                    pkt = Packet(now - t0, direction, "forwarded", buf, hdr, mode)
-                    self._to_worker(pkt, hooks)
-                    continue
-                data = buf[hdr:]
-                self._deliver(direction, data, [(data, "forwarded")], buf[:hdr], now, c)
+        if not link.plain():
+            self._drain_slow(link, src_fd)
             return
-        record_many = self.capture.record_many
+        read, write, monotonic = os.read, os.write, time.monotonic
+        hdr = link.src.hdr_len
+        mode = self.mode
+        direction = link.direction
+        capture = self.capture
+        t0 = capture.t0
+        lock = capture.lock
+        record_locked = capture.record_locked
+        c = link.counters
         left = BURST
         while left > 0:
             bufs: list[bytes] = []
@@ -521,207 +672,339 @@ class Relay:
                 size += len(buf)
             if bufs:
                 n = len(bufs)
-                record_many(pkts)
-                c[0] += n
-                c[1] += size - n * hdr
-                for i, buf in enumerate(bufs):
-                    try:
-                        write(dst_fd, buf)
-                    except OSError as exc:
-                        if exc.errno not in _DROP_ERRNOS:
-                            raise
-                        c[0] -= 1
-                        c[1] -= len(buf) - hdr
-                        c[2] += 1
-                        pkts[i].action = "dropped"
-                left -= n
+                with lock:
+                    record_locked(pkts)
+                    for i, buf in enumerate(bufs):
+                        try:
+                            write(dst_fd, buf)
+                        except OSError as exc:
+                            if exc.errno not in _DROP_ERRNOS:
+                                raise
+                            n -= 1
+                            size -= len(buf)
+                            c.dropped += 1
+                            pkts[i].action = "dropped"
+                    c.packets += n
+                    c.bytes += size - n * hdr
+                left -= len(bufs)
             if empty:
                 return
 
-    # -- slow path: hooks (worker threads) ---------------------------------------------------
-    def _to_worker(self, pkt: Packet, hooks: tuple[Hook, ...]) -> None:
-        direction = pkt.direction
-        worker = self._workers.get(direction)
+    # -- slow path (relay thread) -------------------------------------------------------------
+    def _drain_slow(self, link: Link, src_fd: int) -> None:
+        """Per packet, through the stages the link has: divert, hooks, rules, engine, queue,
+        timers. What is ready now goes out in one critical section at the end."""
+        read, monotonic = os.read, time.monotonic
+        hdr = link.src.hdr_len
+        mode = self.mode
+        direction = link.direction
+        t0 = self.capture.t0
+        for _ in range(BURST):
+            if (link.hooks or link.backlog) and link.backlog >= MAX_BACKLOG:
+                self._pause(link, src_fd)
+                break
+            try:
+                buf = read(src_fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _DROP_ERRNOS:
+                    break
+                raise
+            if len(buf) < COPY_BELOW:
+                buf = bytes(memoryview(buf))
+            now = monotonic()
+            pkt = Packet(now - t0, direction, "forwarded", buf, hdr, mode)
+            divert = link.divert
+            if divert is not None and self._divert(link, divert, pkt):
+                continue
+            hooks = link.hooks
+            # After the last hook goes, packets still with the worker finish first, in order.
+            if hooks or link.backlog:
+                self._to_worker(link, pkt, hooks)
+                continue
+            self._after_hooks(link, pkt, None, now)
+        self._flush()
+
+    def _divert(self, link: Link, divert: Divert, pkt: Packet) -> bool:
+        out = self._out
+        mark = len(out)
+        try:
+            taken = divert(pkt)
+        except Exception as exc:
+            exc.add_note(f"(raised by the divert function of {link.direction}; packet passed)")
+            self._add_error(exc)
+            return False
+        if taken:
+            pkt.action = "scripted"
+            # Before whatever the function wrote in answer (Relay.write queued it).
+            out.insert(mark, (pkt, pkt.frame, link, _TAKEN))
+        return bool(taken)
+
+    def _to_worker(self, link: Link, pkt: Packet, hooks: tuple[Hook, ...]) -> None:
+        worker = link.worker
         if worker is None:
-            worker = self._workers[direction] = _HookWorker(self, direction)
-        self._backlog[direction] += 1
+            worker = link.worker = _HookWorker(self, link)
+        link.backlog += 1
         worker.inbox.put((pkt, hooks))
 
-    def _pause(self, direction: str, fd: int) -> None:
-        if direction not in self._paused:
+    def _pause(self, link: Link, fd: int) -> None:
+        if not link.paused:
             self._poller.modify(fd, 0)
-            self._paused.add(direction)
+            link.paused = True
 
     def _process_done(self) -> None:
         done = self.done
-        counters = self.stats.counters
+        monotonic = time.monotonic
         while done:
-            direction, pkt, outputs, failure = done.popleft()
-            self._backlog[direction] -= 1
-            c = counters[direction]
-            now = time.monotonic()
-            if not outputs:  # dropped by a hook, or a hook failed
-                c[2] += 1
-                rec = Packet(
-                    now - self.capture.t0, direction, "dropped", pkt._raw, pkt._off, self.mode
-                )
-                self.capture.record(rec)
+            link, pkt, outputs, failure = done.popleft()
+            link.backlog -= 1
+            if not outputs:  # dropped by a hook, or a hook failed: the packet the hook saw
+                pkt.action = "dropped"
+                self._out.append((pkt, pkt.frame, link, _DROP))
                 if failure is not None:
-                    self._add_error(_hook_error(failure, rec))
+                    self._failures.append((failure, pkt))
                 continue
-            self._deliver(direction, pkt.data, outputs, pkt._raw[: pkt._off], now, c)
-        for direction in list(self._paused):
-            if self._backlog[direction] <= MAX_BACKLOG // 2:
-                self._paused.discard(direction)
-                src = self.devs[0] if direction == "a->b" else self.devs[1]
-                if src.fd is not None:
-                    self._poller.modify(src.fd, select.POLLIN)
+            self._after_hooks(link, pkt, outputs, monotonic())
+        self._flush()
+        for link in self.links.values():
+            if link.paused and link.backlog <= MAX_BACKLOG // 2:
+                link.paused = False
+                if link.src.fd is not None:
+                    self._poller.modify(link.src.fd, select.POLLIN)
                     # Packets may have queued in the kernel meanwhile: poll() will say so.
 
-    # -- slow path: impairments (relay thread) -----------------------------------------------
-    def _deliver(
-        self,
-        direction: str,
-        original: bytes,
-        outputs: list[tuple[bytes, str]],
-        vnet: bytes,
-        now: float,
-        c: list[int],
+    def _after_hooks(
+        self, link: Link, pkt: Packet, outputs: list[tuple[bytes, str]] | None, now: float
     ) -> None:
-        """Write what the hooks produced, through the direction's engine if it has one.
+        """Rules, engine and queue for what the hooks made of ``pkt`` (``None``: the hooks
+        did not run; the packet goes on unchanged).
 
-        ``vnet`` is the virtio-net header ``original`` came with; it is kept only for
-        unchanged bytes, since it may say "checksum still to do" or "GSO" about them.
+        An unchanged copy keeps the virtio-net header the packet came with (it may say
+        "checksum still to do" or "GSO" about those bytes); a changed one gets a zero one.
+        The first unchanged "forwarded" copy is ``pkt`` itself, so a hook that kept a
+        reference sees the number the capture gives it.
         """
-        dst = self.devs[1] if direction == "a->b" else self.devs[0]
-        zero = _linux.ZERO_VNET_HDR if dst.hdr_len else b""
-        engine = self.engines[direction]
-        t = now - self.capture.t0
-        for payload, action in outputs:
-            frame_hdr = vnet if payload == original else zero
-            if engine is None:
-                self._send(dst, frame_hdr + payload, t, direction, action, c)
+        dst_hdr = link.dst.hdr_len
+        zero = _linux.ZERO_VNET_HDR if dst_hdr else b""
+        original = pkt.data
+        vnet = pkt.vnet_header
+        reuse = True
+        for payload, action in outputs or ((original, "forwarded"),):
+            same = payload is original or payload == original
+            frame_hdr = vnet if same else zero
+            if reuse and same and action == "forwarded":
+                reuse = False
+                out = pkt
+                frame = pkt.frame
+            else:
+                frame = frame_hdr + payload
+                out = Packet(
+                    pkt.arrival, link.direction, action, frame, dst_hdr, self.mode, pkt.arrival
+                )
+            if link.rules and self._apply_rules(link, out, frame, now):
                 continue
-            for emit in engine.submit(payload, now):
-                self._emit(emit, payload, frame_hdr, dst, now, direction, action, c)
+            engine = link.engine
+            if engine is None:
+                self._forward(link, out, frame, now, now)
+                continue
+            emits = engine.submit(payload, now)
+            if not emits:  # held back for reordering: remember when it came
+                link.held_arrival = out.arrival
+            link.held = int(engine.deadline() is not None)
+            for emit in emits:
+                arrival = link.held_arrival if emit.action == "reordered" else out.arrival
+                self._emit(link, emit, payload, frame_hdr, now, action, arrival)
+
+    def _apply_rules(self, link: Link, pkt: Packet, frame: bytes, now: float) -> bool:
+        """True if a rule took the packet (recorded with the verdict's action)."""
+        for rule in link.rules:
+            try:
+                verdict = rule.apply(pkt, now)
+            except Exception as exc:
+                exc.add_note(f"(raised by rule {rule!r} on {link.direction}; packet passed)")
+                self._add_error(exc)
+                continue
+            if verdict is None:
+                continue
+            pkt.action = verdict.action
+            out = self._out
+            out.append((pkt, frame, link, _DROP))
+            src_hdr = link.src.hdr_len
+            reverse = "b->a" if link.direction == "a->b" else "a->b"
+            for reply in verdict.replies:
+                raw = _linux.ZERO_VNET_HDR + bytes(reply) if src_hdr else bytes(reply)
+                rec = Packet(0.0, reverse, "injected", raw, src_hdr, self.mode)
+                out.append((rec, raw, link, _REPLY))
+            return True
+        return False
 
     def _emit(
         self,
+        link: Link,
         emit: Emit,
         payload: bytes,
         frame_hdr: bytes,
-        dst: TunDevice,
         now: float,
-        direction: str,
         hook_action: str,
-        c: list[int],
+        arrival: float,
     ) -> None:
+        dst_hdr = link.dst.hdr_len
         if emit.data is not payload and emit.data != payload:  # corrupted: header invalid
-            frame_hdr = _linux.ZERO_VNET_HDR if dst.hdr_len else b""
+            frame_hdr = _linux.ZERO_VNET_HDR if dst_hdr else b""
         frame = frame_hdr + emit.data
         action = _merge(hook_action, emit.action)
+        pkt = Packet(arrival, link.direction, action, frame, dst_hdr, self.mode, arrival)
         if emit.due is None:  # lost
-            c[2] += 1
-            self.capture.record(
-                Packet(now - self.capture.t0, direction, action, frame, dst.hdr_len, self.mode)
-            )
+            self._out.append((pkt, frame, link, _DROP))
             return
-        if emit.due <= now:
-            self._send(dst, frame, now - self.capture.t0, direction, action, c)
+        self._forward(link, pkt, frame, emit.due, now)
+
+    def _forward(self, link: Link, pkt: Packet, frame: bytes, due: float, now: float) -> None:
+        """Into the queue if the link has one, else on a timer, else out now."""
+        queue = link.queue
+        if queue is not None:
+            for dropped in queue.enqueue(pkt, now):
+                self._out.append((dropped, dropped.frame, link, _DROP))
+            for ready, at in queue.dequeue_ready(now):
+                self._schedule(link, ready, ready.frame, at, now)
             return
-        index = 0 if dst is self.devs[0] else 1
-        heapq.heappush(self._timers, (emit.due, next(self._tseq), index, frame, direction, action))
+        self._schedule(link, pkt, frame, due, now)
+
+    def _schedule(self, link: Link, pkt: Packet, frame: bytes, due: float, now: float) -> None:
+        # Straight out only when nothing is waiting: a timer due earlier must not be
+        # overtaken by a packet that happens to be due now.
+        if due <= now and not link.timers:
+            self._out.append((pkt, frame, link, _WRITE))
+        else:
+            link.schedule(due, pkt, frame)
 
     def _apply_swaps(self) -> None:
         with self._swap_lock:
-            swaps, self._engine_swaps = self._engine_swaps, {}
-        for direction, engine in swaps.items():
-            old = self.engines[direction]
-            self.engines[direction] = engine
-            if old is not None:
-                # Release what the old engine held back (reorder): with their own due
-                # times, through the timer heap, so switching impairments off loses nothing.
-                self._expire(direction, old, math.inf)
+            swaps, self._swaps = self._swaps, {}
+        now = time.monotonic()
+        for (kind, direction), new in swaps.items():
+            link = self.links[direction]
+            if kind == "engine":
+                old_engine, link.engine = link.engine, new
+                if old_engine is not None:
+                    # Release what the old engine held back (reorder): with their own due
+                    # times, through the timers, so switching impairments off loses nothing.
+                    self._expire(link, old_engine, math.inf, now)
+            else:
+                old_queue, link.queue = link.queue, new
+                if old_queue is not None:
+                    for pkt, at in old_queue.dequeue_ready(math.inf):
+                        link.schedule(at, pkt, pkt.frame)
+        self._flush()
 
-    def _expire(self, direction: str, engine: ImpairmentEngine, now: float) -> None:
-        dst = self.devs[1] if direction == "a->b" else self.devs[0]
-        zero = _linux.ZERO_VNET_HDR if dst.hdr_len else b""
-        c = self.stats.counters[direction]
-        t = time.monotonic()
-        for emit in engine.expire(now):
-            self._emit(emit, emit.data, zero, dst, t, direction, "forwarded", c)
+    def _expire(self, link: Link, engine: ImpairmentEngine, until: float, now: float) -> None:
+        zero = _linux.ZERO_VNET_HDR if link.dst.hdr_len else b""
+        for emit in engine.expire(until):
+            self._emit(link, emit, emit.data, zero, now, "forwarded", link.held_arrival)
+        link.held = int(link.engine is not None and link.engine.deadline() is not None)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        for direction, engine in self.engines.items():
+        out = self._out
+        for link in self.links.values():
+            engine = link.engine
             if engine is not None:
                 d = engine.deadline()
                 if d is not None and d <= now:
-                    self._expire(direction, engine, now)
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _due, _seq, index, frame, direction, action = heapq.heappop(timers)
-            self._send(
-                self.devs[index],
-                frame,
-                now - self.capture.t0,
-                direction,
-                action,
-                self.stats.counters[direction],
-            )
+                    self._expire(link, engine, now, now)
+            queue = link.queue
+            if queue is not None:
+                d = queue.deadline()
+                if d is not None and d <= now:
+                    for pkt, at in queue.dequeue_ready(now):
+                        link.schedule(at, pkt, pkt.frame)
+            if link.timers:
+                for pkt, frame in link.pop_due(now):
+                    out.append((pkt, frame, link, _WRITE))
+        self._flush()
 
-    def _send(
-        self, dst: TunDevice, frame: bytes, t: float, direction: str, action: str, c: list[int]
-    ) -> None:
-        # Record first, for the same reason as in _drain.
-        hdr = dst.hdr_len
-        size = len(frame) - hdr
-        c[0] += 1
-        c[1] += size
-        pkt = Packet(t, direction, action, frame, hdr, self.mode)
-        self.capture.record(pkt)
-        fd = dst.fd
-        try:
-            if fd is None:
-                raise OSError(errno.EBADFD, "device closed")
-            os.write(fd, frame)
-        except OSError as exc:
-            if exc.errno not in _DROP_ERRNOS:
-                raise
-            c[0] -= 1
-            c[1] -= size
-            c[2] += 1
-            pkt.action = "dropped"
+    def _flush(self) -> None:
+        """Record and write what the stages made ready, in one critical section (see
+        :meth:`_drain`); then raise the hook errors, which name the recorded packets."""
+        out = self._out
+        if out:
+            self._out = []
+            capture = self.capture
+            with capture.lock:
+                t = time.monotonic() - capture.t0
+                for entry in out:
+                    entry[0].time = t
+                capture.record_locked([entry[0] for entry in out])
+                for pkt, frame, link, kind in out:
+                    c = link.counters
+                    if kind == _DROP:
+                        c.dropped += 1
+                        continue
+                    if kind == _TAKEN:
+                        c.packets += 1
+                        c.bytes += pkt.wire_len
+                        continue
+                    dev = link.src if kind == _REPLY else link.dst
+                    try:
+                        fd = dev.fd
+                        if fd is None:
+                            raise OSError(errno.EBADFD, "device closed")
+                        os.write(fd, frame)
+                    except OSError as exc:
+                        if exc.errno not in _DROP_ERRNOS:
+                            raise
+                        pkt.action = "dropped"
+                        if kind == _WRITE:
+                            c.dropped += 1
+                        continue
+                    if kind == _WRITE:
+                        c.packets += 1
+                        c.bytes += pkt.wire_len
+        if self._failures:
+            failures, self._failures = self._failures, []
+            for failure, pkt in failures:
+                self._add_error(_hook_error(failure, pkt))
 
     def _discard_in_flight(self) -> None:
         """At stop (threads joined): record what never reached the other device."""
+        self._out = []
+        out = self._out
         t = time.monotonic() - self.capture.t0
-        counters = self.stats.counters
-        leftovers: list[tuple[str, bytes, int]] = []
-        for direction, engine in self.engines.items():
-            if engine is not None:
-                for emit in engine.expire(math.inf):
-                    leftovers.append((direction, emit.data, 0))
-        for _due, _seq, index, frame, direction, _action in sorted(self._timers):
-            leftovers.append((direction, frame, self.devs[index].hdr_len))
-        self._timers.clear()
-        for direction, pkt, outputs, failure in self.done:
+        for link in self.links.values():
+            hdr = link.dst.hdr_len
+            zero = _linux.ZERO_VNET_HDR if hdr else b""
+            if link.engine is not None:
+                for emit in link.engine.expire(math.inf):
+                    pkt = Packet(t, link.direction, "dropped", zero + emit.data, hdr, self.mode)
+                    out.append((pkt, pkt.frame, link, _DROP))
+            if link.queue is not None:
+                for pkt, _at in link.queue.dequeue_ready(math.inf):
+                    link.schedule(math.inf, pkt, pkt.frame)
+            for _due, _seq, pkt, frame in sorted(link.timers, key=lambda e: e[:2]):
+                pkt.action = "dropped"
+                out.append((pkt, frame, link, _DROP))
+            link.timers.clear()
+        for link, pkt, _outputs, failure in self.done:
             if failure is not None:
-                self._add_error(_hook_error(failure, pkt))
-            for data, _a in outputs or [(pkt.data, "")]:
-                leftovers.append((direction, data, 0))
+                self._failures.append((failure, pkt))
+            pkt.action = "dropped"
+            out.append((pkt, pkt.frame, link, _DROP))
         self.done.clear()
-        for worker in self._workers.values():
+        for link in self.links.values():
+            worker = link.worker
+            if worker is None:
+                continue
             while True:
                 try:
                     item = worker.inbox.get_nowait()
                 except queue.Empty:
                     break
                 if item is not None:
-                    leftovers.append((item[0].direction, item[0].data, 0))
-        for direction, frame, off in leftovers:
-            counters[direction][2] += 1
-            self.capture.record(Packet(t, direction, "dropped", frame, off, self.mode))
+                    pkt = item[0]
+                    pkt.action = "dropped"
+                    out.append((pkt, pkt.frame, link, _DROP))
+        self._flush()
 
 
 def _hook_error(failure: _HookFailure, rec: Packet) -> HookError:

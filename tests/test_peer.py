@@ -131,6 +131,13 @@ def test_client_data_round_trips_through_tcp_accept(
     tun_pair: TunPair, peer: ScriptedPeer, v6: bool
 ) -> None:
     _round_trip(tun_pair, peer, v6)
+
+    def scripted_all(_: object) -> bool:
+        # The relay records a batch once it has been through the divert: a moment after
+        # the peer got the packets.
+        return sum(p.action == "scripted" for p in tun_pair.packets) >= len(peer.packets)
+
+    tun_pair.packets.wait_for(scripted_all)
     scripted = [p for p in tun_pair.packets if p.action == "scripted"]
     assert scripted and all(p.direction == "a->b" for p in scripted)
     assert len(scripted) == len(peer.packets)

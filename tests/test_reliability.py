@@ -187,7 +187,6 @@ def test_thousands_of_random_injections_never_break_the_relay(tun_pair: TunPair)
         with pytest.raises(TypeError):
             tun_pair.a.inject(junk)
     assert outcomes["ok"] > 0 and outcomes["ValueError"] > 0, outcomes
-    assert tun_pair._relay is not None and tun_pair._relay.alive
     assert _ping(tun_pair)
     tun_pair.check()  # nothing went wrong inside the relay
 
@@ -304,5 +303,4 @@ def test_writes_into_a_down_device_count_as_drops(tun_pair: TunPair) -> None:
     assert len(dropped) == 5 and all(p.scapy.dst == tun_pair.b.ip for p in dropped)
     assert tun_pair.stats["a->b"]["dropped"] == 5
     assert tun_pair.stats["a->b"]["packets"] == 0
-    assert tun_pair._relay is not None and tun_pair._relay.alive
     tun_pair.check()

@@ -1,0 +1,195 @@
+"""One direction of the relay: everything ``a->b`` (or ``b->a``) owns, in one object.
+
+The relay thread owns a :class:`Link` per direction and runs each packet through its stages
+in this order::
+
+    read (stamp arrival) -> divert -> hooks -> rules -> engine -> queue -> delay timers -> write
+
+A stage that is not configured costs one attribute test; with none configured the relay
+takes its batched fast path. Other threads never write these fields: they ask the relay
+(``Relay.add_hook``, ``set_engine``, ``add_rule``, ``set_divert``, ``set_queue``), which
+either swaps a copy-on-write tuple (read by the relay without a lock) or hands the change
+to the relay thread.
+
+The pieces other modules plug in are defined here as protocols: a :class:`Rule` returns a
+:class:`Verdict`; a divert function takes packets away from the link (a scripted peer); a
+:class:`Queue` is the bottleneck (limit, AQM, rate service).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ._capture import Counters, Packet
+
+if TYPE_CHECKING:
+    from ._impair import ImpairmentEngine
+    from ._relay import Hook, _HookWorker
+
+__all__ = ["Divert", "Link", "Queue", "Rule", "Verdict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a :class:`Rule` decided for a packet it does not let through.
+
+    The packet is recorded with ``action`` and counted as dropped. Each of ``replies`` (a
+    frame as the device takes it, without virtio-net header: a TCP RST, an ICMP error) is
+    written back into the *source* device, so the sender's kernel receives it, and
+    recorded as ``"injected"`` in the reverse direction.
+    """
+
+    action: str = "dropped"
+    replies: Sequence[bytes] = ()
+
+
+class Rule(Protocol):
+    """A per-packet rule (an outage, a fault, a path MTU), run in the relay thread after
+    the hooks and before the impairment engine. ``now`` is ``time.monotonic()``."""
+
+    def apply(self, pkt: Packet, now: float) -> Verdict | None:
+        """``None`` lets the packet pass; a :class:`Verdict` takes it off the link."""
+        ...
+
+
+#: Runs first, in the relay thread, for every packet read: ``True`` means "taken" (the
+#: packet is recorded as ``"scripted"`` and not written to the other device).
+Divert = Callable[[Packet], bool]
+
+
+class Queue(Protocol):
+    """The bottleneck between the engine and the propagation delay, owned by the relay
+    thread. Packets carry their frame (``Packet.frame``) and ``arrival``."""
+
+    def enqueue(self, pkt: Packet, now: float) -> Sequence[Packet]:
+        """Take ``pkt``; return the packets dropped now (it, or older ones), each with its
+        ``action`` set (``"dropped"``). The relay records and counts them."""
+        ...
+
+    def dequeue_ready(self, now: float) -> Sequence[tuple[Packet, float]]:
+        """Packets whose service ended by ``now``, in departure order, each with the
+        ``time.monotonic()`` time it is to be written (service end + propagation delay).
+        ``dequeue_ready(math.inf)`` empties the queue."""
+        ...
+
+    def deadline(self) -> float | None:
+        """When :meth:`dequeue_ready` next has something, ``None`` when empty."""
+        ...
+
+    def __len__(self) -> int:
+        """Packets held now; :meth:`Relay.pending` calls it from other threads too."""
+        ...
+
+
+# What a timer heap entry is: (due, tie-break, packet, frame to write).
+_Timer = tuple[float, int, Packet, bytes]
+
+
+class Link:
+    """One direction's state: its stages, hook worker, back-pressure and counters.
+
+    ``src``/``dst`` are the devices it reads from and writes to (anything with ``fd``,
+    ``name``, ``mode`` and ``hdr_len``).
+    """
+
+    __slots__ = (
+        "_tseq",
+        "backlog",
+        "counters",
+        "direction",
+        "divert",
+        "dst",
+        "engine",
+        "held",
+        "held_arrival",
+        "hooks",
+        "paused",
+        "queue",
+        "rules",
+        "src",
+        "timers",
+        "worker",
+    )
+
+    def __init__(self, direction: str, src: _Device, dst: _Device, counters: Counters) -> None:
+        self.direction = direction
+        self.src = src
+        self.dst = dst
+        self.counters = counters
+        #: Copy-on-write: the relay thread reads it without a lock.
+        self.hooks: tuple[Hook, ...] = ()
+        #: Copy-on-write, like ``hooks``.
+        self.rules: tuple[Rule, ...] = ()
+        self.divert: Divert | None = None
+        self.engine: ImpairmentEngine | None = None
+        self.queue: Queue | None = None
+        self.worker: _HookWorker | None = None
+        #: Packets handed to the hook worker and not handed back yet.
+        self.backlog = 0
+        #: The relay stopped polling ``src`` (the backlog reached ``MAX_BACKLOG``).
+        self.paused = False
+        self.timers: list[_Timer] = []
+        #: 1 while the engine holds a packet back (for reordering); kept by the relay thread
+        #: so that other threads can count it without touching the engine.
+        self.held = 0
+        #: When that packet was read.
+        self.held_arrival = 0.0
+        self._tseq = itertools.count()
+
+    def plain(self) -> bool:
+        """Nothing configured and nothing in flight through the worker: the fast path."""
+        return not (
+            self.hooks or self.backlog or self.engine or self.rules or self.divert or self.queue
+        )
+
+    def wants_segments(self) -> bool:
+        """A stage that must see wire-sized packets (not GSO super-packets) is set."""
+        return bool(self.hooks or self.rules or self.divert)
+
+    def schedule(self, due: float, pkt: Packet, frame: bytes) -> None:
+        heapq.heappush(self.timers, (due, next(self._tseq), pkt, frame))
+
+    def pop_due(self, now: float) -> list[tuple[Packet, bytes]]:
+        """Timers due by ``now``, earliest first."""
+        timers = self.timers
+        out = []
+        while timers and timers[0][0] <= now:
+            _due, _seq, pkt, frame = heapq.heappop(timers)
+            out.append((pkt, frame))
+        return out
+
+    def deadline(self) -> float | None:
+        """The earliest time this link has something to do (timer, engine hold, queue)."""
+        due = self.timers[0][0] if self.timers else None
+        for source in (self.engine, self.queue):
+            if source is not None:
+                d = source.deadline()
+                if d is not None and (due is None or d < due):
+                    due = d
+        return due
+
+    def pending(self) -> int:
+        """Packets this link holds now: with the hook worker, on a timer, in the engine
+        (a packet held for reordering), in the queue."""
+        queue = self.queue
+        return self.backlog + len(self.timers) + self.held + (len(queue) if queue else 0)
+
+    def __repr__(self) -> str:
+        return f"<Link {self.direction} hooks={len(self.hooks)} pending={self.pending()}>"
+
+
+class _Device(Protocol):
+    """What a link needs of a device (a ``TunDevice``, or a socket stand-in in tests)."""
+
+    @property
+    def fd(self) -> int | None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def hdr_len(self) -> int: ...
