@@ -30,6 +30,8 @@ from . import _neigh
 from ._capture import Capture, Packet, trace
 from ._errors import PacketTimeout, TunPairError
 from ._tcpseg import (
+    ETH_P_IP,
+    ETH_P_IPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
     Segment,
@@ -159,7 +161,7 @@ class ScriptedPeer:
                         self._divert.write(answer)
                 return True
             where = l3_offset(data, self.mode)
-            if where is None:
+            if where is None or where[1] not in (ETH_P_IP, ETH_P_IPV6):
                 return False
             hdr = ip_header(data, where[0])
             if hdr is None or hdr[2] not in self._mine:
@@ -296,8 +298,9 @@ class ScriptedPeer:
     def describe(self) -> str:
         """For failure reports: what the peer got, and what the script never looked at."""
         state = "active" if self.active else "closed"
+        n = len(self.packets)
         lines = [
-            f"scripted peer on {self._me.name} ({state}): {len(self.packets)} packets handed to it"
+            f"scripted peer on {self._me.name} ({state}): {n} {_plural(n, 'packet')} handed to it"
         ]
         left = self.unexpected()
         if left:
@@ -425,6 +428,10 @@ class ScriptedPeer:
     def _register(self, conn: ScriptedTcp) -> None:
         key = (conn.local[0], conn.local[1], conn.remote[0], conn.remote[1])
         self._flows[key] = conn
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else word + "s"
 
 
 def _norm(addr: str) -> str:

@@ -464,7 +464,7 @@ def test_failure_report_lists_what_the_script_never_looked_at(pytester: pytest.P
     result.stdout.fnmatch_lines(
         [
             "*Captured packets call*",
-            "scripted peer on tun1 (active): 1 packets handed to it, 1 the script never looked at:",
+            "scripted peer on tun1 (active): 1 packet handed to it, 1 the script never looked at:",
             "*UDP 198.18.0.1:* > 198.18.0.2:4242*",
         ]
     )
