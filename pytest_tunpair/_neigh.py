@@ -1,7 +1,7 @@
 """ARP and IPv6 neighbour answers a scripted peer sends on TAP -- pure functions, no I/O.
 
 Built with ``struct``, not scapy: they are made in the relay thread, which must never wait
-for scapy's first import (kernel-notes: about 1.5 s).
+for scapy's first import (docs/internals.md, "Import cost of scapy and pyroute2").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Header parsing and sequence arithmetic for the scripted peer -- pure functions, no I/O.
 
 The peer decodes every packet handed to it in the test thread to track TCP state, so this
-reads the few fields it needs straight from the bytes (kernel-notes: a struct parser is
-about 40x cheaper than a scapy decode) and leaves scapy to the user's own asserts.
+reads the few fields it needs straight from the bytes (docs/internals.md, "scapy decode
+cost": a struct parser is about 40x cheaper than a scapy decode) and leaves scapy to the user's own asserts.
 """
 
 from __future__ import annotations

@@ -278,7 +278,8 @@ def test_three_dup_acks_trigger_fast_retransmit(
     conn.auto_ack = False
     # The SYN-ACK's window is never scaled (RFC 7323 2.2), so the first ACK after it
     # changes the window -- and an ACK that does is no duplicate (RFC 5681 2, item e;
-    # docs/internals.md, "Peer: the first ACK after the handshake is a window update").
+    # docs/internals.md, "Peer: the first ACK after the handshake is a window update, not
+    # a duplicate").
     conn.ack()
     s1 = conn.recv()
     lost = s1.scapy[TCP].seq  # pretend the first segment never arrived
