@@ -20,11 +20,21 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   5 %. Also the plugin's own import time, and whether scapy or pyroute2 were imported by
   the time collection finished (they must not be).
 - ``latency``: ping RTT through the pair (median) vs ping over ``lo``; goal < 0.5 ms.
+- ``daemons``: how late ``spawn(ready=PORT)`` returns after the server's ``listen()``
+  (the server stamps CLOCK_MONOTONIC right after it; goal < 60 ms; the poll backs off
+  to every 20 ms); and drained teardown: a FIN held by ``delay=200ms`` is delivered,
+  so ``close()`` takes about the delay (goal 200-500 ms), and ``drain=0.5`` caps the wait
+  under a 2 s delay (goal 0.5-0.8 s).
 - ``timing``: delays applied by the relay, configured vs achieved: for ``delay`` = 100 us,
   1 ms, 20 ms (and 1 s without ``--quick``), the departure error of each UDP datagram (its ``sojourn`` -- written
   minus read, on the relay's clock -- minus the delay; median and 99th percentile; goals
   < 100 us and < 1 ms), with the relay thread's CPU time per packet; and ping RTT through
   ``delay="200us"`` each way vs the same pair without delay + 0.4 ms.
+- ``link``: the bottleneck queue, configured vs achieved in the same run: ``rate`` (1, 20,
+  100 Mbit/s) under a 1.5x UDP overload; the bound (ping RTT through a full
+  ``rate="10mbit"`` buffer against ``limit`` x one packet's time); CoDel's queueing delay
+  with four Cubic flows against its 5 ms target (drop-tail for reference); and iperf3
+  through ``rate``, ``delay`` and a queue (goal >= 1 Gbit/s, the plain pair beside it).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
 
@@ -67,7 +77,7 @@ _ENV = dict(
     os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 )
 
-SECTIONS = ("throughput", "overhead", "unused", "latency", "timing", "memory")
+SECTIONS = ("throughput", "overhead", "unused", "latency", "daemons", "timing", "link", "memory")
 IPERF_PORT = 5201
 GIB = 1 << 30
 MIB = 1 << 20
@@ -655,6 +665,102 @@ def bench_latency(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+_STAMPING_SERVER = """
+import socket, sys, time
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+with open(sys.argv[3], "w") as f:
+    f.write(repr(time.monotonic()))  # CLOCK_MONOTONIC: the same clock in every process
+conn, _ = s.accept()
+while conn.recv(65536):
+    pass
+time.sleep(60)
+"""
+
+
+def _fin_teardown(delay: str, drain: float, port: int) -> tuple[float, bool]:
+    """close() time of a pair whose client's FIN waits in ``delay``; whether it arrived."""
+    import socket
+
+    from pytest_tunpair import TunPair
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stamp = os.path.join(tmp, "stamp")
+        pair = TunPair(drain=drain).open()
+        try:
+            pair.spawn(
+                [sys.executable, "-c", _STAMPING_SERVER, pair.b.ip or "", str(port), stamp],
+                ready=port,
+            )
+            with socket.create_connection((pair.b.ip, port), timeout=10) as client:
+                client.sendall(b"x")
+                pair.packets.wait_for(lambda p: p.direction == "b->a" and p.seq > 2, timeout=5)
+                pair.impair(delay=delay)
+            started = time.monotonic()
+        finally:
+            pair.close()
+        took = time.monotonic() - started
+        from scapy.layers.inet import TCP
+
+        fin = any(
+            p.direction == "a->b" and p.action != "dropped" and p.scapy[TCP].flags.F
+            for p in pair.packets
+            if p.haslayer(TCP)
+        )
+        return took, fin
+
+
+def bench_daemons(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    n = 5 if a.quick else 30
+    lags = []
+    with TunPair() as pair, tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            stamp = os.path.join(tmp, f"stamp{i}")
+            port = 9000 + i
+            proc = pair.spawn(
+                [sys.executable, "-c", _STAMPING_SERVER, pair.b.ip or "", str(port), stamp],
+                ready=port,
+            )
+            returned = time.monotonic()
+            with open(stamp) as f:
+                lags.append(returned - float(f.read()))
+            proc.kill()
+            proc.wait()
+    rep.raw["daemons"] = {"ready_lag": lags}
+    rep.add(
+        "daemons",
+        f"spawn(ready=PORT) returns after listen() (median of {n})",
+        fmt_ms(med(lags)),
+        f"max {fmt_ms(max(lags))}",
+        "",
+        "< 60 ms",
+        med(lags) < 0.060,
+    )
+    took, fin = _fin_teardown("200ms", 1.0, 7001)
+    rep.raw["daemons"]["drain_200ms"] = took
+    rep.add(
+        "daemons",
+        "teardown, FIN delayed 200 ms (drain=1.0)",
+        f"{took * 1000:.0f} ms" + ("" if fin else ", FIN NOT delivered"),
+        "delay 200 ms",
+        f"{took / 0.2:.2f}",
+        "200-500 ms, FIN delivered",
+        fin and 0.19 <= took <= 0.5,
+    )
+    took, _fin = _fin_teardown("2s", 0.5, 7002)
+    rep.raw["daemons"]["drain_cap"] = took
+    rep.add(
+        "daemons",
+        "teardown, FIN delayed 2 s (drain=0.5)",
+        f"{took * 1000:.0f} ms",
+        "drain 500 ms",
+        f"{took / 0.5:.2f}",
+        "500-800 ms",
+        0.49 <= took <= 0.8,
+    )
+
+
 def pct(xs: Sequence[float], q: float) -> float:
     """The ``q``-quantile (0..1) of ``xs``, nearest rank."""
     ys = sorted(xs)
@@ -738,6 +844,155 @@ def bench_timing(rep: Report, a: argparse.Namespace) -> None:
         "+0.40 ms +- 0.2",
         abs(med(slow) - want) < 0.0002,
     )
+
+
+# -- link: the bottleneck queue, configured vs achieved ----------------------------------------
+
+UDP_SIZE = 1400  # datagram payload; 1428 bytes on the wire (IPv4 + UDP headers)
+
+
+def udp_overload_args(host: str, rate_bps: float, seconds: float) -> list[str]:
+    """iperf3 (C, steady at any rate this machine carries) sending paced UDP to ``host``."""
+    return [
+        "iperf3", "-c", host, "-p", str(IPERF_PORT), "-u", "-b", f"{rate_bps:.0f}",
+        "-l", str(UDP_SIZE), "-t", f"{seconds:g}", "-J",
+    ]  # fmt: skip
+
+
+def achieved_rate(pair: Any, skip: float) -> float:
+    """Bits/s the a->b link delivered, from the capture: the wire bytes written between the
+    first and last delivery after ``skip`` seconds of the run (the queue is full by then)."""
+    out = [p for p in pair.packets if p.direction == "a->b" and p.action == "delayed"]
+    t_first = out[0].time + skip
+    steady = [p for p in out if p.time >= t_first]
+    if len(steady) < 3:
+        raise RuntimeError(f"only {len(steady)} packets delivered: cannot measure a rate")
+    bits = sum(p.wire_len for p in steady[1:]) * 8  # the first one's last bit opens it
+    return bits / (steady[-1].time - steady[0].time)
+
+
+def bench_link(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+
+    secs = 1.5 if a.quick else 4.0
+    raw: dict[str, Any] = {}
+    # Rate: UDP at 1.5x the configured rate, so the wire is never idle; the achieved rate
+    # is what the relay wrote, per second, once the queue is full.
+    for label, rate in (("1mbit", 1e6), ("20mbit", 20e6), ("100mbit", 100e6)):
+        with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+            pair.impair(rate=label, direction="a->b")
+            run(udp_overload_args(pair.b.ip or "", rate * 1.5, max(secs, 2.0)), timeout=60)
+            got = achieved_rate(pair, 0.5)
+            pair.check()
+        raw[f"rate {label}"] = got
+        rep.add(
+            "link",
+            f"rate={label}: delivered under 1.5x UDP overload",
+            f"{got / 1e6:.3f} Mbit/s",
+            f"configured {rate / 1e6:g} Mbit/s",
+            f"{got / rate:.3f}",
+            "1.00 +- 0.02",
+            abs(got / rate - 1) <= 0.02,
+        )
+    # The bound: ping through a full buffer waits for the packets ahead of it, which the
+    # bound caps at limit x one packet's time on the wire.
+    for limit in (50, 200):
+        with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+            base = med(ping_rtts(pair.b.ip or "", 10))
+            pair.impair(rate="10mbit", limit=limit, direction="a->b")
+            with popen(udp_overload_args(pair.b.ip or "", 20e6, secs + 2.0)) as flood:
+                time.sleep(1.0)
+                # Pings that find the buffer full are dropped, as on a real link: send
+                # enough for a median.
+                rtts = ping_rtts(pair.b.ip or "", 20 if a.quick else 60)
+                flood.wait(60)
+            stats = pair.stats["a->b"]
+            pair.check()
+        want = limit * (UDP_SIZE + 28) * 8 / 10e6 + base
+        raw[f"bound {limit}"] = {"rtts": rtts, "base": base, "stats": stats}
+        rep.add(
+            "link",
+            f"ping RTT, 2x UDP overload into rate=10mbit limit={limit} (median of {len(rtts)})",
+            fmt_ms(med(rtts)),
+            f"limit x packet time + base {fmt_ms(want)}",
+            f"{med(rtts) / want:.2f}",
+            "0.80 .. 1.10",
+            0.8 <= med(rtts) / want <= 1.1,
+        )
+        rep.add(
+            "link",
+            f"  queue_peak, dropped (limit={limit})",
+            f"{stats['queue_peak']}, {stats['dropped']} of {stats['dropped'] + stats['packets']}",
+        )
+    # CoDel against TCP filling the link: Cubic flows into 20 Mbit/s. The queueing delay
+    # is a packet's sojourn minus its own time on the wire; CoDel aims at 5 ms, drop-tail
+    # (1000 packets) is the reference. Wire-sized packets (offload=False) as a 20 Mbit/s
+    # link carries them; with offload on, the kernel's GSO super-packets (up to ~9 ms each
+    # on this wire) make the queue coarser, shown for reference.
+    cases = [
+        ("codel", 1, False, {}),
+        ("codel", 4, False, {}),
+        ("codel", 1, True, {}),
+        ("droptail", 1, False, {"limit": 1000}),
+    ]
+    for queue, flows, offload, extra in cases:
+        with TunPair(ipv6=None, offload=offload) as pair:
+            pair.impair(rate="20mbit", queue=queue, direction="a->b", **extra)
+            with iperf_server(pair.b.ip or ""):
+                t_start = time.monotonic() - pair.packets.t0
+                args = ["-t", str(secs + 1), "-P", str(flows), "-C", "cubic"]
+                iperf_client(pair.b.ip or "", args)
+            delays = [
+                p.sojourn - p.wire_len * 8 / 20e6
+                for p in pair.packets
+                if p.direction == "a->b"
+                and p.action == "delayed"
+                and p.wire_len > 200
+                and p.arrival > t_start + 1.0
+            ]
+            pair.check()
+        what = f"{flows} Cubic flow{'s' if flows > 1 else ''}, offload={offload}"
+        raw[f"sojourn {queue} {what}"] = delays
+        if queue == "droptail":
+            rep.add(
+                "link",
+                f"  queueing delay, {what}, queue=droptail limit=1000 (reference)",
+                f"median {fmt_ms(med(delays))}",
+            )
+            continue
+        goal = not offload
+        rep.add(
+            "link",
+            f"{'' if goal else '  '}queueing delay, {what}, rate=20mbit queue=codel",
+            f"median {fmt_ms(med(delays))}, p90 {fmt_ms(pct(delays, 0.9))}",
+            "target 5.00 ms",
+            f"{med(delays) / 0.005:.2f}",
+            "<= 3x target" if goal else "",
+            med(delays) <= 0.015 if goal else None,
+        )
+    # The impaired path at full speed: rate, delay and a queue, no hooks (offload stays on,
+    # the queue paces GSO super-packets by their wire length).
+    samples = []
+    plain = []
+    for _ in range(1 if a.quick else 3):
+        with TunPair() as pair:
+            with iperf_server(pair.b.ip or ""):
+                plain.append(gbits(iperf_client(pair.b.ip or "", ["-t", str(secs)])))
+            pair.impair(rate="5gbit", delay="1ms", limit=5000)
+            with iperf_server(pair.b.ip or ""):
+                samples.append(gbits(iperf_client(pair.b.ip or "", ["-t", str(secs)])))
+            pair.check()
+    raw["impaired throughput"] = {"impaired": samples, "plain": plain}
+    rep.add(
+        "link",
+        'iperf3 TCP through rate="5gbit" delay="1ms" limit=5000, MTU 1500',
+        f"{med(samples):.2f} Gbit/s",
+        f"no impairment {med(plain):.2f} Gbit/s",
+        f"{med(samples) / med(plain):.2f}",
+        ">= 1 Gbit/s",
+        med(samples) >= 1.0,
+    )
+    rep.raw["link"] = raw
 
 
 def _vm(key: str) -> int:
@@ -828,7 +1083,9 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "overhead": bench_overhead,
     "unused": bench_unused,
     "latency": bench_latency,
+    "daemons": bench_daemons,
     "timing": bench_timing,
+    "link": bench_link,
     "memory": bench_memory,
 }
 
@@ -837,7 +1094,9 @@ NEEDS = {
     "overhead": ["ip"],
     "unused": [],
     "latency": ["ping"],
+    "daemons": [],
     "timing": ["ping"],
+    "link": ["iperf3", "ping"],
     "memory": ["iperf3"],
 }
 

@@ -8,8 +8,10 @@ from scapy.layers.inet import UDP
 def test_each_direction_keeps_its_delay(tun_pair):
     tun_pair.impair(delay="2ms", direction="a->b")
     tun_pair.impair(delay="500us", direction="b->a")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
         server.bind((tun_pair.b.ip, 0))
         server.settimeout(5)
         client.settimeout(5)

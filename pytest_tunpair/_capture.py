@@ -240,7 +240,7 @@ def _format_seconds(seconds: float) -> str:
 class Counters:
     """One direction's counters; the relay thread adds to them, :class:`Stats` reads."""
 
-    __slots__ = ("bytes", "dropped", "packets")
+    __slots__ = ("bytes", "dropped", "marked", "packets", "queue_peak")
 
     def __init__(self) -> None:
         #: Packets written to the other device.
@@ -248,11 +248,21 @@ class Counters:
         #: Their bytes (without the virtio-net header).
         self.bytes = 0
         #: Packets the relay did not deliver (dropped by a hook, a rule, an impairment's
-        #: loss, a failed write, or still in flight when the pair closed).
+        #: loss, the link's queue, a failed write, or still in flight when the pair closed).
         self.dropped = 0
+        #: Packets written CE-marked instead of dropped (``ecn=True``), recorded "marked".
+        self.marked = 0
+        #: The most packets the direction's queue held at once.
+        self.queue_peak = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped}
+        return {
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "dropped": self.dropped,
+            "marked": self.marked,
+            "queue_peak": self.queue_peak,
+        }
 
 
 class Stats:
@@ -456,6 +466,38 @@ class Capture(Sequence[Packet]):
             self._packets.clear()
             self._bytes = 0
             self.evicted = 0
+
+    def mark(self) -> int:
+        """The sequence number the next recorded packet gets: ``since(mark)`` later returns
+        what was recorded from now on."""
+        return self._next_seq
+
+    def since(self, start: int) -> list[Packet]:
+        """Kept packets whose sequence number (``Packet.seq``) is ``start`` or later, e.g.
+        ``tun_pair.packets.since(tun_pair.test_start)``: the current test's packets."""
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TypeError(f"since({start!r}): give a sequence number (Packet.seq, mark())")
+        with self._cond:
+            return self._since(start - 1)
+
+    def view(self, start: int) -> Capture:
+        """A frozen :class:`Capture` of the packets :meth:`since` ``start`` (for reports and
+        pcap files of one test of a longer-lived pair)."""
+        out = Capture(
+            mode=self.mode,
+            max_packets=self.max_packets,
+            capture_bytes=self.capture_bytes,
+            snaplen=self.snaplen,
+        )
+        out.t0, out.wall_t0 = self.t0, self.wall_t0
+        with self._cond:
+            packets = self._since(start - 1)
+            first = self._packets[0].seq if self._packets else self._next_seq
+            out.evicted = max(0, min(first, self._next_seq) - start)
+            out._next_seq = self._next_seq
+        out._packets.extend(packets)
+        out._bytes = sum(len(p._raw) for p in packets)
+        return out
 
     def _since(self, seq: int) -> list[Packet]:
         """Packets with a sequence number above ``seq`` (caller holds the lock).

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import shlex
 import signal
 import subprocess
@@ -555,12 +554,14 @@ class Session:
 
     def _stop_leftovers(self, pair: TunPair) -> None:
         """End processes COMMAND left in the namespace: its relay is about to go away."""
-        leftovers = _processes_in(pair.netns_path)
-        if not leftovers:
-            return
-        names = ", ".join(f"{pid} ({_comm(pid)})" for pid in leftovers)
-        self.say(f"stopping {plural(len(leftovers), 'process')} left in the namespace: {names}")
-        _terminate(leftovers, grace=_LEFTOVER_GRACE)
+        from ._procs import stop_all
+
+        names = stop_all(os.stat(pair.netns_path), grace=_LEFTOVER_GRACE)
+        if names:
+            self.say(
+                f"stopped {plural(len(names), 'process')} left in the namespace: "
+                + "; ".join(names)
+            )
 
     def _close(self, pair: TunPair) -> bool:
         try:
@@ -571,11 +572,16 @@ class Session:
         return False
 
     def _summary(self, pair: TunPair) -> str:
-        parts = [
-            f"{d} {plural(s['packets'], 'packet')} ({s['bytes']} bytes"
-            + (f", {s['dropped']} not delivered)" if s["dropped"] else ")")
-            for d, s in pair.stats.items()
-        ]
+        parts = []
+        for d, s in pair.stats.items():
+            more = [f"{s['bytes']} bytes"]
+            if s["dropped"]:
+                more.append(f"{s['dropped']} not delivered")
+            if s.get("marked"):
+                more.append(f"{s['marked']} ECN-marked")
+            if s.get("device_dropped"):
+                more.append(f"{s['device_dropped']} dropped by the device before the relay")
+            parts.append(f"{d} {plural(s['packets'], 'packet')} ({', '.join(more)})")
         text = "carried " + ", ".join(parts)
         if self.plan.pcap is not None:
             text += f"; wrote {plural(len(pair.packets), 'packet')} to {self.plan.pcap}"
@@ -592,73 +598,6 @@ def nsenter_command(pair: TunPair) -> str:
             f"--net={pair.netns_path}"
         )
     return f"nsenter --net={pair.netns_path}"
-
-
-def _processes_in(netns_path: str) -> dict[int, int]:
-    """``{pid: pidfd}`` of the processes (other than us) in the namespace at ``netns_path``."""
-    ns = os.stat(netns_path)
-    me = os.getpid()
-    found: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        pid = int(name)
-        try:
-            st = os.stat(f"/proc/{pid}/ns/net")
-            if (st.st_dev, st.st_ino) != (ns.st_dev, ns.st_ino):
-                continue
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue  # gone meanwhile, or not ours to see
-        # Re-check through the pidfd's pid: the first look may have been at a reused pid.
-        try:
-            st = os.stat(f"/proc/{pid}/ns/net")
-            same = (st.st_dev, st.st_ino) == (ns.st_dev, ns.st_ino)
-        except OSError:
-            same = False
-        if same:
-            found[pid] = pidfd
-        else:
-            os.close(pidfd)
-    return found
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def _terminate(procs: dict[int, int], *, grace: float) -> None:
-    """SIGTERM, wait up to ``grace`` s on the pidfds (readable once a process exits), SIGKILL."""
-    try:
-        for pidfd in procs.values():
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        poller = select.poll()
-        for pidfd in procs.values():
-            poller.register(pidfd, select.POLLIN)
-        alive = set(procs.values())
-        deadline = time.monotonic() + grace
-        while alive:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for fd, _ev in poller.poll(remaining * 1000):
-                alive.discard(fd)
-                poller.unregister(fd)
-        for pidfd in alive:
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    finally:
-        for pidfd in procs.values():
-            os.close(pidfd)
 
 
 def _enter_rootless_if_needed() -> None:

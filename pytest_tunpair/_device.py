@@ -118,3 +118,46 @@ class TunDevice:
 
     def __repr__(self) -> str:
         return f"<TunDevice {self.name} index={self.index} mode={self.mode} fd={self.fd}>"
+
+
+class DeviceCounters:
+    """The kernel's counters of the devices of one network namespace, readable from any
+    thread: ``/proc/net/dev`` opened while inside it.
+
+    A TUN device whose transmit queue (``txqueuelen``) is full drops what the kernel sends
+    it before the relay can read it, and counts that in its ``tx_dropped``
+    (docs/internals.md, "TX-queue drops show only as tx_dropped"; "/proc/net/dev shows the
+    namespace of the thread that opened it"). ``/proc/net/dev`` shows the
+    namespace of the thread that opened it, whichever thread reads it later, and a read is
+    one small file read -- no netlink socket, no pyroute2 import -- so the pair's ``stats``
+    can read it every time. The open file holds a reference to the namespace: :meth:`close`
+    it with the pair.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = os.open("/proc/thread-self/net/dev", os.O_RDONLY | os.O_CLOEXEC)
+
+    def tx_dropped(self) -> dict[str, int]:
+        """``tx_dropped`` per device name (empty once closed)."""
+        fd = self._fd
+        if fd is None:
+            return {}
+        try:
+            # pread: no shared file offset, so threads may read concurrently.
+            text = os.pread(fd, 1 << 16, 0).decode("ascii", "replace")
+        except OSError:
+            return {}
+        counts = {}
+        for line in text.splitlines()[2:]:  # two header lines
+            name, sep, fields = line.partition(":")
+            values = fields.split()
+            # Receive: bytes packets errs drop fifo frame compressed multicast; then
+            # Transmit: bytes packets errs drop ... (net/core/net-procfs.c)
+            if sep and len(values) >= 12:
+                counts[name.strip()] = int(values[11])
+        return counts
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

@@ -10,7 +10,11 @@
     ├── PairClosedError (RuntimeError) the pair is not open (not yet, or any more)
     ├── HookError (AssertionError)     a hook raised or returned something unsendable
     ├── PacketTimeout (AssertionError) ``packets.wait_for`` saw no matching packet in time
-    └── ThreadNotStopped               an interruption could not stop a test's own thread
+    ├── ThreadNotStopped               an interruption could not stop a test's own thread
+    ├── SpawnError                     ``spawn()``: exited or not ready (.command, .returncode)
+    └── LeftoverProcessError           processes left running in the namespace (.processes)
+
+    LeftoverProcessWarning (UserWarning)   the same, under --tunpair-leftovers=warn
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HookError",
+    "LeftoverProcessError",
+    "LeftoverProcessWarning",
     "NamespaceError",
     "OptionError",
     "PacketTimeout",
     "PairClosedError",
     "PrivilegeError",
+    "SpawnError",
     "ThreadNotStopped",
     "TunDeviceError",
     "TunPairError",
@@ -160,6 +167,44 @@ class PacketTimeout(TunPairError, AssertionError):
         return self._text
 
 
+class SpawnError(TunPairError):
+    """``tun_pair.spawn()``: the process exited, or was not ready in time (it is stopped).
+
+    The message holds the command, its exit status and the last lines of its output.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: Sequence[str] | str,
+        returncode: int | None,
+        output: str,
+    ) -> None:
+        super().__init__(message)
+        self.command: Any = command
+        """The ``args`` given to ``spawn``."""
+        self.returncode = returncode
+        """Its exit status (negative: killed by that signal), ``None`` if unknown."""
+        self.output = output
+        """The last lines of what it wrote ("" when its output went where the caller said)."""
+
+
+class LeftoverProcessError(TunPairError):
+    """Processes not started with ``spawn`` were still running in the namespace at the end
+    (``--tunpair-leftovers=fail``); they have been stopped."""
+
+    def __init__(self, message: str, *, processes: Sequence[str]) -> None:
+        super().__init__(message)
+        self.processes = list(processes)
+        """``"PID (command line)"`` of each."""
+
+
+class LeftoverProcessWarning(UserWarning):
+    """Processes not started with ``spawn`` were still running in the namespace at the end
+    (``--tunpair-leftovers=warn``, the default); they have been stopped."""
+
+
 # Tracebacks name the errors where users import them from: ``pytest_tunpair.PacketTimeout``,
 # not ``pytest_tunpair._errors.PacketTimeout``, whichever module raised them (as trio does).
 for _cls in (
@@ -172,6 +217,9 @@ for _cls in (
     ThreadNotStopped,
     HookError,
     PacketTimeout,
+    SpawnError,
+    LeftoverProcessError,
+    LeftoverProcessWarning,
 ):
     _cls.__module__ = "pytest_tunpair"
 del _cls

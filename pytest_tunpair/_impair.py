@@ -3,28 +3,29 @@
 This module is pure logic: no sockets, no threads, no clock.  The relay reads a packet from
 one TUN device, hands it to :meth:`ImpairmentEngine.submit` together with the time it read it
 (``time.monotonic()``), and gets back a list of :class:`Emit` records saying what to write to
-the other device and when.  One engine models one direction of the link.
+the other device and when.  One engine models one direction of the link: its random
+effects.  The bottleneck -- ``rate``, the bounded queue and its discipline, and the
+propagation delay the engine draws here -- is the link's queue (``_queue.LinkQueue``),
+which the relay runs after the engine.
 
 Effects, applied to each packet in this order
 ---------------------------------------------
 1. **loss** -- with probability ``loss`` the packet is dropped: exactly one
    ``Emit(due=None, data, "lost")`` and nothing else (a lost packet occupies no link time and
-   does not overtake a held packet).
+   does not overtake a held packet).  With ``ecn=True`` an ECN-capable packet (ECT(0) or
+   ECT(1)) is marked CE instead (``_queue.set_ce``) and goes on, with action ``"marked"``.
 2. **corrupt** -- with probability ``corrupt`` one bit, chosen uniformly over the whole packet,
    is flipped.  The length never changes.  An empty packet has no bit to flip and is passed on
    unchanged.
-3. **delay + jitter** -- the packet becomes ready at ``now + max(0, delay + U(-jitter,
-   +jitter))``.  The clamp means jitter never schedules a packet before it arrived.  As in
-   netem, jitter alone may reorder packets whose arrival gaps are smaller than the jitter.
-4. **rate** -- a serialiser of ``rate`` bits/s: a packet starts departing when it is ready
-   *and* the previous transmission of this engine has finished, and it is due when its last
-   bit has left: ``due = max(ready, link_free) + len(data) * 8 / rate``.  With a rate,
-   packets therefore leave in submission order, spaced by at least their serialisation time.
-5. **duplicate** -- with probability ``duplicate`` an exact copy of the (possibly corrupted)
-   bytes is emitted right after the original with action ``"duplicated"``.  Without a rate it
-   has the same ``due``; with a rate it is a second transmission and is due one serialisation
-   time later.
-6. **reorder** -- with probability ``reorder`` the packet (with its duplicate) is held back.
+3. **delay + jitter** -- the packet's latency is ``max(0, delay + U(-jitter, +jitter))``
+   and ``due = now + latency``.  The clamp means jitter never schedules a packet before it
+   arrived.  As in netem, jitter alone may reorder packets whose arrival gaps are smaller
+   than the jitter.  (With a queue on the link the relay hands the latency to the queue,
+   which applies it after the packet has left the bottleneck.)
+4. **duplicate** -- with probability ``duplicate`` an exact copy of the (possibly corrupted)
+   bytes is emitted right after the original with action ``"duplicated"``, with the same
+   ``due`` (behind a rate it is a second transmission: the queue serialises it).
+5. **reorder** -- with probability ``reorder`` the packet (with its duplicate) is held back.
    It is released right after the next *surviving* packet's emissions, with a ``due`` no
    earlier than theirs, so that packet overtakes it.  At most one packet is held at a time:
    a packet that arrives while another is held always overtakes it and is never held itself,
@@ -42,12 +43,13 @@ Every :class:`Emit` carries exactly one action, the most informative one that ap
 * ``"corrupted"`` -- the original, with one bit flipped (even if it was also delayed or
   reordered: the changed bytes matter most when reading a failure report);
 * ``"reordered"`` -- the original, released after having been held back;
-* ``"delayed"`` -- the original, written later than it arrived (delay, jitter, or rate);
+* ``"marked"`` -- the original, CE-marked where loss would have dropped it (``ecn``);
+* ``"delayed"`` -- the original, with a latency > 0 (delay, jitter);
 * ``"forwarded"`` -- the original, written as soon as it arrived.
 
-Whether a packet is "delayed" is decided from the latency the engine added (delay/jitter
-drawn > 0, serialisation time > 0, or queueing behind the previous packet), not by comparing
-floats ``due > now``: ``now + 1e-17 == now`` must not flip the label when ``now`` is large.
+Whether a packet is "delayed" is decided from the latency the engine drew (> 0), not by
+comparing floats ``due > now``: ``now + 1e-17 == now`` must not flip the label when ``now``
+is large.
 
 Determinism
 -----------
@@ -74,12 +76,24 @@ An engine is not thread-safe; the relay thread owns it.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ._schema import Duration, Int, Probability, Rate, changed, declared, option, validate
+from ._queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec, set_ce
+from ._schema import (
+    Bool,
+    Choice,
+    Duration,
+    Int,
+    Invalid,
+    Probability,
+    Rate,
+    changed,
+    declared,
+    option,
+    validate,
+)
 
 __all__ = [
     "ACTIONS",
@@ -90,10 +104,11 @@ __all__ = [
     "ImpairmentSpec",
 ]
 
-Action = Literal["forwarded", "lost", "duplicated", "corrupted", "delayed", "reordered"]
+Action = Literal["forwarded", "lost", "duplicated", "corrupted", "delayed", "reordered", "marked"]
 ACTIONS: tuple[Action, ...] = (
     "forwarded",
     "lost",
+    "marked",
     "duplicated",
     "corrupted",
     "delayed",
@@ -107,6 +122,32 @@ REORDER_MIN_HOLD = 0.005
 _PROBABILITY = Probability()
 _DURATION = Duration()
 _RATE = Rate()
+
+
+class _AqmDuration(Duration):
+    """A duration > 0, or None for the queue discipline's own default (CoDel's, PIE's)."""
+
+    allowed = (
+        "a duration > 0: seconds as a number, or a string with unit s, ms or us"
+        " (e.g. '5ms'); None for the discipline's default"
+    )
+
+    def check(self, value: object) -> float | None:  # type: ignore[override]
+        if value is None:
+            return None
+        seconds = super().check(value)
+        if seconds <= 0.0:
+            raise self.refuse()
+        return seconds
+
+    def format(self, value: Any) -> str:
+        return "None" if value is None else super().format(value)
+
+    def from_text(self, text: str) -> Any:
+        try:
+            return super().from_text(text)
+        except Invalid:
+            raise Invalid("add a unit (5ms, 100ms)") from None
 
 
 @dataclass(frozen=True)
@@ -179,6 +220,52 @@ class ImpairmentSpec:
         reason_names_option=True,
         group="impair",
     )
+    limit: int = option(
+        DEFAULT_LIMIT,
+        Int(1, what="a whole number of packets >= 1"),
+        "packets a direction may hold (waiting, on the wire, delayed), as netem's limit; "
+        "beyond it the queue discipline drops",
+        reason_names_option=True,
+        group="impair",
+    )
+    limit_bytes: int | None = option(
+        None,
+        Int(1, optional=True, what="None or a whole number of bytes >= 1"),
+        "bytes a direction may hold, on top of limit (None: no bound in bytes)",
+        reason_names_option=True,
+        group="impair",
+    )
+    queue: str = option(
+        "droptail",
+        Choice(DISCIPLINES),
+        "queue discipline: droptail drops the arrival, drophead the oldest waiting packet; "
+        "codel (RFC 8289) and pie (RFC 8033) drop early to keep the queueing delay near target",
+        reason_names_option=True,
+        group="impair",
+    )
+    target: float | None = option(
+        None,
+        _AqmDuration(),
+        "queueing delay CoDel or PIE aim at",
+        reason_names_option=True,
+        group="impair",
+        default_doc="5ms (codel), 15ms (pie)",
+    )
+    interval: float | None = option(
+        None,
+        _AqmDuration(),
+        "CoDel's interval: how long the delay may stay above target before it drops",
+        reason_names_option=True,
+        group="impair",
+        default_doc="100ms",
+    )
+    ecn: bool = option(
+        False,
+        Bool(),
+        "mark ECN-capable packets CE where CoDel, PIE or loss would drop them",
+        reason_names_option=True,
+        group="impair",
+    )
     seed: int | None = option(
         None,
         Int(None, optional=True, what="an int, or None to use the session seed"),
@@ -216,6 +303,39 @@ class ImpairmentSpec:
             )
         return cls(**kwargs)
 
+    def queue_spec(self) -> QueueSpec:
+        """The bottleneck queue these parameters describe (``limit`` ... ``ecn``)."""
+        return QueueSpec(
+            limit=self.limit,
+            limit_bytes=self.limit_bytes,
+            discipline=self.queue,  # type: ignore[arg-type]  # checked by its Choice
+            target=self.target,
+            interval=self.interval,
+            ecn=self.ecn,
+        )
+
+    @property
+    def needs_segments(self) -> bool:
+        """Loss, corruption, duplication or reordering is on: they act on packets as a real
+        wire carries them, so the pair turns offload off (no GSO super-packets)."""
+        return self.loss > 0.0 or self.corrupt > 0.0 or self.duplicate > 0.0 or self.reorder > 0.0
+
+    @property
+    def needs_engine(self) -> bool:
+        """A random effect is on (those of :attr:`needs_segments`, or jitter)."""
+        return self.needs_segments or self.jitter > 0.0
+
+    @property
+    def needs_queue(self) -> bool:
+        """Packets are held (rate, delay, jitter) or the queue is configured: the direction
+        gets a bottleneck queue, which bounds them."""
+        return (
+            self.rate is not None
+            or self.delay > 0.0
+            or self.jitter > 0.0
+            or any(name in _QUEUE_FIELDS for name, _decl, _v in changed(self))
+        )
+
     @property
     def active(self) -> bool:
         """True if any impairment differs from the neutral default (the seed alone is not one)."""
@@ -233,6 +353,10 @@ class ImpairmentSpec:
             parts.append("no impairment")
         parts += [f"{name}={decl.kind.format(v)}" for name, decl, v in changed(self) if decl.inert]
         return " ".join(parts)
+
+
+# The parameters that configure the queue (and nothing else).
+_QUEUE_FIELDS = frozenset({"limit", "limit_bytes", "queue", "target", "interval"})
 
 
 @dataclass(frozen=True)
@@ -255,16 +379,15 @@ class ImpairmentEngine:
     """Applies one :class:`ImpairmentSpec` to one direction's packet stream.
 
     ``seed`` is the already-resolved seed (the spec's, or one the caller derived); it is the
-    only source of randomness.
+    only source of randomness. ``tap``: packets are Ethernet frames (where to find the IP
+    header to ECN-mark).
     """
 
-    def __init__(self, spec: ImpairmentSpec, seed: int) -> None:
+    def __init__(self, spec: ImpairmentSpec, seed: int, *, tap: bool = False) -> None:
         self._spec = spec
         self._seed = seed
         self._rng = random.Random(seed)
-        # When the serialiser finishes its last transmission; -inf so the first packet never
-        # queues, whatever clock origin the caller uses.
-        self._link_free = -math.inf
+        self._tap = tap
         self._held: _Held | None = None
 
     @property
@@ -293,8 +416,12 @@ class ImpairmentEngine:
         u_reorder = rng.random()
 
         # random() is in [0, 1): "u < p" never fires for p == 0 and always for p == 1.
+        marked = False
         if u_loss < spec.loss:
-            return [Emit(None, data, "lost")]
+            ce = set_ce(data, tap=self._tap) if spec.ecn else None
+            if ce is None:
+                return [Emit(None, data, "lost")]
+            data, marked = ce, True
 
         corrupted = u_corrupt < spec.corrupt and len(data) > 0
         if corrupted:
@@ -303,20 +430,20 @@ class ImpairmentEngine:
         latency = spec.delay
         if spec.jitter > 0.0:
             latency = max(0.0, spec.delay + (2.0 * u_jitter - 1.0) * spec.jitter)
-        ready = now + latency
+        due = now + latency
 
-        due, link_latency = self._serialise(len(data), ready)
         if corrupted:
             action: Action = "corrupted"
-        elif latency > 0.0 or link_latency:
+        elif marked:
+            action = "marked"
+        elif latency > 0.0:
             action = "delayed"
         else:
             action = "forwarded"
         emits = [Emit(due, data, action)]
 
         if u_duplicate < spec.duplicate:
-            copy_due, _ = self._serialise(len(data), ready)
-            emits.append(Emit(copy_due, data, "duplicated"))
+            emits.append(Emit(due, data, "duplicated"))
 
         held = self._held
         if held is None:
@@ -348,17 +475,6 @@ class ImpairmentEngine:
         """When :meth:`expire` next has something to do, or ``None`` if nothing is held."""
         return None if self._held is None else self._held.release_at
 
-    def _serialise(self, length: int, ready: float) -> tuple[float, bool]:
-        """Return when a ``length``-byte packet ready at ``ready`` is due, and whether the
-        link added latency (queueing or serialisation)."""
-        rate = self._spec.rate
-        if rate is None:
-            return ready, False
-        start = max(ready, self._link_free)
-        transmit = length * 8 / rate
-        self._link_free = start + transmit
-        return self._link_free, start > ready or transmit > 0.0
-
 
 def _flip_bit(data: bytes, u: float) -> bytes:
     bits = len(data) * 8
@@ -378,6 +494,7 @@ def _release(held: _Held, not_before: float) -> list[Emit]:
         floor = due
         # A corrupted packet keeps that label (the changed bytes matter most); copies stay
         # "duplicated" so counting originals by action still works.
-        action: Action = emit.action if emit.action in ("corrupted", "duplicated") else "reordered"
+        keep = ("corrupted", "duplicated", "marked")
+        action: Action = emit.action if emit.action in keep else "reordered"
         released.append(replace(emit, due=due, action=action))
     return released

@@ -62,18 +62,22 @@ Divert = Callable[[Packet], bool]
 
 
 class Queue(Protocol):
-    """The bottleneck between the engine and the propagation delay, owned by the relay
-    thread. Packets carry their frame (``Packet.frame``) and ``arrival``."""
+    """The bottleneck between the engine and the write, owned by the relay thread: the
+    buffer with its bound and discipline, the wire (rate or trace) and the propagation
+    delay behind it (``_queue.PacketQueue``). Packets carry their frame (``Packet.frame``)
+    and ``arrival``; times are ``time.monotonic()``."""
 
-    def enqueue(self, pkt: Packet, now: float) -> Sequence[Packet]:
-        """Take ``pkt``; return the packets dropped now (it, or older ones), each with its
+    def enqueue(self, pkt: Packet, now: float, latency: float | None = None) -> Sequence[Packet]:
+        """Take ``pkt`` (``latency``: its propagation delay, drawn by the engine; ``None``:
+        the link's own); return the packets dropped now (it, or older ones), each with its
         ``action`` set (``"dropped"``). The relay records and counts them."""
         ...
 
-    def dequeue_ready(self, now: float) -> Sequence[tuple[Packet, float]]:
-        """Packets whose service ended by ``now``, in departure order, each with the
-        ``time.monotonic()`` time it is to be written (service end + propagation delay).
-        ``dequeue_ready(math.inf)`` empties the queue."""
+    def dequeue_ready(self, now: float) -> Sequence[tuple[Packet, float | None]]:
+        """What happened by ``now``, in order: packets to write, each with the time it is
+        due (service end + propagation delay), and packets dropped at dequeue (CoDel), with
+        ``None`` and action ``"dropped"``. ``dequeue_ready(math.inf)`` lets the link finish
+        serving everything it holds."""
         ...
 
     def deadline(self) -> float | None:
@@ -82,6 +86,11 @@ class Queue(Protocol):
 
     def __len__(self) -> int:
         """Packets held now; :meth:`Relay.pending` calls it from other threads too."""
+        ...
+
+    @property
+    def peak(self) -> int:
+        """The most packets it held at once."""
         ...
 
 
@@ -143,7 +152,12 @@ class Link:
     def plain(self) -> bool:
         """Nothing configured and nothing in flight through the worker: the fast path."""
         return not (
-            self.hooks or self.backlog or self.engine or self.rules or self.divert or self.queue
+            self.hooks
+            or self.backlog
+            or self.engine
+            or self.rules
+            or self.divert
+            or self.queue is not None  # not its truth: an empty queue has len() 0
         )
 
     def wants_segments(self) -> bool:

@@ -21,7 +21,7 @@ from types import TracebackType
 from . import _disposable, _linux, _userns
 from ._errors import NamespaceError, PrivilegeError
 
-__all__ = ["NetNamespace", "current_netns_inode"]
+__all__ = ["NetNamespace", "Visit", "current_netns_inode"]
 
 
 def current_netns_inode() -> int:
@@ -113,6 +113,48 @@ class NetNamespace:
                 "argument or with usefixtures), or run under `unshare -Urn`, or as root."
             ) from exc
 
+    def stat(self) -> os.stat_result:
+        """``fstat`` of the namespace (``st_dev``/``st_ino`` identify it, as in
+        ``/proc/PID/ns/net``)."""
+        return os.fstat(self.fd)
+
+    # -- long-lived namespaces (module and session pairs) ---------------------------------
+    def detach(self) -> Visit:
+        """Hand the way back of the thread that :meth:`enter`-ed to a :class:`Visit`.
+
+        The namespace then lives on by our fd alone: threads :meth:`join` and leave it, and
+        :meth:`exit` (from any thread) only drops the fd.
+        """
+        if self._orig_fd is None or self._thread is None:
+            raise NamespaceError("detach() needs a namespace this thread entered")
+        if self._thread != threading.get_ident():
+            raise NamespaceError("detach() must be called by the thread that entered")
+        visit = Visit(self._orig_fd, self._disposable)
+        self._orig_fd = None
+        self._thread = None
+        return visit
+
+    def join(self) -> Visit:
+        """Move the calling thread into this (open) namespace; ``leave()`` the returned
+        :class:`Visit` to go back.
+
+        In a user namespace the process entered by itself, only a disposable thread may
+        join (it could not come back; see ``_userns``): any other is refused here.
+        """
+        orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        disposable = _disposable.thread_is_disposable()
+        if not disposable:
+            self._refuse_one_way_trip(orig)
+        try:
+            # The namespace was made by this process, so it is owned by our user namespace,
+            # where we have CAP_SYS_ADMIN: joining works rootless too (docs/internals.md,
+            # "Daemons: joining a namespace the process made").
+            _linux.setns(self.fd, _linux.CLONE_NEWNET)
+        except BaseException:
+            os.close(orig)
+            raise
+        return Visit(orig, disposable)
+
     def is_current(self) -> bool:
         """True when the calling thread is inside this namespace."""
         return self.inode is not None and current_netns_inode() == self.inode
@@ -124,6 +166,11 @@ class NetNamespace:
         may drop the references of a namespace a disposable thread entered.
         """
         if self._fd is None:
+            return
+        if self._orig_fd is None:  # detached: no thread to bring back
+            os.close(self._fd)
+            self._fd = None
+            self.inode = None
             return
         same_thread = threading.get_ident() == self._thread
         if not same_thread and not self._disposable:
@@ -183,3 +230,33 @@ class NetNamespace:
         tb: TracebackType | None,
     ) -> None:
         self.exit()
+
+
+class Visit:
+    """A thread's stay in a namespace it joined (:meth:`NetNamespace.join`, ``detach``)."""
+
+    def __init__(self, orig_fd: int, disposable: bool) -> None:
+        self._orig_fd: int | None = orig_fd
+        self._thread = threading.get_ident()
+        self._disposable = disposable
+
+    def leave(self) -> None:
+        """Take the thread back where it came from (a disposable thread, which cannot, just
+        stays: it ends with the test). Call it from the thread that joined."""
+        orig = self._orig_fd
+        if orig is None:
+            return
+        self._orig_fd = None
+        try:
+            if threading.get_ident() != self._thread:
+                if self._disposable:
+                    return
+                raise NamespaceError("a namespace must be left by the thread that joined it")
+            _linux.setns(orig, _linux.CLONE_NEWNET)
+        except OSError as exc:
+            if not (self._disposable and exc.errno in _linux.EPERM_LIKE):
+                raise NamespaceError(
+                    f"cannot return to the original network namespace: {exc}"
+                ) from exc
+        finally:
+            os.close(orig)

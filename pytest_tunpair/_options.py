@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import OptionError
-from ._schema import Bool, Choice, Int, Invalid, Kind, declared, option, unknown, validate
+from ._schema import (
+    Bool,
+    Choice,
+    Duration,
+    Int,
+    Invalid,
+    Kind,
+    declared,
+    option,
+    unknown,
+    validate,
+)
 
 __all__ = ["DEFAULT_CAPTURE_BYTES", "PairOptions"]
 
@@ -185,6 +196,12 @@ class PairOptions:
         5000,
         Int(1, 2**31 - 1),
         "transmit queue length of both devices (the kernel's 500 drops at full speed)",
+    )
+    drain: float = option(
+        1.0,
+        Duration(),
+        "how long teardown waits for packets still in the relay (delayed, rate-limited, "
+        "held) to be delivered, so peers see a closing connection's FINs; 0: drop them",
     )
 
     def __post_init__(self) -> None:

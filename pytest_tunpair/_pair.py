@@ -11,24 +11,40 @@ from __future__ import annotations
 
 import os
 import secrets
+import select
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _routing
 from ._capture import Capture, Packet, Stats
-from ._device import TunDevice
-from ._errors import NamespaceError, OptionError, PairClosedError, TunDeviceError, TunPairError
-from ._netns import NetNamespace
+from ._device import DeviceCounters, TunDevice
+from ._errors import (
+    LeftoverProcessError,
+    NamespaceError,
+    OptionError,
+    PairClosedError,
+    TunDeviceError,
+    TunPairError,
+)
+from ._netns import NetNamespace, Visit
 from ._options import PairOptions
+from ._procs import Keeper
 from ._relay import Hook, Relay
 from ._validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
-    from ._impair import ImpairmentSpec
+    from ._impair import ImpairmentEngine, ImpairmentSpec
     from ._peer import ScriptedPeer
+    from ._queue import PacketQueue
+
+T = TypeVar("T")
+# How often a draining teardown looks at what the relay still holds.
+_DRAIN_POLL = 0.002
 
 __all__ = ["Endpoint", "TunPair", "TunPairFactory"]
 
@@ -142,6 +158,15 @@ class TunPair:
         self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
         self._random_seed: int | None = None  # a factory shares one across its pairs
         self._peers: list[ScriptedPeer] = []  # every peer scripted so far, open or closed
+        self._device_counters: DeviceCounters | None = None
+        self._device_drops: dict[str, int] = {}
+        # The engine last asked for per direction (the relay swaps asynchronously).
+        self._engines: dict[str, ImpairmentEngine | None] = {"a->b": None, "b->a": None}
+        self._keeper: Keeper | None = None  # the namespace owner's (ours, or the factory's)
+        self.test_start = 0
+        """Sequence number (``Packet.seq``) of the first packet of the current test:
+        ``packets.since(tun_pair.test_start)`` is the test's part. 0 for a pair made for one
+        test; module and session pairs move it at the start of each test."""
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -151,6 +176,7 @@ class TunPair:
             if self._own_netns:
                 self._netns = NetNamespace().enter()
                 _prepare_namespace(self._netns)
+                self._keeper = Keeper(self._netns.stat())
             ns = self._netns
             assert ns is not None
             if not ns.is_current():
@@ -190,6 +216,7 @@ class TunPair:
             )
             for d in self._devices:
                 d.set_offload(o.offload)
+            self._device_counters = DeviceCounters()  # opened here, inside the namespace
             self.a = Endpoint(self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
             self.b = Endpoint(self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
             self.packets.t0 = time.monotonic()
@@ -201,20 +228,32 @@ class TunPair:
             raise
         return self
 
-    def close(self) -> None:
-        """Stop the relay, close the devices and (if we made it) leave the namespace.
+    def close(self, *, drain: bool = True) -> None:
+        """Deliver what the relay still holds (up to the ``drain`` option's seconds), stop
+        the processes in the namespace (if it is the pair's own), stop the relay, close the
+        devices and (if we made it) leave the namespace.
 
-        Raises the first error a hook or the relay hit, after cleaning up.
+        Raises the first error a hook or the relay hit, after cleaning up; then a
+        :class:`LeftoverProcessError` if processes not started by :meth:`spawn` were still
+        running and the leftover policy is ``fail``.
         """
         if self._closed:
             return
         self._closed = True
-        errors = self._teardown()
+        errors = self._teardown(drain=drain)
         if errors:
             raise errors[0]
 
-    def _teardown(self) -> list[BaseException]:
+    def _teardown(self, *, drain: bool = False) -> list[BaseException]:
         errors: list[BaseException] = []
+        if drain and self._relay is not None:
+            self._drain(self.options.drain)
+        leftover: list[BaseException] = []
+        if self._own_netns and self._keeper is not None:
+            try:
+                self._keeper.close()
+            except LeftoverProcessError as exc:
+                leftover.append(exc)
         for peer in self._peers:
             try:
                 peer.close(_pair_closing=True)
@@ -223,11 +262,129 @@ class TunPair:
         if self._relay is not None:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
+        if self._device_counters is not None:
+            # The last word, for stats read after close (a failure report); the open file
+            # holds the namespace, so it goes before the namespace does.
+            self._device_drops = self._device_counters.tx_dropped()
+            self._device_counters.close()
+            self._device_counters = None
         for d in reversed(self._devices):
             d.close()
         if self._own_netns and self._netns is not None and self._netns.active:
             self._netns.exit()
-        return errors
+        return errors + leftover
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) while the relay runs until no packet is on its way:
+        the peers get the FINs of connections closed just before teardown. True if it
+        emptied."""
+        relay = self._relay
+        if relay is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            if not relay.drain(max(0.0, deadline - time.monotonic())):
+                return False
+            # The relay holds nothing; a packet may still wait in a device's queue, where a
+            # socket closed just before has put its FIN without the relay having looked yet
+            # (docs/internals.md, "Daemons: a closed socket's FIN is in the device queue at
+            # once"): the relay reads it next, then it is pending until delivered.
+            if not self._device_queued() or not relay.alive:
+                return not self._device_queued()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_DRAIN_POLL)
+
+    def _device_queued(self) -> bool:
+        poller = select.poll()
+        for d in self._devices:
+            if d.fd is not None:
+                poller.register(d.fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    # -- processes ---------------------------------------------------------------------------
+    def spawn(
+        self,
+        args: Sequence[str] | str,
+        *,
+        ready: object = None,
+        timeout: float = 10.0,
+        **popen_kwargs: Any,
+    ) -> subprocess.Popen[Any]:
+        """Start ``args`` inside the pair's namespace, in a session of its own; its Popen.
+
+        ``ready`` waits until: an ``int`` port has a TCP socket listening on it anywhere in
+        the namespace; ``("udp", port)`` has a bound UDP socket; a path exists; a callable
+        returns true (polled). Ports are read from the namespace's socket tables, never by
+        connecting, so waiting adds nothing to the capture. If the process exits first or
+        ``timeout`` s pass, it is stopped and :class:`SpawnError` says why, with its exit
+        status and the last lines of its output.
+
+        ``popen_kwargs`` go to :class:`subprocess.Popen`. Output not redirected by them goes
+        to a file of the pair's (:meth:`output`); stdin is ``/dev/null`` unless given.
+
+        At teardown the process and every process descended from it in the namespace (even
+        one that called ``setsid()``) get SIGTERM, then SIGKILL after 2 s.
+        """
+        keeper = self._require_keeper()
+        return keeper.spawn(
+            args, ready=ready, timeout=timeout, run_inside=self._run_inside, **popen_kwargs
+        )
+
+    def output(self, proc: subprocess.Popen[Any]) -> str:
+        """What a process :meth:`spawn` started wrote to the file it was given ("" if its
+        output went elsewhere); readable until the pair closes."""
+        return self._require_keeper().output(proc)
+
+    def _require_keeper(self) -> Keeper:
+        if self._keeper is None or self._closed:
+            raise PairClosedError("the pair is not open: use it between open() and close()")
+        return self._keeper
+
+    def _run_inside(self, fn: Callable[[], T]) -> T:
+        """``fn()`` with the calling thread inside the pair's namespace: here if it is in
+        already, else on a short-lived thread that joins it (what it forks starts there)."""
+        return _run_in(self._netns, fn)
+
+    # -- one test of a longer-lived pair --------------------------------------------------------
+    def _checkpoint(self) -> _Checkpoint:
+        relay = self._require_relay()
+        return _Checkpoint(
+            start=self.packets.mark(),
+            hooks=set(relay.hooks("a->b")) | set(relay.hooks("b->a")),
+            rules={d: relay.rules(d) for d in ("a->b", "b->a")},
+            engines=dict(self._engines),
+            impairments=dict(self._impairments),
+            stats=self.stats,
+        )
+
+    def _restore(self, cp: _Checkpoint) -> None:
+        """Remove the hooks, rules and impairments added since ``cp``; put back those it
+        had."""
+        relay = self._require_relay()
+        for hook in (set(relay.hooks("a->b")) | set(relay.hooks("b->a"))) - cp.hooks:
+            self.remove_hook(hook)
+        for d in ("a->b", "b->a"):
+            for rule in relay.rules(d):
+                if rule not in cp.rules.get(d, ()):
+                    relay.remove_rule(d, rule)
+        for d, engine in cp.engines.items():
+            if self._engines[d] is not engine:
+                self._engines[d] = engine
+                relay.set_engine(d, engine)
+        for d in ("a->b", "b->a"):
+            before = cp.impairments.get(d)
+            if self._impairments.get(d) != before:
+                # A fresh queue from the checkpoint's settings: one that was swapped out has
+                # been run to its end (it served what it held) and cannot be put back.
+                queue = None
+                if before is not None:
+                    spec = before[0]
+                    assert spec.seed is not None
+                    queue = self._queue(spec, spec.seed * 2 + (d == "b->a"))
+                relay.set_queue(d, queue)
+        self._impairments = dict(cp.impairments)
+        self._update_offload()
 
     def __enter__(self) -> TunPair:
         return self.open()
@@ -250,8 +407,25 @@ class TunPair:
 
     @property
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per direction: packets and bytes delivered, packets dropped (never bounded)."""
-        return self._stats.as_dict()
+        """Per direction (never bounded by the capture):
+
+        * ``packets``, ``bytes``: delivered to the other device;
+        * ``dropped``: taken off the link by the relay (a hook, a rule, loss, the queue's
+          bound or discipline, a failed write, or in flight at close);
+        * ``marked``: delivered CE-marked instead of dropped (``ecn=True``);
+        * ``queued``: held by the direction's queue now; ``queue_peak``: the most it held;
+        * ``device_dropped``: dropped by the kernel *before* the relay read them -- the
+          source device's transmit queue (``txqueuelen``) was full.
+        """
+        stats = self._stats.as_dict()
+        relay = self._relay
+        counters = self._device_counters
+        drops = counters.tx_dropped() if counters is not None else self._device_drops
+        for direction, dev in zip(("a->b", "b->a"), self._devices, strict=False):
+            entry = stats[direction]
+            entry["queued"] = relay.queued(direction) if relay is not None else 0
+            entry["device_dropped"] = drops.get(dev.name, 0)
+        return stats
 
     @property
     def mode(self) -> str:
@@ -345,6 +519,7 @@ class TunPair:
 
         _check_direction(direction, "impair")
         relay = self._require_relay()
+        # Everything is checked before anything changes: a bad value leaves the pair as it was.
         parsed = ImpairmentSpec.from_kwargs(**params)
         random_seed = parsed.seed is None and self.options.seed is None
         used = parsed.seed if parsed.seed is not None else self.seed
@@ -354,11 +529,37 @@ class TunPair:
             else:
                 self._impairments.pop(d, None)
         self._update_offload()  # off before the engines see a packet, back on after
+        tap = self.options.mode == "tap"
         for d in _directions(direction):
             # Each direction draws from its own stream (2s for a->b, 2s+1 for b->a), so one
             # direction's traffic never shifts the other's decisions, and both replay.
-            engine = ImpairmentEngine(parsed, used * 2 + (d == "b->a")) if parsed.active else None
+            stream = used * 2 + (d == "b->a")
+            engine = None
+            if parsed.active and parsed.needs_engine:
+                engine = ImpairmentEngine(parsed, stream, tap=tap)
+            self._engines[d] = engine
             relay.set_engine(d, engine)
+            relay.set_queue(d, self._queue(parsed, stream) if parsed.active else None)
+
+    def _queue(self, spec: ImpairmentSpec, stream: int) -> PacketQueue | None:
+        """The bottleneck of one direction (``None`` if ``spec`` holds no packet)."""
+        from ._queue import LinkQueue, PacketQueue, RateServer
+
+        if not spec.needs_queue:
+            return None
+        hdr = self._devices[0].hdr_len
+        server = RateServer(spec.rate) if spec.rate is not None else None
+        # PIE's draws come from a stream of their own (a string seed: hashed, not the int
+        # the engine uses), so they never echo the engine's loss draws.
+        queue = LinkQueue(
+            spec.queue_spec(),
+            server,
+            offset=hdr,
+            tap=self.options.mode == "tap",
+            delay=spec.delay,
+            seed=f"queue-{stream}",
+        )
+        return PacketQueue(queue, hdr)
 
     def script(self, side: str = "b") -> ScriptedPeer:
         """Play side ``"a"`` or ``"b"`` from the test: a :class:`ScriptedPeer`.
@@ -391,8 +592,15 @@ class TunPair:
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
-        # needs_segments() covers an active peer: its divert function is set.
-        busy = busy or relay.needs_segments() or bool(self._impairments)
+        # needs_segments() covers an active peer (its divert function is set).
+        # Delay, jitter, rate and the queue work on GSO super-packets by their wire length
+        # (that is how an impaired link reaches gigabit rates); the other impairments act
+        # on packets as a real wire carries them.
+        busy = (
+            busy
+            or relay.needs_segments()
+            or any(spec.needs_segments for spec, _ in self._impairments.values())
+        )
         for d in self._devices:
             d.set_offload(self.options.offload and not busy)
 
@@ -435,6 +643,37 @@ class TunPair:
         return f"<TunPair {self.options.names[0]}<->{self.options.names[1]} {state}>"
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A pair's state at the start of one test (module and session pairs)."""
+
+    start: int
+    hooks: set[Hook]
+    rules: dict[str, tuple[Any, ...]]
+    engines: dict[str, ImpairmentEngine | None]
+    impairments: dict[str, tuple[ImpairmentSpec, bool]]
+    stats: dict[str, dict[str, int]]
+
+
+def _run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
+    """``fn()`` with the calling thread inside ``ns``: here if it is in already, else on a
+    short-lived thread that joins it (so what ``fn`` forks starts in the namespace)."""
+    if ns is None or not ns.active:
+        raise NamespaceError("the pair is not open")
+    if ns.is_current():
+        return fn()
+    from ._disposable import run_in_disposable_thread
+
+    def joined() -> T:
+        visit = ns.join()
+        try:
+            return fn()
+        finally:
+            visit.leave()
+
+    return run_in_disposable_thread(joined, name="tunpair-spawn")
+
+
 def _random_seed() -> int:
     # Not the `random` module: a test that seeds it must not make every run's seed equal.
     return secrets.randbelow(2**31)
@@ -454,6 +693,15 @@ def _directions(direction: str | None) -> tuple[str, ...]:
     return ("a->b", "b->a") if direction is None else (direction,)
 
 
+@dataclass(frozen=True)
+class FactoryCheckpoint:
+    """What :meth:`TunPairFactory.begin` remembered for one test."""
+
+    pairs: dict[int, _Checkpoint]
+    processes: set[tuple[int, int]]
+    spawned: int
+
+
 class TunPairFactory:
     """Makes pairs in one namespace (``tun_pair_factory``); tears all down in reverse order.
 
@@ -461,12 +709,20 @@ class TunPairFactory:
     """
 
     def __init__(
-        self, defaults: Mapping[str, Any] | None = None, *, source: str = "tun_pair_factory"
+        self,
+        defaults: Mapping[str, Any] | None = None,
+        *,
+        source: str = "tun_pair_factory",
+        leftovers: str = "warn",
     ) -> None:
         self.defaults = dict(defaults or {})
         self.source = source
         self.pairs: list[TunPair] = []
         self.netns: NetNamespace | None = None
+        self.keeper: Keeper | None = None
+        """Spawns and stops the processes of the namespace (``leftovers``: the policy for
+        processes not started by ``spawn``: ``kill``, ``warn`` or ``fail``)."""
+        self.leftovers = leftovers
         self.random_seed = _random_seed()
         self._thread = threading.get_ident()
 
@@ -474,11 +730,70 @@ class TunPairFactory:
         ns = NetNamespace().enter()
         try:
             _prepare_namespace(ns)
+            self.keeper = Keeper(ns.stat(), leftovers=self.leftovers)
         except BaseException:
             ns.exit()
             raise
         self.netns = ns
         return self
+
+    # -- a namespace that outlives one test (module and session pairs) ------------------------
+    def detach(self) -> Visit:
+        """Let the namespace outlive the calling thread's stay: :meth:`open` moved this
+        thread in, the returned visit's ``leave()`` takes it back, and :meth:`join` lets
+        threads in again. :meth:`close` then works from any thread."""
+        if self.netns is None:
+            raise NamespaceError("the factory has no namespace yet")
+        return self.netns.detach()
+
+    def join(self) -> Visit:
+        """Move the calling thread into the namespace (after :meth:`detach`)."""
+        if self.netns is None or not self.netns.active:
+            raise NamespaceError("the factory's namespace is closed")
+        return self.netns.join()
+
+    def begin(self) -> FactoryCheckpoint:
+        """Start one test: remember each pair's hooks, rules, impairments and where its
+        capture is, and who runs in the namespace; :meth:`end` undoes what the test added."""
+        for pair in self.pairs:
+            pair.test_start = pair.packets.mark()
+        assert self.keeper is not None
+        return FactoryCheckpoint(
+            {id(pair): pair._checkpoint() for pair in self.pairs},
+            self.keeper.snapshot(),
+            len(self.keeper.spawned),
+        )
+
+    def end(self, cp: FactoryCheckpoint) -> None:
+        """End the test ``cp`` began: deliver what the relays hold (each pair's ``drain``),
+        stop what it spawned (with their descendants), remove its hooks, rules and
+        impairments, and stop the other processes it left running (by the leftover policy:
+        may raise :class:`LeftoverProcessError`)."""
+        for pair in self.pairs:
+            pair._drain(pair.options.drain)
+        if self.keeper is not None and len(self.keeper.spawned) > cp.spawned:
+            self.keeper.stop_family(self.keeper.spawned[cp.spawned :])
+        for pair in self.pairs:
+            pair_cp = cp.pairs.get(id(pair))
+            if pair_cp is not None:
+                pair._restore(pair_cp)
+            else:  # made during the test: goes back to nothing
+                pair._restore(_Checkpoint(0, set(), {}, {"a->b": None, "b->a": None}, {}, {}))
+        if self.keeper is not None:
+            self.keeper.stop_leftovers(since=cp.processes)
+
+    def slices(
+        self, cp: FactoryCheckpoint | None
+    ) -> list[tuple[TunPair, int, dict[str, dict[str, int]]]]:
+        """Each pair with where the test ``cp`` began: (pair, first seq, stats then)."""
+        out: list[tuple[TunPair, int, dict[str, dict[str, int]]]] = []
+        for pair in self.pairs:
+            pair_cp = None if cp is None else cp.pairs.get(id(pair))
+            if pair_cp is None:
+                out.append((pair, 0, {}))
+            else:
+                out.append((pair, pair_cp.start, pair_cp.stats))
+        return out
 
     def __call__(self, **options: Any) -> TunPair:
         return self.make(options, source=self.source)
@@ -489,6 +804,7 @@ class TunPairFactory:
         index = len(self.pairs)
         opts = PairOptions.from_kwargs({**self.defaults, **options}, source=source, index=index)
         pair = TunPair(opts, netns=self.netns)
+        pair._keeper = self.keeper
         # One random seed per factory (per test): replaying it with --tunpair-seed then
         # reproduces every pair of the test, not just one.
         pair._random_seed = self.random_seed
@@ -502,17 +818,47 @@ class TunPairFactory:
             raise NamespaceError("the factory has no namespace yet")
         return self.netns.path
 
+    def spawn(
+        self,
+        args: Sequence[str] | str,
+        *,
+        ready: object = None,
+        timeout: float = 10.0,
+        **popen_kwargs: Any,
+    ) -> subprocess.Popen[Any]:
+        """:meth:`TunPair.spawn` into the factory's namespace (shared by all its pairs)."""
+        if self.netns is None:
+            self.open()
+        assert self.keeper is not None
+        return self.keeper.spawn(
+            args, ready=ready, timeout=timeout, run_inside=self._run_inside, **popen_kwargs
+        )
+
+    def _run_inside(self, fn: Callable[[], T]) -> T:
+        return _run_in(self.netns, fn)
+
     def close(self) -> None:
-        """Close every pair (newest first) and leave the namespace; then raise the first
-        error any relay or hook hit."""
+        """Deliver what the relays hold (each pair's ``drain``), stop the processes in the
+        namespace, close every pair (newest first) and leave the namespace; then raise the
+        first error any relay or hook hit, or a :class:`LeftoverProcessError`."""
         errors: list[BaseException] = []
+        leftover: list[BaseException] = []
+        for pair in self.pairs:
+            if not pair._closed:
+                pair._drain(pair.options.drain)
+        if self.keeper is not None:
+            try:
+                self.keeper.close()
+            except LeftoverProcessError as exc:
+                leftover.append(exc)
         for pair in reversed(self.pairs):
             try:
-                pair.close()
+                pair.close(drain=False)
             except BaseException as exc:
                 errors.append(exc)
         if self.netns is not None and self.netns.active:
             self.netns.exit()
+        errors += leftover
         if errors:
             raise errors[0]
 

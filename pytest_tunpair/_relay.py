@@ -24,8 +24,10 @@ timers. What is ready goes out at the end of a burst, recorded and written under
   backlog, every packet of it goes through the worker (hooked or not) so that removing a
   hook never lets later packets overtake earlier ones.
 * **impairments** (``_impair.ImpairmentEngine``, pure logic, owned by the relay thread) run
-  after the hooks and rules. Delayed packets wait on their link's timer heap: nothing ever
-  sleeps, so a delay on one direction never holds up the other.
+  after the hooks and rules; then the link's **queue** (``_queue.PacketQueue``: the bound,
+  the discipline, ``rate`` and the propagation delay) holds what it must. Packets wait in
+  the queue or on their link's timer heap: nothing ever sleeps, so a delay on one
+  direction never holds up the other.
 """
 
 from __future__ import annotations
@@ -95,7 +97,16 @@ _DROP_ERRNOS = frozenset(
 _RANK = {
     a: i
     for i, a in enumerate(
-        ("forwarded", "delayed", "reordered", "duplicated", "modified", "corrupted", "lost")
+        (
+            "forwarded",
+            "delayed",
+            "reordered",
+            "marked",
+            "duplicated",
+            "modified",
+            "corrupted",
+            "lost",
+        )
     )
 }
 
@@ -413,6 +424,11 @@ class Relay:
         with self._swap_lock:
             self._swaps["queue", direction] = queue
         self.wake()
+
+    def queued(self, direction: str) -> int:
+        """Packets ``direction``'s queue holds now (0 without one); any thread may ask."""
+        queue = self.links[direction].queue
+        return len(queue) if queue is not None else 0
 
     def pending(self) -> int:
         """Packets held anywhere in the relay now: with a hook worker, in an engine or a
@@ -860,18 +876,38 @@ class Relay:
         if emit.due is None:  # lost
             self._out.append((pkt, frame, link, _DROP))
             return
-        self._forward(link, pkt, frame, emit.due, now)
+        # A reordered packet released late may be due already: it leaves the engine now.
+        self._forward(link, pkt, frame, emit.due, now, max(0.0, emit.due - now))
 
-    def _forward(self, link: Link, pkt: Packet, frame: bytes, due: float, now: float) -> None:
-        """Into the queue if the link has one, else on a timer, else out now."""
+    def _forward(
+        self,
+        link: Link,
+        pkt: Packet,
+        frame: bytes,
+        due: float,
+        now: float,
+        latency: float | None = None,
+    ) -> None:
+        """Into the queue if the link has one (``latency``: the engine's delay and jitter
+        for it, applied behind the bottleneck), else on a timer, else out now."""
         queue = link.queue
         if queue is not None:
-            for dropped in queue.enqueue(pkt, now):
+            for dropped in queue.enqueue(pkt, now, latency):
                 self._out.append((dropped, dropped.frame, link, _DROP))
-            for ready, at in queue.dequeue_ready(now):
-                self._schedule(link, ready, ready.frame, at, now)
+            if len(queue) > link.counters.queue_peak:
+                link.counters.queue_peak = queue.peak
+            self._dequeue(link, queue, now)
             return
         self._schedule(link, pkt, frame, due, now)
+
+    def _dequeue(self, link: Link, queue: Queue, now: float, until: float | None = None) -> None:
+        """What the queue made ready by ``until`` (default ``now``): onto the timers (or out
+        now), or recorded as dropped."""
+        for pkt, at in queue.dequeue_ready(now if until is None else until):
+            if at is None:
+                self._out.append((pkt, pkt.frame, link, _DROP))
+            else:
+                self._schedule(link, pkt, pkt.frame, at, now)
 
     def _schedule(self, link: Link, pkt: Packet, frame: bytes, due: float, now: float) -> None:
         # Straight out only when nothing is waiting: a timer due earlier must not be
@@ -896,8 +932,8 @@ class Relay:
             else:
                 old_queue, link.queue = link.queue, new
                 if old_queue is not None:
-                    for pkt, at in old_queue.dequeue_ready(math.inf):
-                        link.schedule(at, pkt, pkt.frame)
+                    # The old link finishes serving what it holds, on its own schedule.
+                    self._dequeue(link, old_queue, now, math.inf)
         self._flush()
 
     def _expire(self, link: Link, engine: ImpairmentEngine, until: float, now: float) -> None:
@@ -919,8 +955,7 @@ class Relay:
             if queue is not None:
                 d = queue.deadline()
                 if d is not None and d <= now:
-                    for pkt, at in queue.dequeue_ready(now):
-                        link.schedule(at, pkt, pkt.frame)
+                    self._dequeue(link, queue, now)
             if link.timers:
                 for pkt, frame in link.pop_due(now):
                     out.append((pkt, frame, link, _WRITE))
@@ -963,6 +998,8 @@ class Relay:
                     if kind == _WRITE:
                         c.packets += 1
                         c.bytes += pkt.wire_len
+                        if pkt.action == "marked":
+                            c.marked += 1
         if self._failures:
             failures, self._failures = self._failures, []
             for failure, pkt in failures:
@@ -981,8 +1018,11 @@ class Relay:
                     pkt = Packet(t, link.direction, "dropped", zero + emit.data, hdr, self.mode)
                     out.append((pkt, pkt.frame, link, _DROP))
             if link.queue is not None:
-                for pkt, _at in link.queue.dequeue_ready(math.inf):
-                    link.schedule(math.inf, pkt, pkt.frame)
+                for pkt, at in link.queue.dequeue_ready(math.inf):
+                    if at is None:
+                        out.append((pkt, pkt.frame, link, _DROP))
+                    else:
+                        link.schedule(math.inf, pkt, pkt.frame)
             for _due, _seq, pkt, frame in sorted(link.timers, key=lambda e: e[:2]):
                 pkt.action = "dropped"
                 out.append((pkt, frame, link, _DROP))

@@ -15,11 +15,14 @@ from ._errors import OptionError
 
 if TYPE_CHECKING:
     from ._capture import Capture
+    from ._options import PairOptions
+    from ._pair import TunPair
 
 __all__ = [
     "PCAP_MODES",
     "SECTION_TRACE_LINES",
     "PcapSettings",
+    "TestSlice",
     "format_section",
     "pcap_note",
     "pcap_paths",
@@ -51,6 +54,35 @@ class ReportedPair(Protocol):
     def describe(self, replay: Callable[[int], str] | None = None) -> str: ...
 
 
+class TestSlice:
+    """One test's part of a pair that outlives it (module and session pairs): the packets
+    from ``start`` (a ``Packet.seq``) on and the counts since ``stats``."""
+
+    def __init__(self, pair: TunPair, start: int, stats: Mapping[str, Mapping[str, int]]) -> None:
+        self.pair = pair
+        self.start = start
+        self._stats0 = stats
+
+    @property
+    def packets(self) -> Capture:
+        return self.pair.packets.view(self.start)
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        now = self.pair.stats
+        return {
+            d: {k: v - self._stats0.get(d, {}).get(k, 0) for k, v in counts.items()}
+            for d, counts in now.items()
+        }
+
+    @property
+    def options(self) -> PairOptions:
+        return self.pair.options
+
+    def describe(self, replay: Callable[[int], str] | None = None) -> str:
+        return self.pair.describe(replay)
+
+
 # -- the report section --------------------------------------------------------------------
 def section_title(when: str) -> str:
     """Named like pytest's "Captured log call", for the same reader."""
@@ -73,8 +105,16 @@ def _counts(stats: Mapping[str, Mapping[str, int]]) -> str:
     parts = []
     for direction, c in stats.items():
         text = f"{direction} {plural(c.get('packets', 0), 'packet')} {c.get('bytes', 0)} bytes"
+        notes = []
         if c.get("dropped"):
-            text += f" ({c['dropped']} dropped)"
+            notes.append(f"{c['dropped']} dropped")
+        if c.get("marked"):
+            notes.append(f"{c['marked']} ECN-marked")
+        if c.get("device_dropped"):
+            # Offered load that never reached the relay: the sender outran it.
+            notes.append(f"{c['device_dropped']} dropped by the device before the relay read them")
+        if notes:
+            text += f" ({', '.join(notes)})"
         parts.append(text)
     return ", ".join(parts)
 

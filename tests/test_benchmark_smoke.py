@@ -49,7 +49,9 @@ def test_benchmark_quick_mode_prints_every_row(
     header = next(i for i, line in enumerate(lines) if line.startswith("section"))
     sections = {line.split()[0] for line in lines[header + 2 :] if line[:1].isalpha()}
     sections.discard("note:")
-    assert {"throughput", "overhead", "unused", "latency", "memory"} <= sections, res.stdout
+    assert {"throughput", "overhead", "unused", "latency", "daemons", "timing", "memory"} <= (
+        sections
+    ), res.stdout
     for row in ("pair.stats a->b", "pair.stats b->a", "shell recipe", "-p no:tunpair", "lo "):
         assert row in res.stdout, res.stdout
     assert "failed" not in res.stdout, res.stdout

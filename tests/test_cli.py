@@ -399,7 +399,7 @@ def test_processes_left_in_the_namespace_are_stopped(tunnels: None, tmp_path: Pa
     assert r.returncode == 0, r.stderr
     pid = int(pidfile.read_text())
     # (sh) when the background child had not exec'd sleep yet
-    assert re.search(rf"stopping 1 process left in the namespace: {pid} \((sleep|sh)\)", r.stderr)
+    assert re.search(rf"stopped 1 process left in the namespace: {pid} \((sleep|sh)\b", r.stderr)
     # Gone, or a zombie waiting for init to reap it.
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
@@ -246,45 +247,33 @@ def test_jitter_spreads_around_the_delay() -> None:
     assert abs(sum(latencies) / len(latencies) - 0.1) < 0.001
 
 
-@given(packets_st, seeds_st, rate_st, duration_st, duration_st, st.data())
-def test_rate_spaces_back_to_back_packets_by_their_serialisation_time(
-    packets: list[bytes],
-    seed: int,
-    rate: float | None,
-    delay: float,
-    jitter: float,
-    data: st.DataObject,
-) -> None:
-    rate = rate or 1e6
-    spec = ImpairmentSpec(rate=rate, delay=delay, jitter=jitter)
-    times = data.draw(times_st(len(packets)))
-    emits = run(ImpairmentEngine(spec, seed), packets, times)
-    assert [emit.data for emit in emits] == packets  # a serialiser keeps FIFO order
-    previous_due = -math.inf
-    for emit, now in zip(emits, times, strict=False):
-        assert emit.due is not None
-        transmit = len(emit.data) * 8 / rate
-        assert emit.due >= now + transmit - 1e-9
-        assert emit.due - previous_due >= transmit * (1 - 1e-9) - 1e-9
-        assert emit.action == "delayed"
-        previous_due = emit.due
-
-
-def test_rate_serialises_a_burst_like_a_real_link() -> None:
-    # 1500-byte packets on 1 Mbit/s take 12 ms each.
-    engine = ImpairmentEngine(ImpairmentSpec(rate=1e6), seed=0)
+def test_rate_is_left_to_the_link_queue() -> None:
+    # The serialiser lives in _queue (it needs the queue's bound and discipline): the engine
+    # only draws delay and jitter, so with a rate alone a packet is due when it came.
+    engine = ImpairmentEngine(ImpairmentSpec(rate=1e6, delay="2ms"), seed=0)
     dues = [engine.submit(bytes(1500), 100.0)[0].due for _ in range(3)]
-    assert dues == pytest.approx([100.012, 100.024, 100.036])
-    # Once the link is idle, a packet only pays its own serialisation time.
-    (late,) = engine.submit(bytes(1500), 200.0)
-    assert late.due == pytest.approx(200.012)
+    assert dues == pytest.approx([100.002] * 3)
 
 
-def test_rate_makes_a_duplicate_a_second_transmission() -> None:
-    engine = ImpairmentEngine(ImpairmentSpec(rate=8000.0, duplicate=1.0), seed=0)
-    original, copy = engine.submit(bytes(10), 0.0)  # 80 bits at 8 kbit/s: 10 ms
-    assert [original.due, copy.due] == pytest.approx([0.01, 0.02])
-    assert (original.action, copy.action) == ("delayed", "duplicated")
+def _ipv4(tos: int) -> bytes:
+    header = bytearray(
+        struct.pack("!BBHHHBBH4s4s", 0x45, tos, 28, 0, 0, 64, 17, 0, b"\n\0\0\1", b"\n\0\0\2")
+    )
+    words = struct.unpack("!10H", header)
+    total = sum(words)
+    total = (total & 0xFFFF) + (total >> 16)
+    header[10:12] = struct.pack("!H", ~total & 0xFFFF)
+    return bytes(header) + bytes(8)
+
+
+def test_loss_with_ecn_marks_ect_packets_and_drops_the_others() -> None:
+    spec = ImpairmentSpec(loss=1.0, ecn=True)
+    (ect,) = ImpairmentEngine(spec, seed=0).submit(_ipv4(0x02), 0.0)
+    assert ect.action == "marked" and ect.due == 0.0 and ect.data[1] & 3 == 3
+    (plain,) = ImpairmentEngine(spec, seed=0).submit(_ipv4(0x00), 0.0)
+    assert plain.action == "lost" and plain.due is None
+    (without,) = ImpairmentEngine(ImpairmentSpec(loss=1.0), seed=0).submit(_ipv4(0x02), 0.0)
+    assert without.action == "lost"
 
 
 # --- reordering -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pytest_tunpair._capture import Capture, Packet, Stats
 from pytest_tunpair._errors import HookError
 from pytest_tunpair._impair import ImpairmentEngine, ImpairmentSpec
 from pytest_tunpair._link import Verdict
+from pytest_tunpair._queue import LinkQueue, PacketQueue, QueueSpec, RateServer
 from pytest_tunpair._relay import Hook, Relay
 from pytest_tunpair._timer import Timer
 
@@ -125,8 +126,8 @@ def test_a_backlog_is_forwarded_in_batches_in_order() -> None:
         assert ab == list(range(n))
         assert all(p.arrival == p.time and p.sojourn == 0 for p in packets)
         assert r.stats.as_dict() == {
-            "a->b": {"packets": n, "bytes": n * 100, "dropped": 0},
-            "b->a": {"packets": 7, "bytes": 700, "dropped": 0},
+            "a->b": {"packets": n, "bytes": n * 100, "dropped": 0, "marked": 0, "queue_peak": 0},
+            "b->a": {"packets": 7, "bytes": 700, "dropped": 0, "marked": 0, "queue_peak": 0},
         }
         assert r.relay.pending() == 0
     finally:
@@ -160,7 +161,13 @@ def test_a_reader_never_sees_an_action_change() -> None:
         t.join(WAIT)
         assert seen == [(0, "forwarded"), (1, "dropped")]  # final when first seen
         assert [(p.seq, p.action) for p in r.capture] == seen
-        assert r.stats.as_dict()["a->b"] == {"packets": 1, "bytes": 7000, "dropped": 1}
+        assert r.stats.as_dict()["a->b"] == {
+            "packets": 1,
+            "bytes": 7000,
+            "dropped": 1,
+            "marked": 0,
+            "queue_peak": 0,
+        }
     finally:
         r.relay.stop()
         r.a.close()
@@ -265,7 +272,13 @@ def test_a_rule_drops_packets(rig: Rig) -> None:
     wait_until(lambda: len(rig.capture) == 6)
     actions = [(number(p.data), p.action) for p in rig.capture]
     assert actions == [(i, "blocked" if i % 2 else "forwarded") for i in range(6)]
-    assert rig.stats.as_dict()["a->b"] == {"packets": 3, "bytes": 300, "dropped": 3}
+    assert rig.stats.as_dict()["a->b"] == {
+        "packets": 3,
+        "bytes": 300,
+        "dropped": 3,
+        "marked": 0,
+        "queue_peak": 0,
+    }
     assert rig.relay.remove_rule("a->b", rule)
     assert not rig.relay.remove_rule("a->b", rule)
     rig.a.send(numbered(7))
@@ -297,7 +310,13 @@ def test_a_divert_answer_is_recorded_after_its_request(rig: Rig) -> None:
         ("a->b", "scripted"),
         ("b->a", "injected"),
     ]
-    assert rig.stats.as_dict()["a->b"] == {"packets": 1, "bytes": 100, "dropped": 0}
+    assert rig.stats.as_dict()["a->b"] == {
+        "packets": 1,
+        "bytes": 100,
+        "dropped": 0,
+        "marked": 0,
+        "queue_peak": 0,
+    }
 
 
 def test_divert_takes_packets_before_the_hooks(rig: Rig) -> None:
@@ -348,7 +367,8 @@ def test_delayed_packets_leave_on_time(rig: Rig) -> None:
 
 
 def test_rate_paces_departures(rig: Rig) -> None:
-    rig.relay.set_engine("a->b", engine(rate="8mbit"))  # 1000 bytes: 1 ms on the wire
+    # 1000 bytes: 1 ms on the wire
+    rig.relay.set_queue("a->b", PacketQueue(LinkQueue(QueueSpec(), RateServer(8e6)), 0))
     for i in range(20):
         rig.a.send(numbered(i, 1000))
     assert [number(rig.b.recv()) for _ in range(20)] == list(range(20))
@@ -423,5 +443,11 @@ def test_in_flight_packets_at_stop_are_recorded_dropped() -> None:
     r.b.close()
     (pkt,) = r.capture
     assert (pkt.action, number(pkt.data)) == ("dropped", 3)
-    assert r.stats.as_dict()["a->b"] == {"packets": 0, "bytes": 0, "dropped": 1}
+    assert r.stats.as_dict()["a->b"] == {
+        "packets": 0,
+        "bytes": 0,
+        "dropped": 1,
+        "marked": 0,
+        "queue_peak": 0,
+    }
     assert not r.errors()

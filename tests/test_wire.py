@@ -544,7 +544,15 @@ def test_packets_still_delayed_at_close_are_recorded_as_dropped() -> None:
     # The pair closed without waiting a minute: the packet was not written, and says so.
     (pkt,) = pair.packets
     assert (pkt.direction, pkt.action, _payload(pkt)) == ("a->b", "dropped", b"too late")
-    assert pair.stats["a->b"] == {"packets": 0, "bytes": 0, "dropped": 1}
+    assert pair.stats["a->b"] == {
+        "packets": 0,
+        "bytes": 0,
+        "dropped": 1,
+        "marked": 0,
+        "queue_peak": 1,
+        "queued": 0,
+        "device_dropped": 0,
+    }
 
 
 def _tcp_transfer(pair: TunPair, payload: bytes, timeout: float = 30) -> bytes:
