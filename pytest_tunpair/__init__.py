@@ -26,11 +26,15 @@ if TYPE_CHECKING:
         ThreadNotStopped,
         TunDeviceError,
         TunPairError,
+        UnexpectedPacket,
     )
+    from ._flows import Flow
+    from ._match import PacketSource
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
     from ._peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._relay import Hook
+    from ._sockets import SocketInfo
     from ._tcpseg import TcpOptions
 
 __version__ = "0.1.0"
@@ -51,6 +55,10 @@ _WHERE = {
     "ThreadNotStopped": "._errors",
     "TunDeviceError": "._errors",
     "TunPairError": "._errors",
+    "UnexpectedPacket": "._errors",
+    "Flow": "._flows",
+    "PacketSource": "._match",
+    "SocketInfo": "._sockets",
     "PairOptions": "._options",
     "Endpoint": "._pair",
     "TunPair": "._pair",
@@ -65,6 +73,7 @@ _WHERE = {
 __all__ = [
     "Capture",
     "Endpoint",
+    "Flow",
     "GsoInfo",
     "Hook",
     "HookError",
@@ -73,6 +82,7 @@ __all__ = [
     "NamespaceError",
     "OptionError",
     "Packet",
+    "PacketSource",
     "PacketTimeout",
     "PairClosedError",
     "PairOptions",
@@ -80,6 +90,7 @@ __all__ = [
     "ScriptedPeer",
     "ScriptedTcp",
     "ScriptedUdp",
+    "SocketInfo",
     "SpawnError",
     "TcpOptions",
     "ThreadNotStopped",
@@ -87,6 +98,7 @@ __all__ = [
     "TunPair",
     "TunPairError",
     "TunPairFactory",
+    "UnexpectedPacket",
     "__version__",
 ]
 

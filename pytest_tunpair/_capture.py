@@ -14,16 +14,36 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
-from . import _linux
+from . import _fields, _linux
 from ._errors import PacketTimeout
+
+if TYPE_CHECKING:
+    from ._flows import Flow
 
 __all__ = ["Capture", "Counters", "GsoInfo", "Packet", "Stats"]
 
 DIRECTIONS = ("a->b", "b->a")
+#: Actions of packets that reached the receiving side: written to the other device (or,
+#: ``"scripted"``, taken by a scripted peer standing in for it; ``"marked"`` went CE-marked
+#: instead of dropped). Any other action -- a hook's or a rule's drop (``"dropped"`` or the
+#: rule's own label), an impairment's loss -- means the receiver never got it.
+DELIVERED = frozenset(
+    {
+        "forwarded",
+        "injected",
+        "modified",
+        "duplicated",
+        "delayed",
+        "reordered",
+        "corrupted",
+        "marked",
+        "scripted",
+    }
+)
 # Lines of trace a PacketTimeout message shows at most.
 TIMEOUT_TRACE_LINES = 30
 #: What the ``capture_bytes`` budget charges per kept packet besides its bytes: the Packet
@@ -94,8 +114,11 @@ class Packet:
     :class:`~pytest_tunpair.HookError` names is then the packet's ``seq``.
     """
 
+    # ``_f`` (the parsed header offsets) is left unset by ``__init__``: the relay builds a
+    # Packet per packet read, most are never looked at, and an unset slot costs nothing.
     __slots__ = (
         "_data",
+        "_f",
         "_off",
         "_raw",
         "_scapy",
@@ -107,6 +130,8 @@ class Packet:
         "time",
         "wire_len",
     )
+
+    _f: _fields.Parsed
 
     def __init__(
         self,
@@ -195,7 +220,136 @@ class Packet:
         return self._scapy
 
     def haslayer(self, layer: Any) -> bool:
+        """``layer in packet``: scapy's ``haslayer``, answered from the header bytes for
+        the outer layers the parser knows (see :meth:`__contains__`)."""
+        return layer in self
+
+    # -- header fields, without scapy ------------------------------------------------------
+    def _parsed(self) -> _fields.Parsed:
+        try:
+            return self._f
+        except AttributeError:
+            self._f = f = _fields.parse(self._raw, self._off, self.mode)
+            return f
+
+    @property
+    def ip_version(self) -> int | None:
+        """4 or 6; ``None`` for ARP and anything else that is not IP."""
+        return self._parsed()[_fields.VERSION]
+
+    @property
+    def src(self) -> str | None:
+        """Source IP address (for ARP the sender's protocol address, scapy's ``psrc``)."""
+        return _fields.address(self._raw, self._parsed(), 0)
+
+    @property
+    def dst(self) -> str | None:
+        """Destination IP address (for ARP the target's protocol address, ``pdst``)."""
+        return _fields.address(self._raw, self._parsed(), 1)
+
+    @property
+    def ip_proto(self) -> int | None:
+        """The transport protocol number, after any IPv6 extension headers (6 for TCP)."""
+        return self._parsed()[_fields.IP_PROTO]
+
+    @property
+    def proto(self) -> str | None:
+        """``"tcp"``, ``"udp"``, ``"icmp"``, ``"icmpv6"``, ``"arp"`` or ``None``."""
+        f = self._parsed()
+        if f[_fields.ARP]:
+            return "arp"
+        return _fields.PROTO_NAMES.get(f[_fields.IP_PROTO])
+
+    @property
+    def sport(self) -> int | None:
+        """TCP/UDP (and SCTP, UDP-Lite) source port; ``None`` for other packets and for
+        fragments after the first."""
+        return self._parsed()[_fields.SPORT]
+
+    @property
+    def dport(self) -> int | None:
+        """Destination port, as :attr:`sport`."""
+        return self._parsed()[_fields.DPORT]
+
+    @property
+    def flags(self) -> str | None:
+        """TCP flags in scapy's letters and order (``"S"``, ``"SA"``, ``"PA"``, ``"FA"``)."""
+        flags = self._parsed()[_fields.TCP_FLAGS]
+        return None if flags is None else _fields.FLAG_STRINGS[flags]
+
+    @property
+    def tcp_seq(self) -> int | None:
+        """TCP sequence number."""
+        return _fields.tcp_word(self._raw, self._parsed(), 4, 4)
+
+    @property
+    def tcp_ack(self) -> int | None:
+        """TCP acknowledgment number (whether or not the A flag is set)."""
+        return _fields.tcp_word(self._raw, self._parsed(), 8, 4)
+
+    @property
+    def window(self) -> int | None:
+        """TCP window field as sent (not scaled)."""
+        return _fields.tcp_word(self._raw, self._parsed(), 14, 2)
+
+    @property
+    def payload(self) -> bytes | None:
+        """The L4 payload: after the TCP header and options, the UDP header, or ICMP's
+        8-byte header; for other IP protocols what follows the IP headers. A GSO
+        super-packet's is the whole super-packet's; ``snaplen`` cuts it."""
+        f = self._parsed()
+        poff = f[_fields.PAYLOAD]
+        if poff < 0:
+            return None
+        return self._raw[poff : f[_fields.END]]
+
+    @property
+    def ttl(self) -> int | None:
+        """IPv4 TTL or IPv6 hop limit."""
+        return self._parsed()[_fields.TTL]
+
+    @property
+    def ecn(self) -> str | None:
+        """The ECN codepoint: ``"not-ect"``, ``"ect1"``, ``"ect0"`` or ``"ce"``."""
+        tclass = self._parsed()[_fields.TCLASS]
+        return None if tclass is None else _fields.ECN_NAMES[tclass & 3]
+
+    @property
+    def icmp_type(self) -> int | None:
+        """ICMP or ICMPv6 type (8 echo request, 128 ICMPv6 echo request, ...)."""
+        return _fields.icmp_byte(self._raw, self._parsed(), 0)
+
+    @property
+    def icmp_code(self) -> int | None:
+        """ICMP or ICMPv6 code."""
+        return _fields.icmp_byte(self._raw, self._parsed(), 1)
+
+    # -- scapy's container protocol ----------------------------------------------------------
+    def __contains__(self, layer: Any) -> bool:
+        """``TCP in packet``, as on the scapy packet.
+
+        Layer classes ``Ether``, ``ARP``, ``IP``, ``IPv6``, ``TCP``, ``UDP`` and ``ICMP``
+        (or their names) are answered from the header bytes; a "no" is confirmed by scapy
+        when the packet may carry another packet inside (IP-in-IP, GRE, UDP tunnels), and
+        any other layer is asked of scapy.
+        """
+        if isinstance(layer, str):
+            name: str | None = layer
+        elif str(getattr(layer, "__module__", "")).startswith("scapy."):
+            name = getattr(layer, "__name__", None)
+        else:
+            name = None  # someone else's class of the same name
+        if name in _fields.LAYERS:
+            f = self._parsed()
+            if _fields.has_layer(name, self.mode, f):
+                return True
+            if not _fields.may_tunnel(f):
+                return False
         return bool(self.scapy.haslayer(layer))
+
+    def __getitem__(self, layer: Any) -> Any:
+        """``packet[TCP]``: that layer of the scapy decode (``IndexError`` if absent)."""
+        return self.scapy[layer]
 
     def summary(self) -> str:
         """One tcpdump-like line: time, direction, action, scapy's summary, length."""
@@ -285,20 +439,6 @@ class Stats:
             return {d: c.as_dict() for d, c in self.counters.items()}
 
 
-def _matcher(match: Any) -> tuple[Callable[[Packet], Any], str]:
-    """``wait_for``'s argument as a predicate, plus the name its timeout message uses."""
-    if isinstance(match, type) and hasattr(match, "fields_desc"):
-        # A scapy layer class is callable too (it builds a packet, always truthy): without
-        # this, wait_for(TCP) would "match" the first packet of any kind.
-        return (lambda p: p.scapy.haslayer(match)), f"layer {match.__name__}"
-    if not callable(match):
-        raise TypeError(
-            f"wait_for() takes a callable (packet -> bool) or a scapy layer class, "
-            f"not {type(match).__name__}: e.g. wait_for(lambda p: p.direction == 'b->a')"
-        )
-    return match, getattr(match, "__qualname__", None) or repr(match)
-
-
 def trace(packets: Sequence[Packet], *, limit: int | None = None, evicted: int = 0) -> str:
     """One tcpdump-like line per packet; beyond ``limit`` lines, the first and last ones
     with ``… N more`` between them (the start shows how a conversation began, the end what
@@ -333,8 +473,12 @@ class Capture(Sequence[Packet]):
         max_packets: int | None = None,
         capture_bytes: int | None = None,
         snaplen: int | None = None,
+        pending: Callable[[], int] | None = None,
     ) -> None:
         self.mode = mode
+        #: Packets held in the relay right now (delayed, queued, with a hook); the pair sets
+        #: it, :meth:`wait_quiet` asks it.
+        self.pending = pending
         self.max_packets = max_packets
         self.capture_bytes = capture_bytes
         self.snaplen = snaplen
@@ -513,65 +657,221 @@ class Capture(Sequence[Packet]):
             return []
         return list(itertools.islice(packets, start, None))
 
-    def wait_for(self, match: Callable[[Packet], Any] | type, *, timeout: float = 2.0) -> Packet:
+    @property
+    def last_seq(self) -> int:
+        """``seq`` of the newest packet recorded so far (kept or not), ``-1`` before the
+        first: expectations that look only at what comes next start after it."""
+        with self._cond:
+            return self._next_seq - 1
+
+    def wait_for(
+        self,
+        match: Any = None,
+        *,
+        timeout: float = 2.0,
+        direction: str | None = None,
+        action: Any = None,
+        **fields: Any,
+    ) -> Packet:
         """The first packet, captured already or arriving within ``timeout`` s, that matches.
 
-        ``match`` is a predicate (``lambda p: p.direction == "b->a"``) or a scapy layer class
-        (``wait_for(TCP)``). It runs in the calling thread, outside the lock, so it may decode
-        freely. Waiting is a condition variable the relay notifies on every packet: the call
-        returns as soon as the packet is recorded, without polling.
+        ``match`` is a predicate (``lambda p: p.direction == "b->a"``), a scapy layer class
+        (``wait_for(TCP)``) or a scapy template (see :meth:`expect`); the keywords filter as
+        in :meth:`filter` (``wait_for(dport=53, direction="a->b")``). Every packet counts,
+        whatever the relay did with it, unless ``action=`` says which. The match runs in
+        the calling thread, outside the lock, so it may decode freely. Waiting is a
+        condition variable the relay notifies on every packet: the call returns as soon as
+        the packet is recorded, without polling.
 
         Raises :class:`~pytest_tunpair.PacketTimeout` (an ``AssertionError``) listing what
         was captured when nothing matched in time.
         """
         __tracebackhide__ = True
-        predicate, what = _matcher(match)
+        from ._match import ANY_ACTION, Matcher, packet_filter, wait_match
+
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
             raise ValueError(f"wait_for(timeout={timeout!r}): give a number of seconds >= 0")
-        deadline = time.monotonic() + timeout
-        last = -1
-        while True:
-            with self._cond:
-                new = self._since(last)
-                if not new:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._waiters += 1
-                    try:
-                        self._cond.wait(remaining)
-                    finally:
-                        self._waiters -= 1
-                    continue
-                # Under steady traffic there is always something new, so the deadline is
-                # checked here too; a batch taken after it is still examined, so every
-                # packet recorded in time gets its chance.
-                expired = time.monotonic() >= deadline
-            for pkt in new:
-                last = pkt.seq
-                if predicate(pkt):
-                    return pkt
-            if expired:
-                break
+        by_fields = packet_filter(
+            direction=direction, action=action, fields=fields, what="wait_for"
+        )
+        what = []
+        predicate = by_fields
+        if match is not None:
+            # Every action counts here (the relay's drops too), unlike in expect().
+            matcher = Matcher(match, action=ANY_ACTION, what="wait_for")
+            what.append(matcher.description)
+
+            def predicate(p: Packet) -> bool:
+                return by_fields(p) and matcher(p)
+
+        what.extend(f"{k}={v!r}" for k, v in fields.items())
+        what.extend(f"{k}={v!r}" for k, v in (("direction", direction), ("action", action)) if v)
+        found = wait_match(self, predicate, after_seq=-1, timeout=timeout)
+        if found is not None:
+            return found
         packets = self._snapshot()
         evicted = self.evicted
         raise PacketTimeout(
-            f"no packet matched {what} within {timeout:g} s; {len(packets)} captured:\n",
+            f"no packet matched {', '.join(what) or 'anything'} within {timeout:g} s; "
+            f"{len(packets)} captured:\n",
             packets=packets,
             details=lambda: trace(packets, limit=TIMEOUT_TRACE_LINES, evicted=evicted),
         )
 
-    def filter(self, *layers: Any, direction: str | None = None) -> list[Packet]:
-        """Packets holding every given scapy layer (class or name), optionally in one
-        direction only: ``filter(TCP, direction="b->a")``."""
-        if direction is not None and direction not in DIRECTIONS:
-            raise ValueError(f"direction must be 'a->b', 'b->a' or None, not {direction!r}")
-        return [
-            p
-            for p in self._snapshot()
-            if (direction is None or p.direction == direction)
-            and all(p.scapy.haslayer(layer) for layer in layers)
-        ]
+    def filter(
+        self, *layers: Any, direction: str | None = None, action: Any = None, **fields: Any
+    ) -> list[Packet]:
+        """The kept packets with every given scapy layer (class or name) and every given
+        field: ``filter(TCP, direction="b->a", dport=80, flags="SA")``.
+
+        Fields are the :class:`Packet` attributes parsed without scapy (``src``, ``dst``,
+        ``proto``, ``sport``, ``dport``, ``flags``, ...); a value is compared for equality
+        or, if callable, called with the field's value (``sport=lambda p: p > 1024``;
+        packets without the field never match). ``action`` is a value or a predicate too.
+        An unknown keyword is a ``TypeError`` listing the valid ones.
+        """
+        from ._match import packet_filter
+
+        predicate = packet_filter(layers, direction=direction, action=action, fields=fields)
+        return [p for p in self._snapshot() if predicate(p)]
+
+    # -- expectations (PTF's verify_packet / verify_no_packet, packetdrill's sequences) ------
+    def expect(
+        self,
+        template: Any,
+        *,
+        direction: str | None = None,
+        timeout: float = 2.0,
+        after: Any = None,
+        ignore: Iterable[str] = (),
+        action: Any = None,
+    ) -> Packet:
+        """The first packet matching the scapy ``template`` in the fields it sets.
+
+        ``expect(IP(dst=pair.b.ip) / TCP(flags="SA"))`` matches a SYN-ACK to b whatever its
+        ports, sequence numbers or TTL: a packet matches when its decoded layers contain
+        the template's, in order, and each field the template sets explicitly is equal.
+        ``ignore=("IP.ttl",)`` leaves set fields out. Packets captured after ``after`` (a
+        ``Packet`` or a time like ``Packet.time``; default: all kept) or arriving within
+        ``timeout`` s count, if the relay delivered them (``action=`` to choose otherwise).
+        Returns the packet; raises :class:`~pytest_tunpair.PacketTimeout` showing, for the
+        three closest packets, each field that differed (``TCP.flags: expected 'R', got
+        'SA'``), then the trace. ``template`` may also be a predicate or a layer class.
+        """
+        __tracebackhide__ = True
+        from ._match import expect
+
+        return expect(
+            self,
+            template,
+            direction=direction,
+            timeout=timeout,
+            after=after,
+            ignore=ignore,
+            action=action,
+        )
+
+    def expect_none(
+        self,
+        match: Any,
+        *,
+        during: float = 0.5,
+        direction: str | None = None,
+        after: Any = None,
+        ignore: Iterable[str] = (),
+        action: Any = None,
+    ) -> None:
+        """Fail with :class:`~pytest_tunpair.UnexpectedPacket` if a delivered packet
+        matching ``match`` (template, predicate or layer class) is captured within
+        ``during`` s -- or was, since ``after``. A packet the relay dropped does not count
+        (it never arrived) unless ``action=`` says so."""
+        __tracebackhide__ = True
+        from ._match import expect_none
+
+        expect_none(
+            self,
+            match,
+            during=during,
+            direction=direction,
+            after=after,
+            ignore=ignore,
+            action=action,
+        )
+
+    def expect_sequence(
+        self,
+        templates: Sequence[Any],
+        *,
+        timeout: float = 2.0,
+        direction: str | None = None,
+        after: Any = None,
+        action: Any = None,
+    ) -> list[Packet]:
+        """Each template (as in :meth:`expect`) matched by a packet after the previous
+        one's match; ``timeout`` bounds the whole sequence. Returns the matched packets:
+        ``syn, synack, ack = packets.expect_sequence([TCP(flags="S"), TCP(flags="SA"),
+        TCP(flags="A")])``."""
+        __tracebackhide__ = True
+        from ._match import expect_sequence
+
+        return expect_sequence(
+            self, templates, timeout=timeout, direction=direction, after=after, action=action
+        )
+
+    def wait_quiet(self, idle: float = 0.2, *, timeout: float = 5.0) -> None:
+        """Return once nothing was recorded for ``idle`` s and nothing waits in the relay
+        (delayed, queued, held back, with a hook): the conversation is over.
+
+        Raises :class:`~pytest_tunpair.PacketTimeout` if the wire is still busy after
+        ``timeout`` s, with the trace of the last packets.
+        """
+        __tracebackhide__ = True
+        for name, value in (("idle", idle), ("timeout", timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"wait_quiet({name}={value!r}): give a number of seconds >= 0")
+        start = time.monotonic()
+        deadline = start + timeout
+        with self._cond:
+            last = self._next_seq - 1
+            if self._packets:
+                quiet_since = min(start, self.t0 + self._packets[-1].time)
+            else:  # nothing yet: quiet since the pair came up; cleared: count from now
+                quiet_since = self.t0 if last < 0 else start
+        pending = 0
+        while True:
+            now = time.monotonic()
+            pending = self.pending() if self.pending is not None else 0
+            if pending:
+                quiet_since = now  # a held packet will be recorded when it leaves
+            elif now - quiet_since >= idle:
+                return
+            if now >= deadline:
+                break
+            wake = min(deadline, quiet_since + idle) - now
+            # Held packets (a delay, a hook) leave without a recording to wake us: poll them.
+            new = self.wait_new(last, min(wake, 0.01) if pending else wake)
+            if new:
+                last = new[-1].seq
+                quiet_since = time.monotonic()
+            elif self.last_seq > last:  # recorded and evicted at once by a bound
+                last = self.last_seq
+                quiet_since = time.monotonic()
+        packets = self._snapshot()
+        evicted = self.evicted
+        held = f", {pending} held in the relay" if pending else ""
+        raise PacketTimeout(
+            f"wait_quiet: the wire was not quiet for {idle:g} s within {timeout:g} s{held}; "
+            f"{len(packets)} captured:\n",
+            packets=packets,
+            details=lambda: trace(packets, limit=TIMEOUT_TRACE_LINES, evicted=evicted),
+        )
+
+    def flows(self) -> list[Flow]:
+        """The conversations in the capture, in order of their first packet: one
+        :class:`~pytest_tunpair.Flow` per protocol and pair of endpoints."""
+        from ._flows import flows
+
+        return flows(self._snapshot())
 
     def summary(self, limit: int | None = None) -> str:
         """The trace, one tcpdump-like line per packet: time since the pair came up,

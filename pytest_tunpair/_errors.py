@@ -9,7 +9,8 @@
     ├── NamespaceError (OSError)       entering/leaving/configuring a namespace failed (.netns)
     ├── PairClosedError (RuntimeError) the pair is not open (not yet, or any more)
     ├── HookError (AssertionError)     a hook raised or returned something unsendable
-    ├── PacketTimeout (AssertionError) ``packets.wait_for`` saw no matching packet in time
+    ├── PacketTimeout (AssertionError) no matching packet in time (wait_for, expect, ...)
+    ├── UnexpectedPacket (AssertionError)  ``expect_none`` saw a packet it must not (.packet)
     ├── ThreadNotStopped               an interruption could not stop a test's own thread
     ├── SpawnError                     ``spawn()``: exited or not ready (.command, .returncode)
     └── LeftoverProcessError           processes left running in the namespace (.processes)
@@ -38,6 +39,7 @@ __all__ = [
     "ThreadNotStopped",
     "TunDeviceError",
     "TunPairError",
+    "UnexpectedPacket",
 ]
 
 
@@ -139,14 +141,11 @@ class HookError(TunPairError, AssertionError):
         self.direction = direction
 
 
-class PacketTimeout(TunPairError, AssertionError):
-    """``packets.wait_for`` saw no matching packet in time.
-
-    The message lists what *was* captured, so the reader sees why nothing matched;
-    ``packets`` holds those packets. The list is formatted when the message is first read,
-    not when the timeout fires: decoding (and the first import of scapy) must not make the
-    wait overrun its timeout.
-    """
+class _PacketAssertion(TunPairError, AssertionError):
+    """An assertion about captured packets that failed; ``packets`` holds the ones it
+    looked at. The message's packet list is formatted when the message is first read, not
+    when the assertion fails: decoding (and the first import of scapy) must not make a wait
+    overrun its timeout."""
 
     def __init__(
         self,
@@ -165,6 +164,33 @@ class PacketTimeout(TunPairError, AssertionError):
         if self._text is None:
             self._text = self._message + (self._details() if self._details else "")
         return self._text
+
+
+class PacketTimeout(_PacketAssertion):
+    """No matching packet came in time (``packets.wait_for``, ``expect``,
+    ``expect_sequence``, ``wait_quiet``).
+
+    The message lists what *was* captured, and for ``expect`` the fields in which the
+    closest packets differed, so the reader sees why nothing matched.
+    """
+
+
+class UnexpectedPacket(_PacketAssertion):
+    """``packets.expect_none`` saw a packet it was told must not come.
+
+    ``packet`` is that packet; ``packets`` what was examined up to it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        packet: Packet,
+        packets: Sequence[Packet] = (),
+        details: Callable[[], str] | None = None,
+    ) -> None:
+        super().__init__(message, packets=packets, details=details)
+        self.packet = packet
 
 
 class SpawnError(TunPairError):
@@ -217,6 +243,7 @@ for _cls in (
     ThreadNotStopped,
     HookError,
     PacketTimeout,
+    UnexpectedPacket,
     SpawnError,
     LeftoverProcessError,
     LeftoverProcessWarning,

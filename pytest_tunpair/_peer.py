@@ -22,7 +22,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +46,15 @@ from ._tcpseg import (
 from ._validate import is_scapy_packet, to_bytes
 
 if TYPE_CHECKING:
+    from ._match import Matcher
     from ._pair import Endpoint, TunPair
 
 __all__ = ["ScriptedPeer", "ScriptedTcp", "ScriptedUdp", "TcpOptions"]
 
 # Lines of the peer's own trace a timeout message shows at most.
 TRACE_LINES = 30
+# Segments whose differing fields a failed conn.expect(template) shows.
+CLOSEST = 3
 # Packets the script never looked at, listed per peer in a failure report at most.
 UNEXPECTED_LINES = 20
 # Ephemeral ports for tcp_connect() (the IANA dynamic range, RFC 6335 6).
@@ -264,31 +267,50 @@ class ScriptedPeer:
         return 4 if self.ip else 6
 
     # -- looking at what the peer got ------------------------------------------------------
-    def _mark(self, found: Any) -> Any:
-        for p in found if isinstance(found, list) else [found]:
-            if isinstance(p, Packet):
-                self._looked.add(p.seq)
+    def expect(
+        self,
+        template: Any,
+        *,
+        timeout: float = 2.0,
+        after: Any = None,
+        ignore: Iterable[str] = (),
+    ) -> Packet:
+        """``tun_pair.packets.expect()`` over the packets handed to this peer: the first
+        whose layers and explicitly set fields match the scapy ``template``."""
+        __tracebackhide__ = True
+        found = self.packets.expect(template, timeout=timeout, after=after, ignore=ignore)
+        self._looked.add(found.seq)
         return found
 
-    def expect(self, template: Any, **kwargs: Any) -> Packet:
-        """``tun_pair.packets.expect()`` over the packets handed to this peer."""
+    def expect_none(
+        self,
+        match: Any,
+        *,
+        during: float = 0.5,
+        after: Any = None,
+        ignore: Iterable[str] = (),
+    ) -> None:
+        """``tun_pair.packets.expect_none()`` over the packets handed to this peer: fails if
+        one matching ``match`` comes within ``during`` s (or came, since ``after``)."""
         __tracebackhide__ = True
-        return self._mark(self.packets.expect(template, **kwargs))  # type: ignore[attr-defined,no-any-return]
+        self.packets.expect_none(match, during=during, after=after, ignore=ignore)
 
-    def expect_none(self, template: Any, **kwargs: Any) -> None:
-        """``tun_pair.packets.expect_none()`` over the packets handed to this peer."""
-        __tracebackhide__ = True
-        self.packets.expect_none(template, **kwargs)  # type: ignore[attr-defined]
-
-    def expect_sequence(self, templates: Iterable[Any], **kwargs: Any) -> list[Packet]:
+    def expect_sequence(
+        self, templates: Sequence[Any], *, timeout: float = 2.0, after: Any = None
+    ) -> list[Packet]:
         """``tun_pair.packets.expect_sequence()`` over the packets handed to this peer."""
         __tracebackhide__ = True
-        return self._mark(self.packets.expect_sequence(templates, **kwargs))  # type: ignore[attr-defined,no-any-return]
+        found = self.packets.expect_sequence(templates, timeout=timeout, after=after)
+        self._looked.update(p.seq for p in found)
+        return found
 
-    def wait_for(self, match: Any, *, timeout: float = 2.0) -> Packet:
-        """``tun_pair.packets.wait_for()`` over the packets handed to this peer."""
+    def wait_for(self, match: Any = None, *, timeout: float = 2.0, **fields: Any) -> Packet:
+        """``tun_pair.packets.wait_for()`` over the packets handed to this peer: a
+        predicate, a layer class and/or fields (``peer.wait_for(flags="S", dport=80)``)."""
         __tracebackhide__ = True
-        return self._mark(self.packets.wait_for(match, timeout=timeout))  # type: ignore[no-any-return]
+        found = self.packets.wait_for(match, timeout=timeout, **fields)
+        self._looked.add(found.seq)
+        return found
 
     def unexpected(self) -> list[Packet]:
         """Packets handed to the peer that no expect, wait, endpoint or neighbour answer
@@ -765,30 +787,60 @@ class ScriptedTcp:
                 return
 
     def _next_segment(
-        self, pred: Callable[[Segment], bool], deadline: float, what: str
+        self,
+        pred: Callable[[Segment], bool],
+        deadline: float,
+        what: str,
+        *,
+        matcher: Matcher | None = None,
     ) -> tuple[Packet, Segment]:
+        """The next segment of the connection (after those already returned) for which
+        ``pred`` holds, waiting until ``deadline``; segments before it are skipped."""
         __tracebackhide__ = True
         start = time.monotonic()
+        first = self._pos
         while True:
             while self._pos < len(self._segs):
                 pkt, seg = self._segs[self._pos]
                 self._pos += 1
-                if pred(seg):
+                if pred(seg) and (matcher is None or matcher(pkt)):
                     return pkt, seg
             if not self._fetch(deadline) and time.monotonic() >= deadline:
-                raise self._timeout(what, max(0.0, deadline - start))
+                examined = [p for p, _ in self._segs[first:]]
+                raise self._timeout(what, max(0.0, deadline - start), matcher, examined)
 
-    def _timeout(self, what: str, waited: float) -> PacketTimeout:
+    def _timeout(
+        self,
+        what: str,
+        waited: float,
+        matcher: Matcher | None = None,
+        examined: Sequence[Packet] = (),
+    ) -> PacketTimeout:
         segs = [p for p, _ in self._segs]
         state = f"snd_nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt} acked={self.acked}"
         if self.reset:
             state += ", the kernel reset the connection"
+
+        def details() -> str:
+            text = ""
+            if matcher is not None:
+                # The same diff lines tun_pair.packets.expect() shows, for the closest few.
+                scored = sorted(
+                    ((matcher.diff(p), i, p) for i, p in enumerate(examined)),
+                    key=lambda s: (s[0][0], s[1]),
+                )
+                for (_score, lines), _i, p in scored[:CLOSEST]:
+                    text += f"  #{p.seq} {p.summary().lstrip()}\n"
+                    text += "".join(f"      {line}\n" for line in lines)
+                text = ("closest:\n" + text) if text else ""
+            return text + trace(segs, limit=TRACE_LINES)
+
         return PacketTimeout(
             f"{what} did not come within {waited:.3g} s on {self.local[0]}:{self.local[1]} "
             f"<-> {self.remote[0]}:{self.remote[1]} ({state}); {len(segs)} segments of this "
             "connection reached the peer:\n",
             packets=segs,
-            details=lambda: trace(segs, limit=TRACE_LINES),
+            details=details,
         )
 
     def recv(self, *, timeout: float = 2.0) -> Packet:
@@ -814,13 +866,29 @@ class ScriptedTcp:
         Fields: ``flags`` (scapy letters, any order: ``"A"``, ``"FA"``), ``tcp_seq``,
         ``tcp_ack``, ``window`` (the header field), ``payload`` (bytes), ``len`` (payload
         length); a value may also be a predicate (``tcp_seq=lambda n: n != 1``). Or a scapy
-        template, matched as ``tun_pair.packets.expect`` does.
+        template (``TCP(flags="FA")``), matched as ``tun_pair.packets.expect`` matches it,
+        whose failure shows the fields that differed. ``PacketTimeout`` if none comes
+        within ``timeout`` s.
         """
         __tracebackhide__ = True
         timeout = _check_timeout(timeout, "conn.expect")
-        pred = _segment_matcher(template, fields)
-        described = ", ".join(f"{k}={v!r}" for k, v in fields.items()) or repr(template)
-        pkt, _ = self._next_segment(pred, time.monotonic() + timeout, f"a segment with {described}")
+        if (template is None) == (not fields):
+            raise TypeError(
+                "conn.expect() takes a scapy template or fields (flags='A', tcp_seq=...), "
+                "one of the two"
+            )
+        matcher = None
+        if template is not None:
+            from ._match import compile_match
+
+            matcher = compile_match(template, what="conn.expect")
+            described = matcher.description
+        else:
+            described = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        pred = _segment_matcher(fields)
+        pkt, _ = self._next_segment(
+            pred, time.monotonic() + timeout, f"a segment with {described}", matcher=matcher
+        )
         return pkt
 
     # -- outgoing ---------------------------------------------------------------------------
@@ -938,7 +1006,7 @@ class ScriptedTcp:
         return self._emit("R", ack=0)
 
 
-def _segment_matcher(template: Any, fields: dict[str, Any]) -> Callable[[Segment], bool]:
+def _segment_matcher(fields: dict[str, Any]) -> Callable[[Segment], bool]:
     allowed = {"flags", "tcp_seq", "tcp_ack", "window", "payload", "len"}
     unknown = set(fields) - allowed
     if unknown:
@@ -946,8 +1014,6 @@ def _segment_matcher(template: Any, fields: dict[str, Any]) -> Callable[[Segment
             f"conn.expect() got unknown field(s) {', '.join(sorted(unknown))}: "
             f"use {', '.join(sorted(allowed))}"
         )
-    if template is not None:
-        raise TypeError("conn.expect(template): use fields (flags=..., tcp_seq=...) for now")
 
     def value(s: Segment, name: str) -> Any:
         if name == "tcp_seq":

@@ -282,7 +282,7 @@ def test_wait_for_timeout_lists_a_capped_trace(tun_pair: TunPair) -> None:
 
 
 def test_wait_for_rejects_what_it_cannot_use(tun_pair: TunPair) -> None:
-    with pytest.raises(TypeError, match="takes a callable"):
+    with pytest.raises(TypeError, match="a predicate"):
         tun_pair.packets.wait_for("b->a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout"):
         tun_pair.packets.wait_for(lambda p: True, timeout=-1)

@@ -465,13 +465,15 @@ def test_a_sub_millisecond_delay_is_kept(tun_pair: TunPair) -> None:
     base = sorted(_rtts(tun_pair.b.ip, 20))[10]
     tun_pair.impair(delay="200us")
     slow = sorted(_rtts(tun_pair.b.ip, 20))[10]
-    # 0.4 ms more in theory; rounding the wait up to whole milliseconds gave +2.5 ms.
-    # The bound is loose: a busy machine wakes the relay late.
-    assert base + 0.3 < slow < base + 1.5, (base, slow)
+    # 0.4 ms more in theory; rounding the wait up to whole milliseconds gave +2.5 ms. The
+    # RTT bound is loose (a busy machine wakes the relay late: precision is measured in
+    # benchmarks/run.py); what tells sub-millisecond timers from rounded ones robustly is
+    # that some packets leave on time: with waits rounded up to 1 ms, none could.
+    assert base + 0.3 < slow < base + 5.0, (base, slow)
     delayed = [p for p in tun_pair.packets if p.action == "delayed"]
     assert len(delayed) == 40
     assert all(p.sojourn >= 0.0002 for p in delayed)
-    assert sorted(p.sojourn for p in delayed)[20] < 0.003
+    assert min(p.sojourn for p in delayed) < 0.0008, sorted(p.sojourn for p in delayed)
 
 
 def test_arrival_and_sojourn_of_delayed_packets(tun_pair: TunPair, udp_pair: Any) -> None:
