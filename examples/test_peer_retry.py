@@ -44,7 +44,7 @@ def test_client_retries_after_a_reset(tun_pair):
 
         second = server.tcp_accept(8080)  # the client came back
         request = second.recv()
-        assert bytes(request.scapy.lastlayer()) == b"GET /\n"
+        assert request.payload == b"GET /\n"
         second.send(b"200 OK\n")
         client.join(10)
 

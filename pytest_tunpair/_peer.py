@@ -825,8 +825,10 @@ class ScriptedTcp:
             text = ""
             if matcher is not None:
                 # The same diff lines tun_pair.packets.expect() shows, for the closest few.
+                # Those looked at in this wait; if none came, the connection's last ones.
+                pool = list(examined) or segs[-TRACE_LINES:]
                 scored = sorted(
-                    ((matcher.diff(p), i, p) for i, p in enumerate(examined)),
+                    ((matcher.diff(p), i, p) for i, p in enumerate(pool)),
                     key=lambda s: (s[0][0], s[1]),
                 )
                 for (_score, lines), _i, p in scored[:CLOSEST]:

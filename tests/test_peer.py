@@ -120,13 +120,13 @@ def _round_trip(pair: TunPair, peer: ScriptedPeer, v6: bool) -> None:
         assert conn.peer_options.mss == (1440 if v6 else 1460)
         client.sendall(b"hello, peer")
         seg = conn.recv()
-        assert bytes(seg.scapy[TCP].payload) == b"hello, peer"
+        assert seg.payload == b"hello, peer"
         assert conn.received == b"hello, peer"
         conn.send(b"echo: " + conn.received)
         assert client.recv(100) == b"echo: hello, peer"
         # The kernel acknowledged our data, and echoed our timestamp (RFC 7323 4.3).
         ack = conn.expect(flags="A", tcp_ack=conn.snd_nxt)
-        assert ack.scapy[TCP].window > 0
+        assert ack.window is not None and ack.window > 0
         client.shutdown(socket.SHUT_WR)
         conn.expect(flags="FA")
         assert conn.fin_received
@@ -149,7 +149,7 @@ def test_client_data_round_trips_through_tcp_accept(
     scripted = [p for p in tun_pair.packets if p.action == "scripted"]
     assert scripted and all(p.direction == "a->b" for p in scripted)
     assert len(scripted) == len(peer.packets)
-    assert not peer.unexpected() or all(not p.scapy[TCP].payload for p in peer.unexpected())
+    assert not any(p.payload for p in peer.unexpected())
 
 
 @tap
@@ -225,10 +225,12 @@ def test_syn_answered_by_rst_refuses_the_client(
             c.connect((b_ip, 8080))
 
     client = Background(connect)
-    syn = peer.wait_for(lambda p: p.scapy.haslayer(TCP) and p.scapy[TCP].flags == "S")
-    tcp = syn.scapy[TCP]
+    syn = peer.expect(TCP(dport=8080, flags="S"))
+    assert syn.sport is not None and syn.tcp_seq is not None
     l3 = (IPv6 if v6 else IP)(src=b_ip, dst=_addr(tun_pair, "a", v6))
-    peer.send(l3 / TCP(sport=tcp.dport, dport=tcp.sport, flags="RA", seq=0, ack=tcp.seq + 1))
+    peer.send(l3 / TCP(sport=8080, dport=syn.sport, flags="RA", seq=0, ack=syn.tcp_seq + 1))
+    # The kernel gives up: no SYN is sent again.
+    peer.expect_none(TCP(dport=8080, flags="S"), during=0.3, after=syn)
     # RFC 9293 3.10.7.3: a RST acknowledging the SYN in SYN-SENT -> "connection refused".
     with pytest.raises(ConnectionRefusedError):
         client.result()
@@ -262,8 +264,8 @@ def test_rto_at_least_200ms_and_doubling(
     again = conn.recv(timeout=5)
     third = conn.recv(timeout=5)
     for p in (again, third):
-        assert p.scapy[TCP].seq == first.scapy[TCP].seq
-        assert bytes(p.scapy[TCP].payload) == b"x" * 100
+        assert p.tcp_seq == first.tcp_seq
+        assert p.payload == b"x" * 100
     rto1 = sent_at(again) - sent_at(first)
     rto2 = sent_at(third) - sent_at(again)
     # RFC 6298 2.4 (at least 1 s; Linux's TCP_RTO_MIN lowers it to 200 ms) and 5.5 (back
@@ -290,12 +292,12 @@ def test_three_dup_acks_trigger_fast_retransmit(
     # a duplicate").
     conn.ack()
     s1 = conn.recv()
-    lost = s1.scapy[TCP].seq  # pretend the first segment never arrived
+    lost = s1.tcp_seq  # pretend the first segment never arrived
     dups = []
     for _ in range(3):
         conn.recv()  # a later segment arrived: answer with a duplicate ACK
         dups.append(conn.ack(lost))
-    retx = conn.expect(tcp_seq=lost, len=len(s1.scapy[TCP].payload), timeout=3)
+    retx = conn.expect(tcp_seq=lost, payload=s1.payload, timeout=3)
     assert retx.time > dups[2].time, "retransmitted before the third duplicate ACK"
     # "Well before the RTO": the kernel retransmits as it processes the third duplicate,
     # in the writer's context; an RTO could fire 200 ms after the first send at the soonest.
@@ -333,7 +335,7 @@ def test_a_sack_block_draws_a_retransmission_of_the_hole(
     assert sent_at(retx) - s1_sent < RTO_MIN * SLACK, "not before the RTO could fire"
     # Only the hole: the SACKed segment is not sent again before it.
     resent = [p for p in peer.packets if sacked.time < p.time < retx.time]
-    assert not any(p.scapy[TCP].seq == s2.seq for p in resent)
+    assert not any(p.tcp_seq == s2.seq for p in resent)
     conn.auto_ack = True
     conn.ack()
     while len(conn.received) < 20000:
@@ -388,7 +390,7 @@ def test_close_restores_forwarding(tun_pair: TunPair) -> None:
         with socket.socket() as c:
             c.setblocking(False)
             c.connect_ex((tun_pair.b.ip, 8080))
-            peer.wait_for(TCP)  # never answered: the client is left waiting
+            peer.expect(TCP(flags="S"))  # never answered: the client is left waiting
     assert not peer.active
     with pytest.raises(TunPairError, match="closed"):
         peer.send(IP(dst=tun_pair.a.ip) / TCP())
@@ -444,7 +446,7 @@ def test_a_silent_peer_does_not_hold_up_the_relay(tun_pair: TunPair, peer: Scrip
     with socket.socket() as client:
         client.setblocking(False)
         client.connect_ex((tun_pair.b.ip, 8080))
-        peer.wait_for(TCP)  # the SYN is the peer's, and it never answers
+        peer.expect(TCP(flags="S"))  # the SYN is the peer's, and it never answers
         # The other direction still flows: b's kernel to a, through the relay.
         with (
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
@@ -507,3 +509,31 @@ def test_an_error_in_the_relay_thread_part_surfaces_in_the_test(
         tun_pair.check()
     assert any("scripted peer on tap1" in note for note in info.value.__notes__)
     tun_pair.check()  # raised once, then gone
+
+
+def test_one_matcher_two_uses(tun_pair: TunPair, peer: ScriptedPeer) -> None:
+    client = connect_nonblocking(tun_pair.b.ip, 8080)
+    with client:
+        conn = peer.tcp_accept(8080)
+        # The handshake as the peer saw it: the kernel's SYN and its ACK, in order.
+        syn, ack = peer.expect_sequence(
+            [TCP(dport=8080, flags="S"), TCP(dport=8080, flags="A", ack=conn.snd_nxt)]
+        )
+        assert syn.seq < ack.seq and syn.flags == "S"
+        # The SYN-ACK the peer sent is in the pair's capture, but was not handed to the
+        # peer: its expectations do not see it.
+        tun_pair.packets.expect(IP(src=tun_pair.b.ip) / TCP(flags="SA"), action="injected")
+        with pytest.raises(PacketTimeout) as info:
+            peer.expect(TCP(flags="SA"), timeout=0.2)
+        assert "TCP.flags: expected 'SA', got 'S'" in str(info.value)
+        client.sendall(b"data")
+        conn.recv()
+        # conn.expect takes a template too, and shows the fields that differed.
+        with pytest.raises(PacketTimeout) as info:
+            conn.expect(TCP(flags="R"), timeout=0.2)
+        assert "TCP.flags: expected 'R', got" in str(info.value)
+        client.close()
+        fin = conn.expect(TCP(flags="FA"))
+        assert fin.tcp_seq == (conn.rcv_nxt - 1) % 2**32 and conn.fin_received
+        with pytest.raises(TypeError, match="one of the two"):
+            conn.expect(TCP(), flags="A")
