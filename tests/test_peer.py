@@ -537,3 +537,17 @@ def test_one_matcher_two_uses(tun_pair: TunPair, peer: ScriptedPeer) -> None:
         assert fin.tcp_seq == (conn.rcv_nxt - 1) % 2**32 and conn.fin_received
         with pytest.raises(TypeError, match="one of the two"):
             conn.expect(TCP(), flags="A")
+
+
+def test_scripting_side_a(tun_pair: TunPair) -> None:
+    with tun_pair.script("a") as peer:
+        assert (peer.ip, peer.direction) == (tun_pair.a.ip, "b->a")
+        client = connect_nonblocking(tun_pair.a.ip, 8080)  # leaves through b's device
+        with client:
+            conn = peer.tcp_accept(8080)
+            assert conn.remote[0] == tun_pair.b.ip
+            client.sendall(b"to a")
+            conn.recv()
+            assert conn.received == b"to a"
+    assert {p.direction for p in tun_pair.packets if p.action == "scripted"} == {"b->a"}
+    assert {p.direction for p in tun_pair.packets if p.action == "injected"} == {"a->b"}
