@@ -135,6 +135,7 @@ class ScriptedPeer:
         self.packets = Capture(mode=pair.mode)
         self.packets.t0 = pair.packets.t0
         self.packets.wall_t0 = pair.packets.wall_t0
+        #: ``"tun"`` or ``"tap"``: what :meth:`send` takes and :attr:`packets` holds.
         self.mode = pair.mode
         self._pair = pair
         self._me = me
@@ -558,7 +559,9 @@ class ScriptedTcp:
         self.peer_window = 0
         self._opts = opts
         self._window = opts.window
+        #: The sequence number of the next byte the peer sends (starts at a random ISS).
         self.snd_nxt = secrets.randbits(32)
+        #: The sequence number of the next byte the peer expects from the kernel.
         self.rcv_nxt = 0
         self._iss = self.snd_nxt
         self._snd_shift = 0  # the kernel's window scale: applies to its windows
