@@ -35,6 +35,10 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   ``rate="10mbit"`` buffer against ``limit`` x one packet's time); CoDel's queueing delay
   with four Cubic flows against its 5 ms target (drop-tail for reference); and iperf3
   through ``rate``, ``delay`` and a queue (goal >= 1 Gbit/s, the plain pair beside it).
+- ``scenarios``: network scenarios, configured against achieved in the same run: the
+  rate a constant mahimahi trace (12 and 48 Mbit/s) delivers under a 1.5x UDP overload;
+  Gilbert-Elliott burst loss (loss rate and mean burst length against the model's
+  ``p / (p + r)`` and ``1 / r``).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
 - ``fields``: reading ``Packet.dport`` of 100 000 captured packets (a TCP transfer through
@@ -90,6 +94,7 @@ SECTIONS = (
     "link",
     "memory",
     "fields",
+    "scenarios",
 )
 IPERF_PORT = 5201
 GIB = 1 << 30
@@ -1008,6 +1013,99 @@ def bench_link(rep: Report, a: argparse.Namespace) -> None:
     rep.raw["link"] = raw
 
 
+def _numbered_losses(pair: Any, count: int) -> list[bool]:
+    """Send ``count`` numbered UDP datagrams a->b; return, per number, whether the relay
+    recorded it lost."""
+    import socket
+    import struct
+
+    pair.packets.clear()
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        sink.bind((pair.b.ip, 0))
+        for i in range(count):
+            client.sendto(struct.pack("!I", i) + bytes(60), sink.getsockname())
+            if i % 50 == 49:
+                time.sleep(0.001)  # the device queue and the relay keep up
+        deadline = time.monotonic() + 10
+        while sum(p.direction == "a->b" for p in pair.packets) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the relay did not see every datagram")
+            time.sleep(0.01)
+    lost = [False] * count
+    for p in pair.packets:
+        if p.direction == "a->b":
+            lost[struct.unpack_from("!I", p.data, 28)[0]] = p.action == "lost"
+    return lost
+
+
+def bench_scenarios(rep: Report, a: argparse.Namespace) -> None:
+    """Network scenarios, configured against achieved: trace rates, Gilbert-Elliott."""
+    from pytest_tunpair import GilbertElliott, TunPair, traces
+
+    secs = 2.0 if a.quick else 4.0
+    raw: dict[str, Any] = {}
+    # A mahimahi trace as the link, offered 1.5x its rate: the delivered wire rate once the
+    # queue is full, against the trace's (1500 bytes per opportunity).
+    for mbit in (12, 48):
+        trace = traces.constant(mbit)
+        with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+            pair.impair(trace=trace, direction="a->b")
+            run(udp_overload_args(pair.b.ip or "", mbit * 1.5e6, secs), timeout=60)
+            achieved = achieved_rate(pair, 0.5)
+            pair.check()
+        configured = traces.load(trace).rate
+        raw[f"trace {mbit}mbit"] = achieved
+        rep.add(
+            "scenarios",
+            f"trace constant({mbit}): delivered under 1.5x UDP overload",
+            f"{achieved / 1e6:.2f} Mbit/s",
+            f"trace {configured / 1e6:.2f} Mbit/s",
+            f"{achieved / configured:.3f}",
+            "within 5%",
+            abs(achieved / configured - 1) < 0.05,
+        )
+
+    count = 3000 if a.quick else 30000
+    model = GilbertElliott(p=0.05, r=0.25)
+    with TunPair(ipv6=None) as pair:
+        pair.impair(loss=model, seed=1, direction="a->b")
+        lost = _numbered_losses(pair, count)
+        pair.check()
+    bursts: list[int] = []
+    length = 0
+    for x in [*lost, False]:
+        if x:
+            length += 1
+        elif length:
+            bursts.append(length)
+            length = 0
+    rate = sum(lost) / count
+    mean = sum(bursts) / len(bursts) if bursts else 0.0
+    raw["gemodel"] = {"lost": sum(lost), "bursts": bursts}
+    rep.raw["scenarios"] = raw
+    rep.add(
+        "scenarios",
+        f"Gilbert-Elliott p=5% r=25%: loss rate ({count} UDP datagrams)",
+        f"{rate * 100:.2f}%",
+        f"model {model.loss_rate * 100:.2f}%",
+        f"{rate / model.loss_rate:.2f}",
+        "within 15%",
+        abs(rate / model.loss_rate - 1) < 0.15,
+    )
+    rep.add(
+        "scenarios",
+        f"Gilbert-Elliott p=5% r=25%: mean burst ({len(bursts)} bursts)",
+        f"{mean:.2f} packets",
+        f"model 1/r = {model.mean_burst:.2f}",
+        f"{mean / model.mean_burst:.2f}",
+        "within 15%",
+        abs(mean / model.mean_burst - 1) < 0.15,
+    )
+
+
 def _vm(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -1155,6 +1253,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "link": bench_link,
     "memory": bench_memory,
     "fields": bench_fields,
+    "scenarios": bench_scenarios,
 }
 
 NEEDS = {
@@ -1167,6 +1266,7 @@ NEEDS = {
     "link": ["iperf3", "ping"],
     "memory": ["iperf3"],
     "fields": [],
+    "scenarios": ["iperf3"],
 }
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         UnexpectedPacket,
     )
     from ._flows import Flow
+    from ._gemodel import GilbertElliott
     from ._match import PacketSource
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
@@ -57,6 +58,7 @@ _WHERE = {
     "TunPairError": "._errors",
     "UnexpectedPacket": "._errors",
     "Flow": "._flows",
+    "GilbertElliott": "._gemodel",
     "PacketSource": "._match",
     "SocketInfo": "._sockets",
     "PairOptions": "._options",
@@ -74,6 +76,7 @@ __all__ = [
     "Capture",
     "Endpoint",
     "Flow",
+    "GilbertElliott",
     "GsoInfo",
     "Hook",
     "HookError",

@@ -105,7 +105,9 @@ class Packet:
     rate, hooks and queueing added); ``direction`` is ``"a->b"`` or ``"b->a"``;
     ``action`` says what the relay did (``"forwarded"``, ``"injected"``, ``"dropped"``,
     ``"modified"``, ``"duplicated"``, ``"lost"``, ``"delayed"``, ``"reordered"``,
-    ``"corrupted"``, ``"scripted"``); ``data`` is the IP packet (TUN) or Ethernet frame
+    ``"corrupted"``, ``"scripted"``; from the scenario rules ``"reset"``,
+    ``"unreachable"``, ``"too-big"``, ``"fragmented"``); ``data`` is the IP packet (TUN) or
+    Ethernet frame
     (TAP), without the virtio-net header; ``scapy`` decodes it on first access.
 
     ``seq`` is the packet's number in the capture, given when it is recorded -- that is,
@@ -491,6 +493,10 @@ class Capture(Sequence[Packet]):
         self.evicted = 0
         self.t0 = time.monotonic()
         self.wall_t0 = time.time()
+        #: What each direction's link is configured to carry, for :meth:`plot`'s dashed
+        #: line: bits/s, or a function giving the bytes it could carry in ``[t0, t1)``
+        #: (seconds since the pair came up). The pair keeps it in step with ``impair()``.
+        self.configured: dict[str, Any] = {}
 
     # -- relay side ---------------------------------------------------------------------
     @property
@@ -890,6 +896,48 @@ class Capture(Sequence[Packet]):
 
         return write_pcap(
             path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
+        )
+
+    def plot(self, path: str | os.PathLike[str], *, direction: str | None = None) -> str:
+        """Write a PNG or SVG (by the extension) of the packets kept: throughput over time
+        per direction (or ``direction`` only), with the configured rate or trace as a
+        dashed line, above each packet's sojourn in the relay, drops marked -- the picture
+        mahimahi's ``mm-throughput-graph`` gives. Returns the path.
+
+        Needs matplotlib (``pip install 'pytest-tunpair[plot]'``); without it an
+        ``ImportError`` says so.
+        """
+        from ._plot import plot
+
+        if direction is not None and direction not in DIRECTIONS:
+            raise ValueError(f"plot(direction={direction!r}): use 'a->b', 'b->a' or None")
+        # A trace server draws as its capacity per time bin; a rate as a level line.
+        configured = {d: getattr(link, "capacity", link) for d, link in self.configured.items()}
+        return str(plot(self._snapshot(), path, direction=direction, configured=configured))
+
+    def to_mahimahi_log(
+        self, path: str | os.PathLike[str], *, direction: str = "a->b", drops: bool = True
+    ) -> str:
+        """Write ``direction``'s packets in the link-log format of mahimahi's ``mm-link``
+        (``+`` arrivals, ``-`` departures with their delay, ``d`` drops, ``#`` a trace's
+        delivery opportunities; ms since the pair came up), which mahimahi's
+        ``mm-throughput-graph`` and ``mm-delay-graph`` read. ``drops=False`` leaves out the
+        ``d`` lines, which the graph script in mahimahi's repository does not know.
+        Returns the path."""
+        from ._plot import to_mahimahi_log
+
+        if direction not in DIRECTIONS:
+            raise ValueError(f"to_mahimahi_log(direction={direction!r}): use 'a->b' or 'b->a'")
+        packets = self._snapshot()
+        link: Any = self.configured.get(direction)
+        opportunities: Any = ()
+        if hasattr(link, "opportunity_times"):
+            end = max((p.time for p in packets), default=0.0)
+            opportunities = link.opportunity_times(end)
+        return str(
+            to_mahimahi_log(
+                packets, path, direction=direction, drops=drops, opportunities=opportunities
+            )
         )
 
     # -- live followers (the command line's trace) ---------------------------------------------

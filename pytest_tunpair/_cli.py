@@ -29,7 +29,7 @@ from ._errors import OptionError, PrivilegeError, TunPairError
 from ._options import PairOptions
 from ._pair import TunPair
 from ._report import plural
-from ._schema import Bool, Invalid, declared, default_of
+from ._schema import Bool, Duration, Int, Invalid, declared, default_of
 
 __all__ = ["build_parser", "main"]
 
@@ -105,12 +105,34 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     groups = {key: common.add_argument_group(title) for key, title in _GROUPS.items()}
     c = groups["capture"]
     c.add_argument("-q", "--quiet", action="store_true", help="no packet trace, no banner")
-    c.add_argument("--trace", metavar="FILE", help="write the packet trace to FILE, not stderr")
+    c.add_argument("--log", metavar="FILE", help="write the packet trace to FILE, not stderr")
     c.add_argument("--pcap", metavar="FILE", help="write every packet to a pcap FILE at exit")
+    c.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="at exit, draw throughput and sojourn to FILE (.png or .svg; needs matplotlib)",
+    )
     _add_options(groups, ImpairmentSpec, "impair_")
     _add_options(groups, PairOptions, "pair_")
     groups["impair"].add_argument(
         "--direction", choices=("a->b", "b->a"), help="impair one direction only (default both)"
+    )
+    s = common.add_argument_group("scenarios (rules on the link, as pair.outage/path_mtu)")
+    s.add_argument(
+        "--gemodel",
+        metavar="P,R[,LOSS_BAD[,LOSS_GOOD]]",
+        help="burst loss: Gilbert-Elliott with p (good->bad) and r (bad->good), e.g. 1%%,30%%",
+    )
+    s.add_argument(
+        "--outage",
+        metavar="AFTER,DURATION",
+        action="append",
+        help="drop every packet from AFTER for DURATION (e.g. 2s,500ms); repeatable",
+    )
+    s.add_argument(
+        "--path-mtu",
+        metavar="N",
+        help="packets over N bytes that may not be fragmented are dropped with an ICMP back",
     )
 
     parser = argparse.ArgumentParser(
@@ -153,7 +175,10 @@ class Plan:
     impair: dict[str, Any] = field(default_factory=dict)
     direction: str | None = None
     pcap: str | None = None
-    trace: str | None = None
+    log: str | None = None
+    plot: str | None = None
+    outages: list[tuple[float, float]] = field(default_factory=list)
+    path_mtu: int | None = None
     quiet: bool = False
 
 
@@ -206,12 +231,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
         _bad(parser, exc, typed)
 
     impair, typed = _given(args, ImpairmentSpec, "impair_", parser)
+    if args.gemodel is not None:
+        from ._gemodel import GilbertElliott
+
+        if "loss" in impair:
+            parser.error("argument --gemodel: give --loss or --gemodel, not both")
+        try:
+            impair["loss"] = GilbertElliott.parse(args.gemodel, source="--gemodel")
+        except OptionError as exc:
+            parser.error(f"argument --gemodel: bad value {args.gemodel!r}: {exc.reason}")
     for key, value in impair.items():
         try:
             # One field at a time, so the message names the flag that is wrong.
             ImpairmentSpec.from_kwargs(**{key: value})
         except OptionError as exc:
             _bad(parser, exc, typed)
+    try:
+        ImpairmentSpec.from_kwargs(**impair)  # then together (--rate with --trace)
+    except OptionError as exc:
+        _bad(parser, exc, typed)
     if args.direction is not None and not impair:
         flags = [
             decl.flag(f.name, default_of(f)) for f, decl in declared(ImpairmentSpec) if decl.cli
@@ -219,11 +257,27 @@ def make_plan(args: argparse.Namespace) -> Plan:
         parser.error(
             f"argument --direction: nothing to impair; add {', '.join(flags[:-1])} or {flags[-1]}"
         )
-    for flag, path in (("--pcap", args.pcap), ("--trace", args.trace)):
+    for flag, path in (("--pcap", args.pcap), ("--log", args.log), ("--plot", args.plot)):
         if path is not None:
             problem = _unwritable(path)
             if problem:
                 parser.error(f"argument {flag}: cannot write {path!r}: {problem}")
+    if args.plot is not None:
+        if os.path.splitext(args.plot)[1].lower() not in (".png", ".svg"):
+            parser.error(f"argument --plot: {args.plot!r} must end in .png or .svg")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("argument --plot: needs matplotlib: pip install 'pytest-tunpair[plot]'")
+    outages = [_outage(parser, text) for text in args.outage or ()]
+    path_mtu = None
+    if args.path_mtu is not None:
+        from ._rules import check_mtu
+
+        try:
+            path_mtu, _ = check_mtu(Int().from_text(args.path_mtu), True)
+        except OptionError as exc:
+            parser.error(f"argument --path-mtu: bad value {args.path_mtu!r}: {exc.reason}")
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -233,9 +287,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
         impair=impair,
         direction=args.direction,
         pcap=args.pcap,
-        trace=args.trace,
+        log=args.log,
+        plot=args.plot,
+        outages=outages,
+        path_mtu=path_mtu,
         quiet=args.quiet,
     )
+
+
+def _outage(parser: argparse.ArgumentParser, text: str) -> tuple[float, float]:
+    """``--outage AFTER,DURATION`` as two durations (units required, as for --delay)."""
+    from ._rules import check_duration
+
+    parts = text.split(",")
+    if len(parts) != 2:
+        parser.error(f"argument --outage: bad value {text!r}: give AFTER,DURATION, e.g. 2s,500ms")
+    kind = Duration()
+    values = []
+    for name, part in zip(("after", "duration"), parts, strict=True):
+        try:
+            values.append(check_duration(name, kind.from_text(part.strip()), "--outage"))
+        except (Invalid, OptionError) as exc:
+            parser.error(f"argument --outage: bad value {text!r}: {name}: {exc.reason}")
+    return values[0], values[1]
 
 
 def _unwritable(path: str) -> str | None:
@@ -436,8 +510,8 @@ class Session:
         signals.install()
         trace_file: TextIO | None = None
         try:
-            if self.plan.trace is not None and not self.plan.quiet:
-                trace_file = open(self.plan.trace, "w", encoding="utf-8")
+            if self.plan.log is not None and not self.plan.quiet:
+                trace_file = open(self.plan.log, "w", encoding="utf-8")
             return self._run(signals, trace_file)
         finally:
             if trace_file is not None:
@@ -465,6 +539,10 @@ class Session:
             try:
                 if plan.impair:
                     pair.impair(direction=plan.direction, **plan.impair)
+                for after, duration in plan.outages:
+                    pair.outage(duration, after=after)
+                if plan.path_mtu is not None:
+                    pair.path_mtu(plan.path_mtu)
                 if printer is not None:
                     # Live means live: without this the first lines wait for scapy's import
                     # (0.3-1 s) and show up after the command has printed its own.
@@ -484,6 +562,13 @@ class Session:
                 pair.packets.to_pcap(plan.pcap)
             except OSError as exc:
                 self.say(f"cannot write --pcap {plan.pcap}: {exc}")
+                if status == 0:
+                    status = EXIT_FAILED
+        if plan.plot is not None:
+            try:
+                pair.packets.plot(plan.plot)
+            except OSError as exc:
+                self.say(f"cannot write --plot {plan.plot}: {exc}")
                 if status == 0:
                     status = EXIT_FAILED
         if not plan.quiet:

@@ -65,6 +65,11 @@ position, jitter, duplicate, reorder.  Hence:
   ``loss`` from 0.1 to 0.2 drops a superset of the packets.  The bit position is the only
   draw scaled by the packet (by its length).
 
+``loss=GilbertElliott(...)`` (burst loss, see ``_gemodel``) is the one decision that
+depends on earlier packets, by design: its chain remembers the link's state. It draws from
+its own ``random.Random("gemodel:<seed>")``, exactly two values per packet, so the six draws
+above are unchanged and its losses too depend only on the seed and the packet's position.
+
 One thing legitimately depends on timing: whether a held packet is released by being
 overtaken or by :meth:`~ImpairmentEngine.expire`, and therefore whether the *next* packet
 finds the hold slot free.  If the relay only calls ``submit`` (or packets arrive faster than
@@ -80,6 +85,8 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from ._errors import OptionError
+from ._gemodel import GilbertElliott, GilbertElliottChain, LossModel
 from ._queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec, set_ce
 from ._schema import (
     Bool,
@@ -87,6 +94,7 @@ from ._schema import (
     Duration,
     Int,
     Invalid,
+    OneOf,
     Probability,
     Rate,
     changed,
@@ -94,6 +102,7 @@ from ._schema import (
     option,
     validate,
 )
+from .traces import Trace, TraceKind
 
 __all__ = [
     "ACTIONS",
@@ -163,7 +172,8 @@ class ImpairmentSpec:
     so an engine never sees a nonsensical spec.  Accepted values:
 
     * ``loss``, ``duplicate``, ``reorder``, ``corrupt``: probability, a real number in
-      ``[0, 1]`` or a percentage string such as ``"10%"`` or ``"0.5 %"``;
+      ``[0, 1]`` or a percentage string such as ``"10%"`` or ``"0.5 %"``; ``loss`` may
+      also be a burst-loss model, :class:`~pytest_tunpair.GilbertElliott`;
     * ``delay``, ``jitter``: seconds, a real number ``>= 0`` or a string with unit ``s``,
       ``ms`` or ``us`` (``"20ms"``, ``"1.5s"``, ``"200us"``);
     * ``rate``: ``None`` (unlimited) or bits per second ``> 0``, as a real number or a tc(8)
@@ -179,8 +189,13 @@ class ImpairmentSpec:
     does.
     """
 
-    loss: float = option(
-        0.0, _PROBABILITY, "drop probability", reason_names_option=True, group="impair"
+    # option() returns a dataclasses.Field (as for the float fields, which ruff lets pass).
+    loss: float | GilbertElliott = option(  # noqa: RUF009
+        0.0,
+        OneOf((_PROBABILITY, LossModel())),
+        "drop probability, or a burst-loss model: GilbertElliott(p, r)",
+        reason_names_option=True,
+        group="impair",
     )
     delay: float = option(
         0.0, _DURATION, "added one-way latency", reason_names_option=True, group="impair"
@@ -219,6 +234,21 @@ class ImpairmentSpec:
         "link rate: packets leave spaced by their serialisation time",
         reason_names_option=True,
         group="impair",
+    )
+    # A Trace is a frozen dataclass (hashable), as immutable as the floats around it.
+    trace: Trace | None = option(  # noqa: RUF009
+        None,
+        TraceKind(),
+        "the link delivers at the opportunities of a mahimahi trace (1500 bytes each) "
+        "instead of a constant rate; see docs/scenarios.md",
+        group="impair",
+    )
+    trace_repeat: bool = option(
+        True,
+        Bool(),
+        "start the trace again when it ends (False: delivery stops there)",
+        group="impair",
+        inert=True,  # alone it changes nothing
     )
     limit: int = option(
         DEFAULT_LIMIT,
@@ -280,6 +310,13 @@ class ImpairmentSpec:
         # Normalising here rather than only in from_kwargs means direct construction is just
         # as safe, and that "10ms" and 0.01 give equal (and equally hashed) specs.
         validate(self, source="impair()")
+        if self.trace is not None and self.rate is not None:
+            raise OptionError(
+                "trace",
+                self.trace.name,
+                source="impair()",
+                reason="give rate or trace, not both: a trace is the link's rate",
+            )
 
     @classmethod
     def names(cls) -> list[str]:
@@ -318,7 +355,8 @@ class ImpairmentSpec:
     def needs_segments(self) -> bool:
         """Loss, corruption, duplication or reordering is on: they act on packets as a real
         wire carries them, so the pair turns offload off (no GSO super-packets)."""
-        return self.loss > 0.0 or self.corrupt > 0.0 or self.duplicate > 0.0 or self.reorder > 0.0
+        lossy = isinstance(self.loss, GilbertElliott) or self.loss > 0.0
+        return lossy or self.corrupt > 0.0 or self.duplicate > 0.0 or self.reorder > 0.0
 
     @property
     def needs_engine(self) -> bool:
@@ -331,6 +369,7 @@ class ImpairmentSpec:
         gets a bottleneck queue, which bounds them."""
         return (
             self.rate is not None
+            or self.trace is not None
             or self.delay > 0.0
             or self.jitter > 0.0
             or any(name in _QUEUE_FIELDS for name, _decl, _v in changed(self))
@@ -389,6 +428,14 @@ class ImpairmentEngine:
         self._rng = random.Random(seed)
         self._tap = tap
         self._held: _Held | None = None
+        # A burst-loss model keeps its state in a chain with a stream of its own, so the
+        # engine's six draws per packet (and every other decision) stay what they are.
+        self._chain: GilbertElliottChain | None = None
+        self._loss = 0.0
+        if isinstance(spec.loss, GilbertElliott):
+            self._chain = spec.loss.chain(f"gemodel:{seed}")
+        else:
+            self._loss = spec.loss
 
     @property
     def spec(self) -> ImpairmentSpec:
@@ -417,7 +464,8 @@ class ImpairmentEngine:
 
         # random() is in [0, 1): "u < p" never fires for p == 0 and always for p == 1.
         marked = False
-        if u_loss < spec.loss:
+        chain = self._chain
+        if chain.lost() if chain is not None else u_loss < self._loss:
             ce = set_ce(data, tap=self._tap) if spec.ecn else None
             if ce is None:
                 return [Emit(None, data, "lost")]

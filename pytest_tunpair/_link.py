@@ -40,11 +40,16 @@ class Verdict:
     The packet is recorded with ``action`` and counted as dropped. Each of ``replies`` (a
     frame as the device takes it, without virtio-net header: a TCP RST, an ICMP error) is
     written back into the *source* device, so the sender's kernel receives it, and
-    recorded as ``"injected"`` in the reverse direction.
+    recorded as ``"injected"`` in the reverse direction. Each of ``forward`` (frames
+    without virtio-net header, e.g. the fragments of an IPv4 packet too big for a path
+    MTU) carries on *instead of* the packet, through the rules after this one, the engine
+    and the queue, recorded as ``"forwarded"`` (or what the later stages make of it); the
+    packet is then recorded with ``action`` but counted neither dropped nor delivered.
     """
 
     action: str = "dropped"
     replies: Sequence[bytes] = ()
+    forward: Sequence[bytes] = ()
 
 
 class Rule(Protocol):

@@ -9,6 +9,7 @@ with TunPair() as pair:           # the calling thread is now in a fresh namespa
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import select
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from ._impair import ImpairmentEngine, ImpairmentSpec
     from ._peer import ScriptedPeer
     from ._queue import PacketQueue
+    from ._rules import Fault, Outage, PathMtu
     from ._sockets import SocketInfo
 
 T = TypeVar("T")
@@ -169,6 +171,9 @@ class TunPair:
         """Sequence number (``Packet.seq``) of the first packet of the current test:
         ``packets.since(tun_pair.test_start)`` is the test's part. 0 for a pair made for one
         test; module and session pairs move it at the start of each test."""
+        # Scenario rules installed on the relay (outages, faults, the path MTU), in order.
+        self._rules: list[Outage | Fault | PathMtu] = []
+        self._path_mtu: PathMtu | None = None
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -370,6 +375,11 @@ class TunPair:
             for rule in relay.rules(d):
                 if rule not in cp.rules.get(d, ()):
                     relay.remove_rule(d, rule)
+        # The scenario handles of the rules taken off (outages, faults, the path MTU).
+        kept = set(relay.rules("a->b")) | set(relay.rules("b->a"))
+        self._rules = [rule for rule in self._rules if rule in kept]
+        if self._path_mtu is not None and self._path_mtu not in kept:
+            self._path_mtu = None
         for d, engine in cp.engines.items():
             if self._engines[d] is not engine:
                 self._engines[d] = engine
@@ -380,10 +390,14 @@ class TunPair:
                 # A fresh queue from the checkpoint's settings: one that was swapped out has
                 # been run to its end (it served what it held) and cannot be put back.
                 queue = None
+                now = time.monotonic()
                 if before is not None:
                     spec = before[0]
                     assert spec.seed is not None
-                    queue = self._queue(spec, spec.seed * 2 + (d == "b->a"))
+                    queue = self._queue(spec, spec.seed * 2 + (d == "b->a"), now)
+                    self._set_configured(d, spec, now)
+                else:
+                    self.packets.configured.pop(d, None)
                 relay.set_queue(d, queue)
         self._impairments = dict(cp.impairments)
         self._update_offload()
@@ -570,6 +584,10 @@ class TunPair:
                 self._impairments[d] = (replace(parsed, seed=used), random_seed)
             else:
                 self._impairments.pop(d, None)
+        # The trace's millisecond 0, for the queue's server and for the plot's line.
+        start = time.monotonic()
+        for d in _directions(direction):
+            self._set_configured(d, parsed, start)
         self._update_offload()  # off before the engines see a packet, back on after
         tap = self.options.mode == "tap"
         for d in _directions(direction):
@@ -581,16 +599,38 @@ class TunPair:
                 engine = ImpairmentEngine(parsed, stream, tap=tap)
             self._engines[d] = engine
             relay.set_engine(d, engine)
-            relay.set_queue(d, self._queue(parsed, stream) if parsed.active else None)
+            relay.set_queue(d, self._queue(parsed, stream, start) if parsed.active else None)
 
-    def _queue(self, spec: ImpairmentSpec, stream: int) -> PacketQueue | None:
-        """The bottleneck of one direction (``None`` if ``spec`` holds no packet)."""
-        from ._queue import LinkQueue, PacketQueue, RateServer
+    def _set_configured(self, direction: str, spec: ImpairmentSpec, start: float) -> None:
+        """What ``packets.plot()`` draws as the configured link of ``direction``."""
+        from .traces import TraceServer
+
+        configured = self.packets.configured
+        if spec.trace is not None:
+            # A server of its own (pure, in the capture's time), never the queue's.
+            rel = start - self.packets.t0
+            configured[direction] = TraceServer(spec.trace, rel, repeat=spec.trace_repeat)
+        elif spec.rate is not None:
+            configured[direction] = spec.rate
+        else:
+            configured.pop(direction, None)
+
+    def _queue(self, spec: ImpairmentSpec, stream: int, start: float) -> PacketQueue | None:
+        """The bottleneck of one direction (``None`` if ``spec`` holds no packet).
+
+        ``start`` is when a trace's millisecond 0 is (``time.monotonic()``)."""
+        from ._queue import LinkQueue, PacketQueue, RateServer, Server
 
         if not spec.needs_queue:
             return None
         hdr = self._devices[0].hdr_len
-        server = RateServer(spec.rate) if spec.rate is not None else None
+        server: Server | None = None
+        if spec.trace is not None:
+            from .traces import TraceServer
+
+            server = TraceServer(spec.trace, start, repeat=spec.trace_repeat)
+        elif spec.rate is not None:
+            server = RateServer(spec.rate)
         # PIE's draws come from a stream of their own (a string seed: hashed, not the int
         # the engine uses), so they never echo the engine's loss draws.
         queue = LinkQueue(
@@ -603,6 +643,7 @@ class TunPair:
         )
         return PacketQueue(queue, hdr)
 
+<<<<<<< HEAD
     def script(self, side: str = "b") -> ScriptedPeer:
         """Play side ``"a"`` or ``"b"`` from the test: a :class:`ScriptedPeer`.
 
@@ -631,6 +672,148 @@ class TunPair:
     def _peer_closed(self, peer: ScriptedPeer) -> None:
         if not self._closed:
             self._update_offload()
+=======
+    # -- scenarios: rules on the link ---------------------------------------------------------
+    def outage(
+        self,
+        duration: float | str | None = None,
+        *,
+        after: float | str = 0.0,
+        direction: str | None = None,
+    ) -> Outage:
+        """Drop every packet of ``direction`` (None: both) that the relay reads from
+        ``after`` seconds from now on, for ``duration`` seconds (None: until ended),
+        recorded as ``"lost"``.
+
+        Returns the :class:`~pytest_tunpair._rules.Outage`, a context manager that ends
+        the outage on exit (``with tun_pair.outage(): ...``), with ``.end()``, its window
+        (``start``, ``end_time``, in seconds since the pair came up, as
+        ``Packet.arrival``) and ``dropped``. Durations are seconds or strings (``"500ms"``).
+        """
+        from ._rules import Outage, check_duration
+
+        _check_direction(direction, "outage")
+        self._prune_rules()
+        span = None if duration is None else check_duration("duration", duration, "outage()")
+        delay = check_duration("after", after, "outage()")
+        relay = self._require_relay()
+        start = time.monotonic() - self.packets.t0 + delay
+        end = math.inf if span is None else start + span
+        outage = Outage(start, end, _directions(direction), self.packets.t0, self._drop_rule)
+        self._add_rule(relay, outage, _directions(direction))
+        return outage
+
+    def fail(
+        self,
+        match: Callable[[Packet], Any] | None = None,
+        *,
+        times: int | None = 1,
+        how: str = "drop",
+        direction: str | None = "a->b",
+        **fields: Any,
+    ) -> Fault:
+        """A fault rule for retry logic: the first ``times`` packets of ``direction`` that
+        match get ``how``.
+
+        ``match`` is a predicate on the :class:`~pytest_tunpair.Packet`; ``fields`` are
+        the keyword filters of ``packets.filter`` (``src``, ``dst``, ``proto``, ``sport``,
+        ``dport``, ``flags`` in scapy's letters, e.g. ``flags="S"``, ...), each a value or a
+        predicate on it; all given must hold. ``how``: ``"drop"`` (recorded ``"dropped"``), ``"reset"``
+        (the relay answers the sender with a TCP RST: ``ECONNREFUSED`` on connect,
+        ``ECONNRESET`` later; recorded ``"reset"``) or ``"unreachable"`` (an ICMP/ICMPv6
+        destination unreachable back to the sender, port unreachable for UDP; recorded
+        ``"unreachable"``). A packet no reply may answer (a reset for UDP) is dropped,
+        recorded ``"dropped"``. ``times=None`` acts on every matching packet.
+
+        Returns the :class:`~pytest_tunpair._rules.Fault` with ``hits`` and ``remove()``.
+        """
+        from ._rules import Fault, check_fail, field_predicate
+
+        _check_direction(direction, "fail")
+        if match is not None and not callable(match):
+            raise TypeError(
+                f"fail() takes a predicate (packet -> bool) as match, not {type(match).__name__}"
+            )
+        times, how = check_fail(times, how)
+        self._prune_rules()
+        predicate = field_predicate(fields, "fail")
+        relay = self._require_relay()
+        what = " ".join(
+            [getattr(match, "__qualname__", repr(match))] if match is not None else []
+        ) + "".join(f" {k}={v!r}" for k, v in fields.items())
+        dirs = _directions(direction)
+        fault = Fault(
+            match,
+            predicate,
+            times=times,
+            how=how,
+            direction="/".join(dirs),
+            what=what.strip() or "every packet",
+            on_remove=self._drop_rule,
+        )
+        self._add_rule(relay, fault, dirs)
+        return fault
+
+    def path_mtu(
+        self, mtu: int | None, *, icmp: bool = True, direction: str | None = None
+    ) -> PathMtu | None:
+        """A path MTU of ``mtu`` bytes on ``direction`` (None: both); ``None`` ends it.
+
+        Packets larger than ``mtu`` that may not be fragmented on the way (IPv4 with DF,
+        every IPv6 packet) are dropped, recorded ``"too-big"``; with ``icmp=True`` an ICMP
+        fragmentation-needed (next-hop MTU ``mtu``) or ICMPv6 packet-too-big goes back to
+        the sender, so the kernel's path-MTU discovery shrinks what it sends;
+        ``icmp=False`` is a PMTU black hole. IPv4 packets without DF are fragmented to fit
+        (the original recorded ``"fragmented"``, the fragments go on). IPv6 needs ``mtu >=
+        1280`` (RFC 8200). A new call replaces the previous path MTU. Offload is off while
+        it is set.
+        """
+        from ._rules import PathMtu, check_mtu
+
+        _check_direction(direction, "path_mtu")
+        relay = self._require_relay()
+        self._prune_rules()
+        old = self._path_mtu
+        if mtu is None:
+            if old is not None:
+                self._drop_rule(old)
+            return None
+        size, icmp = check_mtu(mtu, icmp)
+        rule = PathMtu(size, icmp=icmp, directions=_directions(direction))
+        self._add_rule(relay, rule, rule.directions)
+        self._path_mtu = rule
+        if old is not None:
+            self._drop_rule(old)
+        return rule
+
+    def _add_rule(
+        self, relay: Relay, rule: Outage | Fault | PathMtu, dirs: tuple[str, ...]
+    ) -> None:
+        self._update_offload(busy=True)  # wire-sized packets before the rule sees one
+        for d in dirs:
+            relay.add_rule(d, rule)
+        self._rules.append(rule)
+
+    def _drop_rule(self, rule: Outage | Fault | PathMtu) -> None:
+        """Take ``rule`` off the link (the handles' ``end()``/``remove()``, ``path_mtu(None)``)."""
+        if rule in self._rules:
+            self._rules.remove(rule)
+        if rule is self._path_mtu:
+            self._path_mtu = None
+        if self._relay is None or self._closed:
+            return
+        for d in ("a->b", "b->a"):
+            self._relay.remove_rule(d, rule)
+        self._update_offload()
+
+    def _prune_rules(self) -> None:
+        """Take spent faults and past outages off the link: they pass everything now, and
+        offload can come back on."""
+        now = time.monotonic()
+        for rule in list(self._rules):
+            if not rule.in_force(now):
+                self._drop_rule(rule)
+>>>>>>> main
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
@@ -681,7 +864,12 @@ class TunPair:
                 hooks = self._relay.hooks(d)
                 if hooks:
                     lines.append(f"hooks {d}: {', '.join(map(str, hooks))}")
+<<<<<<< HEAD
         lines.extend(peer.describe() for peer in self._peers)
+=======
+        now = time.monotonic()
+        lines.extend(rule.describe() for rule in self._rules if rule.in_force(now))
+>>>>>>> main
         return "\n".join(lines)
 
     def __repr__(self) -> str:

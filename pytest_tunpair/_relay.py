@@ -283,6 +283,7 @@ _REPLY = 1  # write back into the link's source (a rule's reply), recorded as "i
 _DROP = 2  # record only; count it dropped
 _TAKEN = 3  # record only; count it delivered (taken by the divert function)
 _INJECT = 4  # write to the link's destination, recorded as given (Relay.write); not counted
+_REPLACED = 5  # record only; not counted (a rule forwarded other frames in its place)
 
 _Out = tuple[Packet, bytes, Link, int]
 
@@ -820,23 +821,42 @@ class Relay:
                 out = Packet(
                     pkt.arrival, link.direction, action, frame, dst_hdr, self.mode, pkt.arrival
                 )
-            if link.rules and self._apply_rules(link, out, frame, now):
-                continue
-            engine = link.engine
-            if engine is None:
-                self._forward(link, out, frame, now, now)
-                continue
-            emits = engine.submit(payload, now)
-            if not emits:  # held back for reordering: remember when it came
-                link.held_arrival = out.arrival
-            link.held = int(engine.deadline() is not None)
-            for emit in emits:
-                arrival = link.held_arrival if emit.action == "reordered" else out.arrival
-                self._emit(link, emit, payload, frame_hdr, now, action, arrival)
+            self._after_rules(link, out, frame, payload, frame_hdr, action, now, 0)
 
-    def _apply_rules(self, link: Link, pkt: Packet, frame: bytes, now: float) -> bool:
-        """True if a rule took the packet (recorded with the verdict's action)."""
-        for rule in link.rules:
+    def _after_rules(
+        self,
+        link: Link,
+        out: Packet,
+        frame: bytes,
+        payload: bytes,
+        frame_hdr: bytes,
+        action: str,
+        now: float,
+        first_rule: int,
+    ) -> None:
+        """The rules from ``first_rule`` on, then the engine and the queue, for one packet."""
+        if len(link.rules) > first_rule and self._apply_rules(link, out, frame, now, first_rule):
+            return
+        engine = link.engine
+        if engine is None:
+            self._forward(link, out, frame, now, now)
+            return
+        emits = engine.submit(payload, now)
+        if not emits:  # held back for reordering: remember when it came
+            link.held_arrival = out.arrival
+        link.held = int(engine.deadline() is not None)
+        for emit in emits:
+            arrival = link.held_arrival if emit.action == "reordered" else out.arrival
+            self._emit(link, emit, payload, frame_hdr, now, action, arrival)
+
+    def _apply_rules(
+        self, link: Link, pkt: Packet, frame: bytes, now: float, first_rule: int = 0
+    ) -> bool:
+        """True if a rule took the packet (recorded with the verdict's action); frames it
+        forwards instead go on through the later rules, the engine and the queue."""
+        rules = link.rules
+        for index in range(first_rule, len(rules)):
+            rule = rules[index]
             try:
                 verdict = rule.apply(pkt, now)
             except Exception as exc:
@@ -847,13 +867,23 @@ class Relay:
                 continue
             pkt.action = verdict.action
             out = self._out
-            out.append((pkt, frame, link, _DROP))
+            out.append((pkt, frame, link, _REPLACED if verdict.forward else _DROP))
             src_hdr = link.src.hdr_len
             reverse = "b->a" if link.direction == "a->b" else "a->b"
             for reply in verdict.replies:
                 raw = _linux.ZERO_VNET_HDR + bytes(reply) if src_hdr else bytes(reply)
-                rec = Packet(0.0, reverse, "injected", raw, src_hdr, self.mode)
+                # Its arrival is the answered packet's: the sojourn is how long it took.
+                rec = Packet(pkt.arrival, reverse, "injected", raw, src_hdr, self.mode)
                 out.append((rec, raw, link, _REPLY))
+            dst_hdr = link.dst.hdr_len
+            zero = _linux.ZERO_VNET_HDR if dst_hdr else b""
+            for data in verdict.forward:
+                data = bytes(data)
+                f = zero + data
+                rec = Packet(
+                    pkt.arrival, link.direction, "forwarded", f, dst_hdr, self.mode, pkt.arrival
+                )
+                self._after_rules(link, rec, f, data, zero, "forwarded", now, index + 1)
             return True
         return False
 
@@ -977,6 +1007,8 @@ class Relay:
                     c = link.counters
                     if kind == _DROP:
                         c.dropped += 1
+                        continue
+                    if kind == _REPLACED:
                         continue
                     if kind == _TAKEN:
                         c.packets += 1

@@ -28,9 +28,11 @@ __all__ = [
     "pcap_paths",
     "pcap_settings",
     "pcap_stem",
+    "plot_note",
     "plural",
     "section_title",
     "write_pcaps",
+    "write_plots",
 ]
 
 #: Packet lines per pair in a report section; beyond it the first and the last packets are
@@ -148,6 +150,8 @@ class PcapSettings:
 
     directory: Path | None = None
     mode: str = "failed"
+    plot: bool = False
+    """``--tunpair-plot``: a throughput/sojourn plot (PNG) next to each pcap file."""
 
 
 def pcap_settings(
@@ -159,6 +163,7 @@ def pcap_settings(
     invocation_dir: Path,
     ini_base: Path,
     ini_file: str | None,
+    plot: bool = False,
 ) -> PcapSettings:
     """Command line over ini over default. A relative directory is relative to where
     pytest was started (command line) or to the ini file (ini key).
@@ -183,7 +188,7 @@ def pcap_settings(
     elif ini_dir.strip():
         raw, base, option, source = ini_dir.strip(), ini_base, "tunpair_pcap", ini_where
     else:
-        return PcapSettings(None, mode)
+        return PcapSettings(None, mode, plot)
     if not raw:
         raise OptionError(
             option, raw, source=source, reason="give the directory to write pcap files to"
@@ -197,7 +202,7 @@ def pcap_settings(
             reason=f"{directory} exists and is not a directory; "
             "give a directory (it is created when the first file is written)",
         )
-    return PcapSettings(directory, mode)
+    return PcapSettings(directory, mode, plot)
 
 
 def pcap_stem(nodeid: str, taken: MutableMapping[str, str] | None = None) -> str:
@@ -244,6 +249,31 @@ def write_pcaps(
         else:
             results.append((path, None))
     return results
+
+
+def write_plots(
+    pairs: Sequence[ReportedPair], paths: Sequence[Path]
+) -> list[tuple[Path, Exception | None]]:
+    """Next to each pcap file, a PNG of the pair's throughput and sojourn
+    (``--tunpair-plot``); errors come back, never raised, as for :func:`write_pcaps`."""
+    results: list[tuple[Path, Exception | None]] = []
+    for pair, pcap in zip(pairs, paths, strict=True):
+        path = pcap.with_suffix(".png")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pair.packets.plot(path)
+        except (OSError, ImportError, ValueError) as exc:
+            results.append((path, exc))
+        else:
+            results.append((path, None))
+    return results
+
+
+def plot_note(path: Path, error: Exception | None) -> str:
+    """The report section's line about one plot file."""
+    if error is None:
+        return f"plot: {path}"
+    return f"plot: could not write {path}: {error}"
 
 
 def pcap_note(path: Path, error: OSError | None) -> str:

@@ -61,6 +61,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--tunpair-pcap-mode", metavar="MODE", default=None, help=help_mode)
     parser.addini("tunpair_pcap_mode", default="failed", help=help_mode)
+    help_plot = (
+        "with --tunpair-pcap: also draw each pair's throughput and sojourn to a PNG next to "
+        "its pcap file (needs matplotlib: pytest-tunpair[plot])"
+    )
+    group.addoption("--tunpair-plot", action="store_true", default=None, help=help_plot)
+    parser.addini("tunpair_plot", type="bool", default=False, help=help_plot)
     help_seed = (
         "default seed of tun_pair.impair() for the run (a failing test's report states the "
         "seed it used; pass it here to replay). Default: random per test"
@@ -107,11 +113,27 @@ def pytest_configure(config: pytest.Config) -> None:
             invocation_dir=config.invocation_params.dir,
             ini_base=config.inipath.parent if config.inipath else config.rootpath,
             ini_file=str(config.inipath) if config.inipath else None,
+            plot=_plot_wanted(config),
         )
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_PCAP_STEMS] = {}
     config.stash[_PCAP_ERRORS] = {}
+
+
+def _plot_wanted(config: pytest.Config) -> bool:
+    """--tunpair-plot, else ini tunpair_plot; a usage error without matplotlib."""
+    cli = config.getoption("tunpair_plot", None)
+    wanted = bool(cli) if cli is not None else bool(config.getini("tunpair_plot"))
+    if wanted:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            where = "--tunpair-plot" if cli is not None else "ini key tunpair_plot"
+            raise pytest.UsageError(
+                f"{where}: plots need matplotlib: pip install 'pytest-tunpair[plot]'"
+            )
+    return wanted
 
 
 def run_seed(config: pytest.Config) -> int | None:
@@ -529,6 +551,13 @@ def _write_pcaps(
         notes.append(_report.pcap_note(path, error))
         if error is not None:
             item.config.stash[_PCAP_ERRORS][str(path)] = f"{item.nodeid}: {notes[-1]}"
+    if item.config.stash[_PCAP].plot:
+        # One note per pair: the plot's line goes under its pcap's.
+        for i, (path, problem) in enumerate(_report.write_plots(pairs[: len(paths)], paths)):
+            note = _report.plot_note(path, problem)
+            notes[i] += "\n" + note
+            if problem is not None:
+                item.config.stash[_PCAP_ERRORS][str(path)] = f"{item.nodeid}: {note}"
     return notes
 
 

@@ -189,7 +189,7 @@ def test_quiet_prints_no_trace(tunnels: None) -> None:
 def test_trace_file_takes_the_trace_off_stderr(tunnels: None, tmp_path: Path) -> None:
     need("ping")
     trace = tmp_path / "trace.txt"
-    r = tunpair("run", "--trace", str(trace), "--", "ping", "-c", "1", "-W", "2", "198.18.0.2")
+    r = tunpair("run", "--log", str(trace), "--", "ping", "-c", "1", "-W", "2", "198.18.0.2")
     assert r.returncode == 0, r.stderr
     assert trace_lines(r.stderr) == []
     lines = trace_lines(trace.read_text())
