@@ -643,7 +643,6 @@ class TunPair:
         )
         return PacketQueue(queue, hdr)
 
-<<<<<<< HEAD
     def script(self, side: str = "b") -> ScriptedPeer:
         """Play side ``"a"`` or ``"b"`` from the test: a :class:`ScriptedPeer`.
 
@@ -672,7 +671,7 @@ class TunPair:
     def _peer_closed(self, peer: ScriptedPeer) -> None:
         if not self._closed:
             self._update_offload()
-=======
+
     # -- scenarios: rules on the link ---------------------------------------------------------
     def outage(
         self,
@@ -813,7 +812,6 @@ class TunPair:
         for rule in list(self._rules):
             if not rule.in_force(now):
                 self._drop_rule(rule)
->>>>>>> main
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
@@ -864,12 +862,9 @@ class TunPair:
                 hooks = self._relay.hooks(d)
                 if hooks:
                     lines.append(f"hooks {d}: {', '.join(map(str, hooks))}")
-<<<<<<< HEAD
         lines.extend(peer.describe() for peer in self._peers)
-=======
         now = time.monotonic()
         lines.extend(rule.describe() for rule in self._rules if rule.in_force(now))
->>>>>>> main
         return "\n".join(lines)
 
     def __repr__(self) -> str:
