@@ -33,8 +33,10 @@ if TYPE_CHECKING:
     from ._match import PacketSource
     from ._options import PairOptions
     from ._pair import Endpoint, TunPair, TunPairFactory
+    from ._peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._relay import Hook
     from ._sockets import SocketInfo
+    from ._tcpseg import TcpOptions
 
 __version__ = "0.1.0"
 
@@ -64,6 +66,10 @@ _WHERE = {
     "TunPair": "._pair",
     "TunPairFactory": "._pair",
     "Hook": "._relay",
+    "ScriptedPeer": "._peer",
+    "ScriptedTcp": "._peer",
+    "ScriptedUdp": "._peer",
+    "TcpOptions": "._tcpseg",
 }
 
 __all__ = [
@@ -84,8 +90,12 @@ __all__ = [
     "PairClosedError",
     "PairOptions",
     "PrivilegeError",
+    "ScriptedPeer",
+    "ScriptedTcp",
+    "ScriptedUdp",
     "SocketInfo",
     "SpawnError",
+    "TcpOptions",
     "ThreadNotStopped",
     "TunDeviceError",
     "TunPair",

@@ -30,6 +30,7 @@ from ._errors import (
     OptionError,
     PairClosedError,
     TunDeviceError,
+    TunPairError,
 )
 from ._netns import NetNamespace, Visit
 from ._options import PairOptions
@@ -39,6 +40,7 @@ from ._validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
     from ._impair import ImpairmentEngine, ImpairmentSpec
+    from ._peer import ScriptedPeer
     from ._queue import PacketQueue
     from ._rules import Fault, Outage, PathMtu
     from ._sockets import SocketInfo
@@ -175,6 +177,7 @@ class TunPair:
         # Active impairments per direction: (spec with the seed in use, seed was random).
         self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
         self._random_seed: int | None = None  # a factory shares one across its pairs
+        self._peers: list[ScriptedPeer] = []  # every peer scripted so far, open or closed
         self._device_counters: DeviceCounters | None = None
         self._device_drops: dict[str, int] = {}
         # The engine last asked for per direction (the relay swaps asynchronously).
@@ -275,6 +278,11 @@ class TunPair:
                 self._keeper.close()
             except LeftoverProcessError as exc:
                 leftover.append(exc)
+        for peer in self._peers:
+            try:
+                peer.close(_pair_closing=True)
+            except BaseException as exc:
+                errors.append(exc)
         if self._relay is not None:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
@@ -532,6 +540,8 @@ class TunPair:
             errors = self._relay.take_errors()
             if errors:
                 raise errors[0]
+        for peer in self._peers:
+            peer.check()
 
     # -- programmable wire ------------------------------------------------------------------------
     def add_hook(self, fn: Callable[[Packet], Any], direction: str | None = None) -> Hook:
@@ -650,6 +660,35 @@ class TunPair:
             seed=f"queue-{stream}",
         )
         return PacketQueue(queue, hdr)
+
+    def script(self, side: str = "b") -> ScriptedPeer:
+        """Play side ``"a"`` or ``"b"`` from the test: a :class:`ScriptedPeer`.
+
+        From now on, packets the relay reads that are addressed to that side's addresses
+        are handed to the peer (recorded with ``action == "scripted"``) instead of being
+        written into its device, and ``peer.send()`` writes into the other device as if
+        that side had sent them. ``peer.close()``, or leaving ``with tun_pair.script("b")
+        as peer:``, restores forwarding. Offload is off while a peer is active.
+        """
+        from ._peer import ScriptedPeer
+
+        if side not in ("a", "b"):
+            raise ValueError(f"script(side={side!r}): use 'a' or 'b'")
+        self._require_relay()
+        for peer in self._peers:
+            if peer.side == side and peer.active:
+                raise TunPairError(
+                    f"side {side!r} is scripted already: close that peer first (peer.close(), "
+                    "or leave its with block)"
+                )
+        self._update_offload(busy=True)  # before the peer sees a packet
+        peer = ScriptedPeer(self, side)
+        self._peers.append(peer)
+        return peer
+
+    def _peer_closed(self, peer: ScriptedPeer) -> None:
+        if not self._closed:
+            self._update_offload()
 
     # -- scenarios: rules on the link ---------------------------------------------------------
     def outage(
@@ -794,6 +833,7 @@ class TunPair:
 
     def _update_offload(self, busy: bool = False) -> None:
         relay = self._require_relay()
+        # needs_segments() covers an active peer (its divert function is set).
         # Delay, jitter, rate and the queue work on GSO super-packets by their wire length
         # (that is how an impaired link reaches gigabit rates); the other impairments act
         # on packets as a real wire carries them.
@@ -840,6 +880,7 @@ class TunPair:
                 hooks = self._relay.hooks(d)
                 if hooks:
                     lines.append(f"hooks {d}: {', '.join(map(str, hooks))}")
+        lines.extend(peer.describe() for peer in self._peers)
         now = time.monotonic()
         lines.extend(rule.describe() for rule in self._rules if rule.in_force(now))
         return "\n".join(lines)

@@ -474,6 +474,8 @@ class Relay:
             # From the relay thread (a divert function or a rule answering a packet): queued
             # behind what the relay is about to record -- the packet being answered -- and
             # written with it, so an answer never precedes its request in the capture.
+            # Made now: its sojourn is the moment until the batch goes out, not since t0.
+            pkt.arrival = time.monotonic() - capture.t0
             self._out.append((pkt, raw, link, _INJECT))
             return pkt
         with capture.lock:
