@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from ._replies import checksum
 from ._tcpseg import ETH_P_ARP, ETH_P_IPV6, IPPROTO_ICMPV6, ip_header, l3_offset
 
 __all__ = ["is_neighbour_query", "mac_bytes", "neighbour_answer"]
@@ -24,15 +25,6 @@ _UNSPECIFIED = bytes(16)
 
 def mac_bytes(mac: str) -> bytes:
     return bytes(int(x, 16) for x in mac.split(":"))
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def neighbour_answer(
@@ -94,7 +86,7 @@ def _neighbour_advert(frame: bytes, off: int, mac: bytes, ip6: bytes) -> bytes |
     body = struct.pack("!BBHI", ND_NEIGHBOR_ADVERT, 0, 0, flags) + ip6
     body += struct.pack("!BB", ND_OPT_TARGET_LINKADDR, 1) + mac
     pseudo = ip6 + dst + struct.pack("!I3xB", len(body), IPPROTO_ICMPV6)
-    body = body[:2] + struct.pack("!H", _csum(pseudo + body)) + body[4:]
+    body = body[:2] + struct.pack("!H", checksum(pseudo + body)) + body[4:]
     # RFC 4861 7.1.2: hop limit 255, so the receiver knows it came from the link.
     ip = struct.pack("!IHBB", 6 << 28, len(body), IPPROTO_ICMPV6, 255) + ip6 + dst
     return dst_mac + mac + struct.pack("!H", ETH_P_IPV6) + ip + body
