@@ -12,7 +12,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._capture import Capture, GsoInfo, Packet
     from ._errors import (
         HookError,
         LeftoverProcessError,
@@ -28,22 +27,23 @@ if TYPE_CHECKING:
         TunPairError,
         UnexpectedPacket,
     )
-    from ._flows import Flow
-    from ._gemodel import GilbertElliott
-    from ._match import PacketSource
+    from ._kernel.sockets import SocketInfo
+    from ._link.gemodel import GilbertElliott
+    from ._link.relay import Hook
     from ._options import PairOptions
+    from ._packets.capture import Capture, GsoInfo, Packet
+    from ._packets.flows import Flow
+    from ._packets.match import PacketSource
     from ._pair import Endpoint, TunPair, TunPairFactory
-    from ._peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
-    from ._relay import Hook
-    from ._sockets import SocketInfo
-    from ._tcpseg import TcpOptions
+    from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
+    from ._wire.tcp import TcpOptions
 
 __version__ = "0.1.0"
 
 _WHERE = {
-    "Capture": "._capture",
-    "GsoInfo": "._capture",
-    "Packet": "._capture",
+    "Capture": "._packets.capture",
+    "GsoInfo": "._packets.capture",
+    "Packet": "._packets.capture",
     "HookError": "._errors",
     "LeftoverProcessError": "._errors",
     "LeftoverProcessWarning": "._errors",
@@ -57,19 +57,19 @@ _WHERE = {
     "TunDeviceError": "._errors",
     "TunPairError": "._errors",
     "UnexpectedPacket": "._errors",
-    "Flow": "._flows",
-    "GilbertElliott": "._gemodel",
-    "PacketSource": "._match",
-    "SocketInfo": "._sockets",
+    "Flow": "._packets.flows",
+    "GilbertElliott": "._link.gemodel",
+    "PacketSource": "._packets.match",
+    "SocketInfo": "._kernel.sockets",
     "PairOptions": "._options",
     "Endpoint": "._pair",
     "TunPair": "._pair",
     "TunPairFactory": "._pair",
-    "Hook": "._relay",
-    "ScriptedPeer": "._peer",
-    "ScriptedTcp": "._peer",
-    "ScriptedUdp": "._peer",
-    "TcpOptions": "._tcpseg",
+    "Hook": "._link.relay",
+    "ScriptedPeer": "._peer.peer",
+    "ScriptedTcp": "._peer.peer",
+    "ScriptedUdp": "._peer.peer",
+    "TcpOptions": "._wire.tcp",
 }
 
 __all__ = [

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
-from . import _userns
-from ._capture import Capture, Packet
 from ._errors import OptionError, PrivilegeError, TunPairError
+from ._kernel import userns as _userns
 from ._options import PairOptions
+from ._packets.capture import Capture, Packet
 from ._pair import TunPair
-from ._report import plural
+from ._plugin.report import plural
 from ._schema import Bool, Duration, Int, Invalid, declared, default_of
 
 __all__ = ["build_parser", "main"]
@@ -109,7 +109,7 @@ def _add_options(groups: dict[str, Any], cls: type, prefix: str) -> None:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``run`` and ``shell`` share every pair option."""
-    from ._impair import ImpairmentSpec
+    from ._link.impair import ImpairmentSpec
 
     common = argparse.ArgumentParser(add_help=False)
     groups = {key: common.add_argument_group(title) for key, title in _GROUPS.items()}
@@ -232,7 +232,7 @@ def _bad(
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Turn parsed arguments into a :class:`Plan`; bad values end in ``parser.error``."""
-    from ._impair import ImpairmentSpec
+    from ._link.impair import ImpairmentSpec
 
     parser: argparse.ArgumentParser = args.parser
     kwargs, typed = _given(args, PairOptions, "pair_", parser)
@@ -245,7 +245,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     impair, typed = _given(args, ImpairmentSpec, "impair_", parser)
     if args.gemodel is not None:
-        from ._gemodel import GilbertElliott
+        from ._link.gemodel import GilbertElliott
 
         if "loss" in impair:
             parser.error("argument --gemodel: give --loss or --gemodel, not both")
@@ -285,7 +285,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     outages = [_outage(parser, text) for text in args.outage or ()]
     path_mtu = None
     if args.path_mtu is not None:
-        from ._rules import check_mtu
+        from ._link.rules import check_mtu
 
         try:
             path_mtu, _ = check_mtu(Int().from_text(args.path_mtu), True)
@@ -310,7 +310,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def _outage(parser: argparse.ArgumentParser, text: str) -> tuple[float, float]:
     """``--outage AFTER,DURATION`` as two durations (units required, as for --delay)."""
-    from ._rules import check_duration
+    from ._link.rules import check_duration
 
     parts = text.split(",")
     if len(parts) != 2:
@@ -699,7 +699,7 @@ class Session:
 
     def _stop_leftovers(self, pair: TunPair) -> None:
         """End processes COMMAND left in the namespace: its relay is about to go away."""
-        from ._procs import stop_all
+        from ._kernel.procs import stop_all
 
         names = stop_all(os.stat(pair.netns_path), grace=_LEFTOVER_GRACE)
         if names:
@@ -756,7 +756,7 @@ def _enter_rootless_if_needed() -> None:
     owning user namespace, and the host's is not ours), it first moves the whole process
     into a network namespace of its own to return to.
     """
-    from . import _linux
+    from ._kernel import linux as _linux
 
     status = _userns.prepare("auto", program="tunpair")
     if not status.can_return:

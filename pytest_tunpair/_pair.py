@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _linux, _routing
-from ._capture import Capture, Packet, Stats
-from ._device import DeviceCounters, TunDevice
 from ._errors import (
     LeftoverProcessError,
     NamespaceError,
@@ -32,18 +29,22 @@ from ._errors import (
     TunDeviceError,
     TunPairError,
 )
-from ._netns import NetNamespace, Visit
+from ._kernel import linux as _linux
+from ._kernel import routing as _routing
+from ._kernel.device import DeviceCounters, TunDevice
+from ._kernel.netns import NetNamespace, Visit
+from ._kernel.procs import Keeper
+from ._link.relay import Hook, Relay
 from ._options import PairOptions
-from ._procs import Keeper
-from ._relay import Hook, Relay
-from ._validate import to_bytes, validate_frame
+from ._packets.capture import Capture, Packet, Stats
+from ._wire.validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
-    from ._impair import ImpairmentEngine, ImpairmentSpec
-    from ._peer import ScriptedPeer
-    from ._queue import PacketQueue
-    from ._rules import Fault, Outage, PathMtu
-    from ._sockets import SocketInfo
+    from ._kernel.sockets import SocketInfo
+    from ._link.impair import ImpairmentEngine, ImpairmentSpec
+    from ._link.queue import PacketQueue
+    from ._link.rules import Fault, Outage, PathMtu
+    from ._peer.peer import ScriptedPeer
 
 T = TypeVar("T")
 # How often a draining teardown looks at what the relay still holds.
@@ -495,7 +496,7 @@ class TunPair:
 
         Works from any thread: the netlink socket is created inside the namespace.
         """
-        from ._sockets import PROTOCOLS, dump
+        from ._kernel.sockets import PROTOCOLS, dump
 
         if proto not in PROTOCOLS:
             raise ValueError(f"sockets(proto={proto!r}): use one of {', '.join(PROTOCOLS)}")
@@ -589,7 +590,7 @@ class TunPair:
         """
         from dataclasses import replace
 
-        from ._impair import ImpairmentEngine, ImpairmentSpec
+        from ._link.impair import ImpairmentEngine, ImpairmentSpec
 
         _check_direction(direction, "impair")
         relay = self._require_relay()
@@ -637,7 +638,7 @@ class TunPair:
         """The bottleneck of one direction (``None`` if ``spec`` holds no packet).
 
         ``start`` is when a trace's millisecond 0 is (``time.monotonic()``)."""
-        from ._queue import LinkQueue, PacketQueue, RateServer, Server
+        from ._link.queue import LinkQueue, PacketQueue, RateServer, Server
 
         if not spec.needs_queue:
             return None
@@ -670,7 +671,7 @@ class TunPair:
         that side had sent them. ``peer.close()``, or leaving ``with tun_pair.script("b")
         as peer:``, restores forwarding. Offload is off while a peer is active.
         """
-        from ._peer import ScriptedPeer
+        from ._peer.peer import ScriptedPeer
 
         if side not in ("a", "b"):
             raise ValueError(f"script(side={side!r}): use 'a' or 'b'")
@@ -707,7 +708,7 @@ class TunPair:
         (``start``, ``end_time``, in seconds since the pair came up, as
         ``Packet.arrival``) and ``dropped``. Durations are seconds or strings (``"500ms"``).
         """
-        from ._rules import Outage, check_duration
+        from ._link.rules import Outage, check_duration
 
         _check_direction(direction, "outage")
         self._prune_rules()
@@ -744,7 +745,7 @@ class TunPair:
 
         Returns the :class:`~pytest_tunpair._rules.Fault` with ``hits`` and ``remove()``.
         """
-        from ._rules import Fault, check_fail, field_predicate
+        from ._link.rules import Fault, check_fail, field_predicate
 
         _check_direction(direction, "fail")
         if match is not None and not callable(match):
@@ -785,7 +786,7 @@ class TunPair:
         1280`` (RFC 8200). A new call replaces the previous path MTU. Offload is off while
         it is set.
         """
-        from ._rules import PathMtu, check_mtu
+        from ._link.rules import PathMtu, check_mtu
 
         _check_direction(direction, "path_mtu")
         relay = self._require_relay()
@@ -909,7 +910,7 @@ def _run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
         raise NamespaceError("the pair is not open")
     if ns.is_current():
         return fn()
-    from ._disposable import run_in_disposable_thread
+    from ._kernel.disposable import run_in_disposable_thread
 
     def joined() -> T:
         visit = ns.join()

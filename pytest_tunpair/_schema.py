@@ -477,7 +477,7 @@ def replace_table(text: str, marker: str, table: str) -> str:
 
 def tables() -> dict[str, str]:
     """Every generated table of ``docs/options.md``, by marker name."""
-    from ._impair import ImpairmentSpec
+    from ._link.impair import ImpairmentSpec
     from ._options import PairOptions
 
     return {

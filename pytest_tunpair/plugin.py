@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
-from . import _report
 from ._errors import OptionError
+from ._plugin import report as _report
 
 if TYPE_CHECKING:
-    from ._netns import Visit
+    from ._kernel.netns import Visit
+    from ._kernel.userns import Status
     from ._pair import FactoryCheckpoint, TunPair, TunPairFactory
-    from ._userns import Status
 
 SKIP_REASON = (
     "tunnel fixtures are off: run pytest with --tunpair "
@@ -345,7 +345,7 @@ def _refuse_stranding(request: pytest.FixtureRequest, name: str) -> None:
     not come back from the namespace, or already is in another one."""
     config = request.config
     status = config.stash.get(_USERNS, None)
-    from ._disposable import thread_is_disposable
+    from ._kernel.disposable import thread_is_disposable
 
     if status is not None and not status.can_return and not thread_is_disposable():
         pytest.fail(
@@ -587,7 +587,7 @@ def _addoption_userns(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
         "CAP_SYS_ADMIN, so that a normal user can build tunnels; always: even as root; "
         "never: refuse to run unprivileged"
     )
-    from ._userns import MODES  # no heavy import: _userns uses only the standard library
+    from ._kernel.userns import MODES  # no heavy import: _userns uses only the standard library
 
     group.addoption("--tunpair-userns", choices=MODES, help=help_userns)
     parser.addini("tunpair_userns", default="auto", help=help_userns)
@@ -596,8 +596,8 @@ def _addoption_userns(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
 def _configure_userns(config: pytest.Config) -> None:
     if not enabled(config):
         return
-    from . import _userns
     from ._errors import PrivilegeError
+    from ._kernel import userns as _userns
 
     mode = config.getoption("tunpair_userns", None)
     if mode is None:
@@ -649,8 +649,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     # running around this on the main thread.
     from _pytest.runner import runtestprotocol
 
-    from ._disposable import run_in_disposable_thread
     from ._errors import ThreadNotStopped
+    from ._kernel.disposable import run_in_disposable_thread
 
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     try:

@@ -59,7 +59,7 @@ def need_thread_return() -> None:
     by itself, so only disposable threads (the plugin's, for tests using the fixtures) may
     enter a tunnel namespace, and a standalone ``TunPair`` on the main thread is refused.
     """
-    from pytest_tunpair._userns import thread_can_return
+    from pytest_tunpair._kernel.userns import thread_can_return
 
     if not thread_can_return():
         pytest.skip(
@@ -75,8 +75,8 @@ def run_standalone(fn: Callable[[], T]) -> T:
     -Urn``); in the rootless tier on a disposable thread that ends inside it, as the README
     says to open a standalone pair there. Exceptions (and assertion failures) reach the caller.
     """
-    from pytest_tunpair._disposable import run_in_disposable_thread
-    from pytest_tunpair._userns import thread_can_return
+    from pytest_tunpair._kernel.disposable import run_in_disposable_thread
+    from pytest_tunpair._kernel.userns import thread_can_return
 
     if thread_can_return():
         return fn()

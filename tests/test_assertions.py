@@ -329,7 +329,7 @@ def test_sockets_lists_udp_too(tun_pair: TunPair) -> None:
 
 
 def test_sockets_tcp_info_is_the_kernels_struct(tun_pair: TunPair) -> None:
-    from pytest_tunpair._sockets import decode_tcp_info
+    from pytest_tunpair._kernel.sockets import decode_tcp_info
 
     assert tun_pair.b.ip
     with _connection(tun_pair.b.ip) as (client, _):

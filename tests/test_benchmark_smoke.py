@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair._userns import in_initial_user_namespace
+from pytest_tunpair._kernel.userns import in_initial_user_namespace
 from pytest_tunpair.plugin import SKIP_REASON, enabled
 
 from .conftest import host_snapshot, need

@@ -643,7 +643,7 @@ def test_main_leaves_no_thread_or_fd_behind(tunnels: None, tmp_path: Path) -> No
     script = """
 import os, sys, threading
 from pytest_tunpair._cli import main
-from pytest_tunpair._userns import thread_can_return
+from pytest_tunpair._kernel.userns import thread_can_return
 
 def fds():
     return sorted(os.listdir("/proc/self/fd"))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_tunpair import Capture, Packet, SpawnError, TunPair
-from pytest_tunpair._procs import members, parse_ready
+from pytest_tunpair._kernel.procs import members, parse_ready
 
 from .conftest import host_snapshot, need, run_standalone, tcpdump_read
 
@@ -99,7 +99,7 @@ http {{
 def nginx_conf(tmp_path: Path, pair: TunPair, port: int = PORT) -> Path:
     if not os.access(NGINX, os.X_OK):
         pytest.skip(f"nginx is not installed at {NGINX}")
-    from pytest_tunpair._userns import in_initial_user_namespace
+    from pytest_tunpair._kernel.userns import in_initial_user_namespace
 
     # Workers drop privileges to `nobody` with initgroups(), which a user namespace with
     # setgroups denied refuses: there nginx serves from its master process alone.
@@ -637,7 +637,7 @@ def test_still_home():
 
 
 def test_dynamic_request_works_where_the_thread_can_come_back(pytester: pytest.Pytester) -> None:
-    from pytest_tunpair._userns import thread_can_return
+    from pytest_tunpair._kernel.userns import thread_can_return
 
     if not thread_can_return():
         pytest.skip("the main thread could not come back here (rootless tier)")
@@ -647,7 +647,7 @@ def test_dynamic_request_works_where_the_thread_can_come_back(pytester: pytest.P
 
 
 def test_dynamic_request_rootless_is_one_line(pytester: pytest.Pytester) -> None:
-    from pytest_tunpair._userns import in_initial_user_namespace, thread_can_return
+    from pytest_tunpair._kernel.userns import in_initial_user_namespace, thread_can_return
 
     if os.getuid() != 0 or (not in_initial_user_namespace() and thread_can_return()):
         # Under `unshare -Urn` the inner run's threads can come back: nothing to refuse.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_tunpair import Packet, TunPair
-from pytest_tunpair._capture import PACKET_OVERHEAD, SLACK_SHIFT
+from pytest_tunpair._packets.capture import PACKET_OVERHEAD, SLACK_SHIFT
 
 from .conftest import tcp_send
 

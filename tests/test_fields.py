@@ -28,7 +28,7 @@ from scapy.packet import Packet as ScapyPacket
 from scapy.packet import Raw
 
 from pytest_tunpair import Capture, Packet, PacketTimeout, UnexpectedPacket
-from pytest_tunpair._fields import FIELDS
+from pytest_tunpair._wire.headers import FIELDS
 
 ECN = ("not-ect", "ect1", "ect0", "ce")
 EXT6 = (IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting, IPv6ExtHdrFragment)
@@ -357,7 +357,7 @@ class _Inbox:
 
 
 def test_the_matcher_works_on_any_packet_source() -> None:
-    from pytest_tunpair._match import expect, expect_none, expect_sequence
+    from pytest_tunpair._packets.match import expect, expect_none, expect_sequence
 
     inbox = _Inbox([pkt(IP() / TCP(flags="S")), pkt(IP() / TCP(flags="A"))])
     assert expect(inbox, TCP(flags="A"), timeout=0).seq == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair._report import html_extras
+from pytest_tunpair._plugin.report import html_extras
 
 from .test_report import INNER
 

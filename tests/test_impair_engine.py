@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_tunpair import OptionError
-from pytest_tunpair._impair import (
+from pytest_tunpair._link.impair import (
     ACTIONS,
     REORDER_MIN_HOLD,
     Emit,

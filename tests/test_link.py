@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pytest_tunpair import OptionError, Packet, TunPair
-from pytest_tunpair._report import format_section
+from pytest_tunpair._plugin.report import format_section
 
 from .conftest import need
 

@@ -489,7 +489,7 @@ def test_failure_report_lists_what_the_script_never_looked_at(pytester: pytest.P
 def test_an_error_in_the_relay_thread_part_surfaces_in_the_test(
     tun_pair: TunPair, peer: ScriptedPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pytest_tunpair import _neigh
+    from pytest_tunpair._wire import neigh as _neigh
 
     real = _neigh.neighbour_answer
     calls = []

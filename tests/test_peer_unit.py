@@ -7,8 +7,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from pytest_tunpair._neigh import is_neighbour_query, mac_bytes, neighbour_answer
-from pytest_tunpair._tcpseg import TcpOptions, parse, seq_add, seq_geq, seq_gt
+from pytest_tunpair._wire.neigh import is_neighbour_query, mac_bytes, neighbour_answer
+from pytest_tunpair._wire.tcp import TcpOptions, parse, seq_add, seq_geq, seq_gt
 
 MAC = "02:74:70:00:00:02"
 OTHER = "02:74:70:00:00:01"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair import _plot
+from pytest_tunpair._packets import plot as _plot
 from pytest_tunpair.traces import TraceServer, constant, load
 
 # At collection, outside any in-process pytester run: pytester puts sys.modules back after

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair import Packet, _plot
+from pytest_tunpair import Packet
+from pytest_tunpair._packets import plot as _plot
 
 # An IPv4 header alone: version 4, IHL 5, total length 20, UDP, 198.18.0.1 -> 198.18.0.2.
 IP_HEADER = bytes.fromhex("45000014 00000000 40110000 c6120001 c6120002")

@@ -116,7 +116,7 @@ def test_thread_returns_to_its_namespace_and_host_is_untouched(pytester: pytest.
 
 
 def test_standalone_use_needs_no_pytest(pytester: pytest.Pytester) -> None:
-    from pytest_tunpair._userns import thread_can_return
+    from pytest_tunpair._kernel.userns import thread_can_return
 
     script = pytester.makepyfile(
         """

@@ -15,9 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_tunpair import _linux
-from pytest_tunpair._capture import Packet
-from pytest_tunpair._queue import (
+from pytest_tunpair._kernel import linux as _linux
+from pytest_tunpair._link.queue import (
     CODEL_INTERVAL,
     CODEL_TARGET,
     ECN_CE,
@@ -35,6 +34,7 @@ from pytest_tunpair._queue import (
     set_ce,
     wire_size,
 )
+from pytest_tunpair._packets.capture import Packet
 
 # 1500-byte packets at 12 Mbit/s: exactly 1 ms of service each.
 RATE = 12e6

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from pytest_tunpair import _relay
-from pytest_tunpair._capture import Capture, Packet, Stats
 from pytest_tunpair._errors import HookError
-from pytest_tunpair._impair import ImpairmentEngine, ImpairmentSpec
-from pytest_tunpair._link import Verdict
-from pytest_tunpair._queue import LinkQueue, PacketQueue, QueueSpec, RateServer
-from pytest_tunpair._relay import Hook, Relay
-from pytest_tunpair._timer import Timer
+from pytest_tunpair._kernel.timer import Timer
+from pytest_tunpair._link import relay as _relay
+from pytest_tunpair._link.impair import ImpairmentEngine, ImpairmentSpec
+from pytest_tunpair._link.link import Verdict
+from pytest_tunpair._link.queue import LinkQueue, PacketQueue, QueueSpec, RateServer
+from pytest_tunpair._link.relay import Hook, Relay
+from pytest_tunpair._packets.capture import Capture, Packet, Stats
 
 WAIT = 5.0
 

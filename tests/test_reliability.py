@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_tunpair import TunPair
-from pytest_tunpair._validate import to_bytes, validate_frame
+from pytest_tunpair._wire.validate import to_bytes, validate_frame
 
 from .conftest import host_snapshot, need
 

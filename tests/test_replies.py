@@ -13,7 +13,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import Ether
 
-from pytest_tunpair import _replies
+from pytest_tunpair._wire import replies as _replies
 
 A4, B4 = "198.18.0.1", "198.18.0.2"
 A6, B6 = "2001:2::1", "2001:2::2"

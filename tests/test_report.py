@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_tunpair import OptionError, TunPair
-from pytest_tunpair._report import (
+from pytest_tunpair._plugin.report import (
     PcapSettings,
     format_section,
     pcap_paths,

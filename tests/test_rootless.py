@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 import pytest_tunpair
-from pytest_tunpair import _disposable, _userns
+from pytest_tunpair._kernel import disposable as _disposable
+from pytest_tunpair._kernel import userns as _userns
 
 from .conftest import host_snapshot, need, nsenter_line
 
@@ -702,7 +703,7 @@ def test_sigint_reaches_the_disposable_thread() -> None:
     proc = _python(
         """
         import os, signal, threading, time
-        from pytest_tunpair._disposable import run_in_disposable_thread
+        from pytest_tunpair._kernel.disposable import run_in_disposable_thread
 
         started, seen = threading.Event(), []
 
@@ -730,7 +731,7 @@ def test_a_blocked_thread_is_given_up_after_the_grace_period() -> None:
         """
         import signal, time
         from pytest_tunpair import ThreadNotStopped
-        from pytest_tunpair._disposable import run_in_disposable_thread
+        from pytest_tunpair._kernel.disposable import run_in_disposable_thread
 
         def alarm(signum, frame):
             raise RuntimeError("too slow")

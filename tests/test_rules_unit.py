@@ -11,7 +11,7 @@ from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
 from pytest_tunpair import OptionError, Packet
-from pytest_tunpair._rules import (
+from pytest_tunpair._link.rules import (
     Fault,
     Outage,
     PathMtu,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_tunpair import OptionError, PairOptions
-from pytest_tunpair._impair import ImpairmentSpec
+from pytest_tunpair._link.impair import ImpairmentSpec
 from pytest_tunpair._schema import (
     Bool,
     Choice,

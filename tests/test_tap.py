@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pytest_tunpair import Packet, TunPair
-from pytest_tunpair._validate import validate_frame
+from pytest_tunpair._wire.validate import validate_frame
 
 from .conftest import need, run_standalone, tcp_send, tcpdump_read
 

@@ -85,10 +85,8 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ._errors import OptionError
-from ._gemodel import GilbertElliott, GilbertElliottChain, LossModel
-from ._queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec, set_ce
-from ._schema import (
+from .._errors import OptionError
+from .._schema import (
     Bool,
     Choice,
     Duration,
@@ -102,7 +100,9 @@ from ._schema import (
     option,
     validate,
 )
-from .traces import Trace, TraceKind
+from ..traces import Trace, TraceKind
+from .gemodel import GilbertElliott, GilbertElliottChain, LossModel
+from .queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec, set_ce
 
 __all__ = [
     "ACTIONS",

@@ -30,8 +30,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import OptionError
-from ._schema import Int, Invalid, Object, Probability, declared, option, validate
+from .._errors import OptionError
+from .._schema import Int, Invalid, Object, Probability, declared, option, validate
 
 __all__ = ["GilbertElliott", "GilbertElliottChain", "LossModel"]
 

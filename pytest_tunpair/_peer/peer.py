@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _neigh
-from ._capture import Capture, Packet, trace
-from ._errors import PacketTimeout, TunPairError
-from ._tcpseg import (
+from .._errors import PacketTimeout, TunPairError
+from .._packets.capture import Capture, Packet, trace
+from .._wire import neigh as _neigh
+from .._wire.tcp import (
     ETH_P_IP,
     ETH_P_IPV6,
     IPPROTO_TCP,
@@ -43,11 +43,11 @@ from ._tcpseg import (
     seq_geq,
     seq_gt,
 )
-from ._validate import is_scapy_packet, to_bytes
+from .._wire.validate import is_scapy_packet, to_bytes
 
 if TYPE_CHECKING:
-    from ._match import Matcher
-    from ._pair import Endpoint, TunPair
+    from .._packets.match import Matcher
+    from .._pair import Endpoint, TunPair
 
 __all__ = ["ScriptedPeer", "ScriptedTcp", "ScriptedUdp", "TcpOptions"]
 
@@ -884,7 +884,7 @@ class ScriptedTcp:
             )
         matcher = None
         if template is not None:
-            from ._match import compile_match
+            from .._packets.match import compile_match
 
             matcher = compile_match(template, what="conn.expect")
             described = matcher.description

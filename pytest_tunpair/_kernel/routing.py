@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from . import _linux
-from ._errors import NamespaceError
+from .._errors import NamespaceError
+from . import linux as _linux
 
 __all__ = ["Side", "apply_recipe", "link_up_lo"]
 

@@ -18,7 +18,7 @@ import ctypes
 import os
 import time
 
-from . import _linux
+from . import linux as _linux
 
 __all__ = ["Timer", "set_timer_slack"]
 

@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
-from . import _fields, _linux
-from ._errors import PacketTimeout
+from .._errors import PacketTimeout
+from .._kernel import linux as _linux
+from .._wire import headers as _fields
 
 if TYPE_CHECKING:
-    from ._flows import Flow
+    from .flows import Flow
 
 __all__ = ["Capture", "Counters", "GsoInfo", "Packet", "Stats"]
 
@@ -727,7 +728,7 @@ class Capture(Sequence[Packet]):
         was captured when nothing matched in time.
         """
         __tracebackhide__ = True
-        from ._match import ANY_ACTION, Matcher, packet_filter, wait_match
+        from .match import ANY_ACTION, Matcher, packet_filter, wait_match
 
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
             raise ValueError(f"wait_for(timeout={timeout!r}): give a number of seconds >= 0")
@@ -770,7 +771,7 @@ class Capture(Sequence[Packet]):
         packets without the field never match). ``action`` is a value or a predicate too.
         An unknown keyword is a ``TypeError`` listing the valid ones.
         """
-        from ._match import packet_filter
+        from .match import packet_filter
 
         predicate = packet_filter(layers, direction=direction, action=action, fields=fields)
         return [p for p in self._snapshot() if predicate(p)]
@@ -799,7 +800,7 @@ class Capture(Sequence[Packet]):
         'SA'``), then the trace. ``template`` may also be a predicate or a layer class.
         """
         __tracebackhide__ = True
-        from ._match import expect
+        from .match import expect
 
         return expect(
             self,
@@ -826,7 +827,7 @@ class Capture(Sequence[Packet]):
         ``during`` s -- or was, since ``after``. A packet the relay dropped does not count
         (it never arrived) unless ``action=`` says so."""
         __tracebackhide__ = True
-        from ._match import expect_none
+        from .match import expect_none
 
         expect_none(
             self,
@@ -852,7 +853,7 @@ class Capture(Sequence[Packet]):
         ``syn, synack, ack = packets.expect_sequence([TCP(flags="S"), TCP(flags="SA"),
         TCP(flags="A")])``."""
         __tracebackhide__ = True
-        from ._match import expect_sequence
+        from .match import expect_sequence
 
         return expect_sequence(
             self, templates, timeout=timeout, direction=direction, after=after, action=action
@@ -909,7 +910,7 @@ class Capture(Sequence[Packet]):
     def flows(self) -> list[Flow]:
         """The conversations in the capture, in order of their first packet: one
         :class:`~pytest_tunpair.Flow` per protocol and pair of endpoints."""
-        from ._flows import flows
+        from .flows import flows
 
         return flows(self._snapshot())
 
@@ -926,7 +927,7 @@ class Capture(Sequence[Packet]):
 
         ``tcpdump -r`` and Wireshark read it; timestamps are wall-clock times.
         """
-        from ._pcap import write_pcap
+        from .pcap import write_pcap
 
         return write_pcap(
             path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
@@ -941,7 +942,7 @@ class Capture(Sequence[Packet]):
         Needs matplotlib (``pip install 'pytest-tunpair[plot]'``); without it an
         ``ImportError`` says so.
         """
-        from ._plot import plot
+        from .plot import plot
 
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"plot(direction={direction!r}): use 'a->b', 'b->a' or None")
@@ -958,7 +959,7 @@ class Capture(Sequence[Packet]):
         ``mm-throughput-graph`` and ``mm-delay-graph`` read. ``drops=False`` leaves out the
         ``d`` lines, which the graph script in mahimahi's repository does not know.
         Returns the path."""
-        from ._plot import to_mahimahi_log
+        from .plot import to_mahimahi_log
 
         if direction not in DIRECTIONS:
             raise ValueError(f"to_mahimahi_log(direction={direction!r}): use 'a->b' or 'b->a'")

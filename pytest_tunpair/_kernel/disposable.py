@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ._errors import ThreadNotStopped
+from .._errors import ThreadNotStopped
 
 __all__ = ["run_in_disposable_thread", "thread_is_disposable"]
 

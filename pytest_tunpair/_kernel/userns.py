@@ -40,8 +40,8 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from . import _linux
-from ._errors import OptionError, PrivilegeError
+from .._errors import OptionError, PrivilegeError
+from . import linux as _linux
 
 __all__ = [
     "MODES",

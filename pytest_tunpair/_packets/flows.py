@@ -12,11 +12,11 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from . import _fields
-from ._capture import DELIVERED, DIRECTIONS
+from .._wire import headers as _fields
+from .capture import DELIVERED, DIRECTIONS
 
 if TYPE_CHECKING:
-    from ._capture import Packet
+    from .capture import Packet
 
 __all__ = ["Flow", "flows"]
 

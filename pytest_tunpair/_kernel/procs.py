@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ._errors import LeftoverProcessError, LeftoverProcessWarning, SpawnError
+from .._errors import LeftoverProcessError, LeftoverProcessWarning, SpawnError
 
 __all__ = [
     "LEFTOVER_POLICIES",

@@ -8,8 +8,8 @@ import os
 import socket
 import struct
 
-from . import _linux
-from ._errors import PrivilegeError, TunDeviceError
+from .._errors import PrivilegeError, TunDeviceError
+from . import linux as _linux
 
 __all__ = ["OFFLOAD_FLAGS", "TunDevice"]
 

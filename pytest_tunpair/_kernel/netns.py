@@ -18,8 +18,10 @@ import os
 import threading
 from types import TracebackType
 
-from . import _disposable, _linux, _userns
-from ._errors import NamespaceError, PrivilegeError
+from .._errors import NamespaceError, PrivilegeError
+from . import disposable as _disposable
+from . import linux as _linux
+from . import userns as _userns
 
 __all__ = ["NetNamespace", "Visit", "current_netns_inode"]
 

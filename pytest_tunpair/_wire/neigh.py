@@ -9,8 +9,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from ._replies import checksum
-from ._tcpseg import ETH_P_ARP, ETH_P_IPV6, IPPROTO_ICMPV6, ip_header, l3_offset
+from .replies import checksum
+from .tcp import ETH_P_ARP, ETH_P_IPV6, IPPROTO_ICMPV6, ip_header, l3_offset
 
 __all__ = ["is_neighbour_query", "mac_bytes", "neighbour_answer"]
 

@@ -93,8 +93,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from . import _linux
-from ._capture import Packet
+from .._kernel import linux as _linux
+from .._packets.capture import Packet
 
 __all__ = [
     "DISCIPLINES",

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import _capture
+from . import capture as _capture
 
 __all__ = ["DELIVERED", "NOT_CARRIED", "plot", "to_mahimahi_log"]
 

@@ -3,7 +3,7 @@
 One thread serves both directions with ``poll()``: a blocked ``read()`` on a TUN fd is not
 woken by ``close()`` from another thread (docs/internals.md, "A blocked read() is not woken
 by close()"), so the loop also polls a wake-up pipe, and one thread keeps the hot path free
-of hand-offs between threads. Each direction is a :class:`~pytest_tunpair._link.Link`
+of hand-offs between threads. Each direction is a :class:`~pytest_tunpair._link.link.Link`
 holding everything it owns; the loop's one timeout is the earliest of the links'
 deadlines, waited for with a timerfd (``_timer``) so that sub-millisecond delays are kept.
 
@@ -43,16 +43,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _linux
-from ._capture import Capture, Packet, Stats
-from ._errors import HookError
-from ._link import Divert, Link, Queue, Rule
-from ._timer import Timer, set_timer_slack
-from ._validate import is_scapy_packet
+from .._errors import HookError
+from .._kernel import linux as _linux
+from .._kernel.timer import Timer, set_timer_slack
+from .._packets.capture import Capture, Packet, Stats
+from .._wire.validate import is_scapy_packet
+from .link import Divert, Link, Queue, Rule
 
 if TYPE_CHECKING:
-    from ._impair import Emit, ImpairmentEngine
-    from ._link import _Device
+    from .impair import Emit, ImpairmentEngine
+    from .link import _Device
 
 __all__ = ["Hook", "Relay"]
 
@@ -385,7 +385,7 @@ class Relay:
 
     def add_rule(self, direction: str, rule: Rule) -> None:
         """Run ``rule.apply(pkt, now)`` on each packet of ``direction`` after the hooks and
-        before the impairment engine (see :class:`~pytest_tunpair._link.Verdict`)."""
+        before the impairment engine (see :class:`~pytest_tunpair._link.link.Verdict`)."""
         with self._edit_lock:
             link = self.links[direction]
             link.rules = (*link.rules, rule)

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._errors import OptionError
+from .._errors import OptionError
 
 if TYPE_CHECKING:
-    from ._capture import Capture
-    from ._options import PairOptions
-    from ._pair import TunPair
+    from .._options import PairOptions
+    from .._packets.capture import Capture
+    from .._pair import TunPair
 
 __all__ = [
     "HTML_TRACE_LINES",

@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import _replies
-from ._errors import OptionError
-from ._link import Verdict
-from ._schema import Bool, Choice, Duration, Int, Invalid, Kind
+from .._errors import OptionError
+from .._schema import Bool, Choice, Duration, Int, Invalid, Kind
+from .._wire import replies as _replies
+from .link import Verdict
 
 if TYPE_CHECKING:
-    from ._capture import Packet
+    from .._packets.capture import Packet
 
 __all__ = ["HOWS", "Fault", "Outage", "PathMtu", "field_predicate"]
 
@@ -43,7 +43,7 @@ def field_predicate(fields: Mapping[str, Any], what: str) -> Callable[[Packet], 
     names raise ``TypeError`` naming the known ones; a bad address or flags ``ValueError``."""
     if not fields:
         return None
-    from ._match import packet_filter
+    from .._packets.match import packet_filter
 
     return packet_filter(fields=dict(fields), what=what)
 

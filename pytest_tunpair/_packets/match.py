@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from . import _fields
-from ._capture import DELIVERED, DIRECTIONS, Packet, trace
-from ._errors import PacketTimeout, UnexpectedPacket
+from .._errors import PacketTimeout, UnexpectedPacket
+from .._wire import headers as _fields
+from .capture import DELIVERED, DIRECTIONS, Packet, trace
 
 __all__ = [
     "Matcher",

@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ._capture import Counters, Packet
+from .._packets.capture import Counters, Packet
 
 if TYPE_CHECKING:
-    from ._impair import ImpairmentEngine
-    from ._relay import Hook, _HookWorker
+    from .impair import ImpairmentEngine
+    from .relay import Hook, _HookWorker
 
 __all__ = ["Divert", "Link", "Queue", "Rule", "Verdict"]
 

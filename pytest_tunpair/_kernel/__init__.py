@@ -1,0 +1,1 @@
+"""The kernel: namespaces, devices, routing, processes, sockets, timers."""

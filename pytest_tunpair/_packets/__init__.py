@@ -1,0 +1,1 @@
+"""Packets for assertions: the Packet record, the capture, matching, flows, pcap, plots."""

@@ -1,0 +1,1 @@
+"""The scripted peer: the test plays one side packet by packet."""

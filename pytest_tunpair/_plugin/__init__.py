@@ -1,0 +1,1 @@
+"""The pytest side's parts: options, stash keys, scopes, rootless threads, reports."""
