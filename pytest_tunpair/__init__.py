@@ -27,14 +27,16 @@ if TYPE_CHECKING:
         TunPairError,
         UnexpectedPacket,
     )
+    from ._factory import TunPairFactory
     from ._kernel.sockets import SocketInfo
+    from ._link.endpoint import Endpoint
     from ._link.gemodel import GilbertElliott
-    from ._link.relay import Hook
+    from ._link.hooks import Hook
     from ._options import PairOptions
     from ._packets.capture import Capture, GsoInfo, Packet
     from ._packets.flows import Flow
     from ._packets.match import PacketSource
-    from ._pair import Endpoint, TunPair, TunPairFactory
+    from ._pair import TunPair
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._wire.tcp import TcpOptions
 
@@ -62,10 +64,10 @@ _WHERE = {
     "PacketSource": "._packets.match",
     "SocketInfo": "._kernel.sockets",
     "PairOptions": "._options",
-    "Endpoint": "._pair",
+    "Endpoint": "._link.endpoint",
     "TunPair": "._pair",
-    "TunPairFactory": "._pair",
-    "Hook": "._link.relay",
+    "TunPairFactory": "._factory",
+    "Hook": "._link.hooks",
     "ScriptedPeer": "._peer.peer",
     "ScriptedTcp": "._peer.peer",
     "ScriptedUdp": "._peer.peer",

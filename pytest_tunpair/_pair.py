@@ -16,7 +16,7 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,34 +26,35 @@ from ._errors import (
     NamespaceError,
     OptionError,
     PairClosedError,
-    TunDeviceError,
     TunPairError,
 )
 from ._kernel import linux as _linux
 from ._kernel import routing as _routing
 from ._kernel.device import DeviceCounters, TunDevice
-from ._kernel.netns import NetNamespace, Visit
+from ._kernel.netns import NetNamespace
 from ._kernel.procs import Keeper
-from ._link.relay import Hook, Relay
+from ._link.control import Direction, DirectionState
+from ._link.counters import Stats
+from ._link.endpoint import Endpoint
+from ._link.hooks import Hook
+from ._link.relay import Relay
 from ._options import PairOptions
-from ._packets.capture import Capture, Packet, Stats
-from ._wire.validate import to_bytes, validate_frame
+from ._packets.capture import DIRECTIONS, Capture, Packet
 
 if TYPE_CHECKING:
     from ._kernel.sockets import SocketInfo
-    from ._link.impair import ImpairmentEngine, ImpairmentSpec
-    from ._link.queue import PacketQueue
+    from ._link.link import Rule
     from ._link.rules import Fault, Outage, PathMtu
     from ._peer.peer import ScriptedPeer
 
 T = TypeVar("T")
-# How often a draining teardown looks at what the relay still holds.
-_DRAIN_POLL = 0.002
+# How often settle() looks at the devices' queues once the relay holds nothing.
+_SETTLE_POLL = 0.002
 
-__all__ = ["Endpoint", "TunPair", "TunPairFactory"]
+__all__ = ["Checkpoint", "TunPair"]
 
 
-def _prepare_namespace(ns: NetNamespace) -> None:
+def prepare_namespace(ns: NetNamespace) -> None:
     """Per-namespace settings, done once, inside the namespace (never on the host)."""
     # Step 2 of the recipe removes the addresses from table local, which is also how the
     # kernel answers "is this address mine?" for bind(): without this a server cannot bind
@@ -71,70 +72,6 @@ def _prepare_namespace(ns: NetNamespace) -> None:
     _routing.link_up_lo()
 
 
-class Endpoint:
-    """One end of the pair (``tun_pair.a`` / ``tun_pair.b``)."""
-
-    def __init__(
-        self,
-        pair: TunPair,
-        device: TunDevice,
-        *,
-        ip: str | None,
-        ip6: str | None,
-        mtu: int,
-        mac: str | None,
-        side: str,
-    ) -> None:
-        self._pair = pair
-        self._device = device
-        self.name = device.name
-        """The device's name, e.g. ``"tun0"``."""
-        self.index = device.index
-        """The device's ifindex inside the pair's namespace."""
-        self.ip = ip
-        """This end's IPv4 address (``"198.18.0.1"`` for a), or ``None`` without IPv4."""
-        self.ip6 = ip6
-        """This end's IPv6 address (``"2001:2::1"`` for a), or ``None`` without IPv6."""
-        self.mtu = mtu
-        """The device's MTU."""
-        self.mac = mac
-        """The TAP device's MAC (``02:74:70:00:<pair>:01``/``:02``, the same on every run); ``None``
-        for TUN.
-        """
-        self._side = side  # "a" or "b": where Relay.write puts what inject() gets
-
-    @property
-    def mode(self) -> str:
-        """``"tun"`` or ``"tap"``."""
-        return self._device.mode
-
-    def inject(self, packet: Any) -> Packet:
-        """Write ``packet`` into this device: the kernel receives it on this interface.
-
-        Takes bytes or a scapy packet: an IPv4/IPv6 packet on TUN, an Ethernet frame on
-        TAP. Bad input raises ``TypeError``/``ValueError`` and writes nothing.
-        """
-        data = to_bytes(packet, what=f"{self.name}.inject()")
-        validate_frame(data, mode=self.mode, mtu=self.mtu)
-        relay = self._pair._relay
-        if relay is None or self._device.fd is None:
-            raise TunDeviceError(f"{self.name} is closed", device=self.name)
-        # The relay records the packet *before* writing it (in one critical section with the
-        # write): a write into the device runs the kernel's receive path in this thread, so
-        # the kernel's answer (an echo reply, or the ARP request it needs first on TAP) is
-        # queued, read and recorded by the relay before os.write() returns.
-        try:
-            return relay.write(self._side, data)
-        except OSError as exc:  # validated, but the device refused it (EIO while down)
-            raise TunDeviceError(
-                f"{self.name}: writing the injected packet failed: {exc}", device=self.name
-            ) from exc
-
-    def __repr__(self) -> str:
-        mac = f" mac={self.mac}" if self.mac else ""
-        return f"<Endpoint {self.name}{mac} ip={self.ip} ip6={self.ip6} mtu={self.mtu}>"
-
-
 class TunPair:
     """Two TUN (or TAP) devices in one network namespace, routed through a relay thread.
 
@@ -147,6 +84,8 @@ class TunPair:
         options: PairOptions | None = None,
         *,
         netns: NetNamespace | None = None,
+        _keeper: Keeper | None = None,
+        _random_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         if options is not None and kwargs:
@@ -168,6 +107,7 @@ class TunPair:
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
             pending=self._pending,
+            configured=self._configured,
         )
         """Every packet the relay carried, in order (a live :class:`Capture`)."""
         self._stats = Stats(self.packets.lock)
@@ -175,22 +115,18 @@ class TunPair:
         """Side a: the first device (``tun0``, ``198.18.0.1``)."""
         self.b: Endpoint
         """Side b: the second device (``tun1``, ``198.18.0.2``)."""
-        # Active impairments per direction: (spec with the seed in use, seed was random).
-        self._impairments: dict[str, tuple[ImpairmentSpec, bool]] = {}
-        self._random_seed: int | None = None  # a factory shares one across its pairs
+        # The two directions' control side (impairments, rules, offload need), by name.
+        self._directions: dict[str, Direction] = {}
+        self._random_seed = _random_seed  # a factory shares one across its pairs
         self._peers: list[ScriptedPeer] = []  # every peer scripted so far, open or closed
         self._device_counters: DeviceCounters | None = None
         self._device_drops: dict[str, int] = {}
-        # The engine last asked for per direction (the relay swaps asynchronously).
-        self._engines: dict[str, ImpairmentEngine | None] = {"a->b": None, "b->a": None}
-        self._keeper: Keeper | None = None  # the namespace owner's (ours, or the factory's)
+        # The namespace owner's: ours (made in open()), or the factory's.
+        self._keeper = _keeper
         self.test_start = 0
         """Sequence number (``Packet.seq``) of the first packet of the current test:
         ``packets.since(tun_pair.test_start)`` is the test's part. 0 for a pair made for one
         test; module and session pairs move it at the start of each test."""
-        # Scenario rules installed on the relay (outages, faults, the path MTU), in order.
-        self._rules: list[Outage | Fault | PathMtu] = []
-        self._path_mtu: PathMtu | None = None
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -200,7 +136,7 @@ class TunPair:
         try:
             if self._own_netns:
                 self._netns = NetNamespace().enter()
-                _prepare_namespace(self._netns)
+                prepare_namespace(self._netns)
                 self._keeper = Keeper(self._netns.stat())
             ns = self._netns
             assert ns is not None
@@ -242,12 +178,18 @@ class TunPair:
             for d in self._devices:
                 d.set_offload(o.offload)
             self._device_counters = DeviceCounters()  # opened here, inside the namespace
-            self.a = Endpoint(self, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
-            self.b = Endpoint(self, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
             self.packets.t0 = time.monotonic()
             self.packets.wall_t0 = time.time()
-            self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
-            self._relay.start()
+            relay = self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
+            self.a = Endpoint(relay, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
+            self.b = Endpoint(relay, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
+            self._directions = {
+                d: Direction(
+                    d, relay, tap=o.mode == "tap", vnet_len=dev_a.hdr_len, t0=self.packets.t0
+                )
+                for d in DIRECTIONS
+            }
+            relay.start()
         except BaseException:
             self._teardown()
             raise
@@ -272,7 +214,7 @@ class TunPair:
     def _teardown(self, *, drain: bool = False) -> list[BaseException]:
         errors: list[BaseException] = []
         if drain and self._relay is not None:
-            self._drain(self.options.drain)
+            self._settle(self.options.drain)
         leftover: list[BaseException] = []
         if self._own_netns and self._keeper is not None:
             try:
@@ -299,16 +241,22 @@ class TunPair:
             self._netns.exit()
         return errors + leftover
 
-    def _drain(self, timeout: float) -> bool:
-        """Wait (up to ``timeout`` s) while the relay runs until no packet is on its way:
-        the peers get the FINs of connections closed just before teardown. True if it
-        emptied."""
+    def settle(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until no packet is on its way: nothing held in the
+        relay and nothing waiting in a device's queue. Teardown does this for the ``drain``
+        option's seconds, so the peers get the FINs of connections closed just before it.
+        True if the wire emptied (at once if the pair is closed)."""
+        if self._closed:
+            return True
+        return self._settle(timeout)
+
+    def _settle(self, timeout: float) -> bool:
         relay = self._relay
         if relay is None:
             return True
         deadline = time.monotonic() + timeout
         while True:
-            if not relay.drain(max(0.0, deadline - time.monotonic())):
+            if not relay.wait_idle(max(0.0, deadline - time.monotonic())):
                 return False
             # The relay holds nothing; a packet may still wait in a device's queue, where a
             # socket closed just before has put its FIN without the relay having looked yet
@@ -318,7 +266,7 @@ class TunPair:
                 return not self._device_queued()
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(_DRAIN_POLL)
+            time.sleep(_SETTLE_POLL)
 
     def _device_queued(self) -> bool:
         poller = select.poll()
@@ -369,55 +317,31 @@ class TunPair:
     def _run_inside(self, fn: Callable[[], T]) -> T:
         """``fn()`` with the calling thread inside the pair's namespace: here if it is in
         already, else on a short-lived thread that joins it (what it forks starts there)."""
-        return _run_in(self._netns, fn)
+        return run_in(self._netns, fn)
 
     # -- one test of a longer-lived pair --------------------------------------------------------
-    def _checkpoint(self) -> _Checkpoint:
-        relay = self._require_relay()
-        return _Checkpoint(
+    def checkpoint(self) -> Checkpoint:
+        """Remember where the capture is and what is on the wire (hooks, rules,
+        impairments): :meth:`restore` undoes what was added after. Module and session pairs
+        take one at the start of each test."""
+        self._require_relay()
+        return Checkpoint(
             start=self.packets.mark(),
-            hooks=set(relay.hooks("a->b")) | set(relay.hooks("b->a")),
-            rules={d: relay.rules(d) for d in ("a->b", "b->a")},
-            engines=dict(self._engines),
-            impairments=dict(self._impairments),
+            directions={d: direction.checkpoint() for d, direction in self._directions.items()},
             stats=self.stats,
         )
 
-    def _restore(self, cp: _Checkpoint) -> None:
+    def restore(self, cp: Checkpoint) -> None:
         """Remove the hooks, rules and impairments added since ``cp``; put back those it
-        had."""
-        relay = self._require_relay()
-        for hook in (set(relay.hooks("a->b")) | set(relay.hooks("b->a"))) - cp.hooks:
+        had. (A queue comes back fresh, from its settings: what the old one held was
+        delivered.)"""
+        self._require_relay()
+        kept = {hook for state in cp.directions.values() for hook in state.hooks}
+        for hook in {h for d in self._directions.values() for h in d.hooks} - kept:
             self.remove_hook(hook)
-        for d in ("a->b", "b->a"):
-            for rule in relay.rules(d):
-                if rule not in cp.rules.get(d, ()):
-                    relay.remove_rule(d, rule)
-        # The scenario handles of the rules taken off (outages, faults, the path MTU).
-        kept = set(relay.rules("a->b")) | set(relay.rules("b->a"))
-        self._rules = [rule for rule in self._rules if rule in kept]
-        if self._path_mtu is not None and self._path_mtu not in kept:
-            self._path_mtu = None
-        for d, engine in cp.engines.items():
-            if self._engines[d] is not engine:
-                self._engines[d] = engine
-                relay.set_engine(d, engine)
-        for d in ("a->b", "b->a"):
-            before = cp.impairments.get(d)
-            if self._impairments.get(d) != before:
-                # A fresh queue from the checkpoint's settings: one that was swapped out has
-                # been run to its end (it served what it held) and cannot be put back.
-                queue = None
-                now = time.monotonic()
-                if before is not None:
-                    spec = before[0]
-                    assert spec.seed is not None
-                    queue = self._queue(spec, spec.seed * 2 + (d == "b->a"), now)
-                    self._set_configured(d, spec, now)
-                else:
-                    self.packets.configured.pop(d, None)
-                relay.set_queue(d, queue)
-        self._impairments = dict(cp.impairments)
+        for d, direction in self._directions.items():
+            state = cp.directions.get(d)
+            direction.restore(state if state is not None else _NOTHING)
         self._update_offload()
 
     def __enter__(self) -> TunPair:
@@ -486,7 +410,7 @@ class TunPair:
         if self.options.seed is not None:
             return self.options.seed
         if self._random_seed is None:
-            self._random_seed = _random_seed()
+            self._random_seed = new_seed()
         return self._random_seed
 
     def sockets(self, proto: str = "tcp") -> list[SocketInfo]:
@@ -590,77 +514,20 @@ class TunPair:
         """
         from dataclasses import replace
 
-        from ._link.impair import ImpairmentEngine, ImpairmentSpec
+        from ._link.impair import ImpairmentSpec
 
         _check_direction(direction, "impair")
-        relay = self._require_relay()
+        self._require_relay()
         # Everything is checked before anything changes: a bad value leaves the pair as it was.
         parsed = ImpairmentSpec.from_kwargs(**params)
         random_seed = parsed.seed is None and self.options.seed is None
-        used = parsed.seed if parsed.seed is not None else self.seed
+        spec = replace(parsed, seed=parsed.seed if parsed.seed is not None else self.seed)
+        # Offload off before the new engines see a packet; back on after if none needs it.
+        self._update_offload(busy=spec.active and spec.needs_segments)
+        start = time.monotonic()  # a trace's millisecond 0, for the queue and the plot
         for d in _directions(direction):
-            if parsed.active:
-                self._impairments[d] = (replace(parsed, seed=used), random_seed)
-            else:
-                self._impairments.pop(d, None)
-        # The trace's millisecond 0, for the queue's server and for the plot's line.
-        start = time.monotonic()
-        for d in _directions(direction):
-            self._set_configured(d, parsed, start)
-        self._update_offload()  # off before the engines see a packet, back on after
-        tap = self.options.mode == "tap"
-        for d in _directions(direction):
-            # Each direction draws from its own stream (2s for a->b, 2s+1 for b->a), so one
-            # direction's traffic never shifts the other's decisions, and both replay.
-            stream = used * 2 + (d == "b->a")
-            engine = None
-            if parsed.active and parsed.needs_engine:
-                engine = ImpairmentEngine(parsed, stream, tap=tap)
-            self._engines[d] = engine
-            relay.set_engine(d, engine)
-            relay.set_queue(d, self._queue(parsed, stream, start) if parsed.active else None)
-
-    def _set_configured(self, direction: str, spec: ImpairmentSpec, start: float) -> None:
-        """What ``packets.plot()`` draws as the configured link of ``direction``."""
-        from .traces import TraceServer
-
-        configured = self.packets.configured
-        if spec.trace is not None:
-            # A server of its own (pure, in the capture's time), never the queue's.
-            rel = start - self.packets.t0
-            configured[direction] = TraceServer(spec.trace, rel, repeat=spec.trace_repeat)
-        elif spec.rate is not None:
-            configured[direction] = spec.rate
-        else:
-            configured.pop(direction, None)
-
-    def _queue(self, spec: ImpairmentSpec, stream: int, start: float) -> PacketQueue | None:
-        """The bottleneck of one direction (``None`` if ``spec`` holds no packet).
-
-        ``start`` is when a trace's millisecond 0 is (``time.monotonic()``)."""
-        from ._link.queue import LinkQueue, PacketQueue, RateServer, Server
-
-        if not spec.needs_queue:
-            return None
-        hdr = self._devices[0].hdr_len
-        server: Server | None = None
-        if spec.trace is not None:
-            from .traces import TraceServer
-
-            server = TraceServer(spec.trace, start, repeat=spec.trace_repeat)
-        elif spec.rate is not None:
-            server = RateServer(spec.rate)
-        # PIE's draws come from a stream of their own (a string seed: hashed, not the int
-        # the engine uses), so they never echo the engine's loss draws.
-        queue = LinkQueue(
-            spec.queue_spec(),
-            server,
-            offset=hdr,
-            tap=self.options.mode == "tap",
-            delay=spec.delay,
-            seed=f"queue-{stream}",
-        )
-        return PacketQueue(queue, hdr)
+            self._directions[d].impair(spec, random_seed=random_seed, start=start)
+        self._update_offload()
 
     def script(self, side: str = "b") -> ScriptedPeer:
         """Play side ``"a"`` or ``"b"`` from the test: a :class:`ScriptedPeer`.
@@ -714,11 +581,11 @@ class TunPair:
         self._prune_rules()
         span = None if duration is None else check_duration("duration", duration, "outage()")
         delay = check_duration("after", after, "outage()")
-        relay = self._require_relay()
+        self._require_relay()
         start = time.monotonic() - self.packets.t0 + delay
         end = math.inf if span is None else start + span
         outage = Outage(start, end, _directions(direction), self.packets.t0, self._drop_rule)
-        self._add_rule(relay, outage, _directions(direction))
+        self._add_rule(outage, _directions(direction))
         return outage
 
     def fail(
@@ -755,7 +622,7 @@ class TunPair:
         times, how = check_fail(times, how)
         self._prune_rules()
         predicate = field_predicate(fields, "fail")
-        relay = self._require_relay()
+        self._require_relay()
         what = " ".join(
             [getattr(match, "__qualname__", repr(match))] if match is not None else []
         ) + "".join(f" {k}={v!r}" for k, v in fields.items())
@@ -769,7 +636,7 @@ class TunPair:
             what=what.strip() or "every packet",
             on_remove=self._drop_rule,
         )
-        self._add_rule(relay, fault, dirs)
+        self._add_rule(fault, dirs)
         return fault
 
     def path_mtu(
@@ -783,72 +650,72 @@ class TunPair:
         the sender, so the kernel's path-MTU discovery shrinks what it sends;
         ``icmp=False`` is a PMTU black hole. IPv4 packets without DF are fragmented to fit
         (the original recorded ``"fragmented"``, the fragments go on). IPv6 needs ``mtu >=
-        1280`` (RFC 8200). A new call replaces the previous path MTU. Offload is off while
-        it is set.
+        1280`` (RFC 8200). A new call replaces the path MTU of the direction(s) it names.
+        Offload is off while it is set.
         """
         from ._link.rules import PathMtu, check_mtu
 
         _check_direction(direction, "path_mtu")
-        relay = self._require_relay()
+        self._require_relay()
         self._prune_rules()
-        old = self._path_mtu
-        if mtu is None:
+        dirs = _directions(direction)
+        if mtu is not None:
+            size, icmp = check_mtu(mtu, icmp)
+        for d in dirs:
+            old = self._directions[d].of_type(PathMtu)
             if old is not None:
-                self._drop_rule(old)
+                self._drop_rule(old, (d,))
+                # It stays on a direction this call does not name.
+                old.directions = tuple(x for x in old.directions if x != d)
+        if mtu is None:
             return None
-        size, icmp = check_mtu(mtu, icmp)
-        rule = PathMtu(size, icmp=icmp, directions=_directions(direction))
-        self._add_rule(relay, rule, rule.directions)
-        self._path_mtu = rule
-        if old is not None:
-            self._drop_rule(old)
+        rule = PathMtu(size, icmp=icmp, directions=dirs)
+        self._add_rule(rule, dirs)
         return rule
 
-    def _add_rule(
-        self, relay: Relay, rule: Outage | Fault | PathMtu, dirs: tuple[str, ...]
-    ) -> None:
+    def _add_rule(self, rule: Rule, dirs: tuple[str, ...]) -> None:
         self._update_offload(busy=True)  # wire-sized packets before the rule sees one
         for d in dirs:
-            relay.add_rule(d, rule)
-        self._rules.append(rule)
+            self._directions[d].add_rule(rule)
 
-    def _drop_rule(self, rule: Outage | Fault | PathMtu) -> None:
-        """Take ``rule`` off the link (the handles' ``end()``/``remove()``, ``path_mtu(None)``)."""
-        if rule in self._rules:
-            self._rules.remove(rule)
-        if rule is self._path_mtu:
-            self._path_mtu = None
+    def _drop_rule(self, rule: Rule, dirs: tuple[str, ...] = DIRECTIONS) -> None:
+        """Take ``rule`` off ``dirs`` (the handles' ``end()``/``remove()``,
+        ``path_mtu(None)``)."""
         if self._relay is None or self._closed:
             return
-        for d in ("a->b", "b->a"):
-            self._relay.remove_rule(d, rule)
+        for d in dirs:
+            self._directions[d].remove_rule(rule)
         self._update_offload()
 
     def _prune_rules(self) -> None:
         """Take spent faults and past outages off the link: they pass everything now, and
         offload can come back on."""
         now = time.monotonic()
-        for rule in list(self._rules):
-            if not rule.in_force(now):
-                self._drop_rule(rule)
+        pruned = False
+        for direction in self._directions.values():
+            for rule in direction.spent_rules(now):
+                pruned |= direction.remove_rule(rule)
+        if pruned:
+            self._update_offload()
 
     def _update_offload(self, busy: bool = False) -> None:
-        relay = self._require_relay()
-        # needs_segments() covers an active peer (its divert function is set).
-        # Delay, jitter, rate and the queue work on GSO super-packets by their wire length
-        # (that is how an impaired link reaches gigabit rates); the other impairments act
-        # on packets as a real wire carries them.
-        busy = (
-            busy
-            or relay.needs_segments()
-            or any(spec.needs_segments for spec, _ in self._impairments.values())
-        )
-        for d in self._devices:
-            d.set_offload(self.options.offload and not busy)
+        """Offload on the devices unless something needs wire-sized packets (``busy``: about
+        to). Delay, jitter, rate and the queue work on GSO super-packets by their wire
+        length (that is how an impaired link reaches gigabit rates); hooks, rules, a
+        scripted peer and the lossy impairments act on packets as a real wire carries them."""
+        self._require_relay()
+        busy = busy or any(d.needs_segments for d in self._directions.values())
+        for dev in self._devices:
+            dev.set_offload(self.options.offload and not busy)
 
     def _pending(self) -> int:
         relay = self._relay
         return 0 if relay is None or self._closed else relay.pending()
+
+    def _configured(self, direction: str) -> Any:
+        """What ``packets.plot()`` draws as ``direction``'s configured link."""
+        d = self._directions.get(direction)
+        return None if d is None else d.configured
 
     def _require_relay(self) -> Relay:
         if self._relay is None or self._closed:
@@ -867,23 +734,13 @@ class TunPair:
             f"{self.b.name}={self.b.ip or ''}{'/' + self.b.ip6 if self.b.ip6 else ''}",
         ]
         lines = [f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"]
-        for d in ("a->b", "b->a"):
-            if d in self._impairments:
-                spec, random_seed = self._impairments[d]
-                line = f"impair {d}: {spec.describe()}"
-                if random_seed:
-                    assert spec.seed is not None
-                    how = f"; {replay(spec.seed)}" if replay is not None else ""
-                    line += f" (picked at random{how})"
-                lines.append(line)
-        if self._relay is not None:
-            for d in ("a->b", "b->a"):
-                hooks = self._relay.hooks(d)
-                if hooks:
-                    lines.append(f"hooks {d}: {', '.join(map(str, hooks))}")
+        for direction in self._directions.values():
+            lines.extend(direction.describe(replay))
         lines.extend(peer.describe() for peer in self._peers)
         now = time.monotonic()
-        lines.extend(rule.describe() for rule in self._rules if rule.in_force(now))
+        # A rule on both directions is one handle: listed once, in the order added.
+        rules = {id(r): r for d in self._directions.values() for r in d.rules}
+        lines.extend(r.describe() for r in rules.values() if r.in_force(now))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -892,18 +749,23 @@ class TunPair:
 
 
 @dataclass(frozen=True)
-class _Checkpoint:
-    """A pair's state at the start of one test (module and session pairs)."""
+class Checkpoint:
+    """What :meth:`TunPair.checkpoint` remembered: where the capture was, each direction's
+    hooks, rules and impairments, and the stats then."""
 
+    #: ``Packet.seq`` of the first packet after it.
     start: int
-    hooks: set[Hook]
-    rules: dict[str, tuple[Any, ...]]
-    engines: dict[str, ImpairmentEngine | None]
-    impairments: dict[str, tuple[ImpairmentSpec, bool]]
+    #: Each direction's state, by name.
+    directions: dict[str, DirectionState]
+    #: ``TunPair.stats`` then.
     stats: dict[str, dict[str, int]]
 
 
-def _run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
+# A direction as a pair made during a test had it before: nothing on it.
+_NOTHING = DirectionState(hooks=(), rules=(), spec=None, random_seed=False, engine=None)
+
+
+def run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
     """``fn()`` with the calling thread inside ``ns``: here if it is in already, else on a
     short-lived thread that joins it (so what ``fn`` forks starts in the namespace)."""
     if ns is None or not ns.active:
@@ -922,7 +784,7 @@ def _run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
     return run_in_disposable_thread(joined, name="tunpair-spawn")
 
 
-def _random_seed() -> int:
+def new_seed() -> int:
     # Not the `random` module: a test that seeds it must not make every run's seed equal.
     return secrets.randbelow(2**31)
 
@@ -939,188 +801,3 @@ def _check_direction(direction: str | None, what: str) -> None:
 
 def _directions(direction: str | None) -> tuple[str, ...]:
     return ("a->b", "b->a") if direction is None else (direction,)
-
-
-@dataclass(frozen=True)
-class FactoryCheckpoint:
-    """What :meth:`TunPairFactory.begin` remembered for one test."""
-
-    pairs: dict[int, _Checkpoint]
-    processes: set[tuple[int, int]]
-    spawned: int
-
-
-class TunPairFactory:
-    """Makes pairs in one namespace (``tun_pair_factory``); tears all down in reverse order.
-
-    ``open()`` moves the calling thread into a fresh namespace; ``close()`` brings it back.
-    """
-
-    def __init__(
-        self,
-        defaults: Mapping[str, Any] | None = None,
-        *,
-        source: str = "tun_pair_factory",
-        leftovers: str = "warn",
-    ) -> None:
-        self.defaults = dict(defaults or {})
-        """Options every pair of this factory starts from (a call's own options win)."""
-        self.source = source
-        """How option errors name the caller, e.g. ``"tun_pair_factory"``."""
-        self.pairs: list[TunPair] = []
-        """The pairs made so far, oldest first."""
-        self.netns: NetNamespace | None = None
-        """The namespace all its pairs share (``None`` until the first pair or :meth:`open`)."""
-        self.keeper: Keeper | None = None
-        """Spawns and stops the processes of the namespace (``leftovers``: the policy for
-        processes not started by ``spawn``: ``kill``, ``warn`` or ``fail``)."""
-        self.leftovers = leftovers
-        """What teardown does with processes ``spawn`` did not start: ``kill``, ``warn`` or ``fail``."""
-        self.random_seed = _random_seed()
-        """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
-        self._thread = threading.get_ident()
-
-    def open(self) -> TunPairFactory:
-        """Move the calling thread into a fresh namespace for the pairs (the first call does)."""
-        ns = NetNamespace().enter()
-        try:
-            _prepare_namespace(ns)
-            self.keeper = Keeper(ns.stat(), leftovers=self.leftovers)
-        except BaseException:
-            ns.exit()
-            raise
-        self.netns = ns
-        return self
-
-    # -- a namespace that outlives one test (module and session pairs) ------------------------
-    def detach(self) -> Visit:
-        """Let the namespace outlive the calling thread's stay: :meth:`open` moved this
-        thread in, the returned visit's ``leave()`` takes it back, and :meth:`join` lets
-        threads in again. :meth:`close` then works from any thread."""
-        if self.netns is None:
-            raise NamespaceError("the factory has no namespace yet")
-        return self.netns.detach()
-
-    def join(self) -> Visit:
-        """Move the calling thread into the namespace (after :meth:`detach`)."""
-        if self.netns is None or not self.netns.active:
-            raise NamespaceError("the factory's namespace is closed")
-        return self.netns.join()
-
-    def begin(self) -> FactoryCheckpoint:
-        """Start one test: remember each pair's hooks, rules, impairments and where its
-        capture is, and who runs in the namespace; :meth:`end` undoes what the test added."""
-        for pair in self.pairs:
-            pair.test_start = pair.packets.mark()
-        assert self.keeper is not None
-        return FactoryCheckpoint(
-            {id(pair): pair._checkpoint() for pair in self.pairs},
-            self.keeper.snapshot(),
-            len(self.keeper.spawned),
-        )
-
-    def end(self, cp: FactoryCheckpoint) -> None:
-        """End the test ``cp`` began: deliver what the relays hold (each pair's ``drain``),
-        stop what it spawned (with their descendants), remove its hooks, rules and
-        impairments, and stop the other processes it left running (by the leftover policy:
-        may raise :class:`LeftoverProcessError`)."""
-        for pair in self.pairs:
-            pair._drain(pair.options.drain)
-        if self.keeper is not None and len(self.keeper.spawned) > cp.spawned:
-            self.keeper.stop_family(self.keeper.spawned[cp.spawned :])
-        for pair in self.pairs:
-            pair_cp = cp.pairs.get(id(pair))
-            if pair_cp is not None:
-                pair._restore(pair_cp)
-            else:  # made during the test: goes back to nothing
-                pair._restore(_Checkpoint(0, set(), {}, {"a->b": None, "b->a": None}, {}, {}))
-        if self.keeper is not None:
-            self.keeper.stop_leftovers(since=cp.processes)
-
-    def slices(
-        self, cp: FactoryCheckpoint | None
-    ) -> list[tuple[TunPair, int, dict[str, dict[str, int]]]]:
-        """Each pair with where the test ``cp`` began: (pair, first seq, stats then)."""
-        out: list[tuple[TunPair, int, dict[str, dict[str, int]]]] = []
-        for pair in self.pairs:
-            pair_cp = None if cp is None else cp.pairs.get(id(pair))
-            if pair_cp is None:
-                out.append((pair, 0, {}))
-            else:
-                out.append((pair, pair_cp.start, pair_cp.stats))
-        return out
-
-    def __call__(self, **options: Any) -> TunPair:
-        return self.make(options, source=self.source)
-
-    def make(self, options: Mapping[str, Any], *, source: str) -> TunPair:
-        """``factory(**options)``, with the name option errors give the caller (``source``)."""
-        if self.netns is None:
-            self.open()
-        index = len(self.pairs)
-        opts = PairOptions.from_kwargs({**self.defaults, **options}, source=source, index=index)
-        pair = TunPair(opts, netns=self.netns)
-        pair._keeper = self.keeper
-        # One random seed per factory (per test): replaying it with --tunpair-seed then
-        # reproduces every pair of the test, not just one.
-        pair._random_seed = self.random_seed
-        pair.open(_index=index)
-        self.pairs.append(pair)
-        return pair
-
-    @property
-    def netns_path(self) -> str:
-        """``nsenter --net=PATH`` enters the pairs' namespace from another shell."""
-        if self.netns is None:
-            raise NamespaceError("the factory has no namespace yet")
-        return self.netns.path
-
-    def spawn(
-        self,
-        args: Sequence[str] | str,
-        *,
-        ready: object = None,
-        timeout: float = 10.0,
-        **popen_kwargs: Any,
-    ) -> subprocess.Popen[Any]:
-        """:meth:`TunPair.spawn` into the factory's namespace (shared by all its pairs)."""
-        if self.netns is None:
-            self.open()
-        assert self.keeper is not None
-        return self.keeper.spawn(
-            args, ready=ready, timeout=timeout, run_inside=self._run_inside, **popen_kwargs
-        )
-
-    def _run_inside(self, fn: Callable[[], T]) -> T:
-        return _run_in(self.netns, fn)
-
-    def close(self) -> None:
-        """Deliver what the relays hold (each pair's ``drain``), stop the processes in the
-        namespace, close every pair (newest first) and leave the namespace; then raise the
-        first error any relay or hook hit, or a :class:`LeftoverProcessError`."""
-        errors: list[BaseException] = []
-        leftover: list[BaseException] = []
-        for pair in self.pairs:
-            if not pair._closed:
-                pair._drain(pair.options.drain)
-        if self.keeper is not None:
-            try:
-                self.keeper.close()
-            except LeftoverProcessError as exc:
-                leftover.append(exc)
-        for pair in reversed(self.pairs):
-            try:
-                pair.close(drain=False)
-            except BaseException as exc:
-                errors.append(exc)
-        if self.netns is not None and self.netns.active:
-            self.netns.exit()
-        errors += leftover
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> TunPairFactory:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

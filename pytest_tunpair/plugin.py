@@ -13,9 +13,10 @@ from ._errors import OptionError
 from ._plugin import report as _report
 
 if TYPE_CHECKING:
+    from ._factory import FactoryCheckpoint, TunPairFactory
     from ._kernel.netns import Visit
     from ._kernel.userns import Status
-    from ._pair import FactoryCheckpoint, TunPair, TunPairFactory
+    from ._pair import TunPair
 
 SKIP_REASON = (
     "tunnel fixtures are off: run pytest with --tunpair "
@@ -189,7 +190,7 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
         pytest.skip(SKIP_REASON)
     _refuse_mixing(request.node)
     _refuse_stranding(request, "tun_pair_factory")
-    from ._pair import TunPairFactory
+    from ._factory import TunPairFactory
 
     seed = request.config.stash[_SEED]
     defaults = {} if seed is None else {"seed": seed}
@@ -313,7 +314,7 @@ def _scoped_factory(
         pytest.skip(SKIP_REASON)
     name = f"tun_pair_factory_{scope}"
     _refuse_stranding(request, name)
-    from ._pair import TunPairFactory
+    from ._factory import TunPairFactory
 
     seed = config.stash[_SEED]
     factory = TunPairFactory(

@@ -20,11 +20,13 @@ import pytest
 from pytest_tunpair._errors import HookError
 from pytest_tunpair._kernel.timer import Timer
 from pytest_tunpair._link import relay as _relay
+from pytest_tunpair._link.control import Direction
+from pytest_tunpair._link.counters import Stats
 from pytest_tunpair._link.impair import ImpairmentEngine, ImpairmentSpec
 from pytest_tunpair._link.link import Verdict
 from pytest_tunpair._link.queue import LinkQueue, PacketQueue, QueueSpec, RateServer
 from pytest_tunpair._link.relay import Hook, Relay
-from pytest_tunpair._packets.capture import Capture, Packet, Stats
+from pytest_tunpair._packets.capture import Capture, Packet
 
 WAIT = 5.0
 
@@ -204,7 +206,7 @@ def test_removing_a_hook_never_lets_later_packets_overtake(rig: Rig) -> None:
     assert rig.b.nothing_more()  # the later packets wait behind the earlier ones
     gate.set()
     assert [number(rig.b.recv()) for _ in range(20)] == list(range(20))
-    assert rig.relay.drain(WAIT)
+    assert rig.relay.wait_idle(WAIT)
 
 
 def test_a_hook_error_names_the_number_the_packet_gets(rig: Rig) -> None:
@@ -243,7 +245,7 @@ def test_back_pressure_pauses_the_device_not_the_other_direction(
     assert rig.relay.pending() == 8  # the relay stopped reading a: 22 wait in the device
     gate.set()
     assert [number(rig.b.recv()) for _ in range(30)] == list(range(30))
-    assert rig.relay.drain(WAIT)
+    assert rig.relay.wait_idle(WAIT)
 
 
 # -- rules and divert --------------------------------------------------------------------------
@@ -260,12 +262,18 @@ class DropOdd:
             return Verdict("blocked", (self.reply,) if self.reply else ())
         return None
 
+    def in_force(self, now: float) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "drop odd"
+
 
 def test_a_rule_drops_packets(rig: Rig) -> None:
     rule = DropOdd()
     rig.relay.add_rule("a->b", rule)
     assert rig.relay.rules("a->b") == (rule,)
-    assert rig.relay.needs_segments()
+    assert rig.relay.link_needs_segments("a->b")
     for i in range(6):
         rig.a.send(numbered(i))
     assert [number(rig.b.recv()) for _ in range(3)] == [0, 2, 4]
@@ -334,7 +342,7 @@ def test_divert_takes_packets_before_the_hooks(rig: Rig) -> None:
     for i in (1, 100, 2, 101):
         rig.a.send(numbered(i))
     assert [number(rig.b.recv()) for _ in range(2)] == [1, 2]
-    assert rig.relay.drain(WAIT)
+    assert rig.relay.wait_idle(WAIT)
     assert taken == [100, 101] and hooked == [1, 2]
     scripted = [number(p.data) for p in rig.capture if p.action == "scripted"]
     assert scripted == [100, 101]
@@ -344,7 +352,7 @@ def test_divert_takes_packets_before_the_hooks(rig: Rig) -> None:
     assert number(rig.b.recv()) == 102
 
 
-# -- timers, pending, drain --------------------------------------------------------------------
+# -- timers, pending, wait_idle --------------------------------------------------------------------
 
 
 def engine(**spec: Any) -> ImpairmentEngine:
@@ -405,20 +413,20 @@ def test_timer_wakes_poll_at_a_sub_millisecond_deadline() -> None:
         timer.close()
 
 
-def test_pending_and_drain_follow_delayed_packets(rig: Rig) -> None:
+def test_pending_and_wait_idle_follow_delayed_packets(rig: Rig) -> None:
     rig.relay.set_engine("a->b", engine(delay=0.05))
     for i in range(5):
         rig.a.send(numbered(i))
     wait_until(lambda: rig.relay.pending() == 5)
     assert len(rig.capture) == 0  # not written yet, so not recorded yet
-    assert rig.relay.drain(WAIT)
+    assert rig.relay.wait_idle(WAIT)
     assert rig.relay.pending() == 0
     assert [number(rig.b.recv()) for _ in range(5)] == list(range(5))
     assert all(0.05 <= p.sojourn < 1.0 for p in rig.capture)
     rig.relay.set_engine("a->b", engine(delay=30.0))
     rig.a.send(numbered(9))
     wait_until(lambda: rig.relay.pending() == 1)
-    assert not rig.relay.drain(0.05)
+    assert not rig.relay.wait_idle(0.05)
 
 
 def test_switching_the_engine_off_releases_a_held_packet(rig: Rig) -> None:
@@ -451,3 +459,43 @@ def test_in_flight_packets_at_stop_are_recorded_dropped() -> None:
         "queue_peak": 0,
     }
     assert not r.errors()
+
+
+# -- the control side: one Direction per direction ----------------------------------------------
+
+
+def _direction(rig: Rig, name: str = "a->b") -> Direction:
+    return Direction(name, rig.relay, tap=False, vnet_len=0, t0=rig.capture.t0)
+
+
+def test_a_direction_owns_its_impairment_and_what_the_plot_draws(rig: Rig) -> None:
+    d = _direction(rig)
+    assert d.spec is None and d.configured is None and not d.needs_segments
+    d.impair(ImpairmentSpec(loss=1.0, seed=7), random_seed=True, start=time.monotonic())
+    assert d.needs_segments and d.stream == 14  # a->b draws from 2 * seed
+    assert "impair a->b: loss=100% seed=7 (picked at random" in d.describe()[0]
+    rig.a.send(numbered(1))
+    wait_until(lambda: len(rig.capture) == 1)
+    assert rig.capture[0].action == "lost" and rig.b.nothing_more()
+    d.impair(ImpairmentSpec(rate=8_000_000, seed=7), random_seed=False, start=time.monotonic())
+    assert d.configured == 8_000_000 and not d.needs_segments and d.engine is None
+    d.impair(ImpairmentSpec(seed=7), random_seed=True, start=time.monotonic())  # inactive
+    assert d.spec is None and d.configured is None and not d.random_seed
+    rig.a.send(numbered(2))
+    assert number(rig.b.recv()) == 2
+
+
+def test_a_direction_restores_what_a_checkpoint_remembered(rig: Rig) -> None:
+    d = _direction(rig, "b->a")
+    d.impair(ImpairmentSpec(loss=1.0, seed=3), random_seed=False, start=time.monotonic())
+    state = d.checkpoint()
+    rule = DropOdd()
+    d.add_rule(rule)
+    d.impair(None, random_seed=False, start=time.monotonic())
+    assert d.rules == (rule,) and d.spec is None
+    d.restore(state)
+    assert d.rules == () and d.spec is not None and d.spec.loss == 1.0
+    rig.b.send(numbered(2))
+    wait_until(lambda: len(rig.capture) == 1)
+    assert rig.capture[0].action == "lost"  # the restored engine runs, not the removed rule
+    assert d.spent_rules(time.monotonic()) == []

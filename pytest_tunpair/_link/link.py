@@ -24,11 +24,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .._packets.capture import Counters, Packet
+from .._packets.capture import Packet
+from .counters import Counters
 
 if TYPE_CHECKING:
+    from .hooks import Hook, HookWorker
     from .impair import ImpairmentEngine
-    from .relay import Hook, _HookWorker
 
 __all__ = ["Divert", "Link", "Queue", "Rule", "Verdict"]
 
@@ -58,6 +59,15 @@ class Rule(Protocol):
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
         """``None`` lets the packet pass; a :class:`Verdict` takes it off the link."""
+        ...
+
+    def in_force(self, now: float) -> bool:
+        """False once the rule passes every packet from ``now`` on (a used-up fault, an
+        outage that has ended): the pair then takes it off the link."""
+        ...
+
+    def describe(self) -> str:
+        """One line for failure reports."""
         ...
 
 
@@ -141,7 +151,7 @@ class Link:
         self.divert: Divert | None = None
         self.engine: ImpairmentEngine | None = None
         self.queue: Queue | None = None
-        self.worker: _HookWorker | None = None
+        self.worker: HookWorker | None = None
         #: Packets handed to the hook worker and not handed back yet.
         self.backlog = 0
         #: The relay stopped polling ``src`` (the backlog reached ``MAX_BACKLOG``).

@@ -8,7 +8,7 @@ holding everything it owns; the loop's one timeout is the earliest of the links'
 deadlines, waited for with a timerfd (``_timer``) so that sub-millisecond delays are kept.
 
 Fast path (nothing configured on that direction): read a batch, then record and write it
-in one critical section (see ``_drain``). It always runs in the relay thread.
+in one critical section (see ``_service``). It always runs in the relay thread.
 
 Slow path, per packet, in the stages of ``_link``: divert, hooks, rules, engine, queue,
 timers. What is ready goes out at the end of a burst, recorded and written under one lock
@@ -24,7 +24,7 @@ timers. What is ready goes out at the end of a burst, recorded and written under
   backlog, every packet of it goes through the worker (hooked or not) so that removing a
   hook never lets later packets overtake earlier ones.
 * **impairments** (``_impair.ImpairmentEngine``, pure logic, owned by the relay thread) run
-  after the hooks and rules; then the link's **queue** (``_queue.PacketQueue``: the bound,
+  after the hooks and rules; then the link's **queue** (``queue.PacketQueue``: the bound,
   the discipline, ``rate`` and the propagation delay) holds what it must. Packets wait in
   the queue or on their link's timer heap: nothing ever sleeps, so a delay on one
   direction never holds up the other.
@@ -40,14 +40,14 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import HookError
 from .._kernel import linux as _linux
 from .._kernel.timer import Timer, set_timer_slack
-from .._packets.capture import Capture, Packet, Stats
-from .._wire.validate import is_scapy_packet
+from .._packets.capture import Capture, Packet
+from .counters import Stats
+from .hooks import Hook, HookFailure, HookWorker, Result
 from .link import Divert, Link, Queue, Rule
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ __all__ = ["Hook", "Relay"]
 # and under glibc's 128 KiB mmap threshold (docs/internals.md, "Read size: under glibc's mmap
 # threshold": 256 KiB reads mmap a buffer on every call from a non-main thread: 10x slower).
 READ_SIZE = 65536 + 256
-# Packets drained from one device before looking at the other: fairness between directions.
+# Packets read from one device before looking at the other: fairness between directions.
 BURST = 64
 # Packets a direction's hook worker may have queued before the relay stops reading that
 # device (the kernel's own queue then holds, and beyond txqueuelen drops, as a link would).
@@ -115,173 +115,6 @@ def _merge(hook_action: str, engine_action: str) -> str:
     return hook_action if _RANK[hook_action] >= _RANK[engine_action] else engine_action
 
 
-class Hook:
-    """A registered hook; ``remove_hook`` takes this handle.
-
-    A hook never runs concurrently with itself: one registered for both directions is
-    called from both directions' workers, one call at a time (``lock``).
-    """
-
-    __slots__ = ("direction", "fn", "lock", "name", "where")
-
-    def __init__(self, fn: Callable[[Packet], Any], direction: str | None) -> None:
-        self.fn = fn
-        """The hook function, called with each :class:`Packet`."""
-        self.direction = direction
-        """``"a->b"``, ``"b->a"``, or ``None`` for both."""
-        self.name: str = getattr(fn, "__qualname__", None) or repr(fn)
-        """The function's qualified name, as reports show it."""
-        code = getattr(fn, "__code__", None)
-        self.where = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}" if code else "?"
-        """``file.py:line`` where the function is defined."""
-        self.lock = threading.Lock()
-        """Held while the hook runs, so that it never runs concurrently with itself."""
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.where})"
-
-    def __repr__(self) -> str:
-        return f"<Hook {self.name} at {self.where} direction={self.direction or 'both'}>"
-
-
-# What a worker hands back: (link, packet as read, outputs or None, error or None).
-# An output is (bytes, action); [] means "dropped by the hooks".
-_Result = tuple[Link, Packet, list[tuple[bytes, str]] | None, "_HookFailure | None"]
-
-
-class _HookFailure:
-    """A hook raised or returned something unusable; the relay thread turns it into a
-    :class:`HookError` once it has recorded the dropped packet (and knows its number)."""
-
-    __slots__ = ("exc", "hook", "packet", "what")
-
-    def __init__(self, hook: Hook, what: str, exc: BaseException | None, packet: Packet) -> None:
-        self.hook = hook
-        self.what = what
-        self.exc = exc
-        # Decoded here, in the worker: the first scapy import can take a second or more,
-        # which must not stall the relay thread.
-        try:
-            self.packet = packet.scapy.summary()
-        except Exception:
-            self.packet = f"{packet.wire_len} bytes"
-
-
-class _HookWorker:
-    """Runs the hook chain for one direction in its own thread."""
-
-    def __init__(self, relay: Relay, link: Link) -> None:
-        self.relay = relay
-        self.link = link
-        self.direction = link.direction
-        self.inbox: queue.SimpleQueue[tuple[Packet, tuple[Hook, ...]] | None] = queue.SimpleQueue()
-        self.current: Hook | None = None
-        self.stopping = False
-        self.thread = threading.Thread(
-            target=self._main, name=f"{relay.name}-hooks-{link.direction}", daemon=True
-        )
-        self.thread.start()
-
-    def _main(self) -> None:
-        relay, link = self.relay, self.link
-        while True:
-            item = self.inbox.get()
-            if item is None:
-                return
-            pkt, hooks = item
-            if self.stopping:  # the pair is closing: hand it back unprocessed
-                relay.done.append((link, pkt, None, None))
-                continue
-            outputs, failure = self._run(hooks, pkt)
-            relay.done.append((link, pkt, outputs, failure))
-            relay.wake()
-
-    def _run(
-        self, hooks: tuple[Hook, ...], original: Packet
-    ) -> tuple[list[tuple[bytes, str]] | None, _HookFailure | None]:
-        items: list[Packet] = [original]
-        for hook in hooks:
-            nxt: list[Packet] = []
-            for pkt in items:
-                self.current = hook
-                try:
-                    with hook.lock:
-                        result = hook.fn(pkt)
-                    datas = _normalize(result, pkt)
-                except _BadReturn as exc:
-                    return None, _HookFailure(hook, str(exc), None, pkt)
-                # BaseException: pytest.fail() in a hook raises one, and must not kill us.
-                except BaseException as exc:
-                    what = f"raised {type(exc).__name__}: {exc}"
-                    return None, _HookFailure(hook, what, exc, pkt)
-                finally:
-                    self.current = None
-                for data in datas:
-                    if data is pkt.data:
-                        nxt.append(pkt)
-                    else:
-                        nxt.append(
-                            Packet(
-                                pkt.time, pkt.direction, "modified", data, 0, pkt.mode, pkt.arrival
-                            )
-                        )
-            items = nxt
-        return _label(original.data, [p.data for p in items]), None
-
-
-class _BadReturn(Exception):
-    pass
-
-
-def _normalize(result: Any, pkt: Packet) -> list[bytes]:
-    if result is None:
-        return [pkt.data]
-    if isinstance(result, (list, tuple)):
-        return [_one(r, pkt) for r in result]
-    return [_one(result, pkt)]
-
-
-def _one(item: Any, pkt: Packet) -> bytes:
-    if item is None:  # inside a list: "this packet, unchanged" (so [None, None] duplicates)
-        return pkt.data
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item)
-    if isinstance(item, Packet):
-        return item.data
-    if is_scapy_packet(item):
-        try:
-            return bytes(item)
-        except Exception as exc:
-            raise _BadReturn(
-                f"returned a scapy packet that scapy cannot build ({type(exc).__name__}: {exc})"
-            ) from exc
-    raise _BadReturn(
-        f"returned {type(item).__name__} {_short_repr(item)}: a hook returns None (forward "
-        "unchanged), bytes or a scapy packet (forward that instead), or a list/tuple of "
-        "those ([] drops the packet, two items duplicate it)"
-    )
-
-
-def _short_repr(obj: object) -> str:
-    r = repr(obj)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
-def _label(original: bytes, outputs: list[bytes]) -> list[tuple[bytes, str]]:
-    """Actions for what the hooks made of one packet: the first copy of given bytes is
-    "forwarded" (unchanged) or "modified"; any further identical copy is "duplicated"."""
-    seen: set[bytes] = set()
-    labelled = []
-    for data in outputs:
-        if data in seen:
-            action = "duplicated"
-        else:
-            action = "forwarded" if data == original else "modified"
-            seen.add(data)
-        labelled.append((data, action))
-    return labelled
-
-
 # What the relay thread does with a packet at flush time (see Relay._flush).
 _WRITE = 0  # write to the link's destination; count it delivered (or dropped if that fails)
 _REPLY = 1  # write back into the link's source (a rule's reply), recorded as "injected"
@@ -302,7 +135,6 @@ class Relay:
     """
 
     def __init__(self, dev_a: _Device, dev_b: _Device, capture: Capture, stats: Stats) -> None:
-        self.devs = (dev_a, dev_b)
         if dev_a.fd is None or dev_b.fd is None:
             raise ValueError("the relay needs two open devices")
         self._fds = (dev_a.fd, dev_b.fd)
@@ -324,11 +156,11 @@ class Relay:
         self._swap_lock = threading.Lock()
         # Serialises the test threads' read-modify-write of the copy-on-write tuples.
         self._edit_lock = threading.Lock()
-        self.done: deque[_Result] = deque()
+        self.done: deque[Result] = deque()
         self._out: list[_Out] = []
-        self._failures: list[tuple[_HookFailure, Packet]] = []
+        self._failures: list[tuple[HookFailure, Packet]] = []
         self._syncs: list[threading.Event] = []
-        self._drains: list[threading.Event] = []
+        self._idle_waiters: list[threading.Event] = []
         self._poller: Any = None
         try:
             self._timer: Timer | None = Timer()
@@ -408,10 +240,10 @@ class Relay:
         delivered, not written to the other device. ``None`` stops diverting."""
         self.links[direction].divert = fn
 
-    def needs_segments(self) -> bool:
-        """A stage that must see wire-sized packets is set (hooks, rules, divert): the
-        pair then turns offload off."""
-        return any(link.wants_segments() for link in self.links.values())
+    def link_needs_segments(self, direction: str) -> bool:
+        """A stage of ``direction`` that must see wire-sized packets is set (hooks, rules,
+        divert): the pair then turns offload off."""
+        return self.links[direction].wants_segments()
 
     def set_engine(self, direction: str, engine: ImpairmentEngine | None) -> None:
         """Replace a direction's impairment engine (``None``: no impairment).
@@ -441,14 +273,14 @@ class Relay:
         queue, on a delay timer. (Packets still in a device's own queue are not counted.)"""
         return sum(link.pending() for link in self.links.values())
 
-    def drain(self, timeout: float) -> bool:
+    def wait_idle(self, timeout: float) -> bool:
         """Wait, while the relay runs, until :meth:`pending` is 0; False after ``timeout``
         seconds with packets still held (or if the relay is not running)."""
         if not self._thread.is_alive():
             return self.pending() == 0
         event = threading.Event()
         with self._swap_lock:
-            self._drains.append(event)
+            self._idle_waiters.append(event)
         self.wake()
         return event.wait(timeout)
 
@@ -625,7 +457,7 @@ class Relay:
                 if fd == timer_fd:
                     timer.ack()  # type: ignore[union-attr]
                     continue
-                self._drain(routes[fd])
+                self._service(routes[fd])
             # After the pipe was emptied, so a result queued meanwhile wakes the next poll.
             if self.done:
                 self._process_done()
@@ -636,13 +468,13 @@ class Relay:
                     syncs, self._syncs = self._syncs, []
                 for event in syncs:
                     event.set()
-            if self._drains and self.pending() == 0:
+            if self._idle_waiters and self.pending() == 0:
                 with self._swap_lock:
-                    drains, self._drains = self._drains, []
-                for event in drains:
+                    waiters, self._idle_waiters = self._idle_waiters, []
+                for event in waiters:
                     event.set()
 
-    def _drain(self, link: Link) -> None:
+    def _service(self, link: Link) -> None:
         """Move what the link's source has queued (up to ``BURST`` packets) on, recording it.
 
         Fast path, NAPI-style: read a batch (until the queue is empty, ``BATCH`` packets or
@@ -661,7 +493,7 @@ class Relay:
         if src_fd is None or dst_fd is None:
             return
         if not link.plain():
-            self._drain_slow(link, src_fd)
+            self._service_slow(link, src_fd)
             return
         read, write, monotonic = os.read, os.write, time.monotonic
         hdr = link.src.hdr_len
@@ -715,7 +547,7 @@ class Relay:
                 return
 
     # -- slow path (relay thread) -------------------------------------------------------------
-    def _drain_slow(self, link: Link, src_fd: int) -> None:
+    def _service_slow(self, link: Link, src_fd: int) -> None:
         """Per packet, through the stages the link has: divert, hooks, rules, engine, queue,
         timers. What is ready now goes out in one critical section at the end."""
         read, monotonic = os.read, time.monotonic
@@ -768,7 +600,9 @@ class Relay:
     def _to_worker(self, link: Link, pkt: Packet, hooks: tuple[Hook, ...]) -> None:
         worker = link.worker
         if worker is None:
-            worker = link.worker = _HookWorker(self, link)
+            worker = link.worker = HookWorker(
+                link, self.done, self.wake, name=f"{self.name}-hooks-{link.direction}"
+            )
         link.backlog += 1
         worker.inbox.put((pkt, hooks))
 
@@ -998,7 +832,7 @@ class Relay:
 
     def _flush(self) -> None:
         """Record and write what the stages made ready, in one critical section (see
-        :meth:`_drain`); then raise the hook errors, which name the recorded packets."""
+        :meth:`_service`); then raise the hook errors, which name the recorded packets."""
         out = self._out
         if out:
             self._out = []
@@ -1086,7 +920,7 @@ class Relay:
         self._flush()
 
 
-def _hook_error(failure: _HookFailure, rec: Packet) -> HookError:
+def _hook_error(failure: HookFailure, rec: Packet) -> HookError:
     err = HookError(
         f"hook {failure.hook} {failure.what} -- on {rec.direction} packet #{rec.seq} "
         f"at t={rec.time:.6f} ({failure.packet}); the relay dropped that packet and kept "

@@ -25,7 +25,7 @@ from .._wire import headers as _fields
 if TYPE_CHECKING:
     from .flows import Flow
 
-__all__ = ["Capture", "Counters", "GsoInfo", "Packet", "Stats"]
+__all__ = ["Capture", "GsoInfo", "Packet"]
 
 DIRECTIONS = ("a->b", "b->a")
 #: Actions of packets that reached the receiving side: written to the other device (or,
@@ -414,52 +414,8 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.1f}us"
 
 
-class Counters:
-    """One direction's counters; the relay thread adds to them, :class:`Stats` reads."""
-
-    __slots__ = ("bytes", "dropped", "marked", "packets", "queue_peak")
-
-    def __init__(self) -> None:
-        #: Packets written to the other device.
-        self.packets = 0
-        #: Their bytes (without the virtio-net header).
-        self.bytes = 0
-        #: Packets the relay did not deliver (dropped by a hook, a rule, an impairment's
-        #: loss, the link's queue, a failed write, or still in flight when the pair closed).
-        self.dropped = 0
-        #: Packets written CE-marked instead of dropped (``ecn=True``), recorded "marked".
-        self.marked = 0
-        #: The most packets the direction's queue held at once.
-        self.queue_peak = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "packets": self.packets,
-            "bytes": self.bytes,
-            "dropped": self.dropped,
-            "marked": self.marked,
-            "queue_peak": self.queue_peak,
-        }
-
-
-class Stats:
-    """Per-direction counters, kept even when the capture itself is bounded.
-
-    With the capture's lock (``lock``), :meth:`as_dict` reads counters that agree with what
-    the capture shows: the relay updates both in one critical section.
-    """
-
-    __slots__ = ("counters", "lock")
-
-    def __init__(self, lock: threading.Condition | None = None) -> None:
-        self.counters: dict[str, Counters] = {d: Counters() for d in DIRECTIONS}
-        self.lock = lock
-
-    def as_dict(self) -> dict[str, dict[str, int]]:
-        if self.lock is None:
-            return {d: c.as_dict() for d, c in self.counters.items()}
-        with self.lock:
-            return {d: c.as_dict() for d, c in self.counters.items()}
+def _nothing_configured(direction: str) -> None:
+    return None
 
 
 def trace(packets: Sequence[Packet], *, limit: int | None = None, evicted: int = 0) -> str:
@@ -497,6 +453,7 @@ class Capture(Sequence[Packet]):
         capture_bytes: int | None = None,
         snaplen: int | None = None,
         pending: Callable[[], int] | None = None,
+        configured: Callable[[str], Any] | None = None,
     ) -> None:
         self.mode = mode
         """``"tun"`` or ``"tap"``: raw IP packets or Ethernet frames (and the pcap's link type)."""
@@ -526,10 +483,9 @@ class Capture(Sequence[Packet]):
         """``time.time()`` at the same moment: the pcap's wall-clock timestamps are ``wall_t0 +
         Packet.time``.
         """
-        #: What each direction's link is configured to carry, for :meth:`plot`'s dashed
-        #: line: bits/s, or a function giving the bytes it could carry in ``[t0, t1)``
-        #: (seconds since the pair came up). The pair keeps it in step with ``impair()``.
-        self.configured: dict[str, Any] = {}
+        # What a direction's link is configured to carry, for plot()'s dashed line: bits/s,
+        # a trace's server, or None. Asked of the pair's direction objects, its one record.
+        self._configured = configured or _nothing_configured
 
     # -- relay side ---------------------------------------------------------------------
     @property
@@ -673,6 +629,7 @@ class Capture(Sequence[Packet]):
             max_packets=self.max_packets,
             capture_bytes=self.capture_bytes,
             snaplen=self.snaplen,
+            configured=self._configured,
         )
         out.t0, out.wall_t0 = self.t0, self.wall_t0
         with self._cond:
@@ -947,7 +904,11 @@ class Capture(Sequence[Packet]):
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"plot(direction={direction!r}): use 'a->b', 'b->a' or None")
         # A trace server draws as its capacity per time bin; a rate as a level line.
-        configured = {d: getattr(link, "capacity", link) for d, link in self.configured.items()}
+        configured = {}
+        for d in DIRECTIONS:
+            link = self._configured(d)
+            if link is not None:
+                configured[d] = getattr(link, "capacity", link)
         return str(plot(self._snapshot(), path, direction=direction, configured=configured))
 
     def to_mahimahi_log(
@@ -964,7 +925,7 @@ class Capture(Sequence[Packet]):
         if direction not in DIRECTIONS:
             raise ValueError(f"to_mahimahi_log(direction={direction!r}): use 'a->b' or 'b->a'")
         packets = self._snapshot()
-        link: Any = self.configured.get(direction)
+        link: Any = self._configured(direction)
         opportunities: Any = ()
         if hasattr(link, "opportunity_times"):
             end = max((p.time for p in packets), default=0.0)

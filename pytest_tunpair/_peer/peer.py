@@ -46,8 +46,9 @@ from .._wire.tcp import (
 from .._wire.validate import is_scapy_packet, to_bytes
 
 if TYPE_CHECKING:
+    from .._link.endpoint import Endpoint
     from .._packets.match import Matcher
-    from .._pair import Endpoint, TunPair
+    from .._pair import TunPair
 
 __all__ = ["ScriptedPeer", "ScriptedTcp", "ScriptedUdp", "TcpOptions"]
 

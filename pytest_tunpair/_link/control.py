@@ -1,0 +1,208 @@
+"""The control side of one direction: what the test configured on ``a->b`` (or ``b->a``).
+
+The relay's :class:`~pytest_tunpair._link.link.Link` is a direction's data plane, owned by
+the relay thread. A :class:`Direction` is its control plane, owned by the test's side: the
+one place that knows the impairment spec in force (with the seed it uses), the engine and
+queue built from it, the server a plot draws as the configured link, the rules (outages,
+faults, a path MTU) and hooks installed on the link, what the direction needs of the
+devices' offload, and how to checkpoint and restore all of it for one test of a longer-lived
+pair. ``TunPair`` holds two and delegates; the capture asks them what to draw.
+
+Rules and hooks are read back from the relay (:meth:`Relay.rules`, :meth:`Relay.hooks`):
+the link's copy-on-write tuples are their one record, so nothing here can disagree with what
+the relay runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..traces import TraceServer
+    from .hooks import Hook
+    from .impair import ImpairmentEngine, ImpairmentSpec
+    from .link import Rule
+    from .queue import PacketQueue
+    from .relay import Relay
+
+__all__ = ["Direction", "DirectionState"]
+
+
+@dataclass(frozen=True)
+class DirectionState:
+    """What :meth:`Direction.checkpoint` remembered: enough to undo a test's changes."""
+
+    hooks: tuple[Hook, ...]
+    rules: tuple[Rule, ...]
+    spec: ImpairmentSpec | None
+    random_seed: bool
+    engine: ImpairmentEngine | None
+
+
+class Direction:
+    """One direction of a pair as the test configures it (see the module docstring)."""
+
+    def __init__(self, name: str, relay: Relay, *, tap: bool, vnet_len: int, t0: float) -> None:
+        #: ``"a->b"`` or ``"b->a"``.
+        self.name = name
+        self._relay = relay
+        self._tap = tap
+        self._vnet_len = vnet_len
+        self._t0 = t0
+        #: The impairments in force, with the seed they use (``None``: none).
+        self.spec: ImpairmentSpec | None = None
+        #: The seed of :attr:`spec` was picked at random (a report says how to replay it).
+        self.random_seed = False
+        #: The engine last handed to the relay (which swaps it in asynchronously).
+        self.engine: ImpairmentEngine | None = None
+        #: What the link is configured to carry, for ``packets.plot()``'s dashed line: a
+        #: rate in bits/s, a trace's server (in the capture's time), or ``None``.
+        self.configured: float | TraceServer | None = None
+
+    # -- impairments ---------------------------------------------------------------------
+    @property
+    def stream(self) -> int:
+        """The random stream this direction draws from, given its spec's seed: ``2 * seed``
+        for ``a->b``, ``2 * seed + 1`` for ``b->a``, so one direction's traffic never shifts
+        the other's decisions, and both replay."""
+        assert self.spec is not None and self.spec.seed is not None
+        return self.spec.seed * 2 + (self.name == "b->a")
+
+    def impair(self, spec: ImpairmentSpec | None, *, random_seed: bool, start: float) -> None:
+        """Put ``spec`` (with its seed set; ``None`` or an inactive spec: no impairment) in
+        force from now on: a fresh engine and queue go to the relay, which releases what the
+        old ones held. ``start`` (``time.monotonic()``) is a trace's millisecond 0."""
+        from .impair import ImpairmentEngine
+
+        if spec is not None and not spec.active:
+            spec = None
+        self.spec = spec
+        self.random_seed = random_seed and spec is not None
+        self._configure(start)
+        engine = queue = None
+        if spec is not None:
+            if spec.needs_engine:
+                engine = ImpairmentEngine(spec, self.stream, tap=self._tap)
+            queue = self._queue(start)
+        self.engine = engine
+        self._relay.set_engine(self.name, engine)
+        self._relay.set_queue(self.name, queue)
+
+    def _configure(self, start: float) -> None:
+        from ..traces import TraceServer
+
+        spec = self.spec
+        if spec is not None and spec.trace is not None:
+            # A server of its own (pure, in the capture's time), never the queue's.
+            self.configured = TraceServer(spec.trace, start - self._t0, repeat=spec.trace_repeat)
+        elif spec is not None and spec.rate is not None:
+            self.configured = spec.rate
+        else:
+            self.configured = None
+
+    def _queue(self, start: float) -> PacketQueue | None:
+        """The bottleneck of this direction (``None`` if the spec holds no packet)."""
+        from .queue import LinkQueue, PacketQueue, RateServer, Server
+
+        spec = self.spec
+        if spec is None or not spec.needs_queue:
+            return None
+        server: Server | None = None
+        if spec.trace is not None:
+            from ..traces import TraceServer
+
+            server = TraceServer(spec.trace, start, repeat=spec.trace_repeat)
+        elif spec.rate is not None:
+            server = RateServer(spec.rate)
+        # PIE's draws come from a stream of their own (a string seed: hashed, not the int
+        # the engine uses), so they never echo the engine's loss draws.
+        queue = LinkQueue(
+            spec.queue_spec(),
+            server,
+            offset=self._vnet_len,
+            tap=self._tap,
+            delay=spec.delay,
+            seed=f"queue-{self.stream}",
+        )
+        return PacketQueue(queue, self._vnet_len)
+
+    # -- rules and hooks (their one record is the relay's link) ----------------------------
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules on this direction, in the order they run."""
+        return self._relay.rules(self.name)
+
+    @property
+    def hooks(self) -> tuple[Hook, ...]:
+        """The hooks on this direction, in the order they run."""
+        return self._relay.hooks(self.name)
+
+    def add_rule(self, rule: Rule) -> None:
+        self._relay.add_rule(self.name, rule)
+
+    def remove_rule(self, rule: Rule) -> bool:
+        return self._relay.remove_rule(self.name, rule)
+
+    def spent_rules(self, now: float) -> list[Rule]:
+        """Rules that pass everything from ``now`` on (a used-up fault, a past outage)."""
+        return [r for r in self.rules if not r.in_force(now)]
+
+    def of_type(self, cls: type[Any]) -> Any:
+        """The rule of class ``cls`` on this direction (its path MTU), or ``None``."""
+        return next((r for r in self.rules if isinstance(r, cls)), None)
+
+    @property
+    def needs_segments(self) -> bool:
+        """Something on this direction must see packets as a real wire carries them (a hook,
+        a rule, a scripted peer, or loss, corruption, duplication, reordering): the pair
+        turns offload off while one does."""
+        spec = self.spec
+        return self._relay.link_needs_segments(self.name) or (
+            spec is not None and spec.needs_segments
+        )
+
+    # -- one test of a longer-lived pair ---------------------------------------------------
+    def checkpoint(self) -> DirectionState:
+        return DirectionState(self.hooks, self.rules, self.spec, self.random_seed, self.engine)
+
+    def restore(self, state: DirectionState) -> None:
+        """Take off the rules added since ``state`` and put back its impairments. (Hooks
+        are the pair's to remove: one hook may serve both directions.)"""
+        for rule in self.rules:
+            if rule not in state.rules:
+                self.remove_rule(rule)
+        if self.engine is not state.engine:
+            self.engine = state.engine
+            self._relay.set_engine(self.name, state.engine)
+        if self.spec != state.spec:
+            # A fresh queue from the checkpoint's settings: one that was swapped out has
+            # been run to its end (it served what it held) and cannot be put back.
+            now = time.monotonic()
+            self.spec = state.spec
+            self._configure(now)
+            self._relay.set_queue(self.name, self._queue(now))
+        self.random_seed = state.random_seed
+
+    # -- reports ----------------------------------------------------------------------------
+    def describe(self, replay: Any = None) -> list[str]:
+        """Lines for a failure report: the impairment (with the seed in use) and the hooks.
+        ``replay(seed)`` says how the caller's user replays a seed picked at random."""
+        lines = []
+        spec = self.spec
+        if spec is not None:
+            line = f"impair {self.name}: {spec.describe()}"
+            if self.random_seed:
+                assert spec.seed is not None
+                how = f"; {replay(spec.seed)}" if replay is not None else ""
+                line += f" (picked at random{how})"
+            lines.append(line)
+        hooks = self.hooks
+        if hooks:
+            lines.append(f"hooks {self.name}: {', '.join(map(str, hooks))}")
+        return lines
+
+    def __repr__(self) -> str:
+        what = self.spec.describe() if self.spec is not None else "no impairment"
+        return f"<Direction {self.name}: {what}, {len(self.rules)} rules, {len(self.hooks)} hooks>"

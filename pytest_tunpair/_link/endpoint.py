@@ -1,0 +1,79 @@
+"""An end of the pair (``tun_pair.a``, ``tun_pair.b``): its device, addresses and inject."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._errors import TunDeviceError
+from .._packets.capture import Packet
+from .._wire.validate import to_bytes, validate_frame
+
+if TYPE_CHECKING:
+    from .._kernel.device import TunDevice
+    from .relay import Relay
+
+__all__ = ["Endpoint"]
+
+
+class Endpoint:
+    """One end of the pair (``tun_pair.a`` / ``tun_pair.b``)."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        device: TunDevice,
+        *,
+        ip: str | None,
+        ip6: str | None,
+        mtu: int,
+        mac: str | None,
+        side: str,
+    ) -> None:
+        self._relay = relay
+        self._device = device
+        self.name = device.name
+        """The device's name, e.g. ``"tun0"``."""
+        self.index = device.index
+        """The device's ifindex inside the pair's namespace."""
+        self.ip = ip
+        """This end's IPv4 address (``"198.18.0.1"`` for a), or ``None`` without IPv4."""
+        self.ip6 = ip6
+        """This end's IPv6 address (``"2001:2::1"`` for a), or ``None`` without IPv6."""
+        self.mtu = mtu
+        """The device's MTU."""
+        self.mac = mac
+        """The TAP device's MAC (``02:74:70:00:<pair>:01``/``:02``, the same on every run); ``None``
+        for TUN.
+        """
+        self._side = side  # "a" or "b": where Relay.write puts what inject() gets
+
+    @property
+    def mode(self) -> str:
+        """``"tun"`` or ``"tap"``."""
+        return self._device.mode
+
+    def inject(self, packet: Any) -> Packet:
+        """Write ``packet`` into this device: the kernel receives it on this interface.
+
+        Takes bytes or a scapy packet: an IPv4/IPv6 packet on TUN, an Ethernet frame on
+        TAP. Bad input raises ``TypeError``/``ValueError`` and writes nothing.
+        """
+        data = to_bytes(packet, what=f"{self.name}.inject()")
+        validate_frame(data, mode=self.mode, mtu=self.mtu)
+        relay = self._relay
+        if self._device.fd is None:
+            raise TunDeviceError(f"{self.name} is closed", device=self.name)
+        # The relay records the packet *before* writing it (in one critical section with the
+        # write): a write into the device runs the kernel's receive path in this thread, so
+        # the kernel's answer (an echo reply, or the ARP request it needs first on TAP) is
+        # queued, read and recorded by the relay before os.write() returns.
+        try:
+            return relay.write(self._side, data)
+        except OSError as exc:  # validated, but the device refused it (EIO while down)
+            raise TunDeviceError(
+                f"{self.name}: writing the injected packet failed: {exc}", device=self.name
+            ) from exc
+
+    def __repr__(self) -> str:
+        mac = f" mac={self.mac}" if self.mac else ""
+        return f"<Endpoint {self.name}{mac} ip={self.ip} ip6={self.ip6} mtu={self.mtu}>"
