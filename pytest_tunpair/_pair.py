@@ -379,7 +379,7 @@ class TunPair:
         relay = self._relay
         counters = self._device_counters
         drops = counters.tx_dropped() if counters is not None else self._device_drops
-        for direction, dev in zip(("a->b", "b->a"), self._devices, strict=False):
+        for direction, dev in zip(DIRECTIONS, self._devices, strict=False):
             entry = stats[direction]
             entry["queued"] = relay.queued(direction) if relay is not None else 0
             entry["device_dropped"] = drops.get(dev.name, 0)
@@ -790,7 +790,7 @@ def new_seed() -> int:
 
 
 def _check_direction(direction: str | None, what: str) -> None:
-    if direction not in (None, "a->b", "b->a"):
+    if direction is not None and direction not in DIRECTIONS:
         raise OptionError(
             "direction",
             direction,
@@ -800,4 +800,4 @@ def _check_direction(direction: str | None, what: str) -> None:
 
 
 def _directions(direction: str | None) -> tuple[str, ...]:
-    return ("a->b", "b->a") if direction is None else (direction,)
+    return DIRECTIONS if direction is None else (direction,)
