@@ -36,7 +36,8 @@ from ._kernel.netns import NetNamespace, Visit
 from ._kernel.procs import Keeper
 from ._link.relay import Hook, Relay
 from ._options import PairOptions
-from ._packets.capture import Capture, Packet, Stats
+from ._packets.capture import Capture, Stats
+from ._packets.packet import Packet
 from ._wire.validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:

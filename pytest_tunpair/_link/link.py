@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .._packets.capture import Counters, Packet
+from .._packets.capture import Counters
+from .._packets.packet import Packet
 
 if TYPE_CHECKING:
     from .impair import ImpairmentEngine

@@ -25,7 +25,7 @@ from .._wire import replies as _replies
 from .link import Verdict
 
 if TYPE_CHECKING:
-    from .._packets.capture import Packet
+    from .._packets.packet import Packet
 
 __all__ = ["HOWS", "Fault", "Outage", "PathMtu", "field_predicate"]
 

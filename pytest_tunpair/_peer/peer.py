@@ -27,7 +27,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._errors import PacketTimeout, TunPairError
-from .._packets.capture import Capture, Packet, trace
+from .._packets.capture import Capture
+from .._packets.packet import Packet, trace
 from .._wire import neigh as _neigh
 from .._wire.tcp import (
     ETH_P_IP,
