@@ -121,8 +121,10 @@ class Packet:
     :class:`~pytest_tunpair.HookError` names is then the packet's ``seq``.
     """
 
-    # ``_f`` (the parsed header offsets) is left unset by ``__init__``: the relay builds a
-    # Packet per packet read, most are never looked at, and an unset slot costs nothing.
+    # ``_f`` (the parsed header offsets) starts as None and is parsed on the first field
+    # read. Not left unset: reading an unset slot raises AttributeError, and catching it
+    # made the first read cost several times the parse (docs/internals.md, "Header fields:
+    # offsets, not scapy"), where one more store in __init__ costs nothing measurable.
     __slots__ = (
         "_data",
         "_f",
@@ -138,7 +140,6 @@ class Packet:
         "wire_len",
     )
 
-    _f: _h.Parsed
 
     def __init__(
         self,
@@ -164,6 +165,7 @@ class Packet:
         self._off = off
         self._data: bytes | None = None if off else raw
         self._scapy: Any = None
+        self._f: _h.Parsed | None = None
         self.mode = mode
         """``"tun"`` or ``"tap"``: whether ``data`` is an IP packet or an Ethernet frame."""
         self.wire_len = len(raw) - off
@@ -245,11 +247,10 @@ class Packet:
 
     # -- header fields, without scapy ------------------------------------------------------
     def _parsed(self) -> _h.Parsed:
-        try:
-            return self._f
-        except AttributeError:
+        f = self._f
+        if f is None:
             self._f = f = _h.parse(self._raw, self._off, self.mode)
-            return f
+        return f
 
     @property
     def ip_version(self) -> int | None:
