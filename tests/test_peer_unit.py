@@ -11,7 +11,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from pytest_tunpair import Packet
 from pytest_tunpair._wire.neigh import is_neighbour_query, mac_bytes, neighbour_answer
-from pytest_tunpair._wire.tcp import TcpOptions, offered, seq_add, seq_geq, seq_gt, timestamps
+from pytest_tunpair._wire.tcp import TcpOptions, offered, seq_add, seq_geq, seq_gt, timestamp_option
 
 MAC = "02:74:70:00:00:02"
 OTHER = "02:74:70:00:00:01"
@@ -53,7 +53,7 @@ def test_what_the_peer_reads_of_a_tcp_segment_matches_scapy(mode: str, l3: objec
     assert seg.payload == b"data"
     assert seg.tcp_options == opts
     assert offered(seg.tcp_options) == TcpOptions(mss=1460, wscale=7, sack=True, timestamps=True)
-    assert timestamps(seg.tcp_options) == (123, 456)
+    assert timestamp_option(seg.tcp_options) == (123, 456)
     assert seg.src is not None and seg.src.endswith("1")
     assert seg.dst is not None and seg.dst.endswith("2")
 
@@ -80,7 +80,7 @@ def test_udp_behind_extension_headers_and_short_packets() -> None:
 
 def test_options_a_syn_did_not_offer() -> None:
     assert offered([]) == TcpOptions()
-    assert offered(None) == TcpOptions() and timestamps(None) is None
+    assert offered(None) == TcpOptions() and timestamp_option(None) is None
     # A value of the wrong size is no offer (the parser gives its bytes).
     assert offered([("MSS", b"\x05"), ("WScale", b"")]) == TcpOptions()
 

@@ -140,7 +140,6 @@ class Packet:
         "wire_len",
     )
 
-
     def __init__(
         self,
         time: float,

@@ -34,7 +34,7 @@ from .._wire import build as _build
 from .._wire import headers as _h
 from .._wire import neigh as _neigh
 from .._wire.numbers import ETH_P_IP, ETH_P_IPV6, IP_DF, IPPROTO_TCP, IPPROTO_UDP
-from .._wire.tcp import TcpOptions, offered, seq_add, seq_geq, seq_gt, timestamps
+from .._wire.tcp import TcpOptions, offered, seq_add, seq_geq, seq_gt, timestamp_option
 from .._wire.validate import is_scapy_packet, to_bytes
 
 if TYPE_CHECKING:
@@ -620,7 +620,7 @@ class ScriptedTcp:
             self._snd_shift = min(self.peer_options.wscale, _WSCALE_MAX)
         self._sack = o.sack and self.peer_options.sack
         self._ts = o.timestamps and self.peer_options.timestamps
-        stamps = timestamps(options)
+        stamps = timestamp_option(options)
         if stamps is not None:
             self._ts_recent = stamps[0]
 
@@ -1034,7 +1034,7 @@ def _ack(p: Packet) -> int:
 
 
 def _tsval(p: Packet) -> int | None:
-    stamps = timestamps(p.tcp_options)
+    stamps = timestamp_option(p.tcp_options)
     return None if stamps is None else stamps[0]
 
 

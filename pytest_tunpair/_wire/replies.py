@@ -80,7 +80,9 @@ def _parse_ip(ip: bytes) -> _h.Parsed:
         what = f"version {ip[0] >> 4}" if ip else "empty"
         raise ReplyError(f"not an IP packet ({what})")
     if f[_h.HDR_END] < 0:
-        raise ReplyError(f"IPv{f[_h.VERSION]} packet of {len(ip)} bytes: its headers are cut short")
+        raise ReplyError(
+            f"IPv{f[_h.VERSION]} packet of {len(ip)} bytes: its headers are cut short or malformed"
+        )
     if f[_h.END] < f[_h.HDR_END]:
         raise ReplyError(f"IPv{f[_h.VERSION]} length field shorter than its headers")
     return f

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TcpOptions", "offered", "seq_add", "seq_geq", "seq_gt", "seq_lt", "timestamps"]
+__all__ = ["TcpOptions", "offered", "seq_add", "seq_geq", "seq_gt", "seq_lt", "timestamp_option"]
 
 _MOD = 1 << 32
 
@@ -63,7 +63,7 @@ def offered(options: Sequence[tuple[str | int, Any]] | None) -> TcpOptions:
     return TcpOptions(mss, wscale, sack, stamps)
 
 
-def timestamps(options: Sequence[tuple[str | int, Any]] | None) -> tuple[int, int] | None:
+def timestamp_option(options: Sequence[tuple[str | int, Any]] | None) -> tuple[int, int] | None:
     """(TSval, TSecr) of a segment's timestamp option (RFC 7323 3), ``None`` without one."""
     for name, value in options or ():
         if name == "Timestamp" and isinstance(value, tuple):
