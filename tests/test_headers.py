@@ -24,14 +24,7 @@ from scapy.layers.inet import (
     IPOption_Router_Alert,
     IPOption_RR,
 )
-from scapy.layers.inet6 import (
-    ICMPv6EchoRequest,
-    IPv6,
-    IPv6ExtHdrDestOpt,
-    IPv6ExtHdrFragment,
-    IPv6ExtHdrHopByHop,
-    IPv6ExtHdrRouting,
-)
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment
 from scapy.layers.ipsec import AH
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet as ScapyPacket
@@ -42,9 +35,8 @@ from pytest_tunpair._packets.packet import FIELDS
 from pytest_tunpair._wire import build, ecn, gso, headers, neigh, replies, validate
 from pytest_tunpair._wire.headers import parse
 
-from .test_fields import expected_fields, fields_of
+from .test_fields import EXT6, expected_fields, fields_of
 
-EXT6 = (IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting, IPv6ExtHdrFragment)
 VNET = bytes(gso.VIRTIO_NET_HDR_LEN)
 
 # -- generated packets ------------------------------------------------------------------------
