@@ -259,6 +259,8 @@ class PathMtu:
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
         data = pkt.data
+        if len(data) <= self.mtu:  # the IP packet inside is no longer: no parse needed
+            return None
         # The IP packet starts behind the Ethernet header and any VLAN tags (the parsed
         # offsets count from the frame, virtio-net header included).
         l3 = max(parsed(pkt)[_h.L3] - (len(pkt.frame) - len(data)), 0)
