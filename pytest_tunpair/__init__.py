@@ -33,9 +33,10 @@ if TYPE_CHECKING:
     from ._link.gemodel import GilbertElliott
     from ._link.hooks import Hook
     from ._options import PairOptions
-    from ._packets.capture import Capture, GsoInfo, Packet
+    from ._packets.capture import Capture
     from ._packets.flows import Flow
     from ._packets.match import PacketSource
+    from ._packets.packet import GsoInfo, Packet
     from ._pair import TunPair
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._wire.tcp import TcpOptions
@@ -44,8 +45,8 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "Capture": "._packets.capture",
-    "GsoInfo": "._packets.capture",
-    "Packet": "._packets.capture",
+    "GsoInfo": "._packets.packet",
+    "Packet": "._packets.packet",
     "HookError": "._errors",
     "LeftoverProcessError": "._errors",
     "LeftoverProcessWarning": "._errors",

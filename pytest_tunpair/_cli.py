@@ -27,7 +27,8 @@ from typing import Any, NoReturn, TextIO
 from ._errors import OptionError, PrivilegeError, TunPairError
 from ._kernel import userns as _userns
 from ._options import PairOptions
-from ._packets.capture import Capture, Packet
+from ._packets.capture import Capture
+from ._packets.packet import Packet
 from ._pair import TunPair
 from ._plugin.report import plural
 from ._schema import Bool, Duration, Int, Invalid, declared, default_of

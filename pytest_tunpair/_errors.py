@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._packets.capture import Packet
+    from ._packets.packet import Packet
 
 __all__ = [
     "HookError",

@@ -39,11 +39,12 @@ from ._link.endpoint import Endpoint
 from ._link.hooks import Hook
 from ._link.relay import Relay
 from ._options import PairOptions
-from ._packets.capture import DIRECTIONS, Capture, Packet
+from ._packets.capture import Capture
+from ._packets.packet import DIRECTIONS, Packet
 
 if TYPE_CHECKING:
     from ._kernel.sockets import SocketInfo
-    from ._link.link import Rule
+    from ._link.link import Divert, Rule
     from ._link.rules import Fault, Outage, PathMtu
     from ._peer.peer import ScriptedPeer
 
@@ -542,19 +543,34 @@ class TunPair:
 
         if side not in ("a", "b"):
             raise ValueError(f"script(side={side!r}): use 'a' or 'b'")
-        self._require_relay()
+        relay = self._require_relay()
         for peer in self._peers:
             if peer.side == side and peer.active:
                 raise TunPairError(
                     f"side {side!r} is scripted already: close that peer first (peer.close(), "
                     "or leave its with block)"
                 )
+        me, other = (self.a, self.b) if side == "a" else (self.b, self.a)
+        direction = "a->b" if side == "b" else "b->a"  # the packets towards the scripted side
+
+        class Port:  # the peer's one way to the pair (_peer.peer.PeerPort)
+            mode = self.mode
+            t0 = self.packets.t0
+            wall_t0 = self.packets.wall_t0
+
+            @staticmethod
+            def divert(take: Divert | None) -> None:
+                relay.set_divert(direction, take)
+
+            write = staticmethod(other.inject)
+            closed = staticmethod(self._peer_closed)
+
         self._update_offload(busy=True)  # before the peer sees a packet
-        peer = ScriptedPeer(self, side)
+        peer = ScriptedPeer(Port(), side, me, other)
         self._peers.append(peer)
         return peer
 
-    def _peer_closed(self, peer: ScriptedPeer) -> None:
+    def _peer_closed(self) -> None:
         if not self._closed:
             self._update_offload()
 

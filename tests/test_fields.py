@@ -28,7 +28,7 @@ from scapy.packet import Packet as ScapyPacket
 from scapy.packet import Raw
 
 from pytest_tunpair import Capture, Packet, PacketTimeout, UnexpectedPacket
-from pytest_tunpair._wire.headers import FIELDS
+from pytest_tunpair._packets.packet import FIELDS
 
 ECN = ("not-ect", "ect1", "ect0", "ce")
 EXT6 = (IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting, IPv6ExtHdrFragment)
@@ -55,6 +55,14 @@ def expected_fields(sp: ScapyPacket) -> dict[str, Any]:
         return out
     out.update(src=ip.src, dst=ip.dst)
     out["proto"] = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}.get(out["ip_proto"])
+    if IP in sp:
+        later_fragment = sp[IP].frag > 0
+    else:
+        later_fragment = any(
+            isinstance(x, IPv6ExtHdrFragment) and x.offset > 0 for x in sp.iterpayloads()
+        )
+    if later_fragment:  # no transport header (scapy: Raw), so no transport fields at all
+        return out
     if TCP in sp:
         t = sp[TCP]
         out.update(
@@ -64,6 +72,7 @@ def expected_fields(sp: ScapyPacket) -> dict[str, Any]:
             tcp_seq=t.seq,
             tcp_ack=t.ack,
             window=t.window,
+            tcp_options=t.options,
             payload=bytes(t.payload),
         )
     elif UDP in sp:

@@ -10,7 +10,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from pytest_tunpair import Capture, Flow, Packet
-from pytest_tunpair._kernel.linux import VIRTIO_NET_HDR, VIRTIO_NET_HDR_GSO_TCPV4
+from pytest_tunpair._wire.gso import VIRTIO_NET_HDR, VIRTIO_NET_HDR_GSO_TCPV4
 
 A, B = "198.18.0.1", "198.18.0.2"
 ISN_A, ISN_B = 1000, 5000

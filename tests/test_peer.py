@@ -383,6 +383,41 @@ def test_udp_endpoint(tun_pair: TunPair, peer: ScriptedPeer) -> None:
         assert s.recvfrom(100) == (b"answer", (tun_pair.b.ip, 5353))
 
 
+def test_a_later_ipv6_fragment_is_no_segment_to_the_peer_or_the_capture(
+    tun_pair: TunPair, peer: ScriptedPeer
+) -> None:
+    # The peer of 0.2 read a later fragment's data as a TCP header (a SYN from 1111).
+    from scapy.layers.inet6 import IPv6ExtHdrFragment
+
+    # A TCP segment bigger than the MTU, sent raw: the kernel fragments it (RFC 8200 4.5),
+    # the first fragment carrying 1448 bytes of it at MTU 1500. What the second carries
+    # first is made to look like a SYN from port 1111 to port 4444.
+    first = (tun_pair.a.mtu - 40 - 8) // 8 * 8
+    head = bytes(TCP(sport=2222, dport=9, flags="A"))
+    decoy = bytes(TCP(sport=1111, dport=4444, flags="S", seq=1))
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+        raw.sendto(head + bytes(first - len(head)) + decoy + bytes(200), (tun_pair.b.ip6, 0))
+
+    def later(p: Packet) -> bool:
+        return p.haslayer(IPv6ExtHdrFragment) and p.scapy[IPv6ExtHdrFragment].offset > 0
+
+    # The pair records what the peer took after the peer did: once the pair's capture has
+    # the fragment, so has the peer (and nothing of the peer's looked at it yet).
+    recorded = tun_pair.packets.wait_for(later)
+    assert recorded.action == "scripted"
+    with pytest.raises(PacketTimeout, match="a SYN to port 4444"):
+        peer.tcp_accept(4444, timeout=0.5)
+    assert not [p for p in tun_pair.packets if p.direction == "b->a"]  # no SYN-ACK went out
+    [fragment] = [p for p in peer.packets if later(p)]
+    assert bytes(fragment.scapy[IPv6ExtHdrFragment].payload)[:20] == decoy
+    for p in (fragment, recorded):
+        assert (p.ip_proto, p.proto) == (6, "tcp")
+        assert (p.sport, p.dport, p.flags, p.tcp_seq, p.tcp_options, p.payload) == (None,) * 6
+        assert TCP not in p
+    # The first fragment is the segment's start: its header is read, and it is no SYN.
+    assert [(p.sport, p.dport, p.flags) for p in peer.packets if not later(p)] == [(2222, 9, "A")]
+
+
 def test_close_restores_forwarding(tun_pair: TunPair) -> None:
     with tun_pair.script("b") as peer:
         with pytest.raises(TunPairError, match="scripted already"):

@@ -15,14 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_tunpair._kernel import linux as _linux
 from pytest_tunpair._link.queue import (
     CODEL_INTERVAL,
     CODEL_TARGET,
-    ECN_CE,
-    ECN_ECT0,
-    ECN_ECT1,
-    ECN_NOT_ECT,
     PIE_MAX_BURST,
     PIE_TARGET,
     LinkQueue,
@@ -30,11 +25,12 @@ from pytest_tunpair._link.queue import (
     PacketQueue,
     QueueSpec,
     RateServer,
-    ecn_codepoint,
-    set_ce,
-    wire_size,
 )
-from pytest_tunpair._packets.capture import Packet
+from pytest_tunpair._packets.packet import Packet
+from pytest_tunpair._wire import gso as _gso
+from pytest_tunpair._wire.ecn import ecn_codepoint, set_ce
+from pytest_tunpair._wire.gso import wire_size
+from pytest_tunpair._wire.numbers import ECN_CE, ECN_ECT0, ECN_ECT1, ECN_NOT_ECT
 
 # 1500-byte packets at 12 Mbit/s: exactly 1 ms of service each.
 RATE = 12e6
@@ -544,7 +540,7 @@ def test_set_ce_ipv6_traffic_class() -> None:
 
 
 def test_set_ce_skips_vnet_and_ethernet_headers() -> None:
-    vnet = bytes(_linux.VIRTIO_NET_HDR_LEN)
+    vnet = bytes(_gso.VIRTIO_NET_HDR_LEN)
     eth = b"\x02" * 12 + b"\x08\x00"
     frame = vnet + eth + ipv4(ecn=ECN_ECT0)
     out = set_ce(frame, len(vnet), tap=True)
@@ -557,8 +553,8 @@ def test_set_ce_skips_vnet_and_ethernet_headers() -> None:
 
 
 def _tso_frame(payload: int, gso_size: int, v6: bool = False) -> bytes:
-    gso = _linux.VIRTIO_NET_HDR_GSO_TCPV6 if v6 else _linux.VIRTIO_NET_HDR_GSO_TCPV4
-    vnet = _linux.VIRTIO_NET_HDR.pack(1, gso, 66, gso_size, 0, 0)
+    gso = _gso.VIRTIO_NET_HDR_GSO_TCPV6 if v6 else _gso.VIRTIO_NET_HDR_GSO_TCPV4
+    vnet = _gso.VIRTIO_NET_HDR.pack(1, gso, 66, gso_size, 0, 0)
     tcp = bytes(12) + bytes([8 << 4]) + bytes(19)  # 32-byte TCP header (timestamps)
     ip = ipv6(40 + 32 + payload)[:40] if v6 else ipv4(20 + 32 + payload, proto=6)[:20]
     if v6:
@@ -568,15 +564,15 @@ def _tso_frame(payload: int, gso_size: int, v6: bool = False) -> bytes:
 
 def test_wire_size_of_a_gso_super_packet() -> None:
     frame = _tso_frame(14480, 1448)
-    assert wire_size(frame, _linux.VIRTIO_NET_HDR_LEN) == (20 + 32 + 14480 + 9 * 52, 10)
+    assert wire_size(frame, _gso.VIRTIO_NET_HDR_LEN) == (20 + 32 + 14480 + 9 * 52, 10)
     frame = _tso_frame(14481, 1448, v6=True)
-    assert wire_size(frame, _linux.VIRTIO_NET_HDR_LEN) == (40 + 32 + 14481 + 10 * 72, 11)
+    assert wire_size(frame, _gso.VIRTIO_NET_HDR_LEN) == (40 + 32 + 14481 + 10 * 72, 11)
 
 
 def test_wire_size_of_a_plain_packet() -> None:
     pkt = ipv4(1200)
     assert wire_size(pkt) == (1200, 1)
-    assert wire_size(bytes(_linux.VIRTIO_NET_HDR_LEN) + pkt, _linux.VIRTIO_NET_HDR_LEN) == (1200, 1)
+    assert wire_size(bytes(_gso.VIRTIO_NET_HDR_LEN) + pkt, _gso.VIRTIO_NET_HDR_LEN) == (1200, 1)
 
 
 # -- the spec ----------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from pytest_tunpair._link.impair import ImpairmentEngine, ImpairmentSpec
 from pytest_tunpair._link.link import Verdict
 from pytest_tunpair._link.queue import LinkQueue, PacketQueue, QueueSpec, RateServer
 from pytest_tunpair._link.relay import Hook, Relay
-from pytest_tunpair._packets.capture import Capture, Packet
+from pytest_tunpair._packets.capture import Capture
+from pytest_tunpair._packets.packet import Packet
 
 WAIT = 5.0
 

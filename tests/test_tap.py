@@ -7,8 +7,11 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -390,6 +393,135 @@ def test_validate_frame_counts_the_payload_after_vlan_tags() -> None:
     validate_frame(bytes(14), mode="tap", mtu=1500)  # a bare header is a frame
     with pytest.raises(ValueError, match="0 bytes is shorter"):
         validate_frame(b"", mode="tap", mtu=1500)
+
+
+# -- VLAN tags: the relay reads past them ------------------------------------------------------------
+
+# include/uapi/linux/if_ether.h, include/linux/socket.h, include/uapi/linux/if_packet.h
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+PACKET_OUTGOING = 4
+TP_STATUS_VLAN_VALID = 1 << 4
+# struct tpacket_auxdata: tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_vlan_tci, tp_vlan_tpid
+TPACKET_AUXDATA = struct.Struct("=IIIHHHH")
+
+
+class DeviceSocket:
+    """A packet socket on one of the pair's devices, in the pair's namespace.
+
+    What a VLAN device would send is sent here, out of the TAP device, so the relay reads
+    it as the kernel's own; what the kernel receives on the device is seen here too, with
+    the VLAN tag it took off into the packet's metadata (docs/internals.md, "VLAN tags on
+    a TAP device without VLAN devices").
+    """
+
+    def __init__(self, device: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((device, 0))
+        self.sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+
+    def send(self, frame: Any) -> None:
+        self.sock.send(bytes(frame))
+
+    def received(
+        self, match: Callable[[Any], bool], timeout: float = 5.0
+    ) -> tuple[Any, int | None]:
+        """The first frame the kernel received that ``match`` (given the scapy decode)
+        accepts, with the VLAN ID it was tagged with (``None``: untagged)."""
+        from scapy.layers.l2 import Ether
+
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data, ancillary, _flags, addr = self.sock.recvmsg(
+                    65535, socket.CMSG_SPACE(TPACKET_AUXDATA.size)
+                )
+            except TimeoutError:
+                break
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            vlan = None
+            for level, kind, cdata in ancillary:
+                if level == SOL_PACKET and kind == PACKET_AUXDATA:
+                    status, *_, tci, _tpid = TPACKET_AUXDATA.unpack_from(cdata)
+                    if status & TP_STATUS_VLAN_VALID:
+                        vlan = tci & 0x0FFF
+            frame = Ether(data)
+            if match(frame):
+                return frame, vlan
+        raise AssertionError(f"the kernel received no matching frame within {timeout} s")
+
+    def __enter__(self) -> DeviceSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+@pytest.mark.tunpair(mode="tap", ipv6=None)
+def test_a_vlan_tagged_syn_is_reset_on_its_vlan(tun_pair: TunPair) -> None:
+    # In 0.2 fail(how="reset") answered a tagged SYN with nothing (dropped it silently).
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Dot1Q, Ether
+
+    a, b = tun_pair.a, tun_pair.b
+    fault = tun_pair.fail(how="reset", dport=4444, direction="a->b")
+    syn = (
+        Ether(src=a.mac, dst=b.mac)
+        / Dot1Q(vlan=7)
+        / IP(src=a.ip, dst=b.ip)
+        / TCP(sport=1111, dport=4444, flags="S", seq=1000)
+    )
+    with DeviceSocket(a.name) as dev:
+        dev.send(syn)
+        reset, vlan = dev.received(lambda f: TCP in f and f[TCP].dport == 1111)
+    # The kernel got the RST on VLAN 7, from b to a, acknowledging the SYN.
+    assert vlan == 7
+    assert (reset[Ether].src, reset[Ether].dst) == (b.mac, a.mac)
+    assert (reset[IP].src, reset[IP].dst, reset[TCP].sport) == (b.ip, a.ip, 4444)
+    assert (str(reset[TCP].flags), reset[TCP].ack) == ("RA", 1001)
+    # The capture: the SYN answered ("reset"), the RST written back with the tag kept.
+    [answered] = [p for p in tun_pair.packets if p.action == "reset"]
+    assert (answered.direction, answered.dport, answered.flags) == ("a->b", 4444, "S")
+    [written] = [p for p in tun_pair.packets if p.action == "injected"]
+    assert written.direction == "b->a" and written.scapy[Dot1Q].vlan == 7
+    assert (written.sport, written.dport, written.flags) == (4444, 1111, "RA")
+    assert fault.hits == 1
+
+
+@pytest.mark.tunpair(mode="tap", ipv6=None)
+def test_path_mtu_measures_the_ip_packet_behind_the_vlan_tags(tun_pair: TunPair) -> None:
+    # In 0.2 path_mtu() took any TAP frame's IP packet to start 14 bytes in.
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+
+    a, b = tun_pair.a, tun_pair.b
+    pmtu = tun_pair.path_mtu(1400, direction="a->b")
+
+    def datagram(ip_len: int, *tags: Any, dport: int) -> Any:
+        frame = Ether(src=a.mac, dst=b.mac)
+        for tag in tags:
+            frame = frame / tag
+        ip = IP(src=a.ip, dst=b.ip, flags="DF") / UDP(sport=5000, dport=dport)
+        return frame / ip / bytes(ip_len - 28)
+
+    with DeviceSocket(a.name) as dev:
+        dev.send(datagram(1400, Dot1Q(vlan=7), dport=1))  # fits: 1418 bytes on the wire
+        dev.send(datagram(1400, Dot1AD(vlan=3), Dot1Q(vlan=7), dport=2))  # QinQ: 1422
+        dev.send(datagram(1401, Dot1Q(vlan=7), dport=3))  # one byte too many
+        error, vlan = dev.received(lambda f: ICMP in f and f[ICMP].type == 3)
+    # The sender got "fragmentation needed, next hop MTU 1400" on its VLAN.
+    assert vlan == 7 and (error[ICMP].code, error[ICMP].nexthopmtu) == (4, 1400)
+    _wait_count(tun_pair, lambda p: p.action == "forwarded" and p.direction == "a->b", 2)
+    by_port = {p.dport: p for p in tun_pair.packets if p.direction == "a->b"}
+    assert (by_port[1].action, by_port[1].wire_len) == ("forwarded", 1418)
+    assert (by_port[2].action, by_port[2].wire_len) == ("forwarded", 1422)
+    assert by_port[3].action == "too-big"
+    [written] = [p for p in tun_pair.packets if p.action == "injected"]
+    assert written.direction == "b->a" and written.scapy[Dot1Q].vlan == 7
+    assert pmtu is not None and (pmtu.too_big, pmtu.fragmented) == (1, 0)
 
 
 # -- hooks ----------------------------------------------------------------------------------------

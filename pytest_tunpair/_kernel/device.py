@@ -9,6 +9,7 @@ import socket
 import struct
 
 from .._errors import PrivilegeError, TunDeviceError
+from .._wire import gso as _gso
 from . import linux as _linux
 
 __all__ = ["OFFLOAD_FLAGS", "TunDevice"]
@@ -47,7 +48,7 @@ class TunDevice:
         self.name = name
         self.mode = mode
         self.vnet_hdr = vnet_hdr
-        self.hdr_len = _linux.VIRTIO_NET_HDR_LEN if vnet_hdr else 0
+        self.hdr_len = _gso.VIRTIO_NET_HDR_LEN if vnet_hdr else 0
         self.offload = False
         flags = (_linux.IFF_TAP if mode == "tap" else _linux.IFF_TUN) | _linux.IFF_NO_PI
         if vnet_hdr:
@@ -93,7 +94,7 @@ class TunDevice:
         if self.fd is None:
             raise TunDeviceError(f"{self.name} is closed", device=self.name)
         if self.hdr_len:
-            return os.write(self.fd, _linux.ZERO_VNET_HDR + payload) - self.hdr_len
+            return os.write(self.fd, _gso.ZERO_VNET_HDR + payload) - self.hdr_len
         return os.write(self.fd, payload)
 
     def close(self) -> None:

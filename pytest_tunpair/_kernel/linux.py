@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 from functools import lru_cache
 
 # include/uapi/linux/sched.h
@@ -29,19 +28,6 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
-
-# include/uapi/linux/virtio_net.h: struct virtio_net_hdr (the 10-byte legacy layout the TUN
-# driver uses by default): flags u8, gso_type u8, hdr_len u16, gso_size u16, csum_start u16,
-# csum_offset u16 -- in the host's byte order for legacy virtio.
-VIRTIO_NET_HDR = struct.Struct("=BBHHHH")
-VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.size
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_GSO_NONE = 0
-VIRTIO_NET_HDR_GSO_TCPV4 = 1
-VIRTIO_NET_HDR_GSO_UDP = 3
-VIRTIO_NET_HDR_GSO_TCPV6 = 4
-VIRTIO_NET_HDR_GSO_ECN = 0x80
-ZERO_VNET_HDR = bytes(VIRTIO_NET_HDR_LEN)
 
 # include/uapi/linux/if_addr.h
 IFA_F_NODAD = 0x02

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from .._packets.capture import DIRECTIONS
+from .._packets.packet import DIRECTIONS
 
 __all__ = ["Counters", "Stats"]
 

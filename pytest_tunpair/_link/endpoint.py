@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._errors import TunDeviceError
-from .._packets.capture import Packet
+from .._packets.packet import Packet
 from .._wire.validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .._packets.capture import Packet
+from .._packets.packet import Packet
 from .._wire.validate import is_scapy_packet
 from .link import Link
 

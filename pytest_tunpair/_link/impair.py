@@ -13,7 +13,7 @@ Effects, applied to each packet in this order
 1. **loss** -- with probability ``loss`` the packet is dropped: exactly one
    ``Emit(due=None, data, "lost")`` and nothing else (a lost packet occupies no link time and
    does not overtake a held packet).  With ``ecn=True`` an ECN-capable packet (ECT(0) or
-   ECT(1)) is marked CE instead (``_queue.set_ce``) and goes on, with action ``"marked"``.
+   ECT(1)) is marked CE instead (``_wire.ecn.set_ce``) and goes on, with action ``"marked"``.
 2. **corrupt** -- with probability ``corrupt`` one bit, chosen uniformly over the whole packet,
    is flipped.  The length never changes.  An empty packet has no bit to flip and is passed on
    unchanged.
@@ -100,9 +100,10 @@ from .._schema import (
     option,
     validate,
 )
+from .._wire.ecn import set_ce
 from ..traces import Trace, TraceKind
 from .gemodel import GilbertElliott, GilbertElliottChain, LossModel
-from .queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec, set_ce
+from .queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec
 
 __all__ = [
     "ACTIONS",

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .._packets.capture import Packet
+from .._packets.packet import Packet
 from .counters import Counters
 
 if TYPE_CHECKING:

@@ -93,8 +93,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from .._kernel import linux as _linux
-from .._packets.capture import Packet
+from .._packets.packet import Packet
+from .._wire.ecn import ecn_codepoint, set_ce
+from .._wire.gso import wire_size
+from .._wire.numbers import ECN_ECT0, ECN_ECT1
 
 __all__ = [
     "DISCIPLINES",
@@ -105,9 +107,6 @@ __all__ = [
     "QueueSpec",
     "RateServer",
     "Server",
-    "ecn_codepoint",
-    "set_ce",
-    "wire_size",
 ]
 
 Discipline = Literal["droptail", "drophead", "codel", "pie"]
@@ -130,18 +129,6 @@ PIE_MARK_ECNTH = 0.1
 #: MEAN_PKTSIZE): an Ethernet MTU, which is also the pair's default MTU.
 MTU = 1500
 
-# RFC 3168 section 5: the ECN field, the two low bits of IPv4 TOS / IPv6 traffic class.
-ECN_NOT_ECT = 0
-ECN_ECT1 = 1
-ECN_ECT0 = 2
-ECN_CE = 3
-# include/uapi/linux/if_ether.h
-_ETH_P_IP = 0x0800
-_ETH_P_IPV6 = 0x86DD
-_ETH_P_8021Q = 0x8100
-_ETH_P_8021AD = 0x88A8
-# include/uapi/linux/in.h
-_IPPROTO_TCP = 6
 
 Action = Literal["sent", "marked", "dropped"]
 
@@ -903,112 +890,3 @@ class _Pie:
         # once the buffer is empty, so an idle link reads as "no delay".
         self.qdelay = now - entry.arrival if self.queue._waiting else 0.0
         return entry
-
-
-# -- packet bytes -----------------------------------------------------------------------------
-
-
-def _ip_start(frame: bytes, offset: int, tap: bool) -> int | None:
-    """Where the IP header starts (skipping a TAP frame's Ethernet and VLAN headers)."""
-    if not tap:
-        return offset
-    pos = offset + 12
-    while len(frame) >= pos + 2:
-        ethertype = (frame[pos] << 8) | frame[pos + 1]
-        if ethertype in (_ETH_P_8021Q, _ETH_P_8021AD):
-            pos += 4
-            continue
-        if ethertype in (_ETH_P_IP, _ETH_P_IPV6):
-            return pos + 2
-        return None
-    return None
-
-
-def ecn_codepoint(frame: bytes, offset: int = 0, *, tap: bool = False) -> int | None:
-    """The ECN field (RFC 3168: 0 not-ECT, 1 ECT(1), 2 ECT(0), 3 CE) of the IP packet at
-    ``offset`` in ``frame`` (after the Ethernet header when ``tap``); ``None`` if it is
-    not IPv4 or IPv6."""
-    ip = _ip_start(frame, offset, tap)
-    if ip is None or len(frame) < ip + 2:
-        return None
-    version = frame[ip] >> 4
-    if version == 4:
-        return frame[ip + 1] & 0x03
-    if version == 6:
-        # The traffic class spans the low nibble of byte 0 and the high nibble of byte 1;
-        # its two ECN bits are bits 4-5 of byte 1.
-        return (frame[ip + 1] >> 4) & 0x03
-    return None
-
-
-def set_ce(frame: bytes, offset: int = 0, *, tap: bool = False) -> bytes | None:
-    """``frame`` with Congestion Experienced set in its IP header, or ``None`` if the packet
-    is not ECN-capable (not-ECT, or not IP) and must be dropped instead.
-
-    IPv4: the TOS byte's ECN bits become 11 and the header checksum is updated
-    incrementally (RFC 1624, eqn. 3), so nothing else of the packet is touched; IPv6: the
-    traffic class's ECN bits (IPv6 has no header checksum).  A packet already CE is
-    returned unchanged.  Transport checksums do not cover these bits (RFC 3168 section 6.1.1).
-    """
-    ip = _ip_start(frame, offset, tap)
-    codepoint = ecn_codepoint(frame, offset, tap=tap)
-    if ip is None or codepoint is None or codepoint == ECN_NOT_ECT:
-        return None
-    if codepoint == ECN_CE:
-        return frame
-    out = bytearray(frame)
-    if frame[ip] >> 4 == 6:
-        out[ip + 1] |= 0x30
-        return bytes(out)
-    if len(frame) < ip + 12:
-        return None
-    old_word = (frame[ip] << 8) | frame[ip + 1]
-    out[ip + 1] |= 0x03
-    new_word = (out[ip] << 8) | out[ip + 1]
-    checksum = (frame[ip + 10] << 8) | frame[ip + 11]
-    # RFC 1624: HC' = ~(~HC + ~m + m'), in ones' complement arithmetic.
-    total = (~checksum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    checksum = ~total & 0xFFFF
-    out[ip + 10] = checksum >> 8
-    out[ip + 11] = checksum & 0xFF
-    return bytes(out)
-
-
-def wire_size(frame: bytes, vnet_len: int = 0, *, tap: bool = False) -> tuple[int, int]:
-    """``(bytes, packets)`` that ``frame`` stands for on a real wire.
-
-    ``frame`` starts with a ``vnet_len``-byte virtio-net header (0 without offload).  A TCP
-    GSO super-packet (``gso_type`` TCPV4/TCPV6) is ``ceil(payload / gso_size)`` segments,
-    each repeating the Ethernet (TAP), IP and TCP headers; anything else is one packet of
-    its own length.  Cheap: a header unpack and a few byte reads, no decoding.
-    """
-    length = len(frame) - vnet_len
-    if vnet_len < _linux.VIRTIO_NET_HDR_LEN or len(frame) < vnet_len:
-        return length, 1
-    _flags, gso_type, _hdr_len, gso_size, _cs, _co = _linux.VIRTIO_NET_HDR.unpack_from(frame)
-    gso_type &= ~_linux.VIRTIO_NET_HDR_GSO_ECN
-    if gso_size == 0 or gso_type not in (
-        _linux.VIRTIO_NET_HDR_GSO_TCPV4,
-        _linux.VIRTIO_NET_HDR_GSO_TCPV6,
-    ):
-        return length, 1
-    ip = _ip_start(frame, vnet_len, tap)
-    if ip is None or len(frame) < ip + 40:
-        return length, 1
-    if frame[ip] >> 4 == 4:
-        l3 = (frame[ip] & 0x0F) * 4
-    elif frame[ip] >> 4 == 6 and frame[ip + 6] == _IPPROTO_TCP:
-        l3 = 40
-    else:
-        return length, 1
-    if len(frame) < ip + l3 + 13:
-        return length, 1
-    headers = l3 + (frame[ip + l3 + 12] >> 4) * 4
-    payload = len(frame) - ip - headers
-    if payload <= gso_size:
-        return length, 1
-    segments = -(-payload // gso_size)
-    per_segment = (ip - vnet_len) + headers  # Ethernet (TAP) + IP + TCP, on every segment
-    return length + (segments - 1) * per_segment, segments

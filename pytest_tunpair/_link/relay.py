@@ -43,9 +43,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._errors import HookError
-from .._kernel import linux as _linux
 from .._kernel.timer import Timer, set_timer_slack
-from .._packets.capture import Capture, Packet
+from .._packets.capture import Capture
+from .._packets.packet import Packet
+from .._wire import gso as _gso
 from .counters import Stats
 from .hooks import Hook, HookFailure, HookWorker, Result
 from .link import Divert, Link, Queue, Rule
@@ -299,7 +300,7 @@ class Relay:
         link = self._sides[side]
         dev = link.dst
         hdr = dev.hdr_len
-        raw = _linux.ZERO_VNET_HDR + frame if hdr else frame
+        raw = _gso.ZERO_VNET_HDR + frame if hdr else frame
         capture = self.capture
         pkt = Packet(0.0, link.direction, action, raw, hdr, self.mode)
         if threading.get_ident() == self._thread.ident:
@@ -644,7 +645,7 @@ class Relay:
         reference sees the number the capture gives it.
         """
         dst_hdr = link.dst.hdr_len
-        zero = _linux.ZERO_VNET_HDR if dst_hdr else b""
+        zero = _gso.ZERO_VNET_HDR if dst_hdr else b""
         original = pkt.data
         vnet = pkt.vnet_header
         reuse = True
@@ -710,12 +711,12 @@ class Relay:
             src_hdr = link.src.hdr_len
             reverse = "b->a" if link.direction == "a->b" else "a->b"
             for reply in verdict.replies:
-                raw = _linux.ZERO_VNET_HDR + bytes(reply) if src_hdr else bytes(reply)
+                raw = _gso.ZERO_VNET_HDR + bytes(reply) if src_hdr else bytes(reply)
                 # Its arrival is the answered packet's: the sojourn is how long it took.
                 rec = Packet(pkt.arrival, reverse, "injected", raw, src_hdr, self.mode)
                 out.append((rec, raw, link, _REPLY))
             dst_hdr = link.dst.hdr_len
-            zero = _linux.ZERO_VNET_HDR if dst_hdr else b""
+            zero = _gso.ZERO_VNET_HDR if dst_hdr else b""
             for data in verdict.forward:
                 data = bytes(data)
                 f = zero + data
@@ -738,7 +739,7 @@ class Relay:
     ) -> None:
         dst_hdr = link.dst.hdr_len
         if emit.data is not payload and emit.data != payload:  # corrupted: header invalid
-            frame_hdr = _linux.ZERO_VNET_HDR if dst_hdr else b""
+            frame_hdr = _gso.ZERO_VNET_HDR if dst_hdr else b""
         frame = frame_hdr + emit.data
         action = _merge(hook_action, emit.action)
         pkt = Packet(arrival, link.direction, action, frame, dst_hdr, self.mode, arrival)
@@ -806,7 +807,7 @@ class Relay:
         self._flush()
 
     def _expire(self, link: Link, engine: ImpairmentEngine, until: float, now: float) -> None:
-        zero = _linux.ZERO_VNET_HDR if link.dst.hdr_len else b""
+        zero = _gso.ZERO_VNET_HDR if link.dst.hdr_len else b""
         for emit in engine.expire(until):
             self._emit(link, emit, emit.data, zero, now, "forwarded", link.held_arrival)
         link.held = int(link.engine is not None and link.engine.deadline() is not None)
@@ -883,7 +884,7 @@ class Relay:
         t = time.monotonic() - self.capture.t0
         for link in self.links.values():
             hdr = link.dst.hdr_len
-            zero = _linux.ZERO_VNET_HDR if hdr else b""
+            zero = _gso.ZERO_VNET_HDR if hdr else b""
             if link.engine is not None:
                 for emit in link.engine.expire(math.inf):
                     pkt = Packet(t, link.direction, "dropped", zero + emit.data, hdr, self.mode)

@@ -6,7 +6,7 @@ and at the same time the handle the test holds (``tun_pair.outage()``, ``tun_pai
 ``tun_pair.path_mtu()``). The relay thread only reads a rule's settings and bumps its
 counters; the test thread ends a rule through its pair, which asks the relay to remove it.
 
-A rule decides from the packet's bytes with a struct parse (the fields of ``_fields``),
+A rule decides from the packet's bytes with the one header parser (``_wire.headers``),
 never scapy: it runs on every packet of its direction (docs/internals.md, "scapy decode cost":
 about 0.24 ms a packet, against a few microseconds for a header parse).
 """
@@ -17,15 +17,15 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._errors import OptionError
+from .._packets.packet import Packet, parsed
 from .._schema import Bool, Choice, Duration, Int, Invalid, Kind
+from .._wire import headers as _h
 from .._wire import replies as _replies
+from .._wire.numbers import IPV4_MIN_MTU
 from .link import Verdict
-
-if TYPE_CHECKING:
-    from .._packets.capture import Packet
 
 __all__ = ["HOWS", "Fault", "Outage", "PathMtu", "field_predicate"]
 
@@ -39,7 +39,7 @@ _DROPPED = Verdict("dropped")
 def field_predicate(fields: Mapping[str, Any], what: str) -> Callable[[Packet], bool] | None:
     """The keyword filters of ``packets.filter`` (``dport=443, flags="S"``: each a value or
     a predicate on the value) as one predicate; None when there are none. The fields are
-    parsed from the packet's bytes without scapy (``_fields``), once per packet. Unknown
+    parsed from the packet's bytes without scapy (``Packet``'s fields), once per packet. Unknown
     names raise ``TypeError`` naming the known ones; a bad address or flags ``ValueError``."""
     if not fields:
         return None
@@ -76,9 +76,7 @@ def check_fail(times: object, how: object) -> tuple[int | None, str]:
 def check_mtu(mtu: object, icmp: object) -> tuple[int, bool]:
     """``path_mtu()``'s ``mtu`` (68 to 65535, RFC 791's minimum) and ``icmp``, checked."""
     size = _checked(
-        Int(
-            _replies.IPV4_MIN_MTU, 65535, what="a whole number from 68 to 65535, or None to end it"
-        ),
+        Int(IPV4_MIN_MTU, 65535, what="a whole number from 68 to 65535, or None to end it"),
         "mtu",
         mtu,
         "path_mtu()",
@@ -261,12 +259,15 @@ class PathMtu:
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
         data = pkt.data
-        ip_len = len(data) - (_replies.ETH_HLEN if pkt.mode == "tap" else 0)
-        if ip_len <= self.mtu:
+        if len(data) <= self.mtu:  # the IP packet inside is no longer: no parse needed
             return None
-        ip = _replies.l3(data, pkt.mode)
+        # The IP packet starts behind the Ethernet header and any VLAN tags (the parsed
+        # offsets count from the frame, virtio-net header included).
+        l3 = max(parsed(pkt)[_h.L3] - (len(pkt.frame) - len(data)), 0)
+        if len(data) - l3 <= self.mtu:
+            return None
         mtu = self.mtu
-        if _replies.is_too_big(ip, mtu):
+        if _replies.is_too_big(data[l3:], mtu):
             self.too_big += 1
             if not self.icmp:
                 return Verdict("too-big")

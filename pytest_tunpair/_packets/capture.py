@@ -1,10 +1,7 @@
-"""What the relay carried: ``Packet`` records and the live, thread-safe ``Capture``.
+"""What the relay carried: the live, thread-safe ``Capture`` of ``Packet`` records.
 
-The relay thread appends; test code reads. Recording is kept cheap because it sits in the
-hot path (docs/internals.md, "Recording cost per packet": a tuple per packet cost 10-15% of
-throughput): a ``Packet`` keeps
-the buffer exactly as read from the device and slices off the virtio-net header, decodes
-the GSO metadata and builds the scapy object only when someone asks.
+The relay thread appends; test code reads. A ``Packet`` (:mod:`.packet`) keeps the buffer
+as read; matching, flows, pcap files and plots work over the capture's snapshots.
 """
 
 from __future__ import annotations
@@ -15,36 +12,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 from .._errors import PacketTimeout
-from .._kernel import linux as _linux
-from .._wire import headers as _fields
+from . import flows as _flows
+from . import match as _match
+from . import plot as _plot
+from .flows import Flow
+from .packet import DIRECTIONS, Packet, trace
+from .pcap import write_pcap
 
-if TYPE_CHECKING:
-    from .flows import Flow
+__all__ = ["Capture"]
 
-__all__ = ["Capture", "GsoInfo", "Packet"]
-
-DIRECTIONS = ("a->b", "b->a")
-#: Actions of packets that reached the receiving side: written to the other device (or,
-#: ``"scripted"``, taken by a scripted peer standing in for it; ``"marked"`` went CE-marked
-#: instead of dropped). Any other action -- a hook's or a rule's drop (``"dropped"`` or the
-#: rule's own label), an impairment's loss -- means the receiver never got it.
-DELIVERED = frozenset(
-    {
-        "forwarded",
-        "injected",
-        "modified",
-        "duplicated",
-        "delayed",
-        "reordered",
-        "corrupted",
-        "marked",
-        "scripted",
-    }
-)
 # Lines of trace a PacketTimeout message shows at most.
 TIMEOUT_TRACE_LINES = 30
 #: What the ``capture_bytes`` budget charges per kept packet besides its bytes: the Packet
@@ -55,385 +34,9 @@ PACKET_OVERHEAD = 320
 #: the capture churns through 64 KiB super-packets (measured: about 3 % of a full capture).
 SLACK_SHIFT = 4
 
-_GSO_NAMES = {
-    _linux.VIRTIO_NET_HDR_GSO_NONE: "none",
-    _linux.VIRTIO_NET_HDR_GSO_TCPV4: "tcpv4",
-    _linux.VIRTIO_NET_HDR_GSO_UDP: "udp",
-    _linux.VIRTIO_NET_HDR_GSO_TCPV6: "tcpv6",
-}
-
-
-@dataclass(frozen=True)
-class GsoInfo:
-    """The virtio-net header that came with a packet when offload is on.
-
-    ``type`` is ``"tcpv4"``/``"tcpv6"`` for a GSO super-packet (TCP data the kernel will
-    cut into ``size``-byte segments on a real wire), ``"none"`` otherwise.
-    ``needs_csum`` means the TCP/UDP checksum field holds only the pseudo-header sum (the
-    "hardware" would finish it): a capture of such a packet shows a bad checksum, exactly as
-    tcpdump on a host with offload does.
-    """
-
-    type: str
-    """The GSO type: ``"tcpv4"``, ``"tcpv6"``, ``"udp"`` for a super-packet, ``"none"`` otherwise."""
-    size: int
-    """The segment size (the MSS for TCP) a super-packet is to be cut into; 0 when not one."""
-    hdr_len: int
-    """Length of the headers that every segment repeats (IP + TCP), as the kernel gave it."""
-    needs_csum: bool
-    """True: the TCP/UDP checksum holds only the pseudo-header sum (partial, as with offload)."""
-    csum_start: int
-    """Where checksumming starts, in bytes from the start of the packet (with ``needs_csum``)."""
-    csum_offset: int
-    """Where the checksum goes, in bytes from ``csum_start`` (with ``needs_csum``)."""
-    ecn: bool = False
-    """True: the TCP segments carry ECN's CWR, which the segmenter must keep on the first only."""
-
-    @property
-    def is_super_packet(self) -> bool:
-        """True for a GSO super-packet: one ``Packet`` holding many segments' worth of data."""
-        return self.type != "none"
-
-
-def _load_scapy() -> tuple[Any, Any, Any, Any]:
-    # Importing the layers is what costs (docs/internals.md, "Import cost of scapy and
-    # pyroute2": 0.3 s for inet); do it once, lazily.
-    from scapy.layers.inet import IP
-    from scapy.layers.inet6 import IPv6
-    from scapy.layers.l2 import Ether
-    from scapy.packet import Raw
-
-    return IP, IPv6, Ether, Raw
-
-
-class Packet:
-    """One packet the relay saw.
-
-    ``time`` is seconds since the pair came up, when the relay wrote the packet (or dropped
-    it); ``arrival`` when the relay read it (``sojourn`` is the difference: what delay,
-    rate, hooks and queueing added); ``direction`` is ``"a->b"`` or ``"b->a"``;
-    ``action`` says what the relay did (``"forwarded"``, ``"injected"``, ``"dropped"``,
-    ``"modified"``, ``"duplicated"``, ``"lost"``, ``"delayed"``, ``"reordered"``,
-    ``"corrupted"``, ``"scripted"``; from the scenario rules ``"reset"``,
-    ``"unreachable"``, ``"too-big"``, ``"fragmented"``); ``data`` is the IP packet (TUN) or
-    Ethernet frame
-    (TAP), without the virtio-net header; ``scapy`` decodes it on first access.
-
-    ``seq`` is the packet's number in the capture, given when it is recorded -- that is,
-    once its action is final. A hook sees a packet before that (``seq == -1``); a hook that
-    drops a packet or fails on it gets that same object recorded, so the number a
-    :class:`~pytest_tunpair.HookError` names is then the packet's ``seq``.
-    """
-
-    # ``_f`` (the parsed header offsets) is left unset by ``__init__``: the relay builds a
-    # Packet per packet read, most are never looked at, and an unset slot costs nothing.
-    __slots__ = (
-        "_data",
-        "_f",
-        "_off",
-        "_raw",
-        "_scapy",
-        "action",
-        "arrival",
-        "direction",
-        "mode",
-        "seq",
-        "time",
-        "wire_len",
-    )
-
-    _f: _fields.Parsed
-
-    def __init__(
-        self,
-        time: float,
-        direction: str,
-        action: str,
-        raw: bytes,
-        off: int = 0,
-        mode: str = "tun",
-        arrival: float | None = None,
-    ) -> None:
-        self.time = time
-        """When the relay wrote (or dropped) it: seconds since the pair came up."""
-        self.arrival = time if arrival is None else arrival
-        """When the relay read it, in seconds since the pair came up (``time`` if injected)."""
-        self.direction = direction
-        """``"a->b"`` or ``"b->a"``: the device it came from, and the one it went to."""
-        self.action = action
-        """What the relay did: ``"forwarded"``, ``"injected"``, ``"dropped"``, ``"modified"``,
-        ``"duplicated"``, ``"lost"``, ``"delayed"``, ``"reordered"`` or ``"corrupted"``.
-        """
-        self._raw = raw
-        self._off = off
-        self._data: bytes | None = None if off else raw
-        self._scapy: Any = None
-        self.mode = mode
-        """``"tun"`` or ``"tap"``: whether ``data`` is an IP packet or an Ethernet frame."""
-        self.wire_len = len(raw) - off
-        """Its length on the wire (also ``len(packet)``), even when ``snaplen`` kept less."""
-        self.seq = -1
-        """The packet's number in its pair's capture, in the order packets were recorded: 0 for the
-        first, counting across both directions. Numbers are never reused: packets that a bound or
-        :meth:`Capture.clear` forgot leave a gap, so ``seq`` orders and identifies packets where
-        indexes into ``tun_pair.packets`` shift. ``-1`` until the capture records it.
-        """
-
-    @property
-    def sojourn(self) -> float:
-        """Seconds the relay held the packet: ``time - arrival`` (0 for injected ones)."""
-        return self.time - self.arrival
-
-    @property
-    def vnet_header(self) -> bytes:
-        """The virtio-net header the packet came with (``b""`` when offload is off)."""
-        return self._raw[: self._off]
-
-    @property
-    def frame(self) -> bytes:
-        """What the device gave (or takes): the virtio-net header, if any, then ``data``.
-
-        The relay writes this, so an unchanged packet keeps its "GSO"/"checksum still to
-        do" header. (Cut to ``snaplen`` once recorded.)"""
-        return self._raw
-
-    @property
-    def data(self) -> bytes:
-        """The IP packet (TUN) or Ethernet frame (TAP) as read, without the virtio-net header."""
-        if self._data is None:
-            self._data = self._raw[self._off :]
-        return self._data
-
-    def __len__(self) -> int:
-        return self.wire_len
-
-    def __bytes__(self) -> bytes:
-        return self.data
-
-    @property
-    def gso(self) -> GsoInfo | None:
-        """The virtio-net header, or ``None`` when the pair runs without offload."""
-        if self._off < _linux.VIRTIO_NET_HDR_LEN:
-            return None
-        flags, gtype, hdr_len, size, cstart, coff = _linux.VIRTIO_NET_HDR.unpack_from(self._raw)
-        return GsoInfo(
-            type=_GSO_NAMES.get(gtype & ~_linux.VIRTIO_NET_HDR_GSO_ECN, str(gtype)),
-            size=size,
-            hdr_len=hdr_len,
-            needs_csum=bool(flags & _linux.VIRTIO_NET_HDR_F_NEEDS_CSUM),
-            csum_start=cstart,
-            csum_offset=coff,
-            ecn=bool(gtype & _linux.VIRTIO_NET_HDR_GSO_ECN),
-        )
-
-    @property
-    def scapy(self) -> Any:
-        """The packet decoded by scapy (``IP``/``IPv6`` for TUN, ``Ether`` for TAP)."""
-        if self._scapy is None:
-            IP, IPv6, Ether, Raw = _load_scapy()
-            data = self.data
-            if self.mode == "tap":
-                self._scapy = Ether(data)
-            elif data and data[0] >> 4 == 4:
-                self._scapy = IP(data)
-            elif data and data[0] >> 4 == 6:
-                self._scapy = IPv6(data)
-            else:
-                self._scapy = Raw(data)
-        return self._scapy
-
-    def haslayer(self, layer: Any) -> bool:
-        """``layer in packet``: scapy's ``haslayer``, answered from the header bytes for
-        the outer layers the parser knows (see :meth:`__contains__`)."""
-        return layer in self
-
-    # -- header fields, without scapy ------------------------------------------------------
-    def _parsed(self) -> _fields.Parsed:
-        try:
-            return self._f
-        except AttributeError:
-            self._f = f = _fields.parse(self._raw, self._off, self.mode)
-            return f
-
-    @property
-    def ip_version(self) -> int | None:
-        """4 or 6; ``None`` for ARP and anything else that is not IP."""
-        return self._parsed()[_fields.VERSION]
-
-    @property
-    def src(self) -> str | None:
-        """Source IP address (for ARP the sender's protocol address, scapy's ``psrc``)."""
-        return _fields.address(self._raw, self._parsed(), 0)
-
-    @property
-    def dst(self) -> str | None:
-        """Destination IP address (for ARP the target's protocol address, ``pdst``)."""
-        return _fields.address(self._raw, self._parsed(), 1)
-
-    @property
-    def ip_proto(self) -> int | None:
-        """The transport protocol number, after any IPv6 extension headers (6 for TCP)."""
-        return self._parsed()[_fields.IP_PROTO]
-
-    @property
-    def proto(self) -> str | None:
-        """``"tcp"``, ``"udp"``, ``"icmp"``, ``"icmpv6"``, ``"arp"`` or ``None``."""
-        f = self._parsed()
-        if f[_fields.ARP]:
-            return "arp"
-        return _fields.PROTO_NAMES.get(f[_fields.IP_PROTO])
-
-    @property
-    def sport(self) -> int | None:
-        """TCP/UDP (and SCTP, UDP-Lite) source port; ``None`` for other packets and for
-        fragments after the first."""
-        return self._parsed()[_fields.SPORT]
-
-    @property
-    def dport(self) -> int | None:
-        """Destination port, as :attr:`sport`."""
-        return self._parsed()[_fields.DPORT]
-
-    @property
-    def flags(self) -> str | None:
-        """TCP flags in scapy's letters and order (``"S"``, ``"SA"``, ``"PA"``, ``"FA"``)."""
-        flags = self._parsed()[_fields.TCP_FLAGS]
-        return None if flags is None else _fields.FLAG_STRINGS[flags]
-
-    @property
-    def tcp_seq(self) -> int | None:
-        """TCP sequence number."""
-        return _fields.tcp_word(self._raw, self._parsed(), 4, 4)
-
-    @property
-    def tcp_ack(self) -> int | None:
-        """TCP acknowledgment number (whether or not the A flag is set)."""
-        return _fields.tcp_word(self._raw, self._parsed(), 8, 4)
-
-    @property
-    def window(self) -> int | None:
-        """TCP window field as sent (not scaled)."""
-        return _fields.tcp_word(self._raw, self._parsed(), 14, 2)
-
-    @property
-    def payload(self) -> bytes | None:
-        """The L4 payload: after the TCP header and options, the UDP header, or ICMP's
-        8-byte header; for other IP protocols what follows the IP headers. A GSO
-        super-packet's is the whole super-packet's; ``snaplen`` cuts it."""
-        f = self._parsed()
-        poff = f[_fields.PAYLOAD]
-        if poff < 0:
-            return None
-        return self._raw[poff : f[_fields.END]]
-
-    @property
-    def ttl(self) -> int | None:
-        """IPv4 TTL or IPv6 hop limit."""
-        return self._parsed()[_fields.TTL]
-
-    @property
-    def ecn(self) -> str | None:
-        """The ECN codepoint: ``"not-ect"``, ``"ect1"``, ``"ect0"`` or ``"ce"``."""
-        tclass = self._parsed()[_fields.TCLASS]
-        return None if tclass is None else _fields.ECN_NAMES[tclass & 3]
-
-    @property
-    def icmp_type(self) -> int | None:
-        """ICMP or ICMPv6 type (8 echo request, 128 ICMPv6 echo request, ...)."""
-        return _fields.icmp_byte(self._raw, self._parsed(), 0)
-
-    @property
-    def icmp_code(self) -> int | None:
-        """ICMP or ICMPv6 code."""
-        return _fields.icmp_byte(self._raw, self._parsed(), 1)
-
-    # -- scapy's container protocol ----------------------------------------------------------
-    def __contains__(self, layer: Any) -> bool:
-        """``TCP in packet``, as on the scapy packet.
-
-        Layer classes ``Ether``, ``ARP``, ``IP``, ``IPv6``, ``TCP``, ``UDP`` and ``ICMP``
-        (or their names) are answered from the header bytes; a "no" is confirmed by scapy
-        when the packet may carry another packet inside (IP-in-IP, GRE, UDP tunnels), and
-        any other layer is asked of scapy.
-        """
-        if isinstance(layer, str):
-            name: str | None = layer
-        elif str(getattr(layer, "__module__", "")).startswith("scapy."):
-            name = getattr(layer, "__name__", None)
-        else:
-            name = None  # someone else's class of the same name
-        if name in _fields.LAYERS:
-            f = self._parsed()
-            if _fields.has_layer(name, self.mode, f):
-                return True
-            if not _fields.may_tunnel(f):
-                return False
-        return bool(self.scapy.haslayer(layer))
-
-    def __getitem__(self, layer: Any) -> Any:
-        """``packet[TCP]``: that layer of the scapy decode (``IndexError`` if absent)."""
-        return self.scapy[layer]
-
-    def summary(self) -> str:
-        """One tcpdump-like line: time, direction, action, scapy's summary, length."""
-        try:
-            what = self.scapy.summary()
-        except Exception as exc:  # a summary must never hide the rest of a report
-            what = f"<{len(self.data)} bytes, undecodable: {exc}>"
-        gso = self.gso
-        if gso and gso.is_super_packet:
-            size = f"length {self.wire_len} [gso {gso.type} segments of {gso.size}]"
-        else:
-            size = f"length {self.wire_len}"
-        if len(self.data) < self.wire_len:
-            size += f" [{len(self.data)} kept]"
-        sojourn = self.sojourn
-        if self.action in _HELD_ACTIONS or sojourn >= SHOW_SOJOURN:
-            size += f" (sojourn {_format_seconds(sojourn)})"
-        return f"{self.time:10.6f} {self.direction} {self.action:<10} {what}, {size}"
-
-    def __repr__(self) -> str:
-        number = f"#{self.seq}" if self.seq >= 0 else "(not recorded yet)"
-        return (
-            f"<Packet {number} t={self.time:.6f} {self.direction} {self.action} "
-            f"{self.wire_len} bytes>"
-        )
-
-
-# The trace shows how long the relay held packets it delayed on purpose, and any other
-# packet held this long (a slow hook, a queue).
-_HELD_ACTIONS = frozenset({"delayed", "reordered"})
-SHOW_SOJOURN = 0.001
-
-
-def _format_seconds(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:.3f}s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3f}ms"
-    return f"{seconds * 1e6:.1f}us"
-
 
 def _nothing_configured(direction: str) -> None:
     return None
-
-
-def trace(packets: Sequence[Packet], *, limit: int | None = None, evicted: int = 0) -> str:
-    """One tcpdump-like line per packet; beyond ``limit`` lines, the first and last ones
-    with ``… N more`` between them (the start shows how a conversation began, the end what
-    happened last)."""
-    lines = []
-    if evicted:
-        lines.append(f"… {evicted} older packets not kept (capture bound)")
-    if limit is not None and len(packets) > limit:
-        head = max(1, limit // 4) if limit > 1 else 0
-        tail = limit - head
-        lines.extend(p.summary() for p in packets[:head])
-        lines.append(f"… {len(packets) - limit} more")
-        lines.extend(p.summary() for p in packets[len(packets) - tail :])
-    else:
-        lines.extend(p.summary() for p in packets)
-    return "\n".join(lines) if lines else "(no packets)"
 
 
 class Capture(Sequence[Packet]):
@@ -685,18 +288,16 @@ class Capture(Sequence[Packet]):
         was captured when nothing matched in time.
         """
         __tracebackhide__ = True
-        from .match import ANY_ACTION, Matcher, packet_filter, wait_match
-
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
             raise ValueError(f"wait_for(timeout={timeout!r}): give a number of seconds >= 0")
-        by_fields = packet_filter(
+        by_fields = _match.packet_filter(
             direction=direction, action=action, fields=fields, what="wait_for"
         )
         what = []
         predicate = by_fields
         if match is not None:
             # Every action counts here (the relay's drops too), unlike in expect().
-            matcher = Matcher(match, action=ANY_ACTION, what="wait_for")
+            matcher = _match.Matcher(match, action=_match.ANY_ACTION, what="wait_for")
             what.append(matcher.description)
 
             def predicate(p: Packet) -> bool:
@@ -704,7 +305,7 @@ class Capture(Sequence[Packet]):
 
         what.extend(f"{k}={v!r}" for k, v in fields.items())
         what.extend(f"{k}={v!r}" for k, v in (("direction", direction), ("action", action)) if v)
-        found = wait_match(self, predicate, after_seq=-1, timeout=timeout)
+        found = _match.wait_match(self, predicate, after_seq=-1, timeout=timeout)
         if found is not None:
             return found
         packets = self._snapshot()
@@ -728,9 +329,7 @@ class Capture(Sequence[Packet]):
         packets without the field never match). ``action`` is a value or a predicate too.
         An unknown keyword is a ``TypeError`` listing the valid ones.
         """
-        from .match import packet_filter
-
-        predicate = packet_filter(layers, direction=direction, action=action, fields=fields)
+        predicate = _match.packet_filter(layers, direction=direction, action=action, fields=fields)
         return [p for p in self._snapshot() if predicate(p)]
 
     # -- expectations (PTF's verify_packet / verify_no_packet, packetdrill's sequences) ------
@@ -757,9 +356,7 @@ class Capture(Sequence[Packet]):
         'SA'``), then the trace. ``template`` may also be a predicate or a layer class.
         """
         __tracebackhide__ = True
-        from .match import expect
-
-        return expect(
+        return _match.expect(
             self,
             template,
             direction=direction,
@@ -784,9 +381,7 @@ class Capture(Sequence[Packet]):
         ``during`` s -- or was, since ``after``. A packet the relay dropped does not count
         (it never arrived) unless ``action=`` says so."""
         __tracebackhide__ = True
-        from .match import expect_none
-
-        expect_none(
+        _match.expect_none(
             self,
             match,
             during=during,
@@ -810,9 +405,7 @@ class Capture(Sequence[Packet]):
         ``syn, synack, ack = packets.expect_sequence([TCP(flags="S"), TCP(flags="SA"),
         TCP(flags="A")])``."""
         __tracebackhide__ = True
-        from .match import expect_sequence
-
-        return expect_sequence(
+        return _match.expect_sequence(
             self, templates, timeout=timeout, direction=direction, after=after, action=action
         )
 
@@ -867,9 +460,7 @@ class Capture(Sequence[Packet]):
     def flows(self) -> list[Flow]:
         """The conversations in the capture, in order of their first packet: one
         :class:`~pytest_tunpair.Flow` per protocol and pair of endpoints."""
-        from .flows import flows
-
-        return flows(self._snapshot())
+        return _flows.flows(self._snapshot())
 
     def summary(self, limit: int | None = None) -> str:
         """The trace, one tcpdump-like line per packet: time since the pair came up,
@@ -884,8 +475,6 @@ class Capture(Sequence[Packet]):
 
         ``tcpdump -r`` and Wireshark read it; timestamps are wall-clock times.
         """
-        from .pcap import write_pcap
-
         return write_pcap(
             path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
         )
@@ -899,8 +488,6 @@ class Capture(Sequence[Packet]):
         Needs matplotlib (``pip install 'pytest-tunpair[plot]'``); without it an
         ``ImportError`` says so.
         """
-        from .plot import plot
-
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"plot(direction={direction!r}): use 'a->b', 'b->a' or None")
         # A trace server draws as its capacity per time bin; a rate as a level line.
@@ -909,7 +496,7 @@ class Capture(Sequence[Packet]):
             link = self._configured(d)
             if link is not None:
                 configured[d] = getattr(link, "capacity", link)
-        return str(plot(self._snapshot(), path, direction=direction, configured=configured))
+        return str(_plot.plot(self._snapshot(), path, direction=direction, configured=configured))
 
     def to_mahimahi_log(
         self, path: str | os.PathLike[str], *, direction: str = "a->b", drops: bool = True
@@ -920,8 +507,6 @@ class Capture(Sequence[Packet]):
         ``mm-throughput-graph`` and ``mm-delay-graph`` read. ``drops=False`` leaves out the
         ``d`` lines, which the graph script in mahimahi's repository does not know.
         Returns the path."""
-        from .plot import to_mahimahi_log
-
         if direction not in DIRECTIONS:
             raise ValueError(f"to_mahimahi_log(direction={direction!r}): use 'a->b' or 'b->a'")
         packets = self._snapshot()
@@ -931,7 +516,7 @@ class Capture(Sequence[Packet]):
             end = max((p.time for p in packets), default=0.0)
             opportunities = link.opportunity_times(end)
         return str(
-            to_mahimahi_log(
+            _plot.to_mahimahi_log(
                 packets, path, direction=direction, drops=drops, opportunities=opportunities
             )
         )

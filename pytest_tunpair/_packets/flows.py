@@ -12,15 +12,15 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from .._wire import headers as _fields
-from .capture import DELIVERED, DIRECTIONS
+from .._wire import headers as _h
+from .._wire.numbers import PROTO_NAMES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from .packet import DELIVERED, DIRECTIONS, parsed
 
 if TYPE_CHECKING:
-    from .capture import Packet
+    from .packet import Packet
 
 __all__ = ["Flow", "flows"]
 
-_SYN, _FIN, _RST, _ACK = 0x02, 0x01, 0x04, 0x10
 _MOD = 1 << 32
 _HALF = 1 << 31
 
@@ -105,16 +105,16 @@ class Flow:
             return False
         syn = synack = None
         for p in self._delivered():
-            f = p._parsed()[_fields.TCP_FLAGS] or 0
+            f = parsed(p)[_h.TCP_FLAGS] or 0
             if syn is None:
-                if f & (_SYN | _ACK) == _SYN:
+                if f & (TCP_SYN | TCP_ACK) == TCP_SYN:
                     syn = p
             elif synack is None:
-                if f & (_SYN | _ACK) == _SYN | _ACK and p.direction != syn.direction:
+                if f & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK and p.direction != syn.direction:
                     if p.tcp_ack == ((syn.tcp_seq or 0) + 1) % _MOD:
                         synack = p
             elif (
-                f & (_SYN | _ACK) == _ACK
+                f & (TCP_SYN | TCP_ACK) == TCP_ACK
                 and p.direction == syn.direction
                 and p.tcp_ack == ((synack.tcp_seq or 0) + 1) % _MOD
             ):
@@ -124,12 +124,12 @@ class Flow:
     @property
     def resets(self) -> list[Packet]:
         """TCP packets with RST set."""
-        return [p for p in self.packets if (p._parsed()[_fields.TCP_FLAGS] or 0) & _RST]
+        return [p for p in self.packets if (parsed(p)[_h.TCP_FLAGS] or 0) & TCP_RST]
 
     @property
     def fins(self) -> list[Packet]:
         """TCP packets with FIN set (retransmitted FINs too)."""
-        return [p for p in self.packets if (p._parsed()[_fields.TCP_FLAGS] or 0) & _FIN]
+        return [p for p in self.packets if (parsed(p)[_h.TCP_FLAGS] or 0) & TCP_FIN]
 
     @cached_property
     def retransmissions(self) -> list[Packet]:
@@ -154,15 +154,15 @@ class Flow:
             unwrap: _Unwrap | None = None
             high = -math.inf
             for p in sent:
-                f = p._parsed()
-                flags = f[_fields.TCP_FLAGS]
+                f = parsed(p)
+                flags = f[_h.TCP_FLAGS]
                 seq = p.tcp_seq
                 if flags is None or seq is None:
                     continue
                 # By the IP length, not the bytes kept: snaplen may have cut the payload.
-                poff = f[_fields.PAYLOAD]
-                length = f[_fields.END] - poff if poff >= 0 else 0
-                length += bool(flags & _SYN) + bool(flags & _FIN)
+                poff = f[_h.PAYLOAD]
+                length = f[_h.END] - poff if poff >= 0 else 0
+                length += bool(flags & TCP_SYN) + bool(flags & TCP_FIN)
                 if length == 0:
                     continue
                 if unwrap is None:
@@ -170,7 +170,9 @@ class Flow:
                 start = unwrap(seq)
                 end = start + length
                 if start < high:
-                    keepalive = length <= 1 and start == high - 1 and not flags & (_SYN | _FIN)
+                    keepalive = (
+                        length <= 1 and start == high - 1 and not flags & (TCP_SYN | TCP_FIN)
+                    )
                     if not keepalive:
                         out.append(p)
                 high = max(high, end)
@@ -205,14 +207,14 @@ class Flow:
         for p in sorted(self.in_direction(direction), key=_order):
             if p.action not in DELIVERED or p.action == "corrupted":
                 continue
-            flags = p._parsed()[_fields.TCP_FLAGS]
+            flags = parsed(p)[_h.TCP_FLAGS]
             seq = p.tcp_seq
             if flags is None or seq is None:
                 continue
             if unwrap is None:
                 unwrap = _Unwrap(seq)
             start = unwrap(seq)
-            if flags & _SYN:
+            if flags & TCP_SYN:
                 base = start + 1 if base is None else base
                 start += 1
             data = p.payload or b""
@@ -269,23 +271,23 @@ def flows(packets: Sequence[Packet]) -> list[Flow]:
         src, dst = p.src, p.dst
         if src is None or dst is None or p.ip_version is None:
             continue
-        f = p._parsed()
-        ip_proto = f[_fields.IP_PROTO]
-        a: Endpoint = (src, f[_fields.SPORT])
-        b: Endpoint = (dst, f[_fields.DPORT])
+        f = parsed(p)
+        ip_proto = f[_h.IP_PROTO]
+        a: Endpoint = (src, f[_h.SPORT])
+        b: Endpoint = (dst, f[_h.DPORT])
         key = (ip_proto, frozenset((a, b)))
         flow = found.get(key)
-        flags = f[_fields.TCP_FLAGS]
+        flags = f[_h.TCP_FLAGS]
         if (
             flow is not None
             and flags is not None
-            and flags & (_SYN | _ACK) == _SYN
-            and any((q._parsed()[_fields.TCP_FLAGS] or 0) & (_FIN | _RST) for q in flow.packets)
+            and flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            and any((parsed(q)[_h.TCP_FLAGS] or 0) & (TCP_FIN | TCP_RST) for q in flow.packets)
             and all(q.tcp_seq != p.tcp_seq for q in flow.packets[-8:])  # not a SYN resend
         ):
             flow = None
         if flow is None:
-            name = _fields.PROTO_NAMES.get(ip_proto) or str(ip_proto)
+            name = PROTO_NAMES.get(ip_proto) or str(ip_proto)
             flow = found[key] = Flow(name, (a, b))
             ordered.append(flow)
         flow.packets.append(p)

@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from .._errors import PacketTimeout, UnexpectedPacket
-from .._wire import headers as _fields
-from .capture import DELIVERED, DIRECTIONS, Packet, trace
+from .._wire import headers as _h
+from .._wire.numbers import TCP_FLAG_LETTERS
+from .packet import DELIVERED, DIRECTIONS, FIELDS, Packet, parsed, trace
 
 __all__ = [
     "Matcher",
@@ -78,13 +79,13 @@ def _address(value: str, name: str, what: str) -> str:
 
 def _flags(value: str, what: str) -> str:
     # In the packet's order whatever the order given, as scapy's TCP(flags="AS") is "SA".
-    unknown = set(value) - set(_fields.FLAG_LETTERS)
+    unknown = set(value) - set(TCP_FLAG_LETTERS)
     if unknown or len(set(value)) != len(value):
         raise ValueError(
             f"{what}(flags={value!r}): give each TCP flag once, in scapy's letters "
-            f"{_fields.FLAG_LETTERS} (e.g. 'SA'), or a predicate (lambda f: 'R' in f)"
+            f"{TCP_FLAG_LETTERS} (e.g. 'SA'), or a predicate (lambda f: 'R' in f)"
         )
-    return "".join(letter for letter in _fields.FLAG_LETTERS if letter in value)
+    return "".join(letter for letter in TCP_FLAG_LETTERS if letter in value)
 
 
 def _check_direction(direction: str | None, what: str) -> None:
@@ -102,15 +103,15 @@ def packet_filter(
 ) -> Callable[[Packet], bool]:
     """A predicate for ``filter()`` and ``wait_for()``.
 
-    ``fields`` maps names from :data:`~pytest_tunpair._fields.FIELDS` to a value (equal)
+    ``fields`` maps names from :data:`.packet.FIELDS` to a value (equal)
     or a predicate on the value (``sport=lambda p: p > 1024``). ``action`` is a value or a
     predicate too. An unknown name is a ``TypeError`` naming the valid ones.
     """
     _check_direction(direction, what)
     tests: list[tuple[str, Any, bool]] = []
     for name, value in (fields or {}).items():
-        if name not in _fields.FIELDS:
-            valid = ", ".join(("direction", "action", *_fields.FIELDS))
+        if name not in FIELDS:
+            valid = ", ".join(("direction", "action", *FIELDS))
             raise TypeError(f"{what}() got an unexpected keyword argument {name!r}; valid: {valid}")
         if (name == "src" or name == "dst") and isinstance(value, str):
             value = _address(value, name, what)
@@ -270,7 +271,7 @@ class Matcher:
                 # fields describe the outer stack only, scapy compares the rest.
                 continue
             seen.add(name)
-            if name in _fields.LAYERS:
+            if name in _h.LAYERS:
                 checks.append(("layer", name))
             for k, v in fields.items():
                 attr = _FAST_FIELDS.get((name, k))
@@ -317,13 +318,13 @@ class Matcher:
             assert self.predicate is not None
             return bool(self.predicate(p))
         if self._fast and not _may_tunnel(p):
-            f = p._parsed()
+            f = parsed(p)
             for attr, v in self._fast:
                 if attr == "layer":
                     if v not in p:
                         return False
                 elif attr == "_tcp_flags":
-                    if f[_fields.TCP_FLAGS] != v:
+                    if f[_h.TCP_FLAGS] != v:
                         return False
                 elif getattr(p, attr) != v:
                     return False
@@ -388,7 +389,7 @@ class Matcher:
 
 
 def _may_tunnel(p: Packet) -> bool:
-    return _fields.may_tunnel(p._parsed())
+    return _h.may_tunnel(parsed(p))
 
 
 def _is_template(obj: Any) -> bool:

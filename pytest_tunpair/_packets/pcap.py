@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .capture import Packet
+    from .packet import Packet
 
 __all__ = ["LINKTYPE_ETHERNET", "LINKTYPE_RAW", "write_pcap"]
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import capture as _capture
+from .packet import DELIVERED as _DELIVERED
 
 __all__ = ["DELIVERED", "NOT_CARRIED", "plot", "to_mahimahi_log"]
 
@@ -29,7 +29,7 @@ __all__ = ["DELIVERED", "NOT_CARRIED", "plot", "to_mahimahi_log"]
 #: fragments (``"fragmented"``: the fragments are recorded on their own).
 NOT_CARRIED = frozenset({"injected", "scripted", "fragmented"})
 #: Actions of packets the link delivered (a departure); every other carried one is a drop.
-DELIVERED = _capture.DELIVERED - NOT_CARRIED
+DELIVERED = _DELIVERED - NOT_CARRIED
 
 DIRECTION_COLOURS = {"a->b": "tab:blue", "b->a": "tab:orange"}
 # Bin widths for the throughput panel, in seconds: the smallest that gives at most

@@ -24,33 +24,23 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import PacketTimeout, TunPairError
-from .._packets.capture import Capture, Packet, trace
+from .._link.link import Divert
+from .._packets.capture import Capture
+from .._packets.packet import Packet, parsed, trace
+from .._wire import build as _build
+from .._wire import headers as _h
 from .._wire import neigh as _neigh
-from .._wire.tcp import (
-    ETH_P_IP,
-    ETH_P_IPV6,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    Segment,
-    TcpOptions,
-    ip_header,
-    l3_offset,
-    parse,
-    seq_add,
-    seq_geq,
-    seq_gt,
-)
+from .._wire.numbers import ETH_P_IP, ETH_P_IPV6, IP_DF, IPPROTO_TCP, IPPROTO_UDP
+from .._wire.tcp import TcpOptions, offered, seq_add, seq_geq, seq_gt, timestamp_option
 from .._wire.validate import is_scapy_packet, to_bytes
 
 if TYPE_CHECKING:
-    from .._link.endpoint import Endpoint
     from .._packets.match import Matcher
-    from .._pair import TunPair
 
-__all__ = ["ScriptedPeer", "ScriptedTcp", "ScriptedUdp", "TcpOptions"]
+__all__ = ["PeerEnd", "PeerPort", "ScriptedPeer", "ScriptedTcp", "ScriptedUdp", "TcpOptions"]
 
 # Lines of the peer's own trace a timeout message shows at most.
 TRACE_LINES = 30
@@ -83,28 +73,43 @@ def _check_timeout(timeout: float, what: str) -> float:
     return float(timeout)
 
 
-class _Divert:
-    """The peer's one attachment to the relay.
+class PeerPort(Protocol):
+    """What the peer needs of the pair it plays a side of (``TunPair.script()`` gives it).
 
-    ``take(packet) -> bool`` sees every packet of the direction towards the scripted side
-    first, in the relay thread, before hooks (``Relay.set_divert``); those it keeps are
-    recorded as ``"scripted"`` and not written. :meth:`write` puts a frame into the other
-    device through ``inject()``: validated, and recorded as ``"injected"``.
+    The peer never sees the pair itself: a port is all it touches, so it can run over any
+    relay, or over a test's stand-in.
     """
 
-    def __init__(
-        self, pair: TunPair, direction: str, other: Endpoint, take: Callable[[Packet], bool]
-    ) -> None:
-        self._other = other
-        self._direction = direction
-        self._relay = pair._require_relay()
-        self._relay.set_divert(self._direction, take)
+    #: ``"tun"`` or ``"tap"``: the devices' kind.
+    mode: str
+    #: ``time.monotonic()`` and ``time.time()`` when the pair came up (``Packet.time`` counts
+    #: from the first).
+    t0: float
+    wall_t0: float
+
+    def divert(self, take: Divert | None) -> None:
+        """Offer every packet the relay reads towards the scripted side to ``take`` first,
+        in the relay thread, before hooks; those it keeps are recorded as ``"scripted"``
+        and not written. ``None`` stops it."""
 
     def write(self, frame: bytes) -> Packet:
-        return self._other.inject(frame)
+        """Write ``frame`` into the other device: validated, recorded as ``"injected"``."""
 
-    def remove(self) -> None:
-        self._relay.set_divert(self._direction, None)
+    def closed(self) -> None:
+        """The peer stopped (the pair may turn offload back on)."""
+
+
+class PeerEnd(Protocol):
+    """One end of the pair as the peer sees it (``tun_pair.a`` / ``tun_pair.b``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ip(self) -> str | None: ...
+    @property
+    def ip6(self) -> str | None: ...
+    @property
+    def mac(self) -> str | None: ...
 
 
 class ScriptedPeer:
@@ -116,8 +121,7 @@ class ScriptedPeer:
     :meth:`close`) restores forwarding.
     """
 
-    def __init__(self, pair: TunPair, side: str) -> None:
-        me, other = (pair.a, pair.b) if side == "a" else (pair.b, pair.a)
+    def __init__(self, port: PeerPort, side: str, me: PeerEnd, other: PeerEnd) -> None:
         #: ``"a"`` or ``"b"``: the side this peer plays.
         self.side = side
         #: This side's IPv4 address (``None`` without IPv4): the peer's packets come from it.
@@ -133,24 +137,25 @@ class ScriptedPeer:
         self.answer_neighbours = True
         #: Every packet handed to the peer, as a :class:`~pytest_tunpair.Capture` of its own
         #: (each also appears in ``tun_pair.packets`` with ``action == "scripted"``).
-        self.packets = Capture(mode=pair.mode)
-        self.packets.t0 = pair.packets.t0
-        self.packets.wall_t0 = pair.packets.wall_t0
+        self.packets = Capture(mode=port.mode)
+        self.packets.t0 = port.t0
+        self.packets.wall_t0 = port.wall_t0
         #: ``"tun"`` or ``"tap"``: what :meth:`send` takes and :attr:`packets` holds.
-        self.mode = pair.mode
-        self._pair = pair
+        self.mode = port.mode
+        self._port = port
         self._me = me
         self._other = other
         self._v4 = ipaddress.ip_address(me.ip).packed if me.ip else None
         self._v6 = ipaddress.ip_address(me.ip6).packed if me.ip6 else None
         self._mine = frozenset(a for a in (self._v4, self._v6) if a is not None)
         self._mac = _neigh.mac_bytes(me.mac) if me.mac else b""
+        self._other_mac = _neigh.mac_bytes(other.mac) if other.mac else b""
         self._looked: set[int] = set()
         self._errors: list[BaseException] = []
         self._flows: dict[tuple[str, int, str, int], ScriptedTcp] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._divert = _Divert(pair, self.direction, other, self._take)
+        port.divert(self._take)
 
     # -- relay side ------------------------------------------------------------------------
     def _take(self, pkt: Packet) -> bool:
@@ -163,13 +168,10 @@ class ScriptedPeer:
                     self._looked.add(rec.seq)
                     answer = _neigh.neighbour_answer(data, mac=self._mac, v4=self._v4, v6=self._v6)
                     if answer is not None:
-                        self._divert.write(answer)
+                        self._port.write(answer)
                 return True
-            where = l3_offset(data, self.mode)
-            if where is None or where[1] not in (ETH_P_IP, ETH_P_IPV6):
-                return False
-            hdr = ip_header(data, where[0])
-            if hdr is None or hdr[2] not in self._mine:
+            f = parsed(pkt)
+            if f[_h.VERSION] is None or _h.packed_address(pkt.frame, f, 1) not in self._mine:
                 return False
             self._record(pkt)
             return True
@@ -198,9 +200,9 @@ class ScriptedPeer:
             self._closed = True
             if not _pair_closing:  # else the relay stops with the pair anyway
                 try:
-                    self._divert.remove()
+                    self._port.divert(None)
                 finally:
-                    self._pair._peer_closed(self)
+                    self._port.closed()
         self.check()
 
     def check(self) -> None:
@@ -247,21 +249,24 @@ class ScriptedPeer:
             from scapy.layers.l2 import Ether
 
             packet = Ether(src=self.mac, dst=self._other.mac) / packet
-        return self._divert.write(to_bytes(packet, what="peer.send()"))
+        return self._port.write(to_bytes(packet, what="peer.send()"))
 
-    def _l3(self, family: int) -> Any:
-        """The IP header of a packet from this side to the other."""
-        if family == 4:
-            from scapy.layers.inet import IP
+    def _addresses(self, family: int) -> tuple[bytes, bytes]:
+        """(this side's, the other side's) address of ``family``, packed."""
+        mine, theirs = (self.ip, self._other.ip) if family == 4 else (self.ip6, self._other.ip6)
+        if not (mine and theirs):
+            raise ValueError(f"the pair has no IPv{family} addresses (ipv{family}=None)")
+        return ipaddress.ip_address(mine).packed, ipaddress.ip_address(theirs).packed
 
-            if not (self.ip and self._other.ip):
-                raise ValueError("the pair has no IPv4 addresses (ipv4=None)")
-            return IP(src=self.ip, dst=self._other.ip)
-        from scapy.layers.inet6 import IPv6
-
-        if not (self.ip6 and self._other.ip6):
-            raise ValueError("the pair has no IPv6 addresses (ipv6=None)")
-        return IPv6(src=self.ip6, dst=self._other.ip6)
+    def _send_ip(self, src: bytes, dst: bytes, proto: int, l4: bytes) -> Packet:
+        """Write a transport segment from this side to the other, built as Linux sends its
+        own: DF set on IPv4 (path MTU discovery), TTL / hop limit 64."""
+        self._require_open()
+        packet = _build.ip_packet(src, dst, proto, l4, flags=IP_DF if len(src) == 4 else 0)
+        if self.mode == "tap":
+            ethertype = ETH_P_IP if len(src) == 4 else ETH_P_IPV6
+            packet = _build.ethernet(self._other_mac, self._mac, ethertype) + packet
+        return self._port.write(packet)
 
     def _default_family(self, family: int | None) -> int:
         if family is not None:
@@ -332,12 +337,7 @@ class ScriptedPeer:
             lines.append(trace(left, limit=UNEXPECTED_LINES))
         return "\n".join(lines)
 
-    def _next(
-        self,
-        pred: Callable[[Segment], bool],
-        timeout: float,
-        what: str,
-    ) -> tuple[Packet, Segment]:
+    def _next(self, pred: Callable[[Packet], bool], timeout: float, what: str) -> Packet:
         """The first packet handed to the peer, not looked at yet, whose fields satisfy
         ``pred``; waits up to ``timeout`` s. Marks it looked at."""
         __tracebackhide__ = True
@@ -348,10 +348,9 @@ class ScriptedPeer:
                 last = pkt.seq
                 if pkt.seq in self._looked:
                     continue
-                seg = parse(pkt.data, self.mode)
-                if seg is not None and pred(seg):
+                if pred(pkt):
                     self._looked.add(pkt.seq)
-                    return pkt, seg
+                    return pkt
             if time.monotonic() >= deadline:
                 raise self._timeout(what, timeout)
 
@@ -393,18 +392,20 @@ class ScriptedPeer:
         conn_opts = _ConnOptions.make(mss, wscale, sack, timestamps, window, "tcp_accept")
         deadline = time.monotonic() + timeout
 
-        def is_syn(s: Segment) -> bool:
+        def is_syn(p: Packet) -> bool:
             return (
-                s.proto == IPPROTO_TCP
-                and s.dport == port
-                and s.flags == "S"
-                and (fam is None or s.family == fam)
-                and (s.dst, s.dport, s.src, s.sport) not in self._flows
+                p.ip_proto == IPPROTO_TCP
+                and p.dport == port
+                and p.flags == "S"
+                and (fam is None or p.ip_version == fam)
+                and (p.dst, p.dport, p.src, p.sport) not in self._flows
             )
 
-        pkt, syn = self._next(is_syn, timeout, f"a SYN to port {port}")
-        conn = ScriptedTcp(self, syn.family, (syn.dst, port), (syn.src, syn.sport), conn_opts)
-        conn._accept(pkt, syn, deadline)
+        syn = self._next(is_syn, timeout, f"a SYN to port {port}")
+        version, src, dst, sport = syn.ip_version, syn.src, syn.dst, syn.sport
+        assert version is not None and src is not None and dst is not None and sport is not None
+        conn = ScriptedTcp(self, version, (dst, port), (src, sport), conn_opts)
+        conn._accept(syn, deadline)
         return conn
 
     def tcp_connect(
@@ -573,7 +574,7 @@ class ScriptedTcp:
         self._ts_offset = secrets.randbits(32)
         self._last_ack_sent = 0
         self._ooo: dict[int, bytes] = {}
-        self._segs: list[tuple[Packet, Segment]] = []
+        self._segs: list[Packet] = []
         self._pos = 0
         self._scan = -1  # sequence number of the last inbox packet examined
         self._synced = False  # rcv_nxt is known: the kernel's SYN was seen
@@ -610,16 +611,18 @@ class ScriptedTcp:
         return self._ts
 
     # -- handshakes -------------------------------------------------------------------------
-    def _negotiate(self, theirs: Segment) -> None:
+    def _negotiate(self, theirs: Packet) -> None:
         o = self._opts
-        self.peer_options = theirs.options
-        if o.wscale is not None and theirs.options.wscale is not None:
+        options = theirs.tcp_options
+        self.peer_options = offered(options)
+        if o.wscale is not None and self.peer_options.wscale is not None:
             self._rcv_shift = o.wscale
-            self._snd_shift = min(theirs.options.wscale, _WSCALE_MAX)
-        self._sack = o.sack and theirs.options.sack
-        self._ts = o.timestamps and theirs.options.timestamps
-        if theirs.tsval is not None:
-            self._ts_recent = theirs.tsval
+            self._snd_shift = min(self.peer_options.wscale, _WSCALE_MAX)
+        self._sack = o.sack and self.peer_options.sack
+        self._ts = o.timestamps and self.peer_options.timestamps
+        stamps = timestamp_option(options)
+        if stamps is not None:
+            self._ts_recent = stamps[0]
 
     def _syn_options(self, tsecr: int, *, answering: bool) -> list[tuple[str, Any]]:
         # Linux's order (tcp_options_write): MSS, SACK-permitted with timestamps, NOP,
@@ -638,11 +641,11 @@ class ScriptedTcp:
             opts += [("NOP", None), ("WScale", o.wscale)]
         return opts
 
-    def _accept(self, syn_pkt: Packet, syn: Segment, deadline: float) -> None:
+    def _accept(self, syn: Packet, deadline: float) -> None:
         __tracebackhide__ = True
         self._peer._register(self)
-        self._scan = syn_pkt.seq
-        self.rcv_nxt = seq_add(syn.seq, 1)
+        self._scan = syn.seq
+        self.rcv_nxt = seq_add(_seq(syn), 1)
         self._synced = True
         self._negotiate(syn)
         window = min(self._window, _WINDOW_MAX)  # RFC 7323 2.2: a SYN's window is unscaled
@@ -652,28 +655,30 @@ class ScriptedTcp:
                 "SA",
                 seq=self._iss,
                 window_field=window,
-                options=self._syn_options(syn.tsval or 0, answering=True),
+                options=self._syn_options(_tsval(syn) or 0, answering=True),
             )
 
         syn_ack()
         self.snd_nxt = seq_add(self._iss, 1)
         while True:
-            pkt, seg = self._next_segment(
+            seg = self._next_segment(
                 lambda s: (
-                    "S" in s.flags or "R" in s.flags or ("A" in s.flags and s.ack == self.snd_nxt)
+                    "S" in _flags(s)
+                    or "R" in _flags(s)
+                    or ("A" in _flags(s) and s.tcp_ack == self.snd_nxt)
                 ),
                 deadline,
                 "the ACK of the SYN-ACK",
             )
-            if "R" in seg.flags:
+            if "R" in _flags(seg):
                 raise ConnectionResetError(
-                    f"the kernel reset {self} during the handshake (packet #{pkt.seq})"
+                    f"the kernel reset {self} during the handshake (packet #{seg.seq})"
                 )
-            if "S" in seg.flags:  # our SYN-ACK was slow or lost: the kernel sent its SYN again
+            if "S" in _flags(seg):  # our SYN-ACK was slow or lost: the kernel sent its SYN again
                 syn_ack()
                 continue
             break
-        if seg.payload or "F" in seg.flags:
+        if seg.payload or "F" in _flags(seg):
             self._pos -= 1  # the ACK carried data: recv() returns it
 
     def _connect(self, deadline: float) -> None:
@@ -689,29 +694,30 @@ class ScriptedTcp:
             options=self._syn_options(0, answering=False),
         )
         self.snd_nxt = seq_add(self._iss, 1)
-        pkt, seg = self._next_segment(
-            lambda s: "R" in s.flags or ("S" in s.flags and "A" in s.flags),
+        seg = self._next_segment(
+            lambda s: "R" in _flags(s) or ("S" in _flags(s) and "A" in _flags(s)),
             deadline,
             f"an answer to the SYN to port {self.remote[1]}",
         )
-        if "R" in seg.flags:
+        if "R" in _flags(seg):
             raise ConnectionRefusedError(
                 f"the kernel answered the SYN to {self.remote[0]} port {self.remote[1]} with "
-                f"a RST (packet #{pkt.seq}): nothing listens there"
+                f"a RST (packet #{seg.seq}): nothing listens there"
             )
-        self.rcv_nxt = seq_add(seg.seq, 1)
+        self.rcv_nxt = seq_add(_seq(seg), 1)
         self._synced = True
         self._negotiate(seg)
         self.ack()
 
     # -- incoming ---------------------------------------------------------------------------
-    def _mine(self, s: Segment) -> bool:
+    def _mine(self, p: Packet) -> bool:
         return (
-            s.proto == IPPROTO_TCP
-            and s.sport == self.remote[1]
-            and s.dport == self.local[1]
-            and s.src == self.remote[0]
-            and s.dst == self.local[0]
+            p.ip_proto == IPPROTO_TCP
+            and p.sport == self.remote[1]
+            and p.dport == self.local[1]
+            and p.src == self.remote[0]
+            and p.dst == self.local[0]
+            and p.flags is not None
         )
 
     def _fetch(self, deadline: float) -> bool:
@@ -726,50 +732,53 @@ class ScriptedTcp:
                 return False
             for pkt in new:
                 self._scan = pkt.seq
-                seg = parse(pkt.data, peer.mode)
-                if seg is None or not self._mine(seg):
+                if not self._mine(pkt):
                     continue
                 peer._looked.add(pkt.seq)
-                self._process(seg)
-                self._segs.append((pkt, seg))
+                self._process(pkt)
+                self._segs.append(pkt)
                 got = True
             if time.monotonic() >= deadline:
                 break
         return got
 
-    def _process(self, s: Segment) -> None:
-        if "R" in s.flags:
+    def _process(self, s: Packet) -> None:
+        flags = _flags(s)
+        if "R" in flags:
             self.reset = True
             return
-        if "A" in s.flags:
-            if not self.acked or seq_gt(s.ack, self.acked):
-                self.acked = s.ack
-            self.peer_window = s.window << (0 if "S" in s.flags else self._snd_shift)
+        if "A" in flags:
+            ack = _ack(s)
+            if not self.acked or seq_gt(ack, self.acked):
+                self.acked = ack
+            window = s.window or 0
+            self.peer_window = window << (0 if "S" in flags else self._snd_shift)
+        start = _seq(s)
+        tsval = _tsval(s)
         if (
-            s.tsval is not None
-            and (not self._ts_recent or seq_geq(s.tsval, self._ts_recent))
-            and not seq_gt(s.seq, self._last_ack_sent if self._last_ack_sent else s.seq)
+            tsval is not None
+            and (not self._ts_recent or seq_geq(tsval, self._ts_recent))
+            and not seq_gt(start, self._last_ack_sent if self._last_ack_sent else start)
         ):
-            self._ts_recent = s.tsval  # RFC 7323 4.3 (TS.Recent)
-        if not self._synced or "S" in s.flags:
+            self._ts_recent = tsval  # RFC 7323 4.3 (TS.Recent)
+        if not self._synced or "S" in flags:
             return
         before = self.rcv_nxt
-        start = s.seq
-        data = s.payload
+        data = s.payload or b""
         if data:
             if seq_gt(seq_add(start, len(data)), self.rcv_nxt) and not seq_gt(start, self.rcv_nxt):
                 skip = (self.rcv_nxt - start) % (1 << 32)
                 self._take_data(data[skip:])
             elif seq_gt(start, self.rcv_nxt):
                 self._ooo.setdefault(start, data)
-        if "F" in s.flags and seq_add(start, len(data)) == self.rcv_nxt and not self.fin_received:
+        if "F" in flags and seq_add(start, len(data)) == self.rcv_nxt and not self.fin_received:
             self.rcv_nxt = seq_add(self.rcv_nxt, 1)
             self.fin_received = True
         if not self.auto_ack:
             return
         # Data, a FIN, or an unacceptable segment (a window probe at rcv_nxt - 1, a
         # keepalive, a retransmission): a receiver answers each with an ACK.
-        if data or "F" in s.flags or self.rcv_nxt != before or s.seq != self.rcv_nxt:
+        if data or "F" in flags or self.rcv_nxt != before or start != self.rcv_nxt:
             self.ack()
 
     def _take_data(self, data: bytes) -> None:
@@ -792,12 +801,12 @@ class ScriptedTcp:
 
     def _next_segment(
         self,
-        pred: Callable[[Segment], bool],
+        pred: Callable[[Packet], bool],
         deadline: float,
         what: str,
         *,
         matcher: Matcher | None = None,
-    ) -> tuple[Packet, Segment]:
+    ) -> Packet:
         """The next segment of the connection (after those already returned) for which
         ``pred`` holds, waiting until ``deadline``; segments before it are skipped."""
         __tracebackhide__ = True
@@ -805,12 +814,12 @@ class ScriptedTcp:
         first = self._pos
         while True:
             while self._pos < len(self._segs):
-                pkt, seg = self._segs[self._pos]
+                pkt = self._segs[self._pos]
                 self._pos += 1
-                if pred(seg) and (matcher is None or matcher(pkt)):
-                    return pkt, seg
+                if pred(pkt) and (matcher is None or matcher(pkt)):
+                    return pkt
             if not self._fetch(deadline) and time.monotonic() >= deadline:
-                examined = [p for p, _ in self._segs[first:]]
+                examined = self._segs[first:]
                 raise self._timeout(what, max(0.0, deadline - start), matcher, examined)
 
     def _timeout(
@@ -820,7 +829,7 @@ class ScriptedTcp:
         matcher: Matcher | None = None,
         examined: Sequence[Packet] = (),
     ) -> PacketTimeout:
-        segs = [p for p, _ in self._segs]
+        segs = list(self._segs)
         state = f"snd_nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt} acked={self.acked}"
         if self.reset:
             state += ", the kernel reset the connection"
@@ -857,12 +866,12 @@ class ScriptedTcp:
         """
         __tracebackhide__ = True
         timeout = _check_timeout(timeout, "recv")
-        pkt, seg = self._next_segment(
-            lambda s: bool(s.payload) or "R" in s.flags,
+        pkt = self._next_segment(
+            lambda s: bool(s.payload) or "R" in _flags(s),
             time.monotonic() + timeout,
             "a data segment",
         )
-        if "R" in seg.flags:
+        if "R" in _flags(pkt):
             raise ConnectionResetError(f"the kernel reset {self} (packet #{pkt.seq})")
         return pkt
 
@@ -892,10 +901,9 @@ class ScriptedTcp:
         else:
             described = ", ".join(f"{k}={v!r}" for k, v in fields.items())
         pred = _segment_matcher(fields)
-        pkt, _ = self._next_segment(
+        return self._next_segment(
             pred, time.monotonic() + timeout, f"a segment with {described}", matcher=matcher
         )
-        return pkt
 
     # -- outgoing ---------------------------------------------------------------------------
     def _tsval(self) -> int:
@@ -917,8 +925,6 @@ class ScriptedTcp:
         window_field: int | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> Packet:
-        from scapy.layers.inet import TCP
-
         if seq is None:
             seq = self.snd_nxt
         if ack is None:
@@ -927,19 +933,20 @@ class ScriptedTcp:
             window_field = min(self._window >> self._rcv_shift, _WINDOW_MAX)
         if options is None:
             options = self._default_options()
-        tcp = TCP(
-            sport=self.local[1],
-            dport=self.remote[1],
-            flags=flags,
+        src, dst = self._peer._addresses(self.family)
+        segment = _build.tcp(
+            src,
+            dst,
+            self.local[1],
+            self.remote[1],
             seq=seq,
             ack=ack,
+            flags=_h.flag_bits(flags),
             window=window_field,
             options=options,
+            payload=data,
         )
-        packet = self._peer._l3(self.family) / tcp
-        if data:
-            packet = packet / data
-        sent = self._peer.send(packet)
+        sent = self._peer._send_ip(src, dst, IPPROTO_TCP, segment)
         if "A" in flags:
             self._last_ack_sent = ack
         end = seq_add(seq, len(data) + ("S" in flags) + ("F" in flags))
@@ -960,9 +967,11 @@ class ScriptedTcp:
 
         ``data`` goes in one segment (keep it within the kernel's MSS). Without data the
         default flags are a pure ``"A"``. Override ``seq`` (e.g. to retransmit), ``window``
-        (bytes, scaled as negotiated) or ``options`` (scapy's list; the default carries
-        timestamps when negotiated) to misbehave on purpose. :attr:`snd_nxt` moves to the
-        end of what was sent, never backwards. Returns the recorded packet.
+        (bytes, scaled as negotiated) or ``options`` (a list as ``Packet.tcp_options``
+        gives it, scapy's names: ``[("NOP", None), ("WScale", 3)]``; ``(kind, bytes)`` for
+        any kind; the default carries timestamps when negotiated) to misbehave on purpose.
+        :attr:`snd_nxt` moves to the end of what was sent, never backwards. Returns the
+        recorded packet.
         """
         data = to_bytes(data, what="conn.send()") if not isinstance(data, bytes) else data
         if not data and flags == "PA":
@@ -1012,7 +1021,24 @@ class ScriptedTcp:
         return self._emit("R", ack=0)
 
 
-def _segment_matcher(fields: dict[str, Any]) -> Callable[[Segment], bool]:
+def _flags(p: Packet) -> str:
+    return p.flags or ""
+
+
+def _seq(p: Packet) -> int:
+    return p.tcp_seq or 0
+
+
+def _ack(p: Packet) -> int:
+    return p.tcp_ack or 0
+
+
+def _tsval(p: Packet) -> int | None:
+    stamps = timestamp_option(p.tcp_options)
+    return None if stamps is None else stamps[0]
+
+
+def _segment_matcher(fields: dict[str, Any]) -> Callable[[Packet], bool]:
     allowed = {"flags", "tcp_seq", "tcp_ack", "window", "payload", "len"}
     unknown = set(fields) - allowed
     if unknown:
@@ -1021,16 +1047,14 @@ def _segment_matcher(fields: dict[str, Any]) -> Callable[[Segment], bool]:
             f"use {', '.join(sorted(allowed))}"
         )
 
-    def value(s: Segment, name: str) -> Any:
-        if name == "tcp_seq":
-            return s.seq
-        if name == "tcp_ack":
-            return s.ack
+    def value(s: Packet, name: str) -> Any:
         if name == "len":
-            return len(s.payload)
+            return len(s.payload or b"")
+        if name == "payload":
+            return s.payload or b""
         return getattr(s, name)
 
-    def pred(s: Segment) -> bool:
+    def pred(s: Packet) -> bool:
         for name, want in fields.items():
             got = value(s, name)
             if callable(want):
@@ -1061,22 +1085,23 @@ class ScriptedUdp:
 
     def send(self, data: bytes, to_port: int) -> Packet:
         """Send ``data`` from this port to ``to_port`` on the other side."""
-        from scapy.layers.inet import UDP
-
         _check_port(to_port, "udp.send", "to_port")
-        packet = self._peer._l3(self.family) / UDP(sport=self.port, dport=to_port) / bytes(data)
-        return self._peer.send(packet)
+        src, dst = self._peer._addresses(self.family)
+        datagram = _build.udp(src, dst, self.port, to_port, bytes(data))
+        return self._peer._send_ip(src, dst, IPPROTO_UDP, datagram)
 
     def recvfrom(self, timeout: float = 2.0) -> tuple[bytes, tuple[str, int]]:
         """The next datagram to this port (IPv4 or IPv6): (data, (address, port))."""
         __tracebackhide__ = True
         timeout = _check_timeout(timeout, "udp.recv")
-        _pkt, seg = self._peer._next(
-            lambda s: s.proto == IPPROTO_UDP and s.dport == self.port,
+        got = self._peer._next(
+            lambda p: p.ip_proto == IPPROTO_UDP and p.dport == self.port,
             timeout,
             f"a UDP datagram to port {self.port}",
         )
-        return seg.payload, (seg.src, seg.sport)
+        src, sport, payload = got.src, got.sport, got.payload
+        assert src is not None and sport is not None and payload is not None
+        return payload, (src, sport)
 
     def recv(self, timeout: float = 2.0) -> bytes:
         """The next datagram to this port: its payload."""

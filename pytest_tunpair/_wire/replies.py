@@ -3,8 +3,10 @@
 Pure functions on bytes (no sockets, no scapy: they run in the relay thread, per packet).
 Every builder takes the packet as it came off a device, an IP packet for TUN or an Ethernet
 frame for TAP, and returns frames for the same device kind: :func:`reply_frame` strips the
-Ethernet header, builds the IP reply and puts back a header with the MAC addresses swapped,
-so the reply reaches the sender's stack as if the peer had sent it.
+Ethernet header (VLAN tags and all), builds the IP reply and puts back the header with the
+MAC addresses swapped, so the reply reaches the sender's stack, on the sender's VLAN, as if
+the peer had sent it. Headers are found by the one parser (:mod:`.headers`) and the
+replies built by the one set of builders (:mod:`.build`).
 
 A reply's source address is the original packet's destination. The relay has no address of
 its own, and the routing recipe (docs/internals.md, "The routing recipe") only delivers to
@@ -19,179 +21,102 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from . import build as _build
+from . import headers as _h
+from .numbers import (
+    ICMP_DEST_UNREACH,
+    ICMP_ERRORS,
+    ICMP_FRAG_NEEDED,
+    ICMP_HOST_UNREACH,
+    ICMP_PORT_UNREACH,
+    ICMPV6_ADDR_UNREACH,
+    ICMPV6_DEST_UNREACH,
+    ICMPV6_ERRORS,
+    ICMPV6_PKT_TOOBIG,
+    ICMPV6_PORT_UNREACH,
+    IP_DF,
+    IP_MF,
+    IP_OFFSET,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4_HLEN,
+    IPV4_MIN_MTU,
+    IPV6_HLEN,
+    IPV6_MIN_MTU,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+)
+
 __all__ = [
-    "ICMP6_ADDR_UNREACH",
-    "ICMP6_PORT_UNREACH",
-    "ICMP_HOST_UNREACH",
-    "ICMP_PORT_UNREACH",
-    "IPV4_MIN_MTU",
-    "IPV6_MIN_MTU",
     "ReplyError",
-    "checksum",
     "frag_needed",
     "fragment_ipv4",
-    "ip_header",
     "is_too_big",
-    "l3",
     "reply_frame",
     "tcp_reset",
     "unreachable",
 ]
 
-# Protocol numbers (IANA; include/uapi/linux/in.h, in6.h).
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_ICMPV6 = 58
-_IPV6_EXT_HEADERS = {0, 43, 60}  # hop-by-hop, routing, destination options (RFC 8200 4)
-IPPROTO_FRAGMENT = 44
-
-# ICMP types and codes (RFC 792, include/uapi/linux/icmp.h).
-ICMP_DEST_UNREACH = 3
-ICMP_HOST_UNREACH = 1
-ICMP_PORT_UNREACH = 3
-ICMP_FRAG_NEEDED = 4
-# ICMPv6 (RFC 4443, include/uapi/linux/icmpv6.h).
-ICMPV6_DEST_UNREACH = 1
-ICMP6_ADDR_UNREACH = 3
-ICMP6_PORT_UNREACH = 4
-ICMPV6_PKT_TOOBIG = 2
-# Error types: no ICMP error is ever sent about one of these (RFC 1122 3.2.2, RFC 4443 2.4).
-_ICMP_ERRORS = {3, 4, 5, 11, 12}
-_ICMPV6_ERRORS = {1, 2, 3, 4}
-
-IPV4_MIN_MTU = 68  # RFC 791: every IPv4 module must forward a 68-byte datagram
-IPV6_MIN_MTU = 1280  # RFC 8200 5
 # How much of the offending packet an error quotes: as much as fits in a 576-byte ICMP
 # datagram for IPv4 (RFC 1812 4.3.2.3, which extends RFC 792's "header + 64 bits"), and
 # in the IPv6 minimum MTU for ICMPv6 (RFC 4443 2.4 (c)).
 _ICMP_MAX = 576
 _ICMPV6_MAX = IPV6_MIN_MTU
 
-_DF = 0x4000
-_MF = 0x2000
-_OFFSET_MASK = 0x1FFF
-
-ETH_HLEN = 14
-_ETH_P_IP = 0x0800
-_ETH_P_IPV6 = 0x86DD
-
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_ACK = 0x10
-
-_TTL = 64
-
 
 class ReplyError(ValueError):
     """A packet cannot be answered or fragmented as asked (too short, not IP, ...)."""
 
 
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``: one's-complement sum of 16-bit words."""
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def ip_header(
-    src: bytes, dst: bytes, proto: int, payload_len: int, *, ident: int = 0, flags: int = 0
-) -> bytes:
-    """An IPv4 header without options, or an IPv6 header, by the address length."""
-    if len(src) == 4:
-        header = struct.pack(
-            "!BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, ident, flags, _TTL, proto, 0, src, dst
+def _parse_ip(ip: bytes) -> _h.Parsed:
+    """The parsed headers of an IP packet the builders answer; :class:`ReplyError` unless
+    its IP headers are all there."""
+    f = _h.parse(ip, 0, "tun")
+    if f[_h.VERSION] is None:
+        what = f"version {ip[0] >> 4}" if ip else "empty"
+        raise ReplyError(f"not an IP packet ({what})")
+    if f[_h.HDR_END] < 0:
+        raise ReplyError(
+            f"IPv{f[_h.VERSION]} packet of {len(ip)} bytes: its headers are cut short or malformed"
         )
-        return header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-    return struct.pack("!IHBB16s16s", 6 << 28, payload_len, proto, _TTL, src, dst)
+    if f[_h.END] < f[_h.HDR_END]:
+        raise ReplyError(f"IPv{f[_h.VERSION]} length field shorter than its headers")
+    return f
 
 
-def _pseudo_header(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
-    if len(src) == 4:
-        return struct.pack("!4s4sBBH", src, dst, 0, proto, length)
-    return struct.pack("!16s16sIxxxB", src, dst, length, proto)
-
-
-class _Parsed:
-    """Where the parts of an IP packet are, as far as the builders need them."""
-
-    __slots__ = ("dst", "first_fragment", "l4", "proto", "src", "total", "version")
-
-    def __init__(self, ip: bytes) -> None:
-        if not ip:
-            raise ReplyError("empty packet")
-        self.version = ip[0] >> 4
-        if self.version == 4:
-            if len(ip) < 20:
-                raise ReplyError(f"IPv4 packet of {len(ip)} bytes is shorter than its header")
-            ihl = (ip[0] & 0x0F) * 4
-            total = struct.unpack_from("!H", ip, 2)[0]
-            if ihl < 20 or total < ihl or len(ip) < ihl:
-                raise ReplyError("malformed IPv4 header")
-            self.total = min(total, len(ip))
-            self.proto = ip[9]
-            self.src, self.dst = ip[12:16], ip[16:20]
-            self.l4 = ihl
-            self.first_fragment = struct.unpack_from("!H", ip, 6)[0] & _OFFSET_MASK == 0
-        elif self.version == 6:
-            if len(ip) < 40:
-                raise ReplyError(f"IPv6 packet of {len(ip)} bytes is shorter than its header")
-            self.total = min(40 + struct.unpack_from("!H", ip, 4)[0], len(ip))
-            self.src, self.dst = ip[8:24], ip[24:40]
-            proto, offset = ip[6], 40
-            self.first_fragment = True
-            # Walk the extension headers RFC 8200 4 lets a packet carry before TCP/UDP.
-            while proto in _IPV6_EXT_HEADERS or proto == IPPROTO_FRAGMENT:
-                if offset + 8 > len(ip):
-                    raise ReplyError("truncated IPv6 extension header")
-                if proto == IPPROTO_FRAGMENT:
-                    frag = struct.unpack_from("!H", ip, offset + 2)[0]
-                    self.first_fragment = frag >> 3 == 0
-                    proto, offset = ip[offset], offset + 8
-                else:
-                    proto, offset = ip[offset], offset + (ip[offset + 1] + 1) * 8
-            self.proto = proto
-            self.l4 = offset
-        else:
-            raise ReplyError(f"not an IP packet (version {self.version})")
-
-
-def _icmp_error_allowed(ip: bytes, p: _Parsed) -> bool:
+def _icmp_error_allowed(ip: bytes, f: _h.Parsed) -> bool:
     """RFC 1122 3.2.2 / RFC 4443 2.4 (e): never about an ICMP error, a non-first fragment,
     or a packet from a multicast or unspecified source."""
-    if not p.first_fragment:
+    if f[_h.FRAG] > 0:
         return False
-    if p.version == 4:
-        if p.src[0] >= 224 or p.src == b"\0\0\0\0" or p.dst[0] >= 224:
+    src = _h.packed_address(ip, f, 0)
+    dst = _h.packed_address(ip, f, 1)
+    assert src is not None and dst is not None  # _parse_ip: the headers are there
+    if f[_h.VERSION] == 4:
+        if src[0] >= 224 or src == b"\0\0\0\0" or dst[0] >= 224:
             return False
-        if p.proto == IPPROTO_ICMP and len(ip) > p.l4 and ip[p.l4] in _ICMP_ERRORS:
-            return False
+        errors, proto = ICMP_ERRORS, IPPROTO_ICMP
     else:
-        if p.src[0] == 0xFF or p.src == bytes(16):
+        if src[0] == 0xFF or src == bytes(16):
             return False
-        if p.proto == IPPROTO_ICMPV6 and len(ip) > p.l4 and ip[p.l4] in _ICMPV6_ERRORS:
-            return False
-    return True
+        errors, proto = ICMPV6_ERRORS, IPPROTO_ICMPV6
+    icmp_type = _h.icmp_byte(ip, f, 0)
+    return not (f[_h.IP_PROTO] == proto and icmp_type in errors)
 
 
-def _icmp(ip: bytes, p: _Parsed, icmp_type: int, code: int, rest: int) -> bytes:
+def _icmp(ip: bytes, f: _h.Parsed, icmp_type: int, code: int, rest: int) -> bytes:
     """An ICMP (IPv4) or ICMPv6 error about ``ip`` with the 32-bit field ``rest``."""
-    quote_max = (_ICMP_MAX - 20 - 8) if p.version == 4 else (_ICMPV6_MAX - 40 - 8)
-    quote = ip[: min(p.total, quote_max)]
-    body = struct.pack("!BBHI", icmp_type, code, 0, rest) + quote
-    src, dst = p.dst, p.src
-    if p.version == 4:
-        csum = checksum(body)
-        proto = IPPROTO_ICMP
-    else:
-        proto = IPPROTO_ICMPV6
-        csum = checksum(_pseudo_header(src, dst, proto, len(body)) + body)
-    body = body[:2] + struct.pack("!H", csum) + body[4:]
-    return ip_header(src, dst, proto, len(body)) + body
+    v4 = f[_h.VERSION] == 4
+    quote_max = (_ICMP_MAX - IPV4_HLEN - 8) if v4 else (_ICMPV6_MAX - IPV6_HLEN - 8)
+    quote = ip[: min(f[_h.END], len(ip), quote_max)]
+    src, dst = _h.packed_address(ip, f, 1), _h.packed_address(ip, f, 0)
+    assert src is not None and dst is not None
+    body = _build.icmp(src, dst, icmp_type, code, rest, quote)
+    return _build.ip_packet(src, dst, IPPROTO_ICMP if v4 else IPPROTO_ICMPV6, body)
 
 
 def unreachable(ip: bytes, code: int | None = None) -> bytes | None:
@@ -202,58 +127,60 @@ def unreachable(ip: bytes, code: int | None = None) -> bytes | None:
     connected socket) and *host unreachable* (ICMP code 1) / *address unreachable*
     (ICMPv6 code 3) for anything else (EHOSTUNREACH).
     """
-    p = _Parsed(ip)
-    if not _icmp_error_allowed(ip, p):
+    f = _parse_ip(ip)
+    if not _icmp_error_allowed(ip, f):
         return None
-    if p.version == 4:
+    udp = f[_h.IP_PROTO] == IPPROTO_UDP
+    if f[_h.VERSION] == 4:
         if code is None:
-            code = ICMP_PORT_UNREACH if p.proto == IPPROTO_UDP else ICMP_HOST_UNREACH
-        return _icmp(ip, p, ICMP_DEST_UNREACH, code, 0)
+            code = ICMP_PORT_UNREACH if udp else ICMP_HOST_UNREACH
+        return _icmp(ip, f, ICMP_DEST_UNREACH, code, 0)
     if code is None:
-        code = ICMP6_PORT_UNREACH if p.proto == IPPROTO_UDP else ICMP6_ADDR_UNREACH
-    return _icmp(ip, p, ICMPV6_DEST_UNREACH, code, 0)
+        code = ICMPV6_PORT_UNREACH if udp else ICMPV6_ADDR_UNREACH
+    return _icmp(ip, f, ICMPV6_DEST_UNREACH, code, 0)
 
 
 def frag_needed(ip: bytes, mtu: int) -> bytes | None:
     """ICMP *fragmentation needed* (type 3 code 4) with next-hop MTU ``mtu`` (RFC 1191 4),
     or ICMPv6 *packet too big* with MTU ``mtu`` (RFC 4443 3.2); None where no error may be
     sent (see :func:`unreachable`)."""
-    p = _Parsed(ip)
-    if not _icmp_error_allowed(ip, p):
+    f = _parse_ip(ip)
+    if not _icmp_error_allowed(ip, f):
         return None
-    if p.version == 4:
+    if f[_h.VERSION] == 4:
         # RFC 1191 4: the unused high 16 bits stay zero, the low 16 carry the MTU.
-        return _icmp(ip, p, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu & 0xFFFF)
-    return _icmp(ip, p, ICMPV6_PKT_TOOBIG, 0, mtu)
+        return _icmp(ip, f, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu & 0xFFFF)
+    return _icmp(ip, f, ICMPV6_PKT_TOOBIG, 0, mtu)
 
 
 def tcp_reset(ip: bytes) -> bytes | None:
     """The TCP RST a closed port would send in reply to the segment ``ip`` (RFC 793 3.4,
-    "Reset Generation"): None if ``ip`` is not TCP or is itself a reset.
+    "Reset Generation"): None if ``ip`` is not TCP (a fragment after the first has no TCP
+    header) or is itself a reset.
 
     If the segment has ACK, the reset takes its sequence number from that ACK field and has
     no ACK; otherwise it has sequence number zero and acknowledges the segment's sequence
     number plus its length, SYN and FIN each counting one.
     """
-    p = _Parsed(ip)
-    if p.proto != IPPROTO_TCP or not p.first_fragment or p.total < p.l4 + 20:
+    f = _parse_ip(ip)
+    flags = f[_h.TCP_FLAGS]
+    if f[_h.IP_PROTO] != IPPROTO_TCP or flags is None:
         return None
-    sport, dport, seq, ack, offset_byte, flags = struct.unpack_from("!HHIIBB", ip, p.l4)
     if flags & TCP_RST:
         return None  # RFC 793: a reset is never answered
+    l4 = f[_h.L4]
+    sport, dport, seq, ack = struct.unpack_from("!HHII", ip, l4)
     if flags & TCP_ACK:
         r_seq, r_ack, r_flags = ack, 0, TCP_RST
     else:
-        seg_len = p.total - p.l4 - (offset_byte >> 4) * 4
+        payload = f[_h.PAYLOAD]
+        seg_len = min(f[_h.END], len(ip)) - payload if payload >= 0 else 0
         seg_len += bool(flags & TCP_SYN) + bool(flags & TCP_FIN)
         r_seq, r_ack, r_flags = 0, (seq + seg_len) & 0xFFFFFFFF, TCP_RST | TCP_ACK
-    src, dst = p.dst, p.src
-    segment = struct.pack("!HHIIBBHHH", dport, sport, r_seq, r_ack, 5 << 4, r_flags, 0, 0, 0)
-    csum = checksum(_pseudo_header(src, dst, IPPROTO_TCP, len(segment)) + segment)
-    segment = segment[:16] + struct.pack("!H", csum) + segment[18:]
-    return ip_header(src, dst, IPPROTO_TCP, len(segment), flags=_DF if p.version == 4 else 0) + (
-        segment
-    )
+    src, dst = _h.packed_address(ip, f, 1), _h.packed_address(ip, f, 0)
+    assert src is not None and dst is not None
+    segment = _build.tcp(src, dst, dport, sport, seq=r_seq, ack=r_ack, flags=r_flags, window=0)
+    return _build.ip_packet(src, dst, IPPROTO_TCP, segment, flags=IP_DF if len(src) == 4 else 0)
 
 
 def is_too_big(ip: bytes, mtu: int) -> bool:
@@ -263,7 +190,7 @@ def is_too_big(ip: bytes, mtu: int) -> bool:
         return False
     if ip[0] >> 4 == 6:
         return True
-    return len(ip) >= 20 and bool(struct.unpack_from("!H", ip, 6)[0] & _DF)
+    return len(ip) >= IPV4_HLEN and bool(struct.unpack_from("!H", ip, 6)[0] & IP_DF)
 
 
 def fragment_ipv4(ip: bytes, mtu: int) -> list[bytes]:
@@ -272,21 +199,23 @@ def fragment_ipv4(ip: bytes, mtu: int) -> list[bytes]:
     last (which keeps the original's MF, so a fragment can be fragmented again), options
     with the *copied* bit in every fragment and the others in the first only, each header
     with its checksum. A packet that already fits is returned unchanged."""
-    p = _Parsed(ip)
-    if p.version != 4:
+    f = _parse_ip(ip)
+    if f[_h.VERSION] != 4:
         raise ReplyError("only IPv4 packets are fragmented on the way (RFC 8200 5)")
-    if p.total <= mtu:
-        return [ip[: p.total]]
+    total = min(f[_h.END], len(ip))
+    if total <= mtu:
+        return [ip[:total]]
     frag_field = struct.unpack_from("!H", ip, 6)[0]
-    if frag_field & _DF:
+    if frag_field & IP_DF:
         raise ReplyError("the packet has DF set: answer it with frag_needed() instead")
     if mtu < IPV4_MIN_MTU:
         raise ReplyError(f"an IPv4 MTU is at least {IPV4_MIN_MTU} (RFC 791), not {mtu}")
-    header = ip[: p.l4]
-    later_header = header[:20] + _copied_options(header[20:])
-    payload = ip[p.l4 : p.total]
-    base = (frag_field & _OFFSET_MASK) * 8
-    last_mf = frag_field & _MF
+    hdr_end = f[_h.HDR_END]
+    header = ip[:hdr_end]
+    later_header = header[:IPV4_HLEN] + _copied_options(header[IPV4_HLEN:])
+    payload = ip[hdr_end:total]
+    base = (frag_field & IP_OFFSET) * 8
+    last_mf = frag_field & IP_MF
     fragments: list[bytes] = []
     start = 0
     while start < len(payload):
@@ -294,7 +223,7 @@ def fragment_ipv4(ip: bytes, mtu: int) -> list[bytes]:
         room = (mtu - len(hdr)) // 8 * 8
         chunk = payload[start : start + room]
         last = start + len(chunk) >= len(payload)
-        flags = (last_mf if last else _MF) | ((base + start) // 8)
+        flags = (last_mf if last else IP_MF) | ((base + start) // 8)
         fragments.append(_with_header(hdr, chunk, flags))
         start += len(chunk)
     return fragments
@@ -328,7 +257,7 @@ def _with_header(header: bytes, payload: bytes, frag_field: int) -> bytes:
     struct.pack_into("!H", h, 2, len(header) + len(payload))
     struct.pack_into("!H", h, 6, frag_field)
     struct.pack_into("!H", h, 10, 0)
-    struct.pack_into("!H", h, 10, checksum(bytes(h)))
+    struct.pack_into("!H", h, 10, _build.checksum(bytes(h)))
     return bytes(h) + payload
 
 
@@ -341,21 +270,21 @@ def reply_frame(
 ) -> list[bytes]:
     """Apply an IP-level builder to a device frame and return the frames it makes.
 
-    For ``mode == "tun"`` the frame is the IP packet. For ``"tap"`` the Ethernet header is
-    taken off, and put back on each result, with source and destination MAC swapped when
-    the result goes ``back`` to the sender (a reply) and unchanged when it goes on (a
-    fragment); a frame that is not IPv4/IPv6 gets nothing. ``build``
-    returns one packet, several (fragments) or None (no reply allowed): the result is a
-    list, empty when there is nothing to write.
+    For ``mode == "tun"`` the frame is the IP packet. For ``"tap"`` the Ethernet header,
+    VLAN tags and all, is taken off, and put back on each result: with source and
+    destination MAC swapped when the result goes ``back`` to the sender (a reply), so it
+    reaches the sender on the VLAN it came from, and unchanged when it goes on (a
+    fragment); a frame that is not IPv4/IPv6 gets nothing. ``build`` returns one packet,
+    several (fragments) or None (no reply allowed): the result is a list, empty when there
+    is nothing to write.
     """
     if mode == "tap":
-        if len(frame) < ETH_HLEN:
+        f = _h.parse(frame, 0, mode)
+        if f[_h.VERSION] is None:
             return []
-        ethertype = struct.unpack_from("!H", frame, 12)[0]
-        if ethertype not in (_ETH_P_IP, _ETH_P_IPV6):
-            return []
-        eth = frame[6:12] + frame[0:6] + frame[12:14] if back else frame[:ETH_HLEN]
-        ip = frame[ETH_HLEN:]
+        l3 = f[_h.L3]
+        eth = frame[6:12] + frame[0:6] + frame[12:l3] if back else frame[:l3]
+        ip = frame[l3:]
     else:
         eth = b""
         ip = frame
@@ -367,8 +296,3 @@ def reply_frame(
         return []
     packets = built if isinstance(built, list) else [built]
     return [eth + packet for packet in packets]
-
-
-def l3(frame: bytes, mode: str) -> bytes:
-    """The IP packet inside a device frame (TAP frames lose their Ethernet header)."""
-    return frame[ETH_HLEN:] if mode == "tap" else frame

@@ -1,15 +1,18 @@
-"""Checks on packets a test hands to the relay (``inject``) -- pure functions, no I/O."""
+"""Checks on packets a test hands to the relay (``inject``) -- pure functions, no I/O.
+
+The one parser (:mod:`.headers`) finds the headers, VLAN tags included; the checks here are
+the strict ones the parser leaves out: a length field must fit the bytes given.
+"""
 
 from __future__ import annotations
 
 import struct
 from typing import Any
 
-__all__ = ["is_scapy_packet", "to_bytes", "validate_frame"]
+from . import headers as _h
+from .numbers import ETH_HLEN, IPV4_HLEN, IPV6_HLEN
 
-ETH_HLEN = 14  # include/uapi/linux/if_ether.h
-_ETH_P_8021Q = 0x8100
-_ETH_P_8021AD = 0x88A8
+__all__ = ["is_scapy_packet", "to_bytes", "validate_frame"]
 
 
 def is_scapy_packet(obj: object) -> bool:
@@ -34,13 +37,15 @@ def validate_ip(data: bytes, *, mtu: int) -> None:
     n = len(data)
     if n == 0:
         raise ValueError("empty packet: a TUN device carries IPv4 or IPv6 packets")
-    version = data[0] >> 4
+    f = _h.parse(data, 0, "tun")
+    version = f[_h.VERSION]
     if version == 4:
-        if n < 20:
-            raise ValueError(f"{n} bytes is shorter than an IPv4 header (20 bytes)")
-        ihl = (data[0] & 0x0F) * 4
+        if n < IPV4_HLEN:
+            raise ValueError(f"{n} bytes is shorter than an IPv4 header ({IPV4_HLEN} bytes)")
+        ihl = f[_h.HDR_END]  # the header's length, as the packet starts at 0
         (total,) = struct.unpack_from("!H", data, 2)
-        if ihl < 20 or ihl > n:
+        if ihl < 0:
+            ihl = (data[0] & 0x0F) * 4
             raise ValueError(f"IPv4 header length {ihl} is invalid for a {n}-byte packet")
         if total < ihl or total > n:
             raise ValueError(
@@ -48,14 +53,14 @@ def validate_ip(data: bytes, *, mtu: int) -> None:
                 "(scapy fills it in if you delete the field: del pkt[IP].len)"
             )
     elif version == 6:
-        if n < 40:
-            raise ValueError(f"{n} bytes is shorter than an IPv6 header (40 bytes)")
+        if n < IPV6_HLEN:
+            raise ValueError(f"{n} bytes is shorter than an IPv6 header ({IPV6_HLEN} bytes)")
         (payload,) = struct.unpack_from("!H", data, 4)
-        if 40 + payload > n:
+        if IPV6_HLEN + payload > n:
             raise ValueError(f"IPv6 payload length {payload} does not fit the {n} bytes given")
     else:
         raise ValueError(
-            f"not an IP packet (version nibble {version}): a TUN device carries IPv4 or "
+            f"not an IP packet (version nibble {data[0] >> 4}): a TUN device carries IPv4 or "
             "IPv6; use mode='tap' for Ethernet frames"
         )
     if n > mtu:
@@ -70,10 +75,6 @@ def validate_frame(data: bytes, *, mode: str, mtu: int) -> None:
     n = len(data)
     if n < ETH_HLEN:
         raise ValueError(f"{n} bytes is shorter than an Ethernet header ({ETH_HLEN} bytes)")
-    hlen = ETH_HLEN
-    (ethertype,) = struct.unpack_from("!H", data, 12)
-    while ethertype in (_ETH_P_8021Q, _ETH_P_8021AD) and n >= hlen + 4:
-        (ethertype,) = struct.unpack_from("!H", data, hlen + 2)
-        hlen += 4
-    if n - hlen > mtu:
-        raise ValueError(f"{n - hlen}-byte payload is larger than the MTU ({mtu})")
+    payload = n - _h.parse(data, 0, mode)[_h.L3]  # behind the Ethernet header and its tags
+    if payload > mtu:
+        raise ValueError(f"{payload}-byte payload is larger than the MTU ({mtu})")
