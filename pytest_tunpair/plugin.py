@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 
 from ._errors import OptionError
+from ._plugin import options
 from ._plugin import report as _report
 
 if TYPE_CHECKING:
@@ -23,13 +24,11 @@ SKIP_REASON = (
 )
 
 _FACTORY = pytest.StashKey["TunPairFactory"]()
-_PCAP = pytest.StashKey[_report.PcapSettings]()  # config: --tunpair-pcap, resolved
+_OPTIONS = pytest.StashKey[options.PluginOptions]()  # config: the plugin's options, resolved
 _PCAP_STEMS = pytest.StashKey[dict[str, str]]()  # config: file stem -> test id
 _REPORTED = pytest.StashKey[bool]()  # item: the packet trace is in a report already
 _PCAP_FILES = pytest.StashKey[list[Path]]()  # item: pcap files named in its report
 _PCAP_ERRORS = pytest.StashKey[dict[str, str]]()  # config: file -> why it was not written
-_SEED = pytest.StashKey[int | None]()
-_LEFTOVERS = pytest.StashKey[str]()  # config: --tunpair-leftovers, resolved
 _HOME = pytest.StashKey[int]()  # config: inode of the network namespace tests start in
 _SCOPED = pytest.StashKey[dict[str, "TunPairFactory"]]()  # config: open module/session factories
 _VISITS = pytest.StashKey[list["Visit"]]()  # config: the running test's stays in namespaces
@@ -38,59 +37,16 @@ _CHECKPOINT = pytest.StashKey[tuple["TunPairFactory", "FactoryCheckpoint"]]()  #
 SCOPED_FACTORIES = {"tun_pair_factory_module": "module", "tun_pair_factory_session": "session"}
 TUNNEL_FACTORIES = ("tun_pair_factory", *SCOPED_FACTORIES)
 _VISITOR = "_tunpair_test_in_scoped_namespace"
-# kill | warn | fail; also in _procs (no import of it here: plugin load stays cheap).
-LEFTOVER_POLICIES = ("kill", "warn", "fail")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("tunpair", "pytest-tunpair: in-kernel TUN/TAP pair fixtures")
-    help_enable = (
-        "turn on the tun_pair / tun_pair_factory fixtures (tests using them are skipped otherwise)"
-    )
-    group.addoption("--tunpair", action="store_true", default=None, help=help_enable)
-    parser.addini("tunpair", type="bool", default=False, help=help_enable)
-    help_pcap = (
-        "write the packet capture of each failed test that used a tunnel to DIR, one pcap "
-        "file per pair named after the test id (created if missing)"
-    )
-    group.addoption("--tunpair-pcap", metavar="DIR", default=None, help=help_pcap)
-    parser.addini("tunpair_pcap", default="", help=help_pcap)
-    help_mode = (
-        "which tests --tunpair-pcap writes a file for: 'failed' (default) or 'all' "
-        "(every test that used a tunnel)"
-    )
-    group.addoption("--tunpair-pcap-mode", metavar="MODE", default=None, help=help_mode)
-    parser.addini("tunpair_pcap_mode", default="failed", help=help_mode)
-    help_plot = (
-        "with --tunpair-pcap: also draw each pair's throughput and sojourn to a PNG next to "
-        "its pcap file (needs matplotlib: pytest-tunpair[plot])"
-    )
-    group.addoption("--tunpair-plot", action="store_true", default=None, help=help_plot)
-    parser.addini("tunpair_plot", type="bool", default=False, help=help_plot)
-    help_seed = (
-        "default seed of tun_pair.impair() for the run (a failing test's report states the "
-        "seed it used; pass it here to replay). Default: random per test"
-    )
-    group.addoption("--tunpair-seed", metavar="N", default=None, help=help_seed)
-    parser.addini("tunpair_seed", default="", help=help_seed)
-    help_leftovers = (
-        "what to do at teardown with processes a test left running in its tunnel namespace "
-        "that tun_pair.spawn() did not start (spawned ones are always stopped): kill them, "
-        "warn (default: kill them and emit a warning naming each), or fail (kill them and "
-        "fail the test's teardown)"
-    )
-    group.addoption(
-        "--tunpair-leftovers", choices=LEFTOVER_POLICIES, default=None, help=help_leftovers
-    )
-    parser.addini("tunpair_leftovers", default="warn", help=help_leftovers)
-    _addoption_userns(group, parser)
+    options.add(parser)
 
 
 @pytest.hookimpl(tryfirst=True)  # the user namespace must be entered while single-threaded
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_OPTIONS] = options.resolve(config)  # a bad value stops the run here
     _configure_userns(config)
-    config.stash[_SEED] = run_seed(config)  # a bad value stops the run before any test
-    config.stash[_LEFTOVERS] = _leftover_policy(config)
     config.stash[_HOME] = os.stat("/proc/thread-self/ns/net").st_ino
     config.stash[_SCOPED] = {}
     config.stash[_VISITS] = []
@@ -104,78 +60,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.pluginmanager.hasplugin("timeout"):
         config.pluginmanager.register(_TimeoutFromAnyThread(), "tunpair-timeout")
-    try:
-        config.stash[_PCAP] = _report.pcap_settings(
-            cli_dir=config.getoption("tunpair_pcap", None),
-            ini_dir=str(config.getini("tunpair_pcap")),
-            cli_mode=config.getoption("tunpair_pcap_mode", None),
-            ini_mode=str(config.getini("tunpair_pcap_mode")),
-            invocation_dir=config.invocation_params.dir,
-            ini_base=config.inipath.parent if config.inipath else config.rootpath,
-            ini_file=str(config.inipath) if config.inipath else None,
-            plot=_plot_wanted(config),
-        )
-    except OptionError as exc:
-        raise pytest.UsageError(str(exc)) from None
     config.stash[_PCAP_STEMS] = {}
     config.stash[_PCAP_ERRORS] = {}
 
 
-def _plot_wanted(config: pytest.Config) -> bool:
-    """--tunpair-plot, else ini tunpair_plot; a usage error without matplotlib."""
-    cli = config.getoption("tunpair_plot", None)
-    wanted = bool(cli) if cli is not None else bool(config.getini("tunpair_plot"))
-    if wanted:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib") is None:
-            where = "--tunpair-plot" if cli is not None else "ini key tunpair_plot"
-            raise pytest.UsageError(
-                f"{where}: plots need matplotlib: pip install 'pytest-tunpair[plot]'"
-            )
-    return wanted
-
-
-def run_seed(config: pytest.Config) -> int | None:
-    """--tunpair-seed, else ini tunpair_seed, else None (the marker's seed= beats both)."""
-    for value, where in (
-        (config.getoption("tunpair_seed", None), "--tunpair-seed"),
-        (config.getini("tunpair_seed"), "ini key tunpair_seed"),
-    ):
-        if value is None or str(value).strip() == "":
-            continue
-        try:
-            seed = int(str(value))
-            if seed < 0:
-                raise ValueError
-        except ValueError:
-            raise pytest.UsageError(
-                f"{where}={value!r}: the seed is a whole number >= 0, e.g. {where}=1234"
-            ) from None
-        return seed
-    return None
-
-
-def _leftover_policy(config: pytest.Config) -> str:
-    value = config.getoption("tunpair_leftovers", None)  # argparse checked the choice
-    if value is None:
-        value = str(config.getini("tunpair_leftovers")).strip() or "warn"
-        if value not in LEFTOVER_POLICIES:
-            error = OptionError(
-                "tunpair_leftovers",
-                value,
-                source=f"ini file {config.inipath}" if config.inipath else "ini file",
-                reason=f"use one of {', '.join(LEFTOVER_POLICIES)}",
-            )
-            raise pytest.UsageError(str(error))
-    return str(value)
-
-
 def enabled(config: pytest.Config) -> bool:
-    opt = config.getoption("tunpair", None)
-    if opt is not None:
-        return bool(opt)
-    return bool(config.getini("tunpair"))
+    """``--tunpair`` or ``tunpair = true``: the tunnel fixtures run (else they skip)."""
+    return config.stash[_OPTIONS].tunpair
 
 
 @pytest.fixture
@@ -191,10 +82,11 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
     _refuse_stranding(request, "tun_pair_factory")
     from ._pair import TunPairFactory
 
-    seed = request.config.stash[_SEED]
+    resolved = request.config.stash[_OPTIONS]
+    seed = resolved.tunpair_seed
     defaults = {} if seed is None else {"seed": seed}
     factory = TunPairFactory(
-        defaults, source="tun_pair_factory()", leftovers=request.config.stash[_LEFTOVERS]
+        defaults, source="tun_pair_factory()", leftovers=resolved.tunpair_leftovers
     )
     factory.open()
     _warn_at(factory, request.node)
@@ -315,11 +207,12 @@ def _scoped_factory(
     _refuse_stranding(request, name)
     from ._pair import TunPairFactory
 
-    seed = config.stash[_SEED]
+    resolved = config.stash[_OPTIONS]
+    seed = resolved.tunpair_seed
     factory = TunPairFactory(
         {} if seed is None else {"seed": seed},
         source=f"{name}()",
-        leftovers=config.stash[_LEFTOVERS],
+        leftovers=resolved.tunpair_leftovers,
     )
     factory.open()
     # This thread stays inside for the rest of the test that made it, as if it had joined.
@@ -512,14 +405,17 @@ def pytest_runtest_makereport(
     pairs = _reported(item)
     if not pairs:
         return report
-    settings = item.config.stash[_PCAP]
+    resolved = item.config.stash[_OPTIONS]
     first_failure = report.failed and not item.stash.get(_REPORTED, False)
     notes: list[str] = []
-    if settings.directory is not None and (
+    if resolved.tunpair_pcap is not None and (
         first_failure
-        or (report.when == "teardown" and (settings.mode == "all" or _PCAP_FILES in item.stash))
+        or (
+            report.when == "teardown"
+            and (resolved.tunpair_pcap_mode == "all" or _PCAP_FILES in item.stash)
+        )
     ):
-        notes = _write_pcaps(item, pairs, settings.directory)
+        notes = _write_pcaps(item, pairs, resolved.tunpair_pcap)
     if first_failure:
         # Once per test: a teardown error after a failed call would only repeat it.
         item.stash[_REPORTED] = True
@@ -532,7 +428,7 @@ def pytest_runtest_makereport(
         if item.config.pluginmanager.hasplugin("html"):
             # pytest-html shows a report's ``extras`` in the test's row.
             plots = [p.with_suffix(".png") for p in item.stash.get(_PCAP_FILES, [])]
-            images = plots if settings.plot else []
+            images = plots if resolved.tunpair_plot else []
             extras = _report.html_extras(pairs, notes, replay=_replay_hint, images=images)
             extras = [*getattr(report, "extras", []), *extras]
             setattr(report, "extras", extras)  # noqa: B010 (TestReport declares no such field)
@@ -558,7 +454,7 @@ def _write_pcaps(
         notes.append(_report.pcap_note(path, error))
         if error is not None:
             item.config.stash[_PCAP_ERRORS][str(path)] = f"{item.nodeid}: {notes[-1]}"
-    if item.config.stash[_PCAP].plot:
+    if item.config.stash[_OPTIONS].tunpair_plot:
         # One note per pair: the plot's line goes under its pcap's.
         for i, (path, problem) in enumerate(_report.write_plots(pairs[: len(paths)], paths)):
             note = _report.plot_note(path, problem)
@@ -581,34 +477,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 _USERNS = pytest.StashKey["Status"]()
 
 
-def _addoption_userns(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
-    help_userns = (
-        "auto (default): enter a user namespace when the process lacks CAP_NET_ADMIN or "
-        "CAP_SYS_ADMIN, so that a normal user can build tunnels; always: even as root; "
-        "never: refuse to run unprivileged"
-    )
-    from ._kernel.userns import MODES  # no heavy import: _userns uses only the standard library
-
-    group.addoption("--tunpair-userns", choices=MODES, help=help_userns)
-    parser.addini("tunpair_userns", default="auto", help=help_userns)
-
-
 def _configure_userns(config: pytest.Config) -> None:
     if not enabled(config):
         return
     from ._errors import PrivilegeError
     from ._kernel import userns as _userns
 
-    mode = config.getoption("tunpair_userns", None)
-    if mode is None:
-        try:
-            mode = _userns.check_mode(
-                str(config.getini("tunpair_userns")).strip(),
-                option="tunpair_userns",
-                source=f"ini file {config.inipath}" if config.inipath else "ini file",
-            )
-        except OptionError as exc:
-            raise pytest.UsageError(str(exc)) from None
+    mode = config.stash[_OPTIONS].tunpair_userns
     try:
         # xdist workers already run execnet's thread: they use the user namespace the
         # controller entered before starting them.

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-
-from .._errors import OptionError
 
 if TYPE_CHECKING:
     from .._options import PairOptions
@@ -22,15 +18,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HTML_TRACE_LINES",
-    "PCAP_MODES",
     "SECTION_TRACE_LINES",
-    "PcapSettings",
     "TestSlice",
     "format_section",
     "html_extras",
     "pcap_note",
     "pcap_paths",
-    "pcap_settings",
     "pcap_stem",
     "plot_note",
     "plural",
@@ -44,7 +37,6 @@ __all__ = [
 SECTION_TRACE_LINES = 60
 #: The same for the trace attached to pytest-html's report: a page has more room.
 HTML_TRACE_LINES = 2000
-PCAP_MODES = ("failed", "all")
 # File names are limited to 255 bytes; leave room for the pair suffix and ".pcap".
 _MAX_STEM = 180
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -178,67 +170,6 @@ def html_extras(
 
 
 # -- pcap files ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PcapSettings:
-    """``--tunpair-pcap`` / ``--tunpair-pcap-mode``, resolved. No directory: no files."""
-
-    directory: Path | None = None
-    mode: str = "failed"
-    plot: bool = False
-    """``--tunpair-plot``: a throughput/sojourn plot (PNG) next to each pcap file."""
-
-
-def pcap_settings(
-    *,
-    cli_dir: str | None,
-    ini_dir: str,
-    cli_mode: str | None,
-    ini_mode: str,
-    invocation_dir: Path,
-    ini_base: Path,
-    ini_file: str | None,
-    plot: bool = False,
-) -> PcapSettings:
-    """Command line over ini over default. A relative directory is relative to where
-    pytest was started (command line) or to the ini file (ini key).
-
-    Raises ``OptionError`` naming the option and where its value came from.
-    """
-    ini_where = f"ini file {ini_file}" if ini_file else "ini file"
-    if cli_mode is not None:
-        mode, option, source = cli_mode, "--tunpair-pcap-mode", "command line"
-    else:
-        mode, option, source = ini_mode or "failed", "tunpair_pcap_mode", ini_where
-    if mode not in PCAP_MODES:
-        raise OptionError(
-            option,
-            mode,
-            source=source,
-            reason="use 'failed' (pcap files for failed tests only) "
-            "or 'all' (for every test that used a tunnel)",
-        )
-    if cli_dir is not None:
-        raw, base, option, source = cli_dir, invocation_dir, "--tunpair-pcap", "command line"
-    elif ini_dir.strip():
-        raw, base, option, source = ini_dir.strip(), ini_base, "tunpair_pcap", ini_where
-    else:
-        return PcapSettings(None, mode, plot)
-    if not raw:
-        raise OptionError(
-            option, raw, source=source, reason="give the directory to write pcap files to"
-        )
-    directory = (base / os.path.expanduser(raw)).resolve()
-    if directory.exists() and not directory.is_dir():
-        raise OptionError(
-            option,
-            raw,
-            source=source,
-            reason=f"{directory} exists and is not a directory; "
-            "give a directory (it is created when the first file is written)",
-        )
-    return PcapSettings(directory, mode, plot)
-
-
 def pcap_stem(nodeid: str, taken: MutableMapping[str, str] | None = None) -> str:
     """A file name stem for a test id: ``tests/test_x.py::test_y[1]`` ->
     ``tests_test_x.py_test_y_1``.
