@@ -17,10 +17,10 @@ from pytest_tunpair._plugin.options import LEFTOVER_POLICIES, USERNS_MODES, Plug
 # The inner run prints what the plugin resolved, in its report header (collection only).
 SHOW = """
 import dataclasses
-from pytest_tunpair.plugin import _OPTIONS
+from pytest_tunpair._plugin import keys
 
 def pytest_report_header(config):
-    resolved = config.stash[_OPTIONS]
+    resolved = config.stash[keys.OPTIONS]
     return [f"resolved {f.name}={getattr(resolved, f.name)!r}" for f in dataclasses.fields(resolved)]
 """
 

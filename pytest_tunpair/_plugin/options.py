@@ -72,7 +72,8 @@ class Plot(Bool):
 
 @dataclass(frozen=True)
 class PluginOptions:
-    """The plugin's options: declared here, resolved once per run by :func:`resolve`."""
+    """The plugin's options: declared here, resolved once per run by :func:`resolve`
+    (``config.stash[keys.OPTIONS]``)."""
 
     tunpair: bool = option(
         False,

@@ -1,6 +1,11 @@
 """What a failing test says about its tunnels: the packet-trace report section, its
-pytest-html extras and the pcap files of ``--tunpair-pcap``. Plain functions, no pytest:
-``plugin.py`` calls them."""
+pytest-html extras, the pcap files and plots of ``--tunpair-pcap`` / ``--tunpair-plot``, the
+terminal summary and the report header.
+
+The first part is plain functions over pairs; the second, the bodies of ``plugin.py``'s
+report hooks. pytest is imported by the second only when it runs: ``tunpair run`` shares
+:func:`plural` and must not load pytest.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import pytest
+
     from .._options import PairOptions
     from .._packets.capture import Capture
     from .._pair import TunPair
@@ -20,14 +27,19 @@ __all__ = [
     "HTML_TRACE_LINES",
     "SECTION_TRACE_LINES",
     "TestSlice",
+    "configure",
     "format_section",
+    "header",
     "html_extras",
+    "make_report",
+    "pairs_of",
     "pcap_note",
     "pcap_paths",
     "pcap_stem",
     "plot_note",
     "plural",
     "section_title",
+    "terminal_summary",
     "write_pcaps",
     "write_plots",
 ]
@@ -246,3 +258,123 @@ def pcap_note(path: Path, error: OSError | None) -> str:
     if error is None:
         return f"pcap: {path}"
     return f"pcap: could not write {path}: {error}"
+
+
+# -- the report hooks' bodies ----------------------------------------------------------------
+def configure(config: pytest.Config) -> None:
+    from . import keys
+
+    config.stash[keys.PCAP_STEMS] = {}
+    config.stash[keys.PCAP_ERRORS] = {}
+
+
+def header(config: pytest.Config, how: str) -> list[str]:
+    """``pytest_report_header``: how tunnels run (``how``) and the versions that matter."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for dist in ("pyroute2", "scapy"):  # metadata only: importing them costs seconds
+        try:
+            versions.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    return [f"tunpair: {how}; {', '.join(versions)}"]
+
+
+def pairs_of(item: pytest.Item) -> list[TunPair]:
+    """The pairs the test can reach: its factory's, or its module's or session's."""
+    from . import keys
+
+    factory = item.stash.get(keys.FACTORY, None)
+    if factory is not None:
+        return factory.pairs
+    scoped = item.stash.get(keys.CHECKPOINT, None)
+    return scoped[0].pairs if scoped is not None else []
+
+
+def _reported(item: pytest.Item) -> list[TunPair | TestSlice]:
+    """What the test's reports show: its pairs, or its part of a module or session pair."""
+    from . import keys
+
+    scoped = item.stash.get(keys.CHECKPOINT, None)
+    if keys.FACTORY in item.stash or scoped is None:
+        return list(pairs_of(item))
+    return [TestSlice(*entry) for entry in scoped[0].slices(scoped[1])]
+
+
+def make_report(item: pytest.Item, report: pytest.TestReport) -> None:
+    """``pytest_runtest_makereport`` on the final report: at the test's first failure the
+    packet-trace section (and pytest-html's extras); the pcap files when asked for."""
+    from . import keys
+
+    pairs = _reported(item)
+    if not pairs:
+        return
+    options = item.config.stash[keys.OPTIONS]
+    first_failure = report.failed and not item.stash.get(keys.REPORTED, False)
+    notes: list[str] = []
+    if options.tunpair_pcap is not None and (
+        first_failure
+        or (
+            report.when == "teardown"
+            and (options.tunpair_pcap_mode == "all" or keys.PCAP_FILES in item.stash)
+        )
+    ):
+        notes = _write_files(item, pairs, options.tunpair_pcap)
+    if not first_failure:
+        return
+    # Once per test: a teardown error after a failed call would only repeat it.
+    item.stash[keys.REPORTED] = True
+    report.sections.append(
+        (section_title(report.when), format_section(pairs, notes, replay=_replay_hint))
+    )
+    if item.config.pluginmanager.hasplugin("html"):
+        # pytest-html shows a report's ``extras`` in the test's row.
+        plots = [p.with_suffix(".png") for p in item.stash.get(keys.PCAP_FILES, [])]
+        images = plots if options.tunpair_plot else []
+        extras = html_extras(pairs, notes, replay=_replay_hint, images=images)
+        extras = [*getattr(report, "extras", []), *extras]
+        setattr(report, "extras", extras)  # noqa: B010 (TestReport declares no such field)
+
+
+def _replay_hint(seed: int) -> str:
+    return f"replay with --tunpair-seed={seed}"
+
+
+def _write_files(item: pytest.Item, pairs: list[TunPair | TestSlice], directory: Path) -> list[str]:
+    # Written at the first failure (so the report can name the files) and again when the
+    # test is over, pairs closed, so the files hold teardown's traffic too.
+    from . import keys
+
+    config = item.config
+    paths = item.stash.get(keys.PCAP_FILES, None)
+    if paths is None:
+        stem = pcap_stem(item.nodeid, config.stash[keys.PCAP_STEMS])
+        names = [pair.options.names for pair in pairs]
+        paths = item.stash[keys.PCAP_FILES] = pcap_paths(directory, stem, names)
+    errors = config.stash[keys.PCAP_ERRORS]
+    notes = []
+    for path, error in write_pcaps(pairs[: len(paths)], paths):
+        notes.append(pcap_note(path, error))
+        if error is not None:
+            errors[str(path)] = f"{item.nodeid}: {notes[-1]}"
+    if config.stash[keys.OPTIONS].tunpair_plot:
+        # One note per pair: the plot's line goes under its pcap's.
+        for i, (path, problem) in enumerate(write_plots(pairs[: len(paths)], paths)):
+            note = plot_note(path, problem)
+            notes[i] += "\n" + note
+            if problem is not None:
+                errors[str(path)] = f"{item.nodeid}: {note}"
+    return notes
+
+
+def terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The files that could not be written: a passing test's (``--tunpair-pcap-mode=all``)
+    has no report to name a failure in."""
+    from . import keys
+
+    errors = terminalreporter.config.stash.get(keys.PCAP_ERRORS, {})
+    if errors:
+        terminalreporter.section("tunpair: pcap files not written", sep="-", yellow=True)
+        for line in errors.values():
+            terminalreporter.line(line)
