@@ -147,3 +147,12 @@ def test_plugin_import_does_not_load_scapy_or_pyroute2(pytester: pytest.Pytester
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scapy', 'pyroute2')))",
     )
     result.stdout.fnmatch_lines(["[[][]]"])
+
+
+def test_the_command_line_tool_does_not_load_pytest(pytester: pytest.Pytester) -> None:
+    # `tunpair run` shares the report's helpers (_plugin/report.py), which import pytest's
+    # side only when a hook runs.
+    result = pytester.run(
+        sys.executable, "-c", "import sys, pytest_tunpair._cli; print('pytest' in sys.modules)"
+    )
+    result.stdout.fnmatch_lines(["False"])

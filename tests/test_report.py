@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair import OptionError, TunPair
-from pytest_tunpair._plugin.report import (
-    PcapSettings,
-    format_section,
-    pcap_paths,
-    pcap_settings,
-    pcap_stem,
-    section_title,
-)
+from pytest_tunpair import TunPair
+from pytest_tunpair._plugin.report import format_section, pcap_paths, pcap_stem, section_title
 
 from .conftest import need, run_standalone, tcpdump_read
 
@@ -336,22 +329,22 @@ def test_ini_directory_is_relative_to_the_ini_file(pytester: pytest.Pytester) ->
         (
             ["--tunpair-pcap-mode=sometimes"],
             "",
-            "*command line: bad value for --tunpair-pcap-mode='sometimes': use 'failed'*or 'all'*",
+            "*--tunpair-pcap-mode: bad value 'sometimes': use 'failed'*or 'all'*",
         ),
         (
             [],
             "tunpair_pcap_mode = never\n",
-            "*ini file *tox.ini: bad value for tunpair_pcap_mode='never': use 'failed'*",
+            "*ini key tunpair_pcap_mode in *tox.ini: bad value 'never': use 'failed'*",
         ),
         (
             ["--tunpair-pcap=afile"],
             "",
-            "*command line: bad value for --tunpair-pcap='afile': */afile exists and is not a directory*",
+            "*--tunpair-pcap: bad value 'afile': */afile exists and is not a directory*",
         ),
         (
             ["--tunpair-pcap="],
             "",
-            "*command line: bad value for --tunpair-pcap='': give the directory*",
+            "*--tunpair-pcap: bad value '': give the directory*",
         ),
     ],
     ids=["mode-cli", "mode-ini", "dir-is-a-file", "dir-empty"],
@@ -373,7 +366,7 @@ def test_options_are_in_the_tunpair_group(pytester: pytest.Pytester) -> None:
         [
             "pytest-tunpair*",
             "*--tunpair-pcap=DIR*",
-            "*--tunpair-pcap-mode=MODE*",
+            "*--tunpair-pcap-mode={failed,all}*",
         ]
     )
     result.stdout.fnmatch_lines(["*tunpair_pcap (string):*", "*tunpair_pcap_mode (string):*"])
@@ -400,22 +393,6 @@ def test_pcap_paths_suffix_only_for_several_pairs() -> None:
         d / "s-tun0-tun1.pcap",
         d / "s-tun2-tun3.pcap",
     ]
-
-
-def test_pcap_settings_precedence(tmp_path: Path) -> None:
-    kw = {"invocation_dir": tmp_path / "cwd", "ini_base": tmp_path / "ini", "ini_file": "tox.ini"}
-    none = pcap_settings(cli_dir=None, ini_dir="", cli_mode=None, ini_mode="", **kw)
-    assert none == PcapSettings(None, "failed")
-    ini = pcap_settings(cli_dir=None, ini_dir="p", cli_mode=None, ini_mode="all", **kw)
-    assert ini == PcapSettings(tmp_path / "ini" / "p", "all")
-    cli = pcap_settings(cli_dir="q", ini_dir="p", cli_mode="failed", ini_mode="all", **kw)
-    assert cli == PcapSettings(tmp_path / "cwd" / "q", "failed")
-    with pytest.raises(
-        OptionError, match=r"ini file tox.ini: bad value for tunpair_pcap_mode='x'"
-    ) as info:
-        pcap_settings(cli_dir=None, ini_dir="", cli_mode=None, ini_mode="x", **kw)
-    assert (info.value.option, info.value.value) == ("tunpair_pcap_mode", "x")
-    assert info.value.source == "ini file tox.ini" and "'failed'" in info.value.reason
 
 
 def test_format_section_of_a_real_pair() -> None:

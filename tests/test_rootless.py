@@ -539,7 +539,7 @@ def test_refusal_bad_ini_value(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     assert result.ret == USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["ERROR: ini file *: bad value for tunpair_userns='sometimes': use one of auto*"]
+        ["ERROR: ini key tunpair_userns in *: bad value 'sometimes': use one of 'auto'*"]
     )
 
 

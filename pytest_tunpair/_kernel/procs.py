@@ -55,6 +55,9 @@ __all__ = [
 
 #: SIGTERM, then this many seconds, then SIGKILL.
 TERM_GRACE = 2.0
+#: What teardown does with processes ``spawn`` did not start. The plugin's option table
+#: (``_plugin/options.py``) names them too, without importing this module; a test keeps
+#: the two equal.
 LEFTOVER_POLICIES = ("kill", "warn", "fail")
 #: Environment variable every spawned process starts with; inherited by children that keep
 #: their environment, it still names them once their parent is gone (a daemon's double fork).

@@ -53,7 +53,9 @@ __all__ = [
     "thread_can_return",
 ]
 
-#: The user-namespace modes (``--tunpair-userns``); :func:`check_mode` validates one.
+#: The user-namespace modes; :func:`check_mode` validates one. The plugin's option table
+#: (``_plugin/options.py``) names them too, without importing this module (ctypes); a test
+#: keeps the two equal.
 MODES = ("auto", "always", "never")
 
 # include/uapi/linux/capability.h
@@ -98,11 +100,10 @@ def in_user_namespace() -> bool:
     return not in_initial_user_namespace()
 
 
-def check_mode(mode: str, *, source: str, option: str = "mode") -> str:
-    """``mode`` if it is one of :data:`MODES`, else :class:`OptionError` naming ``option``
-    as given in ``source``."""
+def check_mode(mode: str, *, source: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else :class:`OptionError` naming ``source``."""
     if mode not in MODES:
-        raise OptionError(option, mode, source=source, reason=f"use one of {', '.join(MODES)}")
+        raise OptionError("mode", mode, source=source, reason=f"use one of {', '.join(MODES)}")
     return mode
 
 

@@ -1,40 +1,45 @@
 """What a failing test says about its tunnels: the packet-trace report section, its
-pytest-html extras and the pcap files of ``--tunpair-pcap``. Plain functions, no pytest:
-``plugin.py`` calls them."""
+pytest-html extras, the pcap files and plots of ``--tunpair-pcap`` / ``--tunpair-plot``, the
+terminal summary and the report header.
+
+The first part is plain functions over pairs; the second, the bodies of ``plugin.py``'s
+report hooks. pytest is imported by the second only when it runs: ``tunpair run`` shares
+:func:`plural` and must not load pytest.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._errors import OptionError
-
 if TYPE_CHECKING:
+    import pytest
+
     from .._options import PairOptions
     from .._packets.capture import Capture
     from .._pair import TunPair
 
 __all__ = [
     "HTML_TRACE_LINES",
-    "PCAP_MODES",
     "SECTION_TRACE_LINES",
-    "PcapSettings",
     "TestSlice",
+    "configure",
     "format_section",
+    "header",
     "html_extras",
+    "make_report",
+    "pairs_of",
     "pcap_note",
     "pcap_paths",
-    "pcap_settings",
     "pcap_stem",
     "plot_note",
     "plural",
     "section_title",
+    "terminal_summary",
     "write_pcaps",
     "write_plots",
 ]
@@ -44,7 +49,6 @@ __all__ = [
 SECTION_TRACE_LINES = 60
 #: The same for the trace attached to pytest-html's report: a page has more room.
 HTML_TRACE_LINES = 2000
-PCAP_MODES = ("failed", "all")
 # File names are limited to 255 bytes; leave room for the pair suffix and ".pcap".
 _MAX_STEM = 180
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -178,67 +182,6 @@ def html_extras(
 
 
 # -- pcap files ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PcapSettings:
-    """``--tunpair-pcap`` / ``--tunpair-pcap-mode``, resolved. No directory: no files."""
-
-    directory: Path | None = None
-    mode: str = "failed"
-    plot: bool = False
-    """``--tunpair-plot``: a throughput/sojourn plot (PNG) next to each pcap file."""
-
-
-def pcap_settings(
-    *,
-    cli_dir: str | None,
-    ini_dir: str,
-    cli_mode: str | None,
-    ini_mode: str,
-    invocation_dir: Path,
-    ini_base: Path,
-    ini_file: str | None,
-    plot: bool = False,
-) -> PcapSettings:
-    """Command line over ini over default. A relative directory is relative to where
-    pytest was started (command line) or to the ini file (ini key).
-
-    Raises ``OptionError`` naming the option and where its value came from.
-    """
-    ini_where = f"ini file {ini_file}" if ini_file else "ini file"
-    if cli_mode is not None:
-        mode, option, source = cli_mode, "--tunpair-pcap-mode", "command line"
-    else:
-        mode, option, source = ini_mode or "failed", "tunpair_pcap_mode", ini_where
-    if mode not in PCAP_MODES:
-        raise OptionError(
-            option,
-            mode,
-            source=source,
-            reason="use 'failed' (pcap files for failed tests only) "
-            "or 'all' (for every test that used a tunnel)",
-        )
-    if cli_dir is not None:
-        raw, base, option, source = cli_dir, invocation_dir, "--tunpair-pcap", "command line"
-    elif ini_dir.strip():
-        raw, base, option, source = ini_dir.strip(), ini_base, "tunpair_pcap", ini_where
-    else:
-        return PcapSettings(None, mode, plot)
-    if not raw:
-        raise OptionError(
-            option, raw, source=source, reason="give the directory to write pcap files to"
-        )
-    directory = (base / os.path.expanduser(raw)).resolve()
-    if directory.exists() and not directory.is_dir():
-        raise OptionError(
-            option,
-            raw,
-            source=source,
-            reason=f"{directory} exists and is not a directory; "
-            "give a directory (it is created when the first file is written)",
-        )
-    return PcapSettings(directory, mode, plot)
-
-
 def pcap_stem(nodeid: str, taken: MutableMapping[str, str] | None = None) -> str:
     """A file name stem for a test id: ``tests/test_x.py::test_y[1]`` ->
     ``tests_test_x.py_test_y_1``.
@@ -315,3 +258,123 @@ def pcap_note(path: Path, error: OSError | None) -> str:
     if error is None:
         return f"pcap: {path}"
     return f"pcap: could not write {path}: {error}"
+
+
+# -- the report hooks' bodies ----------------------------------------------------------------
+def configure(config: pytest.Config) -> None:
+    from . import keys
+
+    config.stash[keys.PCAP_STEMS] = {}
+    config.stash[keys.PCAP_ERRORS] = {}
+
+
+def header(config: pytest.Config, how: str) -> list[str]:
+    """``pytest_report_header``: how tunnels run (``how``) and the versions that matter."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for dist in ("pyroute2", "scapy"):  # metadata only: importing them costs seconds
+        try:
+            versions.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    return [f"tunpair: {how}; {', '.join(versions)}"]
+
+
+def pairs_of(item: pytest.Item) -> list[TunPair]:
+    """The pairs the test can reach: its factory's, or its module's or session's."""
+    from . import keys
+
+    factory = item.stash.get(keys.FACTORY, None)
+    if factory is not None:
+        return factory.pairs
+    scoped = item.stash.get(keys.CHECKPOINT, None)
+    return scoped[0].pairs if scoped is not None else []
+
+
+def _reported(item: pytest.Item) -> list[TunPair | TestSlice]:
+    """What the test's reports show: its pairs, or its part of a module or session pair."""
+    from . import keys
+
+    scoped = item.stash.get(keys.CHECKPOINT, None)
+    if keys.FACTORY in item.stash or scoped is None:
+        return list(pairs_of(item))
+    return [TestSlice(*entry) for entry in scoped[0].slices(scoped[1])]
+
+
+def make_report(item: pytest.Item, report: pytest.TestReport) -> None:
+    """``pytest_runtest_makereport`` on the final report: at the test's first failure the
+    packet-trace section (and pytest-html's extras); the pcap files when asked for."""
+    from . import keys
+
+    pairs = _reported(item)
+    if not pairs:
+        return
+    options = item.config.stash[keys.OPTIONS]
+    first_failure = report.failed and not item.stash.get(keys.REPORTED, False)
+    notes: list[str] = []
+    if options.tunpair_pcap is not None and (
+        first_failure
+        or (
+            report.when == "teardown"
+            and (options.tunpair_pcap_mode == "all" or keys.PCAP_FILES in item.stash)
+        )
+    ):
+        notes = _write_files(item, pairs, options.tunpair_pcap)
+    if not first_failure:
+        return
+    # Once per test: a teardown error after a failed call would only repeat it.
+    item.stash[keys.REPORTED] = True
+    report.sections.append(
+        (section_title(report.when), format_section(pairs, notes, replay=_replay_hint))
+    )
+    if item.config.pluginmanager.hasplugin("html"):
+        # pytest-html shows a report's ``extras`` in the test's row.
+        plots = [p.with_suffix(".png") for p in item.stash.get(keys.PCAP_FILES, [])]
+        images = plots if options.tunpair_plot else []
+        extras = html_extras(pairs, notes, replay=_replay_hint, images=images)
+        extras = [*getattr(report, "extras", []), *extras]
+        setattr(report, "extras", extras)  # noqa: B010 (TestReport declares no such field)
+
+
+def _replay_hint(seed: int) -> str:
+    return f"replay with --tunpair-seed={seed}"
+
+
+def _write_files(item: pytest.Item, pairs: list[TunPair | TestSlice], directory: Path) -> list[str]:
+    # Written at the first failure (so the report can name the files) and again when the
+    # test is over, pairs closed, so the files hold teardown's traffic too.
+    from . import keys
+
+    config = item.config
+    paths = item.stash.get(keys.PCAP_FILES, None)
+    if paths is None:
+        stem = pcap_stem(item.nodeid, config.stash[keys.PCAP_STEMS])
+        names = [pair.options.names for pair in pairs]
+        paths = item.stash[keys.PCAP_FILES] = pcap_paths(directory, stem, names)
+    errors = config.stash[keys.PCAP_ERRORS]
+    notes = []
+    for path, error in write_pcaps(pairs[: len(paths)], paths):
+        notes.append(pcap_note(path, error))
+        if error is not None:
+            errors[str(path)] = f"{item.nodeid}: {notes[-1]}"
+    if config.stash[keys.OPTIONS].tunpair_plot:
+        # One note per pair: the plot's line goes under its pcap's.
+        for i, (path, problem) in enumerate(write_plots(pairs[: len(paths)], paths)):
+            note = plot_note(path, problem)
+            notes[i] += "\n" + note
+            if problem is not None:
+                errors[str(path)] = f"{item.nodeid}: {note}"
+    return notes
+
+
+def terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The files that could not be written: a passing test's (``--tunpair-pcap-mode=all``)
+    has no report to name a failure in."""
+    from . import keys
+
+    errors = terminalreporter.config.stash.get(keys.PCAP_ERRORS, {})
+    if errors:
+        terminalreporter.section("tunpair: pcap files not written", sep="-", yellow=True)
+        for line in errors.values():
+            terminalreporter.line(line)

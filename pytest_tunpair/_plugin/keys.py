@@ -1,0 +1,41 @@
+"""Where the plugin keeps its state: ``pytest.StashKey``s on the config (the run) and on
+items (one test), as pytest's logging and tmp_path plugins do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from .._factory import FactoryCheckpoint, TunPairFactory
+    from .._kernel.netns import Visit
+    from .._kernel.userns import Status
+    from .options import PluginOptions
+
+# -- the run (config.stash) ---------------------------------------------------------------------
+#: The plugin's options, resolved (``options.resolve``).
+OPTIONS: pytest.StashKey[PluginOptions] = pytest.StashKey()
+#: How tunnels run in this process; set with --tunpair only.
+USERNS: pytest.StashKey[Status] = pytest.StashKey()
+#: The inode of the network namespace tests start in.
+HOME: pytest.StashKey[int] = pytest.StashKey()
+#: The open module and session factories, by scope key.
+SCOPED: pytest.StashKey[dict[str, TunPairFactory]] = pytest.StashKey()
+#: The running test's stays in namespaces, left after its teardown.
+VISITS: pytest.StashKey[list[Visit]] = pytest.StashKey()
+#: pcap file stem -> test id, so that two ids never share a file.
+PCAP_STEMS: pytest.StashKey[dict[str, str]] = pytest.StashKey()
+#: pcap or plot file -> why it was not written (the terminal summary).
+PCAP_ERRORS: pytest.StashKey[dict[str, str]] = pytest.StashKey()
+
+# -- one test (item.stash) ----------------------------------------------------------------------
+#: Its tun_pair_factory.
+FACTORY: pytest.StashKey[TunPairFactory] = pytest.StashKey()
+#: Its module or session factory, and where its own part began.
+CHECKPOINT: pytest.StashKey[tuple[TunPairFactory, FactoryCheckpoint]] = pytest.StashKey()
+#: Its packet trace is in a report already.
+REPORTED: pytest.StashKey[bool] = pytest.StashKey()
+#: The pcap files named in its report.
+PCAP_FILES: pytest.StashKey[list[Path]] = pytest.StashKey()

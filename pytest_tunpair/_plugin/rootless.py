@@ -1,0 +1,98 @@
+"""Rootless runs on pytest's side: the user namespace, and tests on threads of their own.
+
+The machinery and the kernel's reasons are in ``_kernel/userns.py`` and
+``_kernel/disposable.py``; this module only fits them into a pytest run: entering the user
+namespace at configure time (:func:`configure`), running a tunnel test's whole protocol on a
+disposable thread where the main thread could not come back (:func:`run_protocol`), and
+pytest-timeout's timer cancelled from such a thread (:class:`TimeoutFromAnyThread`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from . import keys, scoped
+
+
+def configure(config: pytest.Config, mode: str) -> None:
+    """Make this process able to build tunnels (``--tunpair-userns`` = ``mode``), or stop
+    the run with the reason and the fixes."""
+    from .._errors import PrivilegeError
+    from .._kernel import userns
+
+    try:
+        # xdist workers already run execnet's thread: they use the user namespace the
+        # controller entered before starting them.
+        status = userns.prepare(mode, may_enter=not hasattr(config, "workerinput"))
+    except PrivilegeError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[keys.USERNS] = status
+    if config.pluginmanager.hasplugin("timeout"):
+        config.pluginmanager.register(TimeoutFromAnyThread(), "tunpair-timeout")
+
+
+def describe(config: pytest.Config) -> str:
+    """How tunnels run here, for the report header."""
+    status = config.stash.get(keys.USERNS, None)
+    return status.describe() if status is not None else "off (run with --tunpair)"
+
+
+def run_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """``pytest_runtest_protocol``: True when the test ran on a thread of its own.
+
+    In a user namespace we entered ourselves a thread cannot come back to the host's network
+    namespace (see ``_kernel/userns.py``), so a tunnel test runs, setup to teardown, on a
+    thread of its own that ends with it; the main thread, and tests without a tunnel, stay
+    on the host network.
+    """
+    status = item.config.stash.get(keys.USERNS, None)
+    if status is None or status.can_return:
+        return None
+    if not scoped.uses(item) and scoped.ending(item, nextitem) is None:
+        return None
+    # What pytest's own pytest_runtest_protocol does, with the phases on the test's thread
+    # (runtestprotocol is not re-exported by pytest; plugins such as pytest-rerunfailures
+    # import it the same way). Hook wrappers (pytest-timeout, warnings, faulthandler) keep
+    # running around this on the main thread.
+    from _pytest.runner import runtestprotocol
+
+    from .._errors import ThreadNotStopped
+    from .._kernel.disposable import run_in_disposable_thread
+
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    try:
+        run_in_disposable_thread(
+            lambda: runtestprotocol(item, nextitem=nextitem), name=f"tunpair {item.nodeid}"
+        )
+    except ThreadNotStopped as exc:
+        pytest.exit(f"{item.nodeid}: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+class TimeoutFromAnyThread:
+    """pytest-timeout's timer, cancelled from a test's own thread (registered only when
+    pytest-timeout is present).
+
+    Its signal method arms SIGALRM on the main thread, but also cancels it from
+    pytest_exception_interact -- on the test's thread when tests run on threads of their
+    own, where ``signal.signal()`` raises ValueError (an INTERNALERROR for every failing
+    test). Stopping the timer works from any thread; pytest-timeout's wrapper around the
+    whole protocol cancels again on the main thread, restoring the SIGALRM handler there.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> bool | None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            return None  # pytest-timeout's own cancel
+        cancel = getattr(item, "cancel_timeout", None)
+        if cancel is not None:
+            try:
+                cancel()
+            except ValueError:  # signal.signal() off the main thread, after the timer stopped
+                import signal
+
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        return True  # firstresult: done
