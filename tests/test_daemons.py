@@ -98,7 +98,7 @@ http {{
 
 def nginx_conf(tmp_path: Path, pair: TunPair, port: int = PORT) -> Path:
     if not os.access(NGINX, os.X_OK):
-        pytest.skip(f"nginx is not installed at {NGINX}")
+        need(NGINX)
     from pytest_tunpair._kernel.userns import in_initial_user_namespace
 
     # Workers drop privileges to `nobody` with initgroups(), which a user namespace with
