@@ -310,13 +310,6 @@ class TraceServer:
         self._k, self._left = k, left
         return due
 
-    def depart(self, size: int, t: float) -> float | None:
-        """``finish(size, ready(t))``: when a packet at the head of the queue from ``t`` on
-        leaves, or None if it never does."""
-        start = self.ready(t)
-        due = math.inf if start == math.inf else self.finish(size, start)
-        return None if due == math.inf else due
-
     def opportunity_times(self, until: float) -> Iterator[float]:
         """The time of every opportunity from the start to ``until`` (for mahimahi's log)."""
         k = 0

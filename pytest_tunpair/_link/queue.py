@@ -413,24 +413,6 @@ class LinkQueue:
             due = min(due, self._next_start())
         return None if due == math.inf else due
 
-    def flush(self, now: float) -> list[Outcome]:
-        """Everything still held leaves at once, in order (the link is being replaced):
-        outcomes due by ``now`` first, then the rest as ``"sent"`` at ``now``."""
-        self._advance(now)
-        now = self._clock
-        held = [entry for _due, _seq, entry in sorted(self._line)]
-        self._line.clear()
-        if self._busy is not None:
-            held.append(self._busy)
-            self._busy = None
-        held.extend(self._waiting)
-        self._waiting.clear()
-        self._waiting_bytes = 0
-        self._waiting_count = 0
-        for entry in held:
-            self._release(entry, now)
-        return self._take()
-
     @property
     def waiting(self) -> int:
         """Packets in the buffer now (not yet on the wire), in the units of ``limit``."""
@@ -487,12 +469,8 @@ class LinkQueue:
         heapq.heappush(self._line, (departed + entry.latency, self._seq, entry))
 
     def _release(self, entry: _Entry, due: float) -> None:
-        """``entry`` reaches the far end at ``due`` (or leaves early: :meth:`flush`)."""
+        """``entry`` reaches the far end at ``due``."""
         self._unhold(entry)
-        if entry.start != entry.start:  # nan: flushed before it was served
-            entry.start = due
-        if entry.departed != entry.departed:
-            entry.departed = due
         self._out.append(
             Outcome(
                 "marked" if entry.marked else "sent",
