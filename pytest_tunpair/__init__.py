@@ -27,13 +27,15 @@ if TYPE_CHECKING:
         TunPairError,
         UnexpectedPacket,
     )
+    from ._kernel.netns import Visit
     from ._kernel.sockets import SocketInfo
-    from ._link.gemodel import GilbertElliott
+    from ._link.gemodel import GilbertElliott, GilbertElliottChain
     from ._link.relay import Hook
+    from ._link.rules import Fault, Outage, PathMtu
     from ._options import PairOptions
     from ._packets.capture import Capture, GsoInfo, Packet
     from ._packets.flows import Flow
-    from ._packets.match import PacketSource
+    from ._packets.match import PacketSource, expect, expect_none, expect_sequence
     from ._pair import Endpoint, TunPair, TunPairFactory
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._wire.tcp import TcpOptions
@@ -59,7 +61,15 @@ _WHERE = {
     "UnexpectedPacket": "._errors",
     "Flow": "._packets.flows",
     "GilbertElliott": "._link.gemodel",
+    "GilbertElliottChain": "._link.gemodel",
+    "Fault": "._link.rules",
+    "Outage": "._link.rules",
+    "PathMtu": "._link.rules",
     "PacketSource": "._packets.match",
+    "expect": "._packets.match",
+    "expect_none": "._packets.match",
+    "expect_sequence": "._packets.match",
+    "Visit": "._kernel.netns",
     "SocketInfo": "._kernel.sockets",
     "PairOptions": "._options",
     "Endpoint": "._pair",
@@ -75,8 +85,10 @@ _WHERE = {
 __all__ = [
     "Capture",
     "Endpoint",
+    "Fault",
     "Flow",
     "GilbertElliott",
+    "GilbertElliottChain",
     "GsoInfo",
     "Hook",
     "HookError",
@@ -84,11 +96,13 @@ __all__ = [
     "LeftoverProcessWarning",
     "NamespaceError",
     "OptionError",
+    "Outage",
     "Packet",
     "PacketSource",
     "PacketTimeout",
     "PairClosedError",
     "PairOptions",
+    "PathMtu",
     "PrivilegeError",
     "ScriptedPeer",
     "ScriptedTcp",
@@ -102,7 +116,11 @@ __all__ = [
     "TunPairError",
     "TunPairFactory",
     "UnexpectedPacket",
+    "Visit",
     "__version__",
+    "expect",
+    "expect_none",
+    "expect_sequence",
 ]
 
 

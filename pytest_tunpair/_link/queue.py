@@ -209,9 +209,13 @@ class Server(Protocol):
     that passed while the queue was empty, as mahimahi's link does.
     """
 
-    def ready(self, t: float) -> float: ...
+    def ready(self, t: float) -> float:
+        """The earliest time ``>= t`` a transmission can begin (``math.inf``: never)."""
+        ...
 
-    def finish(self, size: int, start: float) -> float: ...
+    def finish(self, size: int, start: float) -> float:
+        """A ``size``-byte packet starts at ``start``: when its last bit has left."""
+        ...
 
 
 class RateServer:
@@ -222,12 +226,15 @@ class RateServer:
     def __init__(self, rate: float) -> None:
         if not (math.isfinite(rate) and rate > 0.0):
             raise ValueError(f"rate must be bits/s > 0, not {rate!r}")
+        #: Bits per second.
         self.rate = rate
 
     def ready(self, t: float) -> float:
+        """``t``: the wire is free whenever the queue asks (it asks once the last left)."""
         return t
 
     def finish(self, size: int, start: float) -> float:
+        """``start`` plus the time ``size`` bytes take at :attr:`rate`."""
         return start + size * 8 / self.rate
 
     def __repr__(self) -> str:
