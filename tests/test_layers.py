@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -397,3 +398,43 @@ def test_every_package_directory_is_shipped() -> None:
         ):
             bad.append(f"{dotted}: not in [tool.setuptools.packages.find] (include {include})")
     assert not bad, "\n".join(bad)
+
+
+# -- CONTRIBUTING.md's map of the package ----------------------------------------------------
+
+_HEADING = re.compile(r"^### (\d+) (\w+): ")
+_ITEM = re.compile(r"^- `([\w/]+\.py)` — \S")
+
+
+def contributing_map() -> dict[str, list[int | None]]:
+    """Each module CONTRIBUTING.md's Layout lists (relative to ``pytest_tunpair/``), with the
+    level of each heading it is listed under."""
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    level: int | None = None
+    listed: dict[str, list[int | None]] = {}
+    for line in section.splitlines():
+        if line.startswith("### "):
+            heading = _HEADING.match(line)
+            level = int(heading.group(1)) if heading else None
+            if heading:
+                assert heading.group(2) == LEVEL_NAMES[level], f"CONTRIBUTING.md: {line}"
+        elif item := _ITEM.match(line):
+            listed.setdefault(item.group(1), []).append(level)
+    return listed
+
+
+def test_contributing_maps_every_module_under_its_level() -> None:
+    """CONTRIBUTING.md's Layout has one line per module of the package, under the heading
+    of its level, and no line for a module that is gone."""
+    listed = contributing_map()
+    tree = {p.relative_to(PACKAGE).as_posix(): name for name, p in modules().items()}
+    bad = [f"missing: - `{path}` — ..." for path in sorted(set(tree) - set(listed))]
+    bad += [f"no such module: {path}" for path in sorted(set(listed) - set(tree))]
+    for path, levels in sorted(listed.items()):
+        if path not in tree:
+            continue
+        want = level_of(tree[path])
+        if levels != [want]:
+            bad.append(f"{path}: listed under level(s) {levels}, its level is {want}")
+    assert not bad, "CONTRIBUTING.md's map of the package (## Layout):\n" + "\n".join(bad)
