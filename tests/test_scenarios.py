@@ -137,6 +137,10 @@ def test_drop_only_matching_and_remove(tun_pair: TunPair, udp_sink: socket.socke
             client.sendto(b"x" * size, udp_sink.getsockname())
         udp_sink.settimeout(2)
         assert [len(udp_sink.recv(2000)) for _ in range(2)] == [100, 100]
+        # The second small datagram can arrive while the second large one is still in the
+        # relay: remove the rule only once the relay has recorded both large ones dropped.
+        big = [lambda p: p.wire_len > 500] * 2
+        tun_pair.packets.expect_sequence(big, action="dropped", direction="a->b", timeout=5)
         fault.remove()
         client.sendto(b"x" * 1000, udp_sink.getsockname())
         assert len(udp_sink.recv(2000)) == 1000
