@@ -166,17 +166,20 @@ def test_outage_drops_exactly_the_packets_in_its_window(
     tun_pair: TunPair, udp_sink: socket.socket
 ) -> None:
     outage = tun_pair.outage(0.2, after=0.15, direction="a->b")
+    # Datagrams every millisecond or so until the relay has read some after the window:
+    # how many fall before, in and after it depends on how busy the machine is, not the
+    # verdict on each, which is what the test checks.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-        end = time.monotonic() + 0.5
         for payload in numbered(100_000):
             client.sendto(payload, udp_sink.getsockname())
             time.sleep(0.001)
-            if time.monotonic() > end:
+            last = tun_pair.packets[-1] if tun_pair.packets else None
+            if last is not None and last.arrival > outage.end_time + 0.05:
                 break
     assert outage.end_time - outage.start == pytest.approx(0.2)
     sent = [p for p in tun_pair.packets if p.direction == "a->b"]
     lost = [p for p in sent if p.action == "lost"]
-    assert 50 < len(lost) < len(sent) - 100
+    assert lost and sent[0].arrival < outage.start and sent[-1].arrival >= outage.end_time
     for p in sent:
         inside = outage.start <= p.arrival < outage.end_time
         assert (p.action == "lost") == inside, p
@@ -185,19 +188,26 @@ def test_outage_drops_exactly_the_packets_in_its_window(
 
 def test_outage_context_manager_and_end(tun_pair: TunPair, udp_sink: socket.socket) -> None:
     address = udp_sink.getsockname()
-    udp_sink.settimeout(0.3)
+
+    def lost(payload: bytes) -> None:
+        # The outage must have met the datagram before it ends: wait for the relay's record
+        # of it, not for a receive timeout (a busy relay may not have read it yet).
+        tun_pair.packets.wait_for(lambda p: p.payload == payload, action="lost", timeout=10)
+        udp_sink.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            udp_sink.recv(10)
+        udp_sink.settimeout(10)
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         with tun_pair.outage() as outage:
             assert "outage a->b/b->a" in tun_pair.describe()
             client.sendto(b"lost", address)
-            with pytest.raises(TimeoutError):
-                udp_sink.recv(10)
+            lost(b"lost")
         client.sendto(b"passes", address)
         assert udp_sink.recv(10) == b"passes"
         forever = tun_pair.outage(direction="a->b")
         client.sendto(b"lost too", address)
-        with pytest.raises(TimeoutError):
-            udp_sink.recv(10)
+        lost(b"lost too")
         forever.end()
         client.sendto(b"again", address)
         assert udp_sink.recv(10) == b"again"
