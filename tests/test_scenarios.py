@@ -392,7 +392,10 @@ def test_trace_gap_delivers_nothing(tun_pair: TunPair, udp_sink: socket.socket) 
         if p.direction == "a->b" and p.action not in ("lost", "dropped")
     ]
     assert any(t < 0.3 for t in delivered) and any(t > 0.8 for t in delivered)
-    assert not [t for t in delivered if 0.31 < t < 0.79]
+    # A packet is never written before its opportunity, but may be after it: the relay
+    # thread waits for a CPU on a busy machine (tens of milliseconds on two cores at
+    # HZ=250). So the gap's end is exact and its start has a margin.
+    assert not [t for t in delivered if 0.4 < t < 0.79]
 
 
 def test_bad_trace_names_file_and_line(tun_pair: TunPair, tmp_path: Path) -> None:
