@@ -92,7 +92,8 @@ def test_udp_overload_into_a_bounded_rate_keeps_ping_rtt_low(
     flood = threading.Thread(target=_udp_flood, args=(tun_pair.a.ip, sink.getsockname(), 20e6, 4.0))
     flood.start()
     try:
-        time.sleep(0.5)  # let the queue fill: the ping then measures a full buffer
+        # The ping measures a full buffer: wait until the queue first overflows.
+        tun_pair.packets.wait_for(direction="a->b", action="dropped", timeout=10)
         rtts = _ping_rtts(tun_pair.b.ip, 15, 0.2)
     finally:
         flood.join()
