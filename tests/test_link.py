@@ -99,8 +99,10 @@ def test_udp_overload_into_a_bounded_rate_keeps_ping_rtt_low(
         flood.join()
     stats = tun_pair.stats["a->b"]
     # 50 packets of 1428 bytes at 10 Mbit/s: 57 ms of buffer. Unbounded, the queue would
-    # grow by 0.5 s every second of the 2x overload.
-    assert len(rtts) >= 10, rtts
+    # grow by 0.5 s every second of the 2x overload. A ping that meets the buffer full is
+    # dropped like the flood's packets (after each 5 ms burst, about a quarter of the
+    # time): enough answers for a median, not a fixed share of 15.
+    assert len(rtts) >= 5, rtts
     assert 20 < statistics.median(rtts) < 100, rtts
     assert max(rtts) < 200, rtts
     assert stats["queue_peak"] <= 50
