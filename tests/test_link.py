@@ -104,7 +104,10 @@ def test_udp_overload_into_a_bounded_rate_keeps_ping_rtt_low(
     # time): enough answers for a median, not a fixed share of 15.
     assert len(rtts) >= 5, rtts
     assert 20 < statistics.median(rtts) < 100, rtts
-    assert max(rtts) < 200, rtts
+    # Nor does it grow while the flood goes on: the later pings, which an unbounded queue
+    # would hold longest, wait no longer. Medians, not the maximum: a busy machine can hold
+    # one ping (or the relay) off a CPU for most of a second.
+    assert statistics.median(rtts[len(rtts) // 2 :]) < 100, rtts
     assert stats["queue_peak"] <= 50
     assert stats["dropped"] > 1000
     dropped = [p for p in tun_pair.packets if p.direction == "a->b" and p.action == "dropped"]
