@@ -586,7 +586,7 @@ class TunPair:
         ``after`` seconds from now on, for ``duration`` seconds (None: until ended),
         recorded as ``"lost"``.
 
-        Returns the :class:`~pytest_tunpair._rules.Outage`, a context manager that ends
+        Returns the :class:`~pytest_tunpair.Outage`, a context manager that ends
         the outage on exit (``with tun_pair.outage(): ...``), with ``.end()``, its window
         (``start``, ``end_time``, in seconds since the pair came up, as
         ``Packet.arrival``) and ``dropped``. Durations are seconds or strings (``"500ms"``).
@@ -626,7 +626,7 @@ class TunPair:
         ``"unreachable"``). A packet no reply may answer (a reset for UDP) is dropped,
         recorded ``"dropped"``. ``times=None`` acts on every matching packet.
 
-        Returns the :class:`~pytest_tunpair._rules.Fault` with ``hits`` and ``remove()``.
+        Returns the :class:`~pytest_tunpair.Fault` with ``hits`` and ``remove()``.
         """
         from ._link.rules import Fault, check_fail, field_predicate
 
