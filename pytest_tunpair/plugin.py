@@ -40,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     tunpair = marks.tunpair_help() if config.getoption("markers", False) else "tunpair(**options)"
     config.addinivalue_line("markers", tunpair)
     config.addinivalue_line("markers", marks.HELP_IMPAIR)
+    config.pluginmanager.register(marks.Checks(), "tunpair-marks")
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -209,7 +210,6 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    marks.check_impair_target(item)
     scoped.join_for_setup(item)
     return (yield)
 

@@ -19,7 +19,14 @@ from .._errors import OptionError
 if TYPE_CHECKING:
     from .._pair import TunPair
 
-__all__ = ["HELP_IMPAIR", "apply_impair", "check_impair_target", "pair_options", "tunpair_help"]
+__all__ = [
+    "HELP_IMPAIR",
+    "Checks",
+    "apply_impair",
+    "check_impair_target",
+    "pair_options",
+    "tunpair_help",
+]
 
 HELP_IMPAIR = (
     "impair(profile=None, direction=None, **parameters): impair the test's tun_pair as "
@@ -110,3 +117,13 @@ def check_impair_target(item: pytest.Item) -> None:
     else:
         hint = "this test uses no tunnel: request the tun_pair fixture"
     pytest.fail(f"@pytest.mark.impair applies to the tun_pair fixture; {hint}", pytrace=False)
+
+
+class Checks:
+    """The setup-time check, as a plain hook implementation: it runs inside every plugin's
+    setup wrapper (logging, capture...), whose teardown halves expect their setup halves to
+    have run; a failure raised from the plugin's own outermost wrapper would skip them."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        check_impair_target(item)

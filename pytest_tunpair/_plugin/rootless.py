@@ -63,9 +63,8 @@ def refuse_tunnel(config: pytest.Config) -> None:
 
 def describe(config: pytest.Config) -> str:
     """How tunnels run here, for the report header."""
-    message = refusal(config)
-    if message is not None:
-        return f"no tunnels (tests that need one fail): {message}"
+    if refusal(config) is not None:
+        return "cannot create tunnels here (tests that need one fail at setup, saying why)"
     status = config.stash.get(keys.USERNS, None)
     return status.describe() if status is not None else "off (run with --tunpair)"
 
@@ -87,8 +86,8 @@ def summary(terminalreporter: pytest.TerminalReporter) -> None:
 
     terminalreporter.section("tunpair: no tunnels in this run", sep="-", red=True)
     terminalreporter.line(
-        f"{plural(len(failed), 'test')} that need a tunnel failed at setup; the other "
-        "tests ran as usual."
+        f"{plural(len(failed), 'test')} that need{'s' if len(failed) == 1 else ''} a tunnel "
+        "failed at setup; the other tests ran as usual."
     )
     terminalreporter.line(message)
 
