@@ -51,8 +51,9 @@ HOST_NETNS = os.stat("/proc/self/ns/net").st_ino
 def _need_real_root() -> None:
     if os.geteuid() != 0 or not _userns.in_initial_user_namespace():
         pytest.skip(
-            "switching to an unprivileged user (setpriv) needs real root, as CI runs; as a "
-            "normal user, run the whole suite instead (the rootless tier, see CONTRIBUTING.md)"
+            "runs an inner pytest as the user nobody (setpriv), which only real root can "
+            "switch to; this run is itself unprivileged, so the rest of the suite already "
+            "checks what these would: nothing to do (CONTRIBUTING.md, 'Running the tests')"
         )
     # The host's own policy, which a test must not change (Ubuntu 24.04's AppArmor sysctl,
     # older Debian's switch, or a zero limit): nobody could not build a tunnel at all.
