@@ -165,3 +165,66 @@ def test_readme_wheel_route_works_on_a_fresh_checkout(tmp_path: Path) -> None:
         [str(venv / "bin" / "python"), "-c", probe], cwd="/", capture_output=True, text=True
     )
     assert str(venv) in where.stdout, where.stderr
+
+
+# -- the built site: the API page lists everything public, readably --------------------------
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site CI built (``TUNPAIR_SITE``, set by .ci/run), or one built here."""
+    built = os.environ.get("TUNPAIR_SITE")
+    if built:
+        return Path(built)
+    pytest.importorskip("mkdocs", reason="building the site needs the docs extra")
+    out = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return out
+
+
+def _page_ids(site: Path) -> set[str]:
+    return set(re.findall(r'id="(pytest_tunpair[^"]*)"', (site / "api/index.html").read_text()))
+
+
+def _hidden_by_the_site() -> list[str]:
+    """mkdocs.yml's member filters (relay-side methods a test never calls)."""
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    (mkdocstrings,) = [p["mkdocstrings"] for p in config["plugins"] if isinstance(p, dict)]
+    filters: list[str] = mkdocstrings["handlers"]["python"]["options"]["filters"]
+    return [f[1:] for f in filters if f.startswith("!")]
+
+
+def test_the_api_page_lists_every_public_name_and_attribute(site: Path) -> None:
+    griffe = pytest.importorskip("griffe", reason="griffe comes with the docs extra")
+    ids = _page_ids(site)
+    missing = [n for n in pytest_tunpair.__all__ if f"pytest_tunpair.{n}" not in ids]
+    package = griffe.load("pytest_tunpair", search_paths=[str(ROOT)], resolve_aliases=True)
+    hidden = [re.compile(f) for f in _hidden_by_the_site()]
+    for name in pytest_tunpair.__all__:
+        if name.startswith("_"):
+            continue
+        in_schema = _schema_documented(name)  # on the options page, generated
+        for member in package[name].members:
+            if member in in_schema or any(f.search(member) for f in hidden):
+                continue
+            if f"pytest_tunpair.{name}.{member}" not in ids:
+                missing.append(f"{name}.{member}")
+    assert not missing, f"not on the API page: {missing}"
+    assert "pytest_tunpair.traces.constant" in ids  # the public module beside __all__
+
+
+def test_the_api_page_signatures_are_formatted(site: Path) -> None:
+    """Signatures are wrapped by a formatter (ruff, from the docs extra): no line of one is
+    wider than the 100 columns a code block shows."""
+    import html
+
+    page = (site / "api/index.html").read_text()
+    blocks = re.findall(r'<div class="doc-signature[^"]*"[^>]*>(.*?)</div>', page, re.S)
+    assert len(blocks) > 100
+    wide = []
+    for block in blocks:
+        text = html.unescape(re.sub(r"<[^>]+>", "", block))
+        wide += [line for line in text.splitlines() if len(line) > 100]
+    assert not wide, wide[:5]
