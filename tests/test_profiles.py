@@ -81,7 +81,9 @@ def _send(
         deadline = time.monotonic() + 5
         while len(pair.packets.filter(dport=port)) < count:
             last = pair.packets.last_seq
-            pair.packets.wait_for(lambda p: p.seq > last, timeout=deadline - time.monotonic())
+            pair.packets.wait_for(
+                lambda p, last=last: p.seq > last, timeout=deadline - time.monotonic()
+            )
     got = [p for p in pair.packets.filter(dport=port) if p.action != "lost"]
     return port, got
 

@@ -70,7 +70,7 @@ def misplaced(exc: OptionError) -> str | None:
     the message pointing at ``impair``; else None."""
     from .._link.impair import ImpairmentSpec
 
-    if not exc.unknown or exc.option not in ImpairmentSpec.names() + ["direction"]:
+    if not exc.unknown or exc.option not in [*ImpairmentSpec.names(), "direction"]:
         return None
     value = f"{exc.option}={exc.value!r}"
     return (

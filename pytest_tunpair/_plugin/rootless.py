@@ -13,7 +13,6 @@ import pytest
 
 from . import keys, scoped
 
-
 #: The key of ``workerinput`` that carries the controller's refusal to xdist workers.
 _WORKER_KEY = "tunpair_refusal"
 
