@@ -99,15 +99,15 @@ def test_udp_overload_into_a_bounded_rate_keeps_ping_rtt_low(
         flood.join()
     stats = tun_pair.stats["a->b"]
     # 50 packets of 1428 bytes at 10 Mbit/s: 57 ms of buffer. Unbounded, the queue would
-    # grow by 0.5 s every second of the 2x overload. A ping that meets the buffer full is
-    # dropped like the flood's packets (after each 5 ms burst, about a quarter of the
-    # time): enough answers for a median, not a fixed share of 15.
+    # grow by 0.5 s every second of the 2x overload, its later pings waiting longest.
+    # A ping that meets the buffer full is dropped like the flood's packets (after each
+    # 5 ms burst, about a quarter of the time): enough answers for a median, not a fixed
+    # share of 15. Medians, not the maximum, and bounds well above 57 ms: a busy machine
+    # holds a ping (or the relay) off a CPU for tens of milliseconds, at times for most
+    # of a second. (queue_peak and the drops below check the bound exactly.)
     assert len(rtts) >= 5, rtts
-    assert 20 < statistics.median(rtts) < 100, rtts
-    # Nor does it grow while the flood goes on: the later pings, which an unbounded queue
-    # would hold longest, wait no longer. Medians, not the maximum: a busy machine can hold
-    # one ping (or the relay) off a CPU for most of a second.
-    assert statistics.median(rtts[len(rtts) // 2 :]) < 100, rtts
+    assert 20 < statistics.median(rtts) < 250, rtts
+    assert statistics.median(rtts[len(rtts) // 2 :]) < 250, rtts
     assert stats["queue_peak"] <= 50
     assert stats["dropped"] > 1000
     dropped = [p for p in tun_pair.packets if p.direction == "a->b" and p.action == "dropped"]

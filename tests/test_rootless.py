@@ -656,6 +656,7 @@ def test_pytest_timeout_signal_method(user_python: str, user_src: Path, project:
         "test_inner.py",
         """
         import time, pytest
+        import pyroute2  # at collection: the 3 s timers count the tests, not this import
 
         @pytest.mark.timeout(3)
         def test_busy(tun_pair):

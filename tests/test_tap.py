@@ -46,8 +46,8 @@ def _solicited_node(addr: str) -> str:
 def _wait_count(pair: TunPair, match: Any, n: int, *, timeout: float = 5.0) -> None:
     """Wait until ``n`` captured packets match.
 
-    The relay records a packet right *after* writing it into the other device, and that
-    write delivers it: a client (ping) can see its answer a moment before the capture does.
+    The relay records a packet before writing it, so once ping has its answers the capture
+    holds them; the wait keeps these tests from depending on that order.
     """
     __tracebackhide__ = True
     seen = 0

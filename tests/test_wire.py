@@ -488,10 +488,12 @@ def test_arrival_and_sojourn_of_delayed_packets(tun_pair: TunPair, udp_pair: Any
     assert [p.action for p in delayed] == ["delayed"] * 5
     for p in delayed:
         assert p.sojourn == p.time - p.arrival
-        assert 0.030 <= p.sojourn < 0.5, p.sojourn
+        # At least the delay; the upper bound only catches a sojourn measured from the
+        # wrong clock (a busy machine can hold the relay off a CPU for half a second).
+        assert 0.030 <= p.sojourn < 5, p.sojourn
         assert "(sojourn " in p.summary()
     (prompt,) = [p for p in tun_pair.packets if p.direction == "b->a"]
-    assert prompt.action == "forwarded" and prompt.sojourn < 0.005
+    assert prompt.action == "forwarded" and prompt.sojourn < 0.030  # less than any delay
     assert "sojourn" not in prompt.summary()
     injected = tun_pair.a.inject(IP(src=tun_pair.b.ip, dst=tun_pair.a.ip) / UDP(dport=9))
     assert injected.arrival == injected.time and injected.sojourn == 0
@@ -610,6 +612,9 @@ def test_hook_raises(tun_pair):
 
     tun_pair.add_hook(exploding_hook)
     subprocess.run(["ping", "-c", "1", "-W", "1", tun_pair.b.ip])
+    # ping gives up after 1 s, read by the relay or not: the test ends once the hook has
+    # seen the request (the end of the test waits only so long for hooks to finish).
+    tun_pair.packets.wait_for(proto="icmp", timeout=30)
 """
 
 WRONG_TYPE_HOOK = """
@@ -621,6 +626,7 @@ def test_hook_returns_a_number(tun_pair):
 
     tun_pair.add_hook(numeric_hook)
     subprocess.run(["ping", "-c", "1", "-W", "1", tun_pair.b.ip])
+    tun_pair.packets.wait_for(proto="icmp", timeout=30)  # as in RAISING_HOOK
 """
 
 
