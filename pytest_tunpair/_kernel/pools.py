@@ -1,6 +1,7 @@
 """The thread pools a test's code reaches without naming them, bound to its namespace.
 
-A pool's worker keeps the namespace it was started in (``threads.py``). Three pools are
+A pool's worker keeps the namespace it was started in (docs/internals.md, "Threads: a pool
+worker keeps the namespace it started in"). Three pools are
 reached through an API rather than by the test's own reference, and live longer than a
 test: an asyncio loop's default executor (``asyncio.to_thread``,
 ``loop.run_in_executor(None, ...)``), anyio's worker threads on asyncio
@@ -261,7 +262,8 @@ def runs_no_test_code(thread: threading.Thread) -> bool:
     """True for a thread of trio's own cache that is idle or doing trio's own work (guest
     mode's I/O wait: a job without a name, so the thread keeps its default name).
 
-    anyio runs trio in guest mode, which waits for I/O on a cache thread: when the first
+    anyio runs trio in guest mode, which waits for I/O on a cache thread (docs/internals.md,
+    "Threads: a trio run belongs to the thread that started it"): when the first
     such wait comes during a test, trio starts that thread inside the test's namespace,
     and it stays blocked there, between tests, for as long as the test runner lives. It
     runs no code of the test (work the test gives trio has gone to the bound pool), so a

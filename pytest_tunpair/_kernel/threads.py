@@ -1,12 +1,12 @@
 """Threads and network namespaces: where each thread is, where it was started, and pools
 whose workers live in a given namespace.
 
-A thread keeps the network namespace it was started in (docs/internals.md, "A network
-namespace per thread"): a pool worker started at import time serves a test from the host's
-namespace, and one started during a test keeps that test's namespace -- and the namespace
-itself, with its devices -- alive after it. The kernel says where each thread of the
-process is in ``/proc/self/task/TID/ns/net`` (docs/internals.md, "Each thread's namespace
-in /proc/self/task"); this module reads it, remembers where Python threads were started
+A thread keeps the network namespace it was started in (docs/internals.md, "Threads: a pool
+worker keeps the namespace it started in"): a pool worker started at import time serves a
+test from the host's namespace, and one started during a test keeps that test's namespace
+-- and its devices -- alive after it. The kernel says where each thread of the process is
+(docs/internals.md, "Threads: each thread's namespace in /proc/self/task"); this module
+reads it, remembers where Python threads were started
 (:func:`record_start_sites`), and makes thread pools whose workers enter a namespace before
 their first task (:class:`NamespaceExecutor`).
 

@@ -50,7 +50,8 @@ def run_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None
     Every test runs in one ``contextvars.Context``, as every test of a plain run runs in
     the main thread's: a fresh thread would start with an empty one, and what a fixture
     that outlives a test sets in a context var (anyio's test runner sets the current async
-    library) could then not be reset by the test that tears it down.
+    library) could then not be reset by the test that tears it down (docs/internals.md,
+    "Threads: a new thread starts with an empty contextvars Context").
     """
     status = item.config.stash.get(keys.USERNS, None)
     if status is None or status.can_return:

@@ -227,7 +227,8 @@ def _refuse_trio_from_another_thread(item: pytest.Item) -> None:
 
     Where tunnel tests run on threads of their own (rootless), anyio's trio test runner
     kept alive by a module or session async fixture was started on an earlier test's
-    thread, and a trio run belongs to the thread that started it.
+    thread, and a trio run belongs to the thread that started it (docs/internals.md,
+    "Threads: a trio run belongs to the thread that started it").
     """
     anyio_plugin = sys.modules.get("anyio.pytest_plugin")
     runner: Any = getattr(anyio_plugin, "_current_runner", None)
