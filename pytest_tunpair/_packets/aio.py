@@ -282,6 +282,8 @@ def async_form(
         f"``await {spelled}(...)``: :meth:`{name}` for coroutines (asyncio, trio, anyio), "
         "with the same arguments, result and exceptions; the event loop runs meanwhile."
     )
-    # help() and IDEs show the blocking form's parameters.
+    # help(), IDEs and the API reference show the blocking form's parameters and (awaited)
+    # result, in names of the blocking form's module.
     setattr(form, "__signature__", inspect.signature(blocking))  # noqa: B010
+    form.__annotations__ = dict(blocking.__annotations__)
     return form

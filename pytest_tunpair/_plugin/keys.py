@@ -25,7 +25,7 @@ USERNS: pytest.StashKey[Status] = pytest.StashKey()
 HOME: pytest.StashKey[int] = pytest.StashKey()
 #: The open module and session factories, by scope key.
 SCOPED: pytest.StashKey[dict[str, TunPairFactory]] = pytest.StashKey()
-#: The one contextvars.Context every test runs in when tunnel tests run on threads of their own.
+#: The one contextvars.Context the tunnel tests run in when they run on threads of their own.
 CONTEXT: pytest.StashKey[contextvars.Context] = pytest.StashKey()
 #: The running test's stays in namespaces, left after its teardown.
 VISITS: pytest.StashKey[list[Visit]] = pytest.StashKey()

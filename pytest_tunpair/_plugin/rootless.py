@@ -47,14 +47,16 @@ def run_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None
     thread of its own that ends with it; the main thread, and tests without a tunnel, stay
     on the host network.
 
-    Every test runs in one ``contextvars.Context``, as every test of a plain run runs in
-    the main thread's: a fresh thread would start with an empty one, and what a fixture
-    that outlives a test sets in a context var (anyio's test runner sets the current async
-    library) could then not be reset by the test that tears it down (docs/internals.md,
+    These threads all run the tests in one ``contextvars.Context``, as every test of a plain
+    run runs in the main thread's: a fresh thread would start with an empty one, and what a
+    fixture that outlives a test sets in a context var (anyio's test runner sets the current
+    async library) could then not be reset by the test that tears it down (docs/internals.md,
     "Threads: a new thread starts with an empty contextvars Context").
     """
     status = item.config.stash.get(keys.USERNS, None)
     if status is None or status.can_return:
+        return None
+    if not scoped.uses(item) and scoped.ending(item, nextitem) is None:
         return None
     # What pytest's own pytest_runtest_protocol does, with the phases on the test's thread
     # (runtestprotocol is not re-exported by pytest; plugins such as pytest-rerunfailures
@@ -69,10 +71,6 @@ def run_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None
     if context is None:
         context = item.config.stash[keys.CONTEXT] = contextvars.copy_context()
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    if not scoped.uses(item) and scoped.ending(item, nextitem) is None:
-        context.run(runtestprotocol, item, nextitem=nextitem)  # on this thread
-        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-        return True
     try:
         run_in_disposable_thread(
             lambda: context.run(runtestprotocol, item, nextitem=nextitem),
