@@ -52,8 +52,8 @@ _MACHINERY = (
     "trio",
     "outcome",
     "sniffio",
-    "pytest_tunpair._kernel",
-    "pytest_tunpair._packets.aio",
+    __package__,  # this package's kernel level (pools.py, the disposable test threads)
+    f"{__package__.rpartition('.')[0]}._packets.aio",  # the awaitable waits' threads
 )
 
 

@@ -55,10 +55,9 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    import sys
-
-    threads = sys.modules.get("pytest_tunpair._kernel.threads")
-    if threads is not None:  # installed (with --tunpair)
+    # Imported by install() only (with --tunpair): no import here for runs without it.
+    threads = sys.modules.get(f"{__package__.rpartition('.')[0]}._kernel.threads")
+    if threads is not None:
         threads.stop_recording()
 
 
