@@ -53,6 +53,11 @@ Sections (each with its goal; baselines in the same run, on the same machine):
 - ``fields``: reading ``Packet.dport`` of 100 000 captured packets (a TCP transfer through
   an ``offload=False`` pair, copied) vs scapy's decode of the same packets, per packet from a
   sample; goal < 0.5 s.
+- ``async``: an awaited wait (``expect_async`` in an asyncio loop) from the datagram's send
+  to the coroutine's resumption, vs the blocking ``expect`` in a thread (median; goal: at
+  most 1 ms more); what a tunnel test's thread bookkeeping costs (binding the pools of one
+  event loop, putting them back, the leftover scan; goal < 1 ms per test); the first task
+  of ``tun_pair.executor()`` vs a plain ``ThreadPoolExecutor``'s (reference).
 
 Everything runs inside network namespaces this script creates (each ``TunPair`` enters a
 fresh anonymous one; ``lo`` baselines run in a pair's namespace too), so nothing touches the
@@ -104,6 +109,7 @@ SECTIONS = (
     "memory",
     "fields",
     "scenarios",
+    "async",
     "profiles",
     "import",
 )
@@ -1255,6 +1261,100 @@ def bench_fields(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+def bench_async(rep: Report, a: argparse.Namespace) -> None:
+    """Awaited waits, a test's thread bookkeeping, and the namespace-bound executor."""
+    import asyncio
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pytest_tunpair import TunPair
+    from pytest_tunpair._kernel.pools import PoolGuard
+    from pytest_tunpair._kernel.threads import task_ids, threads_in
+
+    rounds = 50 if a.quick else 300
+    with TunPair() as pair, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        address = (pair.b.ip or "", 9)
+
+        def send(i: int) -> tuple[float, bytes]:
+            payload = b"%d" % i
+            t0 = time.perf_counter()
+            s.sendto(payload, address)
+            return t0, payload
+
+        def one(payload: bytes) -> Callable[[Any], bool]:
+            return lambda p: p.payload == payload
+
+        blocking = []
+        last = None
+        for i in range(rounds):
+            t0, payload = send(i)
+            last = pair.packets.expect(one(payload), after=last, timeout=5)
+            blocking.append(time.perf_counter() - t0)
+
+        async def awaited_rounds() -> list[float]:
+            out = []
+            after = last
+            for i in range(rounds, 2 * rounds):
+                t0, payload = send(i)
+                after = await pair.packets.expect_async(one(payload), after=after, timeout=5)
+                out.append(time.perf_counter() - t0)
+            return out
+
+        awaited = asyncio.run(awaited_rounds())
+
+        ns = pair._netns
+        assert ns is not None and ns.inode is not None
+        loop = asyncio.new_event_loop()
+        costs = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            before = task_ids()
+            guard = PoolGuard(ns.fd, ns.inode)
+            guard.bind([loop])
+            guard.release()
+            threads_in(ns.inode, besides=before)
+            costs.append(time.perf_counter() - t0)
+        loop.close()
+
+        def first_task(make: Callable[[], ThreadPoolExecutor]) -> float:
+            t0 = time.perf_counter()
+            pool = make()
+            pool.submit(int).result()
+            pool.shutdown()
+            return time.perf_counter() - t0
+
+        plain = [first_task(ThreadPoolExecutor) for _ in range(rounds // 5)]
+        bound = [first_task(pair.executor) for _ in range(rounds // 5)]
+        pair.check()
+    rep.raw["async"] = {"blocking_s": blocking, "awaited_s": awaited, "bookkeeping_s": costs}
+    extra = med(awaited) - med(blocking)
+    rep.add(
+        "async",
+        f"expect_async() wake-up, send to resumption (median of {rounds})",
+        fmt_ms(med(awaited)),
+        f"blocking expect() {fmt_ms(med(blocking))}",
+        f"{med(awaited) / med(blocking):.2f}",
+        "<= blocking + 1 ms",
+        extra <= 1e-3,
+    )
+    rep.add(
+        "async",
+        "a tunnel test's thread bookkeeping (one loop bound and put back, leftover scan)",
+        fmt_ms(med(costs)),
+        "",
+        "",
+        "< 1 ms",
+        med(costs) < 1e-3,
+    )
+    rep.add(
+        "async",
+        "tun_pair.executor(): create, first task, shut down",
+        fmt_ms(med(bound)),
+        f"ThreadPoolExecutor {fmt_ms(med(plain))}",
+        f"{med(bound) / med(plain):.2f}",
+    )
+
+
 # -- profiles: each named link, configured vs achieved -----------------------------------------
 
 
@@ -1408,6 +1508,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "memory": bench_memory,
     "fields": bench_fields,
     "scenarios": bench_scenarios,
+    "async": bench_async,
     "profiles": bench_profiles,
     "import": bench_import,
 }
@@ -1423,6 +1524,7 @@ NEEDS = {
     "memory": ["iperf3"],
     "fields": [],
     "scenarios": ["iperf3"],
+    "async": [],
     "profiles": ["iperf3"],
     "import": ["valgrind"],
 }

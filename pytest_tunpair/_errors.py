@@ -13,9 +13,13 @@
     ├── UnexpectedPacket (AssertionError)  ``expect_none`` saw a packet it must not (.packet)
     ├── ThreadNotStopped               an interruption could not stop a test's own thread
     ├── SpawnError                     ``spawn()``: exited or not ready (.command, .returncode)
-    └── LeftoverProcessError           processes left running in the namespace (.processes)
+    ├── LeftoverProcessError           processes left running in the namespace (.processes)
+    ├── LeftoverThreadError            threads left running in the namespace (.threads)
+    └── BlockingWaitError (RuntimeError)   a blocking wait on an event loop's thread (.use)
 
-    LeftoverProcessWarning (UserWarning)   the same, under --tunpair-leftovers=warn
+    LeftoverProcessWarning (UserWarning)   processes, under --tunpair-leftovers=warn
+    LeftoverThreadWarning (UserWarning)    threads, under --tunpair-leftovers=warn or kill
+    ThreadNamespaceWarning (UserWarning)   work given to a pool whose threads live elsewhere
 """
 
 from __future__ import annotations
@@ -27,15 +31,19 @@ if TYPE_CHECKING:
     from ._packets.packet import Packet
 
 __all__ = [
+    "BlockingWaitError",
     "HookError",
     "LeftoverProcessError",
     "LeftoverProcessWarning",
+    "LeftoverThreadError",
+    "LeftoverThreadWarning",
     "NamespaceError",
     "OptionError",
     "PacketTimeout",
     "PairClosedError",
     "PrivilegeError",
     "SpawnError",
+    "ThreadNamespaceWarning",
     "ThreadNotStopped",
     "TunDeviceError",
     "TunPairError",
@@ -237,6 +245,39 @@ class LeftoverProcessWarning(UserWarning):
     (``--tunpair-leftovers=warn``, the default); they have been stopped."""
 
 
+class LeftoverThreadError(TunPairError):
+    """Threads started in the test's namespace were still running at its end
+    (``--tunpair-leftovers=fail``). A thread cannot be stopped from outside: they still run.
+    """
+
+    def __init__(self, message: str, *, threads: Sequence[str]) -> None:
+        super().__init__(message)
+        self.threads = list(threads)
+        """Each thread's name, native id and where it was started."""
+
+
+class LeftoverThreadWarning(UserWarning):
+    """Threads started in the test's namespace were still running at its end
+    (``--tunpair-leftovers=warn``, the default, or ``kill``: threads cannot be killed)."""
+
+
+class ThreadNamespaceWarning(UserWarning):
+    """The test gave work to a thread pool whose threads live in another network namespace
+    (the host's, or an earlier test's): that work does not reach the pair. Use
+    ``tun_pair.executor()``."""
+
+
+class BlockingWaitError(TunPairError, RuntimeError):
+    """A blocking wait (``packets.wait_for()``, ``peer.expect()``, ...) was called on the
+    thread that runs an event loop: it would stall the loop until its timeout. The message
+    names the awaitable form to use instead (``await packets.wait_for_async(...)``)."""
+
+    def __init__(self, message: str, *, use: str) -> None:
+        super().__init__(message)
+        self.use = use
+        """The awaitable form to call instead, e.g. ``"packets.wait_for_async"``."""
+
+
 # Tracebacks name the errors where users import them from: ``pytest_tunpair.PacketTimeout``,
 # not ``pytest_tunpair._errors.PacketTimeout``, whichever module raised them (as trio does).
 for _cls in (
@@ -253,6 +294,10 @@ for _cls in (
     SpawnError,
     LeftoverProcessError,
     LeftoverProcessWarning,
+    LeftoverThreadError,
+    LeftoverThreadWarning,
+    ThreadNamespaceWarning,
+    BlockingWaitError,
 ):
     _cls.__module__ = "pytest_tunpair"
 del _cls

@@ -43,6 +43,8 @@ from ._packets.capture import Capture
 from ._packets.packet import DIRECTIONS, Packet
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from ._kernel.sockets import SocketInfo
     from ._link.link import Divert, Rule
     from ._link.rules import Fault, Outage, PathMtu
@@ -129,6 +131,7 @@ class TunPair:
         ``packets.since(tun_pair.test_start)`` is the test's part. 0 for a pair made for one
         test; module and session pairs move it at the start of each test."""
         self._closed = False
+        self._executors: list[ThreadPoolExecutor] = []  # executor(): shut down at teardown
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self, *, _index: int = 0) -> TunPair:
@@ -214,6 +217,7 @@ class TunPair:
 
     def _teardown(self, *, drain: bool = False) -> list[BaseException]:
         errors: list[BaseException] = []
+        self._close_executors()
         if drain and self._relay is not None:
             self._settle(self.options.drain)
         leftover: list[BaseException] = []
@@ -319,6 +323,50 @@ class TunPair:
         """``fn()`` with the calling thread inside the pair's namespace: here if it is in
         already, else on a short-lived thread that joins it (what it forks starts there)."""
         return run_in(self._netns, fn)
+
+    # -- threads in the pair's namespace (docs/async.md) ------------------------------------------
+    def executor(
+        self,
+        max_workers: int | None = None,
+        *,
+        thread_name_prefix: str = "",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> ThreadPoolExecutor:
+        """A ``concurrent.futures.ThreadPoolExecutor`` whose workers run inside the pair's
+        namespace, whichever thread submits to it; shut down at teardown.
+
+        A thread keeps the network namespace it was started in, so a pool made elsewhere --
+        at import time, or by an event loop that outlives the test -- runs its tasks where
+        the pair's addresses lead off the machine. This one's workers enter the pair's
+        namespace before their first task (as root and rootless). The arguments are
+        ``ThreadPoolExecutor``'s. In a coroutine: ``await loop.run_in_executor(pool, fn)``.
+
+        At teardown (the pair's close; for a module or session pair, the end of the test
+        that made it) the pool is shut down and its running tasks get a second to finish; a
+        worker still busy then is reported as a thread left running in the namespace.
+        """
+        ns = self._netns
+        if self._closed or ns is None or not ns.active:
+            raise PairClosedError("tun_pair.executor(): the pair is not open")
+        from ._kernel.threads import NamespaceExecutor
+
+        prefix = thread_name_prefix or f"tun_pair.executor-{len(self._executors)}"
+        pool = NamespaceExecutor(ns.fd, max_workers, prefix, initializer, initargs)
+        self._executors.append(pool)
+        return pool
+
+    def _close_executors(self, keep: int = 0, grace: float = 1.0) -> None:
+        """Shut down the pools :meth:`executor` made (after the first ``keep``), giving their
+        running tasks ``grace`` s in all."""
+        pools, self._executors[keep:] = self._executors[keep:], []
+        if not pools:
+            return
+        from ._kernel.threads import join_threads, pool_threads
+
+        for pool in pools:
+            pool.shutdown(wait=False)
+        join_threads([t for pool in pools for t in pool_threads(pool)], grace)
 
     # -- one test of a longer-lived pair --------------------------------------------------------
     def checkpoint(self) -> Checkpoint:

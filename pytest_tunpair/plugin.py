@@ -1,18 +1,19 @@
 """The pytest side: the marker, the fixtures and the hooks, each a few lines over the parts in
 ``_plugin/``: the options (``options.py``), the state (``keys.py``), module and session
-pairs (``scoped.py``), rootless runs (``rootless.py``) and what a failing test reports
-(``report.py``). The machinery lives below and never imports pytest."""
+pairs (``scoped.py``), rootless runs (``rootless.py``), what a failing test reports
+(``report.py``) and a test's threads and thread pools (``threads.py``). The machinery lives
+below and never imports pytest."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from ._errors import OptionError
-from ._plugin import keys, marks, options, report, rootless, scoped
+from ._plugin import keys, marks, options, report, rootless, scoped, threads
 
 if TYPE_CHECKING:
     from ._factory import TunPairFactory
@@ -33,6 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
     resolved = config.stash[keys.OPTIONS] = options.resolve(config)  # bad values stop the run
     if resolved.tunpair:
         rootless.configure(config, resolved.tunpair_userns)
+        threads.install()
     scoped.configure(config)
     report.configure(config)
     # The option names come from the schema: listed only for `pytest --markers`, so that a
@@ -41,6 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", tunpair)
     config.addinivalue_line("markers", marks.HELP_IMPAIR)
     config.pluginmanager.register(marks.Checks(), "tunpair-marks")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    threads.uninstall()
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -65,9 +71,10 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
     _warn_at(factory, request.node)
     request.node.stash[keys.FACTORY] = factory
     try:
+        threads.begin(request, factory)
         yield factory
     finally:
-        _fail_on_leftovers(factory.close)
+        threads.end_test(request.node, factory, factory.close)
 
 
 @pytest.fixture
@@ -121,8 +128,9 @@ def _tunpair_test_in_scoped_namespace(
     # scoped.VISITOR: first among the test's function-scoped fixtures (scoped.tunnel_first).
     factory, checkpoint = scoped.begin(request)
     _warn_at(factory, request.node)
+    threads.begin(request, factory)
     yield
-    _fail_on_leftovers(factory.end, checkpoint)
+    threads.end_test(request.node, factory, factory.end, checkpoint)
 
 
 def _scoped_factory(
@@ -134,11 +142,12 @@ def _scoped_factory(
     name = f"tun_pair_factory_{scope}"
     scoped.refuse_stranding(request, name)
     factory = _open(request.config, f"{name}()")
+    before = threads.snapshot()
     try:
         with scoped.kept(request, scope, factory):
             yield factory
     finally:
-        _fail_on_leftovers(factory.close)
+        threads.close_scope(request.node, factory, before)
 
 
 def _open(config: pytest.Config, source: str) -> TunPairFactory:
@@ -166,19 +175,6 @@ def _warn_at(factory: TunPairFactory, item: pytest.Item) -> None:
 
     if factory.keeper is not None:
         factory.keeper.warn = warn
-
-
-def _fail_on_leftovers(call: Callable[..., None], *args: Any) -> None:
-    """``--tunpair-leftovers=fail``: the teardown fails with the message alone."""
-    from ._errors import LeftoverProcessError
-
-    try:
-        call(*args)
-    except LeftoverProcessError as exc:
-        message = str(exc)
-    else:
-        return
-    pytest.fail(message, pytrace=False)  # outside the except: no "during handling of"
 
 
 def _pair_from_marker(factory: TunPairFactory, request: pytest.FixtureRequest) -> TunPair:
@@ -219,6 +215,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     # Errors from hooks happen in the relay thread; surface them as the test's failure
     # (pytest-httpserver's check() pattern) rather than waiting for teardown.
     __tracebackhide__ = True
+    threads.bind_call(item)  # the loops the test function runs in exist by now
     result = yield
     for pair in report.pairs_of(item):
         pair.check()

@@ -1,7 +1,8 @@
 """What the relay carried: the live, thread-safe ``Capture`` of ``Packet`` records.
 
 The relay thread appends; test code reads. A ``Packet`` (:mod:`.packet`) keeps the buffer
-as read; matching, flows, pcap files and plots work over the capture's snapshots.
+as read; matching, flows, pcap files and plots work over the capture's snapshots. Every wait
+has an awaitable form for coroutines (``wait_for_async``, ...; :mod:`.aio`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, overload
 
 from .._errors import PacketTimeout
+from . import aio as _aio
 from . import flows as _flows
 from . import match as _match
 from . import plot as _plot
@@ -37,6 +39,11 @@ SLACK_SHIFT = 4
 
 def _nothing_configured(direction: str) -> None:
     return None
+
+
+def _waits(seconds: object) -> bool:
+    """A valid, positive wait (a bad value gets its own error from the wait)."""
+    return isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0
 
 
 class Capture(Sequence[Packet]):
@@ -285,6 +292,8 @@ class Capture(Sequence[Packet]):
         __tracebackhide__ = True
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
             raise ValueError(f"wait_for(timeout={timeout!r}): give a number of seconds >= 0")
+        if _waits(timeout):
+            _aio.refuse_blocking()
         by_fields = _match.packet_filter(
             direction=direction, action=action, fields=fields, what="wait_for"
         )
@@ -311,6 +320,10 @@ class Capture(Sequence[Packet]):
             packets=packets,
             details=lambda: trace(packets, limit=TIMEOUT_TRACE_LINES, evicted=evicted),
         )
+
+    wait_for_async = _aio.async_form(wait_for, "packets")  # type: ignore[arg-type]
+    """``await packets.wait_for_async(...)``: :meth:`wait_for` in a coroutine (asyncio, trio,
+    anyio): same arguments, result and errors, and the event loop keeps running meanwhile."""
 
     def filter(
         self, *layers: Any, direction: str | None = None, action: Any = None, **fields: Any
@@ -351,6 +364,8 @@ class Capture(Sequence[Packet]):
         'SA'``), then the trace. ``template`` may also be a predicate or a layer class.
         """
         __tracebackhide__ = True
+        if _waits(timeout):
+            _aio.refuse_blocking()
         return _match.expect(
             self,
             template,
@@ -360,6 +375,10 @@ class Capture(Sequence[Packet]):
             ignore=ignore,
             action=action,
         )
+
+    expect_async = _aio.async_form(expect, "packets")
+    """``await packets.expect_async(...)``: :meth:`expect` in a coroutine (asyncio, trio,
+    anyio): same arguments, result and errors, and the event loop keeps running meanwhile."""
 
     def expect_none(
         self,
@@ -376,6 +395,8 @@ class Capture(Sequence[Packet]):
         ``during`` s -- or was, since ``after``. A packet the relay dropped does not count
         (it never arrived) unless ``action=`` says so."""
         __tracebackhide__ = True
+        if _waits(during):
+            _aio.refuse_blocking()
         _match.expect_none(
             self,
             match,
@@ -385,6 +406,10 @@ class Capture(Sequence[Packet]):
             ignore=ignore,
             action=action,
         )
+
+    expect_none_async = _aio.async_form(expect_none, "packets")
+    """``await packets.expect_none_async(...)``: :meth:`expect_none` in a coroutine (asyncio,
+    trio, anyio): same arguments and errors, and the event loop keeps running meanwhile."""
 
     def expect_sequence(
         self,
@@ -400,9 +425,16 @@ class Capture(Sequence[Packet]):
         ``syn, synack, ack = packets.expect_sequence([TCP(flags="S"), TCP(flags="SA"),
         TCP(flags="A")])``."""
         __tracebackhide__ = True
+        if _waits(timeout):
+            _aio.refuse_blocking()
         return _match.expect_sequence(
             self, templates, timeout=timeout, direction=direction, after=after, action=action
         )
+
+    expect_sequence_async = _aio.async_form(expect_sequence, "packets")
+    """``await packets.expect_sequence_async(...)``: :meth:`expect_sequence` in a coroutine
+    (asyncio, trio, anyio): same arguments, result and errors, and the event loop keeps
+    running meanwhile."""
 
     def wait_quiet(self, idle: float = 0.2, *, timeout: float = 5.0) -> None:
         """Return once nothing was recorded for ``idle`` s and nothing waits in the relay
@@ -415,6 +447,7 @@ class Capture(Sequence[Packet]):
         for name, value in (("idle", idle), ("timeout", timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"wait_quiet({name}={value!r}): give a number of seconds >= 0")
+        _aio.refuse_blocking()
         start = time.monotonic()
         deadline = start + timeout
         with self._cond:
@@ -451,6 +484,10 @@ class Capture(Sequence[Packet]):
             packets=packets,
             details=lambda: trace(packets, limit=TIMEOUT_TRACE_LINES, evicted=evicted),
         )
+
+    wait_quiet_async = _aio.async_form(wait_quiet, "packets")
+    """``await packets.wait_quiet_async(...)``: :meth:`wait_quiet` in a coroutine (asyncio,
+    trio, anyio): same arguments and errors, and the event loop keeps running meanwhile."""
 
     def flows(self) -> list[Flow]:
         """The conversations in the capture, in order of their first packet: one
@@ -524,14 +561,27 @@ class Capture(Sequence[Packet]):
         For a follower thread that prints as the relay records (``tunpair run``): it sleeps on
         the capture's condition, so the relay pays for a ``notify`` only while someone waits.
         A jump in ``seq`` between calls means packets were evicted by the capture bounds.
+
+        A wait on an event loop's thread raises :class:`~pytest_tunpair.BlockingWaitError`
+        (the scripted peer's waits come through here); in an awaitable wait's own thread
+        the wait ends as soon as the coroutine is cancelled (:mod:`.aio`).
         """
+        token = _aio.cancel_token()
+        if token is None and timeout > 0:
+            _aio.refuse_blocking()
         with self._cond:
             new = self._since(after_seq)
             if new or timeout <= 0:
                 return new
+            if token is not None:
+                token.watch(self._cond)
             self._waiters += 1
             try:
                 self._cond.wait(timeout)
             finally:
                 self._waiters -= 1
+                if token is not None:
+                    token.unwatch()
+            if token is not None:
+                token.check()
             return self._since(after_seq)

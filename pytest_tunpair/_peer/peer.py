@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import PacketTimeout, TunPairError
 from .._link.link import Divert
+from .._packets.aio import async_form
 from .._packets.capture import Capture
 from .._packets.packet import Packet, parsed, trace
 from .._wire import build as _build
@@ -453,6 +454,31 @@ class ScriptedPeer:
     def _register(self, conn: ScriptedTcp) -> None:
         key = (conn.local[0], conn.local[1], conn.remote[0], conn.remote[1])
         self._flows[key] = conn
+
+    # -- awaitable forms, for coroutines (see _packets/aio.py) ------------------------------
+    expect_async = async_form(expect, "peer")
+    """``await peer.expect_async(...)``: :meth:`expect` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    expect_none_async = async_form(expect_none, "peer")
+    """``await peer.expect_none_async(...)``: :meth:`expect_none` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    expect_sequence_async = async_form(expect_sequence, "peer")
+    """``await peer.expect_sequence_async(...)``: :meth:`expect_sequence` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    wait_for_async = async_form(wait_for, "peer")  # type: ignore[arg-type]
+    """``await peer.wait_for_async(...)``: :meth:`wait_for` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    tcp_accept_async = async_form(tcp_accept, "peer")
+    """``await peer.tcp_accept_async(...)``: :meth:`tcp_accept` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    tcp_connect_async = async_form(tcp_connect, "peer")
+    """``await peer.tcp_connect_async(...)``: :meth:`tcp_connect` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
 
 
 def _plural(n: int, word: str) -> str:
@@ -1024,6 +1050,15 @@ class ScriptedTcp:
         (RFC 5961 3.2: exactly the next expected sequence number)."""
         return self._emit("R", ack=0)
 
+    # -- awaitable forms, for coroutines (see _packets/aio.py) ------------------------------
+    recv_async = async_form(recv, "conn")
+    """``await conn.recv_async(...)``: :meth:`recv` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    expect_async = async_form(expect, "conn")  # type: ignore[arg-type]
+    """``await conn.expect_async(...)``: :meth:`expect` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
 
 def _flags(p: Packet) -> str:
     return p.flags or ""
@@ -1111,3 +1146,12 @@ class ScriptedUdp:
         """The next datagram to this port: its payload."""
         __tracebackhide__ = True
         return self.recvfrom(timeout)[0]
+
+    # -- awaitable forms, for coroutines (see _packets/aio.py) ------------------------------
+    recvfrom_async = async_form(recvfrom, "udp")
+    """``await udp.recvfrom_async(...)``: :meth:`recvfrom` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    recv_async = async_form(recv, "udp")
+    """``await udp.recv_async(...)``: :meth:`recv` in a coroutine (asyncio, trio, anyio):
+    same arguments, result and errors, and the event loop keeps running meanwhile."""

@@ -3,6 +3,7 @@ items (one test), as pytest's logging and tmp_path plugins do."""
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from .._kernel.netns import Visit
     from .._kernel.userns import Status
     from .options import PluginOptions
+    from .threads import TestThreads
 
 # -- the run (config.stash) ---------------------------------------------------------------------
 #: The plugin's options, resolved (``options.resolve``).
@@ -25,6 +27,8 @@ REFUSAL: pytest.StashKey[str] = pytest.StashKey()
 HOME: pytest.StashKey[int] = pytest.StashKey()
 #: The open module and session factories, by scope key.
 SCOPED: pytest.StashKey[dict[str, TunPairFactory]] = pytest.StashKey()
+#: The one contextvars.Context the tunnel tests run in when they run on threads of their own.
+CONTEXT: pytest.StashKey[contextvars.Context] = pytest.StashKey()
 #: The running test's stays in namespaces, left after its teardown.
 VISITS: pytest.StashKey[list[Visit]] = pytest.StashKey()
 #: pcap file stem -> test id, so that two ids never share a file.
@@ -41,3 +45,5 @@ CHECKPOINT: pytest.StashKey[tuple[TunPairFactory, FactoryCheckpoint]] = pytest.S
 REPORTED: pytest.StashKey[bool] = pytest.StashKey()
 #: The pcap files named in its report.
 PCAP_FILES: pytest.StashKey[list[Path]] = pytest.StashKey()
+#: Its namespace's threads and pools (``threads.begin`` to ``threads.leftovers``).
+THREADS: pytest.StashKey[TestThreads] = pytest.StashKey()

@@ -115,7 +115,8 @@ class PluginOptions:
         "what to do at teardown with processes a test left running in its tunnel namespace "
         "that tun_pair.spawn() did not start (spawned ones are always stopped): kill them, "
         "warn (default: kill them and emit a warning naming each), or fail (kill them and "
-        "fail the test's teardown)",
+        "fail the test's teardown). Threads it started there and left running are reported "
+        "too: a warning under warn and kill (a thread cannot be killed), a failure under fail",
     )
     tunpair_userns: str = option(
         "auto",

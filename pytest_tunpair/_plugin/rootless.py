@@ -9,6 +9,8 @@ pytest-timeout's timer cancelled from such a thread (:class:`TimeoutFromAnyThrea
 
 from __future__ import annotations
 
+import contextvars
+
 import pytest
 
 from . import keys, scoped
@@ -109,6 +111,12 @@ def run_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None
     namespace (see ``_kernel/userns.py``), so a tunnel test runs, setup to teardown, on a
     thread of its own that ends with it; the main thread, and tests without a tunnel, stay
     on the host network.
+
+    These threads all run the tests in one ``contextvars.Context``, as every test of a plain
+    run runs in the main thread's: a fresh thread would start with an empty one, and what a
+    fixture that outlives a test sets in a context var (anyio's test runner sets the current
+    async library) could then not be reset by the test that tears it down (docs/internals.md,
+    "Threads: a new thread starts with an empty contextvars Context").
     """
     status = item.config.stash.get(keys.USERNS, None)
     if status is None or status.can_return:
@@ -124,10 +132,14 @@ def run_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None
     from .._errors import ThreadNotStopped
     from .._kernel.disposable import run_in_disposable_thread
 
+    context = item.config.stash.get(keys.CONTEXT, None)
+    if context is None:
+        context = item.config.stash[keys.CONTEXT] = contextvars.copy_context()
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     try:
         run_in_disposable_thread(
-            lambda: runtestprotocol(item, nextitem=nextitem), name=f"tunpair {item.nodeid}"
+            lambda: context.run(runtestprotocol, item, nextitem=nextitem),
+            name=f"tunpair {item.nodeid}",
         )
     except ThreadNotStopped as exc:
         pytest.exit(f"{item.nodeid}: {exc}", returncode=pytest.ExitCode.TESTS_FAILED)
