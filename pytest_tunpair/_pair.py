@@ -31,7 +31,8 @@ from ._errors import (
 from ._kernel import linux as _linux
 from ._kernel import routing as _routing
 from ._kernel.device import DeviceCounters, TunDevice
-from ._kernel.netns import NetNamespace
+from ._kernel.host import Host
+from ._kernel.netns import NetNamespace, run_in
 from ._kernel.procs import Keeper
 from ._link.control import Direction, DirectionState
 from ._link.counters import Stats
@@ -52,7 +53,7 @@ T = TypeVar("T")
 # How often settle() looks at the devices' queues once the relay holds nothing.
 _SETTLE_POLL = 0.002
 
-__all__ = ["Checkpoint", "TunPair"]
+__all__ = ["Checkpoint", "TunPair", "run_in"]
 
 
 def prepare_namespace(ns: NetNamespace) -> None:
@@ -87,6 +88,7 @@ class TunPair:
         netns: NetNamespace | None = None,
         _keeper: Keeper | None = None,
         _random_seed: int | None = None,
+        _hosts: tuple[Host, Host] | None = None,
         **kwargs: Any,
     ) -> None:
         if options is not None and kwargs:
@@ -120,8 +122,16 @@ class TunPair:
         self._directions: dict[str, Direction] = {}
         self._random_seed = _random_seed  # a factory shares one across its pairs
         self._peers: list[ScriptedPeer] = []  # every peer scripted so far, open or closed
-        self._device_counters: DeviceCounters | None = None
-        self._device_drops: dict[str, int] = {}
+        # One per device, opened inside the device's namespace (the same one twice when
+        # both share the pair's); after close, their last word.
+        self._device_counters: list[DeviceCounters] = []
+        self._device_drops: list[int] = []
+        # A topology's hosts for ends a and b (it owns them), or None: by the hosts option.
+        self._given_hosts = _hosts
+        # Hosts this pair made (host b in hosts mode): closed with it.
+        self._own_hosts: list[Host] = []
+        # Resolvers dns() started, newest last: stopped with the pair (or at restore()).
+        self._services: list[Any] = []
         # The namespace owner's: ours (made in open()), or the factory's.
         self._keeper = _keeper
         self.test_start = 0
@@ -151,14 +161,8 @@ class TunPair:
                 raise NamespaceError(
                     "IPv6 is disabled in this kernel (ipv6.disable=1): pass ipv6=None"
                 )
-            vnet = o.offload
-            dev_a = TunDevice(o.names[0], mode=o.mode, vnet_hdr=vnet)
-            self._devices.append(dev_a)
-            dev_b = TunDevice(o.names[1], mode=o.mode, vnet_hdr=vnet)
-            self._devices.append(dev_b)
-            if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
-                for d in self._devices:
-                    ns.write_sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
+            assert self._keeper is not None
+            host_a, host_b = self._place(Host("pair", ns, self._keeper, own=False))
             macs: tuple[str | None, str | None] = (None, None)
             if o.mode == "tap":
                 # Stable, so captures and pcaps compare across runs: 02 = locally
@@ -169,21 +173,21 @@ class TunPair:
                 )
             v4 = o.ipv4 or (None, None)
             v6 = o.ipv6 or (None, None)
-            sides = [
-                _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
-                _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
-            ]
-            self.steps = _routing.apply_recipe(
-                sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen
-            )
+            if host_a is host_b:
+                dev_a, dev_b = self._one_namespace(macs, v4, v6)
+            else:
+                dev_a, dev_b = self._separate_hosts((host_a, host_b), macs, v4, v6)
             for d in self._devices:
                 d.set_offload(o.offload)
-            self._device_counters = DeviceCounters()  # opened here, inside the namespace
             self.packets.t0 = time.monotonic()
             self.packets.wall_t0 = time.time()
             relay = self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
-            self.a = Endpoint(relay, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
-            self.b = Endpoint(relay, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
+            self.a = Endpoint(
+                relay, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a", host=host_a
+            )
+            self.b = Endpoint(
+                relay, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b", host=host_b
+            )
             self._directions = {
                 d: Direction(
                     d, relay, tap=o.mode == "tap", vnet_len=dev_a.hdr_len, t0=self.packets.t0
@@ -195,6 +199,77 @@ class TunPair:
             self._teardown()
             raise
         return self
+
+    def _place(self, here: Host) -> tuple[Host, Host]:
+        """The hosts of ends a and b: given (a topology's), or by the ``hosts`` option: b in
+        a fresh host of its own and a in the pair's namespace, or both in the pair's."""
+        if self._given_hosts is not None:
+            return self._given_hosts
+        if not self.options.hosts:
+            return here, here
+        here.name = "a"
+        b = Host.new("b", leftovers=self._keeper.leftovers if self._keeper else "warn")
+        self._own_hosts.append(b)
+        return here, b
+
+    def _one_namespace(
+        self,
+        macs: tuple[str | None, str | None],
+        v4: tuple[str | None, str | None],
+        v6: tuple[str | None, str | None],
+    ) -> tuple[TunDevice, TunDevice]:
+        """Both devices in the pair's namespace, routed with the seed's recipe."""
+        o = self.options
+        ns = self._netns
+        assert ns is not None
+        dev_a = TunDevice(o.names[0], mode=o.mode, vnet_hdr=o.offload)
+        self._devices.append(dev_a)
+        dev_b = TunDevice(o.names[1], mode=o.mode, vnet_hdr=o.offload)
+        self._devices.append(dev_b)
+        if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
+            for d in self._devices:
+                ns.write_sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
+        sides = [
+            _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
+            _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
+        ]
+        self.steps = _routing.apply_recipe(
+            sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen
+        )
+        counters = DeviceCounters()  # opened here, inside the namespace
+        self._device_counters = [counters, counters]
+        return dev_a, dev_b
+
+    def _separate_hosts(
+        self,
+        hosts: tuple[Host, Host],
+        macs: tuple[str | None, str | None],
+        v4: tuple[str | None, str | None],
+        v6: tuple[str | None, str | None],
+    ) -> tuple[TunDevice, TunDevice]:
+        """Each device made and configured inside its own host: ordinary point-to-point
+        addresses and routes, no recipe (docs/internals.md, "Hosts: ordinary point-to-point
+        routes"). The relay holds both fds from wherever it runs."""
+        o = self.options
+        peers = ((0, 1), (1, 0))
+        for (me, other), host in zip(peers, hosts, strict=True):
+
+            def make(me: int = me, other: int = other, host: Host = host) -> None:
+                dev = TunDevice(o.names[me], mode=o.mode, vnet_hdr=o.offload)
+                self._devices.append(dev)
+                if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
+                    host.netns.write_sysctl(f"net/ipv6/conf/{dev.name}/disable_ipv6", 1)
+                side = _routing.Side(
+                    dev.name, dev.index, v4[me], v4[other], v6[me], v6[other], macs[me]
+                )
+                self.steps += [
+                    f"[host {host.name}] {step}"
+                    for step in _routing.apply_hosts(side, mtu=o.mtu, txqueuelen=o.txqueuelen)
+                ]
+                self._device_counters.append(DeviceCounters())  # inside this host
+
+            host.run(make)
+        return self._devices[0], self._devices[1]
 
     def close(self, *, drain: bool = True) -> None:
         """Deliver what the relay still holds (up to the ``drain`` option's seconds), stop
@@ -217,9 +292,18 @@ class TunPair:
         if drain and self._relay is not None:
             self._settle(self.options.drain)
         leftover: list[BaseException] = []
-        if self._own_netns and self._keeper is not None:
+        for service in reversed(self._services):
             try:
-                self._keeper.close()
+                service.close()
+            except BaseException as exc:
+                errors.append(exc)
+        self._services.clear()
+        keepers = [h.stop for h in self._own_hosts]
+        if self._own_netns and self._keeper is not None:
+            keepers.insert(0, self._keeper.close)
+        for stop in keepers:
+            try:
+                stop()
             except LeftoverProcessError as exc:
                 leftover.append(exc)
         for peer in self._peers:
@@ -230,14 +314,23 @@ class TunPair:
         if self._relay is not None:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
-        if self._device_counters is not None:
-            # The last word, for stats read after close (a failure report); the open file
-            # holds the namespace, so it goes before the namespace does.
-            self._device_drops = self._device_counters.tx_dropped()
-            self._device_counters.close()
-            self._device_counters = None
+        if self._device_counters:
+            # The last word, for stats read after close (a failure report); the open files
+            # hold the namespaces, so they go before the namespaces do.
+            self._device_drops = [
+                c.tx_dropped().get(d.name, 0)
+                for c, d in zip(self._device_counters, self._devices, strict=False)
+            ]
+            for c in self._device_counters:
+                c.close()
+            self._device_counters = []
         for d in reversed(self._devices):
             d.close()
+        for host in reversed(self._own_hosts):
+            try:
+                host.close()
+            except BaseException as exc:
+                errors.append(exc)
         if self._own_netns and self._netns is not None and self._netns.active:
             self._netns.exit()
         return errors + leftover
@@ -378,12 +471,17 @@ class TunPair:
         """
         stats = self._stats.as_dict()
         relay = self._relay
-        counters = self._device_counters
-        drops = counters.tx_dropped() if counters is not None else self._device_drops
-        for direction, dev in zip(DIRECTIONS, self._devices, strict=False):
+        if self._device_counters:
+            drops = [
+                c.tx_dropped().get(d.name, 0)
+                for c, d in zip(self._device_counters, self._devices, strict=False)
+            ]
+        else:
+            drops = self._device_drops
+        for i, direction in enumerate(DIRECTIONS):
             entry = stats[direction]
             entry["queued"] = relay.queued(direction) if relay is not None else 0
-            entry["device_dropped"] = drops.get(dev.name, 0)
+            entry["device_dropped"] = drops[i] if i < len(drops) else 0
         return stats
 
     @property
@@ -779,25 +877,6 @@ class Checkpoint:
 
 # A direction as a pair made during a test had it before: nothing on it.
 _NOTHING = DirectionState(hooks=(), rules=(), spec=None, random_seed=False, engine=None)
-
-
-def run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
-    """``fn()`` with the calling thread inside ``ns``: here if it is in already, else on a
-    short-lived thread that joins it (so what ``fn`` forks starts in the namespace)."""
-    if ns is None or not ns.active:
-        raise NamespaceError("the pair is not open")
-    if ns.is_current():
-        return fn()
-    from ._kernel.disposable import run_in_disposable_thread
-
-    def joined() -> T:
-        visit = ns.join()
-        try:
-            return fn()
-        finally:
-            visit.leave()
-
-    return run_in_disposable_thread(joined, name="tunpair-spawn")
 
 
 def new_seed() -> int:
