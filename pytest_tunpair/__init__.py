@@ -28,10 +28,12 @@ if TYPE_CHECKING:
         UnexpectedPacket,
     )
     from ._factory import TunPairFactory
+    from ._kernel.host import Host
     from ._kernel.sockets import SocketInfo
     from ._link.endpoint import Endpoint
     from ._link.gemodel import GilbertElliott
     from ._link.hooks import Hook
+    from ._link.nat import Nat, NatMapping, NatTranslation
     from ._options import PairOptions
     from ._packets.capture import Capture
     from ._packets.flows import Flow
@@ -69,6 +71,10 @@ _WHERE = {
     "TunPair": "._pair",
     "TunPairFactory": "._factory",
     "Hook": "._link.hooks",
+    "Host": "._kernel.host",
+    "Nat": "._link.nat",
+    "NatMapping": "._link.nat",
+    "NatTranslation": "._link.nat",
     "ScriptedPeer": "._peer.peer",
     "ScriptedTcp": "._peer.peer",
     "ScriptedUdp": "._peer.peer",
@@ -83,8 +89,12 @@ __all__ = [
     "GsoInfo",
     "Hook",
     "HookError",
+    "Host",
     "LeftoverProcessError",
     "LeftoverProcessWarning",
+    "Nat",
+    "NatMapping",
+    "NatTranslation",
     "NamespaceError",
     "OptionError",
     "Packet",

@@ -46,6 +46,7 @@ from ._packets.packet import DIRECTIONS, Packet
 if TYPE_CHECKING:
     from ._kernel.sockets import SocketInfo
     from ._link.link import Divert, Rule
+    from ._link.nat import Nat
     from ._link.rules import Fault, Outage, PathMtu
     from ._peer.peer import ScriptedPeer
 
@@ -786,6 +787,88 @@ class TunPair:
         rule = PathMtu(size, icmp=icmp, directions=dirs)
         self._add_rule(rule, dirs)
         return rule
+
+    def nat(
+        self,
+        *,
+        mapping: str = "endpoint-independent",
+        filtering: str = "address-and-port-dependent",
+        public: str = "198.18.1.1",
+        port_range: tuple[int, int] = (1024, 65535),
+        timeout: float | str = 120.0,
+        tcp_timeout: float | str = 7440.0,
+        rebind_every: float | str | None = None,
+        rebind_address: bool = False,
+    ) -> Nat:
+        """Put a NAT on the link, end a inside, end b outside (RFC 4787 behaviours).
+
+        Packets from a's IPv4 address get their source rewritten to ``public`` and a port
+        chosen by ``mapping`` (``"endpoint-independent"``, ``"address-dependent"``,
+        ``"address-and-port-dependent"``; the inside port is kept when free and in
+        ``port_range``); b's answers are translated back if ``filtering`` (same three
+        words) lets them in, else dropped (recorded ``"filtered"``), as is anything sent to
+        a's address itself. TCP, UDP and ICMP echo are mapped, ICMP errors translated with
+        the packet they quote; checksums are updated. Mappings expire after ``timeout``
+        idle seconds (TCP: ``tcp_timeout``), refreshed by outbound packets.
+        ``rebind_every`` re-maps everything periodically (:meth:`Nat.rebind` by hand),
+        moving to the next address of a ``public`` pool (``"198.18.1.0/29"``) too with
+        ``rebind_address=True``.
+
+        Each rewritten packet is recorded ``"rewritten"`` (as it came) and followed by its
+        translated copy. b's host gets a route to the ``public`` addresses through b's
+        device (in hosts mode and not). IPv6 passes untranslated. Offload is off while a
+        NAT is on. Returns the :class:`~pytest_tunpair.Nat` (``remove()``, or ``with``).
+        """
+        import ipaddress
+
+        from ._link.nat import Nat, check_nat
+
+        args = check_nat(
+            mapping, filtering, public, port_range, timeout, tcp_timeout, rebind_every
+        )
+        self._require_relay()
+        if self.a.ip is None or self.b.ip is None:
+            raise OptionError(
+                "ipv4",
+                None,
+                source="nat()",
+                reason="the NAT translates IPv4 (NAT44): open the pair with IPv4 addresses",
+            )
+        self._prune_rules()
+        for direction in self._directions.values():
+            if direction.of_type(Nat) is not None:
+                raise TunPairError(
+                    "a NAT is on the link already: remove() it first (or leave its with block)"
+                )
+        net = ipaddress.ip_network(str(public), strict=False)
+        inside = ipaddress.ip_address(self.a.ip)
+        if inside in net or ipaddress.ip_address(self.b.ip) in net:
+            raise OptionError(
+                "public",
+                public,
+                source="nat()",
+                reason=f"the pool holds an end's own address ({self.a.ip} or {self.b.ip}): "
+                "pick other addresses, e.g. '198.18.1.1'",
+            )
+        b = self.b
+        # The outside addresses live behind b's device, as a NAT's public side would.
+        route = _routing.Route(str(net), b.name, b.index, via=self.a.ip)
+        self.steps += [f"[host {b.host.name}] {s}" for s in b.run(_routing.add_routes, (route,))]
+        nat = Nat(
+            inside=(self.a.ip,),
+            mapping=args["mapping"],
+            filtering=args["filtering"],
+            public=args["public"],
+            port_range=args["port_range"],
+            timeout=args["timeout"],
+            tcp_timeout=args["tcp_timeout"],
+            rebind_every=args["rebind_every"],
+            rebind_address=bool(rebind_address),
+            start=time.monotonic(),
+            on_remove=self._drop_rule,
+        )
+        self._add_rule(nat, DIRECTIONS)
+        return nat
 
     def _add_rule(self, rule: Rule, dirs: tuple[str, ...]) -> None:
         self._update_offload(busy=True)  # wire-sized packets before the rule sees one
