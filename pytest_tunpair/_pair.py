@@ -16,7 +16,7 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +46,7 @@ from ._packets.packet import DIRECTIONS, Packet
 if TYPE_CHECKING:
     from ._kernel.sockets import SocketInfo
     from ._link.link import Divert, Rule
+    from ._kernel.resolver import Resolver
     from ._link.nat import Nat
     from ._link.rules import Fault, Outage, PathMtu
     from ._peer.peer import ScriptedPeer
@@ -870,6 +871,94 @@ class TunPair:
         self._add_rule(nat, DIRECTIONS)
         return nat
 
+    def dns(
+        self,
+        records: Mapping[str, str | Sequence[str]] | None = None,
+        *,
+        fail: str | Mapping[str, str] | None = None,
+        ttl: int = 60,
+        timeout: int = 1,
+        attempts: int = 2,
+    ) -> Resolver:
+        """A DNS server the test owns, on end b's address (port 53, UDP and TCP, in b's
+        host), and a ``/etc/resolv.conf`` naming it for the calling thread and what it
+        starts from now on: ``socket.getaddrinfo``, ``dig``, dnspython and c-ares resolve
+        through it, across the tunnel (the queries are in the capture). The host's
+        ``resolv.conf`` is not touched: the thread gets a mount namespace of its own with
+        the file bind-mounted (docs/internals.md, "A mount namespace per thread: the test's
+        resolv.conf"), until the pair closes.
+
+        ``records`` maps names to ``"a"``/``"b"`` (that end's addresses: A and AAAA),
+        addresses, or lists of them; other names get NXDOMAIN. ``fail`` makes every query
+        (a word) or those for some names (``{"api.test": "servfail"}``) fail: ``"timeout"``,
+        ``"servfail"``, ``"nxdomain"``, ``"refused"``, ``"truncate"``;
+        :meth:`Resolver.fail` adds failures for a number of queries. ``ttl`` is the
+        records' TTL; ``timeout`` (whole seconds) and ``attempts`` go to ``resolv.conf``'s
+        options (glibc's defaults, 5 and 2, would make a timeout take 10 s). Call it from
+        the test's thread; threads and resolvers made before it (a dnspython default
+        resolver, a thread pool) keep the host's file.
+        """
+        from ._kernel.mountns import private_files
+        from ._kernel.resolver import Resolver, check_failure, open_sockets
+
+        self._require_relay()
+        if any(isinstance(x, Resolver) for x in self._services):
+            raise TunPairError("dns() is running already: change its records or fail() instead")
+        for name, value in (("ttl", ttl), ("timeout", timeout), ("attempts", attempts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "ttl" else 1):
+                raise OptionError(name, value, source="dns()", reason="a whole number >= 1")
+        table: dict[str, list[str]] = {}
+        for name, value in (records or {}).items():
+            table[name] = self._addresses(value, f"dns() record {name!r}")
+        failures: list[tuple[str, str | None]] = []
+        if isinstance(fail, str):
+            failures.append((check_failure(fail, "dns()"), None))
+        elif fail is not None:
+            failures += [(check_failure(how, "dns()"), name) for name, how in fail.items()]
+        b = self.b
+        listen = [x for x in (b.ip, b.ip6) if x]
+        socks = b.run(open_sockets, listen)
+        resolver = Resolver(table, sockets=socks, address=listen[0], ttl=ttl)
+        try:
+            for how, name in failures:
+                resolver.fail(how, name=name)
+            files = {
+                "/etc/resolv.conf": (
+                    "# pytest-tunpair: the test's own resolver (tun_pair.dns()), in a mount\n"
+                    "# namespace of the test's thread; the host's file is unchanged.\n"
+                    f"nameserver {listen[0]}\n"
+                    f"options timeout:{timeout} attempts:{attempts}\n"
+                )
+            }
+            nsswitch = _nsswitch_hosts_dns()
+            if nsswitch is not None:
+                files["/etc/nsswitch.conf"] = nsswitch
+            resolver._view = private_files(files)
+        except BaseException:
+            resolver.close()
+            raise
+        self._services.append(resolver)
+        return resolver
+
+    def _addresses(self, value: str | Sequence[str], source: str) -> list[str]:
+        """``"a"``/``"b"`` (that end's addresses), an address, or a list of those."""
+        import ipaddress
+
+        items = [value] if isinstance(value, str) else list(value)
+        out: list[str] = []
+        for item in items:
+            if item in ("a", "b"):
+                end = self.a if item == "a" else self.b
+                out += [x for x in (end.ip, end.ip6) if x]
+                continue
+            try:
+                out.append(str(ipaddress.ip_address(str(item))))
+            except ValueError:
+                raise OptionError(
+                    "records", item, source=source, reason="use 'a', 'b', an address or a list"
+                ) from None
+        return out
+
     def _add_rule(self, rule: Rule, dirs: tuple[str, ...]) -> None:
         self._update_offload(busy=True)  # wire-sized packets before the rule sees one
         for d in dirs:
@@ -960,6 +1049,25 @@ class Checkpoint:
 
 # A direction as a pair made during a test had it before: nothing on it.
 _NOTHING = DirectionState(hooks=(), rules=(), spec=None, random_seed=False, engine=None)
+
+
+def _nsswitch_hosts_dns() -> str | None:
+    """``/etc/nsswitch.conf`` with ``hosts: files dns``, when the host's asks someone
+    other than the resolver ``resolv.conf`` names (systemd-resolved's ``resolve``, mDNS)
+    before ``dns``; ``None`` when it is fine as it is."""
+    try:
+        with open("/etc/nsswitch.conf") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    changed = False
+    for i, line in enumerate(lines):
+        words = line.split("#", 1)[0].split()
+        if words and words[0] == "hosts:":
+            if words[1:] != ["files", "dns"]:
+                lines[i] = "hosts: files dns"
+                changed = True
+    return "\n".join(lines) + "\n" if changed else None
 
 
 def new_seed() -> int:
