@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     )
     from ._factory import TunPairFactory
     from ._kernel.host import Host
+    from ._kernel.resolver import DnsQuery, Resolver
     from ._kernel.sockets import SocketInfo
     from ._link.endpoint import Endpoint
     from ._link.gemodel import GilbertElliott
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ._packets.match import PacketSource
     from ._packets.packet import GsoInfo, Packet
     from ._pair import TunPair
+    from ._topology import Topology
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._wire.tcp import TcpOptions
 
@@ -69,9 +71,12 @@ _WHERE = {
     "PairOptions": "._options",
     "Endpoint": "._link.endpoint",
     "TunPair": "._pair",
+    "Topology": "._topology",
     "TunPairFactory": "._factory",
     "Hook": "._link.hooks",
     "Host": "._kernel.host",
+    "DnsQuery": "._kernel.resolver",
+    "Resolver": "._kernel.resolver",
     "Nat": "._link.nat",
     "NatMapping": "._link.nat",
     "NatTranslation": "._link.nat",
@@ -83,6 +88,7 @@ _WHERE = {
 
 __all__ = [
     "Capture",
+    "DnsQuery",
     "Endpoint",
     "Flow",
     "GilbertElliott",
@@ -103,6 +109,7 @@ __all__ = [
     "PairClosedError",
     "PairOptions",
     "PrivilegeError",
+    "Resolver",
     "ScriptedPeer",
     "ScriptedTcp",
     "ScriptedUdp",
@@ -110,6 +117,7 @@ __all__ = [
     "SpawnError",
     "TcpOptions",
     "ThreadNotStopped",
+    "Topology",
     "TunDeviceError",
     "TunPair",
     "TunPairError",

@@ -11,13 +11,17 @@ import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._errors import LeftoverProcessError, NamespaceError
+from ._errors import LeftoverProcessError, NamespaceError, OptionError
 from ._kernel.netns import NetNamespace, Visit
+
+if TYPE_CHECKING:
+    from ._kernel.host import Host
 from ._kernel.procs import Keeper
 from ._options import PairOptions
 from ._pair import Checkpoint, TunPair, new_seed, prepare_namespace, run_in
+from ._topology import Topology
 
 T = TypeVar("T")
 
@@ -59,6 +63,8 @@ class TunPairFactory:
         processes not started by ``spawn``: ``kill``, ``warn`` or ``fail``)."""
         self.leftovers = leftovers
         """What teardown does with processes ``spawn`` did not start: ``kill``, ``warn`` or ``fail``."""
+        self.topologies: list[Topology] = []
+        """The topologies made so far (their links are in :attr:`pairs` too)."""
         self.random_seed = new_seed()
         """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
         self._thread = threading.get_ident()
@@ -134,7 +140,13 @@ class TunPairFactory:
     def __call__(self, **options: Any) -> TunPair:
         return self.make(options, source=self.source)
 
-    def make(self, options: Mapping[str, Any], *, source: str) -> TunPair:
+    def make(
+        self,
+        options: Mapping[str, Any],
+        *,
+        source: str,
+        _hosts: tuple[Host, Host] | None = None,
+    ) -> TunPair:
         """``factory(**options)``, with the name option errors give the caller (``source``)."""
         if self.netns is None:
             self.open()
@@ -142,10 +154,62 @@ class TunPairFactory:
         opts = PairOptions.from_kwargs({**self.defaults, **options}, source=source, index=index)
         # One random seed per factory (per test): replaying it with --tunpair-seed then
         # reproduces every pair of the test, not just one.
-        pair = TunPair(opts, netns=self.netns, _keeper=self.keeper, _random_seed=self.random_seed)
+        pair = TunPair(
+            opts,
+            netns=self.netns,
+            _keeper=self.keeper,
+            _random_seed=self.random_seed,
+            _hosts=_hosts,
+        )
         pair.open(_index=index)
         self.pairs.append(pair)
         return pair
+
+    # -- topologies -----------------------------------------------------------------------------
+    def topology(
+        self,
+        links: Sequence[tuple[str, str]],
+        *,
+        routers: Sequence[str] = (),
+        **options: Any,
+    ) -> Topology:
+        """Hosts joined by links, each link a pair of its own (``options`` are every
+        link's, as for ``factory(**options)``): ``topology([("client", "router"),
+        ("router", "server")], routers=["router"])``. Every host gets routes to every
+        address of the topology; only ``routers`` forward (with the kernel: TTL and ICMP as
+        any router). Returns the :class:`~pytest_tunpair.Topology`; its links are also in
+        :attr:`pairs`, so reports show each one."""
+        if self.netns is None:
+            self.open()
+        topo = Topology.build(
+            self, links, routers=routers, options=options, source=f"{self.source}.topology()"
+        )
+        self.topologies.append(topo)
+        return topo
+
+    def star(
+        self, clients: int = 3, *, server: str = "server", client: str = "client", **options: Any
+    ) -> Topology:
+        """``clients`` hosts (``client1``, ``client2``, ...) each with a link of its own to
+        one ``server`` host: ``star(3).link("client2", "server").impair(loss=0.1)``."""
+        if isinstance(clients, bool) or not isinstance(clients, int) or not 1 <= clients <= 60:
+            raise OptionError(
+                "clients", clients, source=f"{self.source}.star()", reason="a number from 1 to 60"
+            )
+        links = [(f"{client}{i}", server) for i in range(1, clients + 1)]
+        return self.topology(links, **options)
+
+    def chain(self, *names: str, **options: Any) -> Topology:
+        """Hosts in a line, each forwarding to the next: ``chain()`` is ``client`` --
+        ``router`` -- ``server``; ``chain("a", "r1", "r2", "b")`` has two routers (every
+        host but the two ends forwards)."""
+        hosts = names or ("client", "router", "server")
+        if len(hosts) < 2:
+            raise OptionError(
+                "names", hosts, source=f"{self.source}.chain()", reason="give at least two hosts"
+            )
+        links = list(zip(hosts, hosts[1:], strict=False))
+        return self.topology(links, routers=hosts[1:-1], **options)
 
     @property
     def netns_path(self) -> str:
@@ -189,6 +253,11 @@ class TunPairFactory:
         for pair in reversed(self.pairs):
             try:
                 pair.close(drain=False)
+            except BaseException as exc:
+                errors.append(exc)
+        for topo in reversed(self.topologies):
+            try:
+                topo.close()  # the hosts, once their links' devices are closed
             except BaseException as exc:
                 errors.append(exc)
         if self.netns is not None and self.netns.active:

@@ -140,6 +140,8 @@ class TunPair:
         """Sequence number (``Packet.seq``) of the first packet of the current test:
         ``packets.since(tun_pair.test_start)`` is the test's part. 0 for a pair made for one
         test; module and session pairs move it at the start of each test."""
+        self.label: str | None = None
+        """A name for reports: a topology's link is ``"client1<->server"``."""
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -1019,7 +1021,16 @@ class TunPair:
             f"{self.a.name}={self.a.ip or ''}{'/' + self.a.ip6 if self.a.ip6 else ''}",
             f"{self.b.name}={self.b.ip or ''}{'/' + self.b.ip6 if self.b.ip6 else ''}",
         ]
-        lines = [f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"]
+        if self.a.host is self.b.host:
+            lines = [f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"]
+        else:
+            ha, hb = self.a.host.name, self.b.host.name
+            name = f"{self.label} " if self.label else ""
+            lines = [
+                f"{o.mode} link {name}{ha}:{parts[0]} <-> {hb}:{parts[1]} mtu={o.mtu} "
+                f"(a->b is {ha}->{hb}, b->a is {hb}->{ha}; each end its own host)"
+            ]
+        lines.extend(s.describe() for s in self._services)
         for direction in self._directions.values():
             lines.extend(direction.describe(replay))
         lines.extend(peer.describe() for peer in self._peers)
