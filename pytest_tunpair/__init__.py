@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from ._packets.match import PacketSource
     from ._packets.packet import GsoInfo, Packet
     from ._pair import TunPair
-    from ._topology import Topology
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
+    from ._topology import Topology
     from ._wire.tcp import TcpOptions
 
 __version__ = "0.1.0"
@@ -98,10 +98,10 @@ __all__ = [
     "Host",
     "LeftoverProcessError",
     "LeftoverProcessWarning",
+    "NamespaceError",
     "Nat",
     "NatMapping",
     "NatTranslation",
-    "NamespaceError",
     "OptionError",
     "Packet",
     "PacketSource",

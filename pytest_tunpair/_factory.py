@@ -7,6 +7,7 @@ what each test added (:meth:`TunPairFactory.begin`) and undoes it (:meth:`~TunPa
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -208,7 +209,7 @@ class TunPairFactory:
             raise OptionError(
                 "names", hosts, source=f"{self.source}.chain()", reason="give at least two hosts"
             )
-        links = list(zip(hosts, hosts[1:], strict=False))
+        links = list(itertools.pairwise(hosts))
         return self.topology(links, routers=hosts[1:-1], **options)
 
     @property

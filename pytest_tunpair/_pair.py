@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,9 +44,9 @@ from ._packets.capture import Capture
 from ._packets.packet import DIRECTIONS, Packet
 
 if TYPE_CHECKING:
+    from ._kernel.resolver import Resolver
     from ._kernel.sockets import SocketInfo
     from ._link.link import Divert, Rule
-    from ._kernel.resolver import Resolver
     from ._link.nat import Nat
     from ._link.rules import Fault, Outage, PathMtu
     from ._peer.peer import ScriptedPeer
@@ -237,9 +237,7 @@ class TunPair:
             _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
             _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
         ]
-        self.steps = _routing.apply_recipe(
-            sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen
-        )
+        self.steps = _routing.apply_recipe(sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen)
         counters = DeviceCounters()  # opened here, inside the namespace
         self._device_counters = [counters, counters]
         return dev_a, dev_b
@@ -427,13 +425,25 @@ class TunPair:
             start=self.packets.mark(),
             directions={d: direction.checkpoint() for d, direction in self._directions.items()},
             stats=self.stats,
+            services=len(self._services),
+            hosts={h.name: (h.keeper.snapshot(), len(h.keeper.spawned)) for h in self._own_hosts},
         )
 
     def restore(self, cp: Checkpoint) -> None:
         """Remove the hooks, rules and impairments added since ``cp``; put back those it
-        had. (A queue comes back fresh, from its settings: what the old one held was
+        had; stop a resolver started since, and what was started since in a host of the
+        pair's own (b in hosts mode; may raise ``LeftoverProcessError`` by the leftover
+        policy). (A queue comes back fresh, from its settings: what the old one held was
         delivered.)"""
         self._require_relay()
+        while len(self._services) > cp.services:
+            self._services.pop().close()
+        for host in self._own_hosts:
+            since, spawned = cp.hosts.get(host.name, (set(), 0))
+            keeper = host.keeper
+            if len(keeper.spawned) > spawned:
+                keeper.stop_family(keeper.spawned[spawned:])
+            keeper.stop_leftovers(since=since)
         kept = {hook for state in cp.directions.values() for hook in state.hooks}
         for hook in {h for d in self._directions.values() for h in d.hooks} - kept:
             self.remove_hook(hook)
@@ -826,9 +836,7 @@ class TunPair:
 
         from ._link.nat import Nat, check_nat
 
-        args = check_nat(
-            mapping, filtering, public, port_range, timeout, tcp_timeout, rebind_every
-        )
+        args = check_nat(mapping, filtering, public, port_range, timeout, tcp_timeout, rebind_every)
         self._require_relay()
         if self.a.ip is None or self.b.ip is None:
             raise OptionError(
@@ -906,24 +914,28 @@ class TunPair:
         self._require_relay()
         if any(isinstance(x, Resolver) for x in self._services):
             raise TunPairError("dns() is running already: change its records or fail() instead")
-        for name, value in (("ttl", ttl), ("timeout", timeout), ("attempts", attempts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "ttl" else 1):
-                raise OptionError(name, value, source="dns()", reason="a whole number >= 1")
+        for what, number in (("ttl", ttl), ("timeout", timeout), ("attempts", attempts)):
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, int)
+                or number < (0 if what == "ttl" else 1)
+            ):
+                raise OptionError(what, number, source="dns()", reason="a whole number >= 1")
         table: dict[str, list[str]] = {}
-        for name, value in (records or {}).items():
-            table[name] = self._addresses(value, f"dns() record {name!r}")
+        for record, value in (records or {}).items():
+            table[record] = self._addresses(value, f"dns() record {record!r}")
         failures: list[tuple[str, str | None]] = []
         if isinstance(fail, str):
             failures.append((check_failure(fail, "dns()"), None))
         elif fail is not None:
-            failures += [(check_failure(how, "dns()"), name) for name, how in fail.items()]
+            failures += [(check_failure(how, "dns()"), key) for key, how in fail.items()]
         b = self.b
         listen = [x for x in (b.ip, b.ip6) if x]
         socks = b.run(open_sockets, listen)
         resolver = Resolver(table, sockets=socks, address=listen[0], ttl=ttl)
         try:
-            for how, name in failures:
-                resolver.fail(how, name=name)
+            for how, key in failures:
+                resolver.fail(how, name=key)
             files = {
                 "/etc/resolv.conf": (
                     "# pytest-tunpair: the test's own resolver (tun_pair.dns()), in a mount\n"
@@ -1056,6 +1068,11 @@ class Checkpoint:
     directions: dict[str, DirectionState]
     #: ``TunPair.stats`` then.
     stats: dict[str, dict[str, int]]
+    #: Services (a ``dns()`` resolver) running then.
+    services: int = 0
+    #: For each host the pair made (b in hosts mode): who ran there, and how many
+    #: processes its ``spawn`` had started.
+    hosts: dict[str, tuple[set[tuple[int, int]], int]] = field(default_factory=dict)
 
 
 # A direction as a pair made during a test had it before: nothing on it.

@@ -32,7 +32,11 @@ __all__ = ["Topology"]
 
 
 def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+    if (
+        not isinstance(name, str)
+        or not name
+        or not name.replace("-", "").replace("_", "").isalnum()
+    ):
         raise OptionError(
             "links", name, source="topology()", reason="host names are words (letters, digits, - _)"
         )
@@ -84,12 +88,17 @@ class Topology:
             raise OptionError("links", links, source=source, reason="give at least one (a, b) link")
         if "hosts" in options:
             raise OptionError(
-                "hosts", options["hosts"], source=source, reason="a topology's ends are hosts already"
+                "hosts",
+                options["hosts"],
+                source=source,
+                reason="a topology's ends are hosts already",
             )
         seen: set[frozenset[str]] = set()
         for pair in links:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise OptionError("links", pair, source=source, reason="each link is a pair of host names")
+                raise OptionError(
+                    "links", pair, source=source, reason="each link is a pair of host names"
+                )
             x, y = (_check_name(n) for n in pair)
             if x == y or frozenset((x, y)) in seen:
                 raise OptionError(
@@ -106,11 +115,11 @@ class Topology:
                 if name not in self.hosts:
                     self.hosts[name] = Host.new(name, leftovers=leftovers)
         for x, y in links:
-            pair = factory.make(options, source=source, _hosts=(self.hosts[x], self.hosts[y]))
-            name = f"{x}<->{y}"
-            pair.label = name
-            self.links[name] = pair
-            self._ends[name] = (x, y)
+            link = factory.make(options, source=source, _hosts=(self.hosts[x], self.hosts[y]))
+            label = f"{x}<->{y}"
+            link.label = label
+            self.links[label] = link
+            self._ends[label] = (x, y)
         for r in self.routers:
             host = self.hosts[r]
             host.sysctl("net.ipv4.ip_forward", 1)

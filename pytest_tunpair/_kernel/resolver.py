@@ -128,7 +128,9 @@ class Resolver:
                 return
             check_failure(how, "dns.fail()")
             if times is not None and (isinstance(times, bool) or times < 1):
-                raise OptionError("times", times, source="dns.fail()", reason="an int >= 1, or None")
+                raise OptionError(
+                    "times", times, source="dns.fail()", reason="an int >= 1, or None"
+                )
             self._rules.append(_FailRule(how, None if name is None else _norm(name), times))
 
     def asked(self, name: str) -> list[DnsQuery]:
@@ -186,16 +188,20 @@ class Resolver:
                 outcome, reply = "nxdomain", _dns.response(q, rcode=_dns.RCODES["nxdomain"])
             else:
                 want = {1: 4, 28: 6}.get(q.qtype)
-                answers = [
-                    a for a in addresses if want is None or (":" in a) == (want == 6)
-                ]
+                answers = [a for a in addresses if want is None or (":" in a) == (want == 6)]
                 if q.qtype not in (1, 28, 255):
                     answers = []
                 outcome = "answered" if answers else "nodata"
                 reply = _dns.response(q, addresses=answers, ttl=self.ttl)
             self.queries.append(
                 DnsQuery(
-                    time.monotonic(), q.name, q.type_name, transport, client, outcome, tuple(answers)
+                    time.monotonic(),
+                    q.name,
+                    q.type_name,
+                    transport,
+                    client,
+                    outcome,
+                    tuple(answers),
                 )
             )
         return reply

@@ -413,7 +413,7 @@ def add_routes(routes: tuple[Route, ...]) -> list[str]:
     is not an error: the same route is asked for twice when two things need it)."""
     if not routes:
         return []
-    done = []
+    done: list[str] = []
     for route in routes:
         data, steps = _route_plan(route)
         nl = _Netlink()

@@ -517,11 +517,14 @@ class Nat:
             # its quote names the inside endpoint as destination.
             inner = _h.parse(data[start:], 0, "tun")
             q = _rw.endpoints(data[start:], inner)
-            if q is not None and q.dst in self._inside and q.proto in _PROTO and q.dport is not None:
+            if (
+                q is not None
+                and q.dst in self._inside
+                and q.proto in _PROTO
+                and q.dport is not None
+            ):
                 rport = q.sport or 0 if q.proto != IPPROTO_ICMP else 0
-                m = table.find_inside(
-                    _PROTO[q.proto], (_ip(q.dst), q.dport), (_ip(q.src), rport)
-                )
+                m = table.find_inside(_PROTO[q.proto], (_ip(q.dst), q.dport), (_ip(q.src), rport))
                 if m is not None:
                     outside = socket.inet_pton(socket.AF_INET, m.outside[0])
                     new = _rw.translate_error(data, f, 0, outside, start, outside, m.outside[1])

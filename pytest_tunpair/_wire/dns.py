@@ -16,7 +16,19 @@ __all__ = ["QTYPES", "RCODES", "Question", "parse_query", "response"]
 
 _HEADER = struct.Struct("!HHHHHH")
 #: Record types by number, the names ``dig`` shows (RFC 1035 3.2.2, RFC 3596).
-QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 65: "HTTPS", 255: "ANY"}
+QTYPES = {
+    1: "A",
+    2: "NS",
+    5: "CNAME",
+    6: "SOA",
+    12: "PTR",
+    15: "MX",
+    16: "TXT",
+    28: "AAAA",
+    33: "SRV",
+    65: "HTTPS",
+    255: "ANY",
+}
 #: Response codes (RFC 1035 4.1.1).
 RCODES = {"noerror": 0, "formerr": 1, "servfail": 2, "nxdomain": 3, "notimp": 4, "refused": 5}
 _QR = 0x8000

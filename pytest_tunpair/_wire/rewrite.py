@@ -37,7 +37,10 @@ ICMP_ECHO_TYPES = {IPPROTO_ICMP: (8, 0), IPPROTO_ICMPV6: (128, 129)}
 #: Error types that quote the packet they answer, which a NAT translates too (RFC 5508
 #: 4.2): unreachable, source quench, redirect, time exceeded, parameter problem (RFC 792);
 #: unreachable, too big, time exceeded, parameter problem (RFC 4443).
-ICMP_ERROR_TYPES = {IPPROTO_ICMP: frozenset({3, 4, 5, 11, 12}), IPPROTO_ICMPV6: frozenset({1, 2, 3, 4})}
+ICMP_ERROR_TYPES = {
+    IPPROTO_ICMP: frozenset({3, 4, 5, 11, 12}),
+    IPPROTO_ICMPV6: frozenset({1, 2, 3, 4}),
+}
 
 # Where each protocol keeps its checksum, from the transport header.
 _CSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6, IPPROTO_ICMP: 2, IPPROTO_ICMPV6: 2}
@@ -150,9 +153,7 @@ def _translate_ip(
     return bytes(old_all), bytes(new_all)
 
 
-def translate(
-    data: bytes, f: _h.Parsed, which: int, addr: bytes | None, port: int | None
-) -> bytes:
+def translate(data: bytes, f: _h.Parsed, which: int, addr: bytes | None, port: int | None) -> bytes:
     """``data`` with its source (``which=0``) or destination (1) address set to ``addr``
     and port (or ICMP query identifier) to ``port`` (``None``: unchanged), checksums
     updated. A non-first fragment has no transport header: only its address changes."""
