@@ -175,9 +175,10 @@ def test_teardown_leaves_nothing_on_the_host() -> None:
 
     run_standalone(body)
     for key in ("pid", "holder"):
-        assert not Path(f"/proc/{seen[key]}").exists() or "Z" in Path(
-            f"/proc/{seen[key]}/stat"
-        ).read_text().rsplit(")", 1)[1].split()[0]
+        assert (
+            not Path(f"/proc/{seen[key]}").exists()
+            or "Z" in Path(f"/proc/{seen[key]}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        )
     assert host_snapshot() == before
 
 
@@ -211,9 +212,7 @@ def test_chain_router_decrements_ttl_and_sends_time_exceeded(
         assert [p.ttl for p in first.packets.filter(proto="udp")] == [5]
         assert [p.ttl for p in second.packets.filter(proto="udp")] == [4]
         _udp_ttl_probe(client, dst, 4000, ttl=1)
-        exceeded = first.packets.wait_for(
-            proto="icmp", icmp_type=11, direction="b->a", timeout=5
-        )
+        exceeded = first.packets.wait_for(proto="icmp", icmp_type=11, direction="b->a", timeout=5)
         assert exceeded.src == router_ip and exceeded.dst == first.a.ip
         # The expired probe never reached the second link.
         assert len(second.packets.filter(proto="udp")) == 1

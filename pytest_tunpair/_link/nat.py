@@ -125,6 +125,8 @@ class NatTable:
         # Inside endpoint -> the outside ports it had before a rebind (never given back to it
         # right away: a rebind must change what the other end sees).
         self._retired: dict[tuple[str, Endpoint], set[int]] = {}
+        # Inside endpoint -> the outside port an address-only rebind keeps for it.
+        self._sticky: dict[tuple[str, Endpoint], int] = {}
         self._preserve = True
 
     @property
@@ -163,6 +165,9 @@ class NatTable:
         low, high = self.port_range
         address = self.address
         avoid = self._retired.get((proto, inside), set())
+        sticky = self._sticky.pop((proto, inside), None)
+        if sticky is not None and self._free(proto, address, sticky):
+            return sticky
         port = inside[1]
         if (
             self._preserve
@@ -266,7 +271,7 @@ class NatTable:
             if port:
                 self._retired.setdefault((m.proto, m.inside), set()).add(m.outside[1])
             else:
-                self._retired.pop((m.proto, m.inside), None)
+                self._sticky[(m.proto, m.inside)] = m.outside[1]
         self._by_key.clear()
         self._by_outside.clear()
         return retired
