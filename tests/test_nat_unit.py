@@ -106,7 +106,7 @@ def test_rebind_changes_port_or_address() -> None:
 
 
 def test_check_nat_messages() -> None:
-    with pytest.raises(OptionError, match="mapping.*use one of endpoint-independent"):
+    with pytest.raises(OptionError, match=r"mapping.*use one of endpoint-independent"):
         check_nat("full-cone", "endpoint-independent", PUB, (1, 2), 1, 1, None)
     with pytest.raises(OptionError, match="IPv4 only"):
         check_nat("endpoint-independent", "endpoint-independent", "2001:2::9", (1, 2), 1, 1, None)
