@@ -912,8 +912,6 @@ class TunPair:
         from ._kernel.resolver import Resolver, check_failure, open_sockets
 
         self._require_relay()
-        if any(isinstance(x, Resolver) for x in self._services):
-            raise TunPairError("dns() is running already: change its records or fail() instead")
         for what, number in (("ttl", ttl), ("timeout", timeout), ("attempts", attempts)):
             if (
                 isinstance(number, bool)
@@ -929,6 +927,10 @@ class TunPair:
             failures.append((check_failure(fail, "dns()"), None))
         elif fail is not None:
             failures += [(check_failure(how, "dns()"), key) for key, how in fail.items()]
+        if any(isinstance(x, Resolver) for x in self._services):
+            raise TunPairError(
+                "dns() is running already: change its records or call its fail() instead"
+            )
         b = self.b
         listen = [x for x in (b.ip, b.ip6) if x]
         socks = b.run(open_sockets, listen)
