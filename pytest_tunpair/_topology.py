@@ -68,6 +68,8 @@ class Topology:
         options: Mapping[str, Any] | None = None,
         source: str = "topology()",
     ) -> Topology:
+        """Make the hosts, the links (pairs of ``factory``) and the routes; on failure,
+        close what was made."""
         topo = cls()
         try:
             topo._build(factory, links, routers, dict(options or {}), source)

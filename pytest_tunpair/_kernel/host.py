@@ -76,6 +76,7 @@ class Host:
     # -- ways in ---------------------------------------------------------------------------
     @property
     def netns(self) -> NetNamespace:
+        """The host's network namespace (``PairClosedError`` once the host is closed)."""
         if self._closed or not self._netns.active:
             raise PairClosedError(f"host {self.name} is closed: use it while the pair is open")
         return self._netns

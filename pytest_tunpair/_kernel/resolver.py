@@ -161,6 +161,7 @@ class Resolver:
             raise self._errors[0]
 
     def describe(self) -> str:
+        """One line for failure reports: where it listens, its names, its failures."""
         names = ", ".join(sorted(self.records)) or "no names"
         with self._lock:
             rules = [f"{r.how} {r.name or '*'}" for r in self._rules if r.left != 0]

@@ -473,6 +473,8 @@ class Nat:
         return not self._removed
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
+        """The relay's call (``Rule.apply``): the packet translated (``"rewritten"``, the
+        new bytes forwarded), filtered, or ``None`` when the NAT leaves it alone."""
         data = pkt.data
         f = _h.parse(data, 0, pkt.mode)
         if f[_h.VERSION] != 4:
@@ -595,6 +597,7 @@ class Nat:
         return self._done(pkt, data, _rw.translate(data, f, 1, inside, None), f, e)
 
     def describe(self) -> str:
+        """One line for failure reports: behaviours, pool, ports, counts."""
         t = self.table
         with self._lock:
             count = len(t.mappings())
