@@ -153,9 +153,13 @@ def test_filtering_on_real_traffic(
     assert nat.filtered == (not from_other_port) + (not from_other_address)
 
 
-@pytest.mark.parametrize("hosts", [False, True], ids=["one-namespace", "hosts"])
-def test_tcp_connection_through_the_nat_survives(tun_pair_factory, hosts: bool) -> None:  # type: ignore[no-untyped-def]
-    pair: TunPair = tun_pair_factory(hosts=hosts, ipv6=None)
+@pytest.mark.parametrize(
+    ("hosts", "mode"),
+    [(False, "tun"), (True, "tun"), (True, "tap")],
+    ids=["one-namespace", "hosts", "hosts-tap"],
+)
+def test_tcp_connection_through_the_nat_survives(tun_pair_factory, hosts: bool, mode: str) -> None:  # type: ignore[no-untyped-def]
+    pair: TunPair = tun_pair_factory(hosts=hosts, mode=mode, ipv6=None)
     nat = pair.nat(mapping="address-and-port-dependent")
     b_ip = pair.b.ip
     payload = bytes(range(256)) * 4096  # 1 MiB

@@ -13,7 +13,7 @@ left on disk, and the host's files are never written.
 Going back is ``setns()`` into the saved namespace, which the kernel allows only to a
 thread that shares its ``fs_struct`` with no other (threads it started since share it:
 ``unshare(CLONE_FS)`` first), and which resets the cwd to the namespace's root (put back
-from a saved fd). In a user namespace the process entered by itself the host's mount
+by its path, which names the same directory in both). In a user namespace the process entered by itself the host's mount
 namespace is the initial user namespace's, so -- as with the network namespace -- a thread
 cannot go back; there the thread is a disposable one, which ends with the test.
 """
@@ -81,6 +81,12 @@ class PrivateFiles:
         try:
             if threading.get_ident() != self._thread:
                 return
+            # Where the thread is now (it may have moved since): the same path names the
+            # same directory in both namespaces, which differ only by the bind mounts.
+            try:
+                here: str | None = os.getcwd()
+            except OSError:
+                here = None
             try:
                 _linux.setns(orig, CLONE_NEWNS)
             except OSError as exc:
@@ -90,7 +96,12 @@ class PrivateFiles:
                     _linux.setns(orig, CLONE_NEWNS)
                 else:
                     raise
-            os.fchdir(self._cwd)
+            try:
+                if here is None:
+                    raise FileNotFoundError
+                os.chdir(here)
+            except OSError:
+                os.fchdir(self._cwd)  # where it was when the view began
         except OSError as exc:
             if not (_disposable.thread_is_disposable() and exc.errno in _linux.EPERM_LIKE):
                 raise NamespaceError(

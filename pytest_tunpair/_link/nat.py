@@ -379,7 +379,7 @@ class Nat:
         start: float,
         on_remove: Callable[[Nat], None],
     ) -> None:
-        self.table = NatTable(
+        self._table = NatTable(
             mapping=mapping,
             filtering=filtering,
             public=public,
@@ -387,7 +387,6 @@ class Nat:
             timeout=timeout,
             tcp_timeout=tcp_timeout,
         )
-        """The mappings and behaviours (:class:`NatTable`)."""
         self.inside = inside
         """The inside addresses (end a's IPv4 address): packets from them are translated."""
         self.rebind_every = rebind_every
@@ -414,7 +413,27 @@ class Nat:
     @property
     def public(self) -> str:
         """The outside address new mappings get now."""
-        return self.table.address
+        return self._table.address
+
+    @property
+    def pool(self) -> list[str]:
+        """Every outside address (``public=``'s pool; one for a single address)."""
+        return list(self._table.public)
+
+    @property
+    def mapping(self) -> str:
+        """The mapping behaviour (RFC 4787 4.1)."""
+        return self._table.mapping
+
+    @property
+    def filtering(self) -> str:
+        """The filtering behaviour (RFC 4787 5)."""
+        return self._table.filtering
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        """The outside ports mappings get, inclusive."""
+        return self._table.port_range
 
     @property
     def mappings(self) -> list[NatMapping]:
@@ -424,7 +443,7 @@ class Nat:
                 NatMapping(
                     m.proto, m.inside, m.outside, m.remote, m.created, m.last_used, set(m.sent_to)
                 )
-                for m in self.table.mappings()
+                for m in self._table.mappings()
             ]
 
     @property
@@ -441,16 +460,16 @@ class Nat:
         needs a pool (``public="198.18.1.0/29"``)."""
         if not port and not address:
             raise ValueError("rebind(port=False, address=False) changes nothing: ask for one")
-        if address and len(self.table.public) < 2:
+        if address and len(self._table.public) < 2:
             raise OptionError(
                 "address",
                 True,
                 source="nat.rebind()",
-                reason=f"public={self.table.public[0]!r} is one address: give nat() a pool, "
+                reason=f"public={self._table.public[0]!r} is one address: give nat() a pool, "
                 "e.g. public='198.18.1.0/29'",
             )
         with self._lock:
-            self.table.rebind(port=port, address=address)
+            self._table.rebind(port=port, address=address)
             self.rebinds += 1
 
     def remove(self) -> None:
@@ -485,7 +504,7 @@ class Nat:
         with self._lock:
             if self._next_rebind is not None and now >= self._next_rebind:
                 assert self.rebind_every is not None
-                self.table.rebind(port=True, address=self.rebind_address)
+                self._table.rebind(port=True, address=self.rebind_address)
                 self.rebinds += 1
                 while self._next_rebind <= now:
                     self._next_rebind += self.rebind_every
@@ -516,7 +535,7 @@ class Nat:
     ) -> Verdict | None:
         if e.src not in self._inside:
             return None
-        table = self.table
+        table = self._table
         inside_ip = _ip(e.src)
         start = _rw.inner_start(data, f)
         if start >= 0:
@@ -563,7 +582,7 @@ class Nat:
             return _FILTERED
         if e.dst not in self._public:
             return None
-        table = self.table
+        table = self._table
         start = _rw.inner_start(data, f)
         if start >= 0:
             # An error about a packet that left through a mapping: its quote names the
@@ -598,7 +617,7 @@ class Nat:
 
     def describe(self) -> str:
         """One line for failure reports: behaviours, pool, ports, counts."""
-        t = self.table
+        t = self._table
         with self._lock:
             count = len(t.mappings())
         pool = t.public[0] if len(t.public) == 1 else f"{t.public[0]}..{t.public[-1]}"
