@@ -27,20 +27,22 @@ if TYPE_CHECKING:
         TunPairError,
         UnexpectedPacket,
     )
-    from ._factory import TunPairFactory
+    from ._factory import FactoryCheckpoint, TunPairFactory
     from ._kernel.host import Host
+    from ._kernel.netns import Visit
     from ._kernel.resolver import DnsQuery, Resolver
     from ._kernel.sockets import SocketInfo
     from ._link.endpoint import Endpoint
-    from ._link.gemodel import GilbertElliott
+    from ._link.gemodel import GilbertElliott, GilbertElliottChain
     from ._link.hooks import Hook
     from ._link.nat import Nat, NatMapping, NatTranslation
+    from ._link.rules import Fault, Outage, PathMtu
     from ._options import PairOptions
     from ._packets.capture import Capture
     from ._packets.flows import Flow
-    from ._packets.match import PacketSource
+    from ._packets.match import PacketSource, expect, expect_none, expect_sequence
     from ._packets.packet import GsoInfo, Packet
-    from ._pair import TunPair
+    from ._pair import Checkpoint, TunPair
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._topology import Topology
     from ._wire.tcp import TcpOptions
@@ -66,11 +68,21 @@ _WHERE = {
     "UnexpectedPacket": "._errors",
     "Flow": "._packets.flows",
     "GilbertElliott": "._link.gemodel",
+    "GilbertElliottChain": "._link.gemodel",
+    "Fault": "._link.rules",
+    "Outage": "._link.rules",
+    "PathMtu": "._link.rules",
     "PacketSource": "._packets.match",
+    "expect": "._packets.match",
+    "expect_none": "._packets.match",
+    "expect_sequence": "._packets.match",
+    "Visit": "._kernel.netns",
     "SocketInfo": "._kernel.sockets",
     "PairOptions": "._options",
     "Endpoint": "._link.endpoint",
     "TunPair": "._pair",
+    "Checkpoint": "._pair",
+    "FactoryCheckpoint": "._factory",
     "Topology": "._topology",
     "TunPairFactory": "._factory",
     "Hook": "._link.hooks",
@@ -88,10 +100,14 @@ _WHERE = {
 
 __all__ = [
     "Capture",
+    "Checkpoint",
     "DnsQuery",
     "Endpoint",
+    "FactoryCheckpoint",
+    "Fault",
     "Flow",
     "GilbertElliott",
+    "GilbertElliottChain",
     "GsoInfo",
     "Hook",
     "HookError",
@@ -103,11 +119,13 @@ __all__ = [
     "NatMapping",
     "NatTranslation",
     "OptionError",
+    "Outage",
     "Packet",
     "PacketSource",
     "PacketTimeout",
     "PairClosedError",
     "PairOptions",
+    "PathMtu",
     "PrivilegeError",
     "Resolver",
     "ScriptedPeer",
@@ -123,7 +141,11 @@ __all__ = [
     "TunPairError",
     "TunPairFactory",
     "UnexpectedPacket",
+    "Visit",
     "__version__",
+    "expect",
+    "expect_none",
+    "expect_sequence",
 ]
 
 

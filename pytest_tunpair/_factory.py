@@ -31,11 +31,12 @@ __all__ = ["FactoryCheckpoint", "TunPairFactory"]
 
 @dataclass(frozen=True)
 class FactoryCheckpoint:
-    """What :meth:`TunPairFactory.begin` remembered for one test."""
+    """What :meth:`TunPairFactory.begin` remembered for one test: a token for
+    :meth:`~TunPairFactory.end` and :meth:`~TunPairFactory.slices` (its fields are private)."""
 
-    pairs: dict[int, Checkpoint]
-    processes: set[tuple[int, int]]
-    spawned: int
+    _pairs: dict[int, Checkpoint]
+    _processes: set[tuple[int, int]]
+    _spawned: int
 
 
 class TunPairFactory:
@@ -116,14 +117,14 @@ class TunPairFactory:
         may raise :class:`LeftoverProcessError`)."""
         for pair in self.pairs:
             pair.settle(pair.options.drain)
-        if self.keeper is not None and len(self.keeper.spawned) > cp.spawned:
-            self.keeper.stop_family(self.keeper.spawned[cp.spawned :])
+        if self.keeper is not None and len(self.keeper.spawned) > cp._spawned:
+            self.keeper.stop_family(self.keeper.spawned[cp._spawned :])
         for pair in self.pairs:
-            pair_cp = cp.pairs.get(id(pair))
+            pair_cp = cp._pairs.get(id(pair))
             # A pair made during the test goes back to nothing on the wire.
             pair.restore(pair_cp if pair_cp is not None else Checkpoint(0, {}, {}))
         if self.keeper is not None:
-            self.keeper.stop_leftovers(since=cp.processes)
+            self.keeper.stop_leftovers(since=cp._processes)
 
     def slices(
         self, cp: FactoryCheckpoint | None
@@ -131,7 +132,7 @@ class TunPairFactory:
         """Each pair with where the test ``cp`` began: (pair, first seq, stats then)."""
         out: list[tuple[TunPair, int, dict[str, dict[str, int]]]] = []
         for pair in self.pairs:
-            pair_cp = None if cp is None else cp.pairs.get(id(pair))
+            pair_cp = None if cp is None else cp._pairs.get(id(pair))
             if pair_cp is None:
                 out.append((pair, 0, {}))
             else:

@@ -260,7 +260,7 @@ class TunPair:
                 dev = TunDevice(o.names[me], mode=o.mode, vnet_hdr=o.offload)
                 self._devices.append(dev)
                 if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
-                    host.netns.write_sysctl(f"net/ipv6/conf/{dev.name}/disable_ipv6", 1)
+                    host.sysctl(f"net/ipv6/conf/{dev.name}/disable_ipv6", 1)
                 side = _routing.Side(
                     dev.name, dev.index, v4[me], v4[other], v6[me], v6[other], macs[me]
                 )
@@ -423,10 +423,10 @@ class TunPair:
         self._require_relay()
         return Checkpoint(
             start=self.packets.mark(),
-            directions={d: direction.checkpoint() for d, direction in self._directions.items()},
+            _directions={d: direction.checkpoint() for d, direction in self._directions.items()},
             stats=self.stats,
-            services=len(self._services),
-            hosts={h.name: (h.keeper.snapshot(), len(h.keeper.spawned)) for h in self._own_hosts},
+            _services=len(self._services),
+            _hosts={h.name: h.checkpoint() for h in self._own_hosts},
         )
 
     def restore(self, cp: Checkpoint) -> None:
@@ -436,19 +436,15 @@ class TunPair:
         policy). (A queue comes back fresh, from its settings: what the old one held was
         delivered.)"""
         self._require_relay()
-        while len(self._services) > cp.services:
+        while len(self._services) > cp._services:
             self._services.pop().close()
         for host in self._own_hosts:
-            since, spawned = cp.hosts.get(host.name, (set(), 0))
-            keeper = host.keeper
-            if len(keeper.spawned) > spawned:
-                keeper.stop_family(keeper.spawned[spawned:])
-            keeper.stop_leftovers(since=since)
-        kept = {hook for state in cp.directions.values() for hook in state.hooks}
+            host.restore(cp._hosts.get(host.name, (set(), 0)))
+        kept = {hook for state in cp._directions.values() for hook in state.hooks}
         for hook in {h for d in self._directions.values() for h in d.hooks} - kept:
             self.remove_hook(hook)
         for d, direction in self._directions.items():
-            state = cp.directions.get(d)
+            state = cp._directions.get(d)
             direction.restore(state if state is not None else _NOTHING)
         self._update_offload()
 
@@ -616,7 +612,9 @@ class TunPair:
         """netem-like impairments done in the relay, for one direction or both (``None``).
 
         ``params`` are the fields of ``ImpairmentSpec`` (table in docs/options.md): ``loss``,
-        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``seed``.
+        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``seed``,
+        and ``profile``: a named link (``"lte"``, ``"dsl"``, ...; docs/profiles.md) whose
+        values for each direction (a->b the uplink) the other parameters override.
         Probabilities are 0.0-1.0 (or ``"10%"``), ``delay``/``jitter`` seconds (or
         ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). A bad value raises
         :class:`~pytest_tunpair.OptionError`, an unknown name ``TypeError``. Each call
@@ -632,13 +630,17 @@ class TunPair:
         _check_direction(direction, "impair")
         self._require_relay()
         # Everything is checked before anything changes: a bad value leaves the pair as it was.
-        parsed = ImpairmentSpec.from_kwargs(**params)
+        # One spec per direction: a profile differs between uplink (a->b) and downlink.
+        specs = {d: ImpairmentSpec.from_kwargs(towards=d, **params) for d in _directions(direction)}
+        parsed = next(iter(specs.values()))
         random_seed = parsed.seed is None and self.options.seed is None
-        spec = replace(parsed, seed=parsed.seed if parsed.seed is not None else self.seed)
+        seed = parsed.seed if parsed.seed is not None else self.seed
+        specs = {d: replace(spec, seed=seed) for d, spec in specs.items()}
         # Offload off before the new engines see a packet; back on after if none needs it.
-        self._update_offload(busy=spec.active and spec.needs_segments)
+        busy = any(spec.active and spec.needs_segments for spec in specs.values())
+        self._update_offload(busy=busy)
         start = time.monotonic()  # a trace's millisecond 0, for the queue and the plot
-        for d in _directions(direction):
+        for d, spec in specs.items():
             self._directions[d].impair(spec, random_seed=random_seed, start=start)
         self._update_offload()
 
@@ -698,7 +700,7 @@ class TunPair:
         ``after`` seconds from now on, for ``duration`` seconds (None: until ended),
         recorded as ``"lost"``.
 
-        Returns the :class:`~pytest_tunpair._rules.Outage`, a context manager that ends
+        Returns the :class:`~pytest_tunpair.Outage`, a context manager that ends
         the outage on exit (``with tun_pair.outage(): ...``), with ``.end()``, its window
         (``start``, ``end_time``, in seconds since the pair came up, as
         ``Packet.arrival``) and ``dropped``. Durations are seconds or strings (``"500ms"``).
@@ -738,7 +740,7 @@ class TunPair:
         ``"unreachable"``). A packet no reply may answer (a reset for UDP) is dropped,
         recorded ``"dropped"``. ``times=None`` acts on every matching packet.
 
-        Returns the :class:`~pytest_tunpair._rules.Fault` with ``hits`` and ``remove()``.
+        Returns the :class:`~pytest_tunpair.Fault` with ``hits`` and ``remove()``.
         """
         from ._link.rules import Fault, check_fail, field_predicate
 
@@ -1061,20 +1063,20 @@ class TunPair:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What :meth:`TunPair.checkpoint` remembered: where the capture was, each direction's
-    hooks, rules and impairments, and the stats then."""
+    """What :meth:`TunPair.checkpoint` remembered: where the capture was and the stats then
+    (public), and, for :meth:`TunPair.restore`, each direction's hooks, rules and
+    impairments, the services and each own host's processes (private: a token)."""
 
     #: ``Packet.seq`` of the first packet after it.
     start: int
     #: Each direction's state, by name.
-    directions: dict[str, DirectionState]
+    _directions: dict[str, DirectionState]
     #: ``TunPair.stats`` then.
     stats: dict[str, dict[str, int]]
     #: Services (a ``dns()`` resolver) running then.
-    services: int = 0
-    #: For each host the pair made (b in hosts mode): who ran there, and how many
-    #: processes its ``spawn`` had started.
-    hosts: dict[str, tuple[set[tuple[int, int]], int]] = field(default_factory=dict)
+    _services: int = 0
+    #: For each host the pair made (b in hosts mode): ``Host.checkpoint()``.
+    _hosts: dict[str, tuple[set[tuple[int, int]], int]] = field(default_factory=dict)
 
 
 # A direction as a pair made during a test had it before: nothing on it.

@@ -74,23 +74,36 @@ class Host:
         return cls(name, ns, keeper, own=True)
 
     # -- ways in ---------------------------------------------------------------------------
-    @property
-    def netns(self) -> NetNamespace:
+    def _ns(self) -> NetNamespace:
         """The host's network namespace (``PairClosedError`` once the host is closed)."""
         if self._closed or not self._netns.active:
             raise PairClosedError(f"host {self.name} is closed: use it while the pair is open")
         return self._netns
 
-    @property
-    def keeper(self) -> Keeper:
-        """Spawns and stops the processes of this host's namespace."""
-        self.netns  # noqa: B018 - raises once closed
+    def _open_keeper(self) -> Keeper:
+        self._ns()  # raises once closed
         return self._keeper
+
+    def checkpoint(self) -> tuple[set[tuple[int, int]], int]:
+        """Who runs here now, and how many processes :meth:`spawn` started so far: what
+        :meth:`restore` stops the processes started after (one test of a longer-lived
+        pair)."""
+        keeper = self._open_keeper()
+        return keeper.snapshot(), len(keeper.spawned)
+
+    def restore(self, checkpoint: tuple[set[tuple[int, int]], int]) -> None:
+        """Stop what was started here since ``checkpoint``: spawned families quietly, other
+        processes by the leftover policy (may raise ``LeftoverProcessError``)."""
+        since, spawned = checkpoint
+        keeper = self._open_keeper()
+        if len(keeper.spawned) > spawned:
+            keeper.stop_family(keeper.spawned[spawned:])
+        keeper.stop_leftovers(since=since)
 
     @property
     def ns_path(self) -> str:
         """``nsenter --net=PATH`` enters this host's network namespace (while it is open)."""
-        return self.netns.path
+        return self._ns().path
 
     @property
     def pid(self) -> int:
@@ -106,13 +119,13 @@ class Host:
         """``fn(*args, **kwargs)`` inside this host: on the calling thread if it is there
         already, else on a short-lived thread that joins it (what ``fn`` forks or starts
         runs there too). Its result, or its exception, comes back to the caller."""
-        return run_in(self.netns, lambda: fn(*args, **kwargs))
+        return run_in(self._ns(), lambda: fn(*args, **kwargs))
 
     @contextmanager
     def entered(self) -> Iterator[Host]:
         """``with host.entered(): ...`` runs the block with the calling thread inside this
         host (sockets made there are this host's), and takes it back after."""
-        ns = self.netns
+        ns = self._ns()
         if ns.is_current():
             yield self
             return
@@ -132,17 +145,17 @@ class Host:
     ) -> subprocess.Popen[Any]:
         """Start ``args`` in this host; the same ``ready`` forms and teardown as
         ``TunPair.spawn`` (readiness is read from this host's socket tables)."""
-        return self.keeper.spawn(
+        return self._open_keeper().spawn(
             args,
             ready=ready,
             timeout=timeout,
-            run_inside=lambda fn: run_in(self.netns, fn),
+            run_inside=lambda fn: run_in(self._ns(), fn),
             **popen_kwargs,
         )
 
     def output(self, proc: subprocess.Popen[Any]) -> str:
         """What a process :meth:`spawn` started here wrote ("" if its output went elsewhere)."""
-        return self.keeper.output(proc)
+        return self._open_keeper().output(proc)
 
     def sysctl(self, name: str, value: str | int | None = None) -> str:
         """Read (``value=None``) or set a per-namespace sysctl of this host only, e.g.
