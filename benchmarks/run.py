@@ -112,6 +112,7 @@ SECTIONS = (
     "async",
     "profiles",
     "import",
+    "hosts",
 )
 IPERF_PORT = 5201
 GIB = 1 << 30
@@ -1124,6 +1125,91 @@ def bench_scenarios(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+def _hosts_tcp(hosts: bool, nat: bool, secs: float) -> float:
+    """iperf3 TCP a -> b (Gbit/s): the server in b's host, the client in a's."""
+    from pytest_tunpair import TunPair
+
+    with TunPair(hosts=hosts, ipv6=None) as pair:
+        if nat:
+            pair.nat()
+        b = pair.b.ip or ""
+        pair.b.spawn(["iperf3", "-s", "-B", b, "-p", str(IPERF_PORT)], ready=IPERF_PORT)
+        g = gbits(iperf_client(b, ["-t", str(secs)]))
+        pair.check()
+    return g
+
+
+def bench_hosts(rep: Report, a: argparse.Namespace) -> None:
+    """Hosts, NAT and DNS: what each costs (same-run ratios), and rebind_every's period."""
+    import socket as _socket
+
+    from pytest_tunpair import TunPair
+
+    secs = 1.0 if a.quick else 3.0
+    rounds = 1 if a.quick else 3
+    samples: dict[str, list[float]] = {"one namespace": [], "hosts": [], "hosts + nat": []}
+    for _ in range(rounds):  # interleaved: load from elsewhere hits all alike
+        samples["one namespace"].append(_hosts_tcp(False, False, secs))
+        samples["hosts"].append(_hosts_tcp(True, False, secs))
+        samples["hosts + nat"].append(_hosts_tcp(True, True, secs))
+    base = med(samples["one namespace"])
+    rep.raw["hosts"] = dict(samples)
+    rep.add("hosts", "TCP a->b, one namespace (offload on)", f"{base:.2f} Gbit/s")
+    for name in ("hosts", "hosts + nat"):
+        g = med(samples[name])
+        note = " (NAT: offload off, every packet parsed and rewritten)" if "nat" in name else ""
+        rep.add(
+            "hosts",
+            f"TCP a->b, {name}{note}",
+            f"{g:.2f} Gbit/s",
+            f"one namespace {base:.2f}",
+            f"{g / base:.2f}",
+        )
+
+    # rebind_every: the period configured against the one achieved under steady traffic.
+    period = 0.2
+    with TunPair(hosts=True, ipv6=None) as pair:
+        nat = pair.nat(rebind_every=period)
+        b = pair.b.ip or ""
+        with _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as tx:
+            start = time.monotonic()
+            end = start + (2.0 if a.quick else 6.0)
+            while time.monotonic() < end:
+                tx.sendto(b"tick", (b, 9))
+                time.sleep(0.005)
+            elapsed = time.monotonic() - start
+        rebinds = nat.rebinds
+        pair.check()
+    expected = int(elapsed / period)  # due at start + k * period, k = 1, 2, ...
+    rep.add(
+        "hosts",
+        f"nat(rebind_every={period}s): rebinds in {elapsed:.1f} s of 5 ms traffic",
+        f"{rebinds}",
+        f"configured {expected}",
+        f"{rebinds / max(expected, 1):.3f}",
+        "within 1",
+        abs(rebinds - expected) <= 1,
+    )
+
+    # A lookup through the test's resolver, across the relay (getaddrinfo, A and AAAA).
+    def lookups() -> list[float]:
+        with TunPair() as pair:
+            pair.dns({"api.test": "b"})
+            times = []
+            for _ in range(50 if a.quick else 300):
+                t0 = time.perf_counter()
+                _socket.getaddrinfo("api.test", 80, proto=_socket.IPPROTO_TCP)
+                times.append(time.perf_counter() - t0)
+            pair.check()
+        return times
+
+    from pytest_tunpair._kernel.disposable import run_in_disposable_thread
+    from pytest_tunpair._kernel.userns import thread_can_return
+
+    times = lookups() if thread_can_return() else run_in_disposable_thread(lookups, name="dns")
+    rep.add("hosts", "getaddrinfo through dns() (A + AAAA over the relay)", fmt_ms(med(times)))
+
+
 def _vm(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -1511,6 +1597,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "async": bench_async,
     "profiles": bench_profiles,
     "import": bench_import,
+    "hosts": bench_hosts,
 }
 
 NEEDS = {
@@ -1527,6 +1614,7 @@ NEEDS = {
     "async": [],
     "profiles": ["iperf3"],
     "import": ["valgrind"],
+    "hosts": ["iperf3"],
 }
 
 

@@ -31,20 +31,24 @@ if TYPE_CHECKING:
         TunPairError,
         UnexpectedPacket,
     )
-    from ._factory import TunPairFactory
+    from ._factory import FactoryCheckpoint, TunPairFactory
+    from ._kernel.host import Host
     from ._kernel.netns import Visit
+    from ._kernel.resolver import DnsQuery, Resolver
     from ._kernel.sockets import SocketInfo
     from ._link.endpoint import Endpoint
     from ._link.gemodel import GilbertElliott, GilbertElliottChain
     from ._link.hooks import Hook
+    from ._link.nat import Nat, NatMapping, NatTranslation
     from ._link.rules import Fault, Outage, PathMtu
     from ._options import PairOptions
     from ._packets.capture import Capture
     from ._packets.flows import Flow
     from ._packets.match import PacketSource, expect, expect_none, expect_sequence
     from ._packets.packet import GsoInfo, Packet
-    from ._pair import TunPair
+    from ._pair import Checkpoint, TunPair
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
+    from ._topology import Topology
     from ._wire.tcp import TcpOptions
 
 __version__ = "0.1.0"
@@ -85,8 +89,17 @@ _WHERE = {
     "PairOptions": "._options",
     "Endpoint": "._link.endpoint",
     "TunPair": "._pair",
+    "Checkpoint": "._pair",
+    "FactoryCheckpoint": "._factory",
+    "Topology": "._topology",
     "TunPairFactory": "._factory",
     "Hook": "._link.hooks",
+    "Host": "._kernel.host",
+    "DnsQuery": "._kernel.resolver",
+    "Resolver": "._kernel.resolver",
+    "Nat": "._link.nat",
+    "NatMapping": "._link.nat",
+    "NatTranslation": "._link.nat",
     "ScriptedPeer": "._peer.peer",
     "ScriptedTcp": "._peer.peer",
     "ScriptedUdp": "._peer.peer",
@@ -96,7 +109,10 @@ _WHERE = {
 __all__ = [
     "BlockingWaitError",
     "Capture",
+    "Checkpoint",
+    "DnsQuery",
     "Endpoint",
+    "FactoryCheckpoint",
     "Fault",
     "Flow",
     "GilbertElliott",
@@ -104,11 +120,15 @@ __all__ = [
     "GsoInfo",
     "Hook",
     "HookError",
+    "Host",
     "LeftoverProcessError",
     "LeftoverProcessWarning",
     "LeftoverThreadError",
     "LeftoverThreadWarning",
     "NamespaceError",
+    "Nat",
+    "NatMapping",
+    "NatTranslation",
     "OptionError",
     "Outage",
     "Packet",
@@ -118,6 +138,7 @@ __all__ = [
     "PairOptions",
     "PathMtu",
     "PrivilegeError",
+    "Resolver",
     "ScriptedPeer",
     "ScriptedTcp",
     "ScriptedUdp",
@@ -126,6 +147,7 @@ __all__ = [
     "TcpOptions",
     "ThreadNamespaceWarning",
     "ThreadNotStopped",
+    "Topology",
     "TunDeviceError",
     "TunPair",
     "TunPairError",

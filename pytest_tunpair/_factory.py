@@ -7,17 +7,22 @@ what each test added (:meth:`TunPairFactory.begin`) and undoes it (:meth:`~TunPa
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._errors import LeftoverProcessError, NamespaceError
+from ._errors import LeftoverProcessError, NamespaceError, OptionError
 from ._kernel.netns import NetNamespace, Visit
+
+if TYPE_CHECKING:
+    from ._kernel.host import Host
 from ._kernel.procs import Keeper
 from ._options import PairOptions
 from ._pair import Checkpoint, TunPair, new_seed, prepare_namespace, run_in
+from ._topology import Topology
 
 T = TypeVar("T")
 
@@ -26,11 +31,12 @@ __all__ = ["FactoryCheckpoint", "TunPairFactory"]
 
 @dataclass(frozen=True)
 class FactoryCheckpoint:
-    """What :meth:`TunPairFactory.begin` remembered for one test."""
+    """What :meth:`TunPairFactory.begin` remembered for one test: a token for
+    :meth:`~TunPairFactory.end` and :meth:`~TunPairFactory.slices` (its fields are private)."""
 
-    pairs: dict[int, Checkpoint]
-    processes: set[tuple[int, int]]
-    spawned: int
+    _pairs: dict[int, Checkpoint]
+    _processes: set[tuple[int, int]]
+    _spawned: int
 
 
 class TunPairFactory:
@@ -59,6 +65,8 @@ class TunPairFactory:
         processes not started by ``spawn``: ``kill``, ``warn`` or ``fail``)."""
         self.leftovers = leftovers
         """What teardown does with processes ``spawn`` did not start: ``kill``, ``warn`` or ``fail``."""
+        self.topologies: list[Topology] = []
+        """The topologies made so far (their links are in :attr:`pairs` too)."""
         self.random_seed = new_seed()
         """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
         self._thread = threading.get_ident()
@@ -109,14 +117,14 @@ class TunPairFactory:
         may raise :class:`LeftoverProcessError`)."""
         for pair in self.pairs:
             pair.settle(pair.options.drain)
-        if self.keeper is not None and len(self.keeper.spawned) > cp.spawned:
-            self.keeper.stop_family(self.keeper.spawned[cp.spawned :])
+        if self.keeper is not None and len(self.keeper.spawned) > cp._spawned:
+            self.keeper.stop_family(self.keeper.spawned[cp._spawned :])
         for pair in self.pairs:
-            pair_cp = cp.pairs.get(id(pair))
+            pair_cp = cp._pairs.get(id(pair))
             # A pair made during the test goes back to nothing on the wire.
             pair.restore(pair_cp if pair_cp is not None else Checkpoint(0, {}, {}))
         if self.keeper is not None:
-            self.keeper.stop_leftovers(since=cp.processes)
+            self.keeper.stop_leftovers(since=cp._processes)
 
     def slices(
         self, cp: FactoryCheckpoint | None
@@ -124,7 +132,7 @@ class TunPairFactory:
         """Each pair with where the test ``cp`` began: (pair, first seq, stats then)."""
         out: list[tuple[TunPair, int, dict[str, dict[str, int]]]] = []
         for pair in self.pairs:
-            pair_cp = None if cp is None else cp.pairs.get(id(pair))
+            pair_cp = None if cp is None else cp._pairs.get(id(pair))
             if pair_cp is None:
                 out.append((pair, 0, {}))
             else:
@@ -134,7 +142,13 @@ class TunPairFactory:
     def __call__(self, **options: Any) -> TunPair:
         return self.make(options, source=self.source)
 
-    def make(self, options: Mapping[str, Any], *, source: str) -> TunPair:
+    def make(
+        self,
+        options: Mapping[str, Any],
+        *,
+        source: str,
+        _hosts: tuple[Host, Host] | None = None,
+    ) -> TunPair:
         """``factory(**options)``, with the name option errors give the caller (``source``)."""
         if self.netns is None:
             self.open()
@@ -142,10 +156,62 @@ class TunPairFactory:
         opts = PairOptions.from_kwargs({**self.defaults, **options}, source=source, index=index)
         # One random seed per factory (per test): replaying it with --tunpair-seed then
         # reproduces every pair of the test, not just one.
-        pair = TunPair(opts, netns=self.netns, _keeper=self.keeper, _random_seed=self.random_seed)
+        pair = TunPair(
+            opts,
+            netns=self.netns,
+            _keeper=self.keeper,
+            _random_seed=self.random_seed,
+            _hosts=_hosts,
+        )
         pair.open(_index=index)
         self.pairs.append(pair)
         return pair
+
+    # -- topologies -----------------------------------------------------------------------------
+    def topology(
+        self,
+        links: Sequence[tuple[str, str]],
+        *,
+        routers: Sequence[str] = (),
+        **options: Any,
+    ) -> Topology:
+        """Hosts joined by links, each link a pair of its own (``options`` are every
+        link's, as for ``factory(**options)``): ``topology([("client", "router"),
+        ("router", "server")], routers=["router"])``. Every host gets routes to every
+        address of the topology; only ``routers`` forward (with the kernel: TTL and ICMP as
+        any router). Returns the :class:`~pytest_tunpair.Topology`; its links are also in
+        :attr:`pairs`, so reports show each one."""
+        if self.netns is None:
+            self.open()
+        topo = Topology.build(
+            self, links, routers=routers, options=options, source=f"{self.source}.topology()"
+        )
+        self.topologies.append(topo)
+        return topo
+
+    def star(
+        self, clients: int = 3, *, server: str = "server", client: str = "client", **options: Any
+    ) -> Topology:
+        """``clients`` hosts (``client1``, ``client2``, ...) each with a link of its own to
+        one ``server`` host: ``star(3).link("client2", "server").impair(loss=0.1)``."""
+        if isinstance(clients, bool) or not isinstance(clients, int) or not 1 <= clients <= 60:
+            raise OptionError(
+                "clients", clients, source=f"{self.source}.star()", reason="a number from 1 to 60"
+            )
+        links = [(f"{client}{i}", server) for i in range(1, clients + 1)]
+        return self.topology(links, **options)
+
+    def chain(self, *names: str, **options: Any) -> Topology:
+        """Hosts in a line, each forwarding to the next: ``chain()`` is ``client`` --
+        ``router`` -- ``server``; ``chain("a", "r1", "r2", "b")`` has two routers (every
+        host but the two ends forwards)."""
+        hosts = names or ("client", "router", "server")
+        if len(hosts) < 2:
+            raise OptionError(
+                "names", hosts, source=f"{self.source}.chain()", reason="give at least two hosts"
+            )
+        links = list(itertools.pairwise(hosts))
+        return self.topology(links, routers=hosts[1:-1], **options)
 
     @property
     def netns_path(self) -> str:
@@ -189,6 +255,11 @@ class TunPairFactory:
         for pair in reversed(self.pairs):
             try:
                 pair.close(drain=False)
+            except BaseException as exc:
+                errors.append(exc)
+        for topo in reversed(self.topologies):
+            try:
+                topo.close()  # the hosts, once their links' devices are closed
             except BaseException as exc:
                 errors.append(exc)
         if self.netns is not None and self.netns.active:

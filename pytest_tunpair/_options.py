@@ -154,6 +154,13 @@ class PairOptions:
         none_flag="--no-ipv6",
         default_doc="('2001:2::1', '2001:2::2'); the n-th pair: 2001:2::2n+1, ::2n+2",
     )
+    hosts: bool = option(
+        False,
+        Bool(),
+        "each end its own host: b's device in a network namespace of its own (a stays in "
+        "the pair's, with the test), plain point-to-point routes instead of the routing "
+        "recipe",
+    )
     mtu: int = option(1500, Int(68, 65535), "MTU of both devices (IPv6 needs at least 1280)")
     table: int = option(
         13,

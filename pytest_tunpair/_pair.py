@@ -16,8 +16,8 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,7 +31,8 @@ from ._errors import (
 from ._kernel import linux as _linux
 from ._kernel import routing as _routing
 from ._kernel.device import DeviceCounters, TunDevice
-from ._kernel.netns import NetNamespace
+from ._kernel.host import Host
+from ._kernel.netns import NetNamespace, run_in
 from ._kernel.procs import Keeper
 from ._link.control import Direction, DirectionState
 from ._link.counters import Stats
@@ -45,8 +46,10 @@ from ._packets.packet import DIRECTIONS, Packet
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
+    from ._kernel.resolver import Resolver
     from ._kernel.sockets import SocketInfo
     from ._link.link import Divert, Rule
+    from ._link.nat import Nat
     from ._link.rules import Fault, Outage, PathMtu
     from ._peer.peer import ScriptedPeer
 
@@ -54,7 +57,7 @@ T = TypeVar("T")
 # How often settle() looks at the devices' queues once the relay holds nothing.
 _SETTLE_POLL = 0.002
 
-__all__ = ["Checkpoint", "TunPair"]
+__all__ = ["Checkpoint", "TunPair", "run_in"]
 
 
 def prepare_namespace(ns: NetNamespace) -> None:
@@ -89,6 +92,7 @@ class TunPair:
         netns: NetNamespace | None = None,
         _keeper: Keeper | None = None,
         _random_seed: int | None = None,
+        _hosts: tuple[Host, Host] | None = None,
         **kwargs: Any,
     ) -> None:
         if options is not None and kwargs:
@@ -122,14 +126,24 @@ class TunPair:
         self._directions: dict[str, Direction] = {}
         self._random_seed = _random_seed  # a factory shares one across its pairs
         self._peers: list[ScriptedPeer] = []  # every peer scripted so far, open or closed
-        self._device_counters: DeviceCounters | None = None
-        self._device_drops: dict[str, int] = {}
+        # One per device, opened inside the device's namespace (the same one twice when
+        # both share the pair's); after close, their last word.
+        self._device_counters: list[DeviceCounters] = []
+        self._device_drops: list[int] = []
+        # A topology's hosts for ends a and b (it owns them), or None: by the hosts option.
+        self._given_hosts = _hosts
+        # Hosts this pair made (host b in hosts mode): closed with it.
+        self._own_hosts: list[Host] = []
+        # Resolvers dns() started, newest last: stopped with the pair (or at restore()).
+        self._services: list[Any] = []
         # The namespace owner's: ours (made in open()), or the factory's.
         self._keeper = _keeper
         self.test_start = 0
         """Sequence number (``Packet.seq``) of the first packet of the current test:
         ``packets.since(tun_pair.test_start)`` is the test's part. 0 for a pair made for one
         test; module and session pairs move it at the start of each test."""
+        self.label: str | None = None
+        """A name for reports: a topology's link is ``"client1<->server"``."""
         self._closed = False
         self._executors: list[ThreadPoolExecutor] = []  # executor(): shut down at teardown
 
@@ -154,14 +168,8 @@ class TunPair:
                 raise NamespaceError(
                     "IPv6 is disabled in this kernel (ipv6.disable=1): pass ipv6=None"
                 )
-            vnet = o.offload
-            dev_a = TunDevice(o.names[0], mode=o.mode, vnet_hdr=vnet)
-            self._devices.append(dev_a)
-            dev_b = TunDevice(o.names[1], mode=o.mode, vnet_hdr=vnet)
-            self._devices.append(dev_b)
-            if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
-                for d in self._devices:
-                    ns.write_sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
+            assert self._keeper is not None
+            host_a, host_b = self._place(Host("pair", ns, self._keeper, own=False))
             macs: tuple[str | None, str | None] = (None, None)
             if o.mode == "tap":
                 # Stable, so captures and pcaps compare across runs: 02 = locally
@@ -172,21 +180,21 @@ class TunPair:
                 )
             v4 = o.ipv4 or (None, None)
             v6 = o.ipv6 or (None, None)
-            sides = [
-                _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
-                _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
-            ]
-            self.steps = _routing.apply_recipe(
-                sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen
-            )
+            if host_a is host_b:
+                dev_a, dev_b = self._one_namespace(macs, v4, v6)
+            else:
+                dev_a, dev_b = self._separate_hosts((host_a, host_b), macs, v4, v6)
             for d in self._devices:
                 d.set_offload(o.offload)
-            self._device_counters = DeviceCounters()  # opened here, inside the namespace
             self.packets.t0 = time.monotonic()
             self.packets.wall_t0 = time.time()
             relay = self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
-            self.a = Endpoint(relay, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a")
-            self.b = Endpoint(relay, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b")
+            self.a = Endpoint(
+                relay, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a", host=host_a
+            )
+            self.b = Endpoint(
+                relay, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b", host=host_b
+            )
             self._directions = {
                 d: Direction(
                     d, relay, tap=o.mode == "tap", vnet_len=dev_a.hdr_len, t0=self.packets.t0
@@ -198,6 +206,75 @@ class TunPair:
             self._teardown()
             raise
         return self
+
+    def _place(self, here: Host) -> tuple[Host, Host]:
+        """The hosts of ends a and b: given (a topology's), or by the ``hosts`` option: b in
+        a fresh host of its own and a in the pair's namespace, or both in the pair's."""
+        if self._given_hosts is not None:
+            return self._given_hosts
+        if not self.options.hosts:
+            return here, here
+        here.name = "a"
+        b = Host.new("b", leftovers=self._keeper.leftovers if self._keeper else "warn")
+        self._own_hosts.append(b)
+        return here, b
+
+    def _one_namespace(
+        self,
+        macs: tuple[str | None, str | None],
+        v4: tuple[str | None, str | None],
+        v6: tuple[str | None, str | None],
+    ) -> tuple[TunDevice, TunDevice]:
+        """Both devices in the pair's namespace, routed with the seed's recipe."""
+        o = self.options
+        ns = self._netns
+        assert ns is not None
+        dev_a = TunDevice(o.names[0], mode=o.mode, vnet_hdr=o.offload)
+        self._devices.append(dev_a)
+        dev_b = TunDevice(o.names[1], mode=o.mode, vnet_hdr=o.offload)
+        self._devices.append(dev_b)
+        if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
+            for d in self._devices:
+                ns.write_sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
+        sides = [
+            _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
+            _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
+        ]
+        self.steps = _routing.apply_recipe(sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen)
+        counters = DeviceCounters()  # opened here, inside the namespace
+        self._device_counters = [counters, counters]
+        return dev_a, dev_b
+
+    def _separate_hosts(
+        self,
+        hosts: tuple[Host, Host],
+        macs: tuple[str | None, str | None],
+        v4: tuple[str | None, str | None],
+        v6: tuple[str | None, str | None],
+    ) -> tuple[TunDevice, TunDevice]:
+        """Each device made and configured inside its own host: ordinary point-to-point
+        addresses and routes, no recipe (docs/internals.md, "Hosts: ordinary point-to-point
+        routes"). The relay holds both fds from wherever it runs."""
+        o = self.options
+        peers = ((0, 1), (1, 0))
+        for (me, other), host in zip(peers, hosts, strict=True):
+
+            def make(me: int = me, other: int = other, host: Host = host) -> None:
+                dev = TunDevice(o.names[me], mode=o.mode, vnet_hdr=o.offload)
+                self._devices.append(dev)
+                if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
+                    host.sysctl(f"net/ipv6/conf/{dev.name}/disable_ipv6", 1)
+                side = _routing.Side(
+                    dev.name, dev.index, v4[me], v4[other], v6[me], v6[other], macs[me]
+                )
+                self.steps += [
+                    f"[host {host.name}] {step}"
+                    for step in _routing.apply_hosts(side, mtu=o.mtu, txqueuelen=o.txqueuelen)
+                ]
+                self._device_counters.append(DeviceCounters())  # inside this host
+
+            host.run(make)
+        return self._devices[0], self._devices[1]
 
     def close(self, *, drain: bool = True) -> None:
         """Deliver what the relay still holds (up to the ``drain`` option's seconds), stop
@@ -221,9 +298,18 @@ class TunPair:
         if drain and self._relay is not None:
             self._settle(self.options.drain)
         leftover: list[BaseException] = []
-        if self._own_netns and self._keeper is not None:
+        for service in reversed(self._services):
             try:
-                self._keeper.close()
+                service.close()
+            except BaseException as exc:
+                errors.append(exc)
+        self._services.clear()
+        keepers = [h.stop for h in self._own_hosts]
+        if self._own_netns and self._keeper is not None:
+            keepers.insert(0, self._keeper.close)
+        for stop in keepers:
+            try:
+                stop()
             except LeftoverProcessError as exc:
                 leftover.append(exc)
         for peer in self._peers:
@@ -234,14 +320,23 @@ class TunPair:
         if self._relay is not None:
             self._relay.stop()
             errors.extend(self._relay.take_errors())
-        if self._device_counters is not None:
-            # The last word, for stats read after close (a failure report); the open file
-            # holds the namespace, so it goes before the namespace does.
-            self._device_drops = self._device_counters.tx_dropped()
-            self._device_counters.close()
-            self._device_counters = None
+        if self._device_counters:
+            # The last word, for stats read after close (a failure report); the open files
+            # hold the namespaces, so they go before the namespaces do.
+            self._device_drops = [
+                c.tx_dropped().get(d.name, 0)
+                for c, d in zip(self._device_counters, self._devices, strict=False)
+            ]
+            for c in self._device_counters:
+                c.close()
+            self._device_counters = []
         for d in reversed(self._devices):
             d.close()
+        for host in reversed(self._own_hosts):
+            try:
+                host.close()
+            except BaseException as exc:
+                errors.append(exc)
         if self._own_netns and self._netns is not None and self._netns.active:
             self._netns.exit()
         return errors + leftover
@@ -376,20 +471,28 @@ class TunPair:
         self._require_relay()
         return Checkpoint(
             start=self.packets.mark(),
-            directions={d: direction.checkpoint() for d, direction in self._directions.items()},
+            _directions={d: direction.checkpoint() for d, direction in self._directions.items()},
             stats=self.stats,
+            _services=len(self._services),
+            _hosts={h.name: h.checkpoint() for h in self._own_hosts},
         )
 
     def restore(self, cp: Checkpoint) -> None:
         """Remove the hooks, rules and impairments added since ``cp``; put back those it
-        had. (A queue comes back fresh, from its settings: what the old one held was
+        had; stop a resolver started since, and what was started since in a host of the
+        pair's own (b in hosts mode; may raise ``LeftoverProcessError`` by the leftover
+        policy). (A queue comes back fresh, from its settings: what the old one held was
         delivered.)"""
         self._require_relay()
-        kept = {hook for state in cp.directions.values() for hook in state.hooks}
+        while len(self._services) > cp._services:
+            self._services.pop().close()
+        for host in self._own_hosts:
+            host.restore(cp._hosts.get(host.name, (set(), 0)))
+        kept = {hook for state in cp._directions.values() for hook in state.hooks}
         for hook in {h for d in self._directions.values() for h in d.hooks} - kept:
             self.remove_hook(hook)
         for d, direction in self._directions.items():
-            state = cp.directions.get(d)
+            state = cp._directions.get(d)
             direction.restore(state if state is not None else _NOTHING)
         self._update_offload()
 
@@ -426,12 +529,17 @@ class TunPair:
         """
         stats = self._stats.as_dict()
         relay = self._relay
-        counters = self._device_counters
-        drops = counters.tx_dropped() if counters is not None else self._device_drops
-        for direction, dev in zip(DIRECTIONS, self._devices, strict=False):
+        if self._device_counters:
+            drops = [
+                c.tx_dropped().get(d.name, 0)
+                for c, d in zip(self._device_counters, self._devices, strict=False)
+            ]
+        else:
+            drops = self._device_drops
+        for i, direction in enumerate(DIRECTIONS):
             entry = stats[direction]
             entry["queued"] = relay.queued(direction) if relay is not None else 0
-            entry["device_dropped"] = drops.get(dev.name, 0)
+            entry["device_dropped"] = drops[i] if i < len(drops) else 0
         return stats
 
     @property
@@ -743,6 +851,180 @@ class TunPair:
         self._add_rule(rule, dirs)
         return rule
 
+    def nat(
+        self,
+        *,
+        mapping: str = "endpoint-independent",
+        filtering: str = "address-and-port-dependent",
+        public: str = "198.18.1.1",
+        port_range: tuple[int, int] = (1024, 65535),
+        timeout: float | str = 120.0,
+        tcp_timeout: float | str = 7440.0,
+        rebind_every: float | str | None = None,
+        rebind_address: bool = False,
+    ) -> Nat:
+        """Put a NAT on the link, end a inside, end b outside (RFC 4787 behaviours).
+
+        Packets from a's IPv4 address get their source rewritten to ``public`` and a port
+        chosen by ``mapping`` (``"endpoint-independent"``, ``"address-dependent"``,
+        ``"address-and-port-dependent"``; the inside port is kept when free and in
+        ``port_range``); b's answers are translated back if ``filtering`` (same three
+        words) lets them in, else dropped (recorded ``"filtered"``), as is anything sent to
+        a's address itself. TCP, UDP and ICMP echo are mapped, ICMP errors translated with
+        the packet they quote; checksums are updated. Mappings expire after ``timeout``
+        idle seconds (TCP: ``tcp_timeout``), refreshed by outbound packets.
+        ``rebind_every`` re-maps everything periodically (:meth:`Nat.rebind` by hand),
+        moving to the next address of a ``public`` pool (``"198.18.1.0/29"``) too with
+        ``rebind_address=True``.
+
+        Each rewritten packet is recorded ``"rewritten"`` (as it came) and followed by its
+        translated copy. b's host gets a route to the ``public`` addresses through b's
+        device (in hosts mode and not). IPv6 passes untranslated. Offload is off while a
+        NAT is on. Returns the :class:`~pytest_tunpair.Nat` (``remove()``, or ``with``).
+        """
+        import ipaddress
+
+        from ._link.nat import Nat, check_nat
+
+        args = check_nat(mapping, filtering, public, port_range, timeout, tcp_timeout, rebind_every)
+        self._require_relay()
+        if self.a.ip is None or self.b.ip is None:
+            raise OptionError(
+                "ipv4",
+                None,
+                source="nat()",
+                reason="the NAT translates IPv4 (NAT44): open the pair with IPv4 addresses",
+            )
+        self._prune_rules()
+        for direction in self._directions.values():
+            if direction.of_type(Nat) is not None:
+                raise TunPairError(
+                    "a NAT is on the link already: remove() it first (or leave its with block)"
+                )
+        net = ipaddress.ip_network(str(public), strict=False)
+        inside = ipaddress.ip_address(self.a.ip)
+        if inside in net or ipaddress.ip_address(self.b.ip) in net:
+            raise OptionError(
+                "public",
+                public,
+                source="nat()",
+                reason=f"the pool holds an end's own address ({self.a.ip} or {self.b.ip}): "
+                "pick other addresses, e.g. '198.18.1.1'",
+            )
+        b = self.b
+        # The outside addresses live behind b's device, as a NAT's public side would.
+        route = _routing.Route(str(net), b.name, b.index, via=self.a.ip)
+        self.steps += [f"[host {b.host.name}] {s}" for s in b.run(_routing.add_routes, (route,))]
+        nat = Nat(
+            inside=(self.a.ip,),
+            mapping=args["mapping"],
+            filtering=args["filtering"],
+            public=args["public"],
+            port_range=args["port_range"],
+            timeout=args["timeout"],
+            tcp_timeout=args["tcp_timeout"],
+            rebind_every=args["rebind_every"],
+            rebind_address=bool(rebind_address),
+            start=time.monotonic(),
+            on_remove=self._drop_rule,
+        )
+        self._add_rule(nat, DIRECTIONS)
+        return nat
+
+    def dns(
+        self,
+        records: Mapping[str, str | Sequence[str]] | None = None,
+        *,
+        fail: str | Mapping[str, str] | None = None,
+        ttl: int = 60,
+        timeout: int = 1,
+        attempts: int = 2,
+    ) -> Resolver:
+        """A DNS server the test owns, on end b's address (port 53, UDP and TCP, in b's
+        host), and a ``/etc/resolv.conf`` naming it for the calling thread and what it
+        starts from now on: ``socket.getaddrinfo``, ``dig``, dnspython and c-ares resolve
+        through it, across the tunnel (the queries are in the capture). The host's
+        ``resolv.conf`` is not touched: the thread gets a mount namespace of its own with
+        the file bind-mounted (docs/internals.md, "A mount namespace per thread: the test's
+        resolv.conf"), until the pair closes.
+
+        ``records`` maps names to ``"a"``/``"b"`` (that end's addresses: A and AAAA),
+        addresses, or lists of them; other names get NXDOMAIN. ``fail`` makes every query
+        (a word) or those for some names (``{"api.test": "servfail"}``) fail: ``"timeout"``,
+        ``"servfail"``, ``"nxdomain"``, ``"refused"``, ``"truncate"``;
+        :meth:`Resolver.fail` adds failures for a number of queries. ``ttl`` is the
+        records' TTL; ``timeout`` (whole seconds) and ``attempts`` go to ``resolv.conf``'s
+        options (glibc's defaults, 5 and 2, would make a timeout take 10 s). Call it from
+        the test's thread; threads and resolvers made before it (a dnspython default
+        resolver, a thread pool) keep the host's file.
+        """
+        from ._kernel.mountns import private_files
+        from ._kernel.resolver import Resolver, check_failure, open_sockets
+
+        self._require_relay()
+        for what, number in (("ttl", ttl), ("timeout", timeout), ("attempts", attempts)):
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, int)
+                or number < (0 if what == "ttl" else 1)
+            ):
+                raise OptionError(what, number, source="dns()", reason="a whole number >= 1")
+        table: dict[str, list[str]] = {}
+        for record, value in (records or {}).items():
+            table[record] = self._addresses(value, f"dns() record {record!r}")
+        failures: list[tuple[str, str | None]] = []
+        if isinstance(fail, str):
+            failures.append((check_failure(fail, "dns()"), None))
+        elif fail is not None:
+            failures += [(check_failure(how, "dns()"), key) for key, how in fail.items()]
+        if any(isinstance(x, Resolver) for x in self._services):
+            raise TunPairError(
+                "dns() is running already: change its records or call its fail() instead"
+            )
+        b = self.b
+        listen = [x for x in (b.ip, b.ip6) if x]
+        socks = b.run(open_sockets, listen)
+        resolver = Resolver(table, sockets=socks, address=listen[0], ttl=ttl)
+        try:
+            for how, key in failures:
+                resolver.fail(how, name=key)
+            files = {
+                "/etc/resolv.conf": (
+                    "# pytest-tunpair: the test's own resolver (tun_pair.dns()), in a mount\n"
+                    "# namespace of the test's thread; the host's file is unchanged.\n"
+                    f"nameserver {listen[0]}\n"
+                    f"options timeout:{timeout} attempts:{attempts}\n"
+                )
+            }
+            nsswitch = _nsswitch_hosts_dns()
+            if nsswitch is not None:
+                files["/etc/nsswitch.conf"] = nsswitch
+            resolver._view = private_files(files)
+        except BaseException:
+            resolver.close()
+            raise
+        self._services.append(resolver)
+        return resolver
+
+    def _addresses(self, value: str | Sequence[str], source: str) -> list[str]:
+        """``"a"``/``"b"`` (that end's addresses), an address, or a list of those."""
+        import ipaddress
+
+        items = [value] if isinstance(value, str) else list(value)
+        out: list[str] = []
+        for item in items:
+            if item in ("a", "b"):
+                end = self.a if item == "a" else self.b
+                out += [x for x in (end.ip, end.ip6) if x]
+                continue
+            try:
+                out.append(str(ipaddress.ip_address(str(item))))
+            except ValueError:
+                raise OptionError(
+                    "records", item, source=source, reason="use 'a', 'b', an address or a list"
+                ) from None
+        return out
+
     def _add_rule(self, rule: Rule, dirs: tuple[str, ...]) -> None:
         self._update_offload(busy=True)  # wire-sized packets before the rule sees one
         for d in dirs:
@@ -803,7 +1085,16 @@ class TunPair:
             f"{self.a.name}={self.a.ip or ''}{'/' + self.a.ip6 if self.a.ip6 else ''}",
             f"{self.b.name}={self.b.ip or ''}{'/' + self.b.ip6 if self.b.ip6 else ''}",
         ]
-        lines = [f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"]
+        if self.a.host is self.b.host:
+            lines = [f"{o.mode} pair {' <-> '.join(parts)} mtu={o.mtu} table={o.table}"]
+        else:
+            ha, hb = self.a.host.name, self.b.host.name
+            name = f"{self.label} " if self.label else ""
+            lines = [
+                f"{o.mode} link {name}{ha}:{parts[0]} <-> {hb}:{parts[1]} mtu={o.mtu} "
+                f"(a->b is {ha}->{hb}, b->a is {hb}->{ha}; each end its own host)"
+            ]
+        lines.extend(s.describe() for s in self._services)
         for direction in self._directions.values():
             lines.extend(direction.describe(replay))
         lines.extend(peer.describe() for peer in self._peers)
@@ -820,38 +1111,43 @@ class TunPair:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What :meth:`TunPair.checkpoint` remembered: where the capture was, each direction's
-    hooks, rules and impairments, and the stats then."""
+    """What :meth:`TunPair.checkpoint` remembered: where the capture was and the stats then
+    (public), and, for :meth:`TunPair.restore`, each direction's hooks, rules and
+    impairments, the services and each own host's processes (private: a token)."""
 
     #: ``Packet.seq`` of the first packet after it.
     start: int
     #: Each direction's state, by name.
-    directions: dict[str, DirectionState]
+    _directions: dict[str, DirectionState]
     #: ``TunPair.stats`` then.
     stats: dict[str, dict[str, int]]
+    #: Services (a ``dns()`` resolver) running then.
+    _services: int = 0
+    #: For each host the pair made (b in hosts mode): ``Host.checkpoint()``.
+    _hosts: dict[str, tuple[set[tuple[int, int]], int]] = field(default_factory=dict)
 
 
 # A direction as a pair made during a test had it before: nothing on it.
 _NOTHING = DirectionState(hooks=(), rules=(), spec=None, random_seed=False, engine=None)
 
 
-def run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
-    """``fn()`` with the calling thread inside ``ns``: here if it is in already, else on a
-    short-lived thread that joins it (so what ``fn`` forks starts in the namespace)."""
-    if ns is None or not ns.active:
-        raise NamespaceError("the pair is not open")
-    if ns.is_current():
-        return fn()
-    from ._kernel.disposable import run_in_disposable_thread
-
-    def joined() -> T:
-        visit = ns.join()
-        try:
-            return fn()
-        finally:
-            visit.leave()
-
-    return run_in_disposable_thread(joined, name="tunpair-spawn")
+def _nsswitch_hosts_dns() -> str | None:
+    """``/etc/nsswitch.conf`` with ``hosts: files dns``, when the host's asks someone
+    other than the resolver ``resolv.conf`` names (systemd-resolved's ``resolve``, mDNS)
+    before ``dns``; ``None`` when it is fine as it is."""
+    try:
+        with open("/etc/nsswitch.conf") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    changed = False
+    for i, line in enumerate(lines):
+        words = line.split("#", 1)[0].split()
+        if words and words[0] == "hosts:":
+            if words[1:] != ["files", "dns"]:
+                lines[i] = "hosts: files dns"
+                changed = True
+    return "\n".join(lines) + "\n" if changed else None
 
 
 def new_seed() -> int:

@@ -49,6 +49,7 @@ LEVELS: dict[str, int] = {
     # 6 pair: TunPair and its factory.
     "_pair": 6,
     "_factory": 6,
+    "_topology": 6,
     # 7 front: pytest, the command line, the docs' tables; the package's public names.
     "plugin": 7,
     "_plugin": 7,

@@ -16,14 +16,18 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from types import TracebackType
+from typing import TypeVar
 
 from .._errors import NamespaceError, PrivilegeError
 from . import disposable as _disposable
 from . import linux as _linux
 from . import userns as _userns
 
-__all__ = ["NetNamespace", "Visit", "current_netns_inode"]
+__all__ = ["NetNamespace", "Visit", "current_netns_inode", "new_namespace", "run_in"]
+
+T = TypeVar("T")
 
 
 def current_netns_inode() -> int:
@@ -263,3 +267,59 @@ class Visit:
                 ) from exc
         finally:
             os.close(orig)
+
+
+def new_namespace() -> NetNamespace:
+    """A fresh network namespace that no thread stays in: held by our fd alone, as a
+    detached one (:meth:`NetNamespace.detach`). Threads :meth:`~NetNamespace.join` and
+    leave it; :meth:`~NetNamespace.exit` drops it.
+
+    A short-lived thread makes it with ``unshare(CLONE_NEWNET)``, opens it and ends inside
+    it, so no thread has to come back (which, in a user namespace the process entered by
+    itself, only works between namespaces this process made: docs/internals.md, "Daemons:
+    joining a namespace the process made"). The calling thread stays where it is.
+    """
+    made: list[int] = []
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            _linux.unshare(_linux.CLONE_NEWNET)
+            made.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        except BaseException as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=make, name="tunpair-new-netns", daemon=True)
+    t.start()
+    t.join()
+    if failed:
+        exc = failed[0]
+        if isinstance(exc, OSError) and exc.errno in (errno.EPERM, errno.EACCES):
+            raise PrivilegeError(
+                f"cannot create a network namespace for a host ({exc.strerror}): run as "
+                "root, or let pytest-tunpair enter a user namespace (it does when unprivileged)"
+            ) from exc
+        raise NamespaceError(f"cannot create a network namespace for a host: {exc}") from exc
+    ns = NetNamespace()
+    ns._fd = made[0]
+    ns.inode = os.fstat(made[0]).st_ino
+    return ns
+
+
+def run_in(ns: NetNamespace | None, fn: Callable[[], T]) -> T:
+    """``fn()`` with the calling thread inside ``ns``: here if it is in already, else on a
+    short-lived thread that joins it (so what ``fn`` forks starts in the namespace, and
+    threads it starts do too)."""
+    if ns is None or not ns.active:
+        raise NamespaceError("the namespace is closed (the pair is not open)")
+    if ns.is_current():
+        return fn()
+
+    def joined() -> T:
+        visit = ns.join()
+        try:
+            return fn()
+        finally:
+            visit.leave()
+
+    return _disposable.run_in_disposable_thread(joined, name="tunpair-run-in")

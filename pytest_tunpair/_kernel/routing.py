@@ -13,6 +13,13 @@ consulted first on *both* the output and the input path. The recipe:
 
 Both sides need step 3, otherwise requests cross but replies are dropped.
 
+In hosts mode (:func:`apply_hosts`) none of this is needed: each device is in a network
+namespace of its own, where the other end's address is not local, so the kernel routes to
+it out of the device as any host routes to a neighbour. Each end gets its address with the
+other as point-to-point peer (the kernel adds the local route and the peer route), and
+plain routes for whatever lies beyond the peer (docs/internals.md, "Hosts: ordinary
+point-to-point routes").
+
 IPv6 needs two more things (docs/internals.md, "IPv6: no prefix route, explicit peer
 routes"): addresses get ``nodad|noprefixroute`` (a kernel
 prefix route for the local address would beat the route via the peer device and the packet
@@ -39,7 +46,7 @@ from typing import Any
 from .._errors import NamespaceError
 from . import linux as _linux
 
-__all__ = ["Side", "apply_recipe", "link_up_lo"]
+__all__ = ["Route", "Side", "add_routes", "apply_hosts", "apply_recipe", "link_up_lo"]
 
 _NLMSG_ERROR = 2
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -355,4 +362,119 @@ def _main_plan(
                 iifname=s.name,
                 table=table,
             )
+    return plan.compile()
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route in a host: ``dst`` (an address or a network) through the device
+    ``dev``/``index``, via the gateway ``via`` (the link's other end) when given, with
+    ``src`` as the preferred source (``None``: the kernel's choice)."""
+
+    dst: str
+    dev: str
+    index: int
+    via: str | None = None
+    src: str | None = None
+
+    def _args(self) -> tuple[str, dict[str, Any]]:
+        import ipaddress
+
+        net = ipaddress.ip_network(self.dst, strict=False)
+        words = [f"ip{' -6' if net.version == 6 else ''} route add {net} dev {self.dev}"]
+        kwargs: dict[str, Any] = {
+            "family": socket.AF_INET6 if net.version == 6 else socket.AF_INET,
+            "dst": str(net),
+            "oif": self.index,
+        }
+        if self.via is not None:
+            words.append(f"via {self.via}")
+            kwargs["gateway"] = self.via
+        if self.src is not None:
+            words.append(f"src {self.src}")
+            kwargs["prefsrc"] = self.src
+        return " ".join(words), kwargs
+
+
+def apply_hosts(side: Side, *, mtu: int, txqueuelen: int) -> list[str]:
+    """Configure one end in a namespace of its own (the calling thread's): the device up,
+    its addresses with the other end as point-to-point peer. Returns the steps taken."""
+    data, steps = _host_plan(side, mtu, txqueuelen)
+    nl = _Netlink()
+    try:
+        nl.run(data, steps)
+    finally:
+        nl.close()
+    return list(steps)
+
+
+def add_routes(routes: tuple[Route, ...]) -> list[str]:
+    """Add ``routes`` in the calling thread's namespace (``EEXIST`` for one already there
+    is not an error: the same route is asked for twice when two things need it)."""
+    if not routes:
+        return []
+    done: list[str] = []
+    for route in routes:
+        data, steps = _route_plan(route)
+        nl = _Netlink()
+        try:
+            nl.run(data, steps)
+        except NamespaceError as exc:
+            if "File exists" not in str(exc):
+                raise
+        finally:
+            nl.close()
+        done += steps
+    return done
+
+
+@lru_cache(maxsize=256)
+def _route_plan(route: Route) -> tuple[bytes, tuple[str, ...]]:
+    plan = _Plan()
+    describe, kwargs = route._args()
+    plan.add(describe, "route", "add", **kwargs)
+    return plan.compile()
+
+
+@lru_cache(maxsize=256)
+def _host_plan(s: Side, mtu: int, txqueuelen: int) -> tuple[bytes, tuple[str, ...]]:
+    plan = _Plan()
+    link: dict[str, Any] = {"index": s.index, "state": "up", "mtu": mtu, "txqlen": txqueuelen}
+    if s.mac:
+        link["address"] = s.mac
+    plan.add(f"ip link set {s.name} up mtu {mtu} txqueuelen {txqueuelen}", "link", "set", **link)
+    if s.ip and s.peer_ip:
+        # The address with the other end as peer: the kernel adds `local ip` to table local
+        # (this host's own address, as it should be here) and the route to the peer.
+        plan.add(
+            f"ip addr add {s.ip} peer {s.peer_ip} dev {s.name}",
+            "addr",
+            "add",
+            index=s.index,
+            local=s.ip,
+            address=s.peer_ip,
+            prefixlen=32,
+        )
+    if s.ip6 and s.peer_ip6:
+        # nodad: usable at once; noprefixroute + an explicit peer route, as in the
+        # one-namespace recipe (docs/internals.md, "IPv6: no prefix route, explicit peer
+        # routes"), so the peer is reached through this device with this source.
+        plan.add(
+            f"ip -6 addr add {s.ip6}/128 dev {s.name} nodad noprefixroute",
+            "addr",
+            "add",
+            index=s.index,
+            address=s.ip6,
+            prefixlen=128,
+            flags=_linux.IFA_F_NODAD | _linux.IFA_F_NOPREFIXROUTE,
+        )
+        plan.add(
+            f"ip -6 route add {s.peer_ip6} dev {s.name} src {s.ip6}",
+            "route",
+            "add",
+            family=socket.AF_INET6,
+            dst=f"{s.peer_ip6}/128",
+            oif=s.index,
+            prefsrc=s.ip6,
+        )
     return plan.compile()

@@ -1,8 +1,12 @@
-"""An end of the pair (``tun_pair.a``, ``tun_pair.b``): its device, addresses and inject."""
+"""An end of the pair (``tun_pair.a``, ``tun_pair.b``): its device, addresses, inject, and
+the host it sits in (run code, spawn daemons, sysctls, sockets there)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import subprocess
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import TunDeviceError
 from .._packets.packet import Packet
@@ -10,9 +14,13 @@ from .._wire.validate import to_bytes, validate_frame
 
 if TYPE_CHECKING:
     from .._kernel.device import TunDevice
+    from .._kernel.host import Host
+    from .._kernel.sockets import SocketInfo
     from .relay import Relay
 
 __all__ = ["Endpoint"]
+
+T = TypeVar("T")
 
 
 class Endpoint:
@@ -28,6 +36,7 @@ class Endpoint:
         mtu: int,
         mac: str | None,
         side: str,
+        host: Host,
     ) -> None:
         self._relay = relay
         self._device = device
@@ -46,6 +55,9 @@ class Endpoint:
         for TUN.
         """
         self._side = side  # "a" or "b": where Relay.write puts what inject() gets
+        self.host = host
+        """The :class:`~pytest_tunpair.Host` this end's device is in: its own namespace in
+        hosts mode; the pair's (shared by both ends) otherwise."""
 
     @property
     def mode(self) -> str:
@@ -73,6 +85,51 @@ class Endpoint:
             raise TunDeviceError(
                 f"{self.name}: writing the injected packet failed: {exc}", device=self.name
             ) from exc
+
+    # -- the host this end sits in ----------------------------------------------------------
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` inside this end's host (:meth:`Host.run`)."""
+        return self.host.run(fn, *args, **kwargs)
+
+    def entered(self) -> AbstractContextManager[Host]:
+        """``with tun_pair.b.entered(): ...``: the block runs inside this end's host
+        (:meth:`Host.entered`)."""
+        return self.host.entered()
+
+    def spawn(
+        self,
+        args: Sequence[str] | str,
+        *,
+        ready: object = None,
+        timeout: float = 10.0,
+        **popen_kwargs: Any,
+    ) -> subprocess.Popen[Any]:
+        """Start a process in this end's host (:meth:`Host.spawn`; ``TunPair.spawn``'s
+        ``ready`` forms and teardown)."""
+        return self.host.spawn(args, ready=ready, timeout=timeout, **popen_kwargs)
+
+    def output(self, proc: subprocess.Popen[Any]) -> str:
+        """What a process :meth:`spawn` started wrote (:meth:`Host.output`)."""
+        return self.host.output(proc)
+
+    def sysctl(self, name: str, value: str | int | None = None) -> str:
+        """Read or set a ``net.*`` sysctl of this end's host (:meth:`Host.sysctl`). In
+        one-namespace mode both ends share one host: set it on either, it holds for both."""
+        return self.host.sysctl(name, value)
+
+    def sockets(self, proto: str = "tcp") -> list[SocketInfo]:
+        """The ``proto`` sockets of this end's host (:meth:`Host.sockets`)."""
+        return self.host.sockets(proto)
+
+    @property
+    def ns_path(self) -> str:
+        """``nsenter --net=PATH`` enters this end's host (:attr:`Host.ns_path`)."""
+        return self.host.ns_path
+
+    @property
+    def pid(self) -> int:
+        """A process in this end's host, for ``nsenter -t PID -n`` (:attr:`Host.pid`)."""
+        return self.host.pid
 
     def __repr__(self) -> str:
         mac = f" mac={self.mac}" if self.mac else ""

@@ -1,0 +1,175 @@
+"""The test's own resolver: getaddrinfo, dig, dnspython, c-ares and child processes resolve
+through it, across the tunnel; each failure mode; the host's files untouched. Root and
+rootless."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_tunpair import TunPair
+
+from .conftest import host_snapshot, need, run_standalone
+
+RESOLV = Path("/etc/resolv.conf")
+
+
+def resolve(name: str) -> list[str]:
+    return sorted({ai[4][0] for ai in socket.getaddrinfo(name, 80, proto=socket.IPPROTO_TCP)})
+
+
+@pytest.mark.parametrize("hosts", [False, True], ids=["one-namespace", "hosts"])
+def test_getaddrinfo_through_the_tests_resolver(tun_pair_factory, hosts: bool) -> None:  # type: ignore[no-untyped-def]
+    pair: TunPair = tun_pair_factory(hosts=hosts)
+    resolver = pair.dns({"api.test": "b", "v6.test": "2001:2::99", "two.test": ["198.18.0.9", "a"]})
+    assert resolve("api.test") == sorted([pair.b.ip, pair.b.ip6])
+    assert resolve("v6.test") == ["2001:2::99"]
+    assert resolve("two.test") == sorted(["198.18.0.9", pair.a.ip, pair.a.ip6])
+    with pytest.raises(socket.gaierror) as info:
+        socket.getaddrinfo("nowhere.test", 80)
+    assert info.value.errno == socket.EAI_NONAME
+    asked = resolver.asked("api.test")
+    assert {q.type for q in asked} == {"A", "AAAA"} and {q.client[0] for q in asked} == {pair.a.ip}
+    # The queries crossed the tunnel: in the capture, a->b to port 53.
+    queries = pair.packets.filter(direction="a->b", proto="udp", dport=53)
+    assert len(queries) == len(resolver.queries)
+    assert "dns at" in pair.describe()
+
+
+@pytest.mark.parametrize(
+    ("how", "errno"),
+    [
+        ("nxdomain", socket.EAI_NONAME),
+        ("servfail", socket.EAI_AGAIN),
+        ("refused", socket.EAI_AGAIN),
+        ("timeout", socket.EAI_AGAIN),
+    ],
+)
+def test_each_failure_mode(tun_pair: TunPair, how: str, errno: int) -> None:
+    resolver = tun_pair.dns({"api.test": "b", "ok.test": "b"}, fail={"api.test": how}, attempts=1)
+    start = time.monotonic()
+    with pytest.raises(socket.gaierror) as info:
+        socket.getaddrinfo("api.test", 80)
+    assert info.value.errno == errno
+    assert {q.outcome for q in resolver.asked("api.test")} == {how}
+    if how == "timeout":
+        assert time.monotonic() - start >= 1.0  # resolv.conf's timeout:1, one attempt
+    assert resolve("ok.test")  # the failure was api.test's alone
+
+
+def test_truncated_answers_fall_back_to_tcp(tun_pair: TunPair) -> None:
+    resolver = tun_pair.dns({"api.test": "b"}, fail="truncate")
+    assert resolve("api.test") == sorted([tun_pair.b.ip, tun_pair.b.ip6])
+    outcomes = {(q.transport, q.outcome) for q in resolver.queries}
+    assert outcomes == {("udp", "truncated"), ("tcp", "answered")}
+    assert tun_pair.packets.filter(direction="a->b", proto="tcp", dport=53, flags="S")
+
+
+def test_servfail_for_some_queries_then_success(tun_pair: TunPair) -> None:
+    resolver = tun_pair.dns({"api.test": "b"})
+    resolver.fail("servfail", name="api.test", times=4)  # A and AAAA, two attempts each
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("api.test", 80)
+    assert resolve("api.test")
+    assert [q.outcome for q in resolver.asked("api.test")][:4] == ["servfail"] * 4
+    resolver.fail("timeout")
+    resolver.fail(None)  # cleared again
+    resolver.records["late.test"] = ["198.18.0.77"]
+    assert resolve("late.test") == ["198.18.0.77"]
+
+
+def test_dig_dnspython_cares_and_children_use_it(tun_pair: TunPair) -> None:
+    import dns.resolver
+    import pycares
+
+    resolver = tun_pair.dns({"api.test": "b"})
+    b = tun_pair.b.ip
+    dig = subprocess.run(
+        [need("dig"), "+short", "+tries=1", "api.test", "A"], capture_output=True, text=True
+    )
+    assert dig.stdout.split() == [b], dig.stdout + dig.stderr
+    answer = dns.resolver.Resolver().resolve("api.test", "A")  # reads resolv.conf now
+    assert [r.address for r in answer] == [b]
+    child = subprocess.run(
+        [sys.executable, "-c", "import socket; print(socket.gethostbyname('api.test'))"],
+        capture_output=True,
+        text=True,
+    )
+    assert child.stdout.strip() == b, child.stderr
+    got: list[object] = []
+    channel = pycares.Channel()  # reads resolv.conf now, as c-ares does at init
+    channel.getaddrinfo(
+        "api.test",
+        None,
+        family=socket.AF_INET,
+        callback=lambda result, error: got.append((result, error)),
+    )
+    channel.wait(5)
+    ((result, error),) = got
+    assert error is None, error
+    assert [bytes(n.addr[0]).decode() for n in result.nodes] == [b]  # type: ignore[attr-defined]
+    # Four clients, four A queries, each across the tunnel.
+    assert len(tun_pair.packets.filter(direction="a->b", dport=53)) == len(resolver.queries) == 4
+
+
+@pytest.mark.tunpair(hosts=True)
+def test_spawned_process_in_host_b_resolves_too(tun_pair: TunPair) -> None:
+    tun_pair.dns({"api.test": "a"})
+    proc = tun_pair.b.spawn(
+        [sys.executable, "-c", "import socket; print(socket.gethostbyname('api.test'))"],
+    )
+    proc.wait(10)
+    assert tun_pair.b.output(proc).strip() == tun_pair.a.ip
+
+
+def test_host_files_untouched_and_given_back() -> None:
+    host_view = RESOLV.read_text()
+    before = host_snapshot()
+    seen: dict[str, str] = {}
+    go = threading.Event()
+    done = threading.Event()
+
+    def outsider() -> None:
+        go.wait(30)
+        seen["other thread"] = RESOLV.read_text()
+        done.set()
+
+    t = threading.Thread(target=outsider)
+    t.start()  # before dns(): its view is the host's
+
+    def body() -> None:
+        with TunPair() as pair:
+            pair.dns({"api.test": "b"})
+            seen["test thread"] = RESOLV.read_text()
+            go.set()
+            done.wait(30)
+            assert resolve("api.test")
+        seen["after"] = RESOLV.read_text()
+
+    run_standalone(body)
+    t.join(30)
+    assert "nameserver 198.18.0.2" in seen["test thread"]
+    assert seen["other thread"] == host_view
+    assert RESOLV.read_text() == host_view
+    if seen["after"] != host_view:
+        # The rootless tier: the disposable thread that opened the pair could not go back.
+        from pytest_tunpair._kernel.userns import thread_can_return
+
+        assert not thread_can_return()
+    assert host_snapshot() == before
+
+
+def test_second_dns_call_is_refused(tun_pair: TunPair) -> None:
+    from pytest_tunpair import OptionError, TunPairError
+
+    tun_pair.dns({})
+    with pytest.raises(TunPairError, match="running already"):
+        tun_pair.dns({})
+    with pytest.raises(OptionError, match="fail"):
+        tun_pair.dns({}, fail="sometimes")

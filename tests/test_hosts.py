@@ -1,0 +1,265 @@
+"""Hosts mode and topologies: each end its own stack, real traffic between them.
+
+Root and rootless: every test here takes the fixtures (the rootless tier runs it on a
+thread of its own) or opens its pair with ``run_standalone``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_tunpair import Host, TunPair, TunPairFactory
+
+from .conftest import host_snapshot, need, run_standalone
+
+HOSTS = pytest.mark.tunpair(hosts=True)
+
+
+def netns_of(host: Host) -> int:
+    return host.run(lambda: os.stat("/proc/thread-self/ns/net").st_ino)
+
+
+def links_of(host: Host) -> list[str]:
+    out = host.run(subprocess.run, ["ip", "-o", "link"], capture_output=True, text=True)
+    return [line.split(":")[1].strip().split("@")[0] for line in out.stdout.splitlines()]
+
+
+@HOSTS
+def test_each_end_in_a_namespace_of_its_own(tun_pair: TunPair) -> None:
+    a, b = tun_pair.a, tun_pair.b
+    # The test's thread is in host a: the pair's namespace.
+    assert netns_of(a.host) == os.stat("/proc/thread-self/ns/net").st_ino
+    assert netns_of(a.host) != netns_of(b.host)
+    assert links_of(b.host) == ["lo", b.name]
+    assert b.name not in links_of(a.host)
+    # Ordinary routes: no rule, no table 13, the peer's address not local here.
+    rules = subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
+    assert "lookup 13" not in rules
+    route = subprocess.run(["ip", "route", "get", b.ip], capture_output=True, text=True).stdout
+    assert f"dev {a.name}" in route and "local" not in route
+    for dst in (b.ip, b.ip6):
+        r = subprocess.run(["ping", "-c1", "-W3", dst], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    echo = tun_pair.packets.filter(proto="icmp", direction="a->b")
+    assert [p.dst for p in echo] == [b.ip]
+    assert any(p.dst == b.ip6 for p in tun_pair.packets if p.direction == "a->b")
+
+
+@HOSTS
+def test_sysctls_differ_per_host_and_tcp_uses_each_hosts(tun_pair: TunPair) -> None:
+    a, b = tun_pair.a, tun_pair.b
+    default = a.sysctl("net.ipv4.tcp_congestion_control")
+    other = "reno" if default != "reno" else "bbr"
+    assert b.sysctl("net.ipv4.tcp_congestion_control", other) == other
+    assert a.sysctl("net.ipv4.tcp_congestion_control") == default
+    assert b.sysctl("net/ipv4/tcp_congestion_control") == other
+    with b.entered():
+        server = socket.create_server((b.ip, 5001))
+    with server:
+        client = socket.create_connection((b.ip, 5001), timeout=5)
+        conn, _ = server.accept()
+        with client, conn:
+            client.sendall(b"x" * 10000)
+            assert conn.recv(10000)
+            port = client.getsockname()[1]
+            mine = [s for s in a.sockets() if s.local == (a.ip, port)]
+            theirs = [s for s in b.sockets() if s.remote == (a.ip, port)]
+            assert [s.congestion for s in mine] == [default]
+            assert [s.congestion for s in theirs] == [other]
+
+
+@HOSTS
+def test_daemon_spawned_in_b_is_seen_by_bs_sockets_only(tun_pair: TunPair, tmp_path: Path) -> None:
+    (tmp_path / "hi.txt").write_text("from host b\n")
+    b = tun_pair.b
+    server = b.spawn(
+        [sys.executable, "-m", "http.server", "--bind", b.ip, "8080"], ready=8080, cwd=tmp_path
+    )
+    listening = [s.local for s in b.sockets() if s.state == "LISTEN"]
+    assert (b.ip, 8080) in listening
+    assert not [s for s in tun_pair.a.sockets() if s.state == "LISTEN"]
+    assert not [s for s in tun_pair.sockets() if s.state == "LISTEN"]  # the pair's: host a
+    r = subprocess.run(
+        [need("curl"), "-sS", "--max-time", "10", f"http://{b.ip}:8080/hi.txt"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout == "from host b\n", r.stderr
+    assert server.poll() is None
+    # The server's process is in host b's namespace, not the test's.
+    ns = os.stat(f"/proc/{server.pid}/ns/net").st_ino
+    assert ns == netns_of(b.host) != os.stat("/proc/thread-self/ns/net").st_ino
+
+
+@HOSTS
+def test_run_and_entered_reach_the_host_and_come_back(tun_pair: TunPair) -> None:
+    here = os.stat("/proc/thread-self/ns/net").st_ino
+    b = tun_pair.b
+    assert b.run(lambda x, y=0: x + y, 2, y=3) == 5
+    with pytest.raises(ZeroDivisionError):
+        b.run(lambda: 1 / 0)
+    with b.entered() as host:
+        assert host is b.host
+        assert os.stat("/proc/thread-self/ns/net").st_ino == netns_of(b.host)
+        with socket.socket() as s:
+            s.bind((b.ip, 0))  # b's own address is local there
+    assert os.stat("/proc/thread-self/ns/net").st_ino == here
+
+
+@HOSTS
+def test_nsenter_by_pid_and_path(tun_pair: TunPair) -> None:
+    b = tun_pair.b
+    for how in (["-t", str(b.pid), "-n"], [f"--net={b.ns_path}"]):
+        r = subprocess.run(
+            [need("nsenter"), *how, "ip", "-o", "addr", "show", b.name],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr
+        assert b.ip in r.stdout
+
+
+@HOSTS
+def test_capture_impair_rules_and_peer_work_between_hosts(tun_pair: TunPair) -> None:
+    a, b = tun_pair.a, tun_pair.b
+    tun_pair.impair(delay="30ms", direction="a->b")
+    start = time.monotonic()
+    r = subprocess.run(["ping", "-c1", "-W3", b.ip], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert time.monotonic() - start >= 0.03
+    tun_pair.impair()
+    fault = tun_pair.fail(dport=9, how="reset")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((b.ip, 9), timeout=5)
+    assert fault.hits == 1
+    assert tun_pair.packets.filter(action="reset")
+    with tun_pair.script("b") as peer:
+        udp = peer.udp(7000)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(b"ping", (b.ip, 7000))
+            data, (src, sport) = udp.recvfrom(timeout=5)
+            assert (data, src) == (b"ping", a.ip)
+            udp.send(b"pong", to_port=sport)
+            assert s.recvfrom(100)[0] == b"pong"
+
+
+@pytest.mark.tunpair(hosts=True, mode="tap")
+def test_tap_hosts(tun_pair: TunPair) -> None:
+    for dst in (tun_pair.b.ip, tun_pair.b.ip6):
+        r = subprocess.run(["ping", "-c1", "-W3", dst], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
+    assert tun_pair.packets.filter(proto="icmp")
+
+
+def test_teardown_leaves_nothing_on_the_host() -> None:
+    before = host_snapshot()
+    seen: dict[str, object] = {}
+
+    def body() -> None:
+        with TunPair(hosts=True) as pair:
+            proc = pair.b.spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+            seen["pid"] = proc.pid
+            seen["ns"] = pair.b.ns_path
+            seen["holder"] = pair.b.pid
+            r = subprocess.run(["ping", "-c1", "-W3", pair.b.ip], capture_output=True)
+            assert r.returncode == 0
+        threading.Thread(target=lambda: None).start()
+
+    run_standalone(body)
+    for key in ("pid", "holder"):
+        assert (
+            not Path(f"/proc/{seen[key]}").exists()
+            or "Z" in Path(f"/proc/{seen[key]}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        )
+    assert host_snapshot() == before
+
+
+# -- topologies --------------------------------------------------------------------------------
+def _udp_ttl_probe(host: Host, dst: str, port: int, ttl: int) -> None:
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            s.sendto(b"probe", (dst, port))
+
+    host.run(send)
+
+
+def test_chain_router_decrements_ttl_and_sends_time_exceeded(
+    tun_pair_factory: TunPairFactory,
+) -> None:
+    topo = tun_pair_factory.chain()
+    client, server = topo["client"], topo["server"]
+    first, second = topo.link("client", "router"), topo.link("router", "server")
+    dst = topo.address("server")
+    router_ip = first.b.ip  # the router's end of the first link
+    with server.entered():
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind((dst, 4000))
+        sink.settimeout(5)
+    with sink:
+        _udp_ttl_probe(client, dst, 4000, ttl=5)
+        data, (src, _port) = sink.recvfrom(100)
+        assert (data, src) == (b"probe", first.a.ip)
+        # Seen on each link: TTL 5 on the first, 4 behind the router.
+        assert [p.ttl for p in first.packets.filter(proto="udp")] == [5]
+        assert [p.ttl for p in second.packets.filter(proto="udp")] == [4]
+        _udp_ttl_probe(client, dst, 4000, ttl=1)
+        exceeded = first.packets.wait_for(proto="icmp", icmp_type=11, direction="b->a", timeout=5)
+        assert exceeded.src == router_ip and exceeded.dst == first.a.ip
+        # The expired probe never reached the second link.
+        assert len(second.packets.filter(proto="udp")) == 1
+    assert "client<->router" in first.describe() and "a->b is client->router" in first.describe()
+
+
+def test_star_of_three_clients_each_on_its_own_link(tun_pair_factory: TunPairFactory) -> None:
+    topo = tun_pair_factory.star(3)
+    server = topo["server"]
+    topo.link("client2", "server").impair(delay="40ms")
+    addr = topo.address("server")
+    with server.entered():
+        listener = socket.create_server((addr, 7000))
+    results: dict[str, float] = {}
+
+    def accept_all() -> None:
+        for _ in range(3):
+            conn, _peer = listener.accept()
+            with conn:
+                conn.sendall(conn.recv(100).upper())
+
+    t = threading.Thread(target=accept_all)
+    t.start()
+    with listener:
+        for i in (1, 2, 3):
+            name = f"client{i}"
+
+            def ask(name: str = name) -> str:
+                start = time.monotonic()
+                with socket.create_connection((addr, 7000), timeout=5) as c:
+                    c.sendall(name.encode())
+                    reply = c.recv(100).decode()
+                results[name] = time.monotonic() - start
+                return reply
+
+            assert topo[name].run(ask) == name.upper()
+        t.join(10)
+    for i in (1, 2, 3):
+        link = topo.link(f"client{i}", "server")
+        sources = {p.src for p in link.packets.filter(proto="tcp", direction="a->b")}
+        assert sources == {link.a.ip}  # each link carried its own client only
+    assert results["client2"] >= 0.08  # 40 ms on each of two packets' way at least
+    delayed = topo.link("client2", "server").packets.filter(direction="a->b")
+    assert delayed and min(p.sojourn for p in delayed) >= 0.04
+    assert all(p.sojourn < 0.04 for p in topo.link("client1", "server").packets)
+    assert [p.label for p in tun_pair_factory.pairs] == [
+        "client1<->server",
+        "client2<->server",
+        "client3<->server",
+    ]
