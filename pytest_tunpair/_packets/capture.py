@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from .._errors import PacketTimeout
 from . import flows as _flows
@@ -20,7 +20,11 @@ from . import match as _match
 from . import plot as _plot
 from .flows import Flow
 from .packet import DIRECTIONS, Packet, trace
-from .pcap import write_pcap
+from .pcap import FORMATS, write_pcap, write_pcapng
+
+if TYPE_CHECKING:
+    from .keylog import KeyLog
+    from .tls import TlsRecord
 
 __all__ = ["Capture"]
 
@@ -89,6 +93,11 @@ class Capture(Sequence[Packet]):
         # What a direction's link is configured to carry, for plot()'s dashed line: bits/s,
         # a trace's server, or None. Asked of the pair's direction objects, its one record.
         self._configured = configured or _nothing_configured
+        #: The pair's TLS/QUIC key log, once it has one: its secrets go into the pcapng
+        #: files written from this capture (a Decryption Secrets Block).
+        self.keylog: KeyLog | None = None
+        #: Each direction's longer name in pcapng files (``tun0 -> tun1``); the pair sets it.
+        self.interfaces: tuple[str, ...] = ()
 
     # -- relay side ---------------------------------------------------------------------
     @property
@@ -235,6 +244,7 @@ class Capture(Sequence[Packet]):
             configured=self._configured,
         )
         out.t0, out.wall_t0 = self.t0, self.wall_t0
+        out.keylog, out.interfaces = self.keylog, self.interfaces
         with self._cond:
             packets = self._since(start - 1)
             first = self._packets[0].seq if self._packets else self._next_seq
@@ -470,14 +480,61 @@ class Capture(Sequence[Packet]):
             raise ValueError(f"summary(limit={limit!r}): give None or a number >= 1")
         return trace(self._snapshot(), limit=limit, evicted=self.evicted)
 
-    def to_pcap(self, path: str | os.PathLike[str]) -> str:
-        """Write a pcap file (raw-IP link type for TUN, Ethernet for TAP); return its path.
+    def to_pcap(self, path: str | os.PathLike[str], *, format: str = "pcapng") -> str:
+        """Write the kept packets to a capture file; return its path.
 
-        ``tcpdump -r`` and Wireshark read it; timestamps are wall-clock times.
+        ``format="pcapng"`` (the default): one interface per direction (``a->b``,
+        ``b->a``) with the pair's link type (raw IP for TUN, Ethernet for TAP), every
+        packet with its direction flags and a comment saying what the relay did
+        (``lost (not delivered); sojourn ...``), and the pair's TLS/QUIC key log
+        (``tun_pair.keylog``) as a Decryption Secrets Block, so that Wireshark and tshark
+        open it decrypted. ``format="pcap"``: a classic pcap file, packets only, for tools
+        that read nothing else. Timestamps are wall-clock times.
         """
-        return write_pcap(
-            path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
+        if format not in FORMATS:
+            raise ValueError(f"to_pcap(format={format!r}): use 'pcapng' or 'pcap'")
+        packets = self._snapshot()
+        if format == "pcap":
+            return write_pcap(
+                path, packets, mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
+            )
+        return write_pcapng(
+            path,
+            packets,
+            mode=self.mode,
+            wall_t0=self.wall_t0,
+            snaplen=self.snaplen,
+            secrets=self.keylog.secrets() if self.keylog is not None else b"",
+            descriptions=self.interfaces,
         )
+
+    def tls_records(self, *, secrets: bytes | str | None = None) -> list[TlsRecord]:
+        """The TLS records of every TLS-over-TCP connection in the capture, in the order
+        their last bytes were captured, decrypted with the pair's key log
+        (``tun_pair.keylog``) or with ``secrets`` (the text of an NSS key log).
+
+        Each stream is read as its receiver read it: the packets the relay delivered, in
+        TCP order, retransmissions once. TLS 1.3 and TLS 1.2 with AES-GCM or
+        ChaCha20-Poly1305 are decrypted (``record.decrypted``); records it cannot open
+        come back as they were sent. So ``b"".join(r.data for r in records if r.type ==
+        "application_data" and r.direction == "a->b")`` is what a's TLS client sent, e.g.
+        the HTTP/2 connection preface and frames. Needs ``cryptography``
+        (``pip install 'pytest-tunpair[tls]'``).
+        """
+        try:
+            import cryptography  # noqa: F401
+
+            from . import tls as _tls
+        except ImportError:
+            raise ImportError(
+                "tls_records() decrypts with the cryptography package: "
+                "pip install 'pytest-tunpair[tls]'"
+            ) from None
+        if secrets is None:
+            keys = self.keylog.secrets() if self.keylog is not None else b""
+        else:
+            keys = secrets.encode() if isinstance(secrets, str) else bytes(secrets)
+        return _tls.tls_records(self._snapshot(), keys)
 
     def plot(self, path: str | os.PathLike[str], *, direction: str | None = None) -> str:
         """Write a PNG or SVG (by the extension) of the packets kept: throughput over time
