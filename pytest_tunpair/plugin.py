@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ._errors import OptionError
-from ._plugin import keys, options, report, rootless, scoped
+from ._plugin import keys, live, options, report, rootless, scoped
 
 if TYPE_CHECKING:
     from ._factory import TunPairFactory
@@ -35,6 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
         rootless.configure(config, resolved.tunpair_userns)
     scoped.configure(config)
     report.configure(config)
+    live.configure(config)
     from ._options import PairOptions
 
     config.addinivalue_line(
@@ -62,13 +63,16 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
         pytest.skip(SKIP_REASON)
     scoped.refuse_mixing(request.node)
     scoped.refuse_stranding(request, "tun_pair_factory")
-    factory = _open(request.config, "tun_pair_factory()")
+    factory = _open(request, "tun_pair_factory()")
     _warn_at(factory, request.node)
     request.node.stash[keys.FACTORY] = factory
     try:
         yield factory
     finally:
-        _fail_on_leftovers(factory.close)
+        try:
+            _fail_on_leftovers(factory.close)
+        finally:
+            live.closed(request.config, factory)
 
 
 @pytest.fixture
@@ -133,23 +137,29 @@ def _scoped_factory(
         pytest.skip(SKIP_REASON)
     name = f"tun_pair_factory_{scope}"
     scoped.refuse_stranding(request, name)
-    factory = _open(request.config, f"{name}()")
+    factory = _open(request, f"{name}()")
     try:
         with scoped.kept(request, scope, factory):
             yield factory
     finally:
-        _fail_on_leftovers(factory.close)
+        try:
+            _fail_on_leftovers(factory.close)
+        finally:
+            live.closed(request.config, factory)
 
 
-def _open(config: pytest.Config, source: str) -> TunPairFactory:
+def _open(request: pytest.FixtureRequest, source: str) -> TunPairFactory:
     """A factory with the run's defaults (``--tunpair-seed``, ``--tunpair-leftovers``), open:
-    the calling thread is inside its namespace."""
+    the calling thread is inside its namespace. Its pairs stream live with
+    ``--tunpair-pcap-live``."""
     from ._factory import TunPairFactory
 
-    resolved = config.stash[keys.OPTIONS]
+    resolved = request.config.stash[keys.OPTIONS]
     seed = resolved.tunpair_seed
     defaults = {} if seed is None else {"seed": seed}
-    return TunPairFactory(defaults, source=source, leftovers=resolved.tunpair_leftovers).open()
+    factory = TunPairFactory(defaults, source=source, leftovers=resolved.tunpair_leftovers)
+    live.watch(request.config, factory, request.node.nodeid)
+    return factory.open()
 
 
 def _warn_at(factory: TunPairFactory, item: pytest.Item) -> None:
@@ -253,6 +263,11 @@ def pytest_runtest_makereport(
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     report.terminal_summary(terminalreporter)
+    live.terminal_summary(terminalreporter)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    live.unconfigure(config)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
