@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ._packets.flows import Flow
     from ._packets.match import PacketSource
     from ._packets.packet import GsoInfo, Packet
+    from ._packets.tls import TlsRecord
     from ._pair import TunPair
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._wire.tcp import TcpOptions
@@ -47,6 +48,7 @@ _WHERE = {
     "Capture": "._packets.capture",
     "GsoInfo": "._packets.packet",
     "Packet": "._packets.packet",
+    "TlsRecord": "._packets.tls",
     "HookError": "._errors",
     "LeftoverProcessError": "._errors",
     "LeftoverProcessWarning": "._errors",
@@ -100,6 +102,7 @@ __all__ = [
     "SpawnError",
     "TcpOptions",
     "ThreadNotStopped",
+    "TlsRecord",
     "TunDeviceError",
     "TunPair",
     "TunPairError",

@@ -32,7 +32,7 @@ from ._options import PairOptions
 from ._packets.capture import Capture
 from ._packets.packet import Packet
 from ._packets.pcap import FORMATS
-from ._packets.stream import Follower, Sink, open_fifo
+from ._packets.stream import Follower, Sink, is_regular, open_fifo
 from ._pair import TunPair
 from ._plugin.report import plural
 from ._schema import Bool, Duration, Int, Invalid, declared, default_of
@@ -480,7 +480,8 @@ class PcapStream:
             self.fd = open_fifo(target)
         else:
             self.fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            self.path = target
+            # Only a regular file is finished in place (/dev/null, a terminal device: never).
+            self.path = target if is_regular(self.fd) else None
         self.sink: Sink | None = None
         self.follower: Follower | None = None
 
@@ -493,8 +494,7 @@ class PcapStream:
         if self.follower is not None:
             self.follower.stop()
         if self.sink is not None:
-            keylog = pair.packets.keylog
-            self.sink.close(keylog.secrets() if keylog is not None else b"")
+            self.sink.close(pair.packets.secrets())
         elif self._own:
             os.close(self.fd)
 

@@ -112,11 +112,12 @@ class TunPair:
             snaplen=o.snaplen,
             pending=self._pending,
             configured=self._configured,
+            keylog=lambda: self._keylog,
+            interfaces=_interface_descriptions(o),
         )
         """Every packet the relay carried, in order (a live :class:`Capture`)."""
-        self.packets.interfaces = _interface_descriptions(o)
-        self._keylog: KeyLog | None = None  # made on first use (keylog, spawn, ssl_context)
         self._stats = Stats(self.packets.lock)
+        self._keylog: KeyLog | None = None  # made on first use (keylog, spawn, ssl_context)
         self.a: Endpoint
         """Side a: the first device (``tun0``, ``198.18.0.1``)."""
         self.b: Endpoint
@@ -385,7 +386,7 @@ class TunPair:
                 raise PairClosedError("the pair is closed: its key log is gone")
             from ._packets.keylog import KeyLog
 
-            self._keylog = self.packets.keylog = KeyLog()
+            self._keylog = KeyLog()
         return self._keylog
 
     def _keylog_env(self, popen_kwargs: dict[str, Any]) -> None:

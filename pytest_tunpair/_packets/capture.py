@@ -43,6 +43,10 @@ def _nothing_configured(direction: str) -> None:
     return None
 
 
+def _no_keylog() -> None:
+    return None
+
+
 class Capture(Sequence[Packet]):
     """A live, thread-safe sequence of :class:`Packet` (``tun_pair.packets``).
 
@@ -61,6 +65,8 @@ class Capture(Sequence[Packet]):
         snaplen: int | None = None,
         pending: Callable[[], int] | None = None,
         configured: Callable[[str], Any] | None = None,
+        keylog: Callable[[], KeyLog | None] | None = None,
+        interfaces: tuple[str, ...] = (),
     ) -> None:
         self.mode = mode
         """``"tun"`` or ``"tap"``: raw IP packets or Ethernet frames (and the pcap's link type)."""
@@ -93,11 +99,12 @@ class Capture(Sequence[Packet]):
         # What a direction's link is configured to carry, for plot()'s dashed line: bits/s,
         # a trace's server, or None. Asked of the pair's direction objects, its one record.
         self._configured = configured or _nothing_configured
-        #: The pair's TLS/QUIC key log, once it has one: its secrets go into the pcapng
-        #: files written from this capture (a Decryption Secrets Block).
-        self.keylog: KeyLog | None = None
-        #: Each direction's longer name in pcapng files (``tun0 -> tun1``); the pair sets it.
-        self.interfaces: tuple[str, ...] = ()
+        # The pair's TLS/QUIC key log, once it has one (asked of the pair, its owner): its
+        # secrets go into the pcapng files written from this capture.
+        self._keylog = keylog or _no_keylog
+        self.interfaces = interfaces
+        """How pcapng files describe the two directions, ``a->b`` first
+        (``"tun0 198.18.0.1 -> tun1 198.18.0.2"``); ``()``: no descriptions."""
 
     # -- relay side ---------------------------------------------------------------------
     @property
@@ -242,9 +249,10 @@ class Capture(Sequence[Packet]):
             capture_bytes=self.capture_bytes,
             snaplen=self.snaplen,
             configured=self._configured,
+            keylog=self._keylog,
+            interfaces=self.interfaces,
         )
         out.t0, out.wall_t0 = self.t0, self.wall_t0
-        out.keylog, out.interfaces = self.keylog, self.interfaces
         with self._cond:
             packets = self._since(start - 1)
             first = self._packets[0].seq if self._packets else self._next_seq
@@ -504,9 +512,16 @@ class Capture(Sequence[Packet]):
             mode=self.mode,
             wall_t0=self.wall_t0,
             snaplen=self.snaplen,
-            secrets=self.keylog.secrets() if self.keylog is not None else b"",
+            secrets=self.secrets(),
             descriptions=self.interfaces,
         )
+
+    def secrets(self) -> bytes:
+        """The pair's TLS/QUIC key log (``tun_pair.keylog``) as written so far, whole lines
+        only: what :meth:`to_pcap` embeds. ``b""`` without a key log. After the pair closed,
+        what it held then."""
+        keylog = self._keylog()
+        return keylog.secrets() if keylog is not None else b""
 
     def tls_records(self, *, secrets: bytes | str | None = None) -> list[TlsRecord]:
         """The TLS records of every TLS-over-TCP connection in the capture, in the order
@@ -531,7 +546,7 @@ class Capture(Sequence[Packet]):
                 "pip install 'pytest-tunpair[tls]'"
             ) from None
         if secrets is None:
-            keys = self.keylog.secrets() if self.keylog is not None else b""
+            keys = self.secrets()
         else:
             keys = secrets.encode() if isinstance(secrets, str) else bytes(secrets)
         return _tls.tls_records(self._snapshot(), keys)

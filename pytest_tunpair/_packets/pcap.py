@@ -38,6 +38,7 @@ __all__ = [
     "interface_block",
     "linktype",
     "packet_block",
+    "packet_block_parts",
     "secrets_block",
     "section_header",
     "split_blocks",
@@ -137,13 +138,32 @@ def packet_block(
 ) -> bytes:
     """An Enhanced Packet Block: ``data`` as kept, ``wire_len`` its length on the wire,
     ``flags`` the ``epb_flags`` word, ``note`` its ``opt_comment``."""
+    return b"".join(packet_block_parts(interface, ts_ns, data, wire_len, flags, note))
+
+
+def packet_block_parts(
+    interface: int, ts_ns: int, data: bytes, wire_len: int, flags: int = 0, note: str = ""
+) -> tuple[bytes, bytes, bytes]:
+    """:func:`packet_block` in three pieces (header, ``data`` itself, padding with the
+    options and the trailer), for ``os.writev``: a 64 KB super-packet is never copied."""
     opts: list[tuple[int, bytes]] = []
     if note:
         opts.append((OPT_COMMENT, note.encode()))
     if flags:
         opts.append((EPB_FLAGS, struct.pack("<I", flags)))
-    head = struct.pack("<IIIII", interface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, len(data), wire_len)
-    return _block(BT_EPB, head + _pad4(data) + _options(opts))
+    tail = b"\0" * (-len(data) % 4) + _options(opts)
+    total = 12 + 20 + len(data) + len(tail)
+    head = struct.pack(
+        "<IIIIIII",
+        BT_EPB,
+        total,
+        interface,
+        ts_ns >> 32,
+        ts_ns & 0xFFFFFFFF,
+        len(data),
+        wire_len,
+    )
+    return head, data, tail + struct.pack("<I", total)
 
 
 def secrets_block(secrets: bytes, secrets_type: int = SECRETS_TLS_KEYLOG) -> bytes:
@@ -173,6 +193,8 @@ def epb_flags(direction: str) -> int:
 
 
 def _duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "0"  # the fast path writes in the batch it read: no time is measured
     if seconds >= 1.0:
         return f"{seconds:.3f}s"
     if seconds >= 1e-3:
@@ -185,18 +207,28 @@ def comment(p: Packet) -> str:
     filter ``frame.comment contains "lost"`` finds it), ``(not delivered)`` when the
     receiver never got it, then the sojourn, a GSO super-packet's segments, a checksum
     left to the offload and a cut by ``snaplen``: ``"lost (not delivered); sojourn
-    0.0us"``, ``"delayed; sojourn 20.113ms"``, ``"forwarded; sojourn 31.2us; gso tcpv4
+    0"``, ``"delayed; sojourn 20.113ms"``, ``"forwarded; sojourn 31.2us; gso tcpv4
     super-packet: 45 segments of 1448 on a wire; checksum partial (offload)"``."""
-    parts = [p.action if p.action in DELIVERED else f"{p.action} (not delivered)"]
-    parts.append(f"sojourn {_duration(max(p.sojourn, 0.0))}")
-    gso = p.gso
-    if gso is not None and gso.is_super_packet:
-        # A snaplen cut leaves too little to count segments by: say the size alone then.
-        _wire, segments = _gso.wire_size(p.frame, len(p.vnet_header), tap=p.mode == "tap")
-        count = f"{segments} segments" if len(p.data) == p.wire_len else "segments"
-        parts.append(f"gso {gso.type} super-packet: {count} of {gso.size} on a wire")
-    if gso is not None and gso.needs_csum:
-        parts.append("checksum partial (offload)")
+    action = p.action
+    parts = [action if action in DELIVERED else f"{action} (not delivered)"]
+    parts.append(f"sojourn {_duration(p.time - p.arrival)}")
+    frame = p.frame
+    vnet = len(p.vnet_header)
+    if vnet >= _gso.VIRTIO_NET_HDR_LEN:
+        # The virtio-net header read directly (Packet.gso builds an object per packet: the
+        # live stream writes thousands a second).
+        flags, gtype, _hdr, size, _cs, _co = _gso.VIRTIO_NET_HDR.unpack_from(frame)
+        gtype &= ~_gso.VIRTIO_NET_HDR_GSO_ECN
+        if gtype != _gso.VIRTIO_NET_HDR_GSO_NONE:
+            name = _gso.GSO_NAMES.get(gtype, str(gtype))
+            if len(p.data) == p.wire_len:
+                _wire, segments = _gso.wire_size(frame, vnet, tap=p.mode == "tap")
+                count = f"{segments} segments"
+            else:  # cut by snaplen: too little left to count segments by
+                count = "segments"
+            parts.append(f"gso {name} super-packet: {count} of {size} on a wire")
+        if flags & _gso.VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            parts.append("checksum partial (offload)")
     kept = len(p.data)
     if kept < p.wire_len:
         parts.append(f"{kept} of {p.wire_len} bytes kept (snaplen)")

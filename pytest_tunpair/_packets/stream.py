@@ -23,6 +23,7 @@ import os
 import select
 import stat
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from . import pcap as _pcap
@@ -32,16 +33,22 @@ if TYPE_CHECKING:
     from .capture import Capture
     from .packet import Packet
 
-__all__ = ["Follower", "Sink", "hoist_secrets", "open_fifo"]
+__all__ = ["Follower", "Sink", "hoist_secrets", "is_regular", "open_fifo"]
 
 # How long the follower sleeps on the capture before it looks at the key log and whether to
 # stop: bounds how late a secret written while the wire is quiet reaches the stream.
 _TICK = 0.1
 # A reader that takes nothing for this long while the stream is being closed is given up.
 STOP_GRACE = 2.0
-# Bytes of packet blocks written at once: a backlog (a slow reader) goes out in pieces, so
-# the joined buffer stays small.
-_CHUNK = 1 << 18
+# Bytes of packet blocks written at once (one writev): a backlog goes out in pieces.
+_CHUNK = 1 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# After writing what it found, the follower naps this long before it looks again: at
+# most ~1000 wakes a second, each taking the GIL the relay thread needs when it returns
+# from a device write (the trace printer's problem, docs/cli.md). A packet still goes out
+# within about a millisecond of its record, with everything recorded meanwhile.
+_NAP = 0.001
+_YIELD_EVERY = 16
 
 
 def open_fifo(path: str) -> int:
@@ -104,10 +111,11 @@ class Sink:
             self.secret_lines += lines.count(b"\n")
             return self._write_locked(_pcap.secrets_block(lines))
 
-    def write_packets(self, blocks: bytes, count: int) -> bool:
-        """``count`` packet blocks; False once the stream is broken."""
+    def write_packets(self, parts: list[bytes], count: int) -> bool:
+        """``count`` packet blocks, in pieces (``packet_block_parts``) written with one
+        ``writev``; False once the stream is broken."""
         with self._lock:
-            ok = self._write_locked(blocks)
+            ok = self._writev_locked(parts)
             if ok:
                 self.packets += count
             return ok
@@ -117,13 +125,17 @@ class Sink:
             return self._write_locked(data)
 
     def _write_locked(self, data: bytes) -> bool:
+        return self._writev_locked([data])
+
+    def _writev_locked(self, parts: list[bytes]) -> bool:
         if self.broken is not None or self.fd is None:
             return False
-        view = memoryview(data)
+        bufs: list[bytes | memoryview] = [p for p in parts if p]
+        first = 0
         poller: select.poll | None = None
-        while view:
+        while first < len(bufs):
             try:
-                n = os.write(self.fd, view)
+                n = os.writev(self.fd, bufs[first : first + _IOV_MAX])
             except BlockingIOError:
                 if poller is None:
                     poller = select.poll()
@@ -140,7 +152,15 @@ class Sink:
                     else f"cannot write: {exc.strerror or exc}"
                 )
                 return False
-            view = view[n:]
+            # A short write (a pipe taking what fits): go on from where it stopped.
+            while n and first < len(bufs):
+                size = len(bufs[first])
+                if n >= size:
+                    n -= size
+                    first += 1
+                else:
+                    bufs[first] = memoryview(bufs[first])[n:]
+                    n = 0
         return True
 
     def abandon(self) -> None:
@@ -177,7 +197,7 @@ class Follower:
         self._first = sink.add_pair(capture.mode, described, capture.snaplen)
         self._stop = threading.Event()
         self._last = -1
-        self._keylog_offset = 0
+        self._secrets_sent = 0  # bytes of the key log written (it only ever grows)
         self.skipped = 0
         """Packets the capture let go (its bounds) before the follower could write them."""
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -211,11 +231,11 @@ class Follower:
                 return
 
     def _secrets(self) -> bool:
-        keylog = self.capture.keylog
-        if keylog is None:
+        lines = self.capture.secrets()[self._secrets_sent :]
+        if not lines:
             return True
-        lines, self._keylog_offset = keylog.read(self._keylog_offset)
-        return self.sink.write_secrets(lines) if lines else True
+        self._secrets_sent += len(lines)
+        return self.sink.write_secrets(lines)
 
     def _packets(self, new: list[Packet]) -> bool:
         wall_t0 = self.capture.wall_t0
@@ -231,7 +251,7 @@ class Follower:
                 self.skipped += gap
                 note = f"{note}; {gap} packets before this one not streamed (capture bound)"
                 gap = 0
-            block = _pcap.packet_block(
+            parts = _pcap.packet_block_parts(
                 first + (p.direction == "b->a"),
                 _pcap.timestamp_ns(wall_t0, p.time),
                 p.data,
@@ -239,14 +259,22 @@ class Follower:
                 _pcap.epb_flags(p.direction),
                 note,
             )
-            chunk.append(block)
-            size += len(block)
+            chunk.extend(parts)
+            size += len(parts[1])
             count += 1
-            if size >= _CHUNK:
-                if not self.sink.write_packets(b"".join(chunk), count):
+            if not count % _YIELD_EVERY:
+                # The relay thread returning from a write waits for the GIL: let go often
+                # (the trace printer does after every packet; this costs less per packet).
+                time.sleep(0)
+            if size >= _CHUNK or len(chunk) >= _IOV_MAX:
+                if not self.sink.write_packets(chunk, count):
                     return False
                 chunk, size, count = [], 0, 0
-        return self.sink.write_packets(b"".join(chunk), count) if chunk else True
+                time.sleep(0)  # let the relay thread have the GIL between pieces
+        ok = self.sink.write_packets(chunk, count) if chunk else True
+        if not self._stop.is_set():
+            time.sleep(_NAP)
+        return ok
 
 
 def is_regular(fd: int) -> bool:
@@ -260,6 +288,8 @@ def hoist_secrets(path: str, secrets: bytes) -> None:
 
     The rest is copied as it is, in the kernel (``copy_file_range``), secrets blocks
     included: a key listed twice does no harm. Replaced atomically (``os.replace``)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return  # never replace a device or a FIFO with a file
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     offset = 0

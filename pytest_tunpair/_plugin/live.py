@@ -102,8 +102,7 @@ class LiveView:
             follower, own = entry
             follower.stop()
             if own is not None:
-                keylog = pair.packets.keylog
-                own.close(keylog.secrets() if keylog is not None else b"")
+                own.close(pair.packets.secrets())
                 if own.broken is not None:
                     self.problems[own.name] = own.broken
 
