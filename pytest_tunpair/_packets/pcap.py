@@ -53,12 +53,11 @@ FORMATS = ("pcapng", "pcap")
 PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps; written in native order, readers swap
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101  # raw IPv4 or IPv6, told apart by the version nibble: mixes in one file
-#: Raw IP in pcapng files: DLT_RAW's own value (Linux, macOS, Windows) rather than
-#: LINKTYPE_RAW. libpcap's pcapng reader (tcpdump) compares each further interface's link
-#: type with the *DLT* it made of the first one's (101 -> 12), so a file with two raw-IP
-#: interfaces of type 101 stops at the second with "an interface has a type 101 different
-#: from the type of the first interface"; with 12 both are 12 (docs/internals.md, "pcapng:
-#: raw IP interfaces as link type 12"). Wireshark, tshark and scapy read 12 as raw IP.
+# Raw IP in pcapng files: DLT_RAW's own value (Linux, macOS, Windows) rather than
+# LINKTYPE_RAW. libpcap's pcapng reader (tcpdump) compares each further interface's link
+# type with the *DLT* it made of the first one's (101 -> 12), so a file with two raw-IP
+# interfaces of type 101 stops at the second; with 12 both are 12 (docs/internals.md,
+# "pcapng: raw IP interfaces as link type 12"). Wireshark, tshark and scapy read 12 as raw IP.
 LINKTYPE_RAW_PCAPNG = 12
 # Bigger than any packet the relay reads (a 64 KiB GSO super-packet plus headers).
 _SNAPLEN = 262144
