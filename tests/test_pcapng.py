@@ -452,6 +452,25 @@ def test_run_pcap_file_embeds_the_commands_secrets_first(tmp_path) -> None:
     assert [h[":path"] for h in http2_headers(path) if ":method" in h] == ["/cli"]
 
 
+def test_shell_pcap_streams_what_its_commands_send(tmp_path) -> None:
+    need("ping")
+    path = tmp_path / "shell.pcapng"
+    r = subprocess.run(
+        [*_tunpair_cmd(), "shell", "--pcap", str(path)],
+        input='echo "keys in $SSLKEYLOGFILE"\nping -c 1 -W 2 198.18.0.2 >/dev/null\n',
+        env={**os.environ, "SHELL": "/bin/sh"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    keylog = r.stdout.split("keys in ", 1)[1].strip()
+    assert keylog.endswith("/sslkeylog.txt") and not os.path.exists(keylog)  # gone with it
+    assert f"TLS/QUIC secrets: $SSLKEYLOGFILE ({keylog}) goes into --pcap {path}" in r.stderr
+    cap = pcapng_read.read(path)
+    assert [r.comment.split(";")[0] for r in cap.packets] == ["forwarded", "forwarded"]
+
+
 def test_run_pcap_to_a_fifo_without_a_reader_says_so(tmp_path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
