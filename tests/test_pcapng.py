@@ -123,6 +123,8 @@ def _failing_inner(pytester: pytest.Pytester) -> None:
                 s.sendto(payload, (pair.b.ip, 9))
 
         def test_fails(tun_pair):
+            with open(tun_pair.keylog, "a") as keys:  # as a TLS client would
+                keys.write("CLIENT_RANDOM 00 11\\n")
             tun_pair.fail(times=1, proto="udp")
             send(tun_pair, b"dropped by the fault")
             tun_pair.packets.wait_for(action="dropped")
@@ -156,6 +158,8 @@ def test_a_failing_tests_pcapng_opens_in_tshark_with_its_drops(pytester: pytest.
     comments = [line.split("\t")[2] for line in gone.splitlines()]
     assert [c.split(" ", 1)[0] for c in comments] == ["dropped", "lost"]
     assert len(tshark(path, "-Y", 'frame.comment contains "lost"').splitlines()) == 1
+    # Written after teardown (the key log's directory is gone by then), with its secrets.
+    assert pcapng_read.read(path).secrets == [(0x544C534B, b"CLIENT_RANDOM 00 11\n")]
 
 
 @pytest.mark.tunpair(ipv6=None)
