@@ -3,11 +3,13 @@
 A small HTTP/2 server (the h2 library, TLS from the stdlib) on b, httpx as the client on a
 with ``tun_pair.ssl_context()``, which logs the session's secrets to ``tun_pair.keylog``.
 ``packets.tls_records()`` decrypts the capture with them; ``packets.to_pcap()`` embeds them,
-so the file opens decrypted in Wireshark.
+so the file opens decrypted in Wireshark. The same key log takes a QUIC client's secrets
+(aioquic's ``secrets_log_file``): the pcapng then opens decrypted as QUIC.
 
 Run: pytest --tunpair examples/
 """
 
+import asyncio
 import datetime
 import ipaddress
 import socket
@@ -16,6 +18,8 @@ import threading
 
 import httpx
 import pytest
+from aioquic.asyncio import connect, serve
+from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -126,3 +130,28 @@ def test_http2_request_decrypted_from_the_capture(tun_pair, h2_server, tmp_path)
     # The secrets travel inside the file: Wireshark and tshark open it decrypted.
     tun_pair.packets.to_pcap(tmp_path / "h2.pcapng")
     # --8<-- [end:tls]
+
+
+async def quic_ping(tun_pair, cert, key, port=4433):
+    """A QUIC handshake and a PING between a server on b and a client on a (aioquic)."""
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=["tunpair"])
+    server_config.load_cert_chain(cert, key)
+    server = await serve(tun_pair.b.ip, port, configuration=server_config)
+    try:
+        # --8<-- [start:quic]
+        with open(tun_pair.keylog, "a") as secrets:
+            config = QuicConfiguration(alpn_protocols=["tunpair"], secrets_log_file=secrets)
+            config.load_verify_locations(cert)
+            async with connect(tun_pair.b.ip, port, configuration=config) as client:
+                await client.ping()
+        # --8<-- [end:quic]
+    finally:
+        server.close()
+
+
+def test_quic_secrets_go_into_the_capture(tun_pair, tmp_path):
+    cert, key = make_certificate(tmp_path, tun_pair.b.ip)
+    asyncio.run(quic_ping(tun_pair, cert, key))
+    tun_pair.packets.wait_quiet()
+    assert b"CLIENT_TRAFFIC_SECRET_0 " in tun_pair.packets.secrets()
+    tun_pair.packets.to_pcap(tmp_path / "quic.pcapng")  # opens decrypted as QUIC

@@ -157,11 +157,9 @@ class _ClientProtocol(QuicConnectionProtocol):
 
 def h3_get(ip: str, port: int, path: str, *, cafile: Path, secrets: TextIO) -> tuple[int, bytes]:
     """GET ``path`` over HTTP/3; (status, body). The secrets go to ``secrets``."""
-    # --8<-- [start:config]
     config = QuicConfiguration(
         is_client=True, alpn_protocols=H3_ALPN, secrets_log_file=secrets, server_name=ip
     )
-    # --8<-- [end:config]
     config.load_verify_locations(str(cafile))
 
     async def run() -> tuple[int, bytes]:

@@ -349,10 +349,8 @@ def test_http3_with_aioquic_opens_decrypted_in_tshark(tun_pair: TunPair, tmp_pat
 
     cert, key = make_certificate(tmp_path, tun_pair.b.ip)
     with H3Server(tun_pair.b.ip, 4433, cert, key):
-        # --8<-- [start:aioquic]
         with open(tun_pair.keylog, "a") as secrets:  # QuicConfiguration(secrets_log_file=...)
             status, body = h3_get(tun_pair.b.ip, 4433, "/h3", cafile=cert, secrets=secrets)
-        # --8<-- [end:aioquic]
     assert (status, body) == (200, BODY)
     tun_pair.packets.wait_quiet()
     path = tun_pair.packets.to_pcap(tmp_path / "h3.pcapng")
