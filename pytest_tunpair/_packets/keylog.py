@@ -19,8 +19,16 @@ import threading
 
 __all__ = ["KeyLog"]
 
-# Lines Wireshark's key log reader takes: "LABEL <64 hex client random> <hex secret>".
+# Bytes read per pread(): a key log holds a few hundred bytes per connection.
 _MAX_READ = 1 << 20
+
+
+def _read_from(fd: int, offset: int) -> bytes:
+    chunks = []
+    while chunk := os.pread(fd, _MAX_READ, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 class KeyLog:
@@ -49,12 +57,7 @@ class KeyLog:
             if self._fd is None:
                 data = (self._kept or b"")[offset:]
             else:
-                chunks = []
-                pos = offset
-                while chunk := os.pread(self._fd, _MAX_READ, pos):
-                    chunks.append(chunk)
-                    pos += len(chunk)
-                data = b"".join(chunks)
+                data = _read_from(self._fd, offset)
         end = data.rfind(b"\n") + 1
         return data[:end], offset + end
 
@@ -69,12 +72,7 @@ class KeyLog:
             if fd is None:
                 return
             try:
-                chunks = []
-                pos = 0
-                while chunk := os.pread(fd, _MAX_READ, pos):
-                    chunks.append(chunk)
-                    pos += len(chunk)
-                self._kept = b"".join(chunks)
+                self._kept = _read_from(fd, 0)
             finally:
                 os.close(fd)
                 shutil.rmtree(self._dir, ignore_errors=True)

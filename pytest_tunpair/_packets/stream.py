@@ -5,9 +5,9 @@
 section: a header, then two interfaces per pair that joins, secrets and packets as they
 come); a :class:`Follower` is the thread that carries one capture into it. The relay never
 waits for either: the follower sleeps on the capture (``Capture.wait_new``) and writes what
-was recorded since it last looked, each packet as soon as it sees it (no buffering in
-between). A reader that goes away (``EPIPE``) or stops reading ends the stream -- never
-the relay, the command or the test.
+was recorded since it last looked, within about a millisecond of the record and with no
+buffering of its own. A reader that goes away (``EPIPE``) or stops reading ends the stream
+-- never the relay, the command or the test.
 
 Key log lines go in as Decryption Secrets Blocks before the packets that follow them. A
 one-pass reader (tshark, Wireshark's first pass) needs the keys before a connection's
