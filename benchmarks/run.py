@@ -41,6 +41,11 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   ``p / (p + r)`` and ``1 / r``).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
+- ``pcapng``: what a live pcapng stream costs (``tunpair run --pcap -``,
+  ``--tunpair-pcap-live``): iperf3 through a pair whose capture is followed into
+  ``/dev/null`` vs the same pair unfollowed, interleaved (reference, no goal: the stream
+  must never stop the relay, and does not); and writing the capture of such a run with
+  ``to_pcap()`` as pcapng vs classic pcap.
 - ``profiles``: each named link profile (``impair(profile=...)``), per direction, configured
   against achieved in the same run: the rate delivered under a 1.5x overload (UDP up to
   50 Mbit/s, TCP above, where the relay's per-packet cost would cap UDP), from the capture's
@@ -110,6 +115,7 @@ SECTIONS = (
     "fields",
     "scenarios",
     "async",
+    "pcapng",
     "profiles",
     "import",
     "hosts",
@@ -1441,6 +1447,84 @@ def bench_async(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+def _thread_ns(name: str) -> int | None:
+    """CPU nanoseconds of this process's thread ``name`` so far (schedstat)."""
+    for t in threading.enumerate():
+        if t.name == name and t.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/schedstat") as f:
+                    return int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                return None
+    return None
+
+
+def bench_pcapng(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+    from pytest_tunpair._packets.stream import Follower, Sink
+
+    secs = 1 if a.quick else 3
+    rounds = a.rounds or (1 if a.quick else 3)
+    extra = ["-t", str(secs)]
+    plain: list[float] = []
+    streamed: list[float] = []
+    written: list[int] = []
+    cpu: list[float] = []
+    last: Any = None
+    for _ in range(rounds):
+        with TunPair() as pair:
+            with iperf_server(pair.b.ip or ""):
+                plain.append(gbits(iperf_client(pair.b.ip or "", extra)))
+            pair.check()
+        with TunPair() as pair:
+            sink = Sink(os.open(os.devnull, os.O_WRONLY), name=os.devnull)
+            follower = Follower(pair.packets, sink, name="tunpair-pcapng-bench").start()
+            with iperf_server(pair.b.ip or ""):
+                n0, w0 = _thread_ns("tunpair-pcapng-bench"), time.monotonic()
+                streamed.append(gbits(iperf_client(pair.b.ip or "", extra)))
+                n1, w1 = _thread_ns("tunpair-pcapng-bench"), time.monotonic()
+            pair.check()
+        if n0 is not None and n1 is not None:
+            cpu.append((n1 - n0) / 1e9 / (w1 - w0))
+        follower.stop()
+        sink.close()
+        written.append(sink.packets)
+        last = pair
+    ratio = med(streamed) / med(plain)
+    rep.raw["pcapng"] = {"plain": plain, "streamed": streamed, "written": written}
+    rep.add(
+        "pcapng",
+        f"iperf3 TCP {secs} s, capture followed live into /dev/null (x{rounds})",
+        f"{med(streamed):.2f} Gbit/s",
+        f"unfollowed {med(plain):.2f} Gbit/s",
+        f"{ratio:.2f}",
+    )
+    rep.add(
+        "pcapng",
+        "  packet blocks streamed per run (GSO super-packets count one)",
+        f"{int(med(written))}",
+    )
+    if cpu:
+        rep.add(
+            "pcapng", "  follower thread CPU during the run", f"{med(cpu) * 100:.1f} % of a core"
+        )
+    packets = last.packets
+    with tempfile.TemporaryDirectory() as tmp:
+        times = {}
+        for fmt in ("pcapng", "pcap"):
+            t0 = time.perf_counter()
+            path = packets.to_pcap(os.path.join(tmp, f"x.{fmt}"), format=fmt)
+            times[fmt] = (time.perf_counter() - t0, os.path.getsize(path))
+    (ng, ng_size), (pc, _size) = times["pcapng"], times["pcap"]
+    rep.add(
+        "pcapng",
+        f"  to_pcap() of that run's capture ({len(packets)} pkts, {ng_size / MIB:.0f} MiB)",
+        f"pcapng {fmt_ms(ng)}",
+        f"pcap {fmt_ms(pc)}",
+        f"{ng / pc:.2f}",
+    )
+
+
 # -- profiles: each named link, configured vs achieved -----------------------------------------
 
 
@@ -1595,6 +1679,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "fields": bench_fields,
     "scenarios": bench_scenarios,
     "async": bench_async,
+    "pcapng": bench_pcapng,
     "profiles": bench_profiles,
     "import": bench_import,
     "hosts": bench_hosts,
@@ -1612,6 +1697,7 @@ NEEDS = {
     "fields": [],
     "scenarios": ["iperf3"],
     "async": [],
+    "pcapng": ["iperf3"],
     "profiles": ["iperf3"],
     "import": ["valgrind"],
     "hosts": ["iperf3"],

@@ -24,7 +24,7 @@ def test_handshake(tun_pair, tmp_path):
     tun_pair.packets.wait_for(lambda p: TCP in p.scapy and "F" in p.scapy[TCP].flags)
     assert len(tun_pair.packets.filter(TCP, direction="a->b")) >= 3
 
-    pcap = tun_pair.packets.to_pcap(tmp_path / "handshake.pcap")  # for tcpdump, Wireshark
+    pcap = tun_pair.packets.to_pcap(tmp_path / "handshake.pcapng")  # tcpdump, Wireshark
     # --8<-- [end:handshake]
     if shutil.which("tcpdump") is None:
         pytest.skip("tcpdump is not installed")

@@ -69,4 +69,4 @@ def test_tcp_over_tap(tun_pair, tmp_path):
     syn = tun_pair.packets.filter(TCP)[0].scapy
     assert syn[TCP].flags == "S" and syn[Ether].dst == tun_pair.b.mac
     # An Ethernet pcap for Wireshark or `tcpdump -e -r`.
-    tun_pair.packets.to_pcap(tmp_path / "tap.pcap")
+    tun_pair.packets.to_pcap(tmp_path / "tap.pcapng")

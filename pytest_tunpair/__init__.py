@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ._packets.flows import Flow
     from ._packets.match import PacketSource, expect, expect_none, expect_sequence
     from ._packets.packet import GsoInfo, Packet
+    from ._packets.tls import TlsRecord
     from ._pair import Checkpoint, TunPair
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
     from ._topology import Topology
@@ -58,6 +59,7 @@ _WHERE = {
     "GsoInfo": "._packets.packet",
     "Packet": "._packets.packet",
     "BlockingWaitError": "._errors",
+    "TlsRecord": "._packets.tls",
     "HookError": "._errors",
     "LeftoverProcessError": "._errors",
     "LeftoverProcessWarning": "._errors",
@@ -147,6 +149,7 @@ __all__ = [
     "TcpOptions",
     "ThreadNamespaceWarning",
     "ThreadNotStopped",
+    "TlsRecord",
     "Topology",
     "TunDeviceError",
     "TunPair",

@@ -11,9 +11,11 @@ it: argument parsing, a child process, signal handling and a live trace. The cal
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,8 @@ from ._kernel import userns as _userns
 from ._options import PairOptions
 from ._packets.capture import Capture
 from ._packets.packet import Packet
+from ._packets.pcap import FORMATS
+from ._packets.stream import Follower, Sink, is_regular, open_fifo
 from ._pair import TunPair
 from ._plugin.report import plural
 from ._schema import Bool, Duration, Int, Invalid, declared, default_of
@@ -117,7 +121,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     c = groups["capture"]
     c.add_argument("-q", "--quiet", action="store_true", help="no packet trace, no banner")
     c.add_argument("--log", metavar="FILE", help="write the packet trace to FILE, not stderr")
-    c.add_argument("--pcap", metavar="FILE", help="write every packet to a pcap FILE at exit")
+    c.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help="stream every packet as pcapng to FILE while it runs, with the relay's action as "
+        "each packet's comment and the TLS/QUIC secrets of the command (SSLKEYLOGFILE) "
+        "embedded; '-' streams to stdout (pipe it into `wireshark -k -i -` or `tshark -i -`; "
+        "COMMAND's own stdout then goes to stderr); a FIFO works too",
+    )
+    c.add_argument(
+        "--pcap-format",
+        choices=FORMATS,
+        default="pcapng",
+        help="pcapng (default: streamed) or pcap (classic libpcap, packets only, written at exit)",
+    )
     c.add_argument(
         "--plot",
         metavar="FILE",
@@ -190,6 +207,7 @@ class Plan:
     impair: dict[str, Any] = field(default_factory=dict)
     direction: str | None = None
     pcap: str | None = None
+    pcap_format: str = "pcapng"
     log: str | None = None
     plot: str | None = None
     outages: list[tuple[float, float]] = field(default_factory=list)
@@ -272,8 +290,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
         parser.error(
             f"argument --direction: nothing to impair; add {', '.join(flags[:-1])} or {flags[-1]}"
         )
+    if args.pcap == "-":
+        if args.pcap_format != "pcapng":
+            parser.error("argument --pcap: '-' streams pcapng; drop --pcap-format pcap")
+        if sys.stdout.isatty():
+            parser.error(
+                "argument --pcap: '-' writes pcapng to stdout, which is a terminal: pipe it, "
+                "e.g. `tunpair run --pcap - -- COMMAND | wireshark -k -i -`"
+            )
+    elif args.pcap is not None and _is_fifo(args.pcap) and args.pcap_format != "pcapng":
+        parser.error(f"argument --pcap: {args.pcap!r} is a FIFO, which takes pcapng only")
     for flag, path in (("--pcap", args.pcap), ("--log", args.log), ("--plot", args.plot)):
-        if path is not None:
+        if path is not None and not (flag == "--pcap" and (path == "-" or _is_fifo(path))):
             problem = _unwritable(path)
             if problem:
                 parser.error(f"argument {flag}: cannot write {path!r}: {problem}")
@@ -302,6 +330,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         impair=impair,
         direction=args.direction,
         pcap=args.pcap,
+        pcap_format=args.pcap_format,
         log=args.log,
         plot=args.plot,
         outages=outages,
@@ -343,6 +372,13 @@ def _outage(parser: argparse.ArgumentParser, text: str) -> tuple[float, float]:
         except (Invalid, OptionError) as exc:
             parser.error(f"argument --outage: bad value {text!r}: {name}: {exc.reason}")
     return values["after"], values["duration"]
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _unwritable(path: str) -> str | None:
@@ -446,6 +482,77 @@ class TracePrinter:
             self.broken = exc
 
 
+# -- the live pcapng stream (--pcap) -----------------------------------------------------------
+class PcapStream:
+    """``--pcap FILE|-``: every packet as pcapng while the command runs (a :class:`Follower`
+    of the capture into a :class:`Sink`); a regular file is finished with the secrets in
+    front at the end."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.name = "stdout" if target == "-" else target
+        self.path: str | None = None
+        self._own = target != "-"
+        if target == "-":
+            self.fd = sys.stdout.fileno()
+        elif _is_fifo(target):
+            self.fd = open_fifo(target)
+        else:
+            self.fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # Only a regular file is finished in place (/dev/null, a terminal device: never).
+            self.path = target if is_regular(self.fd) else None
+        self.sink: Sink | None = None
+        self.follower: Follower | None = None
+
+    def follow(self, pair: TunPair) -> None:
+        self.sink = Sink(self.fd, name=self.name, path=self.path, own=self._own)
+        self.follower = Follower(pair.packets, self.sink, name="tunpair-pcapng").start()
+
+    def stop(self, pair: TunPair) -> None:
+        """After the relay stopped: the last packets and secrets, then close."""
+        if self.follower is not None:
+            self.follower.stop()
+        if self.sink is not None:
+            self.sink.close(pair.packets.secrets())
+        elif self._own:
+            os.close(self.fd)
+
+    def discard(self) -> None:
+        """The pair never came up: close, and remove a regular file made for nothing."""
+        if self._own:
+            os.close(self.fd)
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    @property
+    def problem(self) -> str | None:
+        sink = self.sink
+        if sink is None or sink.broken is None:
+            return None
+        return f"the pcapng stream stopped after {plural(sink.packets, 'packet')}: {sink.broken}"
+
+    def summary(self) -> str:
+        sink = self.sink
+        if sink is None:
+            return f"nothing streamed to {self.name}"
+        text = f"streamed {plural(sink.packets, 'packet')}"
+        if sink.secret_lines:
+            text += f" and {plural(sink.secret_lines, 'key log line')}"
+        return f"{text} to {self.name}"
+
+
+def _why(exc: OSError, path: str) -> str:
+    if exc.errno == errno.ENXIO:
+        return (
+            "no reader has the FIFO open: start the reader first "
+            f"(`wireshark -k -i {path}` or `tshark -i {path}`)"
+        )
+    return exc.strerror or str(exc)
+
+
 # -- signals ----------------------------------------------------------------------------------
 def _terminal_foreground() -> bool:
     """True when a controlling terminal exists and our process group is its foreground."""
@@ -531,6 +638,7 @@ class Session:
         self.lock = threading.Lock()
         #: Where the live trace goes when not to ``err`` (--log, or a shell's file).
         self.trace_path: str | None = None
+        self.stream: PcapStream | None = None
 
     def say(self, text: str) -> None:
         with self.lock:
@@ -566,6 +674,13 @@ class Session:
 
     def _run(self, signals: _Signals, trace_file: TextIO | None) -> int:
         plan = self.plan
+        stream: PcapStream | None = None
+        if plan.pcap is not None and plan.pcap_format == "pcapng":
+            try:
+                stream = self.stream = PcapStream(plan.pcap)
+            except OSError as exc:
+                self.say(f"cannot write --pcap {plan.pcap}: {_why(exc, plan.pcap)}")
+                return EXIT_FAILED
         pair = TunPair(plan.options)
         printer: TracePrinter | None = None
         if not plan.quiet:
@@ -580,8 +695,12 @@ class Session:
                 if isinstance(exc, PrivilegeError):
                     hint = " (run tunpair as root, or as `unshare -Urn tunpair ...`)"
                 self.say(f"cannot set up the pair: {exc}{hint}")
+                if stream is not None:
+                    stream.discard()
                 return EXIT_FAILED
             status = EXIT_FAILED
+            if stream is not None:
+                stream.follow(pair)
             try:
                 if plan.impair:
                     pair.impair(direction=plan.direction, **plan.impair)
@@ -601,11 +720,16 @@ class Session:
         finally:
             if printer is not None:
                 printer.stop()
+            if stream is not None:
+                stream.stop(pair)
         if failed and status == 0:
             status = EXIT_FAILED
-        if plan.pcap is not None:
+        if stream is not None and stream.problem is not None:
+            # A reader closing early ends the stream, never the command: no status change.
+            self.say(f"--pcap {plan.pcap}: {stream.problem}")
+        if plan.pcap is not None and stream is None:
             try:
-                pair.packets.to_pcap(plan.pcap)
+                pair.packets.to_pcap(plan.pcap, format=plan.pcap_format)
             except OSError as exc:
                 self.say(f"cannot write --pcap {plan.pcap}: {exc}")
                 if status == 0:
@@ -678,11 +802,19 @@ class Session:
             self.say(f"live trace: tail -f {shlex.quote(self.trace_path)}   ($TUNPAIR_TRACE)")
             if os.environ.get("TMUX"):
                 self.say(f"  in a tmux pane: tmux split-window -d 'tail -f {self.trace_path}'")
+        if self.stream is not None and pair.keylog is not None:
+            self.say(
+                f"TLS/QUIC secrets: $SSLKEYLOGFILE ({pair.keylog}) goes into --pcap {self.stream.name}"
+            )
         self.say(f"starting {shell}; exit it to tear the pair down")
 
     def _env(self, pair: TunPair) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
         env["TUNPAIR_NETNS"] = pair.netns_path
+        if self.stream is not None and pair.keylog is not None:
+            # Secrets only where they end up in a capture (--pcap): the command's TLS
+            # clients log them, the stream embeds them.
+            env["SSLKEYLOGFILE"] = pair.keylog
         if self.trace_path is not None:
             env["TUNPAIR_TRACE"] = self.trace_path
         for label, end in (("A", pair.a), ("B", pair.b)):
@@ -706,6 +838,8 @@ class Session:
                 command,
                 env={**self._env(pair), **(extra_env or {})},
                 process_group=None if signals.terminal else 0,
+                # --pcap -: stdout carries the capture, COMMAND's own output goes to stderr.
+                stdout=sys.stderr.fileno() if self.plan.pcap == "-" else None,
             )
         except FileNotFoundError:
             self.say(f"{command[0]}: command not found")
@@ -748,7 +882,9 @@ class Session:
                 more.append(f"{s['device_dropped']} dropped by the device before the relay")
             parts.append(f"{d} {plural(s['packets'], 'packet')} ({', '.join(more)})")
         text = "carried " + ", ".join(parts)
-        if self.plan.pcap is not None:
+        if self.stream is not None:
+            text += f"; {self.stream.summary()}"
+        elif self.plan.pcap is not None:
             text += f"; wrote {plural(len(pair.packets), 'packet')} to {self.plan.pcap}"
         if self.trace_path is not None and self.plan.log is None:
             text += f"; the trace is in {self.trace_path}"

@@ -70,6 +70,9 @@ class TunPairFactory:
         self.random_seed = new_seed()
         """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
         self._thread = threading.get_ident()
+        self.on_open: Callable[[TunPair], None] | None = None
+        """Called with each pair once it is open (the plugin streams it live with
+        ``--tunpair-pcap-live``)."""
 
     def open(self) -> TunPairFactory:
         """Move the calling thread into a fresh namespace for the pairs (the first call does)."""
@@ -165,6 +168,8 @@ class TunPairFactory:
         )
         pair.open(_index=index)
         self.pairs.append(pair)
+        if self.on_open is not None:
+            self.on_open(pair)
         return pair
 
     # -- topologies -----------------------------------------------------------------------------

@@ -193,6 +193,13 @@ class PairOptions:
         group="capture",
         default_doc="67108864 (64 MiB)",
     )
+    keylog: bool = option(
+        True,
+        Bool(),
+        "a TLS/QUIC key log for the pair (tun_pair.keylog; SSLKEYLOGFILE of spawn()ed "
+        "processes), embedded in its pcapng files so that they open decrypted",
+        group="capture",
+    )
     seed: int | None = option(
         None,
         Int(0, optional=True),

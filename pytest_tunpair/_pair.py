@@ -44,6 +44,7 @@ from ._packets.capture import Capture
 from ._packets.packet import DIRECTIONS, Packet
 
 if TYPE_CHECKING:
+    import ssl
     from concurrent.futures import ThreadPoolExecutor
 
     from ._kernel.resolver import Resolver
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from ._link.link import Divert, Rule
     from ._link.nat import Nat
     from ._link.rules import Fault, Outage, PathMtu
+    from ._packets.keylog import KeyLog
     from ._peer.peer import ScriptedPeer
 
 T = TypeVar("T")
@@ -115,9 +117,12 @@ class TunPair:
             snaplen=o.snaplen,
             pending=self._pending,
             configured=self._configured,
+            keylog=lambda: self._keylog,
+            interfaces=_interface_descriptions(o),
         )
         """Every packet the relay carried, in order (a live :class:`Capture`)."""
         self._stats = Stats(self.packets.lock)
+        self._keylog: KeyLog | None = None  # made on first use (keylog, spawn, ssl_context)
         self.a: Endpoint
         """Side a: the first device (``tun0``, ``198.18.0.1``)."""
         self.b: Endpoint
@@ -339,6 +344,7 @@ class TunPair:
                 errors.append(exc)
         if self._own_netns and self._netns is not None and self._netns.active:
             self._netns.exit()
+        self._close_keylog()
         return errors + leftover
 
     def settle(self, timeout: float) -> bool:
@@ -398,8 +404,14 @@ class TunPair:
 
         At teardown the process and every process descended from it in the namespace (even
         one that called ``setsid()``) get SIGTERM, then SIGKILL after 2 s.
+
+        The process gets ``SSLKEYLOGFILE`` pointing at :attr:`keylog` (unless ``env`` sets
+        it, or the ``keylog`` option is off): TLS clients that honour it (curl, OpenSSL's
+        tools, Firefox/NSS) log their secrets there, and the pair's pcapng files open
+        decrypted.
         """
         keeper = self._require_keeper()
+        self._keylog_env(popen_kwargs)
         return keeper.spawn(
             args, ready=ready, timeout=timeout, run_inside=self._run_inside, **popen_kwargs
         )
@@ -462,6 +474,77 @@ class TunPair:
         for pool in pools:
             pool.shutdown(wait=False)
         join_threads([t for pool in pools for t in pool_threads(pool)], grace)
+
+    # -- TLS and QUIC secrets (the key log) -----------------------------------------------------
+    @property
+    def keylog(self) -> str | None:
+        """Path of the pair's NSS key log file (``SSLKEYLOGFILE``'s format), for TLS and
+        QUIC endpoints to write their secrets to; ``None`` with the ``keylog`` option off.
+
+        Processes :meth:`spawn` starts get it as ``SSLKEYLOGFILE``; :meth:`ssl_context`
+        gives Python's ``ssl`` contexts that log to it; aioquic takes
+        ``QuicConfiguration(secrets_log_file=open(tun_pair.keylog, "a"))``. Whatever it holds
+        is embedded in the pair's pcapng files (``packets.to_pcap()``, ``--tunpair-pcap``)
+        as a Decryption Secrets Block, so Wireshark and tshark open them decrypted. The file
+        lives in a private directory that goes away when the pair closes: the secrets stay
+        only in those pcapng files.
+        """
+        keylog = self._get_keylog()
+        return None if keylog is None else keylog.path
+
+    def ssl_context(
+        self,
+        purpose: ssl.Purpose | None = None,
+        *,
+        cafile: str | os.PathLike[str] | None = None,
+        capath: str | os.PathLike[str] | None = None,
+        cadata: str | bytes | None = None,
+    ) -> ssl.SSLContext:
+        """``ssl.create_default_context(purpose, cafile=..., capath=..., cadata=...)`` whose
+        secrets go to :attr:`keylog` (``keylog_filename``): for a client (the default
+        purpose, ``ssl.Purpose.SERVER_AUTH``) or a server (``ssl.Purpose.CLIENT_AUTH``)
+        in the test, e.g. ``httpx.Client(verify=tun_pair.ssl_context(cafile=cert))``.
+        The same for a context of your own: ``ctx.keylog_filename = tun_pair.keylog``.
+        With the ``keylog`` option off, a plain default context.
+        """
+        import ssl
+
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH if purpose is None else purpose,
+            cafile=cafile,
+            capath=capath,
+            cadata=cadata,
+        )
+        path = self.keylog
+        if path is not None:
+            ctx.keylog_filename = path
+        return ctx
+
+    def _get_keylog(self) -> KeyLog | None:
+        if not self.options.keylog:
+            return None
+        if self._keylog is None:
+            if self._closed:
+                raise PairClosedError("the pair is closed: its key log is gone")
+            from ._packets.keylog import KeyLog
+
+            self._keylog = KeyLog()
+        return self._keylog
+
+    def _keylog_env(self, popen_kwargs: dict[str, Any]) -> None:
+        """``SSLKEYLOGFILE`` for a process :meth:`spawn` starts, unless ``env`` sets it."""
+        env = popen_kwargs.get("env")
+        if env is not None and "SSLKEYLOGFILE" in env:
+            return
+        path = self.keylog
+        if path is not None:
+            popen_kwargs["env"] = {**(os.environ if env is None else env), "SSLKEYLOGFILE": path}
+
+    def _close_keylog(self) -> None:
+        # After the processes and the relay: nothing writes secrets any more. The capture
+        # keeps them for files written after the close.
+        if self._keylog is not None:
+            self._keylog.close()
 
     # -- one test of a longer-lived pair --------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -1153,6 +1236,15 @@ def _nsswitch_hosts_dns() -> str | None:
 def new_seed() -> int:
     # Not the `random` module: a test that seeds it must not make every run's seed equal.
     return secrets.randbelow(2**31)
+
+
+def _interface_descriptions(o: PairOptions) -> tuple[str, str]:
+    """How pcapng files describe the two directions: ``tun0 198.18.0.1 -> tun1 198.18.0.2``."""
+    ends = []
+    for i, name in enumerate(o.names):
+        addrs = [pair[i] for pair in (o.ipv4, o.ipv6) if pair is not None]
+        ends.append(" ".join([name, *addrs]))
+    return (f"{ends[0]} -> {ends[1]}", f"{ends[1]} -> {ends[0]}")
 
 
 def _check_direction(direction: str | None, what: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ._errors import OptionError
-from ._plugin import keys, marks, options, report, rootless, scoped, threads
+from ._plugin import keys, live, marks, options, report, rootless, scoped, threads
 
 if TYPE_CHECKING:
     from ._factory import TunPairFactory
@@ -37,16 +37,13 @@ def pytest_configure(config: pytest.Config) -> None:
         threads.install()
     scoped.configure(config)
     report.configure(config)
+    live.configure(config)
     # The option names come from the schema: listed only for `pytest --markers`, so that a
     # run that never opens a tunnel does not build it.
     tunpair = marks.tunpair_help() if config.getoption("markers", False) else "tunpair(**options)"
     config.addinivalue_line("markers", tunpair)
     config.addinivalue_line("markers", marks.HELP_IMPAIR)
     config.pluginmanager.register(marks.Checks(), "tunpair-marks")
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    threads.uninstall()
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -67,14 +64,17 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
     rootless.refuse_tunnel(request.config)  # this machine cannot: the reason, once per test
     scoped.refuse_mixing(request.node)
     scoped.refuse_stranding(request, "tun_pair_factory")
-    factory = _open(request.config, "tun_pair_factory()")
+    factory = _open(request, "tun_pair_factory()")
     _warn_at(factory, request.node)
     request.node.stash[keys.FACTORY] = factory
     try:
         threads.begin(request, factory)
         yield factory
     finally:
-        threads.end_test(request.node, factory, factory.close)
+        try:
+            threads.end_test(request.node, factory, factory.close)
+        finally:
+            live.closed(request.config, factory)
 
 
 @pytest.fixture
@@ -141,24 +141,30 @@ def _scoped_factory(
     rootless.refuse_tunnel(request.config)
     name = f"tun_pair_factory_{scope}"
     scoped.refuse_stranding(request, name)
-    factory = _open(request.config, f"{name}()")
+    factory = _open(request, f"{name}()")
     before = threads.snapshot()
     try:
         with scoped.kept(request, scope, factory):
             yield factory
     finally:
-        threads.close_scope(request.node, factory, before)
+        try:
+            threads.close_scope(request.node, factory, before)
+        finally:
+            live.closed(request.config, factory)
 
 
-def _open(config: pytest.Config, source: str) -> TunPairFactory:
+def _open(request: pytest.FixtureRequest, source: str) -> TunPairFactory:
     """A factory with the run's defaults (``--tunpair-seed``, ``--tunpair-leftovers``), open:
-    the calling thread is inside its namespace."""
+    the calling thread is inside its namespace. Its pairs stream live with
+    ``--tunpair-pcap-live``."""
     from ._factory import TunPairFactory
 
-    resolved = config.stash[keys.OPTIONS]
+    resolved = request.config.stash[keys.OPTIONS]
     seed = resolved.tunpair_seed
     defaults = {} if seed is None else {"seed": seed}
-    return TunPairFactory(defaults, source=source, leftovers=resolved.tunpair_leftovers).open()
+    factory = TunPairFactory(defaults, source=source, leftovers=resolved.tunpair_leftovers)
+    live.watch(request.config, factory, request.node.nodeid)
+    return factory.open()
 
 
 def _warn_at(factory: TunPairFactory, item: pytest.Item) -> None:
@@ -246,6 +252,12 @@ def pytest_runtest_makereport(
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     report.terminal_summary(terminalreporter)
     rootless.summary(terminalreporter)
+    live.terminal_summary(terminalreporter)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    threads.uninstall()
+    live.unconfigure(config)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -17,6 +17,7 @@ import pytest_tunpair
 from pytest_tunpair import Capture, Packet, PacketTimeout, TunPair
 from pytest_tunpair._options import DEFAULT_CAPTURE_BYTES
 
+from . import pcapng_read
 from .conftest import need, run_standalone, tcpdump_read
 
 # Generous: these bound how long a test may hang, they do not measure anything.
@@ -408,7 +409,7 @@ def test_to_pcap_mixes_ipv4_and_ipv6_and_tcpdump_reads_it(tun_pair: TunPair, tmp
 @pytest.mark.tunpair(mode="tap", ipv6=None)
 def test_to_pcap_of_a_tap_pair_is_ethernet(tun_pair: TunPair, tmp_path) -> None:
     _ping(tun_pair.b.ip)
-    path = tun_pair.packets.to_pcap(tmp_path / "tap.pcap")
+    path = tun_pair.packets.to_pcap(tmp_path / "tap.pcap", format="pcap")
     out = _tcpdump(path, "-e")
     assert "link-type EN10MB (Ethernet)" in out.stderr
     assert f"{tun_pair.a.mac} > ff:ff:ff:ff:ff:ff, ethertype ARP" in out.stdout
@@ -445,11 +446,17 @@ def test_snaplen_cuts_the_record_not_the_packet(tun_pair: TunPair, udp_echo, tmp
         assert len(pkt.data) == 64 and len(pkt) == 1028
         assert "length 1028 [64 kept]" in pkt.summary()
     assert tun_pair.stats["a->b"]["bytes"] == 1028
-    path = tun_pair.packets.to_pcap(tmp_path / "snap.pcap")
+    path = tun_pair.packets.to_pcap(tmp_path / "snap.pcap", format="pcap")
     header, records = _pcap_records(path)
     assert header[5] == 64  # the file's snapshot length
     assert [(r[2], r[3]) for r in records] == [(64, 1028), (64, 1028)]
     assert "UDP, length 1000" in _tcpdump(path).stdout
+    # pcapng: the same lengths, and the comment says what was kept.
+    ng = pcapng_read.read(tun_pair.packets.to_pcap(tmp_path / "snap.pcapng"))
+    assert [i.snaplen for i in ng.interfaces] == [64, 64]
+    assert [(r.caplen, r.wire_len) for r in ng.packets] == [(64, 1028), (64, 1028)]
+    assert all("64 of 1028 bytes kept (snaplen)" in r.comment for r in ng.packets)
+    assert "UDP, length 1000" in _tcpdump(tmp_path / "snap.pcapng").stdout
 
 
 @pytest.mark.tunpair(max_packets=50)

@@ -80,7 +80,7 @@ def test_run_ping_traces_both_directions_and_writes_a_pcap(tunnels: None, tmp_pa
     replies = [ln for ln in lines if "b->a forwarded" in ln and "echo-reply" in ln]
     assert len(requests) == 2 and len(replies) == 2, r.stderr
     assert "tunpair: carried a->b 2 packets (168 bytes), b->a 2 packets (168 bytes)" in r.stderr
-    assert f"wrote 4 packets to {pcap}" in r.stderr
+    assert f"streamed 4 packets to {pcap}" in r.stderr
 
     read = tcpdump_read(pcap)
     assert read.returncode == 0, read.stderr

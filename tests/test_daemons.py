@@ -471,7 +471,7 @@ def _check_module_run(result: pytest.RunResult, path: Path, pcaps: Path) -> None
         assert not any(str(other) in report for other in PORTS - {port}), report
         # The hook each test adds is gone at its end: one per report, not one per test so far.
         assert report.count("hooks a->b") == 1, report
-    files = sorted(pcaps.glob("*.pcap"))
+    files = sorted(pcaps.glob("*.pcapng"))
     assert len(files) == 3, files
     for f in files:
         port = int(f.stem.rsplit("_", 1)[1])

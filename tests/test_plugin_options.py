@@ -12,7 +12,12 @@ from dataclasses import fields
 
 import pytest
 
-from pytest_tunpair._plugin.options import LEFTOVER_POLICIES, USERNS_MODES, PluginOptions
+from pytest_tunpair._plugin.options import (
+    LEFTOVER_POLICIES,
+    PCAP_FORMATS,
+    USERNS_MODES,
+    PluginOptions,
+)
 
 # The inner run prints what the plugin resolved, in its report header (collection only).
 SHOW = """
@@ -49,6 +54,8 @@ DEFAULTS = {
     "tunpair": "False",
     "tunpair_pcap": "None",
     "tunpair_pcap_mode": "'failed'",
+    "tunpair_pcap_format": "'pcapng'",
+    "tunpair_pcap_live": "None",
     "tunpair_plot": "False",
     "tunpair_seed": "None",
     "tunpair_leftovers": "'warn'",
@@ -66,6 +73,8 @@ INI = """[pytest]
 tunpair = true
 tunpair_pcap = from_ini
 tunpair_pcap_mode = all
+tunpair_pcap_format = pcap
+tunpair_pcap_live = live_ini
 tunpair_plot = true
 tunpair_seed = 55
 tunpair_leftovers = fail
@@ -80,6 +89,8 @@ def test_ini_keys(pytester: pytest.Pytester) -> None:
         "tunpair": "True",
         "tunpair_pcap": repr(pytester.path / "from_ini"),
         "tunpair_pcap_mode": "'all'",
+        "tunpair_pcap_format": "'pcap'",
+        "tunpair_pcap_live": repr(pytester.path / "live_ini"),
         "tunpair_plot": "True",
         "tunpair_seed": "55",
         "tunpair_leftovers": "'fail'",
@@ -96,6 +107,8 @@ def test_flags_beat_ini_keys(pytester: pytest.Pytester) -> None:
         "--tunpair",
         "--tunpair-pcap=from_cli",
         "--tunpair-pcap-mode=failed",
+        "--tunpair-pcap-format=pcapng",
+        "--tunpair-pcap-live=live_cli",
         "--tunpair-plot",
         "--tunpair-seed=77",
         "--tunpair-leftovers=kill",
@@ -105,6 +118,8 @@ def test_flags_beat_ini_keys(pytester: pytest.Pytester) -> None:
         "tunpair": "True",
         "tunpair_pcap": repr(pytester.path / "from_cli"),
         "tunpair_pcap_mode": "'failed'",
+        "tunpair_pcap_format": "'pcapng'",
+        "tunpair_pcap_live": repr(pytester.path / "live_cli"),
         "tunpair_plot": "True",
         "tunpair_seed": "77",
         "tunpair_leftovers": "'kill'",
@@ -149,6 +164,25 @@ BAD = {
         "--tunpair-pcap-mode: bad value 'sometimes': use 'failed' (pcap files for failed tests "
         "only) or 'all' (for every test that used a tunnel)",
     ),
+    "flag-pcap-format": (
+        ["--tunpair-pcap-format=pcap2"],
+        "",
+        "--tunpair-pcap-format: bad value 'pcap2': use 'pcapng' (directions, the relay's "
+        "actions, TLS secrets) or 'pcap' (classic libpcap, packets only)",
+    ),
+    "flag-pcap-live-file": (
+        ["--tunpair-pcap-live=afile"],
+        "",
+        "--tunpair-pcap-live: bad value 'afile': */afile exists and is neither a FIFO nor a "
+        "directory; make a FIFO (mkfifo) for one live stream, or give a directory for a file "
+        "per pair",
+    ),
+    "flag-pcap-live-empty": (
+        ["--tunpair-pcap-live= "],
+        "",
+        "--tunpair-pcap-live: bad value ' ': give a FIFO (mkfifo) for one live stream, or a "
+        "directory for a file per pair",
+    ),
     "flag-seed": (
         ["--tunpair-seed=abc"],
         "",
@@ -184,6 +218,17 @@ BAD = {
         [],
         "tunpair_pcap_mode = never",
         "ini key tunpair_pcap_mode in */tox.ini: bad value 'never': use 'failed' *or 'all' *",
+    ),
+    "ini-pcap-format": (
+        [],
+        "tunpair_pcap_format = pcapng2",
+        "ini key tunpair_pcap_format in */tox.ini: bad value 'pcapng2': use 'pcapng' *",
+    ),
+    "ini-pcap-live": (
+        [],
+        "tunpair_pcap_live = afile",
+        "ini key tunpair_pcap_live in */tox.ini: bad value 'afile': */afile exists and is "
+        "neither a FIFO nor a directory; *",
     ),
     "ini-plot": (
         [],
@@ -260,6 +305,8 @@ def test_each_option_has_a_flag_and_an_ini_key_with_one_help_text(
             "*--tunpair *turn on the tun_pair*",
             "*--tunpair-pcap=DIR*",
             "*--tunpair-pcap-mode={failed,all}*",
+            "*--tunpair-pcap-format={pcapng,pcap}*",
+            "*--tunpair-pcap-live=FIFO_OR_DIR*",
             "*--tunpair-plot*",
             "*--tunpair-seed=N*",
             "*--tunpair-leftovers={kill,warn,fail}*",
@@ -281,3 +328,6 @@ def test_the_choices_are_the_machinerys() -> None:
 
     assert LEFTOVER_POLICIES == KEEPER_POLICIES
     assert USERNS_MODES == MODES
+    from pytest_tunpair._packets.pcap import FORMATS
+
+    assert PCAP_FORMATS == FORMATS

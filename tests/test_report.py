@@ -210,7 +210,7 @@ def test_every_pair_of_the_test_gets_a_header(pytester: pytest.Pytester) -> None
 
 # -- pcap files -----------------------------------------------------------------------------
 def _pcaps(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.glob("*.pcap")) if directory.exists() else []
+    return sorted(p.name for p in directory.glob("*.pcap*")) if directory.exists() else []
 
 
 def test_pcap_written_for_failed_tests_only_and_named_in_the_report(
@@ -220,16 +220,16 @@ def test_pcap_written_for_failed_tests_only_and_named_in_the_report(
     result = _run(pytester, "--tunpair-pcap=pcaps")
     result.assert_outcomes(passed=1, failed=2)
     directory = pytester.path / "pcaps"
-    assert _pcaps(directory) == ["test_inner.py_test_fails.pcap"]
+    assert _pcaps(directory) == ["test_inner.py_test_fails.pcapng"]
     result.stdout.fnmatch_lines(
         [
             "*- Captured packets call -*",
             "tun pair tun0=*",
             "relay carried*",
-            f"pcap: {directory}/test_inner.py_test_fails.pcap",
+            f"pcap: {directory}/test_inner.py_test_fails.pcapng",
         ]
     )
-    out = tcpdump_read(directory / "test_inner.py_test_fails.pcap")
+    out = tcpdump_read(directory / "test_inner.py_test_fails.pcapng")
     assert out.returncode == 0, out.stderr
     assert "link-type RAW" in out.stderr
     lines = out.stdout.splitlines()
@@ -244,8 +244,8 @@ def test_pcap_mode_all_writes_every_tunnel_test(pytester: pytest.Pytester) -> No
     result = _run(pytester, f"--tunpair-pcap={directory}", "--tunpair-pcap-mode=all")
     result.assert_outcomes(passed=1, failed=2)
     assert _pcaps(directory) == [
-        "test_inner.py_test_fails.pcap",
-        "test_inner.py_test_passes.pcap",
+        "test_inner.py_test_fails.pcapng",
+        "test_inner.py_test_passes.pcapng",
     ]
 
 
@@ -275,12 +275,12 @@ def test_pcap_holds_teardown_traffic_and_one_file_per_pair(pytester: pytest.Pyte
     result.assert_outcomes(failed=1)
     directory = pytester.path / "pcaps"
     stem = "test_inner.py_test_two_a_b_c"
-    assert _pcaps(directory) == [f"{stem}-tun0-tun1.pcap", f"{stem}-tun2-tun3.pcap"]
-    result.stdout.fnmatch_lines([f"pcap: {directory}/{stem}-tun0-tun1.pcap"])
-    result.stdout.fnmatch_lines([f"pcap: {directory}/{stem}-tun2-tun3.pcap"])
+    assert _pcaps(directory) == [f"{stem}-tun0-tun1.pcapng", f"{stem}-tun2-tun3.pcapng"]
+    result.stdout.fnmatch_lines([f"pcap: {directory}/{stem}-tun0-tun1.pcapng"])
+    result.stdout.fnmatch_lines([f"pcap: {directory}/{stem}-tun2-tun3.pcapng"])
     # The report was written at the failure, before teardown pinged; the file was written
     # again once the test was over.
-    first = tcpdump_read(directory / f"{stem}-tun0-tun1.pcap")
+    first = tcpdump_read(directory / f"{stem}-tun0-tun1.pcapng")
     assert first.returncode == 0, first.stderr
     assert len(first.stdout.splitlines()) == 2 and "echo reply" in first.stdout
 
@@ -293,9 +293,9 @@ def test_a_pcap_that_cannot_be_written_is_reported(pytester: pytest.Pytester) ->
     result.stdout.fnmatch_lines(
         [
             "*- Captured packets call -*",
-            "pcap: could not write */afile/pcaps/test_inner.py_test_fails.pcap: *Not a directory*",
+            "pcap: could not write */afile/pcaps/test_inner.py_test_fails.pcapng: *Not a directory*",
             "*- tunpair: pcap files not written -*",
-            "test_inner.py::test_passes: pcap: could not write *test_passes.pcap*",
+            "test_inner.py::test_passes: pcap: could not write *test_passes.pcapng*",
         ]
     )
 
@@ -309,7 +309,7 @@ def test_ini_keys_and_command_line_precedence(pytester: pytest.Pytester) -> None
     _run(pytester, "--tunpair-pcap=from_cli", "--tunpair-pcap-mode=failed").assert_outcomes(
         passed=1, failed=2
     )
-    assert _pcaps(pytester.path / "from_cli") == ["test_inner.py_test_fails.pcap"]
+    assert _pcaps(pytester.path / "from_cli") == ["test_inner.py_test_fails.pcapng"]
 
 
 def test_ini_directory_is_relative_to_the_ini_file(pytester: pytest.Pytester) -> None:
@@ -319,7 +319,7 @@ def test_ini_directory_is_relative_to_the_ini_file(pytester: pytest.Pytester) ->
     # Started from the parent directory: the ini's "pcaps" still means sub/pcaps.
     result = _run(pytester, "-c", "sub/pytest.ini", "sub")
     result.assert_outcomes(passed=1, failed=2)
-    assert _pcaps(sub / "pcaps") == ["test_inner.py_test_fails.pcap"]
+    assert _pcaps(sub / "pcaps") == ["test_inner.py_test_fails.pcapng"]
     assert not (pytester.path / "pcaps").exists()
 
 
@@ -388,10 +388,10 @@ def test_pcap_stem_sanitises_test_ids() -> None:
 
 def test_pcap_paths_suffix_only_for_several_pairs() -> None:
     d = Path("/x")
-    assert pcap_paths(d, "s", [("tun0", "tun1")]) == [d / "s.pcap"]
+    assert pcap_paths(d, "s", [("tun0", "tun1")]) == [d / "s.pcapng"]
     assert pcap_paths(d, "s", [("tun0", "tun1"), ("tun2", "tun3")]) == [
-        d / "s-tun0-tun1.pcap",
-        d / "s-tun2-tun3.pcap",
+        d / "s-tun0-tun1.pcapng",
+        d / "s-tun2-tun3.pcapng",
     ]
 
 
@@ -406,12 +406,12 @@ def test_format_section_of_a_real_pair() -> None:
         return pair
 
     pair = run_standalone(ping_once)
-    text = format_section([pair], ["pcap: /x.pcap"], limit=1)
+    text = format_section([pair], ["pcap: /x.pcapng"], limit=1)
     lines = text.splitlines()
     assert lines[0] == pair.describe()
     assert (
         lines[1] == "relay carried a->b 1 packet 84 bytes, b->a 1 packet 84 bytes; 2 packets kept"
     )
-    assert lines[2] == "pcap: /x.pcap"
+    assert lines[2] == "pcap: /x.pcapng"
     assert lines[3] == "… 1 more" and "echo-reply" in lines[4]
     assert section_title("call") == "Captured packets call"

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from .._errors import PacketTimeout
 from . import aio as _aio
@@ -22,7 +22,11 @@ from . import match as _match
 from . import plot as _plot
 from .flows import Flow
 from .packet import DIRECTIONS, Packet, trace
-from .pcap import write_pcap
+from .pcap import FORMATS, write_pcap, write_pcapng
+
+if TYPE_CHECKING:
+    from .keylog import KeyLog
+    from .tls import TlsRecord
 
 __all__ = ["Capture"]
 
@@ -46,6 +50,10 @@ def _waits(seconds: object) -> bool:
     return isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0
 
 
+def _no_keylog() -> None:
+    return None
+
+
 class Capture(Sequence[Packet]):
     """A live, thread-safe sequence of :class:`Packet` (``tun_pair.packets``).
 
@@ -64,6 +72,8 @@ class Capture(Sequence[Packet]):
         snaplen: int | None = None,
         pending: Callable[[], int] | None = None,
         configured: Callable[[str], Any] | None = None,
+        keylog: Callable[[], KeyLog | None] | None = None,
+        interfaces: tuple[str, ...] = (),
     ) -> None:
         self.mode = mode
         """``"tun"`` or ``"tap"``: raw IP packets or Ethernet frames (and the pcap's link type)."""
@@ -96,6 +106,12 @@ class Capture(Sequence[Packet]):
         # What a direction's link is configured to carry, for plot()'s dashed line: bits/s,
         # a trace's server, or None. Asked of the pair's direction objects, its one record.
         self._configured = configured or _nothing_configured
+        # The pair's TLS/QUIC key log, once it has one (asked of the pair, its owner): its
+        # secrets go into the pcapng files written from this capture.
+        self._keylog = keylog or _no_keylog
+        self.interfaces = interfaces
+        """How pcapng files describe the two directions, ``a->b`` first
+        (``"tun0 198.18.0.1 -> tun1 198.18.0.2"``); ``()``: no descriptions."""
 
     # -- relay side ---------------------------------------------------------------------
     @property
@@ -235,6 +251,8 @@ class Capture(Sequence[Packet]):
             capture_bytes=self.capture_bytes,
             snaplen=self.snaplen,
             configured=self._configured,
+            keylog=self._keylog,
+            interfaces=self.interfaces,
         )
         out.t0, out.wall_t0 = self.t0, self.wall_t0
         with self._cond:
@@ -502,14 +520,68 @@ class Capture(Sequence[Packet]):
             raise ValueError(f"summary(limit={limit!r}): give None or a number >= 1")
         return trace(self._snapshot(), limit=limit, evicted=self.evicted)
 
-    def to_pcap(self, path: str | os.PathLike[str]) -> str:
-        """Write a pcap file (raw-IP link type for TUN, Ethernet for TAP); return its path.
+    def to_pcap(self, path: str | os.PathLike[str], *, format: str = "pcapng") -> str:
+        """Write the kept packets to a capture file; return its path.
 
-        ``tcpdump -r`` and Wireshark read it; timestamps are wall-clock times.
+        ``format="pcapng"`` (the default): one interface per direction (``a->b``,
+        ``b->a``) with the pair's link type (raw IP for TUN, Ethernet for TAP), every
+        packet with its direction flags and a comment saying what the relay did
+        (``lost (not delivered); sojourn ...``), and the pair's TLS/QUIC key log
+        (``tun_pair.keylog``) as a Decryption Secrets Block, so that Wireshark and tshark
+        open it decrypted. ``format="pcap"``: a classic pcap file, packets only, for tools
+        that read nothing else. Timestamps are wall-clock times.
         """
-        return write_pcap(
-            path, self._snapshot(), mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
+        if format not in FORMATS:
+            raise ValueError(f"to_pcap(format={format!r}): use 'pcapng' or 'pcap'")
+        packets = self._snapshot()
+        if format == "pcap":
+            return write_pcap(
+                path, packets, mode=self.mode, wall_t0=self.wall_t0, snaplen=self.snaplen
+            )
+        return write_pcapng(
+            path,
+            packets,
+            mode=self.mode,
+            wall_t0=self.wall_t0,
+            snaplen=self.snaplen,
+            secrets=self.secrets(),
+            descriptions=self.interfaces,
         )
+
+    def secrets(self) -> bytes:
+        """The pair's TLS/QUIC key log (``tun_pair.keylog``) as written so far, whole lines
+        only: what :meth:`to_pcap` embeds. ``b""`` without a key log. After the pair closed,
+        what it held then."""
+        keylog = self._keylog()
+        return keylog.secrets() if keylog is not None else b""
+
+    def tls_records(self, *, secrets: bytes | str | None = None) -> list[TlsRecord]:
+        """The TLS records of every TLS-over-TCP connection in the capture, in the order
+        their last bytes were captured, decrypted with the pair's key log
+        (``tun_pair.keylog``) or with ``secrets`` (the text of an NSS key log).
+
+        Each stream is read as its receiver read it: the packets the relay delivered, in
+        TCP order, retransmissions once. TLS 1.3 and TLS 1.2 with AES-GCM or
+        ChaCha20-Poly1305 are decrypted (``record.decrypted``); records it cannot open
+        come back as they were sent. So ``b"".join(r.data for r in records if r.type ==
+        "application_data" and r.direction == "a->b")`` is what a's TLS client sent, e.g.
+        the HTTP/2 connection preface and frames. Needs ``cryptography``
+        (``pip install 'pytest-tunpair[tls]'``).
+        """
+        try:
+            import cryptography  # noqa: F401
+
+            from . import tls as _tls
+        except ImportError:
+            raise ImportError(
+                "tls_records() decrypts with the cryptography package: "
+                "pip install 'pytest-tunpair[tls]'"
+            ) from None
+        if secrets is None:
+            keys = self.secrets()
+        else:
+            keys = secrets.encode() if isinstance(secrets, str) else bytes(secrets)
+        return _tls.tls_records(self._snapshot(), keys)
 
     def plot(self, path: str | os.PathLike[str], *, direction: str | None = None) -> str:
         """Write a PNG or SVG (by the extension) of the packets kept: throughput over time

@@ -25,9 +25,20 @@ import pytest
 from .._errors import OptionError
 from .._schema import Bool, Choice, Declared, Int, Invalid, Kind, declared, default_of, option
 
-__all__ = ["LEFTOVER_POLICIES", "PCAP_MODES", "USERNS_MODES", "PluginOptions", "add", "resolve"]
+__all__ = [
+    "LEFTOVER_POLICIES",
+    "PCAP_FORMATS",
+    "PCAP_MODES",
+    "USERNS_MODES",
+    "PluginOptions",
+    "add",
+    "resolve",
+]
 
 PCAP_MODES = ("failed", "all")
+# _packets/pcap.py's FORMATS, not imported (see below); tests/test_plugin_options.py keeps
+# them equal.
+PCAP_FORMATS = ("pcapng", "pcap")
 # The machinery's own copies (_kernel/procs.py, _kernel/userns.py) are not imported: they
 # would load ctypes and secrets into every pytest run. tests/test_plugin_options.py keeps
 # them equal.
@@ -55,6 +66,36 @@ class Directory(Kind):
                 "give a directory (it is created when the first file is written)"
             )
         return directory
+
+
+class LiveTarget(Directory):
+    """A FIFO that exists (a reader such as ``wireshark -k -i FIFO`` takes one stream for
+    the run), or a directory (one growing pcapng file per pair, created when needed)."""
+
+    allowed = "a FIFO or a directory"
+    metavar = "FIFO_OR_DIR"
+
+    def check(self, value: object) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.refuse(
+                "give a FIFO (mkfifo) for one live stream, or a directory for a file per pair"
+            )
+        return value.strip()
+
+    def within(self, text: str, base: Path) -> Path:
+        import stat
+
+        target = (base / os.path.expanduser(text)).resolve()
+        try:
+            mode = target.stat().st_mode
+        except OSError:
+            return target  # a directory, made when the first pair opens
+        if not (stat.S_ISFIFO(mode) or stat.S_ISDIR(mode)):
+            raise self.refuse(
+                f"{target} exists and is neither a FIFO nor a directory; make a FIFO "
+                "(mkfifo) for one live stream, or give a directory for a file per pair"
+            )
+        return target
 
 
 class Plot(Bool):
@@ -96,6 +137,24 @@ class PluginOptions:
         ),
         "which tests --tunpair-pcap writes a file for: 'failed' (default) or 'all' "
         "(every test that used a tunnel)",
+    )
+    tunpair_pcap_format: str = option(
+        "pcapng",
+        Choice(
+            PCAP_FORMATS,
+            reason="use 'pcapng' (directions, the relay's actions, TLS secrets) "
+            "or 'pcap' (classic libpcap, packets only)",
+        ),
+        "the format of --tunpair-pcap's files: 'pcapng' (default: each packet's direction "
+        "and what the relay did as its comment, the pair's TLS/QUIC secrets embedded) or "
+        "'pcap' (classic libpcap, packets only)",
+    )
+    tunpair_pcap_live: Path | None = option(  # noqa: RUF009
+        None,
+        LiveTarget(),
+        "stream each test's pairs as pcapng while the tests run: into a FIFO (one stream "
+        "for the run; `wireshark -k -i FIFO`), or into a directory (a growing file per pair, "
+        "named after the test). A reader that goes away stops the stream, never the test",
     )
     tunpair_plot: bool = option(
         False,

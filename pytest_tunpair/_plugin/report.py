@@ -208,26 +208,30 @@ def pcap_stem(nodeid: str, taken: MutableMapping[str, str] | None = None) -> str
     return stem
 
 
-def pcap_paths(directory: Path, stem: str, pair_names: Sequence[tuple[str, str]]) -> list[Path]:
-    """One file per pair: ``STEM.pcap`` for one pair, ``STEM-tun0-tun1.pcap``... for more."""
+def pcap_paths(
+    directory: Path, stem: str, pair_names: Sequence[tuple[str, str]], format: str = "pcapng"
+) -> list[Path]:
+    """One file per pair: ``STEM.pcapng`` for one pair, ``STEM-tun0-tun1.pcapng``... for
+    more (``.pcap`` for ``format="pcap"``)."""
     if len(pair_names) == 1:
-        return [directory / f"{stem}.pcap"]
+        return [directory / f"{stem}.{format}"]
     return [
-        directory / f"{stem}-{_UNSAFE.sub('_', a)}-{_UNSAFE.sub('_', b)}.pcap"
+        directory / f"{stem}-{_UNSAFE.sub('_', a)}-{_UNSAFE.sub('_', b)}.{format}"
         for a, b in pair_names
     ]
 
 
 def write_pcaps(
-    pairs: Sequence[ReportedPair], paths: Sequence[Path]
+    pairs: Sequence[ReportedPair], paths: Sequence[Path], format: str = "pcapng"
 ) -> list[tuple[Path, OSError | None]]:
-    """Write each pair's capture; a file that cannot be written comes back with its error,
-    never raised: the test's own failure comes first."""
+    """Write each pair's capture (pcapng with the pair's secrets, or classic pcap); a file
+    that cannot be written comes back with its error, never raised: the test's own failure
+    comes first."""
     results: list[tuple[Path, OSError | None]] = []
     for pair, path in zip(pairs, paths, strict=True):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            pair.packets.to_pcap(path)
+            pair.packets.to_pcap(path, format=format)
         except OSError as exc:
             results.append((path, exc))
         else:
@@ -358,14 +362,15 @@ def _write_files(item: pytest.Item, pairs: list[TunPair | TestSlice], directory:
     from . import keys
 
     config = item.config
+    fmt = config.stash[keys.OPTIONS].tunpair_pcap_format
     paths = item.stash.get(keys.PCAP_FILES, None)
     if paths is None:
         stem = pcap_stem(item.nodeid, config.stash[keys.PCAP_STEMS])
         names = [pair.options.names for pair in pairs]
-        paths = item.stash[keys.PCAP_FILES] = pcap_paths(directory, stem, names)
+        paths = item.stash[keys.PCAP_FILES] = pcap_paths(directory, stem, names, fmt)
     errors = config.stash[keys.PCAP_ERRORS]
     notes = []
-    for path, error in write_pcaps(pairs[: len(paths)], paths):
+    for path, error in write_pcaps(pairs[: len(paths)], paths, fmt):
         notes.append(pcap_note(path, error))
         if error is not None:
             errors[str(path)] = f"{item.nodeid}: {notes[-1]}"
