@@ -275,8 +275,9 @@ class ScriptedPeer:
 
         ``gso_size``: a TCP segment longer than the MTU goes in as one GSO super-packet of
         ``gso_size``-byte segments, which the kernel receives whole, as a NIC's GRO hands
-        it up (packetdrill's ``--mss``). Needs the pair's ``offload`` option (on by
-        default). Without it a packet over the MTU is refused.
+        it up (packetdrill's ``--mss``); ``gso_size=0`` writes any packet whole, however
+        long, as a TUN device takes it. Both need the pair's ``offload`` option (on by
+        default). Without ``gso_size`` a packet over the MTU is refused.
         """
         self._require_open()
         if self.mode == "tap" and is_scapy_packet(packet) and not _has_ether(packet):
