@@ -602,6 +602,7 @@ class Runner:
         *,
         path: str,
         lines: Sequence[str] = (),
+        directory: str | None = None,
         netns_path: str | None = None,
         spawn: Callable[..., subprocess.Popen[Any]] | None = None,
     ) -> None:
@@ -609,7 +610,10 @@ class Runner:
         self.config = config
         self.peer = peer
         self.path = path
-        self.directory = str(Path(path).resolve().parent) if os.path.exists(path) else os.getcwd()
+        #: Where commands run and open() looks (packetdrill runs in the script's directory).
+        self.directory = directory or (
+            str(Path(path).resolve().parent) if os.path.exists(path) else os.getcwd()
+        )
         self._lines = list(lines)
         self._spawn = spawn
         self._netns_path = netns_path
@@ -629,6 +633,9 @@ class Runner:
         self._wanted_cc = "cubic" if config.defaults else None
         self._ephemeral: int | None = None
         self.log: list[str] = []
+        #: (what, seconds late): for each timed event, how far from the script's time it
+        #: happened (an outbound packet: when the kernel sent it; the rest: when it ran).
+        self.timing: list[tuple[str, float]] = []
         self.packets_in = 0
         self.packets_out = 0
 
@@ -810,8 +817,10 @@ class Runner:
                 self._lock.acquire()
         if self._events_done:
             what = _describe(event)
+            now = self.now()
+            self.timing.append((what, now - event.time / 1e6))
             error = self.check_time(
-                event.time_kind, event.time, event.end, self.now(), self._last_time(), what
+                event.time_kind, event.time, event.end, now, self._last_time(), what
             )
             if error:
                 raise self.fail(error)
@@ -1306,7 +1315,7 @@ class Runner:
                     "aggregate candidate packet does not continue the previous one "
                     f"(expected {spec.length} bytes in all, {total} so far)",
                     expected=self._dump_script(spec, event),
-                    actual=f"{pkt.arrival + self.peer.packets.t0 - self._start:9.6f} {pkt.summary()}",
+                    actual=f"{pkt.arrival + self.peer.packets.t0 - self._start:9.6f} {_live_text(pkt)}",
                 )
             got.append(pkt)
             total += len(pkt.payload or b"") if spec.proto != "icmp" else 0
@@ -1391,14 +1400,13 @@ class Runner:
             return
         actual = self._actual_seg(st, got, total, spec)
         actual.time = when
-        numbers = ", ".join(f"#{p.seq}" for p in got)
-        actual_text = f"{when:9.6f} {actual.text()}  (in the trace: {numbers} at {first.time:.6f})"
+        actual_text = f"{when:9.6f} {actual.text()}  ({self._in_trace(got)})"
         if first.ip_proto != IPPROTO_TCP:
             raise self.fail(
                 f"live packet header layer 1: expected: TCP header vs actual: "
                 f"{first.proto or 'unknown'} header",
                 expected=expected_text,
-                actual=f"{when:9.6f} {first.summary()}",
+                actual=f"{when:9.6f} {_live_text(first)}",
             )
         if total != spec.length:
             raise self.fail(
@@ -1422,6 +1430,8 @@ class Runner:
             raise self.fail(
                 "incorrect outbound data payload", expected=expected_text, actual=actual_text
             )
+        if event.time_kind != ANY:
+            self.timing.append(("outbound packet", when - event.time / 1e6))
         error = self.check_time(
             event.time_kind, event.time, event.end, when, self._last_time(), "outbound packet"
         )
@@ -1458,6 +1468,16 @@ class Runner:
                 )
         return out
 
+    def _in_trace(self, pkts: Sequence[Packet]) -> str:
+        """Where ``pkts`` are in the report's trace (``tun_pair.packets``' numbers and
+        times, not the peer's own)."""
+        refs = []
+        for p in pkts:
+            origin = self.peer._origin.get(p.seq)
+            refs.append(origin if origin is not None and origin.seq >= 0 else p)
+        numbers = ", ".join(f"#{p.seq}" for p in refs[:8]) + (", ..." if len(refs) > 8 else "")
+        return f"in the trace: {numbers} at {refs[0].time:.6f}"
+
     def _actual_seg(self, st: SockState, got: list[Packet], total: int, spec: PacketSpec) -> Seg:
         """The live packet (segments aggregated) in the script's numbers: tcp_convert_seq_number()
         and map_outbound_live_packet()."""
@@ -1469,7 +1489,10 @@ class Runner:
         seq_off = (live.local_isn - st.script.local_isn) if is_syn else live.local_isn
         ack_off = 0 if is_syn else live.remote_isn
         seq = ((first.tcp_seq or 0) - seq_off) % 2**32
-        ack = ((last.tcp_ack or 0) - ack_off) % 2**32
+        # tcp_convert_seq_number(): the ACK field is mapped only when the ACK flag is set.
+        ack = last.tcp_ack or 0
+        if flags & 0x10:
+            ack = (ack - ack_off) % 2**32
         options = decode_options(last.tcp_options)
         mapped: list[TcpOption] = []
         script_ts = next((v for n, v in (spec.options or ()) if n == "TS"), None)
@@ -1500,7 +1523,7 @@ class Runner:
     def _verify_nontcp(
         self, spec: PacketSpec, pkt: Packet, when: float, event: Event, expected: str
     ) -> None:
-        actual = f"{when:9.6f} {pkt.summary()}"
+        actual = f"{when:9.6f} {_live_text(pkt)}  ({self._in_trace([pkt])})"
         want = {
             "udp": IPPROTO_UDP,
             "icmp": IPPROTO_ICMP if pkt.ip_version == 4 else IPPROTO_ICMPV6,
@@ -1562,6 +1585,7 @@ def compare_segments(script: Seg, actual: Seg, spec: PacketSpec, config: PktConf
     out: list[str] = []
 
     def field_(name: str, want: int, got: int) -> None:
+        want, got = int(want), int(got)
         if want != got:
             out.append(f"{name}: expected: {want} (0x{want:x}) vs actual: {got} (0x{got:x})")
 
@@ -1670,12 +1694,15 @@ def _doff(pkt: Packet) -> int:
 
 def _continues(prev: Packet, pkt: Packet) -> bool:
     """verify_packet_fragments(): the next segment of a burst starts where the previous
-    ended, acknowledges the same, with the same SYN/RST/ACK flags."""
+    ended, with the same header otherwise -- the same SYN/RST/ACK/URG/ECE/AE flags (FIN,
+    PSH and CWR may differ), acknowledgment, window and header length."""
     end = ((prev.tcp_seq or 0) + len(prev.payload or b"")) % 2**32
-    mask = 0x02 | 0x04 | 0x10
+    mask = 0x02 | 0x04 | 0x10 | 0x20 | _ECE | _AE
     return (
         pkt.tcp_seq == end
         and pkt.tcp_ack == prev.tcp_ack
+        and pkt.window == prev.window
+        and _doff(pkt) == _doff(prev)
         and _bits_of(pkt) & mask == _bits_of(prev) & mask
     )
 
@@ -1701,6 +1728,22 @@ def _flowlabel(pkt: Packet) -> int:
     f = parsed(pkt)
     l3 = f[_h.L3]
     return int.from_bytes(pkt.frame[l3 + 1 : l3 + 4], "big") & 0xFFFFF
+
+
+def _live_text(pkt: Packet) -> str:
+    """A live packet in packetdrill's short form, without scapy (which a failure report
+    loads later; importing it mid-script would delay the script by a second)."""
+    proto = pkt.ip_proto
+    if proto == IPPROTO_UDP:
+        return f"udp ({len(pkt.payload or b'')})"
+    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        return f"icmp type {pkt.icmp_type} code {pkt.icmp_code}"
+    if proto == IPPROTO_TCP:
+        bits = _bits_of(pkt)
+        seq, n = pkt.tcp_seq or 0, len(pkt.payload or b"")
+        ack = f" ack {pkt.tcp_ack}" if bits & 0x10 else ""
+        return f"{flag_text(bits)} {seq}:{(seq + n) % 2**32}({n}){ack} win {pkt.window} (absolute)"
+    return f"{pkt.proto or 'ip'} packet of {pkt.wire_len} bytes"
 
 
 def _nontcp_text(spec: PacketSpec) -> str:

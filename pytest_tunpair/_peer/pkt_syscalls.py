@@ -622,7 +622,9 @@ def _shutdown(rt: Runner, call: Syscall, args: list[Any]) -> None:
 
 def _optval_bytes(value: Any, optlen: int) -> bytes:
     if isinstance(value, list):
-        raw = struct.pack("=i", _bracketed(value, "optval"))
+        number = _bracketed(value, "optval")
+        # An s32 in packetdrill: a value written as 0xffffffff means its bits.
+        raw = struct.pack("=I", number & 0xFFFFFFFF)
     elif isinstance(value, str):
         raw = value.encode("latin-1")
     elif isinstance(value, bytes):

@@ -52,7 +52,7 @@ class PktFile(pytest.File):
             own = []  # the item says what is wrong when it runs
         versions = [v for v in IP_VERSIONS if v in wanted]
         if own:
-            versions = own
+            versions = [v for v in own if v in wanted]
         else:
             # run_all.py: a script named *v4.pkt runs over IPv4 only, *v6.pkt over IPv6.
             if self.path.name.endswith("v6.pkt"):
@@ -83,11 +83,9 @@ class PktItem(pytest.Function):
         __tracebackhide__ = True
         options = self.config.stash[keys.OPTIONS]
         text = self.path.read_text(errors="replace")
+        shown = self.shown_path()
         script, config = load(
-            text,
-            self.ip_version,
-            str(self.path),
-            slack_usecs=options.tunpair_pkt_slack_usecs,
+            text, self.ip_version, shown, slack_usecs=options.tunpair_pkt_slack_usecs
         )
         pair = factory.make(pair_options(config), source=str(self.path))
         peer = pair.script("b")
@@ -95,15 +93,24 @@ class PktItem(pytest.Function):
             script,
             config,
             peer,
-            path=str(self.path),
+            path=shown,
+            directory=str(self.path.parent),
             lines=text.splitlines(),
             netns_path=pair.netns_path,
             spawn=pair.spawn,
         )
         runner.run()
 
+    def shown_path(self) -> str:
+        """The script's path as messages show it: from the rootdir, as pytest's ids are."""
+        try:
+            return str(self.path.relative_to(self.config.rootpath))
+        except ValueError:
+            return str(self.path)
+
     def reportinfo(self) -> tuple[Path, int, str]:
-        return self.path, 0, f"{self.path.name}::{self.ip_version}"
+        # The domain is the item's own name: a dotted one would read as a module path.
+        return self.path, 0, self.name
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Any:  # type: ignore[override]
         from .._peer.pkt_parse import PktSyntaxError
@@ -118,5 +125,5 @@ class PktItem(pytest.Function):
                 "script fails rather than pass untested)"
             )
         if isinstance(exc, PktSyntaxError):
-            return f"{self.path}:{exc.line}: {exc.message}"
+            return f"{self.shown_path()}:{exc.line}: {exc.message}"
         return super().repr_failure(excinfo)
