@@ -60,7 +60,7 @@ def evaluate(e: Expr) -> Any:
             return SYMBOLS[e.value]
         raise SyscallFailed(f"unknown symbol: '{e.value}'")
     if e.kind in ("string", "string..."):
-        return e.value
+        return _unescape(e.value)
     if e.kind == "ellipsis":
         return ELLIPSIS
     if e.kind == "binary":
@@ -82,6 +82,36 @@ def evaluate(e: Expr) -> Any:
             return socket.inet_pton(socket.AF_INET6, e.value["addr"])
         return {"_struct": e.name, **{k: evaluate(v) for k, v in e.value.items()}}
     raise SyscallUnsupported(f"{e.value}")
+
+
+_ESCAPES = {"\\": "\\", '"': '"', "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _unescape(text: str) -> str:
+    """script.c's unescape_cstring_expression(): C escapes in a string argument, ``\\xhh``
+    included (a key given as bytes). (packetdrill's own turns ``\\\\`` and ``\\"`` into a
+    form feed by a missing ``break``; here they are a backslash and a quote.)"""
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        code = text[i + 1 : i + 2]
+        if code == "x":
+            digits = text[i + 2 : i + 4]
+            try:
+                out.append(chr(int(digits, 16)))
+            except ValueError:
+                raise SyscallFailed(f"invalid hex escape (\\xhh): '\\x{text[i + 2 :]}'") from None
+            i += 4
+        elif code in _ESCAPES:
+            out.append(_ESCAPES[code])
+            i += 2
+        else:
+            raise SyscallFailed(f"unsupported escape code: '{code}'")
+    return "".join(out)
 
 
 class _Ellipsis:
