@@ -178,9 +178,14 @@ def summary(results: list[dict[str, Any]]) -> str:
     counts: dict[tuple[str, str], collections.Counter[str]] = collections.defaultdict(
         collections.Counter
     )
+    folders: dict[str, set[str]] = collections.defaultdict(set)
+    for r in results:
+        folders[r["directory"].split("/")[0]].add(r["directory"])
     for r in results:
         counts[(r["directory"], r["variant"])][r["outcome"]] += 1
-        counts[(r["directory"].split("/")[0] + " (all)", r["variant"])][r["outcome"]] += 1
+        root = r["directory"].split("/")[0]
+        if len(folders[root]) > 1:  # a total per checkout, when it has subdirectories
+            counts[(root + " (all)", r["variant"])][r["outcome"]] += 1
     lines = [
         "| directory | variant | passed | failed | unsupported | error |",
         "| --- | --- | ---: | ---: | ---: | ---: |",

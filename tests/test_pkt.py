@@ -255,3 +255,11 @@ def test_configuration_of_a_variant() -> None:
     assert variants(Script()) == list(PKT_IP_VERSIONS)
     with pytest.raises(PktUnsupported, match=r"x\.pkt:3: unsupported: the option --so_filename"):
         config_for(Script(options=[("so_filename", "a.so", 3)]), "ipv4", "x.pkt")
+
+
+@pytest.mark.parametrize("option", ["non_fatal", "speed", "dry_run", "wire_server"])
+def test_options_that_would_do_nothing_make_the_script_unsupported(option: str) -> None:
+    with pytest.raises(PktUnsupported, match=rf"x\.pkt:1: unsupported: the option --{option}"):
+        config_for(Script(options=[(option, "packet", 1)]), "ipv4", "x.pkt")
+    quiet = Script(options=[("verbose", "", 1), ("netmask_ip", "255.255.0.0", 2)])
+    assert config_for(quiet, "ipv4").remote_ip == "192.0.2.1"

@@ -225,7 +225,6 @@ class PktConfig:
     tcp_ts_tick_usecs: int = 0
     tcp_ts_ecr_scaled: bool = False
     strict_segments: bool = False
-    non_fatal: frozenset[str] = frozenset()
     defines: dict[str, str] = field(default_factory=dict)
     #: Apply :func:`defaults_sysctls` to the namespace before the script.
     defaults: bool = True
@@ -240,10 +239,12 @@ class PktConfig:
         return 6 if self.ip_version == "ipv6" else 4
 
 
-#: Script options that only matter to packetdrill's own machinery (wire mode, shared
-#: objects, its output): accepted without effect only when they ask for what this runner
-#: does anyway.
-_OPTIONS_IGNORED = frozenset({"send_omit_free", "verbose", "debug", "dry_run"})
+#: Script options accepted without effect, because this runner does what they ask anyway:
+#: its output (``--verbose``, ``--debug``), fresh send buffers (``--send_omit_free``), and
+#: the remote's netmask (the pair routes the remote address point to point). Every other
+#: option this runner does not implement (``--non_fatal``, ``--speed``, ``--dry_run``,
+#: wire mode, ...) makes the script unsupported rather than silently ignored.
+_OPTIONS_IGNORED = frozenset({"send_omit_free", "verbose", "debug", "netmask_ip"})
 
 
 def variants(script: Script) -> list[str]:
@@ -303,15 +304,11 @@ def config_for(
             values[name] = float(str(value))
         elif name in ("tcp_ts_ecr_scaled", "strict_segments"):
             values[name] = True
-        elif name == "non_fatal":
-            values[name] = frozenset(str(value).replace(" ", ",").split(","))
         elif name == "ip_version":
             continue
         elif name == "define" and value:
             key, _, val = str(value).partition("=")
             values["defines"][key] = val
-        elif name in ("netmask_ip", "speed"):
-            continue  # the pair's point-to-point routes and the TUN's speed: no effect
         elif name in _OPTIONS_IGNORED:
             continue
         else:
@@ -636,6 +633,10 @@ class Runner:
         #: (what, seconds late): for each timed event, how far from the script's time it
         #: happened (an outbound packet: when the kernel sent it; the rest: when it ran).
         self.timing: list[tuple[str, float]] = []
+        #: When the last event's action was over (Runner.now()): the inbound packet
+        #: written, the call returned, the outbound packet sent; a blocking call's entry
+        #: into the kernel. _anchor() counts the next relative time from it.
+        self._done_at: float | None = None
         self.packets_in = 0
         self.packets_out = 0
 
@@ -752,10 +753,18 @@ class Runner:
         if event.time_kind not in (ANY, RELATIVE, RELATIVE_RANGE):
             return
         last = self._last
+        done_at, self._done_at = self._done_at, None
         if last is not None and _anchored(last) and _anchored(event):
             offset = last.time
         else:
-            offset = round(self.now() * 1e6) if self._start else 0
+            # packetdrill's "now" is when its main thread is done with the last event,
+            # microseconds after the action itself. Here the last event's bookkeeping, a
+            # thread switch or a busy machine may add milliseconds, which must not move
+            # the script's clock: count from when the action was over.
+            now = self.now()
+            if done_at is not None:
+                now = min(now, done_at)
+            offset = round(now * 1e6) if self._start else 0
         event.offset = offset
         event.time += offset
         if event.time_kind == RELATIVE_RANGE and event.end is not None:
@@ -930,6 +939,7 @@ class Runner:
         self._wait_for(event)
         try:
             _sys.run_syscall(self, call)
+            self._done_at = self.now()
         except _sys.SyscallFailed as exc:
             raise self.fail(f"runtime error in {call.name} call: {exc}") from None
         except _sys.SyscallUnsupported as exc:
@@ -943,6 +953,7 @@ class Runner:
         worker = self._worker
         assert worker is not None
         worker.running = True
+        worker.start_time = self.now()
         self._lock.release()
         try:
             return fn()
@@ -965,6 +976,11 @@ class Runner:
             self._worker.wait_blocked()
         finally:
             self._lock.acquire()
+        # packetdrill's main thread goes on the moment the call blocks, about when it
+        # entered the kernel; seeing it blocked in /proc may take a few ms on a busy
+        # machine, which must not move the next relative time (_anchor).
+        if self._worker.start_time >= 0:
+            self._done_at = self._worker.start_time
 
     def _await_idle(self, *, error: bool) -> bool:
         worker = self._worker
@@ -1169,6 +1185,7 @@ class Runner:
             self.peer.send(frame, gso_size=gso)
         else:
             self.peer.send(frame)
+        self._done_at = self.now()
         self.packets_in += 1
 
     def _ips(self) -> tuple[bytes, bytes]:
@@ -1394,6 +1411,7 @@ class Runner:
         first segment: a TSO burst leaves at once)."""
         first = got[0]
         when = first.arrival + self.peer.packets.t0 - self._start
+        self._done_at = got[-1].arrival + self.peer.packets.t0 - self._start
         expected_text = self._dump_script(spec, event)
         if spec.proto != "tcp":
             self._verify_nontcp(spec, first, when, event, expected_text)
@@ -1898,6 +1916,8 @@ class _Worker:
         self.call: Syscall | None = None
         self.running = False
         self.end_time = -1.0
+        #: When the current call entered the kernel (Runner.now()), -1 before it did.
+        self.start_time = -1.0
         self.tid = 0
         self._error: BaseException | None = None
         self._go = threading.Condition()
@@ -1918,6 +1938,7 @@ class _Worker:
             self.call, self.event = call, event
             self.running = False
             self.end_time = -1.0
+            self.start_time = -1.0
             self._done.clear()
             self._go.notify()
 
