@@ -8,6 +8,7 @@ unsupported one fails, which ini keys change what.
 
 from __future__ import annotations
 
+import struct
 import textwrap
 
 import pytest
@@ -263,3 +264,19 @@ def test_options_that_would_do_nothing_make_the_script_unsupported(option: str) 
         config_for(Script(options=[(option, "packet", 1)]), "ipv4", "x.pkt")
     quiet = Script(options=[("verbose", "", 1), ("netmask_ip", "255.255.0.0", 2)])
     assert config_for(quiet, "ipv4").remote_ip == "192.0.2.1"
+
+
+def test_scm_timestamping_is_compared_with_the_script_time() -> None:
+    from types import SimpleNamespace
+
+    from pytest_tunpair._peer.pkt_syscalls import SyscallFailed
+
+    rt = SimpleNamespace(_start_wall=1000.0, config=PktConfig())
+    at = (1000 * 1_000_000 + 10_000) * 1000  # 10 ms after script time 0, in ns
+    live = struct.pack("=qq", at // 10**9, at % 10**9) + bytes(32)
+    body = {"_struct": "scm_timestamping", "scm_sec": 0, "scm_nsec": 12_000_000}
+    pkt_run._check_timestamp(rt, body, live, 0)  # type: ignore[arg-type]
+    body["scm_nsec"] = 20_000_000
+    with pytest.raises(SyscallFailed, match=r"Bad timestamp 0 in scm_timestamping 0: .*\(20000\)"):
+        pkt_run._check_timestamp(rt, body, live, 0)  # type: ignore[arg-type]
+    pkt_run._check_timestamp(rt, {**body, "scm_nsec": 0}, live, 0)  # type: ignore[arg-type]

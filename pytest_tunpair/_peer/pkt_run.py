@@ -620,6 +620,7 @@ class Runner:
         self.under_test: SockState | None = None
         self._lock = threading.RLock()
         self._start = 0.0  # monotonic time of script time 0
+        self._start_wall = 0.0  # the same moment on CLOCK_REALTIME (kernel timestamps)
         self._event: Event | None = None
         self._last: Event | None = None
         self._last_script_time = 0  # usecs: the previous event's script time
@@ -684,7 +685,7 @@ class Runner:
                 self.apply_defaults()
             if self.script.init_command is not None:
                 self.command(self.script.init_command, self.script.init_line)
-            self._start = time.monotonic()
+            self._start, self._start_wall = time.monotonic(), time.time()
             for event in self.script.events:
                 self._check_worker()
                 self._event = event
@@ -852,7 +853,7 @@ class Runner:
 
     def command(self, cmd: Command, line: int) -> None:
         """A back-quoted command: ``sh -c`` in the namespace, from the script's directory,
-        with a private /tmp and /proc/sys read-only but for /proc/sys/net."""
+        with /proc/sys read-only but for /proc/sys/net (a mount namespace of its own)."""
         _check_namespace(self._netns_path)
         text = cmd.text
         if _missing_defaults(text, self.directory):
@@ -878,7 +879,7 @@ class Runner:
         )
         if done.returncode == _GUARD_FAILED:
             raise self.unsupported(
-                line, f"a private /tmp and read-only /proc/sys: {done.stderr.strip()}"
+                line, f"a mount namespace with /proc/sys read-only: {done.stderr.strip()}"
             )
         if done.returncode != 0:
             detail = (done.stderr or done.stdout).strip()
@@ -1868,6 +1869,23 @@ _SANDBOX = (
 )
 
 
+def _check_timestamp(rt: Runner, body: dict[str, Any], data: bytes, index: int) -> None:
+    """scm_timestamping_expect_eq(): the script's ``{scm_sec=, scm_nsec=}`` is a script
+    time, the kernel's first timestamp a CLOCK_REALTIME one; 0 is not checked."""
+    sec, nsec = int(body["scm_sec"]), int(body["scm_nsec"])
+    if not sec and not nsec:
+        return
+    live_sec, live_nsec = struct.unpack_from("=qq", data)
+    start = round(rt._start_wall * 1e6)
+    expected = start + sec * 1_000_000 + nsec // 1000
+    actual = live_sec * 1_000_000 + live_nsec // 1000
+    if abs(expected - actual) > rt.config.tolerance_usecs + rt.config.slack_usecs:
+        raise _sys.SyscallFailed(
+            f"Bad timestamp 0 in scm_timestamping {index}: expected={expected} "
+            f"({expected - start}) actual={actual} ({actual - start}) start={start}"
+        )
+
+
 def _check_cmsgs(
     rt: Runner, expected: list[dict[str, Any]], got: list[tuple[int, int, bytes]]
 ) -> None:
@@ -1893,7 +1911,7 @@ def _check_cmsgs(
                         f"Bad {name.split('_')[1]} in extended err {i}: expected={body[name]} actual={value}"
                     )
         elif isinstance(body, dict) and body.get("_struct") == "scm_timestamping":
-            continue  # timestamps: packetdrill ignores zero ones, we compare none
+            _check_timestamp(rt, body, data, i)
         elif isinstance(body, int):
             (value,) = struct.unpack_from("=i", data.ljust(4, b"\0"))
             if value != body:
