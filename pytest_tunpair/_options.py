@@ -28,7 +28,7 @@ from ._schema import (
 __all__ = ["DEFAULT_CAPTURE_BYTES", "PairOptions"]
 
 #: Default capture budget: once the kept packets cost the process more than this many bytes
-#: (their bytes plus bookkeeping, see ``Capture.record_many``) the oldest are forgotten
+#: (their bytes plus bookkeeping, see ``Capture.record_locked``) the oldest are forgotten
 #: (``stats`` keeps counting). Enough for every packet of an ordinary protocol test,
 #: small enough that a test moving gigabytes does not exhaust memory.
 DEFAULT_CAPTURE_BYTES = 64 * 1024 * 1024
@@ -246,7 +246,16 @@ class PairOptions:
         allowed = cls.names_allowed()
         for key, value in kwargs.items():
             if key not in allowed:
-                raise unknown(key, value, allowed, source=source)
+                error = unknown(key, value, allowed, source=source)
+                # The one place both kinds of keyword meet: say where the other kind goes.
+                raise OptionError(
+                    key,
+                    value,
+                    source=source,
+                    reason=f"{error.reason}; impairments (loss, delay, rate, profile, ...) "
+                    "are set with pair.impair(...) or @pytest.mark.impair(...)",
+                    unknown=True,
+                )
         values = dict(kwargs)
         mode = values.get("mode", "tun")
         values.setdefault("names", _default_names(mode if isinstance(mode, str) else "tun", index))

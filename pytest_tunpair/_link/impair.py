@@ -103,6 +103,7 @@ from .._schema import (
 from .._wire.ecn import set_ce
 from ..traces import Trace, TraceKind
 from .gemodel import GilbertElliott, GilbertElliottChain, LossModel
+from .profiles import ProfileKind, profile_values
 from .queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec
 
 __all__ = [
@@ -190,6 +191,18 @@ class ImpairmentSpec:
     does.
     """
 
+    # First: the parameters below it start from the profile's, and each given one wins.
+    profile: str | None = option(
+        None,
+        ProfileKind(),
+        "a named access link (3g, lte, 5g, satellite, dsl, cable, wifi, wifi-congested, "
+        "intercontinental): its rate, delay, jitter, loss and queue for this direction "
+        "(a->b uplink, b->a downlink); parameters given with it override its values; "
+        "see docs/profiles.md",
+        reason_names_option=True,
+        group="impair",
+        inert=True,  # a label: what it sets is in the other fields
+    )
     # option() returns a dataclasses.Field (as for the float fields, which ruff lets pass).
     loss: float | GilbertElliott = option(  # noqa: RUF009
         0.0,
@@ -325,8 +338,10 @@ class ImpairmentSpec:
         return [f.name for f, _ in declared(cls)]
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> ImpairmentSpec:
-        """Build a spec from user keyword arguments, e.g. ``impair()``'s.
+    def from_kwargs(cls, *, towards: str = "a->b", **kwargs: Any) -> ImpairmentSpec:
+        """Build the spec of direction ``towards`` from user keyword arguments, e.g.
+        ``impair()``'s: a ``profile``'s values for that direction, then every parameter
+        given beside it (``profile="lte", loss=0``: LTE without its loss).
 
         Raises ``TypeError`` for an unknown name (listing the allowed ones) and
         :class:`~pytest_tunpair.OptionError` for a bad value.
@@ -339,6 +354,16 @@ class ImpairmentSpec:
                 f"impair() got unexpected keyword argument(s) {names}; "
                 f"allowed: {', '.join(allowed)}"
             )
+        profile = kwargs.get("profile")
+        if profile is not None:
+            try:
+                name = ProfileKind().check(profile)
+            except Invalid as exc:
+                raise OptionError(
+                    "profile", profile, source="impair()", reason=exc.reason
+                ) from None
+            assert name is not None
+            kwargs = {**profile_values(name, towards), **kwargs, "profile": name}
         return cls(**kwargs)
 
     def queue_spec(self) -> QueueSpec:
@@ -386,12 +411,17 @@ class ImpairmentSpec:
 
         The output uses the same units :meth:`from_kwargs` accepts.
         """
-        parts = [
+        parts = [f"profile={self.profile}"] if self.profile is not None else []
+        parts += [
             f"{name}={decl.kind.format(v)}" for name, decl, v in changed(self) if not decl.inert
         ]
         if not parts:
             parts.append("no impairment")
-        parts += [f"{name}={decl.kind.format(v)}" for name, decl, v in changed(self) if decl.inert]
+        parts += [
+            f"{name}={decl.kind.format(v)}"
+            for name, decl, v in changed(self)
+            if decl.inert and name != "profile"
+        ]
         return " ".join(parts)
 
 
