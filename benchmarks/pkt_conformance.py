@@ -111,7 +111,11 @@ def child(path: Path, variant: str, slack: int, timeout: float) -> dict[str, Any
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"outcome": "error", "reason": f"timed out after {timeout:.0f} s", "seconds": timeout}
+        return {
+            "outcome": "error",
+            "reason": f"timed out after {timeout:.0f} s",
+            "seconds": timeout,
+        }
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return dict(json.loads(line))
