@@ -18,6 +18,12 @@ with the line) or ``error`` (a crash of the runner itself, or a timeout: a bug t
 ``--slack-usecs`` widens every tolerance as the ini key ``tunpair_pkt_slack_usecs`` does;
 the figures in docs/packetdrill.md say which they used and how loaded the machine was.
 
+The baseline: ``--packetdrill PATH`` also runs each script with a packetdrill binary (built
+from google/packetdrill) in a fresh network namespace (``unshare -n``) with the arguments
+run_all.py gives that variant, right before this runner's run of it. Some scripts fail on
+any given kernel (timers, new features, changed defaults); what matters is where the two
+disagree, which the table counts: the same outcome, and for a failure the same line.
+
 The scripts are not part of this project (google/packetdrill's are GPLv2, the Linux
 kernel's GPL-2.0): point it at checkouts of them.
 """
@@ -28,6 +34,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -86,6 +93,39 @@ def run_one(path: str, variant: str, slack: int) -> dict[str, Any]:
     }
 
 
+#: run_all.py's per-variant arguments (and ksft_runner.sh's defines).
+PD_ARGS = {
+    "ipv4": "--ip_version=ipv4 --local_ip=192.168.0.1 --gateway_ip=192.168.0.1 "
+    "--netmask_ip=255.255.0.0 --remote_ip=192.0.2.1 -D TFO_COOKIE=3021b9d889017eeb "
+    "-D CMSG_LEVEL_IP=SOL_IP -D CMSG_TYPE_RECVERR=IP_RECVERR -D CODE=host_unreachable",
+    "ipv4-mapped-ipv6": "--ip_version=ipv4-mapped-ipv6 --local_ip=192.168.0.1 "
+    "--gateway_ip=192.168.0.1 --netmask_ip=255.255.0.0 --remote_ip=192.0.2.1 "
+    "-D TFO_COOKIE=3021b9d889017eeb -D CMSG_LEVEL_IP=SOL_IPV6 "
+    "-D CMSG_TYPE_RECVERR=IPV6_RECVERR -D CODE=host_unreachable",
+    "ipv6": "--ip_version=ipv6 --mtu=1520 --local_ip=fd3d:0a0b:17d6::1 "
+    "--gateway_ip=fd3d:0a0b:17d6:8888::1 --remote_ip=fd3d:fa7b:d17d::1 "
+    "-D TFO_COOKIE=c1d1e9742a47a9bc -D CMSG_LEVEL_IP=SOL_IPV6 "
+    "-D CMSG_TYPE_RECVERR=IPV6_RECVERR",
+}
+
+
+def run_packetdrill(binary: str, path: Path, variant: str, timeout: float) -> dict[str, Any]:
+    """The same script with packetdrill itself, in a namespace of its own."""
+    inner = f"ip link set lo up; exec {binary} {PD_ARGS[variant]} {path.name}"
+    cmd = ["unshare", "-n", "sh", "-c", inner]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=path.parent, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"outcome": "error", "reason": f"timed out after {timeout:.0f} s"}
+    seconds = round(time.monotonic() - started, 3)
+    if done.returncode == 0:
+        return {"outcome": "passed", "reason": "", "seconds": seconds}
+    lines = [x for x in (done.stderr + done.stdout).splitlines() if path.name + ":" in x]
+    reason = lines[0] if lines else (done.stderr.strip().splitlines() or ["?"])[-1]
+    return {"outcome": "failed", "reason": reason, "seconds": seconds}
+
+
 def scripts_of(root: Path) -> list[Path]:
     return sorted(root.rglob("*.pkt")) if root.is_dir() else [root]
 
@@ -141,6 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per script")
     p.add_argument("--json", type=Path, help="write every outcome to this file")
     p.add_argument("--markdown", type=Path, help="write the per-directory table here")
+    p.add_argument(
+        "--failed-in",
+        type=Path,
+        metavar="JSON",
+        help="run only what failed in this earlier --json output (e.g. again with slack)",
+    )
+    p.add_argument(
+        "--packetdrill",
+        metavar="PATH",
+        help="also run each script with this packetdrill binary, as the baseline",
+    )
     p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
@@ -149,19 +200,33 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("pkt_conformance.py needs root (network namespaces, TUN devices)")
         return 2
-    if not a.roots:
+    if not a.roots and not a.failed_in:
         p.error("give one or more directories of .pkt scripts")
     wanted = a.ip_version or list(VARIANTS)
     roots = [r.resolve() for r in a.roots]
-    started, load = time.monotonic(), os.getloadavg()[0]
-    results: list[dict[str, Any]] = []
+    runs: list[tuple[Path, str, str]] = []  # (script, variant, directory)
     for root in roots:
         for path in scripts_of(root):
-            for variant in variants_of(path, wanted):
-                res = child(path, variant, a.slack_usecs, a.timeout)
-                res.update(path=str(path), directory=directory_of(path, roots), variant=variant)
-                results.append(res)
-                print(f"{res['outcome']:<12} {variant:<17} {path.name}  {res['reason'][:120]}")
+            runs += [(path, v, directory_of(path, roots)) for v in variants_of(path, wanted)]
+    if a.failed_in:
+        earlier = json.loads(a.failed_in.read_text())
+        runs = [
+            (Path(r["path"]), r["variant"], r["directory"])
+            for r in earlier
+            if r["outcome"] == "failed" and r["variant"] in wanted
+        ]
+    started, load = time.monotonic(), os.getloadavg()[0]
+    results: list[dict[str, Any]] = []
+    for path, variant, directory in runs:
+        if a.packetdrill:
+            base = run_packetdrill(os.path.abspath(a.packetdrill), path, variant, a.timeout)
+        res = child(path, variant, a.slack_usecs, a.timeout)
+        res.update(path=str(path), directory=directory, variant=variant)
+        if a.packetdrill:
+            res["packetdrill"] = base
+        results.append(res)
+        theirs = f"(packetdrill: {base['outcome']}) " if a.packetdrill else ""
+        print(f"{res['outcome']:<12} {variant:<17} {path.name} {theirs} {res['reason'][:120]}")
     table = summary(results)
     print()
     print(table)
@@ -177,6 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def failed_line(reason: str) -> str | None:
+    """The line number a failure names (``script.pkt:12: ...``)."""
+    found = re.search(r"\.pkt:(\d+):", reason)
+    return found.group(1) if found else None
+
+
+def same_outcome(r: dict[str, Any]) -> bool:
+    """This runner and packetdrill agree: both passed, or both failed at the same line."""
+    theirs = r["packetdrill"]
+    if theirs["outcome"] != r["outcome"]:
+        return False
+    return r["outcome"] != "failed" or failed_line(r["reason"]) == failed_line(theirs["reason"])
+
+
 def summary(results: list[dict[str, Any]]) -> str:
     """A markdown table: per directory and variant, passed / failed / unsupported / error."""
     counts: dict[tuple[str, str], collections.Counter[str]] = collections.defaultdict(
@@ -190,15 +269,27 @@ def summary(results: list[dict[str, Any]]) -> str:
         root = r["directory"].split("/")[0]
         if len(folders[root]) > 1:  # a total per checkout, when it has subdirectories
             counts[(root + " (all)", r["variant"])][r["outcome"]] += 1
-    lines = [
-        "| directory | variant | passed | failed | unsupported | error |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
+    baseline = any("packetdrill" in r for r in results)
+    for r in results:
+        if baseline and "packetdrill" in r:
+            theirs = r["packetdrill"]["outcome"]
+            key = (r["directory"], r["variant"])
+            counts[key]["pd_" + theirs] += 1
+            counts[key]["agree" if same_outcome(r) else "disagree"] += 1
+    head = "| directory | variant | passed | failed | unsupported | error |"
+    rule = "| --- | --- | ---: | ---: | ---: | ---: |"
+    if baseline:
+        head += " packetdrill passed | same outcome and line |"
+        rule += " ---: | ---: |"
+    lines = [head, rule]
     for (directory, variant), c in sorted(counts.items()):
-        lines.append(
+        row = (
             f"| {directory} | {variant} | {c['passed']} | {c['failed']} | "
             f"{c['unsupported']} | {c['error']} |"
         )
+        if baseline:
+            row += f" {c['pd_passed']} | {c['agree']} of {c['agree'] + c['disagree']} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
