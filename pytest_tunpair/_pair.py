@@ -738,7 +738,7 @@ class TunPair:
         relay = self._relay
         return 0 if relay is None or self._closed else relay.pending()
 
-    # -- the capture's clock, and what wait_quiet() waits for (issue 24) --------------------
+    # -- the capture's clock, and what wait_quiet() waits for ----------------------------------
     def now(self) -> float:
         """Seconds since the pair came up, on the clock of ``Packet.time`` and
         ``Packet.arrival``: ``tun_pair.now() - p.time`` is how long ago ``p`` was recorded."""

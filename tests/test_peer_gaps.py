@@ -1,4 +1,4 @@
-"""The scripted peer's packetdrill-parity features (issue 24), on real traffic: paced and
+"""The scripted peer's packetdrill-parity features, on real traffic: paced and
 manual handshakes, relative sequence numbers, the handshake's packets and options,
 handshake overrides, GSO super-packets, expect_next, the capture's clock; and the
 regressions: after= from either capture, a SYN peer.expect() saw, wait_quiet() and a FIN
