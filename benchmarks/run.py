@@ -46,6 +46,13 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   ``/dev/null`` vs the same pair unfollowed, interleaved (reference, no goal: the stream
   must never stop the relay, and does not); and writing the capture of such a run with
   ``to_pcap()`` as pcapng vs classic pcap.
+- ``packetdrill``: the scripted peer's pacing and the ``.pkt`` runner's scheduling: the
+  kernel's own RTT sample (``tcpi_rtt``) after ``tcp_accept(synack_delay=0.1)``, against
+  the same handshake without delay + 100 ms (goal within 1 ms); and how late the runner
+  starts the inbound packets, system calls and commands of ``tests/packetdrill/*.pkt``
+  (IPv4) against their scheduled times (median and 99th percentile; goal: the 99th
+  percentile inside packetdrill's default 4 ms tolerance), with how many scripts pass
+  without any slack.
 - ``profiles``: each named link profile (``impair(profile=...)``), per direction, configured
   against achieved in the same run: the rate delivered under a 1.5x overload (UDP up to
   50 Mbit/s, TCP above, where the relay's per-packet cost would cap UDP), from the capture's
@@ -116,6 +123,7 @@ SECTIONS = (
     "scenarios",
     "async",
     "pcapng",
+    "packetdrill",
     "profiles",
     "import",
     "hosts",
@@ -1525,6 +1533,93 @@ def bench_pcapng(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+# -- packetdrill: the scripted peer's pacing, the .pkt runner's scheduling -------------------
+
+
+def _paced_rtt(delay: float) -> float:
+    """tcpi_rtt (seconds) of a client whose SYN the scripted peer answers ``delay`` later."""
+    import socket
+    import struct
+
+    from pytest_tunpair import TunPair
+
+    with TunPair(ipv6=None) as pair, pair.script("b") as peer, socket.socket() as client:
+        client.setblocking(False)
+        client.connect_ex((pair.b.ip or "", 8080))
+        conn = peer.tcp_accept(8080, synack_delay=delay)
+        conn.complete()
+        info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return float(struct.unpack_from("I", info, 68)[0]) / 1e6  # tcpi_rtt, in us
+
+
+def bench_packetdrill(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+    from pytest_tunpair._peer.pkt_run import PktFailure, Runner, load, pair_options
+
+    n = 3 if a.quick else 10
+    rtts = [_paced_rtt(0.1) for _ in range(n)]
+    base = [_paced_rtt(0.0) for _ in range(n)]
+    rep.add(
+        "packetdrill",
+        f"tcpi_rtt after tcp_accept(synack_delay=0.1) (median of {n})",
+        fmt_ms(med(rtts)),
+        f"synack_delay=0: {fmt_ms(med(base))}",
+        f"{(med(rtts) - med(base) - 0.1) * 1e3:+.2f} ms",
+        "+100 ms +- 1",
+        abs(med(rtts) - med(base) - 0.1) < 0.001,
+    )
+    folder = os.path.join(REPO, "tests", "packetdrill")
+    scripts = sorted(f for f in os.listdir(folder) if f.endswith(".pkt"))
+    if a.quick:
+        scripts = scripts[:4]
+    late: list[float] = []
+    passed = 0
+    ran = 0
+    for name in scripts:
+        path = os.path.join(folder, name)
+        text = open(path).read()
+        version = "ipv6" if name.endswith("v6.pkt") else "ipv4"
+        script, config = load(text, version, name)
+        with TunPair(**pair_options(config)) as pair:
+            runner = Runner(
+                script,
+                config,
+                pair.script("b"),
+                path=name,
+                directory=folder,
+                lines=text.splitlines(),
+                netns_path=pair.netns_path,
+            )
+            ran += 1
+            try:
+                runner.run()
+                passed += 1
+            except PktFailure:
+                pass
+            late += [t for what, t in runner.timing if what != "outbound packet"]
+    rep.raw["packetdrill"] = {
+        "tcpi_rtt_s": rtts,
+        "tcpi_rtt_no_delay_s": base,
+        "late_s": late,
+        "passed": passed,
+        "ran": ran,
+    }
+    rep.add(
+        "packetdrill",
+        f".pkt events started late ({len(late)} in {ran} scripts, IPv4)",
+        f"median {fmt_us(med(late))}, p99 {fmt_us(pct(late, 0.99))}",
+        "packetdrill's tolerance 4 ms",
+        "",
+        "p99 < 4 ms",
+        pct(late, 0.99) < 0.004,
+    )
+    rep.add(
+        "packetdrill",
+        "  scripts passed with no slack (tunpair_pkt_slack_usecs = 0)",
+        f"{passed} of {ran}",
+    )
+
+
 # -- profiles: each named link, configured vs achieved -----------------------------------------
 
 
@@ -1680,6 +1775,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "scenarios": bench_scenarios,
     "async": bench_async,
     "pcapng": bench_pcapng,
+    "packetdrill": bench_packetdrill,
     "profiles": bench_profiles,
     "import": bench_import,
     "hosts": bench_hosts,
@@ -1698,6 +1794,7 @@ NEEDS = {
     "scenarios": ["iperf3"],
     "async": [],
     "pcapng": ["iperf3"],
+    "packetdrill": [],
     "profiles": ["iperf3"],
     "import": ["valgrind"],
     "hosts": ["iperf3"],

@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # How often settle() looks at the devices' queues once the relay holds nothing.
 _SETTLE_POLL = 0.002
+# How long wait_quiet() lets the relay finish the turn of its loop it is in (a busy machine
+# may keep its thread off the CPU for a while; held packets are counted anyway).
+_QUIET_TURN = 0.05
 
 __all__ = ["Checkpoint", "TunPair", "run_in"]
 
@@ -115,7 +118,7 @@ class TunPair:
             max_packets=o.max_packets,
             capture_bytes=o.capture_bytes,
             snaplen=o.snaplen,
-            pending=self._pending,
+            pending=self._quiet_pending,
             configured=self._configured,
             keylog=lambda: self._keylog,
             interfaces=_interface_descriptions(o),
@@ -808,6 +811,7 @@ class TunPair:
                 relay.set_divert(direction, take)
 
             write = staticmethod(other.inject)
+            write_gso = staticmethod(other.inject_gso)
             closed = staticmethod(self._peer_closed)
 
         self._update_offload(busy=True)  # before the peer sees a packet
@@ -1146,6 +1150,27 @@ class TunPair:
     def _pending(self) -> int:
         relay = self._relay
         return 0 if relay is None or self._closed else relay.pending()
+
+    # -- the capture's clock, and what wait_quiet() waits for ----------------------------------
+    def now(self) -> float:
+        """Seconds since the pair came up, on the clock of ``Packet.time`` and
+        ``Packet.arrival``: ``tun_pair.now() - p.time`` is how long ago ``p`` was recorded."""
+        return time.monotonic() - self.packets.t0
+
+    def _quiet_pending(self) -> int:
+        """What ``packets.wait_quiet()`` counts as still on its way: packets held in the
+        relay, and a packet waiting in a device's queue -- a FIN that ``close()`` queued
+        just before, which the relay has not read yet (docs/internals.md, "Daemons: a
+        closed socket's FIN is in the device queue at once"). With the queues empty, one
+        turn of the relay's loop makes sure a packet it was reading is recorded."""
+        relay = self._relay
+        if relay is None or self._closed:
+            return 0
+        if self._device_queued():
+            return 1 + relay.pending()
+        if relay.alive:
+            relay.wait_idle(_QUIET_TURN)
+        return relay.pending()
 
     def _configured(self, direction: str) -> Any:
         """What ``packets.plot()`` draws as ``direction``'s configured link."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Generator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -247,6 +248,15 @@ def pytest_runtest_makereport(
     result = yield
     report.make_report(item, result)
     return result
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    # packetdrill scripts, with --tunpair (see _plugin/pkt.py).
+    if file_path.suffix != ".pkt":
+        return None
+    from ._plugin import pkt
+
+    return pkt.collect_file(file_path, parent)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

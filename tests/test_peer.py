@@ -296,7 +296,7 @@ def test_three_dup_acks_trigger_fast_retransmit(
     dups = []
     for _ in range(3):
         conn.recv()  # a later segment arrived: answer with a duplicate ACK
-        dups.append(conn.ack(lost))
+        dups.append(conn.ack(tcp_ack=lost))
     retx = conn.expect(tcp_seq=lost, payload=s1.payload, timeout=3)
     assert retx.time > dups[2].time, "retransmitted before the third duplicate ACK"
     # "Well before the RTO": the kernel retransmits as it processes the third duplicate,
@@ -328,7 +328,7 @@ def test_a_sack_block_draws_a_retransmission_of_the_hole(
     s2 = conn.recv().scapy[TCP]
     hole = s1.seq
     block = (s2.seq, (s2.seq + len(s2.payload)) % 2**32)
-    sacked = conn.ack(hole, sack=[block])
+    sacked = conn.ack(tcp_ack=hole, tcp_sack=[block])
     assert sacked.scapy[TCP].options[-1] == ("SAck", block)
     retx = conn.expect(tcp_seq=hole, len=len(s1.payload), timeout=3)
     assert retx.time > sacked.time

@@ -59,6 +59,9 @@ DEFAULTS = {
     "tunpair_plot": "False",
     "tunpair_seed": "None",
     "tunpair_leftovers": "'warn'",
+    "tunpair_no_pkt": "False",
+    "tunpair_pkt_ip_versions": "('ipv4', 'ipv4-mapped-ipv6', 'ipv6')",
+    "tunpair_pkt_slack_usecs": "0",
     "tunpair_userns": "'auto'",
 }
 
@@ -78,6 +81,9 @@ tunpair_pcap_live = live_ini
 tunpair_plot = true
 tunpair_seed = 55
 tunpair_leftovers = fail
+tunpair_no_pkt = true
+tunpair_pkt_ip_versions = ipv6,ipv4
+tunpair_pkt_slack_usecs = 5000
 tunpair_userns = never
 """
 
@@ -94,6 +100,9 @@ def test_ini_keys(pytester: pytest.Pytester) -> None:
         "tunpair_plot": "True",
         "tunpair_seed": "55",
         "tunpair_leftovers": "'fail'",
+        "tunpair_no_pkt": "True",
+        "tunpair_pkt_ip_versions": "('ipv4', 'ipv6')",
+        "tunpair_pkt_slack_usecs": "5000",
         "tunpair_userns": "'never'",
     }
 
@@ -102,6 +111,7 @@ def test_flags_beat_ini_keys(pytester: pytest.Pytester) -> None:
     _need_matplotlib()
     # The bool keys off in the ini file, so that their flags have something to beat.
     ini = INI.replace("tunpair = true", "tunpair = false").replace("plot = true", "plot = no")
+    ini = ini.replace("no_pkt = true", "no_pkt = false")
     pytester.makeini(ini)
     flags = [
         "--tunpair",
@@ -112,6 +122,9 @@ def test_flags_beat_ini_keys(pytester: pytest.Pytester) -> None:
         "--tunpair-plot",
         "--tunpair-seed=77",
         "--tunpair-leftovers=kill",
+        "--tunpair-no-pkt",
+        "--tunpair-pkt-ip-versions=ipv4-mapped-ipv6",
+        "--tunpair-pkt-slack-usecs=7",
         "--tunpair-userns=auto",
     ]
     assert _resolved(pytester, *flags) == {
@@ -123,6 +136,9 @@ def test_flags_beat_ini_keys(pytester: pytest.Pytester) -> None:
         "tunpair_plot": "True",
         "tunpair_seed": "77",
         "tunpair_leftovers": "'kill'",
+        "tunpair_no_pkt": "True",
+        "tunpair_pkt_ip_versions": "('ipv4-mapped-ipv6',)",
+        "tunpair_pkt_slack_usecs": "7",
         "tunpair_userns": "'auto'",
     }
 
@@ -252,6 +268,17 @@ BAD = {
         "ini key tunpair_userns in */tox.ini: bad value 'sometimes': use one of 'auto', "
         "'always', 'never'",
     ),
+    "ini-pkt-ip-versions": (
+        [],
+        "tunpair_pkt_ip_versions = ipv5",
+        "ini key tunpair_pkt_ip_versions in */tox.ini: bad value 'ipv5': 'ipv5' is no "
+        "--ip_version: use some of ipv4, ipv4-mapped-ipv6, ipv6 (comma-separated)",
+    ),
+    "ini-pkt-slack": (
+        [],
+        "tunpair_pkt_slack_usecs = -1",
+        "ini key tunpair_pkt_slack_usecs in */tox.ini: bad value '-1': use a whole number >= 0",
+    ),
     "override-ini": (
         ["-o", "tunpair_seed=x"],
         "",
@@ -310,6 +337,9 @@ def test_each_option_has_a_flag_and_an_ini_key_with_one_help_text(
             "*--tunpair-plot*",
             "*--tunpair-seed=N*",
             "*--tunpair-leftovers={kill,warn,fail}*",
+            "*--tunpair-no-pkt*",
+            "*--tunpair-pkt-ip-versions=LIST*",
+            "*--tunpair-pkt-slack-usecs=N*",
             "*--tunpair-userns={auto,always,never}*",
         ]
     )

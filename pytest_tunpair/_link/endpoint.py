@@ -131,6 +131,44 @@ class Endpoint:
         """A process in this end's host, for ``nsenter -t PID -n`` (:attr:`Host.pid`)."""
         return self.host.pid
 
+    # -- GSO super-packets (the scripted peer's send(gso_size=)) ---------------------------
+    def inject_gso(self, packet: Any, gso_size: int) -> Packet:
+        """Write a TCP ``packet`` longer than the MTU as one GSO super-packet that the kernel
+        receives whole, cut into ``gso_size``-byte segments only in name (``gso_size``
+        in the virtio-net header, as a NIC's GRO hands a merged segment up, and as
+        packetdrill's ``--mss`` writes it). ``gso_size=0``: one packet of any protocol,
+        however long, with no GSO at all (a TUN device takes up to 64 KiB whatever its
+        MTU, and packetdrill's inbound segments rely on it). Needs the pair's ``offload``
+        option (the devices' virtio-net header)."""
+        from .._wire import gso as _gso
+        from .._wire import headers as _h
+        from .._wire.numbers import IPPROTO_TCP
+
+        data = to_bytes(packet, what=f"{self.name}.inject_gso()")
+        if isinstance(gso_size, bool) or not isinstance(gso_size, int) or not 0 <= gso_size < 65536:
+            raise ValueError(
+                f"gso_size={gso_size!r}: give the segment size, 1-65535 bytes (0: no GSO)"
+            )
+        validate_frame(data, mode=self.mode, mtu=0xFFFF)
+        f = _h.parse(data, 0, self.mode)
+        if not gso_size:
+            kind = _gso.VIRTIO_NET_HDR_GSO_NONE
+        elif f[_h.IP_PROTO] != IPPROTO_TCP or f[_h.TCP_FLAGS] is None:
+            raise ValueError("a GSO super-packet must be one TCP segment (gso_size applies to TCP)")
+        elif f[_h.VERSION] == 4:
+            kind = _gso.VIRTIO_NET_HDR_GSO_TCPV4
+        else:
+            kind = _gso.VIRTIO_NET_HDR_GSO_TCPV6
+        vnet = _gso.VIRTIO_NET_HDR.pack(0, kind, 0, gso_size, 0, 0)
+        if self._device.fd is None:
+            raise TunDeviceError(f"{self.name} is closed", device=self.name)
+        try:
+            return self._relay.write(self._side, data, vnet_hdr=vnet)
+        except OSError as exc:
+            raise TunDeviceError(
+                f"{self.name}: writing the GSO super-packet failed: {exc}", device=self.name
+            ) from exc
+
     def __repr__(self) -> str:
         mac = f" mac={self.mac}" if self.mac else ""
         return f"<Endpoint {self.name}{mac} ip={self.ip} ip6={self.ip6} mtu={self.mtu}>"

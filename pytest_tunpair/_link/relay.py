@@ -285,7 +285,9 @@ class Relay:
         self.wake()
         return event.wait(timeout)
 
-    def write(self, side: str, frame: bytes, action: str = "injected") -> Packet:
+    def write(
+        self, side: str, frame: bytes, action: str = "injected", *, vnet_hdr: bytes | None = None
+    ) -> Packet:
         """Write ``frame`` (without virtio-net header) into device ``"a"`` or ``"b"``: that
         device's kernel receives it. Any thread may call it.
 
@@ -295,12 +297,18 @@ class Relay:
         the action change. A failed write raises ``OSError``, the record saying
         ``"dropped"``. From the relay thread itself (a divert function), the frame goes out
         with the packets being processed, in order, and a failure only shows as
-        ``"dropped"``.
+        ``"dropped"``. ``vnet_hdr`` replaces the all-zero virtio-net header (a GSO
+        super-packet for the kernel to receive whole, as a NIC's GRO would hand it up).
         """
         link = self._sides[side]
         dev = link.dst
         hdr = dev.hdr_len
-        raw = _gso.ZERO_VNET_HDR + frame if hdr else frame
+        if vnet_hdr is not None and len(vnet_hdr) != hdr:
+            raise ValueError(
+                f"{dev.name} takes no virtio-net header of {len(vnet_hdr)} bytes (it has "
+                f"{hdr}): GSO super-packets need the pair's offload option on"
+            )
+        raw = (vnet_hdr or _gso.ZERO_VNET_HDR) + frame if hdr else frame
         capture = self.capture
         pkt = Packet(0.0, link.direction, action, raw, hdr, self.mode)
         if threading.get_ident() == self._thread.ident:

@@ -24,9 +24,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from .._errors import PacketTimeout, TunPairError
+from .._errors import PacketTimeout, TunPairError, UnexpectedPacket
 from .._link.link import Divert
 from .._packets.aio import async_form
 from .._packets.capture import Capture
@@ -37,9 +37,6 @@ from .._wire import neigh as _neigh
 from .._wire.numbers import ETH_P_IP, ETH_P_IPV6, IP_DF, IPPROTO_TCP, IPPROTO_UDP
 from .._wire.tcp import TcpOptions, offered, seq_add, seq_geq, seq_gt, timestamp_option
 from .._wire.validate import is_scapy_packet, to_bytes
-
-if TYPE_CHECKING:
-    from .._packets.match import Matcher
 
 __all__ = ["PeerEnd", "PeerPort", "ScriptedPeer", "ScriptedTcp", "ScriptedUdp", "TcpOptions"]
 
@@ -68,10 +65,17 @@ def _family(family: int | None, what: str) -> int | None:
     )
 
 
-def _check_timeout(timeout: float, what: str) -> float:
+def _check_timeout(timeout: float, what: str, name: str = "timeout") -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"{what}(timeout={timeout!r}): give a number of seconds >= 0")
+        raise ValueError(f"{what}({name}={timeout!r}): give a number of seconds >= 0")
     return float(timeout)
+
+
+class _Diffing(Protocol):
+    """What a segment expectation matches with: a Matcher, or expect_next's field check."""
+
+    def __call__(self, p: Packet) -> bool: ...
+    def diff(self, p: Packet) -> tuple[int, list[str]]: ...
 
 
 class PeerPort(Protocol):
@@ -95,6 +99,11 @@ class PeerPort(Protocol):
 
     def write(self, frame: bytes) -> Packet:
         """Write ``frame`` into the other device: validated, recorded as ``"injected"``."""
+
+    def write_gso(self, frame: bytes, gso_size: int) -> Packet:
+        """Write a TCP ``frame`` longer than the MTU as one GSO super-packet of
+        ``gso_size``-byte segments (the virtio-net header says so), recorded as
+        ``"injected"``."""
 
     def closed(self) -> None:
         """The peer stopped (the pair may turn offload back on)."""
@@ -151,7 +160,15 @@ class ScriptedPeer:
         self._mine = frozenset(a for a in (self._v4, self._v6) if a is not None)
         self._mac = _neigh.mac_bytes(me.mac) if me.mac else b""
         self._other_mac = _neigh.mac_bytes(other.mac) if other.mac else b""
+        # Packets an expect, wait or endpoint looked at (the failure report lists the
+        # others), and those an endpoint took as its own (tcp_accept() answers a SYN that
+        # peer.expect() only looked at, never one a connection took).
         self._looked: set[int] = set()
+        self._consumed: set[int] = set()
+        # Each packet handed to the peer, by its number in peer.packets: the pair's record of
+        # it (whose number in tun_pair.packets comes once the relay records it), so that
+        # after= can take a packet of either capture.
+        self._origin: dict[int, Packet] = {}
         self._errors: list[BaseException] = []
         self._flows: dict[tuple[str, int, str, int], ScriptedTcp] = {}
         self._lock = threading.Lock()
@@ -174,7 +191,8 @@ class ScriptedPeer:
             f = parsed(pkt)
             if f[_h.VERSION] is None or _h.packed_address(pkt.frame, f, 1) not in self._mine:
                 return False
-            self._record(pkt)
+            rec = self._record(pkt)
+            self._origin[rec.seq] = pkt
             return True
         except BaseException as exc:  # never into the relay: the test thread raises it
             exc.add_note(
@@ -230,6 +248,17 @@ class ScriptedPeer:
         """True until :meth:`close`."""
         return not self._closed
 
+    def now(self) -> float:
+        """Seconds since the pair came up: the clock of ``Packet.time`` and
+        ``Packet.arrival`` (``tun_pair.now()``)."""
+        return time.monotonic() - self._port.t0
+
+    def _sleep_until(self, when: float) -> None:
+        """Sleep until ``now()`` is ``when`` (at once if it is past)."""
+        wait = when - self.now()
+        if wait > 0:
+            time.sleep(wait)
+
     def _require_open(self) -> None:
         if self._closed:
             raise TunPairError(
@@ -238,19 +267,28 @@ class ScriptedPeer:
             )
 
     # -- sending ---------------------------------------------------------------------------
-    def send(self, packet: Any) -> Packet:
+    def send(self, packet: Any, *, gso_size: int | None = None) -> Packet:
         """Write ``packet`` into the other device, as if this side had sent it.
 
         Bytes or a scapy packet: an IP packet on TUN; on TAP an Ethernet frame, or a scapy
         IP packet that the peer puts in one (from this side's MAC to the other's). Validated
         as ``inject()`` is; recorded as ``"injected"``. Returns the recorded packet.
+
+        ``gso_size``: a TCP segment longer than the MTU goes in as one GSO super-packet of
+        ``gso_size``-byte segments, which the kernel receives whole, as a NIC's GRO hands
+        it up (packetdrill's ``--mss``); ``gso_size=0`` writes any packet whole, however
+        long, as a TUN device takes it. Both need the pair's ``offload`` option (on by
+        default). Without ``gso_size`` a packet over the MTU is refused.
         """
         self._require_open()
         if self.mode == "tap" and is_scapy_packet(packet) and not _has_ether(packet):
             from scapy.layers.l2 import Ether
 
             packet = Ether(src=self.mac, dst=self._other.mac) / packet
-        return self._port.write(to_bytes(packet, what="peer.send()"))
+        data = to_bytes(packet, what="peer.send()")
+        if gso_size is not None:
+            return self._port.write_gso(data, gso_size)
+        return self._port.write(data)
 
     def _addresses(self, family: int) -> tuple[bytes, bytes]:
         """(this side's, the other side's) address of ``family``, packed."""
@@ -259,14 +297,25 @@ class ScriptedPeer:
             raise ValueError(f"the pair has no IPv{family} addresses (ipv{family}=None)")
         return ipaddress.ip_address(mine).packed, ipaddress.ip_address(theirs).packed
 
-    def _send_ip(self, src: bytes, dst: bytes, proto: int, l4: bytes) -> Packet:
+    def _send_ip(
+        self,
+        src: bytes,
+        dst: bytes,
+        proto: int,
+        l4: bytes,
+        *,
+        gso_size: int | None = None,
+        tos: int = 0,
+    ) -> Packet:
         """Write a transport segment from this side to the other, built as Linux sends its
         own: DF set on IPv4 (path MTU discovery), TTL / hop limit 64."""
         self._require_open()
-        packet = _build.ip_packet(src, dst, proto, l4, flags=IP_DF if len(src) == 4 else 0)
+        packet = _build.ip_packet(src, dst, proto, l4, flags=IP_DF if len(src) == 4 else 0, tos=tos)
         if self.mode == "tap":
             ethertype = ETH_P_IP if len(src) == 4 else ETH_P_IPV6
             packet = _build.ethernet(self._other_mac, self._mac, ethertype) + packet
+        if gso_size is not None:
+            return self._port.write_gso(packet, gso_size)
         return self._port.write(packet)
 
     def _default_family(self, family: int | None) -> int:
@@ -286,7 +335,9 @@ class ScriptedPeer:
         """``tun_pair.packets.expect()`` over the packets handed to this peer: the first
         whose layers and explicitly set fields match the scapy ``template``."""
         __tracebackhide__ = True
-        found = self.packets.expect(template, timeout=timeout, after=after, ignore=ignore)
+        found = self.packets.expect(
+            template, timeout=timeout, after=self._after(after), ignore=ignore
+        )
         self._looked.add(found.seq)
         return found
 
@@ -301,14 +352,14 @@ class ScriptedPeer:
         """``tun_pair.packets.expect_none()`` over the packets handed to this peer: fails if
         one matching ``match`` comes within ``during`` s (or came, since ``after``)."""
         __tracebackhide__ = True
-        self.packets.expect_none(match, during=during, after=after, ignore=ignore)
+        self.packets.expect_none(match, during=during, after=self._after(after), ignore=ignore)
 
     def expect_sequence(
         self, templates: Sequence[Any], *, timeout: float = 2.0, after: Any = None
     ) -> list[Packet]:
         """``tun_pair.packets.expect_sequence()`` over the packets handed to this peer."""
         __tracebackhide__ = True
-        found = self.packets.expect_sequence(templates, timeout=timeout, after=after)
+        found = self.packets.expect_sequence(templates, timeout=timeout, after=self._after(after))
         self._looked.update(p.seq for p in found)
         return found
 
@@ -319,6 +370,35 @@ class ScriptedPeer:
         found = self.packets.wait_for(match, timeout=timeout, **fields)
         self._looked.add(found.seq)
         return found
+
+    def _after(self, after: Any) -> Any:
+        """``after=`` in this peer's numbering: a packet of ``peer.packets`` as it is, one of
+        ``tun_pair.packets`` (what :meth:`send` returns) as the last packet handed to the
+        peer that the pair recorded before it. Times and ``None`` pass through."""
+        if not isinstance(after, Packet) or self._owns(after):
+            return after
+        if after.seq < 0:
+            raise ValueError(
+                f"after={after!r}: that packet was never recorded; give a packet of "
+                "peer.packets or tun_pair.packets, or a time"
+            )
+        # Numbers in both captures grow in recording order: the peer's k-th packet came
+        # before `after` if the pair recorded its original with a smaller number (an
+        # original not recorded yet is later than anything recorded).
+        last = -1
+        for rec in self.packets:
+            origin = self._origin.get(rec.seq)
+            if origin is None or origin.seq < 0 or origin.seq > after.seq:
+                break
+            last = rec.seq
+        return _AfterSeq(last)
+
+    def _owns(self, pkt: Packet) -> bool:
+        """``pkt`` is one of ``peer.packets`` (the same object, not an equal one)."""
+        if pkt.action != "scripted" or not 0 <= pkt.seq:
+            return False
+        found = self.packets.since(pkt.seq)
+        return bool(found) and found[0] is pkt
 
     def unexpected(self) -> list[Packet]:
         """Packets handed to the peer that no expect, wait, endpoint or neighbour answer
@@ -339,18 +419,21 @@ class ScriptedPeer:
         return "\n".join(lines)
 
     def _next(self, pred: Callable[[Packet], bool], timeout: float, what: str) -> Packet:
-        """The first packet handed to the peer, not looked at yet, whose fields satisfy
-        ``pred``; waits up to ``timeout`` s. Marks it looked at."""
+        """The first packet handed to the peer, not taken by an endpoint yet, whose fields
+        satisfy ``pred``; waits up to ``timeout`` s. Marks it taken (an expect that only
+        looked at it does not count: ``tcp_accept()`` answers a SYN ``peer.expect()``
+        matched)."""
         __tracebackhide__ = True
         deadline = time.monotonic() + timeout
         last = -1
         while True:
             for pkt in self.packets.wait_new(last, max(0.0, deadline - time.monotonic())):
                 last = pkt.seq
-                if pkt.seq in self._looked:
+                if pkt.seq in self._consumed:
                     continue
                 if pred(pkt):
                     self._looked.add(pkt.seq)
+                    self._consumed.add(pkt.seq)
                     return pkt
             if time.monotonic() >= deadline:
                 raise self._timeout(what, timeout)
@@ -376,6 +459,11 @@ class ScriptedPeer:
         timestamps: bool = True,
         window: int = 65535,
         family: int | None = None,
+        synack_delay: float = 0.0,
+        complete: bool = True,
+        syn_flags: str = "SA",
+        syn_options: Sequence[tuple[str | int, Any]] | None = None,
+        syn_window: int | None = None,
     ) -> ScriptedTcp:
         """Wait for a SYN to ``port``, answer SYN-ACK with these options, wait for the ACK.
 
@@ -384,20 +472,35 @@ class ScriptedPeer:
         receive window in bytes (scaled by ``wscale`` after the handshake). ``family``:
         4 or 6 to accept only that, ``None`` either. A SYN the kernel retransmits before
         the ACK is answered again. Returns the established connection.
+
+        Pacing: the SYN-ACK leaves ``synack_delay`` s after the SYN arrived, so the
+        kernel's first RTT sample (and its RTO, TLP and probe times) is the path's, not
+        ~0. ``complete=False`` returns as soon as the SYN is in, nothing answered:
+        :meth:`ScriptedTcp.complete` sends the SYN-ACK and waits for the ACK. Our SYN-ACK
+        itself: ``syn_flags`` (``"SAE"`` answers an ECN setup), ``syn_options`` (sent
+        as given, in order, instead of the ones built from ``mss``/``wscale``/``sack``/
+        ``timestamps``; a ``("Timestamp", None)`` gets our clock's values) and
+        ``syn_window`` (the header field; default ``window``, unscaled as in any SYN).
         """
         __tracebackhide__ = True
         self._require_open()
         fam = _family(family, "tcp_accept")
         timeout = _check_timeout(timeout, "tcp_accept")
+        synack_delay = _check_timeout(synack_delay, "tcp_accept", "synack_delay")
         _check_port(port, "tcp_accept")
-        conn_opts = _ConnOptions.make(mss, wscale, sack, timestamps, window, "tcp_accept")
+        conn_opts = _ConnOptions.make(
+            mss, wscale, sack, timestamps, window, "tcp_accept",
+            flags=syn_flags, options=syn_options, syn_window=syn_window, syn_flag="SA",
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
 
         def is_syn(p: Packet) -> bool:
             return (
                 p.ip_proto == IPPROTO_TCP
                 and p.dport == port
-                and p.flags == "S"
+                and p.flags is not None
+                and "S" in p.flags
+                and "A" not in p.flags
                 and (fam is None or p.ip_version == fam)
                 and (p.dst, p.dport, p.src, p.sport) not in self._flows
             )
@@ -406,7 +509,10 @@ class ScriptedPeer:
         version, src, dst, sport = syn.ip_version, syn.src, syn.dst, syn.sport
         assert version is not None and src is not None and dst is not None and sport is not None
         conn = ScriptedTcp(self, version, (dst, port), (src, sport), conn_opts)
-        conn._accept(syn, deadline)
+        conn._take_syn(syn)
+        conn._synack_delay = synack_delay
+        if complete:
+            conn.complete(timeout=max(0.0, deadline - time.monotonic()))
         return conn
 
     def tcp_connect(
@@ -421,19 +527,42 @@ class ScriptedPeer:
         window: int = 65535,
         family: int | None = None,
         sport: int | None = None,
+        ack_delay: float = 0.0,
+        complete: bool = True,
+        ack_window: int | None = None,
+        syn_flags: str = "S",
+        syn_options: Sequence[tuple[str | int, Any]] | None = None,
+        syn_window: int | None = None,
+        syn_data: bytes = b"",
     ) -> ScriptedTcp:
         """Open a connection to ``port`` on the other side (a kernel server listening there).
 
         Sends a SYN with these options, waits for the SYN-ACK and ACKs it. A RST instead
         raises ``ConnectionRefusedError``; no answer within ``timeout``, ``PacketTimeout``.
         ``sport`` defaults to a random ephemeral port; ``family`` to IPv4 when the pair has it.
+
+        Pacing: the ACK leaves ``ack_delay`` s after the SYN-ACK arrived (the kernel's
+        first RTT sample); ``complete=False`` sends no ACK: :meth:`ScriptedTcp.complete`,
+        :meth:`ScriptedTcp.ack` or any segment completes the handshake. ``ack_window``
+        (bytes, scaled as negotiated) is the window of that ACK (default ``window``). Our
+        SYN itself: ``syn_flags`` (``"SEC"`` asks for ECN), ``syn_options`` (sent as given,
+        as in :meth:`tcp_accept`), ``syn_window`` (the header field) and ``syn_data`` (data
+        in the SYN, as TCP Fast Open sends it; if the SYN-ACK does not acknowledge it,
+        :attr:`ScriptedTcp.snd_nxt` goes back to the first byte of it, for
+        ``conn.send()`` to send it again).
         """
         __tracebackhide__ = True
         self._require_open()
         fam = self._default_family(_family(family, "tcp_connect"))
         timeout = _check_timeout(timeout, "tcp_connect")
+        ack_delay = _check_timeout(ack_delay, "tcp_connect", "ack_delay")
         _check_port(port, "tcp_connect")
-        conn_opts = _ConnOptions.make(mss, wscale, sack, timestamps, window, "tcp_connect")
+        conn_opts = _ConnOptions.make(
+            mss, wscale, sack, timestamps, window, "tcp_connect",
+            flags=syn_flags, options=syn_options, syn_window=syn_window, syn_flag="S",
+        )  # fmt: skip
+        if ack_window is not None:
+            _check_window(ack_window, "tcp_connect", "ack_window")
         if sport is None:
             sport = _EPHEMERAL[0] + secrets.randbelow(_EPHEMERAL[1] - _EPHEMERAL[0])
         _check_port(sport, "tcp_connect", "sport")
@@ -442,7 +571,11 @@ class ScriptedPeer:
         if not (local and remote):
             raise ValueError(f"tcp_connect(family={family!r}): the pair has no IPv{fam} addresses")
         conn = ScriptedTcp(self, fam, (_norm(local), sport), (_norm(remote), port), conn_opts)
-        conn._connect(time.monotonic() + timeout)
+        conn._connect(time.monotonic() + timeout, to_bytes(syn_data, what="tcp_connect(syn_data=)"))
+        conn._ack_delay = ack_delay
+        conn._ack_window = ack_window
+        if complete:
+            conn.complete()
         return conn
 
     def udp(self, port: int, *, family: int | None = None) -> ScriptedUdp:
@@ -481,6 +614,16 @@ class ScriptedPeer:
     same arguments, result and errors, and the event loop keeps running meanwhile."""
 
 
+class _AfterSeq:
+    """``after=`` as a number of ``peer.packets`` (what the matcher reads of a Packet)."""
+
+    __slots__ = ("direction", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.direction = ""
+
+
 def _plural(n: int, word: str) -> str:
     return word if n == 1 else word + "s"
 
@@ -503,16 +646,27 @@ def _check_port(port: object, what: str, name: str = "port") -> None:
 class _ConnOptions:
     """What this side offers in its SYN or SYN-ACK."""
 
-    __slots__ = ("mss", "sack", "timestamps", "window", "wscale")
+    __slots__ = ("flags", "mss", "options", "sack", "syn_window", "timestamps", "window", "wscale")
 
     def __init__(
-        self, mss: int | None, wscale: int | None, sack: bool, timestamps: bool, window: int
+        self,
+        mss: int | None,
+        wscale: int | None,
+        sack: bool,
+        timestamps: bool,
+        window: int,
+        flags: str,
+        options: list[tuple[str | int, Any]] | None,
+        syn_window: int | None,
     ) -> None:
         self.mss = mss
         self.wscale = wscale
         self.sack = sack
         self.timestamps = timestamps
         self.window = window
+        self.flags = flags
+        self.options = options
+        self.syn_window = syn_window
 
     @classmethod
     def make(
@@ -523,6 +677,11 @@ class _ConnOptions:
         timestamps: bool,
         window: int,
         what: str,
+        *,
+        flags: str,
+        options: Sequence[tuple[str | int, Any]] | None,
+        syn_window: int | None,
+        syn_flag: str,
     ) -> _ConnOptions:
         if mss is not None and (
             isinstance(mss, bool) or not isinstance(mss, int) or not 0 < mss < 65536
@@ -537,12 +696,32 @@ class _ConnOptions:
                 f"{what}(wscale={wscale!r}): give 0-14 (RFC 7323 2.3), or None for none"
             )
         _check_window(window, what)
-        return cls(mss, wscale, bool(sack), bool(timestamps), window)
+        if not isinstance(flags, str):
+            raise TypeError(f"{what}(syn_flags={flags!r}): give scapy's flag letters, e.g. 'SEC'")
+        _h.flag_bits(flags)  # ValueError for a letter that is no flag
+        if any(f not in flags for f in syn_flag):
+            raise ValueError(
+                f"{what}(syn_flags={flags!r}): the handshake segment needs {syn_flag!r} among "
+                "its flags; send anything else with peer.send()"
+            )
+        opts = None
+        if options is not None:
+            opts = [(name, value) for name, value in options]
+            _build.tcp_options(
+                [(n, (0, 0) if n == "Timestamp" and v is None else v) for n, v in opts]
+            )  # ValueError now, not at the first send
+        if syn_window is not None and (
+            isinstance(syn_window, bool)
+            or not isinstance(syn_window, int)
+            or not 0 <= syn_window <= _WINDOW_MAX
+        ):
+            raise ValueError(f"{what}(syn_window={syn_window!r}): give the header field, 0-65535")
+        return cls(mss, wscale, bool(sack), bool(timestamps), window, flags, opts, syn_window)
 
 
-def _check_window(window: object, what: str) -> None:
+def _check_window(window: object, what: str, name: str = "window") -> None:
     if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window < 1 << 30:
-        raise ValueError(f"{what}(window={window!r}): give a receive window in bytes, 0 to 2**30-1")
+        raise ValueError(f"{what}({name}={window!r}): give a receive window in bytes, 0 to 2**30-1")
 
 
 class ScriptedTcp:
@@ -554,6 +733,11 @@ class ScriptedTcp:
     echoed back (RFC 7323 4.3). With :attr:`auto_ack` (the default) the peer ACKs each data
     segment and FIN as it processes it, and answers an unacceptable segment (a window probe,
     a keepalive, a retransmission) with an ACK, as RFC 9293 3.10.7.4 says a receiver does.
+
+    Sequence numbers come two ways, as packetdrill and Wireshark show them: relative
+    (``seq=``, ``ack=``, ``sack=``: 0 is the SYN, 1 the first byte after it, counted from
+    :attr:`iss` for ours and :attr:`irs` for the kernel's) and absolute (``tcp_seq=``,
+    ``tcp_ack=``, ``tcp_sack=``: the header's numbers, as ``Packet.tcp_seq`` gives them).
     """
 
     def __init__(
@@ -585,6 +769,15 @@ class ScriptedTcp:
         self.acked = 0
         #: The kernel's advertised receive window in bytes (scaled).
         self.peer_window = 0
+        #: The SYN that opened the connection: the kernel's (``tcp_accept``) or ours
+        #: (``tcp_connect``, as recorded in ``tun_pair.packets``); its options in order are
+        #: ``conn.syn.tcp_options``.
+        self.syn: Packet | None = None
+        #: The SYN-ACK: ours (``tcp_accept``) or the kernel's (``tcp_connect``); ``None``
+        #: until sent or received.
+        self.syn_ack: Packet | None = None
+        #: True once the three-way handshake is complete (see :meth:`complete`).
+        self.established = False
         self._opts = opts
         self._window = opts.window
         #: The sequence number of the next byte the peer sends (starts at a random ISS).
@@ -592,6 +785,7 @@ class ScriptedTcp:
         #: The sequence number of the next byte the peer expects from the kernel.
         self.rcv_nxt = 0
         self._iss = self.snd_nxt
+        self._irs: int | None = None
         self._snd_shift = 0  # the kernel's window scale: applies to its windows
         self._rcv_shift = 0  # ours: applies to the windows we advertise
         self._sack = False
@@ -604,6 +798,10 @@ class ScriptedTcp:
         self._pos = 0
         self._scan = -1  # sequence number of the last inbox packet examined
         self._synced = False  # rcv_nxt is known: the kernel's SYN was seen
+        self._accepting = False  # our side answers the handshake (tcp_accept)
+        self._synack_delay = 0.0
+        self._ack_delay = 0.0
+        self._ack_window: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -636,27 +834,58 @@ class ScriptedTcp:
         """Timestamps were negotiated: every segment the peer sends carries TSval/TSecr."""
         return self._ts
 
+    @property
+    def iss(self) -> int:
+        """Our initial sequence number (the SYN's or SYN-ACK's ``tcp_seq``): relative
+        ``seq=n`` of ours is ``iss + n``."""
+        return self._iss
+
+    @property
+    def irs(self) -> int:
+        """The kernel's initial sequence number (its SYN's or SYN-ACK's ``tcp_seq``):
+        relative ``seq=n`` of the kernel's is ``irs + n``. ``TunPairError`` before its
+        SYN was seen."""
+        if self._irs is None:
+            raise TunPairError(f"{self}: the kernel's SYN has not been seen yet")
+        return self._irs
+
+    def _ours(self, n: int) -> int:
+        return (self._iss + n) % (1 << 32)
+
+    def _theirs(self, n: int) -> int:
+        return (self.irs + n) % (1 << 32)
+
     # -- handshakes -------------------------------------------------------------------------
     def _negotiate(self, theirs: Packet) -> None:
         o = self._opts
         options = theirs.tcp_options
         self.peer_options = offered(options)
-        if o.wscale is not None and self.peer_options.wscale is not None:
-            self._rcv_shift = o.wscale
+        mine = offered(o.options) if o.options is not None else None
+        my_wscale = o.wscale if mine is None else mine.wscale
+        if my_wscale is not None and self.peer_options.wscale is not None:
+            self._rcv_shift = min(my_wscale, _WSCALE_MAX)
             self._snd_shift = min(self.peer_options.wscale, _WSCALE_MAX)
-        self._sack = o.sack and self.peer_options.sack
-        self._ts = o.timestamps and self.peer_options.timestamps
+        my_sack = o.sack if mine is None else mine.sack
+        my_ts = o.timestamps if mine is None else mine.timestamps
+        self._sack = my_sack and self.peer_options.sack
+        self._ts = my_ts and self.peer_options.timestamps
         stamps = timestamp_option(options)
         if stamps is not None:
             self._ts_recent = stamps[0]
 
-    def _syn_options(self, tsecr: int, *, answering: bool) -> list[tuple[str, Any]]:
+    def _syn_options(self, tsecr: int, *, answering: bool) -> list[tuple[str | int, Any]]:
+        o = self._opts
+        if o.options is not None:
+            # Given: sent as they are, a bare timestamp filled in from our clock.
+            return [
+                (n, (self._tsval(), tsecr) if n == "Timestamp" and v is None else v)
+                for n, v in o.options
+            ]
         # Linux's order (tcp_options_write): MSS, SACK-permitted with timestamps, NOP,
         # window scale -- so a capture reads like the kernel's own SYN-ACK. A SYN-ACK
         # carries only the options the SYN offered (RFC 7323 1.3, RFC 2018 2).
-        o = self._opts
         peer = self.peer_options
-        opts: list[tuple[str, Any]] = []
+        opts: list[tuple[str | int, Any]] = []
         if o.mss is not None:
             opts.append(("MSS", o.mss))
         if o.sack and (peer.sack or not answering):
@@ -667,25 +896,56 @@ class ScriptedTcp:
             opts += [("NOP", None), ("WScale", o.wscale)]
         return opts
 
-    def _accept(self, syn: Packet, deadline: float) -> None:
-        __tracebackhide__ = True
+    def _syn_window(self) -> int:
+        # RFC 7323 2.2: a SYN's window is never scaled.
+        o = self._opts
+        return min(self._window, _WINDOW_MAX) if o.syn_window is None else o.syn_window
+
+    def _take_syn(self, syn: Packet) -> None:
+        """tcp_accept(): the kernel's SYN is in; nothing answered yet."""
         self._peer._register(self)
+        self._accepting = True
+        self.syn = syn
         self._scan = syn.seq
-        self.rcv_nxt = seq_add(_seq(syn), 1)
+        self._irs = _seq(syn)
+        self.rcv_nxt = seq_add(self._irs, 1 + len(syn.payload or b""))
         self._synced = True
         self._negotiate(syn)
-        window = min(self._window, _WINDOW_MAX)  # RFC 7323 2.2: a SYN's window is unscaled
 
-        def syn_ack() -> None:
-            self._emit(
-                "SA",
-                seq=self._iss,
-                window_field=window,
-                options=self._syn_options(_tsval(syn) or 0, answering=True),
-            )
-
-        syn_ack()
+    def _send_syn_ack(self) -> None:
+        assert self.syn is not None
+        self.syn_ack = self._emit(
+            self._opts.flags,
+            seq=self._iss,
+            window_field=self._syn_window(),
+            options=self._syn_options(_tsval(self.syn) or 0, answering=True),
+        )
         self.snd_nxt = seq_add(self._iss, 1)
+
+    def complete(self, *, timeout: float = 2.0) -> ScriptedTcp:
+        """Finish the handshake a ``complete=False`` call left open; returns the connection.
+
+        After ``tcp_accept(complete=False)``: send the SYN-ACK (``synack_delay`` s after
+        the SYN arrived) unless sent already, and wait for the kernel's ACK (a SYN it sends
+        again meanwhile is answered again). After ``tcp_connect(complete=False)``: send
+        the ACK of the SYN-ACK (``ack_delay`` s after it arrived, with ``ack_window``).
+        Nothing when established already.
+        """
+        __tracebackhide__ = True
+        timeout = _check_timeout(timeout, "conn.complete")
+        if self.established:
+            return self
+        if not self._accepting:
+            assert self.syn_ack is not None
+            self._peer._sleep_until(self.syn_ack.arrival + self._ack_delay)
+            window = self._ack_window
+            self.ack(window=self._window if window is None else window)
+            return self
+        deadline = time.monotonic() + timeout
+        assert self.syn is not None
+        if self.syn_ack is None:
+            self._peer._sleep_until(self.syn.arrival + self._synack_delay)
+            self._send_syn_ack()
         while True:
             seg = self._next_segment(
                 lambda s: (
@@ -705,25 +965,27 @@ class ScriptedTcp:
                     "(docs/peer.md), or connect without blocking"
                 )
             if "S" in _flags(seg):  # our SYN-ACK was slow or lost: the kernel sent its SYN again
-                syn_ack()
+                self._send_syn_ack()
                 continue
             break
+        self.established = True
         if seg.payload or "F" in _flags(seg):
             self._pos -= 1  # the ACK carried data: recv() returns it
+        return self
 
-    def _connect(self, deadline: float) -> None:
+    def _connect(self, deadline: float, data: bytes) -> None:
         __tracebackhide__ = True
         self._peer._register(self)
         self._scan = self._peer.packets[-1].seq if self._peer.packets else -1
-        o = self._opts
-        self._emit(
-            "S",
+        self.syn = self._emit(
+            self._opts.flags,
+            data=data,
             seq=self._iss,
             ack=0,
-            window_field=min(o.window, _WINDOW_MAX),
+            window_field=self._syn_window(),
             options=self._syn_options(0, answering=False),
         )
-        self.snd_nxt = seq_add(self._iss, 1)
+        sent_end = self.snd_nxt
         seg = self._next_segment(
             lambda s: "R" in _flags(s) or ("S" in _flags(s) and "A" in _flags(s)),
             deadline,
@@ -734,10 +996,15 @@ class ScriptedTcp:
                 f"the kernel answered the SYN to {self.remote[0]} port {self.remote[1]} with "
                 f"a RST (packet #{seg.seq}): nothing listens there"
             )
-        self.rcv_nxt = seq_add(_seq(seg), 1)
+        self.syn_ack = seg
+        self._irs = _seq(seg)
+        self.rcv_nxt = seq_add(self._irs, 1)
         self._synced = True
         self._negotiate(seg)
-        self.ack()
+        if data and seq_gt(sent_end, _ack(seg)):
+            # The SYN's data was not accepted (no Fast Open cookie, say): send it again
+            # from where the kernel's ACK points.
+            self.snd_nxt = _ack(seg)
 
     # -- incoming ---------------------------------------------------------------------------
     def _mine(self, p: Packet) -> bool:
@@ -765,6 +1032,7 @@ class ScriptedTcp:
                 if not self._mine(pkt):
                     continue
                 peer._looked.add(pkt.seq)
+                peer._consumed.add(pkt.seq)
                 self._process(pkt)
                 self._segs.append(pkt)
                 got = True
@@ -835,10 +1103,12 @@ class ScriptedTcp:
         deadline: float,
         what: str,
         *,
-        matcher: Matcher | None = None,
+        matcher: _Diffing | None = None,
+        strict: bool = False,
     ) -> Packet:
         """The next segment of the connection (after those already returned) for which
-        ``pred`` holds, waiting until ``deadline``; segments before it are skipped."""
+        ``pred`` holds, waiting until ``deadline``; segments before it are skipped, or,
+        ``strict``, fail: the next segment must be it."""
         __tracebackhide__ = True
         start = time.monotonic()
         first = self._pos
@@ -848,15 +1118,30 @@ class ScriptedTcp:
                 self._pos += 1
                 if pred(pkt) and (matcher is None or matcher(pkt)):
                     return pkt
+                if strict:
+                    raise self._unscripted(what, pkt, matcher)
             if not self._fetch(deadline) and time.monotonic() >= deadline:
                 examined = self._segs[first:]
                 raise self._timeout(what, max(0.0, deadline - start), matcher, examined)
+
+    def _unscripted(self, what: str, pkt: Packet, matcher: _Diffing | None) -> UnexpectedPacket:
+        lines = matcher.diff(pkt)[1] if matcher is not None else []
+        segs = list(self._segs)
+        text = "".join(f"      {line}\n" for line in lines)
+        return UnexpectedPacket(
+            f"expect_next: expected {what} on {self.local[0]}:{self.local[1]} <-> "
+            f"{self.remote[0]}:{self.remote[1]}, but the kernel's next segment was #{pkt.seq}:\n"
+            f"  {pkt.summary().lstrip()}\n{text}",
+            packet=pkt,
+            packets=segs,
+            details=lambda: trace(segs, limit=TRACE_LINES),
+        )
 
     def _timeout(
         self,
         what: str,
         waited: float,
-        matcher: Matcher | None = None,
+        matcher: _Diffing | None = None,
         examined: Sequence[Packet] = (),
     ) -> PacketTimeout:
         segs = list(self._segs)
@@ -908,39 +1193,79 @@ class ScriptedTcp:
     def expect(self, template: Any = None, *, timeout: float = 2.0, **fields: Any) -> Packet:
         """The next segment of this connection that matches; earlier ones are skipped.
 
-        Fields: ``flags`` (scapy letters, any order: ``"A"``, ``"FA"``), ``tcp_seq``,
-        ``tcp_ack``, ``window`` (the header field), ``payload`` (bytes), ``len`` (payload
-        length); a value may also be a predicate (``tcp_seq=lambda n: n != 1``). Or a scapy
-        template (``TCP(flags="FA")``), matched as ``tun_pair.packets.expect`` matches it,
-        whose failure shows the fields that differed. ``PacketTimeout`` if none comes
-        within ``timeout`` s.
+        Fields: ``flags`` (scapy letters, any order: ``"A"``, ``"FA"``), ``seq`` and
+        ``ack`` (relative: ``seq=1`` is the kernel's first byte after its SYN, ``ack=1``
+        acknowledges our SYN), ``tcp_seq`` and ``tcp_ack`` (absolute), ``window`` (the
+        header field), ``payload`` (bytes), ``len`` (payload length), ``options`` (the
+        ordered list ``Packet.tcp_options`` gives); a value may also be a predicate
+        (``tcp_seq=lambda n: n != 1``). Or a scapy template (``TCP(flags="FA")``), matched
+        as ``tun_pair.packets.expect`` matches it, whose failure shows the fields that
+        differed. ``PacketTimeout`` if none comes within ``timeout`` s.
         """
         __tracebackhide__ = True
-        timeout = _check_timeout(timeout, "conn.expect")
+        return self._expect(template, timeout, fields, "conn.expect", strict=False)
+
+    def expect_next(self, template: Any = None, *, timeout: float = 2.0, **fields: Any) -> Packet:
+        """The kernel's next segment of this connection, which must match (as in
+        :meth:`expect`): any other segment there fails at once with
+        :class:`~pytest_tunpair.UnexpectedPacket` naming it and the fields that differ,
+        as packetdrill fails on an unscripted packet. ``PacketTimeout`` if no segment
+        comes within ``timeout`` s."""
+        __tracebackhide__ = True
+        return self._expect(template, timeout, fields, "conn.expect_next", strict=True)
+
+    def _expect(
+        self, template: Any, timeout: float, fields: dict[str, Any], what: str, *, strict: bool
+    ) -> Packet:
+        __tracebackhide__ = True
+        timeout = _check_timeout(timeout, what)
         if (template is None) == (not fields):
             raise TypeError(
-                "conn.expect() takes a scapy template or fields (flags='A', tcp_seq=...), "
-                "one of the two"
+                f"{what}() takes a scapy template or fields (flags='A', seq=1, ...), one of the two"
             )
-        matcher = None
+        matcher: _Diffing
         if template is not None:
             from .._packets.match import compile_match
 
-            matcher = compile_match(template, what="conn.expect")
-            described = matcher.description
+            compiled = compile_match(template, what=what)
+            described = compiled.description
+            matcher = compiled
         else:
+            absolute = self._absolute(fields, what)
             described = ", ".join(f"{k}={v!r}" for k, v in fields.items())
-        pred = _segment_matcher(fields)
+            matcher = _FieldMatcher(absolute, _segment_matcher(absolute, what))
         return self._next_segment(
-            pred, time.monotonic() + timeout, f"a segment with {described}", matcher=matcher
+            _always,
+            time.monotonic() + timeout,
+            f"a segment with {described}",
+            matcher=matcher,
+            strict=strict,
         )
+
+    def _absolute(self, fields: dict[str, Any], what: str) -> dict[str, Any]:
+        """Relative ``seq``/``ack`` as the header's ``tcp_seq``/``tcp_ack``."""
+        out = dict(fields)
+        for rel, absolute, base in (
+            ("seq", "tcp_seq", self._theirs),
+            ("ack", "tcp_ack", self._ours),
+        ):
+            if rel not in out:
+                continue
+            if absolute in out:
+                raise TypeError(f"{what}(): give {rel}= (relative) or {absolute}= (absolute)")
+            value = out.pop(rel)
+            if callable(value):
+                out[absolute] = _relative_predicate(value, base)
+            else:
+                out[absolute] = base(int(value))
+        return out
 
     # -- outgoing ---------------------------------------------------------------------------
     def _tsval(self) -> int:
         # A 1 ms clock (RFC 7323 5.4 recommends 1 ms to 1 s per tick), from a random start.
         return (int(time.monotonic() * 1000) + self._ts_offset) % (1 << 32)
 
-    def _default_options(self) -> list[tuple[str, Any]]:
+    def _default_options(self) -> list[tuple[str | int, Any]]:
         if not self._ts:
             return []
         return [("NOP", None), ("NOP", None), ("Timestamp", (self._tsval(), self._ts_recent))]
@@ -953,7 +1278,8 @@ class ScriptedTcp:
         seq: int | None = None,
         ack: int | None = None,
         window_field: int | None = None,
-        options: list[tuple[str, Any]] | None = None,
+        options: Sequence[tuple[str | int, Any]] | None = None,
+        gso_size: int | None = None,
     ) -> Packet:
         if seq is None:
             seq = self.snd_nxt
@@ -976,13 +1302,36 @@ class ScriptedTcp:
             options=options,
             payload=data,
         )
-        sent = self._peer._send_ip(src, dst, IPPROTO_TCP, segment)
+        sent = self._peer._send_ip(src, dst, IPPROTO_TCP, segment, gso_size=gso_size)
         if "A" in flags:
             self._last_ack_sent = ack
+            if self._synced and not self._accepting and "S" not in flags:
+                self.established = True  # our first ACK after the SYN-ACK completes it
         end = seq_add(seq, len(data) + ("S" in flags) + ("F" in flags))
         if seq_gt(end, self.snd_nxt):
             self.snd_nxt = end
         return sent
+
+    def _numbers(
+        self,
+        what: str,
+        seq: int | None,
+        ack: int | None,
+        tcp_seq: int | None,
+        tcp_ack: int | None,
+    ) -> tuple[int | None, int | None]:
+        if seq is not None and tcp_seq is not None:
+            raise TypeError(f"{what}(): give seq= (relative) or tcp_seq= (absolute), not both")
+        if ack is not None and tcp_ack is not None:
+            raise TypeError(f"{what}(): give ack= (relative) or tcp_ack= (absolute), not both")
+        if seq is not None:
+            tcp_seq = self._ours(seq)
+        if ack is not None:
+            tcp_ack = self._theirs(ack)
+        return (
+            None if tcp_seq is None else tcp_seq % (1 << 32),
+            None if tcp_ack is None else tcp_ack % (1 << 32),
+        )
 
     def send(
         self,
@@ -990,16 +1339,24 @@ class ScriptedTcp:
         *,
         flags: str = "PA",
         seq: int | None = None,
+        ack: int | None = None,
+        tcp_seq: int | None = None,
+        tcp_ack: int | None = None,
         window: int | None = None,
-        options: list[tuple[str, Any]] | None = None,
+        options: Sequence[tuple[str | int, Any]] | None = None,
+        gso_size: int | None = None,
     ) -> Packet:
         """Send one segment at :attr:`snd_nxt`, acknowledging :attr:`rcv_nxt`.
 
-        ``data`` goes in one segment (keep it within the kernel's MSS). Without data the
-        default flags are a pure ``"A"``. Override ``seq`` (e.g. to retransmit), ``window``
-        (bytes, scaled as negotiated) or ``options`` (a list as ``Packet.tcp_options``
-        gives it, scapy's names: ``[("NOP", None), ("WScale", 3)]``; ``(kind, bytes)`` for
-        any kind; the default carries timestamps when negotiated) to misbehave on purpose.
+        ``data`` goes in one segment (keep it within the kernel's MSS, or give
+        ``gso_size`` to send it as one GSO super-packet of such segments, see
+        :meth:`ScriptedPeer.send`). Without data the default flags are a pure ``"A"``.
+        Override the sequence number (``seq=`` relative to :attr:`iss`, e.g. ``seq=1``
+        to retransmit the first byte, or ``tcp_seq=`` absolute), the acknowledgment
+        (``ack=`` relative to :attr:`irs`, or ``tcp_ack=``), ``window`` (bytes, scaled as
+        negotiated) or ``options`` (a list as ``Packet.tcp_options`` gives it, scapy's
+        names: ``[("NOP", None), ("WScale", 3)]``; ``(kind, bytes)`` for any kind; the
+        default carries timestamps when negotiated) to misbehave on purpose.
         :attr:`snd_nxt` moves to the end of what was sent, never backwards. Returns the
         recorded packet.
         """
@@ -1010,26 +1367,40 @@ class ScriptedTcp:
         if window is not None:
             _check_window(window, "conn.send")
             field = min(window >> self._rcv_shift, _WINDOW_MAX)
-        return self._emit(flags, data=data, seq=seq, window_field=field, options=options)
+        abs_seq, abs_ack = self._numbers("conn.send", seq, ack, tcp_seq, tcp_ack)
+        return self._emit(
+            flags,
+            data=data,
+            seq=abs_seq,
+            ack=abs_ack,
+            window_field=field,
+            options=options,
+            gso_size=gso_size,
+        )
 
     def ack(
         self,
-        n: int | None = None,
+        ack: int | None = None,
         *,
+        tcp_ack: int | None = None,
         window: int | None = None,
         sack: Iterable[tuple[int, int]] = (),
+        tcp_sack: Iterable[tuple[int, int]] = (),
     ) -> Packet:
-        """Send a pure ACK of ``n`` (default :attr:`rcv_nxt`); repeated, a duplicate ACK.
+        """Send a pure ACK (default: of :attr:`rcv_nxt`; ``ack=`` relative to :attr:`irs`,
+        ``tcp_ack=`` absolute); repeated, a duplicate ACK.
 
-        ``sack``: up to three (left, right) sequence ranges received out of order, sent
-        as SACK blocks (RFC 2018; needs :attr:`sack` negotiated). Linux counts duplicate
-        ACKs towards a fast retransmit only with SACK blocks once SACK is negotiated.
+        ``sack``: up to three (left, right) ranges received out of order, relative
+        (``tcp_sack``: absolute), sent as SACK blocks (RFC 2018; needs :attr:`sack`
+        negotiated). Linux counts duplicate ACKs towards a fast retransmit only with SACK
+        blocks once SACK is negotiated.
         """
         field = None
         if window is not None:
             _check_window(window, "conn.ack")
             field = min(window >> self._rcv_shift, _WINDOW_MAX)
-        blocks = [(int(a) % (1 << 32), int(b) % (1 << 32)) for a, b in sack]
+        blocks = [(self._theirs(a), self._theirs(b)) for a, b in sack]
+        blocks += [(int(a) % (1 << 32), int(b) % (1 << 32)) for a, b in tcp_sack]
         options = None
         if blocks:
             if not self._sack:
@@ -1038,8 +1409,13 @@ class ScriptedTcp:
                 raise ValueError("conn.ack(sack=...): at most 3 blocks fit beside timestamps")
             flat = tuple(x for block in blocks for x in block)
             options = [*self._default_options(), ("NOP", None), ("NOP", None), ("SAck", flat)]
-        ack = self.rcv_nxt if n is None else n % (1 << 32)
-        return self._emit("A", ack=ack, window_field=field, options=options)
+        _seq_unused, abs_ack = self._numbers("conn.ack", None, ack, None, tcp_ack)
+        return self._emit(
+            "A",
+            ack=self.rcv_nxt if abs_ack is None else abs_ack,
+            window_field=field,
+            options=options,
+        )
 
     def fin(self) -> Packet:
         """Send a FIN (with an ACK of :attr:`rcv_nxt`): this side is done sending."""
@@ -1060,6 +1436,39 @@ class ScriptedTcp:
     same arguments, result and errors, and the event loop keeps running meanwhile."""
 
 
+def _always(p: Packet) -> bool:
+    return True
+
+
+def _relative_predicate(
+    test: Callable[[int], Any], base: Callable[[int], int]
+) -> Callable[[int], Any]:
+    def absolute(n: int) -> Any:
+        return test((n - base(0)) % (1 << 32))
+
+    return absolute
+
+
+class _FieldMatcher:
+    """``expect_next(**fields)``'s diff: which field of the segment differed."""
+
+    def __init__(self, absolute: dict[str, Any], pred: Callable[[Packet], bool]) -> None:
+        self.pred = pred
+        self.absolute = absolute
+
+    def __call__(self, p: Packet) -> bool:
+        return self.pred(p)
+
+    def diff(self, p: Packet) -> tuple[int, list[str]]:
+        lines = []
+        for name, want in self.absolute.items():
+            got = _segment_value(p, name)
+            if not _field_ok(name, want, got):
+                shown = "a predicate" if callable(want) else repr(want)
+                lines.append(f"{name}: expected {shown}, got {got!r}")
+        return len(lines), lines
+
+
 def _flags(p: Packet) -> str:
     return p.flags or ""
 
@@ -1077,34 +1486,50 @@ def _tsval(p: Packet) -> int | None:
     return None if stamps is None else stamps[0]
 
 
-def _segment_matcher(fields: dict[str, Any]) -> Callable[[Packet], bool]:
-    allowed = {"flags", "tcp_seq", "tcp_ack", "window", "payload", "len"}
-    unknown = set(fields) - allowed
+_SEGMENT_FIELDS = (
+    "flags",
+    "seq",
+    "ack",
+    "tcp_seq",
+    "tcp_ack",
+    "window",
+    "payload",
+    "len",
+    "options",
+)
+
+
+def _segment_value(s: Packet, name: str) -> Any:
+    if name == "len":
+        return len(s.payload or b"")
+    if name == "payload":
+        return s.payload or b""
+    if name == "options":
+        return s.tcp_options
+    return getattr(s, name)
+
+
+def _field_ok(name: str, want: Any, got: Any) -> bool:
+    if callable(want):
+        return bool(want(got))
+    if name == "flags":
+        return got is not None and set(got) == set(want)
+    if name == "options":
+        return bool(got == [tuple(o) for o in want])
+    return bool(got == want)
+
+
+def _segment_matcher(fields: dict[str, Any], what: str = "conn.expect") -> Callable[[Packet], bool]:
+    unknown = set(fields) - set(_SEGMENT_FIELDS)
     if unknown:
         raise TypeError(
-            f"conn.expect() got unknown field(s) {', '.join(sorted(unknown))}: "
-            f"use {', '.join(sorted(allowed))}"
+            f"{what}() got unknown field(s) {', '.join(sorted(unknown))}: "
+            f"use {', '.join(_SEGMENT_FIELDS)}"
         )
-
-    def value(s: Packet, name: str) -> Any:
-        if name == "len":
-            return len(s.payload or b"")
-        if name == "payload":
-            return s.payload or b""
-        return getattr(s, name)
+    items = list(fields.items())
 
     def pred(s: Packet) -> bool:
-        for name, want in fields.items():
-            got = value(s, name)
-            if callable(want):
-                if not want(got):
-                    return False
-            elif name == "flags":
-                if set(got) != set(want):
-                    return False
-            elif got != want:
-                return False
-        return True
+        return all(_field_ok(name, want, _segment_value(s, name)) for name, want in items)
 
     return pred
 

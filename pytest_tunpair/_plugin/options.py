@@ -29,6 +29,7 @@ __all__ = [
     "LEFTOVER_POLICIES",
     "PCAP_FORMATS",
     "PCAP_MODES",
+    "PKT_IP_VERSIONS",
     "USERNS_MODES",
     "PluginOptions",
     "add",
@@ -111,6 +112,31 @@ class Plot(Bool):
         return wanted
 
 
+#: packetdrill's ``--ip_version`` values (``_peer/pkt_run.py``'s ``IP_VERSIONS``, repeated
+#: here so that building this table imports nothing; tests/test_pkt.py keeps them equal).
+PKT_IP_VERSIONS = ("ipv4", "ipv4-mapped-ipv6", "ipv6")
+
+
+class IpVersions(Kind):
+    """Some of packetdrill's ``--ip_version`` values, comma- or space-separated."""
+
+    allowed = "some of ipv4, ipv4-mapped-ipv6, ipv6 (comma-separated)"
+    metavar = "LIST"
+
+    def check(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = tuple(v for v in value.replace(",", " ").split() if v)
+        if not isinstance(value, (tuple, list)) or not value:
+            raise self.refuse()
+        for v in value:
+            if v not in PKT_IP_VERSIONS:
+                raise self.refuse(f"{v!r} is no --ip_version: use {self.allowed}")
+        return tuple(v for v in PKT_IP_VERSIONS if v in value)
+
+    def format(self, value: Any) -> str:
+        return ",".join(value)
+
+
 @dataclass(frozen=True)
 class PluginOptions:
     """The plugin's options: declared here, resolved once per run by :func:`resolve`
@@ -176,6 +202,26 @@ class PluginOptions:
         "warn (default: kill them and emit a warning naming each), or fail (kill them and "
         "fail the test's teardown). Threads it started there and left running are reported "
         "too: a warning under warn and kill (a thread cannot be killed), a failure under fail",
+    )
+    tunpair_no_pkt: bool = option(
+        False,
+        Bool(),
+        "with --tunpair, leave packetdrill scripts (*.pkt) alone instead of collecting each "
+        "as a test run against the pair's kernel",
+    )
+    tunpair_pkt_ip_versions: tuple[str, ...] = option(
+        PKT_IP_VERSIONS,
+        IpVersions(),
+        "the --ip_version variants each *.pkt script runs in (comma-separated: ipv4, "
+        "ipv4-mapped-ipv6, ipv6; default all three, as packetdrill's run_all.py); a script "
+        "that sets --ip_version itself runs in that one",
+    )
+    tunpair_pkt_slack_usecs: int = option(
+        0,
+        Int(0),
+        "microseconds added to every timing tolerance of *.pkt scripts (packetdrill's own, "
+        "4000 us or 12.5 percent of the interval, or the script's --tolerance_usecs): an HZ=250 "
+        "kernel fires timers up to ~30 ms late, a busy CI machine runs the peer late",
     )
     tunpair_userns: str = option(
         "auto",

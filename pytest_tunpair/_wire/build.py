@@ -68,16 +68,18 @@ def ip_header(
     flags: int = 0,
     ttl: int = DEFAULT_TTL,
     tos: int = 0,
+    flowlabel: int = 0,
 ) -> bytes:
     """An IPv4 header without options (``flags`` is the flags/fragment-offset word, its
     checksum filled in), or an IPv6 header (``ttl`` the hop limit, ``tos`` the traffic
-    class), by the address length."""
+    class, ``flowlabel`` the 20-bit flow label), by the address length."""
     if len(src) == 4:
         header = struct.pack(
             "!BBHHHBBH4s4s", 0x45, tos, 20 + payload_len, ident, flags, ttl, proto, 0, src, dst
         )
         return header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-    return struct.pack("!IHBB16s16s", 6 << 28 | tos << 20, payload_len, proto, ttl, src, dst)
+    word = 6 << 28 | tos << 20 | flowlabel & 0xFFFFF
+    return struct.pack("!IHBB16s16s", word, payload_len, proto, ttl, src, dst)
 
 
 def ip_packet(src: bytes, dst: bytes, proto: int, payload: bytes, **header: Any) -> bytes:
