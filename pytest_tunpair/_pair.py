@@ -523,8 +523,6 @@ class TunPair:
         parsed = ImpairmentSpec.from_kwargs(**params)
         random_seed = parsed.seed is None and self.options.seed is None
         spec = replace(parsed, seed=parsed.seed if parsed.seed is not None else self.seed)
-        # Offload off before the new engines see a packet; back on after if none needs it.
-        self._update_offload(busy=spec.active and spec.needs_segments)
         start = time.monotonic()  # a trace's millisecond 0, for the queue and the plot
         for d in _directions(direction):
             self._directions[d].impair(spec, random_seed=random_seed, start=start)
@@ -716,9 +714,9 @@ class TunPair:
 
     def _update_offload(self, busy: bool = False) -> None:
         """Offload on the devices unless something needs wire-sized packets (``busy``: about
-        to). Delay, jitter, rate and the queue work on GSO super-packets by their wire
-        length (that is how an impaired link reaches gigabit rates); hooks, rules, a
-        scripted peer and the lossy impairments act on packets as a real wire carries them."""
+        to). Impairments keep it on: a per-segment link splits GSO super-packets itself
+        (reading them is what makes the relay fast); hooks, rules and a scripted peer act
+        on packets as a real wire carries them."""
         self._require_relay()
         busy = busy or any(d.needs_segments for d in self._directions.values())
         for dev in self._devices:

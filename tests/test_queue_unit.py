@@ -88,8 +88,8 @@ def by(outs: list[Outcome], action: str) -> list[Outcome]:
 def test_rate_server_departs_when_the_last_bit_has_left() -> None:
     q = LinkQueue(QueueSpec(), RateServer(RATE))
     outs = q.enqueue(ipv4(), 10.0, latency=0.020)
-    assert outs == []  # still on the wire
-    assert q.deadline() == pytest.approx(10.0 + SERVICE)
+    assert outs == []  # on the wire, then propagating: drop-tail knows when it is due
+    assert q.deadline() == pytest.approx(10.0 + SERVICE + 0.020)
     outs = q.advance(10.0 + SERVICE)
     assert outs == []  # left the wire, now propagating
     assert q.deadline() == pytest.approx(10.0 + SERVICE + 0.020)
@@ -598,7 +598,7 @@ def test_packet_queue_labels_what_it_held_and_returns_drops() -> None:
     dropped = [d for p in pkts for d in pq.enqueue(p, 0.0)]
     assert dropped == [pkts[2]] and pkts[2].action == "dropped"
     assert len(pq) == 2 and pq.peak == 2
-    assert pq.deadline() == pytest.approx(SERVICE)
+    assert pq.deadline() == pytest.approx(SERVICE + 0.01)
     out = pq.dequeue_ready(1.0)
     assert [p for p, _due in out] == pkts[:2]
     assert [due for _p, due in out] == pytest.approx([0.011, 0.012])

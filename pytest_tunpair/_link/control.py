@@ -89,6 +89,7 @@ class Direction:
         self.engine = engine
         self._relay.set_engine(self.name, engine)
         self._relay.set_queue(self.name, queue)
+        self._relay.set_split(self.name, spec is not None and spec.per_segment)
 
     def _configure(self, start: float) -> None:
         from ..traces import TraceServer
@@ -156,12 +157,9 @@ class Direction:
     @property
     def needs_segments(self) -> bool:
         """Something on this direction must see packets as a real wire carries them (a hook,
-        a rule, a scripted peer, or loss, corruption, duplication, reordering): the pair
-        turns offload off while one does."""
-        spec = self.spec
-        return self._relay.link_needs_segments(self.name) or (
-            spec is not None and spec.needs_segments
-        )
+        a rule, a scripted peer): the pair turns offload off while one does. Impairments
+        do not: a per-segment link splits super-packets in the relay."""
+        return self._relay.link_needs_segments(self.name)
 
     # -- one test of a longer-lived pair ---------------------------------------------------
     def checkpoint(self) -> DirectionState:
@@ -183,6 +181,8 @@ class Direction:
             self.spec = state.spec
             self._configure(now)
             self._relay.set_queue(self.name, self._queue(now))
+            spec = self.spec
+            self._relay.set_split(self.name, spec is not None and spec.per_segment)
         self.random_seed = state.random_seed
 
     # -- reports ----------------------------------------------------------------------------

@@ -108,6 +108,9 @@ from .queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec
 __all__ = [
     "ACTIONS",
     "REORDER_MIN_HOLD",
+    "RUN_KEEP",
+    "RUN_LOST",
+    "RUN_MARK",
     "Action",
     "Emit",
     "ImpairmentEngine",
@@ -124,6 +127,9 @@ ACTIONS: tuple[Action, ...] = (
     "delayed",
     "reordered",
 )
+
+#: What :meth:`ImpairmentEngine.submit_run` decided for a run of segments.
+RUN_KEEP, RUN_LOST, RUN_MARK = 0, 1, 2
 
 # With no delay there is no natural reorder window; 5 ms is long enough for the next packet
 # of a burst to overtake, and short enough that a lone packet is not noticeably late.
@@ -353,16 +359,24 @@ class ImpairmentSpec:
         )
 
     @property
-    def needs_segments(self) -> bool:
-        """Loss, corruption, duplication or reordering is on: they act on packets as a real
-        wire carries them, so the pair turns offload off (no GSO super-packets)."""
-        lossy = isinstance(self.loss, GilbertElliott) or self.loss > 0.0
-        return lossy or self.corrupt > 0.0 or self.duplicate > 0.0 or self.reorder > 0.0
+    def per_segment(self) -> bool:
+        """Every decision is taken per wire packet: anything but ``delay`` and ``jitter`` is
+        set (a rate, a trace, the queue, loss, ECN, corruption, duplication, reordering).
+        The relay then splits GSO super-packets into their segments before the engine and
+        the queue; with ``delay``/``jitter`` alone they pass whole."""
+        return any(name not in _WHOLE_OK for name, decl, _v in changed(self) if not decl.inert)
 
     @property
     def needs_engine(self) -> bool:
-        """A random effect is on (those of :attr:`needs_segments`, or jitter)."""
-        return self.needs_segments or self.jitter > 0.0
+        """A random effect is on: loss, corruption, duplication, reordering or jitter."""
+        lossy = isinstance(self.loss, GilbertElliott) or self.loss > 0.0
+        return (
+            lossy
+            or self.corrupt > 0.0
+            or self.duplicate > 0.0
+            or self.reorder > 0.0
+            or self.jitter > 0.0
+        )
 
     @property
     def needs_queue(self) -> bool:
@@ -395,6 +409,8 @@ class ImpairmentSpec:
         return " ".join(parts)
 
 
+# What a link may do to GSO super-packets whole (delay is the same for every segment).
+_WHOLE_OK = frozenset({"delay", "jitter"})
 # The parameters that configure the queue (and nothing else).
 _QUEUE_FIELDS = frozenset({"limit", "limit_bytes", "queue", "target", "interval"})
 
@@ -507,6 +523,46 @@ class ImpairmentEngine:
         last_due = max(emit.due for emit in emits if emit.due is not None)
         emits.extend(_release(held, last_due))
         return emits
+
+    @property
+    def runs(self) -> bool:
+        """It can decide a run of segments at once (:meth:`submit_run`): its only random
+        effect is loss (with or without ECN marking) and nothing is held back."""
+        spec = self._spec
+        return (
+            spec.corrupt == 0.0
+            and spec.duplicate == 0.0
+            and spec.reorder == 0.0
+            and spec.jitter == 0.0
+            and self._held is None
+        )
+
+    def submit_run(
+        self, count: int, now: float, *, ect: bool = False
+    ) -> tuple[float, list[tuple[int, int, int]]]:
+        """Decide ``count`` segments read at ``now`` (:attr:`runs` must be true), exactly as
+        ``count`` calls of :meth:`submit` would -- the same six draws each, so the same seed
+        loses the same segments whether they came as one super-packet or one by one -- but
+        without their bytes. ``ect``: the segments are ECN-capable (``ecn`` marks them
+        instead of dropping). Returns the latency of every segment and the runs of
+        segments that share a fate: ``(first, count, RUN_KEEP | RUN_LOST | RUN_MARK)``."""
+        rng = self._rng.random
+        chain = self._chain
+        loss = self._loss
+        lost_kind = RUN_MARK if self._spec.ecn and ect else RUN_LOST
+        runs: list[tuple[int, int, int]] = []
+        kind = -1
+        start = 0
+        for i in range(count):
+            u = rng()
+            rng(), rng(), rng(), rng(), rng()
+            k = lost_kind if (chain.lost() if chain is not None else u < loss) else RUN_KEEP
+            if k != kind:
+                if kind >= 0:
+                    runs.append((start, i - start, kind))
+                kind, start = k, i
+        runs.append((start, count - start, kind))
+        return self._spec.delay, runs
 
     def expire(self, now: float) -> list[Emit]:
         """Release the held packet if its hold time has run out by ``now``.

@@ -86,6 +86,7 @@ A queue is not thread-safe; the relay thread owns it.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -95,8 +96,9 @@ from typing import Literal, Protocol
 
 from .._packets.packet import Packet
 from .._wire.ecn import ecn_codepoint, set_ce
-from .._wire.gso import wire_size
+from .._wire.gso import GsoPlan, wire_size
 from .._wire.numbers import ECN_ECT0, ECN_ECT1
+from .link import Item, Run
 
 __all__ = [
     "DISCIPLINES",
@@ -259,6 +261,11 @@ class Outcome:
     departed: float
     """When its last bit left the server (``nan`` if dropped)."""
     reason: str = ""
+    first: int = 0
+    """For a run of segments (:meth:`LinkQueue.enqueue_run`): the first segment it covers;
+    ``time`` is then the last one's due time."""
+    count: int = 1
+    """How many segments of the run it covers (1 for a packet)."""
 
 
 class _Entry:
@@ -288,6 +295,24 @@ class _Entry:
         self.departed = math.nan  # when its last bit left the server
 
 
+class _RunEntry:
+    """Admitted segments of a run on a drop-tail link: each one's due time, in order."""
+
+    __slots__ = ("arrival", "dues", "first", "plan", "pos", "starts", "tag")
+
+    def __init__(
+        self, tag: object, plan: GsoPlan, first: int, arrival: float, dues: list[float],
+        starts: list[float],
+    ) -> None:  # fmt: skip
+        self.tag = tag
+        self.plan = plan
+        self.first = first
+        self.arrival = arrival
+        self.dues = dues
+        self.starts = starts
+        self.pos = 0  # dues[:pos] have been released
+
+
 class LinkQueue:
     """One direction's buffer, discipline, server and propagation line (see the module doc).
 
@@ -313,6 +338,10 @@ class LinkQueue:
         self.offset = offset
         self.tap = tap
         self.delay = delay
+        # Drop-tail decides everything when a packet arrives (admit, when it starts and
+        # leaves: FIFO, nothing taken back), so it computes departures then -- the same
+        # times the step-by-step model gives -- and holds packets only on the line.
+        self._eager = spec.discipline == "droptail"
         self._limit = spec.limit if spec.limit is not None else math.inf
         self._limit_bytes = spec.limit_bytes if spec.limit_bytes is not None else math.inf
         self._waiting: deque[_Entry] = deque()
@@ -321,7 +350,8 @@ class LinkQueue:
         self._busy: _Entry | None = None
         self._busy_until = -math.inf
         self._free = -math.inf  # when the wire finished its last transmission
-        self._line: list[tuple[float, int, _Entry]] = []  # (due, seq, entry): propagating
+        # (due, seq, entry): propagating (drop-tail: everything admitted)
+        self._line: list[tuple[float, int, _Entry | _RunEntry]] = []
         self._seq = 0
         self._clock = -math.inf
         self._out: list[Outcome] = []
@@ -368,6 +398,14 @@ class LinkQueue:
         if size is None:
             size = len(data) - self.offset
         entry = _Entry(data, tag, size, count, now, self.delay if latency is None else latency)
+        if self._eager:
+            if self._overflows(entry):
+                self._drop(entry, now, "limit")
+            else:
+                self._hold(entry)
+                self._serve(entry)
+            self._advance(now)
+            return self._take()
         if self._overflows(entry) and not self._make_room(entry):
             if self._aqm is not None:
                 self._aqm.on_overflow()
@@ -385,6 +423,84 @@ class LinkQueue:
                 self._hold(entry)
         self._advance(now)
         return self._take()
+
+    def enqueue_run(
+        self,
+        tag: object,
+        plan: GsoPlan,
+        first: int,
+        count: int,
+        now: float,
+        *,
+        latency: float | None = None,
+    ) -> list[Outcome]:
+        """Offer segments ``first .. first + count - 1`` of the super-packet ``plan`` (all
+        arriving at ``now``), each counted, bounded, paced and delivered as a packet of its
+        own; return the outcomes up to ``now``. Drop-tail only (:attr:`runs`): outcomes
+        cover runs of consecutive segments (``first``, ``count``); a run's ``time`` is when
+        its last segment is due, each of them due by the ``now`` that releases it."""
+        if not self._eager:
+            raise ValueError("enqueue_run() is for a drop-tail queue")
+        self._advance(now)
+        now = self._clock
+        lat = self.delay if latency is None else latency
+        server = self.server
+        rate = server.rate if type(server) is RateServer else 0.0
+        instant = type(server) is _Instant
+        limit, limit_bytes = self._limit, self._limit_bytes
+        full = plan.header_len + plan.mss
+        last = plan.count - 1
+        last_size = plan.header_len + plan.payload - last * plan.mss
+        packets, nbytes, free, peak = self.packets, self.bytes, self._free, self.peak
+        dues: list[float] = []
+        starts: list[float] = []
+        run_first = first
+        end = first + count
+        for i in range(first, end):
+            size = full if i != last else last_size
+            if packets and (packets + 1 > limit or nbytes + size > limit_bytes):
+                if dues:
+                    self._line_run(tag, plan, run_first, now, dues, starts)
+                    dues, starts = [], []
+                self.dropped += 1
+                self._out.append(
+                    Outcome("dropped", b"", tag, now, now, 0.0, math.nan, "limit", i, 1)
+                )
+                run_first = i + 1
+                continue
+            packets += 1
+            nbytes += size
+            if packets > peak:
+                peak = packets
+            start = free if free > now else now
+            if rate:
+                free = start + size * 8 / rate
+            elif instant:
+                free = start
+            else:
+                start = server.ready(start)
+                free = math.inf if start == math.inf else server.finish(size, start)
+            starts.append(start)
+            dues.append(free + lat)
+        self.packets, self.bytes, self._free, self.peak = packets, nbytes, free, peak
+        if dues:
+            self._line_run(tag, plan, run_first, now, dues, starts)
+        self._advance(now)
+        return self._take()
+
+    @property
+    def runs(self) -> bool:
+        """It takes runs of segments (:meth:`enqueue_run`): a drop-tail queue."""
+        return self._eager
+
+    def _line_run(
+        self, tag: object, plan: GsoPlan, first: int, arrival: float, dues: list[float],
+        starts: list[float],
+    ) -> None:  # fmt: skip
+        self._seq += 1
+        heapq.heappush(
+            self._line, (dues[0], self._seq, _RunEntry(tag, plan, first, arrival, dues, starts))
+        )
 
     def advance(self, now: float) -> list[Outcome]:
         """Run the model up to ``now``; return the outcomes that happened by then, in order."""
@@ -405,8 +521,15 @@ class LinkQueue:
         outcomes due by ``now`` first, then the rest as ``"sent"`` at ``now``."""
         self._advance(now)
         now = self._clock
-        held = [entry for _due, _seq, entry in sorted(self._line)]
+        line = sorted(self._line, key=lambda e: e[:2])
         self._line.clear()
+        held: list[_Entry] = []
+        for _due, _seq, item in line:
+            if isinstance(item, _RunEntry):
+                item.dues[item.pos :] = [now] * (len(item.dues) - item.pos)
+                self._release_run(item, now)
+            else:
+                held.append(item)
         if self._busy is not None:
             held.append(self._busy)
             self._busy = None
@@ -452,8 +575,45 @@ class LinkQueue:
             self._busy_until = server.finish(entry.size, start)
         line = self._line
         while line and line[0][0] <= now:
-            due, _seq, entry = heapq.heappop(line)
-            self._release(entry, due)
+            due, _seq, held = heapq.heappop(line)
+            if isinstance(held, _RunEntry):
+                self._release_run(held, now)
+            else:
+                self._release(held, due)
+
+    def _serve(self, entry: _Entry) -> None:
+        """Drop-tail: ``entry`` starts when the wire is free and the server ready, and goes
+        onto the line at once (nothing can change its times any more)."""
+        server = self.server
+        start = server.ready(max(self._free, entry.arrival))
+        entry.start = start
+        departed = math.inf if start == math.inf else server.finish(entry.size, start)
+        self._free = departed
+        self._propagate(entry, departed)
+
+    def _release_run(self, entry: _RunEntry, now: float) -> None:
+        """The segments of ``entry`` due by ``now``, as one outcome; the rest back onto
+        the line."""
+        dues = entry.dues
+        k = entry.pos
+        j = bisect.bisect_right(dues, now, k)
+        if j == k:  # pragma: no cover - popped only once its next due has come
+            j = k + 1
+        first = entry.first + k
+        n = j - k
+        self.packets -= n
+        self.bytes -= entry.plan.wire_len(first, n)
+        start = entry.starts[k]
+        self._out.append(
+            Outcome(
+                "sent", b"", entry.tag, entry.arrival, dues[j - 1], start - entry.arrival,
+                dues[j - 1], "", first, n,
+            )
+        )  # fmt: skip
+        entry.pos = j
+        if j < len(dues):
+            self._seq += 1
+            heapq.heappush(self._line, (dues[j], self._seq, entry))
 
     def _next_start(self) -> float:
         head = self._waiting[0]
@@ -573,13 +733,14 @@ def _outcome_time(outcome: Outcome) -> float:
 
 
 class PacketQueue:
-    """A :class:`LinkQueue` as the relay uses it (``_link.Queue``): relay ``Packet`` in,
-    ``(Packet, due)`` out, times on ``time.monotonic()``.
+    """A :class:`LinkQueue` as the relay uses it (``_link.Queue``): relay ``Packet`` (or a
+    :class:`~pytest_tunpair._link.link.Run` of segments, drop-tail only) in, ``(item,
+    due)`` out, times on ``time.monotonic()``.
 
-    A packet is sized by :func:`wire_size` (a GSO super-packet counts as its segments and
-    their length on a real wire). What leaves is relabelled: ``"delayed"`` if the link held
-    it at all, ``"marked"`` (in a new ``Packet`` around the CE-marked frame) if ECN marked
-    it; a drop comes back with ``due`` ``None`` and action ``"dropped"``.
+    A packet is sized by :func:`wire_size` (a GSO super-packet passed whole counts as its
+    segments and their length on a real wire). What leaves is relabelled: ``"delayed"`` if
+    the link held it at all, ``"marked"`` (in a new ``Packet`` around the CE-marked frame)
+    if ECN marked it; a drop comes back with ``due`` ``None`` and action ``"dropped"``.
     """
 
     __slots__ = ("_ready", "queue", "vnet_len")
@@ -587,15 +748,27 @@ class PacketQueue:
     def __init__(self, queue: LinkQueue, vnet_len: int) -> None:
         self.queue = queue
         self.vnet_len = vnet_len
-        self._ready: list[tuple[Packet, float | None]] = []
+        self._ready: list[tuple[Item, float | None]] = []
 
-    def enqueue(self, pkt: Packet, now: float, latency: float | None = None) -> list[Packet]:
+    @property
+    def runs(self) -> bool:
+        """It takes runs of segments (drop-tail): the relay hands it those, not packets."""
+        return self.queue.runs
+
+    def enqueue(self, pkt: Item, now: float, latency: float | None = None) -> list[Item]:
         """Take ``pkt`` (read at ``now``; ``latency``: its propagation delay, default the
         queue's ``delay``); return the packets dropped now. What became ready meanwhile
         waits for the next :meth:`dequeue_ready`."""
-        frame = pkt.frame
-        size, count = wire_size(frame, self.vnet_len, tap=self.queue.tap)
-        outcomes = self.queue.enqueue(frame, now, tag=pkt, size=size, count=count, latency=latency)
+        if isinstance(pkt, Packet):
+            frame = pkt.frame
+            size, count = wire_size(frame, self.vnet_len, tap=self.queue.tap)
+            outcomes = self.queue.enqueue(
+                frame, now, tag=pkt, size=size, count=count, latency=latency
+            )
+        else:
+            outcomes = self.queue.enqueue_run(
+                pkt, pkt.plan, pkt.first, pkt.count, now, latency=latency
+            )
         dropped = []
         for outcome in outcomes:
             pkt_out, due = self._convert(outcome)
@@ -605,7 +778,7 @@ class PacketQueue:
                 self._ready.append((pkt_out, due))
         return dropped
 
-    def dequeue_ready(self, now: float) -> list[tuple[Packet, float | None]]:
+    def dequeue_ready(self, now: float) -> list[tuple[Item, float | None]]:
         """Packets due at the far end by ``now`` and packets the AQM dropped by then, in
         order; ``dequeue_ready(math.inf)`` lets the link serve everything it holds."""
         ready, self._ready = self._ready, []
@@ -625,9 +798,20 @@ class PacketQueue:
     def peak(self) -> int:
         return self.queue.peak
 
-    def _convert(self, outcome: Outcome) -> tuple[Packet, float | None]:
+    def _convert(self, outcome: Outcome) -> tuple[Item, float | None]:
         pkt = outcome.tag
-        assert isinstance(pkt, Packet)
+        if not isinstance(pkt, Packet):
+            # A run: the part this outcome covers, relabelled as a packet would be.
+            assert isinstance(pkt, Run)
+            if outcome.action == "dropped":
+                return pkt.part(outcome.first, outcome.count, "dropped"), None
+            action = pkt.action
+            if action == "forwarded" and outcome.time > outcome.arrival:
+                action = "delayed"
+            if outcome.first == pkt.first and outcome.count == pkt.count:
+                pkt.action = action
+                return pkt, outcome.time
+            return pkt.part(outcome.first, outcome.count, action), outcome.time
         if outcome.action == "dropped":
             pkt.action = "dropped"
             return pkt, None

@@ -45,11 +45,14 @@ from typing import TYPE_CHECKING, Any
 from .._errors import HookError
 from .._kernel.timer import Timer, set_timer_slack
 from .._packets.capture import Capture
-from .._packets.packet import Packet
+from .._packets.packet import Packet, SegmentGroup
 from .._wire import gso as _gso
+from .._wire.ecn import ecn_codepoint
+from .._wire.numbers import ECN_CE, ECN_ECT0, ECN_ECT1
 from .counters import Stats
 from .hooks import Hook, HookFailure, HookWorker, Result
-from .link import Divert, Link, Queue, Rule
+from .impair import RUN_LOST, RUN_MARK
+from .link import Divert, Item, Link, Queue, Rule, Run
 
 if TYPE_CHECKING:
     from .impair import Emit, ImpairmentEngine
@@ -124,7 +127,7 @@ _TAKEN = 3  # record only; count it delivered (taken by the divert function)
 _INJECT = 4  # write to the link's destination, recorded as given (Relay.write); not counted
 _REPLACED = 5  # record only; not counted (a rule forwarded other frames in its place)
 
-_Out = tuple[Packet, bytes, Link, int]
+_Out = tuple[Item, bytes | None, Link, int]
 
 
 class Relay:
@@ -255,6 +258,14 @@ class Relay:
         """
         with self._swap_lock:
             self._swaps["engine", direction] = engine
+        self.wake()
+
+    def set_split(self, direction: str, split: bool) -> None:
+        """Decide per wire packet on ``direction`` (``True``): GSO super-packets are split
+        into their segments before the engine and the queue. Applied with the engine and
+        queue swaps asked for before it, before the next packet is read."""
+        with self._swap_lock:
+            self._swaps["split", direction] = split
         self.wake()
 
     def set_queue(self, direction: str, queue: Queue | None) -> None:
@@ -677,6 +688,12 @@ class Relay:
         """The rules from ``first_rule`` on, then the engine and the queue, for one packet."""
         if len(link.rules) > first_rule and self._apply_rules(link, out, frame, now, first_rule):
             return
+        if link.split and len(frame_hdr) >= _gso.VIRTIO_NET_HDR_LEN and frame_hdr[1]:
+            # A GSO super-packet (gso_type set) on a per-segment link.
+            plan = _gso.plan(frame, len(frame_hdr), self.mode)
+            if plan is not None:
+                self._split(link, out, plan, action, now)
+                return
         engine = link.engine
         if engine is None:
             self._forward(link, out, frame, now, now)
@@ -688,6 +705,49 @@ class Relay:
         for emit in emits:
             arrival = link.held_arrival if emit.action == "reordered" else out.arrival
             self._emit(link, emit, payload, frame_hdr, now, action, arrival)
+
+    def _split(self, link: Link, pkt: Packet, plan: _gso.GsoPlan, action: str, now: float) -> None:
+        """The engine and the queue for each segment of the super-packet ``pkt``.
+
+        With loss (and ECN) as the only random effect and a drop-tail queue (or none),
+        runs of segments move on together (:class:`~pytest_tunpair._link.link.Run`): each
+        segment is decided and paced on its own, and those that share their fate and
+        leave in the same flush go out in one write. Otherwise (an AQM, corruption,
+        duplication, reordering, jitter) each segment becomes a packet of its own, as the
+        kernel would have sent it with offload off.
+        """
+        engine = link.engine
+        queue = link.queue
+        if (engine is None or engine.runs) and (queue is None or queue.runs):
+            if engine is None:
+                self._forward(link, Run(pkt, plan, 0, plan.count, action), None, now, now)
+                return
+            ect = ecn_codepoint(pkt.frame, len(pkt.vnet_header), tap=self.mode == "tap") in (
+                ECN_ECT0, ECN_ECT1, ECN_CE,
+            )  # fmt: skip
+            latency, runs = engine.submit_run(plan.count, now, ect=ect)
+            keep = _merge(action, "delayed" if latency > 0.0 else "forwarded")
+            for first, count, kind in runs:
+                if kind == RUN_LOST:
+                    self._out.append((Run(pkt, plan, first, count, "lost"), None, link, _DROP))
+                    continue
+                if kind == RUN_MARK:
+                    run = Run(pkt, plan, first, count, _merge(action, "marked"), ce=True)
+                else:
+                    run = Run(pkt, plan, first, count, keep)
+                self._forward(link, run, None, now + latency, now, latency)
+            return
+        dst_hdr = link.dst.hdr_len
+        zero = _gso.ZERO_VNET_HDR if dst_hdr else b""
+        rules = len(link.rules)
+        source = pkt.frame
+        for i in range(plan.count):
+            data = _gso.segments(source, plan, i, 1, vnet=False, partial=False)
+            frame = zero + data
+            seg = Packet(
+                pkt.arrival, link.direction, action, frame, dst_hdr, self.mode, pkt.arrival
+            )
+            self._after_rules(link, seg, frame, data, zero, action, now, rules)
 
     def _apply_rules(
         self, link: Link, pkt: Packet, frame: bytes, now: float, first_rule: int = 0
@@ -752,8 +812,8 @@ class Relay:
     def _forward(
         self,
         link: Link,
-        pkt: Packet,
-        frame: bytes,
+        pkt: Item,
+        frame: bytes | None,
         due: float,
         now: float,
         latency: float | None = None,
@@ -763,7 +823,7 @@ class Relay:
         queue = link.queue
         if queue is not None:
             for dropped in queue.enqueue(pkt, now, latency):
-                self._out.append((dropped, dropped.frame, link, _DROP))
+                self._out.append((dropped, None, link, _DROP))
             if len(queue) > link.counters.queue_peak:
                 link.counters.queue_peak = queue.peak
             self._dequeue(link, queue, now)
@@ -774,12 +834,13 @@ class Relay:
         """What the queue made ready by ``until`` (default ``now``): onto the timers (or out
         now), or recorded as dropped."""
         for pkt, at in queue.dequeue_ready(now if until is None else until):
+            frame = pkt.frame if isinstance(pkt, Packet) else None
             if at is None:
-                self._out.append((pkt, pkt.frame, link, _DROP))
+                self._out.append((pkt, frame, link, _DROP))
             else:
-                self._schedule(link, pkt, pkt.frame, at, now)
+                self._schedule(link, pkt, frame, at, now)
 
-    def _schedule(self, link: Link, pkt: Packet, frame: bytes, due: float, now: float) -> None:
+    def _schedule(self, link: Link, pkt: Item, frame: bytes | None, due: float, now: float) -> None:
         # Straight out only when nothing is waiting: a timer due earlier must not be
         # overtaken by a packet that happens to be due now.
         if due <= now and not link.timers:
@@ -793,7 +854,9 @@ class Relay:
         now = time.monotonic()
         for (kind, direction), new in swaps.items():
             link = self.links[direction]
-            if kind == "engine":
+            if kind == "split":
+                link.split = bool(new)
+            elif kind == "engine":
                 old_engine, link.engine = link.engine, new
                 if old_engine is not None:
                     # Release what the old engine held back (reorder): with their own due
@@ -833,28 +896,48 @@ class Relay:
 
     def _flush(self) -> None:
         """Record and write what the stages made ready, in one critical section (see
-        :meth:`_service`); then raise the hook errors, which name the recorded packets."""
+        :meth:`_service`); then raise the hook errors, which name the recorded packets.
+
+        A run of segments is recorded as its segments and written as one frame (made
+        before the lock is taken)."""
         out = self._out
         if out:
             self._out = []
+            frames: dict[int, bytes] = {}
+            for index, entry in enumerate(out):
+                run = entry[0]
+                if type(run) is Run and entry[3] == _WRITE:
+                    frames[index] = run.frame()
             capture = self.capture
             with capture.lock:
                 t = time.monotonic() - capture.t0
-                for entry in out:
-                    entry[0].time = t
-                capture.record_locked([entry[0] for entry in out])
-                for pkt, frame, link, kind in out:
+                records: list[Packet | SegmentGroup] = []
+                runs: dict[int, SegmentGroup] = {}
+                for index, entry in enumerate(out):
+                    item = entry[0]
+                    if isinstance(item, Run):
+                        group = runs[index] = item.record(t)
+                        records.append(group)
+                    else:
+                        item.time = t
+                        records.append(item)
+                capture.record_locked(records)
+                for index, (item, frame, link, kind) in enumerate(out):
                     c = link.counters
+                    is_run = isinstance(item, Run)
+                    count = item.count if isinstance(item, Run) else 1
                     if kind == _DROP:
-                        c.dropped += 1
+                        c.dropped += count
                         continue
                     if kind == _REPLACED:
                         continue
                     if kind == _TAKEN:
                         c.packets += 1
-                        c.bytes += pkt.wire_len
+                        c.bytes += item.wire_len
                         continue
                     dev = link.src if kind == _REPLY else link.dst
+                    if frame is None:
+                        frame = frames[index] if isinstance(item, Run) else item.frame
                     try:
                         fd = dev.fd
                         if fd is None:
@@ -863,15 +946,18 @@ class Relay:
                     except OSError as exc:
                         if exc.errno not in _DROP_ERRNOS:
                             raise
-                        pkt.action = "dropped"
+                        if is_run:
+                            runs[index].action = "dropped"
+                        else:
+                            item.action = "dropped"
                         if kind == _WRITE:
-                            c.dropped += 1
+                            c.dropped += count
                         continue
                     if kind == _WRITE:
-                        c.packets += 1
-                        c.bytes += pkt.wire_len
-                        if pkt.action == "marked":
-                            c.marked += 1
+                        c.packets += count
+                        c.bytes += item.wire_len
+                        if item.action == "marked":
+                            c.marked += count
         if self._failures:
             failures, self._failures = self._failures, []
             for failure, pkt in failures:
@@ -890,14 +976,14 @@ class Relay:
                     pkt = Packet(t, link.direction, "dropped", zero + emit.data, hdr, self.mode)
                     out.append((pkt, pkt.frame, link, _DROP))
             if link.queue is not None:
-                for pkt, at in link.queue.dequeue_ready(math.inf):
+                for held, at in link.queue.dequeue_ready(math.inf):
                     if at is None:
-                        out.append((pkt, pkt.frame, link, _DROP))
+                        out.append((held, None, link, _DROP))
                     else:
-                        link.schedule(math.inf, pkt, pkt.frame)
-            for _due, _seq, pkt, frame in sorted(link.timers, key=lambda e: e[:2]):
-                pkt.action = "dropped"
-                out.append((pkt, frame, link, _DROP))
+                        link.schedule(math.inf, held, None)
+            for _due, _seq, late, frame in sorted(link.timers, key=lambda e: e[:2]):
+                late.action = "dropped"
+                out.append((late, frame, link, _DROP))
             link.timers.clear()
         for link, pkt, _outputs, failure in self.done:
             if failure is not None:

@@ -232,7 +232,7 @@ def segments(
         if ce:
             header[l3 + 1] |= _IPV4_ECN_CE
         header[l3 + 10] = header[l3 + 11] = 0
-        csum = ~_ones_sum(header[l3 : l4]) & 0xFFFF
+        csum = ~_ones_sum(header[l3:l4]) & 0xFFFF
         header[l3 + 10] = csum >> 8
         header[l3 + 11] = csum & 0xFF
     else:
