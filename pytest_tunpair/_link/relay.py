@@ -698,6 +698,16 @@ class Relay:
         if engine is None:
             self._forward(link, out, frame, now, now)
             return
+        if frame_hdr and frame_hdr[0] & _gso.VIRTIO_NET_HDR_F_NEEDS_CSUM and not frame_hdr[1]:
+            # Offload on: the checksum is the receiving device's to finish. The engine may
+            # change the bytes (corrupt, mark) or hold them past this header (reorder), so
+            # it gets the packet a wire would carry: checksum done, no offload work left.
+            payload = _gso.finish_checksum(frame, len(frame_hdr))
+            frame_hdr = _gso.ZERO_VNET_HDR
+            frame = frame_hdr + payload
+            out = Packet(
+                out.arrival, link.direction, action, frame, len(frame_hdr), self.mode, out.arrival
+            )
         emits = engine.submit(payload, now)
         if not emits:  # held back for reordering: remember when it came
             link.held_arrival = out.arrival

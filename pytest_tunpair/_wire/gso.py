@@ -25,6 +25,7 @@ __all__ = [
     "VIRTIO_NET_HDR_LEN",
     "ZERO_VNET_HDR",
     "GsoPlan",
+    "finish_checksum",
     "plan",
     "segments",
     "wire_size",
@@ -278,3 +279,22 @@ def segments(
     else:
         vhdr = VIRTIO_NET_HDR.pack(flags_v, VIRTIO_NET_HDR_GSO_NONE, 0, 0, cstart, csum_offset)
     return vhdr + bytes(header) + frame[start:stop]
+
+
+def finish_checksum(frame: bytes, vnet_len: int) -> bytes:
+    """The packet behind ``frame``'s virtio-net header with its checksum done, as a device
+    that checksums would send it (``skb_checksum_help``): with NEEDS_CSUM, the ones'
+    complement of the sum from ``csum_start`` to the end goes at ``csum_start +
+    csum_offset`` (a UDP checksum that comes out 0 is sent as 0xFFFF, RFC 768); without,
+    the packet as it is. For a packet whose bytes the relay is about to change."""
+    data = frame[vnet_len:]
+    if vnet_len < VIRTIO_NET_HDR_LEN or not frame[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        return data
+    _flags, _gso_type, _hdr_len, _size, cstart, coff = VIRTIO_NET_HDR.unpack_from(frame)
+    at = cstart + coff
+    if at + 2 > len(data):
+        return data
+    csum = ~_ones_sum(memoryview(data)[cstart:]) & 0xFFFF
+    if csum == 0 and coff == 6:
+        csum = 0xFFFF
+    return data[:at] + csum.to_bytes(2, "big") + data[at + 2 :]
