@@ -103,7 +103,7 @@ from .._schema import (
 from .._wire.ecn import set_ce
 from ..traces import Trace, TraceKind
 from .gemodel import GilbertElliott, GilbertElliottChain, LossModel
-from .queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec
+from .queue import DEFAULT_LIMIT, DISCIPLINES, FQ_FLOWS, QueueSpec
 
 __all__ = [
     "ACTIONS",
@@ -276,7 +276,8 @@ class ImpairmentSpec:
         "droptail",
         Choice(DISCIPLINES),
         "queue discipline: droptail drops the arrival, drophead the oldest waiting packet; "
-        "codel (RFC 8289) and pie (RFC 8033) drop early to keep the queueing delay near target",
+        "codel (RFC 8289) and pie (RFC 8033) drop early to keep the queueing delay near "
+        "target; fq_codel (RFC 8290) gives each flow its own CoDel queue, served in turn",
         reason_names_option=True,
         group="impair",
     )
@@ -295,6 +296,21 @@ class ImpairmentSpec:
         reason_names_option=True,
         group="impair",
         default_doc="100ms",
+    )
+    flows: int = option(
+        FQ_FLOWS,
+        Int(1, 65536, what="a whole number of flow queues from 1 to 65536"),
+        "fq_codel's flow queues: packets are hashed into them by their 5-tuple",
+        reason_names_option=True,
+        group="impair",
+    )
+    quantum: int | None = option(
+        None,
+        Int(64, optional=True, what="None or a whole number of bytes >= 64"),
+        "bytes fq_codel serves a flow per turn",
+        reason_names_option=True,
+        group="impair",
+        default_doc="MTU + 14 (1514)",
     )
     ecn: bool = option(
         False,
@@ -356,6 +372,8 @@ class ImpairmentSpec:
             target=self.target,
             interval=self.interval,
             ecn=self.ecn,
+            flows=self.flows,
+            quantum=self.quantum,
         )
 
     @property
@@ -412,7 +430,9 @@ class ImpairmentSpec:
 # What a link may do to GSO super-packets whole (delay is the same for every segment).
 _WHOLE_OK = frozenset({"delay", "jitter"})
 # The parameters that configure the queue (and nothing else).
-_QUEUE_FIELDS = frozenset({"limit", "limit_bytes", "queue", "target", "interval"})
+_QUEUE_FIELDS = frozenset(
+    {"limit", "limit_bytes", "queue", "target", "interval", "flows", "quantum"}
+)
 
 
 @dataclass(frozen=True)

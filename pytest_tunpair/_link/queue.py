@@ -90,11 +90,14 @@ import bisect
 import heapq
 import math
 import random
+import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from .._packets.packet import Packet
+from .._wire import headers as _h
 from .._wire.ecn import ecn_codepoint, set_ce
 from .._wire.gso import GsoPlan, wire_size
 from .._wire.numbers import ECN_ECT0, ECN_ECT1
@@ -111,8 +114,8 @@ __all__ = [
     "Server",
 ]
 
-Discipline = Literal["droptail", "drophead", "codel", "pie"]
-DISCIPLINES: tuple[Discipline, ...] = ("droptail", "drophead", "codel", "pie")
+Discipline = Literal["droptail", "drophead", "codel", "pie", "fq_codel"]
+DISCIPLINES: tuple[Discipline, ...] = ("droptail", "drophead", "codel", "pie", "fq_codel")
 
 #: netem's and Linux CoDel's/PIE's default ``limit``, in packets.
 DEFAULT_LIMIT = 1000
@@ -127,6 +130,9 @@ PIE_ALPHA = 0.125
 PIE_BETA = 1.25
 #: RFC 8033 section 5.1: above this drop probability, ECN-capable packets are dropped too.
 PIE_MARK_ECNTH = 0.1
+#: RFC 8290 section 5.1 / Linux: fq_codel's number of flow queues; its quantum is one
+#: MTU-sized packet plus the Ethernet header (MTU + 14).
+FQ_FLOWS = 1024
 #: The largest packet the AQMs consider "one packet" (RFC 8289's MAXPACKET, RFC 8033's
 #: MEAN_PKTSIZE): an Ethernet MTU, which is also the pair's default MTU.
 MTU = 1500
@@ -144,7 +150,8 @@ class QueueSpec:
     :data:`DISCIPLINES`; ``target`` is CoDel's or PIE's target delay in seconds (``None``:
     5 ms for CoDel, 15 ms for PIE); ``interval`` is CoDel's interval (``None``: 100 ms);
     ``ecn`` marks ECN-capable packets instead of dropping them where the AQM would drop.
-    ``mtu`` is what the AQMs count as one full-sized packet.
+    ``mtu`` is what the AQMs count as one full-sized packet. ``flows`` and ``quantum`` are
+    fq_codel's number of flow queues and DRR quantum in bytes (``None``: MTU + 14).
 
     The values arrive checked: ``impair()``'s parameters are declared, parsed and
     validated once, in ``ImpairmentSpec`` (``_impair.py``), which builds this record.
@@ -158,6 +165,13 @@ class QueueSpec:
     ecn: bool = False
     mtu: int = MTU
     derandomize: bool = True
+    flows: int = FQ_FLOWS
+    quantum: int | None = None
+
+    @property
+    def effective_quantum(self) -> int:
+        """fq_codel's DRR quantum in bytes (MTU + 14 when ``quantum`` is ``None``)."""
+        return self.mtu + 14 if self.quantum is None else self.quantum
 
     @property
     def effective_target(self) -> float:
@@ -274,11 +288,13 @@ class _Entry:
         "count",
         "data",
         "departed",
+        "flow",
         "latency",
         "marked",
         "size",
         "start",
         "tag",
+        "taken",
     )
 
     def __init__(
@@ -291,6 +307,8 @@ class _Entry:
         self.arrival = arrival
         self.latency = latency
         self.marked = False
+        self.taken = False  # fq_codel: served or dropped (left lazily in the arrival order)
+        self.flow: _Flow | None = None
         self.start = math.nan  # when service began; nan while waiting
         self.departed = math.nan  # when its last bit left the server
 
@@ -370,6 +388,8 @@ class LinkQueue:
             self._aqm = _CoDel(self, spec)
         elif spec.discipline == "pie":
             self._aqm = _Pie(self, spec, random.Random(seed))
+        elif spec.discipline == "fq_codel":
+            self._aqm = _FqCoDel(self, spec, random.Random(seed).getrandbits(32))
         else:
             self._aqm = None
 
@@ -404,6 +424,18 @@ class LinkQueue:
             else:
                 self._hold(entry)
                 self._serve(entry)
+            self._advance(now)
+            return self._take()
+        if self.spec.discipline == "fq_codel":
+            assert isinstance(self._aqm, _FqCoDel)
+            self._aqm.on_enqueue(entry, now)
+            self._waiting.append(entry)
+            self._waiting_bytes += entry.size
+            self._waiting_count += entry.count
+            self._hold(entry)
+            while self.packets > self._limit or self.bytes > self._limit_bytes:
+                if not self._aqm.drop_fattest(now):
+                    break
             self._advance(now)
             return self._take()
         if self._overflows(entry) and not self._make_room(entry):
@@ -512,7 +544,7 @@ class LinkQueue:
         due = self._line[0][0] if self._line else math.inf
         if self._busy is not None:
             due = min(due, self._busy_until)
-        elif self._waiting:
+        elif self._waiting_count:
             due = min(due, self._next_start())
         return None if due == math.inf else due
 
@@ -533,7 +565,7 @@ class LinkQueue:
         if self._busy is not None:
             held.append(self._busy)
             self._busy = None
-        held.extend(self._waiting)
+        held.extend(e for e in self._waiting if not e.taken)
         self._waiting.clear()
         self._waiting_bytes = 0
         self._waiting_count = 0
@@ -562,7 +594,7 @@ class LinkQueue:
                 self._busy = None
                 self._free = self._busy_until
                 self._propagate(busy, self._busy_until)
-            if not self._waiting:
+            if not self._waiting_count:
                 break
             start = self._next_start()
             if start > now:
@@ -616,7 +648,10 @@ class LinkQueue:
             heapq.heappush(self._line, (dues[j], self._seq, entry))
 
     def _next_start(self) -> float:
-        head = self._waiting[0]
+        waiting = self._waiting
+        while waiting[0].taken:  # fq_codel serves out of arrival order
+            waiting.popleft()
+        head = waiting[0]
         return self.server.ready(max(self._free, head.arrival))
 
     def _pop(self) -> _Entry | None:
@@ -854,12 +889,17 @@ class _CoDel:
         "interval",
         "lastcount",
         "mtu",
+        "pop",
         "queue",
         "target",
     )
 
-    def __init__(self, queue: LinkQueue, spec: QueueSpec) -> None:
+    def __init__(
+        self, queue: LinkQueue, spec: QueueSpec, pop: Callable[[], _Entry | None] | None = None
+    ) -> None:
         self.queue = queue
+        #: Takes the head of the queue it controls (a flow's, under fq_codel).
+        self.pop = queue._pop if pop is None else pop
         self.target = spec.effective_target
         self.interval = spec.effective_interval
         self.mtu = spec.mtu
@@ -880,7 +920,7 @@ class _CoDel:
 
     def _dodequeue(self, now: float) -> tuple[_Entry | None, bool]:
         """RFC 8289's dodequeue(): the head and whether it is OK to drop it."""
-        entry = self.queue._pop()
+        entry = self.pop()
         if entry is None:
             self.first_above_time = 0.0
             return None, False
@@ -1074,3 +1114,124 @@ class _Pie:
         # once the buffer is empty, so an idle link reads as "no delay".
         self.qdelay = now - entry.arrival if self.queue._waiting else 0.0
         return entry
+
+
+class _Flow:
+    """One fq_codel flow queue: its packets, DRR deficit and CoDel state."""
+
+    __slots__ = ("backlog", "codel", "deficit", "entries", "listed")
+
+    def __init__(self, queue: LinkQueue, spec: QueueSpec) -> None:
+        self.entries: deque[_Entry] = deque()
+        self.backlog = 0  # bytes waiting
+        self.deficit = 0
+        self.listed = False  # on the new or the old list
+        self.codel = _CoDel(queue, spec, self.pop)
+        self.codel.queue = queue
+
+    def pop(self) -> _Entry | None:
+        if not self.entries:
+            return None
+        entry = self.entries.popleft()
+        self.backlog -= entry.size
+        entry.taken = True
+        queue = self.codel.queue
+        queue._waiting_bytes -= entry.size
+        queue._waiting_count -= entry.count
+        return entry
+
+
+class _FqCoDel:
+    """RFC 8290: packets hashed by their 5-tuple (with a seeded perturbation) into
+    ``flows`` queues, each under its own CoDel (RFC 8289), served by deficit round robin
+    with a ``quantum`` of bytes: flows that just became active (the new list) go before
+    the others (the old list), so a sparse flow's packets skip the bulk flows' queues. At
+    the bound, packets are dropped from the head of the flow with the largest backlog
+    (Linux's fq_codel_drop), not from the arriving flow."""
+
+    __slots__ = ("flows", "new", "old", "perturbation", "quantum", "queue", "spec", "table")
+
+    def __init__(self, queue: LinkQueue, spec: QueueSpec, perturbation: int) -> None:
+        self.queue = queue
+        self.spec = spec
+        self.flows = spec.flows
+        self.quantum = spec.effective_quantum
+        self.perturbation = perturbation
+        self.table: dict[int, _Flow] = {}  # flow queues made when first used
+        self.new: deque[_Flow] = deque()
+        self.old: deque[_Flow] = deque()
+
+    def classify(self, data: bytes) -> int:
+        """The flow queue of a packet: its 5-tuple hashed with the perturbation (a packet
+        that is not TCP/UDP/... hashes by addresses and protocol)."""
+        queue = self.queue
+        f = _h.parse(data, queue.offset, "tap" if queue.tap else "tun")
+        src = _h.packed_address(data, f, 0) or b""
+        dst = _h.packed_address(data, f, 1) or b""
+        key = b"%b|%b|%d|%d|%d" % (
+            src,
+            dst,
+            f[_h.IP_PROTO] or 0,
+            f[_h.SPORT] or 0,
+            f[_h.DPORT] or 0,
+        )
+        return zlib.crc32(key, self.perturbation) % self.flows
+
+    def on_enqueue(self, entry: _Entry, now: float) -> None:
+        index = self.classify(entry.data)
+        flow = self.table.get(index)
+        if flow is None:
+            flow = self.table[index] = _Flow(self.queue, self.spec)
+        entry.flow = flow
+        flow.entries.append(entry)
+        flow.backlog += entry.size
+        if not flow.listed:  # RFC 8290 4.1.1: a newly active flow joins the new list
+            flow.listed = True
+            flow.deficit = self.quantum
+            self.new.append(flow)
+
+    def on_overflow(self) -> None:
+        pass
+
+    def drop_fattest(self, now: float) -> bool:
+        """Drop the head of the flow queue holding the most bytes; False if none waits."""
+        fattest = max(self.table.values(), key=_backlog, default=None)
+        if fattest is None or not fattest.entries:
+            return False
+        entry = fattest.pop()
+        assert entry is not None
+        self.queue._drop_waiting(entry, now, "limit")
+        return True
+
+    def on_dequeue(self, now: float) -> _Entry | None:
+        """RFC 8290 4.1.2: the next packet by DRR over the new, then the old list."""
+        new, old = self.new, self.old
+        while True:
+            if new:
+                flows = new
+            elif old:
+                flows = old
+            else:
+                return None
+            flow = flows[0]
+            if flow.deficit <= 0:
+                flow.deficit += self.quantum
+                flows.popleft()
+                old.append(flow)
+                continue
+            entry = flow.codel.on_dequeue(now)
+            if entry is None:
+                flows.popleft()
+                # An emptied new flow goes through the old list once before it is
+                # forgotten (RFC 8290 4.1.2): it cannot starve the old ones by coming back.
+                if flows is new and old:
+                    old.append(flow)
+                else:
+                    flow.listed = False
+                continue
+            flow.deficit -= entry.size
+            return entry
+
+
+def _backlog(flow: _Flow) -> int:
+    return flow.backlog
