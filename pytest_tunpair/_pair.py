@@ -365,7 +365,7 @@ class TunPair:
         return self._netns.path
 
     @property
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, Any]]:
         """Per direction (never bounded by the capture):
 
         * ``packets``, ``bytes``: delivered to the other device;
@@ -384,6 +384,8 @@ class TunPair:
             entry = stats[direction]
             entry["queued"] = relay.queued(direction) if relay is not None else 0
             entry["device_dropped"] = drops.get(dev.name, 0)
+            for name, cls in entry.get("classes", {}).items():
+                cls["queued"] = relay.queued(direction, name) if relay is not None else 0
         return stats
 
     @property
@@ -525,7 +527,9 @@ class TunPair:
         spec = replace(parsed, seed=parsed.seed if parsed.seed is not None else self.seed)
         start = time.monotonic()  # a trace's millisecond 0, for the queue and the plot
         for d in _directions(direction):
-            self._directions[d].impair(spec, random_seed=random_seed, start=start)
+            self._directions[d].impair(
+                spec, random_seed=random_seed, start=start, clear_classes=not params
+            )
         self._update_offload()
 
     def script(self, side: str = "b") -> ScriptedPeer:

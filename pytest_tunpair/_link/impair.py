@@ -82,6 +82,7 @@ An engine is not thread-safe; the relay thread owns it.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -92,6 +93,7 @@ from .._schema import (
     Duration,
     Int,
     Invalid,
+    Kind,
     OneOf,
     Probability,
     Rate,
@@ -101,6 +103,7 @@ from .._schema import (
     validate,
 )
 from .._wire.ecn import set_ce
+from .._wire.numbers import ECN_NAMES
 from ..traces import Trace, TraceKind
 from .gemodel import GilbertElliott, GilbertElliottChain, LossModel
 from .queue import DEFAULT_LIMIT, DISCIPLINES, FQ_FLOWS, QueueSpec
@@ -164,6 +167,118 @@ class _AqmDuration(Duration):
             return super().from_text(text)
         except Invalid:
             raise Invalid("add a unit (5ms, 100ms)") from None
+
+
+class MatchKind(Kind):
+    """``impair(match=...)``: which packets a class of the direction takes -- packet fields
+    as ``packets.filter()`` takes them (checked here, so a typo fails at once), or a
+    predicate. Normalised to a sorted tuple of ``(field, value)`` pairs (hashable, as the
+    spec is), or the callable itself."""
+
+    allowed = (
+        "packet fields as packets.filter() takes them: a dict such as "
+        "{'proto': 'udp', 'dport': 443} (or the text 'proto=udp,dport=443'), each value "
+        "a value or a predicate; or a predicate Packet -> bool; None for every packet"
+    )
+    metavar = "FIELDS"
+
+    def check(self, value: object) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = self._parse(value)
+        if isinstance(value, Mapping):
+            value = tuple(value.items())
+        elif callable(value):
+            return value
+        if not isinstance(value, tuple) or not value:
+            raise self.refuse()
+        items = []
+        for item in value:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise self.refuse()
+            items.append((item[0], _match_value(*item)))
+        return tuple(sorted(items, key=lambda kv: kv[0]))
+
+    def _parse(self, text: str) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, eq, raw = part.partition("=")
+            name, raw = name.strip(), raw.strip()
+            if not eq or not name or not raw:
+                raise Invalid(f"write fields as name=value, comma-separated ({part!r})")
+            fields[name] = int(raw) if name in _INT_FIELDS and raw.isdigit() else raw
+        if not fields:
+            raise self.refuse()
+        return fields
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "None"
+        if callable(value):
+            return str(getattr(value, "__qualname__", None) or repr(value))
+        return ",".join(
+            f"{k}={getattr(v, '__qualname__', None) or v}" if callable(v) else f"{k}={v}"
+            for k, v in value
+        )
+
+
+# The fields a match may name, and what each takes (besides a predicate).
+_INT_FIELDS = frozenset(
+    {"ip_version", "ip_proto", "sport", "dport", "tcp_seq", "tcp_ack", "window", "ttl",
+     "icmp_type", "icmp_code"}
+)  # fmt: skip
+_PROTOS = ("tcp", "udp", "icmp", "icmpv6", "arp")
+
+
+def _match_value(name: str, value: Any) -> Any:
+    """``value`` for field ``name`` of a match, checked (``Invalid`` naming what to give)."""
+    from .._packets.match import packet_filter
+    from .._packets.packet import FIELDS
+
+    if name not in FIELDS:
+        raise Invalid(f"{name!r} is not a packet field; the fields are: {', '.join(FIELDS)}")
+    if callable(value):
+        return value
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise Invalid(f"{name} is a whole number >= 0 (or a predicate), not {value!r}")
+    elif name == "proto":
+        if value not in _PROTOS:
+            raise Invalid(f"proto is one of {', '.join(_PROTOS)} (or a predicate), not {value!r}")
+    elif name == "ecn":
+        if value not in ECN_NAMES:
+            raise Invalid(f"ecn is one of {', '.join(ECN_NAMES)} (or a predicate), not {value!r}")
+    elif name == "payload":
+        if not isinstance(value, bytes):
+            raise Invalid(f"payload is bytes (or a predicate), not {value!r}")
+    elif name == "tcp_options":
+        raise Invalid("tcp_options takes a predicate (lambda opts: ...)")
+    else:  # src, dst, flags: the filter's own checks
+        try:
+            packet_filter(fields={name: value}, what="impair(match=...)")
+        except (TypeError, ValueError) as exc:
+            raise Invalid(str(exc)) from None
+        if name in ("src", "dst"):
+            import ipaddress
+
+            value = ipaddress.ip_address(value).compressed
+    return value
+
+
+class _Name(Kind):
+    allowed = "a name for the class (a non-empty string), or None for one made from match"
+    metavar = "NAME"
+
+    def check(self, value: object) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.refuse()
+        return value.strip()
+
+    def format(self, value: Any) -> str:
+        return str(value)
 
 
 @dataclass(frozen=True)
@@ -319,6 +434,24 @@ class ImpairmentSpec:
         reason_names_option=True,
         group="impair",
     )
+    match: Any = option(  # noqa: RUF009
+        None,
+        MatchKind(),
+        "impair only the packets that match, as a class of the direction with its own "
+        "link (queue, random stream, stats); the rest keep the direction's settings",
+        reason_names_option=True,
+        group="impair",
+        inert=True,
+        cli=False,  # the command line's --class
+    )
+    name: str | None = option(
+        None,
+        _Name(),
+        "the class's name (stats, reports); default: made from match",
+        group="impair",
+        inert=True,
+        cli=False,
+    )
     seed: int | None = option(
         None,
         Int(None, optional=True, what="an int, or None to use the session seed"),
@@ -333,6 +466,13 @@ class ImpairmentSpec:
         # Normalising here rather than only in from_kwargs means direct construction is just
         # as safe, and that "10ms" and 0.01 give equal (and equally hashed) specs.
         validate(self, source="impair()")
+        if self.name is not None and self.match is None:
+            raise OptionError(
+                "name",
+                self.name,
+                source="impair()",
+                reason="name= names a class of packets: give match= too",
+            )
         if self.trace is not None and self.rate is not None:
             raise OptionError(
                 "trace",
@@ -362,6 +502,27 @@ class ImpairmentSpec:
                 f"allowed: {', '.join(allowed)}"
             )
         return cls(**kwargs)
+
+    @property
+    def class_name(self) -> str | None:
+        """The name of the class this spec is for (``name``, else made from ``match``);
+        ``None`` for the direction's own settings."""
+        if self.match is None:
+            return self.name
+        return self.name or MatchKind().format(self.match)
+
+    def describe_match(self) -> str:
+        """``match`` as the report shows it (``proto=udp,dport=443``, a predicate's name)."""
+        return MatchKind().format(self.match)
+
+    def predicate(self) -> Any:
+        """``match`` as a predicate on a ``Packet`` (``None`` without one)."""
+        from .._packets.match import packet_filter
+
+        match = self.match
+        if match is None or callable(match):
+            return match
+        return packet_filter(fields=dict(match), what="impair(match=...)")
 
     def queue_spec(self) -> QueueSpec:
         """The bottleneck queue these parameters describe (``limit`` ... ``ecn``)."""
@@ -423,7 +584,11 @@ class ImpairmentSpec:
         ]
         if not parts:
             parts.append("no impairment")
-        parts += [f"{name}={decl.kind.format(v)}" for name, decl, v in changed(self) if decl.inert]
+        parts += [
+            f"{name}={decl.kind.format(v)}"
+            for name, decl, v in changed(self)
+            if decl.inert and name not in ("match", "name")
+        ]
         return " ".join(parts)
 
 

@@ -203,6 +203,7 @@ class Link:
     __slots__ = (
         "_tseq",
         "backlog",
+        "classes",
         "counters",
         "direction",
         "divert",
@@ -211,6 +212,8 @@ class Link:
         "held",
         "held_arrival",
         "hooks",
+        "match",
+        "name",
         "paused",
         "queue",
         "rules",
@@ -229,6 +232,13 @@ class Link:
         self.hooks: tuple[Hook, ...] = ()
         #: Copy-on-write, like ``hooks``.
         self.rules: tuple[Rule, ...] = ()
+        #: Copy-on-write: the direction's classes (``impair(match=...)``), each a link of
+        #: its own (engine, queue, timers, counters) for the packets its ``match`` takes,
+        #: tried in order after the rules; the first that matches gets the packet.
+        self.classes: tuple[Link, ...] = ()
+        #: A class's name and predicate (``None`` for a direction's own link).
+        self.name: str | None = None
+        self.match: Callable[[Packet], object] | None = None
         self.divert: Divert | None = None
         self.engine: ImpairmentEngine | None = None
         self.queue: Queue | None = None
@@ -255,6 +265,7 @@ class Link:
             or self.engine
             or self.rules
             or self.divert
+            or self.classes
             or self.queue is not None  # not its truth: an empty queue has len() 0
         )
 
@@ -291,7 +302,8 @@ class Link:
         return self.backlog + len(self.timers) + self.held + (len(queue) if queue else 0)
 
     def __repr__(self) -> str:
-        return f"<Link {self.direction} hooks={len(self.hooks)} pending={self.pending()}>"
+        what = f" class {self.name}" if self.name is not None else ""
+        return f"<Link {self.direction}{what} hooks={len(self.hooks)} pending={self.pending()}>"
 
 
 class _Device(Protocol):

@@ -40,6 +40,7 @@ import select
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import HookError
@@ -155,8 +156,11 @@ class Relay:
         }
         self._sides = {"a": self.links["b->a"], "b": self.links["a->b"]}
         # Changes the relay thread applies before it reads another packet:
-        # ("engine" | "queue", direction) -> the new one.
-        self._swaps: dict[tuple[str, str], Any] = {}
+        # ("engine" | "queue" | "split" | "class", direction, class name or None) -> the
+        # new one.
+        self._swaps: dict[tuple[str, str, str | None], Any] = {}
+        # Class links taken off their direction that still hold packets (served to the end).
+        self._retired: list[Link] = []
         self._swap_lock = threading.Lock()
         # Serialises the test threads' read-modify-write of the copy-on-write tuples.
         self._edit_lock = threading.Lock()
@@ -257,7 +261,7 @@ class Relay:
         switching off impairments never loses a packet.
         """
         with self._swap_lock:
-            self._swaps["engine", direction] = engine
+            self._swaps["engine", direction, None] = engine
         self.wake()
 
     def set_split(self, direction: str, split: bool) -> None:
@@ -265,25 +269,69 @@ class Relay:
         into their segments before the engine and the queue. Applied with the engine and
         queue swaps asked for before it, before the next packet is read."""
         with self._swap_lock:
-            self._swaps["split", direction] = split
+            self._swaps["split", direction, None] = split
         self.wake()
 
     def set_queue(self, direction: str, queue: Queue | None) -> None:
         """Replace a direction's bottleneck queue (``None``: none). As with
         :meth:`set_engine`, what the old queue holds is released, not lost."""
         with self._swap_lock:
-            self._swaps["queue", direction] = queue
+            self._swaps["queue", direction, None] = queue
         self.wake()
 
-    def queued(self, direction: str) -> int:
-        """Packets ``direction``'s queue holds now (0 without one); any thread may ask."""
-        queue = self.links[direction].queue
+    def set_class(
+        self,
+        direction: str,
+        name: str,
+        match: Callable[[Packet], object],
+        engine: ImpairmentEngine | None,
+        queue: Queue | None,
+        split: bool,
+    ) -> None:
+        """Give the packets of ``direction`` that ``match`` takes (after the rules, before
+        the engine) a link of their own: ``engine``, ``queue``, per-segment or not,
+        counted under ``stats[direction]["classes"][name]``. A class of that name is
+        replaced in place (what its old engine and queue hold is released, as with
+        :meth:`set_engine`); a new one goes after the others."""
+        with self._swap_lock:
+            self._swaps["class", direction, name] = (match, engine, queue, split)
+        self.wake()
+
+    def remove_class(self, direction: str, name: str) -> None:
+        """Take class ``name`` off ``direction``: its packets get the direction's own link
+        again; what it holds is served to the end."""
+        with self._swap_lock:
+            self._swaps["class", direction, name] = None
+        self.wake()
+
+    def class_names(self, direction: str) -> tuple[str, ...]:
+        """The classes on ``direction`` now, in the order they are tried."""
+        return tuple(c.name or "" for c in self.links[direction].classes)
+
+    def queued(self, direction: str, name: str | None = None) -> int:
+        """Packets ``direction``'s queue (or its class ``name``'s) holds now (0 without
+        one); any thread may ask."""
+        link = self.links[direction]
+        if name is not None:
+            link = next((c for c in link.classes if c.name == name), link)
+            if link.name != name:
+                return 0
+        queue = link.queue
         return len(queue) if queue is not None else 0
+
+    def _all_links(self) -> list[Link]:
+        """Every link with something to run: the directions', their classes', retired ones."""
+        out: list[Link] = []
+        for link in self.links.values():
+            out.append(link)
+            out.extend(link.classes)
+        out.extend(self._retired)
+        return out
 
     def pending(self) -> int:
         """Packets held anywhere in the relay now: with a hook worker, in an engine or a
         queue, on a delay timer. (Packets still in a device's own queue are not counted.)"""
-        return sum(link.pending() for link in self.links.values())
+        return sum(link.pending() for link in self._all_links())
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait, while the relay runs, until :meth:`pending` is 0; False after ``timeout``
@@ -423,7 +471,7 @@ class Relay:
     def _deadline(self) -> float | None:
         """The one source of the loop's timeout: the earliest of the links' deadlines."""
         due = None
-        for link in self.links.values():
+        for link in self._all_links():
             if link.timers or link.engine is not None or link.queue is not None:
                 d = link.deadline()
                 if d is not None and (due is None or d < due):
@@ -688,6 +736,8 @@ class Relay:
         """The rules from ``first_rule`` on, then the engine and the queue, for one packet."""
         if len(link.rules) > first_rule and self._apply_rules(link, out, frame, now, first_rule):
             return
+        if link.classes:
+            link = self._classify(link, out)
         if link.split and len(frame_hdr) >= _gso.VIRTIO_NET_HDR_LEN and frame_hdr[1]:
             # A GSO super-packet (gso_type set) on a per-segment link.
             plan = _gso.plan(frame, len(frame_hdr), self.mode)
@@ -715,6 +765,21 @@ class Relay:
         for emit in emits:
             arrival = link.held_arrival if emit.action == "reordered" else out.arrival
             self._emit(link, emit, payload, frame_hdr, now, action, arrival)
+
+    def _classify(self, link: Link, pkt: Packet) -> Link:
+        """The class of ``link`` whose ``match`` takes ``pkt`` first, else ``link``."""
+        for cls in link.classes:
+            match = cls.match
+            try:
+                if match is not None and match(pkt):
+                    return cls
+            except Exception as exc:
+                exc.add_note(
+                    f"(raised by the match of class {cls.name!r} on {link.direction}; the "
+                    "packet did not match)"
+                )
+                self._add_error(exc)
+        return link
 
     def _split(self, link: Link, pkt: Packet, plan: _gso.GsoPlan, action: str, now: float) -> None:
         """The engine and the queue for each segment of the super-packet ``pkt``.
@@ -862,8 +927,12 @@ class Relay:
         with self._swap_lock:
             swaps, self._swaps = self._swaps, {}
         now = time.monotonic()
-        for (kind, direction), new in swaps.items():
+        for (kind, direction, name), new in swaps.items():
             link = self.links[direction]
+            if kind == "class":
+                assert name is not None
+                self._swap_class(link, name, new, now)
+                continue
             if kind == "split":
                 link.split = bool(new)
             elif kind == "engine":
@@ -879,6 +948,39 @@ class Relay:
                     self._dequeue(link, old_queue, now, math.inf)
         self._flush()
 
+    def _swap_class(self, link: Link, name: str, new: Any, now: float) -> None:
+        old = next((c for c in link.classes if c.name == name), None)
+        if new is None:
+            if old is None:
+                return
+            link.classes = tuple(c for c in link.classes if c is not old)
+            self._release(old, None, None, now)
+            if old.pending():
+                self._retired.append(old)
+            return
+        match, engine, queue, split = new
+        if old is None:
+            old = Link(
+                link.direction, link.src, link.dst, self.stats.of_class(link.direction, name)
+            )
+            old.name = name
+            link.classes = (*link.classes, old)
+        old.match = match
+        old.split = split
+        self._release(old, engine, queue, now)
+
+    def _release(
+        self, link: Link, engine: ImpairmentEngine | None, queue: Queue | None, now: float
+    ) -> None:
+        """Put ``engine`` and ``queue`` on ``link``; what the old ones hold goes on, on
+        their own schedule (its timers)."""
+        old_engine, link.engine = link.engine, engine
+        if old_engine is not None:
+            self._expire(link, old_engine, math.inf, now)
+        old_queue, link.queue = link.queue, queue
+        if old_queue is not None:
+            self._dequeue(link, old_queue, now, math.inf)
+
     def _expire(self, link: Link, engine: ImpairmentEngine, until: float, now: float) -> None:
         zero = _gso.ZERO_VNET_HDR if link.dst.hdr_len else b""
         for emit in engine.expire(until):
@@ -888,7 +990,7 @@ class Relay:
     def _run_timers(self) -> None:
         now = time.monotonic()
         out = self._out
-        for link in self.links.values():
+        for link in self._all_links():
             engine = link.engine
             if engine is not None:
                 d = engine.deadline()
@@ -902,6 +1004,8 @@ class Relay:
             if link.timers:
                 for pkt, frame in link.pop_due(now):
                     out.append((pkt, frame, link, _WRITE))
+        if self._retired:
+            self._retired = [link for link in self._retired if link.pending()]
         self._flush()
 
     def _flush(self) -> None:
@@ -978,7 +1082,7 @@ class Relay:
         self._out = []
         out = self._out
         t = time.monotonic() - self.capture.t0
-        for link in self.links.values():
+        for link in self._all_links():
             hdr = link.dst.hdr_len
             zero = _gso.ZERO_VNET_HDR if hdr else b""
             if link.engine is not None:
