@@ -183,6 +183,11 @@ def test_codel_keeps_a_tcp_flows_queue_near_target_where_droptail_stands(
     # below drop-tail's standing queue)
     assert statistics.median(codel) < 0.060, statistics.median(codel)
     assert statistics.median(droptail) > max(0.100, 3 * statistics.median(codel))
+    # Decided per wire packet (offload stays on: the relay splits the super-packets):
+    # thousands of records, none longer than the MTU.
+    if tun_pair.options.offload:
+        data = [p for p in tun_pair.packets if p.direction == "a->b" and p.wire_len > 200]
+        assert len(data) > 2000 and max(p.wire_len for p in data) <= tun_pair.options.mtu
     assert max(droptail) < 1000 * 1500 * 8 / 20e6 + 0.1
     assert tun_pair.stats["a->b"]["queue_peak"] > 150
 
@@ -198,6 +203,9 @@ def test_ecn_marks_reach_a_real_tcp_stack_which_echoes_them(tun_pair: TunPair) -
     marked = [p for p in tun_pair.packets if p.action == "marked"]
     assert stats["marked"] == len(marked) > 0
     assert all(_ip_ecn(p) == 3 for p in marked)  # CE on the wire
+    # Marks are per segment: each marked record is one wire packet.
+    assert all(p.wire_len <= tun_pair.options.mtu for p in marked)
+    assert not any(p.gso and p.gso.is_super_packet for p in marked)
     # The receiver echoes ECE on its ACKs (not only the SYN-ACK's negotiation), and the
     # sender answers with CWR: TCP reduced its window without a loss.
     acks = [f for p in tun_pair.packets if p.direction == "b->a" and (f := _tcp_flags(p))]

@@ -100,3 +100,51 @@ def test_segmenter_matches_the_kernels_gso_byte_for_byte(tun_pair: TunPair) -> N
     assert len(got) == len(expected)
     for i, (mine, kernel) in enumerate(zip(expected, got, strict=True)):
         assert mine == kernel, f"segment {i} differs: {mine[:60].hex()} != {kernel[:60].hex()}"
+
+
+def _super(p: object) -> bool:
+    gso_info = getattr(p, "gso", None)
+    return bool(gso_info and gso_info.is_super_packet)
+
+
+def test_pie_decides_per_segment_on_a_real_transfer(tun_pair: TunPair) -> None:
+    """A TCP transfer through rate=20mbit queue=pie with offload on: the relay splits the
+    kernel's super-packets, PIE counts, delays and drops wire packets, and the capture
+    holds those, none longer than the MTU, with a median sojourn near PIE's target."""
+    import statistics
+
+    from .test_link import _bulk, _late_sojourns
+
+    tun_pair.impair(direction="a->b", rate="20mbit", queue="pie")
+    start = time.monotonic() - tun_pair.packets.t0
+    _bulk(tun_pair, 3.0)
+    data = [p for p in tun_pair.packets if p.direction == "a->b" and p.wire_len > 200]
+    assert len(data) > 3000
+    assert max(p.wire_len for p in data) <= tun_pair.options.mtu
+    assert not any(_super(p) for p in tun_pair.packets if p.direction == "a->b")
+    sojourns = _late_sojourns(tun_pair, start + 1.0)
+    # PIE aims at 15 ms of queueing (plus 0.6 ms on the wire); a busy machine adds some.
+    assert statistics.median(sojourns) < 0.060, statistics.median(sojourns)
+    stats = tun_pair.stats["a->b"]
+    assert stats["packets"] + stats["dropped"] >= len(data)
+
+
+def test_loss_takes_segments_and_the_rest_goes_out_in_runs(tun_pair: TunPair) -> None:
+    """loss=2% with offload on: the losses are wire packets (a super-packet is not lost
+    whole), the transfer completes, and the counters count segments."""
+    tun_pair.impair(direction="a->b", loss=0.02, seed=5)
+    payload = os.urandom(3_000_000)
+    assert tcp_send(tun_pair.b.ip or "", payload) == payload
+    a_b = [p for p in tun_pair.packets if p.direction == "a->b"]
+    lost = [p for p in a_b if p.action == "lost"]
+    assert lost and all(p.wire_len <= tun_pair.options.mtu for p in lost)
+    data = [p for p in a_b if p.wire_len > 200]
+    assert 0.005 < len(lost) / len(data) < 0.05
+    assert not any(_super(p) for p in a_b)
+    # Captured segments are what a wire carries: their checksums done.
+    from pytest_tunpair._wire import build
+
+    p = data[len(data) // 2]
+    assert build.checksum(p.data[:20]) == 0
+    stats = tun_pair.stats["a->b"]
+    assert stats["dropped"] == len(lost) and stats["packets"] == len(a_b) - len(lost)
