@@ -1272,8 +1272,9 @@ def mahimahi_tcp(shell: Sequence[str], secs: float) -> tuple[float, float] | Non
         ip link set lo up
         sysctl -qw net.ipv4.ip_forward=1
         iperf3 -s -1 -p {MM_PORT} >/dev/null 2>&1 &
-        sleep 0.3
+        for i in $(seq 100); do ss -ltn | grep -q ':{MM_PORT} ' && break; sleep 0.1; done
         setpriv --reuid=65534 --regid=65534 --clear-groups {cmd}
+        kill %1 2>/dev/null
         wait
         """)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -1390,7 +1391,12 @@ def bench_segments(rep: Report, a: argparse.Namespace) -> None:
         plain = pair_tcp({}, secs)
         for label, impair, mm, goal in cases:
             got = pair_tcp(impair, secs) if impair else plain
-            theirs = mahimahi_tcp(mm, secs) if mm else None
+            theirs = None
+            if mm:
+                try:
+                    theirs = mahimahi_tcp(mm, secs)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    rep.notes.append(f"segments: mahimahi ({' '.join(mm[:2])}): {exc}")
             raw[f"speed {label}"] = {"pair": got, "mahimahi": theirs}
             base = f"plain {plain[0]:.2f} Gbit/s, {plain[1]:.2f} s/GB"
             if theirs is not None:
