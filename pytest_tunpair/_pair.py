@@ -506,12 +506,15 @@ class TunPair:
         """netem-like impairments done in the relay, for one direction or both (``None``).
 
         ``params`` are the fields of ``ImpairmentSpec`` (table in docs/options.md): ``loss``,
-        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``seed``.
+        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``trace``,
+        the queue's (``limit``, ``queue``, ...), ``seed``; with ``match`` (packet fields as
+        ``packets.filter()`` takes them, or a predicate) and ``name``, they make a class:
+        only the matching packets get them, on a link of their own (docs/link.md).
         Probabilities are 0.0-1.0 (or ``"10%"``), ``delay``/``jitter`` seconds (or
         ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). A bad value raises
         :class:`~pytest_tunpair.OptionError`, an unknown name ``TypeError``. Each call
-        replaces the settings of the direction(s) it names; ``impair()`` with no arguments
-        turns everything off.
+        replaces the settings of the direction(s) it names (a class's, with ``match``);
+        ``impair()`` with no arguments turns everything off, classes too.
         A packet held back for reordering when the settings change is released, not lost.
         ``seed=None`` uses :attr:`seed`. Same seed and same packets: same decisions.
         """
