@@ -28,14 +28,16 @@ if TYPE_CHECKING:
         UnexpectedPacket,
     )
     from ._factory import TunPairFactory
+    from ._kernel.netns import Visit
     from ._kernel.sockets import SocketInfo
     from ._link.endpoint import Endpoint
-    from ._link.gemodel import GilbertElliott
+    from ._link.gemodel import GilbertElliott, GilbertElliottChain
     from ._link.hooks import Hook
+    from ._link.rules import Fault, Outage, PathMtu
     from ._options import PairOptions
     from ._packets.capture import Capture
     from ._packets.flows import Flow
-    from ._packets.match import PacketSource
+    from ._packets.match import PacketSource, expect, expect_none, expect_sequence
     from ._packets.packet import GsoInfo, Packet
     from ._pair import TunPair
     from ._peer.peer import ScriptedPeer, ScriptedTcp, ScriptedUdp
@@ -62,7 +64,15 @@ _WHERE = {
     "UnexpectedPacket": "._errors",
     "Flow": "._packets.flows",
     "GilbertElliott": "._link.gemodel",
+    "GilbertElliottChain": "._link.gemodel",
+    "Fault": "._link.rules",
+    "Outage": "._link.rules",
+    "PathMtu": "._link.rules",
     "PacketSource": "._packets.match",
+    "expect": "._packets.match",
+    "expect_none": "._packets.match",
+    "expect_sequence": "._packets.match",
+    "Visit": "._kernel.netns",
     "SocketInfo": "._kernel.sockets",
     "PairOptions": "._options",
     "Endpoint": "._link.endpoint",
@@ -78,8 +88,10 @@ _WHERE = {
 __all__ = [
     "Capture",
     "Endpoint",
+    "Fault",
     "Flow",
     "GilbertElliott",
+    "GilbertElliottChain",
     "GsoInfo",
     "Hook",
     "HookError",
@@ -87,11 +99,13 @@ __all__ = [
     "LeftoverProcessWarning",
     "NamespaceError",
     "OptionError",
+    "Outage",
     "Packet",
     "PacketSource",
     "PacketTimeout",
     "PairClosedError",
     "PairOptions",
+    "PathMtu",
     "PrivilegeError",
     "ScriptedPeer",
     "ScriptedTcp",
@@ -105,7 +119,11 @@ __all__ = [
     "TunPairError",
     "TunPairFactory",
     "UnexpectedPacket",
+    "Visit",
     "__version__",
+    "expect",
+    "expect_none",
+    "expect_sequence",
 ]
 
 

@@ -28,7 +28,7 @@ from ._schema import (
 __all__ = ["DEFAULT_CAPTURE_BYTES", "PairOptions"]
 
 #: Default capture budget: once the kept packets cost the process more than this many bytes
-#: (their bytes plus bookkeeping, see ``Capture.record_many``) the oldest are forgotten
+#: (their bytes plus bookkeeping, see ``Capture.record_locked``) the oldest are forgotten
 #: (``stats`` keeps counting). Enough for every packet of an ordinary protocol test,
 #: small enough that a test moving gigabytes does not exhaust memory.
 DEFAULT_CAPTURE_BYTES = 64 * 1024 * 1024

@@ -3,7 +3,7 @@
 A dataclass field declared with :func:`option` carries a :class:`Declared` in its metadata.
 Everything else is derived from it: validation (``validate`` in the record's
 ``__post_init__``), the ``tunpair run`` flags (``_cli.py``), the marker's help line
-(``plugin.py``) and the option tables of ``docs/options.md`` (:func:`markdown_table`, kept
+(``plugin.py``) and the option tables of ``docs/options.md`` (``_option_tables.py``, kept
 in step by a test). Adding an option is adding one field.
 
 A :class:`Kind` says how one kind of value is checked (``check``), read from the command
@@ -39,9 +39,7 @@ __all__ = [
     "Probability",
     "Rate",
     "declared",
-    "markdown_table",
     "option",
-    "replace_table",
     "validate",
 ]
 
@@ -440,70 +438,3 @@ def unknown(name: str, value: object, allowed: Sequence[str], *, source: str) ->
     return OptionError(
         name, value, source=source, reason=f"the options are: {', '.join(allowed)}", unknown=True
     )
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(cls: type) -> str:
-    """The docs' table of ``cls``'s options: name, values, default, command line, meaning."""
-    rows = [
-        "| Option | Values | Default | `tunpair run` | Meaning |",
-        "|---|---|---|---|---|",
-    ]
-    for f, decl in declared(cls):
-        default = decl.default_doc or decl.kind.format(default_of(f))
-        flags = ""
-        if decl.cli:
-            flags = f"`{decl.flag(f.name, default_of(f))}`"
-            if decl.none_flag:
-                flags += f", `{decl.none_flag}`"
-        rows.append(
-            f"| `{f.name}` | {_cell(decl.kind.allowed)} | `{_cell(default)}` | {flags} "
-            f"| {_cell(decl.help)} |"
-        )
-    return "\n".join(rows) + "\n"
-
-
-def replace_table(text: str, marker: str, table: str) -> str:
-    """``text`` with what lies between ``<!-- marker:start -->`` and ``:end -->`` replaced."""
-    start, end = f"<!-- {marker}:start -->\n", f"<!-- {marker}:end -->"
-    head, sep, rest = text.partition(start)
-    if not sep or end not in rest:
-        raise ValueError(f"no {start.strip()} ... {end} block")
-    return head + start + table + end + rest.split(end, 1)[1]
-
-
-def tables() -> dict[str, str]:
-    """Every generated table of ``docs/options.md``, by marker name."""
-    from ._link.impair import ImpairmentSpec
-    from ._options import PairOptions
-
-    return {
-        "pair-options": markdown_table(PairOptions),
-        "impairments": markdown_table(ImpairmentSpec),
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pytest_tunpair._schema docs/options.md``: rewrite the tables in place."""
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = args[0] if args else "docs/options.md"
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    for marker, table in tables().items():
-        text = replace_table(text, marker, table)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    return 0
-
-
-if __name__ == "__main__":
-    # Run as a script this file is ``__main__``, a second copy of the module whose
-    # ``Declared`` the records' fields do not use: call the package's own.
-    from pytest_tunpair._schema import main as _main
-
-    raise SystemExit(_main())

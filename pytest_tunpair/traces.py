@@ -19,7 +19,8 @@ A file of the lines ``1`` ... ``1000`` is one opportunity per millisecond, 1500 
     def test_upload(tun_pair): ...
 
 ``impair(trace=...)`` takes a path or a sequence of ints. :class:`TraceServer` is the pure
-model the bottleneck queue uses to serve packets from a trace.
+model the bottleneck queue uses to serve packets from a trace: a :class:`Server`, the two
+calls that drain a queue, as :class:`RateServer` is for a constant rate.
 
 mahimahi's ``PACKET_SIZE`` is 1504 because its TUN devices carry the 4-byte packet
 information header (``IFF_TUN`` without ``IFF_NO_PI``, src/util/netdevice.cc): that is a
@@ -38,9 +39,19 @@ from pathlib import Path
 from typing import Union
 
 from ._errors import OptionError
+from ._link.queue import RateServer, Server
 from ._schema import Invalid, Kind
 
-__all__ = ["PACKET_SIZE", "Trace", "TraceServer", "constant", "load", "save"]
+__all__ = [
+    "PACKET_SIZE",
+    "RateServer",
+    "Server",
+    "Trace",
+    "TraceServer",
+    "constant",
+    "load",
+    "save",
+]
 
 #: Bytes one delivery opportunity carries (mahimahi's ``PACKET_SIZE``: one MTU-sized packet).
 PACKET_SIZE = 1500
@@ -309,13 +320,6 @@ class TraceServer:
             k, left = k + 1, PACKET_SIZE
         self._k, self._left = k, left
         return due
-
-    def depart(self, size: int, t: float) -> float | None:
-        """``finish(size, ready(t))``: when a packet at the head of the queue from ``t`` on
-        leaves, or None if it never does."""
-        start = self.ready(t)
-        due = math.inf if start == math.inf else self.finish(size, start)
-        return None if due == math.inf else due
 
     def opportunity_times(self, until: float) -> Iterator[float]:
         """The time of every opportunity from the start to ``until`` (for mahimahi's log)."""

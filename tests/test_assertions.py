@@ -165,6 +165,7 @@ def test_expect_none_passes_when_a_hook_drops_the_packet(tun_pair: TunPair) -> N
         _udp(tun_pair.b.ip, port, b"this one arrives")
         with pytest.raises(UnexpectedPacket) as info:
             tun_pair.packets.expect_none(template, during=WAIT, after=start)
+        srv.settimeout(WAIT)
         assert srv.recv(100) == b"this one arrives"
     caught = info.value
     assert caught.packet.action == "forwarded" and caught.packet.payload == b"this one arrives"

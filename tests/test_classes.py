@@ -20,9 +20,10 @@ pytestmark = pytest.mark.tunpair
 def _udp_to(pair: TunPair, port: int, count: int) -> int:
     """Send ``count`` datagrams a->b to ``port``; return how many b received."""
     got = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink, socket.socket(
-        socket.AF_INET, socket.SOCK_DGRAM
-    ) as client:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
         sink.bind((pair.b.ip, port))
         sink.settimeout(0.5)
         for i in range(count):

@@ -283,12 +283,17 @@ def test_host_processes_are_never_touched() -> None:
 
 
 LEFTOVER_TEST = """
-import subprocess, sys
+import subprocess, sys, time
+from pathlib import Path
 
 def test_leaves_one_behind(tun_pair, tmp_path):
     proc = subprocess.Popen(["sleep", "300"])
     with open("pid", "w") as f:
         f.write(str(proc.pid))
+    # Until sleep runs: in the middle of its exec, /proc/PID/cmdline is empty and the
+    # teardown's message would name it by its command, [sleep].
+    while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"sleep"):
+        time.sleep(0.01)
 
 def test_spawned_ones_are_quiet(tun_pair):
     # A child in a session of its own is still the spawned process's: stopped, not reported.

@@ -366,7 +366,7 @@ class _Inbox:
 
 
 def test_the_matcher_works_on_any_packet_source() -> None:
-    from pytest_tunpair._packets.match import expect, expect_none, expect_sequence
+    from pytest_tunpair import expect, expect_none, expect_sequence
 
     inbox = _Inbox([pkt(IP() / TCP(flags="S")), pkt(IP() / TCP(flags="A"))])
     assert expect(inbox, TCP(flags="A"), timeout=0).seq == 1

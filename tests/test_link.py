@@ -92,16 +92,22 @@ def test_udp_overload_into_a_bounded_rate_keeps_ping_rtt_low(
     flood = threading.Thread(target=_udp_flood, args=(tun_pair.a.ip, sink.getsockname(), 20e6, 4.0))
     flood.start()
     try:
-        time.sleep(0.5)  # let the queue fill: the ping then measures a full buffer
+        # The ping measures a full buffer: wait until the queue first overflows.
+        tun_pair.packets.wait_for(direction="a->b", action="dropped", timeout=10)
         rtts = _ping_rtts(tun_pair.b.ip, 15, 0.2)
     finally:
         flood.join()
     stats = tun_pair.stats["a->b"]
     # 50 packets of 1428 bytes at 10 Mbit/s: 57 ms of buffer. Unbounded, the queue would
-    # grow by 0.5 s every second of the 2x overload.
-    assert len(rtts) >= 10, rtts
+    # grow by 0.5 s every second of the 2x overload. A ping that meets the buffer full is
+    # dropped like the flood's packets (after each 5 ms burst, about a quarter of the
+    # time): enough answers for a median, not a fixed share of 15.
+    assert len(rtts) >= 5, rtts
     assert 20 < statistics.median(rtts) < 100, rtts
-    assert max(rtts) < 200, rtts
+    # Nor does it grow while the flood goes on: the later pings, which an unbounded queue
+    # would hold longest, wait no longer. Medians, not the maximum: a busy machine can hold
+    # one ping (or the relay) off a CPU for most of a second.
+    assert statistics.median(rtts[len(rtts) // 2 :]) < 100, rtts
     assert stats["queue_peak"] <= 50
     assert stats["dropped"] > 1000
     dropped = [p for p in tun_pair.packets if p.direction == "a->b" and p.action == "dropped"]

@@ -471,6 +471,8 @@ def test_unexpected_packets_are_in_the_report(tun_pair: TunPair, peer: ScriptedP
 def test_timeout_names_what_the_peer_got(tun_pair: TunPair, peer: ScriptedPeer) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(b"x", (tun_pair.b.ip, 9999))
+    # The peer has the datagram before the short wait starts (without looking at it).
+    peer.packets.wait_for(proto="udp", timeout=10)
     with pytest.raises(PacketTimeout) as info:
         peer.tcp_accept(8080, timeout=0.3)
     text = str(info.value)

@@ -13,6 +13,8 @@ import pytest
 from pytest_tunpair._packets import plot as _plot
 from pytest_tunpair.traces import TraceServer, constant, load
 
+from .test_traces import depart
+
 # At collection, outside any in-process pytester run: pytester puts sys.modules back after
 # each run, and numpy's extension (under matplotlib) cannot be imported twice in a process.
 try:
@@ -45,7 +47,7 @@ def link_run(seconds: float = 2.0) -> list[P]:
         if rng.random() < 0.02:
             packets.append(P(t, t, 1200, "a->b", "lost"))
         else:
-            due = server.depart(1200, t)
+            due = depart(server, 1200, t)
             assert due is not None
             packets.append(P(due, t, 1200, "a->b", "delayed"))
             packets.append(P(due + 1e-4, due, 52, "b->a", "forwarded"))

@@ -286,16 +286,6 @@ def test_super_packets_count_as_their_segments() -> None:
     assert q.packets == q.peak == 100
 
 
-def test_flush_releases_everything_in_order() -> None:
-    q = LinkQueue(QueueSpec(), RateServer(RATE))
-    for i in range(5):
-        q.enqueue(ipv4(), 0.0, tag=i, latency=0.5)
-    outs = q.flush(0.0015)
-    assert [o.tag for o in outs] == [0, 1, 2, 3, 4]
-    assert all(o.action == "sent" and o.time == 0.0015 for o in outs)
-    assert q.packets == 0 and q.bytes == 0 and q.deadline() is None
-
-
 # -- CoDel (RFC 8289) ----------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from pytest_tunpair import OptionError, PairOptions
 from pytest_tunpair._link.impair import ImpairmentSpec
+from pytest_tunpair._option_tables import markdown_table, replace_table, tables
 from pytest_tunpair._schema import (
     Bool,
     Choice,
@@ -24,10 +25,7 @@ from pytest_tunpair._schema import (
     OneOf,
     Probability,
     Rate,
-    markdown_table,
     option,
-    replace_table,
-    tables,
     validate,
 )
 
@@ -149,7 +147,7 @@ def test_the_docs_option_tables_match_the_schema() -> None:
     for marker, table in tables().items():
         expected = replace_table(expected, marker, table)
     assert text == expected, (
-        "docs/options.md is out of date: run `python -m pytest_tunpair._schema docs/options.md`"
+        "docs/options.md is out of date: run `python -m pytest_tunpair._option_tables docs/options.md`"
     )
     for name in [*PairOptions.names_allowed(), *ImpairmentSpec.names()]:
         assert f"| `{name}` |" in text
@@ -160,7 +158,7 @@ def test_the_table_generator_runs_as_documented(tmp_path: Path) -> None:
     original = (DOCS / "options.md").read_text(encoding="utf-8")
     copy.write_text(replace_table(original, "pair-options", "stale\n"), encoding="utf-8")
     subprocess.run(
-        [sys.executable, "-m", "pytest_tunpair._schema", str(copy)], check=True, cwd=ROOT
+        [sys.executable, "-m", "pytest_tunpair._option_tables", str(copy)], check=True, cwd=ROOT
     )
     assert copy.read_text(encoding="utf-8") == original
 

@@ -13,6 +13,14 @@ from pytest_tunpair.traces import PACKET_SIZE, Trace, TraceServer, constant, loa
 MS = 1e-3
 
 
+def depart(server: TraceServer, size: int, t: float) -> float | None:
+    """When a ``size``-byte packet at the head of the queue from ``t`` on leaves (None:
+    never): the bottleneck queue's two calls, ``finish(size, ready(t))``."""
+    start = server.ready(t)
+    due = math.inf if start == math.inf else server.finish(size, start)
+    return None if due == math.inf else due
+
+
 def test_constant_12_mbit_is_one_opportunity_per_ms() -> None:
     assert constant(12) == list(range(1, 1001))
     assert load(constant(12)).rate == 12e6
@@ -85,25 +93,25 @@ def test_blank_lines_are_skipped(tmp_path: Path) -> None:
 
 def test_full_packets_leave_one_per_opportunity() -> None:
     server = TraceServer(load(constant(12)), start=100.0)
-    departures = [server.depart(PACKET_SIZE, 100.0) for _ in range(3)]
+    departures = [depart(server, PACKET_SIZE, 100.0) for _ in range(3)]
     assert departures == pytest.approx([100.001, 100.002, 100.003])
 
 
 def test_small_packets_share_an_opportunity_and_bytes_carry_over() -> None:
     server = TraceServer(load(constant(12)), start=0.0)
-    assert [server.depart(500, 0.0) for _ in range(3)] == pytest.approx([MS] * 3)
-    assert server.depart(1000, 0.0) == pytest.approx(2 * MS)
+    assert [depart(server, 500, 0.0) for _ in range(3)] == pytest.approx([MS] * 3)
+    assert depart(server, 1000, 0.0) == pytest.approx(2 * MS)
     # 500 bytes left at 2 ms, then 500 of the opportunity at 3 ms.
-    assert server.depart(1000, 2 * MS) == pytest.approx(3 * MS)
+    assert depart(server, 1000, 2 * MS) == pytest.approx(3 * MS)
     # A GSO-sized packet spans opportunities: 1000 left at 3 ms, then 43 more.
-    assert server.depart(65_000, 3 * MS) == pytest.approx((3 + 43) * MS)
+    assert depart(server, 65_000, 3 * MS) == pytest.approx((3 + 43) * MS)
 
 
 def test_unused_opportunities_are_lost() -> None:
     server = TraceServer(load(constant(12)), start=0.0)
-    assert server.depart(100, 0.0) == pytest.approx(MS)
+    assert depart(server, 100, 0.0) == pytest.approx(MS)
     # 1400 bytes of the 1 ms opportunity are unused; a packet arriving later cannot have them.
-    assert server.depart(1500, 10.5 * MS) == pytest.approx(11 * MS)
+    assert depart(server, 1500, 10.5 * MS) == pytest.approx(11 * MS)
     assert server.ready(11.2 * MS) == pytest.approx(12 * MS)
     assert server.ready(0.0) == pytest.approx(12 * MS)  # only what is still to come
 
@@ -123,26 +131,26 @@ def test_ready_is_pure_and_finish_shares_the_opportunity() -> None:
 def test_packet_ready_exactly_at_an_opportunity_uses_it() -> None:
     start = 12345.678  # a large clock value, where (t - start) * 1000 rounds
     server = TraceServer(load(constant(12)), start=start)
-    first = server.depart(700, start)
+    first = depart(server, 700, start)
     assert first is not None
-    assert server.depart(700, first) == first
+    assert depart(server, 700, first) == first
 
 
 def test_trace_repeats_shifted_by_its_last_timestamp() -> None:
     server = TraceServer(load([5, 10]), start=0.0)
-    times = [server.depart(PACKET_SIZE, 0.0) for _ in range(5)]
+    times = [depart(server, PACKET_SIZE, 0.0) for _ in range(5)]
     assert times == pytest.approx([0.005, 0.010, 0.015, 0.020, 0.025])
     # The last line of pass 99 is at 99 * 10 + 10 ms: exactly 1 s.
-    assert server.depart(PACKET_SIZE, 1.0) == pytest.approx(1.0)
-    assert server.depart(PACKET_SIZE, 1.0) == pytest.approx(1.005)
+    assert depart(server, PACKET_SIZE, 1.0) == pytest.approx(1.0)
+    assert depart(server, PACKET_SIZE, 1.0) == pytest.approx(1.005)
 
 
 def test_no_repeat_stops_delivery() -> None:
     server = TraceServer(load([5, 10]), start=0.0, repeat=False)
-    assert server.depart(PACKET_SIZE, 0.0) == pytest.approx(0.005)
-    assert server.depart(PACKET_SIZE, 0.0) == pytest.approx(0.010)
-    assert server.depart(PACKET_SIZE, 0.0) is None
-    assert server.depart(10, 0.0) is None
+    assert depart(server, PACKET_SIZE, 0.0) == pytest.approx(0.005)
+    assert depart(server, PACKET_SIZE, 0.0) == pytest.approx(0.010)
+    assert depart(server, PACKET_SIZE, 0.0) is None
+    assert depart(server, 10, 0.0) is None
     assert server.ready(0.0) == math.inf
 
 
@@ -150,7 +158,7 @@ def test_gap_delivers_nothing() -> None:
     # 12 Mbit/s for 1 s, nothing for 500 ms, then 12 Mbit/s again for 500 ms.
     times = list(range(1, 1001)) + list(range(1501, 2001))
     server = TraceServer(load(times), start=0.0)
-    departures = [server.depart(PACKET_SIZE, 0.9) for _ in range(300)]
+    departures = [depart(server, PACKET_SIZE, 0.9) for _ in range(300)]
     assert all(d is not None and not 1.0 < d < 1.5 for d in departures)
     assert departures[100] == pytest.approx(1.0)
     assert departures[101] == pytest.approx(1.501)
@@ -162,7 +170,7 @@ def test_long_run_rate_matches_the_trace() -> None:
     sent = 0
     while last < 5.0:
         # Offered faster than the link: 1200-byte packets every 0.1 ms.
-        d = server.depart(1200, sent * 1e-4)
+        d = depart(server, 1200, sent * 1e-4)
         assert d is not None
         last = d
         sent += 1

@@ -462,14 +462,13 @@ def _rtts(host: str, count: int) -> list[float]:
 
 def test_a_sub_millisecond_delay_is_kept(tun_pair: TunPair) -> None:
     assert tun_pair.b.ip
-    base = sorted(_rtts(tun_pair.b.ip, 20))[10]
     tun_pair.impair(delay="200us")
-    slow = sorted(_rtts(tun_pair.b.ip, 20))[10]
-    # 0.4 ms more in theory; rounding the wait up to whole milliseconds gave +2.5 ms. The
-    # RTT bound is loose (a busy machine wakes the relay late: precision is measured in
-    # benchmarks/run.py); what tells sub-millisecond timers from rounded ones robustly is
-    # that some packets leave on time: with waits rounded up to 1 ms, none could.
-    assert base + 0.3 < slow < base + 5.0, (base, slow)
+    _rtts(tun_pair.b.ip, 20)
+    # Rounding the wait up to whole milliseconds once added 2.5 ms to the RTT. The relay's
+    # own clock tells: every packet is held at least the delay, and some leave on time
+    # (with waits rounded up to 1 ms, none could). Comparing ping's RTTs with and without
+    # the delay instead compared two medians that a busy machine moves by more than the
+    # 0.4 ms at stake; precision is measured in benchmarks/run.py.
     delayed = [p for p in tun_pair.packets if p.action == "delayed"]
     assert len(delayed) == 40
     assert all(p.sojourn >= 0.0002 for p in delayed)

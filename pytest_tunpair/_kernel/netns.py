@@ -235,7 +235,8 @@ class NetNamespace:
 
 
 class Visit:
-    """A thread's stay in a namespace it joined (:meth:`NetNamespace.join`, ``detach``)."""
+    """A thread's stay in a namespace it joined: what ``TunPairFactory.detach()`` and
+    ``join()`` return; :meth:`leave` takes the thread back."""
 
     def __init__(self, orig_fd: int, disposable: bool) -> None:
         self._orig_fd: int | None = orig_fd

@@ -212,9 +212,13 @@ class Server(Protocol):
     that passed while the queue was empty, as mahimahi's link does.
     """
 
-    def ready(self, t: float) -> float: ...
+    def ready(self, t: float) -> float:
+        """The earliest time ``>= t`` a transmission can begin (``math.inf``: never)."""
+        ...
 
-    def finish(self, size: int, start: float) -> float: ...
+    def finish(self, size: int, start: float) -> float:
+        """A ``size``-byte packet starts at ``start``: when its last bit has left."""
+        ...
 
 
 class RateServer:
@@ -225,12 +229,15 @@ class RateServer:
     def __init__(self, rate: float) -> None:
         if not (math.isfinite(rate) and rate > 0.0):
             raise ValueError(f"rate must be bits/s > 0, not {rate!r}")
+        #: Bits per second.
         self.rate = rate
 
     def ready(self, t: float) -> float:
+        """``t``: the wire is free whenever the queue asks (it asks once the last left)."""
         return t
 
     def finish(self, size: int, start: float) -> float:
+        """``start`` plus the time ``size`` bytes take at :attr:`rate`."""
         return start + size * 8 / self.rate
 
     def __repr__(self) -> str:
@@ -548,31 +555,6 @@ class LinkQueue:
             due = min(due, self._next_start())
         return None if due == math.inf else due
 
-    def flush(self, now: float) -> list[Outcome]:
-        """Everything still held leaves at once, in order (the link is being replaced):
-        outcomes due by ``now`` first, then the rest as ``"sent"`` at ``now``."""
-        self._advance(now)
-        now = self._clock
-        line = sorted(self._line, key=lambda e: e[:2])
-        self._line.clear()
-        held: list[_Entry] = []
-        for _due, _seq, item in line:
-            if isinstance(item, _RunEntry):
-                item.dues[item.pos :] = [now] * (len(item.dues) - item.pos)
-                self._release_run(item, now)
-            else:
-                held.append(item)
-        if self._busy is not None:
-            held.append(self._busy)
-            self._busy = None
-        held.extend(e for e in self._waiting if not e.taken)
-        self._waiting.clear()
-        self._waiting_bytes = 0
-        self._waiting_count = 0
-        for entry in held:
-            self._release(entry, now)
-        return self._take()
-
     @property
     def waiting(self) -> int:
         """Packets in the buffer now (not yet on the wire), in the units of ``limit``."""
@@ -669,12 +651,8 @@ class LinkQueue:
         heapq.heappush(self._line, (departed + entry.latency, self._seq, entry))
 
     def _release(self, entry: _Entry, due: float) -> None:
-        """``entry`` reaches the far end at ``due`` (or leaves early: :meth:`flush`)."""
+        """``entry`` reaches the far end at ``due``."""
         self._unhold(entry)
-        if entry.start != entry.start:  # nan: flushed before it was served
-            entry.start = due
-        if entry.departed != entry.departed:
-            entry.departed = due
         self._out.append(
             Outcome(
                 "marked" if entry.marked else "sent",

@@ -121,6 +121,8 @@ class Outage:
         self._ended = False
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
+        """The relay thread's call for each packet read at ``now``: ``lost`` inside the
+        window, else None (pass). Not for tests to call: it counts the packet."""
         if self._mono_start <= now < self._mono_end:
             self.dropped += 1
             return _LOST
@@ -154,6 +156,7 @@ class Outage:
         self.end()
 
     def describe(self) -> str:
+        """One line for the failure report: the window and how many packets it dropped."""
         until = "until ended" if math.isinf(self.end_time) else f"to {_fmt_time(self.end_time)}"
         return (
             f"outage {'/'.join(self.directions)}: from {_fmt_time(self.start)} {until} "
@@ -210,6 +213,8 @@ class Fault:
         return self.active
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
+        """The relay thread's call for each packet of its direction: ``how`` for a matching
+        one while not spent, else None (pass). Not for tests to call: it counts the hit."""
         if self.spent:
             return None
         if self._fields is not None and not self._fields(pkt):
@@ -236,6 +241,7 @@ class Fault:
         self._on_remove(self)
 
     def describe(self) -> str:
+        """One line for the failure report: what it matches, what it does, its hits."""
         hits = f"{self.hits} hits" if self.times is None else f"{self.hits}/{self.times} hits"
         return f"fail {self.direction}: {self.how} {self._what} ({hits})"
 
@@ -253,11 +259,15 @@ class PathMtu:
         self.icmp = icmp
         #: The directions it applies to.
         self.directions = directions
-        #: Packets dropped as too big, and IPv4 packets fragmented, so far.
+        #: Packets dropped as too big so far.
         self.too_big = 0
+        #: IPv4 packets cut into fragments so far.
         self.fragmented = 0
 
     def apply(self, pkt: Packet, now: float) -> Verdict | None:
+        """The relay thread's call for each packet of its directions: too big (with or
+        without ICMP back) or cut into IPv4 fragments, else None (pass). Not for tests to
+        call: it counts the packet."""
         data = pkt.data
         if len(data) <= self.mtu:  # the IP packet inside is no longer: no parse needed
             return None
@@ -286,6 +296,7 @@ class PathMtu:
         return True
 
     def describe(self) -> str:
+        """One line for the failure report: the MTU, ICMP or not, and the counts."""
         how = "ICMP back to the sender" if self.icmp else "no ICMP: black hole"
         return (
             f"path_mtu {'/'.join(self.directions)}: {self.mtu} ({how}; {self.too_big} too big, "

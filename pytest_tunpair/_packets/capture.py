@@ -112,11 +112,6 @@ class Capture(Sequence[Packet]):
         with self._cond:
             self.record_locked((pkt,))
 
-    def record_many(self, pkts: Sequence[Packet]) -> None:
-        """Append packets in order under one lock."""
-        with self._cond:
-            self.record_locked(pkts)
-
     def record_locked(self, pkts: Sequence[Packet | SegmentGroup]) -> None:
         """Append packets (and groups of segments, each standing for its ``count``
         packets) in order; the caller holds :attr:`lock`.
@@ -255,7 +250,7 @@ class Capture(Sequence[Packet]):
     @property
     def nbytes(self) -> int:
         """Bytes the kept packets hold, as read from the device. (``capture_bytes`` charges
-        more per packet, see :meth:`record_many`; decoded scapy objects come on top.)"""
+        more per packet, see :meth:`record_locked`; decoded scapy objects come on top.)"""
         return self._bytes
 
     def clear(self) -> None:

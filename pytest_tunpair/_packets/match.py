@@ -529,7 +529,9 @@ def expect(
     ignore: Iterable[str] = (),
     action: Any = None,
 ) -> Packet:
-    """The first packet of ``source`` that matches ``template`` (see the module docstring).
+    """The first packet of ``source`` that matches ``template``: a scapy packet matched in
+    the fields it sets, a predicate, or a layer class, as in :meth:`Capture.expect` (which
+    is ``expect(packets, ...)``).
 
     Looks at packets captured after ``after`` (a ``Packet``, or a time in seconds since the
     pair came up; default: all kept ones) and those arriving within ``timeout`` s. Only
