@@ -1271,11 +1271,12 @@ def mahimahi_tcp(shell: Sequence[str], secs: float) -> tuple[float, float] | Non
     script = textwrap.dedent(f"""\
         ip link set lo up
         sysctl -qw net.ipv4.ip_forward=1
-        iperf3 -s -1 -p {MM_PORT} >/dev/null 2>&1 &
+        iperf3 -s -p {MM_PORT} >/dev/null 2>&1 &
+        server=$!
         for i in $(seq 100); do ss -ltn | grep -q ':{MM_PORT} ' && break; sleep 0.1; done
         setpriv --reuid=65534 --regid=65534 --clear-groups {cmd}
-        kill %1 2>/dev/null
-        wait
+        kill $server
+        wait $server
         """)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = run(["unshare", "-n", "--", "sh", "-c", script], timeout=secs + 60)
