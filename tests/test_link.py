@@ -194,7 +194,8 @@ def test_codel_keeps_a_tcp_flows_queue_near_target_where_droptail_stands(
     if tun_pair.options.offload:
         data = [p for p in tun_pair.packets if p.direction == "a->b" and p.wire_len > 200]
         assert len(data) > 2000 and max(p.wire_len for p in data) <= tun_pair.options.mtu
-    assert max(droptail) < 1000 * 1500 * 8 / 20e6 + 0.1
+    # Bounded by the limit: 1000 packets of 0.6 ms (and what a busy machine adds).
+    assert max(droptail) < 1.5 * 1000 * 1500 * 8 / 20e6
     assert tun_pair.stats["a->b"]["queue_peak"] > 150
 
 
