@@ -50,6 +50,15 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   beside); rate accuracy under TCP for 1, 20, 100 and 1000 Mbit/s (goal within 2%).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
+- ``profiles``: each named link profile (``impair(profile=...)``), per direction, configured
+  against achieved in the same run: the rate delivered under a 1.5x overload (UDP up to
+  50 Mbit/s, TCP above, where the relay's per-packet cost would cap UDP), from the capture's
+  delivered wire bytes; and the one-way delay of unloaded UDP datagrams (median of their
+  sojourn minus their time on the wire) against the configured delay. Goal: both within 5 %.
+- ``import``: what importing the plugin costs a run that never opens a tunnel, in CPU
+  instructions (callgrind: steady on a loaded machine, where wall time is not): ``pytest
+  --co`` of a generated 500-test project with the plugin against ``-p no:tunpair``, bytecode
+  cached, as an installed package has it; goal <= 2 %.
 - ``fields``: reading ``Packet.dport`` of 100 000 captured packets (a TCP transfer through
   an ``offload=False`` pair, copied) vs scapy's decode of the same packets, per packet from a
   sample; goal < 0.5 s.
@@ -105,6 +114,8 @@ SECTIONS = (
     "fields",
     "scenarios",
     "segments",
+    "profiles",
+    "import",
 )
 IPERF_PORT = 5201
 GIB = 1 << 30
@@ -1482,6 +1493,148 @@ def bench_segments(rep: Report, a: argparse.Namespace) -> None:
     rep.raw["segments"] = raw
 
 
+# -- profiles: each named link, configured vs achieved -----------------------------------------
+
+
+def achieved_rate_of(pair: Any, direction: str, skip: float) -> float:
+    """Bits/s ``direction`` delivered, from the capture (as :func:`achieved_rate`)."""
+    out = [p for p in pair.packets if p.direction == direction and p.action == "delayed"]
+    t_first = out[0].time + skip
+    steady = [p for p in out if p.time >= t_first]
+    if len(steady) < 3:
+        raise RuntimeError(f"only {len(steady)} packets delivered: cannot measure a rate")
+    bits = sum(p.wire_len for p in steady[1:]) * 8
+    return bits / (steady[-1].time - steady[0].time)
+
+
+def _profile_delay(pair: Any, direction: str, rate: float, count: int) -> list[float]:
+    """One-way delay of ``count`` small UDP datagrams sent 20 ms apart (no queue forms):
+    sojourn minus their own time on the wire."""
+    import socket
+
+    src, dst = (pair.a.ip, pair.b.ip) if direction == "a->b" else (pair.b.ip, pair.a.ip)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((dst, 0))
+        port = rx.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.bind((src, 0))
+            for _ in range(count):
+                tx.sendto(b"p" * 72, (dst, port))
+                time.sleep(0.02)
+        pair.packets.wait_quiet(idle=0.5, timeout=10)
+    return [
+        p.sojourn - p.wire_len * 8 / rate
+        for p in pair.packets
+        if p.direction == direction and p.dport == port and p.action == "delayed"
+    ]
+
+
+def bench_profiles(rep: Report, a: argparse.Namespace) -> None:
+    from pytest_tunpair import TunPair
+    from pytest_tunpair._link.impair import ImpairmentSpec
+    from pytest_tunpair._link.profiles import PROFILES
+
+    secs = 1.5 if a.quick else 3.0
+    raw: dict[str, Any] = {}
+    for name in PROFILES:
+        for direction in ("a->b", "b->a"):
+            spec = ImpairmentSpec.from_kwargs(profile=name, towards=direction)
+            rate, delay = float(spec.rate or 0), spec.delay
+            with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+                pair.impair(profile=name, direction=direction, seed=1)
+                reverse = ["-R"] if direction == "b->a" else []
+                if rate <= 50e6:
+                    args = udp_overload_args(pair.b.ip or "", rate * 1.5, max(secs, 2.0))
+                    run([*args, *reverse], timeout=120)
+                else:
+                    iperf_client(pair.b.ip or "", ["-t", str(secs), *reverse])
+                got = achieved_rate_of(pair, direction, 0.5)
+                pair.check()
+            with TunPair(ipv6=None) as pair:
+                pair.impair(profile=name, direction=direction, loss=0, seed=1)
+                delays = _profile_delay(pair, direction, rate, 10 if a.quick else 25)
+                pair.check()
+            raw[f"{name} {direction}"] = {"rate": got, "delays": delays}
+            link = "uplink" if direction == "a->b" else "downlink"
+            rep.add(
+                "profiles",
+                f"{name} {link} ({direction}): rate delivered under 1.5x overload",
+                f"{got / 1e6:.4g} Mbit/s",
+                f"configured {rate / 1e6:.4g} Mbit/s",
+                f"{got / rate:.3f}",
+                "1.00 +- 0.05",
+                abs(got / rate - 1) <= 0.05,
+            )
+            rep.add(
+                "profiles",
+                f"  {name} {link}: one-way delay, unloaded (median of {len(delays)})",
+                fmt_ms(med(delays)),
+                f"configured {fmt_ms(delay)}",
+                f"{med(delays) / delay:.3f}",
+                "1.00 +- 0.05",
+                abs(med(delays) / delay - 1) <= 0.05,
+            )
+    rep.raw["profiles"] = raw
+
+
+# -- import: what the plugin costs a run without tunnels, in instructions ----------------------
+
+
+def _instructions(cmd: Sequence[str], cwd: str, env: dict[str, str]) -> int:
+    """CPU instructions ``cmd`` executes (callgrind's total ``Ir``), children excluded."""
+    with tempfile.NamedTemporaryFile(prefix="tunpair-cg-", suffix=".out") as out:
+        res = run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out.name}", *cmd],
+            timeout=3600,
+            cwd=cwd,
+            env=env,
+        )
+        found = re.search(r"Collected : (\d+)", res.stderr)
+        if res.returncode != 0 or found is None:
+            raise RuntimeError(f"callgrind failed:\n{res.stderr[-2000:]}")
+        return int(found.group(1))
+
+
+def bench_import(rep: Report, a: argparse.Namespace) -> None:
+    load, block = plugin_args()
+    tests = 100 if a.quick else 500
+    env = dict(_ENV)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its bytecode
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="tunpair-bench-") as project:
+        for i in range(tests // 20):
+            with open(os.path.join(project, f"test_mod{i}.py"), "w") as f:
+                f.write("import pytest\n\n")
+                for j in range(20):
+                    f.write(f"def test_{j}():\n    assert {j} >= 0\n\n")
+        for label, args in (("with", load), ("without", block)):
+            cmd = [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *args]
+            run(cmd, timeout=300, cwd=project, env=env)  # writes the bytecode
+            counts[label] = _instructions(cmd, project, env)
+        probe = "import pytest, pytest_tunpair.plugin"
+        counts["plugin import"] = _instructions(
+            [sys.executable, "-c", probe], project, env
+        ) - _instructions([sys.executable, "-c", "import pytest"], project, env)
+    rep.raw["import"] = counts
+    ratio = counts["with"] / counts["without"]
+    rep.add(
+        "import",
+        f"pytest --co, {tests} tests, no tunnel: instructions (callgrind)",
+        f"{counts['with'] / 1e9:.4g} G",
+        f"-p no:tunpair {counts['without'] / 1e9:.4g} G",
+        f"{ratio:.4f}",
+        "<= 1.02",
+        ratio <= 1.02,
+    )
+    rep.add(
+        "import",
+        "  import pytest_tunpair.plugin after pytest: instructions",
+        f"{counts['plugin import'] / 1e6:.4g} M",
+        f"of {counts['without'] / 1e9:.4g} G",
+        f"{counts['plugin import'] / counts['without']:.4f}",
+    )
+
+
 BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "throughput": bench_throughput,
     "overhead": bench_overhead,
@@ -1494,6 +1647,8 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "fields": bench_fields,
     "scenarios": bench_scenarios,
     "segments": bench_segments,
+    "profiles": bench_profiles,
+    "import": bench_import,
 }
 
 NEEDS = {
@@ -1508,6 +1663,8 @@ NEEDS = {
     "fields": [],
     "scenarios": ["iperf3"],
     "segments": ["iperf3"],
+    "profiles": ["iperf3"],
+    "import": ["valgrind"],
 }
 
 

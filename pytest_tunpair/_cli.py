@@ -146,9 +146,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--outage",
-        metavar="AFTER,DURATION",
+        metavar="DURATION[,after=AFTER]",
         action="append",
-        help="drop every packet from AFTER for DURATION (e.g. 2s,500ms); repeatable",
+        help="drop every packet for DURATION, from AFTER on (default: from the start), as "
+        "pair.outage(duration, after=...): e.g. 500ms,after=2s; repeatable",
     )
     s.add_argument(
         "--path-mtu",
@@ -353,20 +354,38 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def _outage(parser: argparse.ArgumentParser, text: str) -> tuple[float, float]:
-    """``--outage AFTER,DURATION`` as two durations (units required, as for --delay)."""
+    """``--outage DURATION[,after=AFTER]`` as (after, duration), in the order of
+    ``pair.outage(duration, after=...)``; units required, as for --delay.
+
+    The 0.2 form ``AFTER,DURATION`` (two bare durations) still works, with a deprecation
+    message giving the new spelling.
+    """
     from ._link.rules import check_duration
 
-    parts = text.split(",")
-    if len(parts) != 2:
-        parser.error(f"argument --outage: bad value {text!r}: give AFTER,DURATION, e.g. 2s,500ms")
+    usage = "give DURATION[,after=AFTER], e.g. 500ms,after=2s"
+    parts = [part.strip() for part in text.split(",")]
+    old_order = len(parts) == 2 and "=" not in parts[1]
+    if old_order:
+        after_text, duration_text = parts
+        print(
+            f"tunpair: --outage {text}: AFTER,DURATION is deprecated (the order differs from "
+            f"pair.outage(duration, after=...)); write --outage {duration_text},after={after_text}",
+            file=sys.stderr,
+        )
+    elif len(parts) == 1:
+        duration_text, after_text = parts[0], "0s"
+    elif len(parts) == 2 and parts[1].startswith("after="):
+        duration_text, after_text = parts[0], parts[1][len("after=") :].strip()
+    else:
+        parser.error(f"argument --outage: bad value {text!r}: {usage}")
     kind = Duration()
-    values = []
-    for name, part in zip(("after", "duration"), parts, strict=True):
+    values = {}
+    for name, part in (("after", after_text), ("duration", duration_text)):
         try:
-            values.append(check_duration(name, kind.from_text(part.strip()), "--outage"))
+            values[name] = check_duration(name, kind.from_text(part), "--outage")
         except (Invalid, OptionError) as exc:
             parser.error(f"argument --outage: bad value {text!r}: {name}: {exc.reason}")
-    return values[0], values[1]
+    return values["after"], values["duration"]
 
 
 def _unwritable(path: str) -> str | None:

@@ -1,8 +1,9 @@
-"""The option tables of ``docs/options.md``, generated from the declarations (``_schema``).
+"""The docs' generated tables: options (``docs/options.md``) and link profiles
+(``docs/profiles.md``), from their declarations (``_schema``, ``_link/profiles.py``).
 
-``python -m pytest_tunpair._option_tables docs/options.md`` rewrites each table between its
-``<!-- name:start -->`` and ``<!-- name:end -->`` markers in place; a test fails while the
-page and the declarations differ. It lives at the front of the package, not in ``_schema``:
+``python -m pytest_tunpair._option_tables docs/options.md docs/profiles.md`` rewrites each
+table between its ``<!-- name:start -->`` and ``<!-- name:end -->`` markers in place; tests
+fail while a page and the declarations differ. It lives at the front of the package, not in ``_schema``:
 it reads the records of the upper layers (``ImpairmentSpec`` is the link's), which the
 schema, at the bottom, must not import.
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from ._link import profiles
 from ._link.impair import ImpairmentSpec
 from ._options import PairOptions
 from ._schema import declared, default_of
 
-__all__ = ["main", "markdown_table", "replace_table", "tables"]
+__all__ = ["main", "markdown_table", "replace_table", "rewrite", "tables"]
 
 
 def _cell(text: str) -> str:
@@ -53,24 +55,31 @@ def replace_table(text: str, marker: str, table: str) -> str:
 
 
 def tables() -> dict[str, str]:
-    """Every generated table of ``docs/options.md``, by marker name."""
+    """Every generated table of the docs, by marker name."""
     return {
         "pair-options": markdown_table(PairOptions),
         "impairments": markdown_table(ImpairmentSpec),
+        "profiles": profiles.markdown_table(),
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pytest_tunpair._option_tables docs/options.md``: rewrite the tables in
-    place (``docs/options.md`` when no path is given)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = args[0] if args else "docs/options.md"
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+def rewrite(text: str) -> str:
+    """``text`` with every generated table it has markers for brought up to date."""
     for marker, table in tables().items():
-        text = replace_table(text, marker, table)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+        if f"<!-- {marker}:start -->" in text:
+            text = replace_table(text, marker, table)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pytest_tunpair._option_tables PAGE...``: rewrite the tables in place
+    (``docs/options.md`` and ``docs/profiles.md`` when no page is given)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for path in args or ["docs/options.md", "docs/profiles.md"]:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(rewrite(text))
     return 0
 
 

@@ -246,7 +246,16 @@ class PairOptions:
         allowed = cls.names_allowed()
         for key, value in kwargs.items():
             if key not in allowed:
-                raise unknown(key, value, allowed, source=source)
+                error = unknown(key, value, allowed, source=source)
+                # The one place both kinds of keyword meet: say where the other kind goes.
+                raise OptionError(
+                    key,
+                    value,
+                    source=source,
+                    reason=f"{error.reason}; impairments (loss, delay, rate, profile, ...) "
+                    "are set with pair.impair(...) or @pytest.mark.impair(...)",
+                    unknown=True,
+                )
         values = dict(kwargs)
         mode = values.get("mode", "tun")
         values.setdefault("names", _default_names(mode if isinstance(mode, str) else "tun", index))

@@ -507,7 +507,9 @@ class TunPair:
 
         ``params`` are the fields of ``ImpairmentSpec`` (table in docs/options.md): ``loss``,
         ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``trace``,
-        the queue's (``limit``, ``queue``, ...), ``seed``; with ``match`` (packet fields as
+        the queue's (``limit``, ``queue``, ...), ``seed``, and ``profile``: a named link
+        (``"lte"``, ``"dsl"``, ...; docs/profiles.md) whose values for each direction (a->b
+        the uplink) the other parameters override; with ``match`` (packet fields as
         ``packets.filter()`` takes them, or a predicate) and ``name``, they make a class:
         only the matching packets get them, on a link of their own (docs/link.md).
         Probabilities are 0.0-1.0 (or ``"10%"``), ``delay``/``jitter`` seconds (or
@@ -525,11 +527,14 @@ class TunPair:
         _check_direction(direction, "impair")
         self._require_relay()
         # Everything is checked before anything changes: a bad value leaves the pair as it was.
-        parsed = ImpairmentSpec.from_kwargs(**params)
+        # One spec per direction: a profile differs between uplink (a->b) and downlink.
+        specs = {d: ImpairmentSpec.from_kwargs(towards=d, **params) for d in _directions(direction)}
+        parsed = next(iter(specs.values()))
         random_seed = parsed.seed is None and self.options.seed is None
-        spec = replace(parsed, seed=parsed.seed if parsed.seed is not None else self.seed)
+        seed = parsed.seed if parsed.seed is not None else self.seed
+        specs = {d: replace(spec, seed=seed) for d, spec in specs.items()}
         start = time.monotonic()  # a trace's millisecond 0, for the queue and the plot
-        for d in _directions(direction):
+        for d, spec in specs.items():
             self._directions[d].impair(
                 spec, random_seed=random_seed, start=start, clear_classes=not params
             )
@@ -591,7 +596,7 @@ class TunPair:
         ``after`` seconds from now on, for ``duration`` seconds (None: until ended),
         recorded as ``"lost"``.
 
-        Returns the :class:`~pytest_tunpair._rules.Outage`, a context manager that ends
+        Returns the :class:`~pytest_tunpair.Outage`, a context manager that ends
         the outage on exit (``with tun_pair.outage(): ...``), with ``.end()``, its window
         (``start``, ``end_time``, in seconds since the pair came up, as
         ``Packet.arrival``) and ``dropped``. Durations are seconds or strings (``"500ms"``).
@@ -631,7 +636,7 @@ class TunPair:
         ``"unreachable"``). A packet no reply may answer (a reset for UDP) is dropped,
         recorded ``"dropped"``. ``times=None`` acts on every matching packet.
 
-        Returns the :class:`~pytest_tunpair._rules.Fault` with ``hits`` and ``remove()``.
+        Returns the :class:`~pytest_tunpair.Fault` with ``hits`` and ``remove()``.
         """
         from ._link.rules import Fault, check_fail, field_predicate
 

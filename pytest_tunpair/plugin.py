@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ._errors import OptionError
-from ._plugin import keys, options, report, rootless, scoped
+from ._plugin import keys, marks, options, report, rootless, scoped
 
 if TYPE_CHECKING:
     from ._factory import TunPairFactory
@@ -35,14 +35,12 @@ def pytest_configure(config: pytest.Config) -> None:
         rootless.configure(config, resolved.tunpair_userns)
     scoped.configure(config)
     report.configure(config)
-    from ._options import PairOptions
-
-    config.addinivalue_line(
-        "markers",
-        "tunpair(**options): configure the tun_pair fixture (on a module, in pytestmark: "
-        f"tun_pair_module too) -- {', '.join(PairOptions.names_allowed())} "
-        "(see docs/options.md)",
-    )
+    # The option names come from the schema: listed only for `pytest --markers`, so that a
+    # run that never opens a tunnel does not build it.
+    tunpair = marks.tunpair_help() if config.getoption("markers", False) else "tunpair(**options)"
+    config.addinivalue_line("markers", tunpair)
+    config.addinivalue_line("markers", marks.HELP_IMPAIR)
+    config.pluginmanager.register(marks.Checks(), "tunpair-marks")
 
 
 def enabled(config: pytest.Config) -> bool:
@@ -60,6 +58,7 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
     """
     if not enabled(request.config):
         pytest.skip(SKIP_REASON)
+    rootless.refuse_tunnel(request.config)  # this machine cannot: the reason, once per test
     scoped.refuse_mixing(request.node)
     scoped.refuse_stranding(request, "tun_pair_factory")
     factory = _open(request.config, "tun_pair_factory()")
@@ -131,6 +130,7 @@ def _scoped_factory(
 ) -> Generator[TunPairFactory, None, None]:
     if not enabled(request.config):
         pytest.skip(SKIP_REASON)
+    rootless.refuse_tunnel(request.config)
     name = f"tun_pair_factory_{scope}"
     scoped.refuse_stranding(request, name)
     factory = _open(request.config, f"{name}()")
@@ -182,23 +182,18 @@ def _fail_on_leftovers(call: Callable[..., None], *args: Any) -> None:
 
 
 def _pair_from_marker(factory: TunPairFactory, request: pytest.FixtureRequest) -> TunPair:
-    marker = request.node.get_closest_marker("tunpair")
-    kwargs: dict[str, Any] = {}
-    if marker is not None:
-        if marker.args:
-            pytest.fail(
-                "@pytest.mark.tunpair takes keyword options only, e.g. "
-                f"@pytest.mark.tunpair(mtu=9000); got positional {marker.args!r}",
-                pytrace=False,
-            )
-        kwargs = dict(marker.kwargs)
+    """The pair the ``tunpair`` marker describes, impaired as the ``impair`` markers say."""
+    kwargs = marks.pair_options(request.node)
     try:
-        return factory.make(kwargs, source="@pytest.mark.tunpair")
+        pair = factory.make(kwargs, source="@pytest.mark.tunpair")
     except OptionError as exc:
-        error = exc
+        message = marks.misplaced(exc) or str(exc)
+    else:
+        marks.apply_impair(pair, request.node)
+        return pair
     # Outside the except block: the failure is the option's message, said once, with no
     # "During handling of the above exception" chain.
-    pytest.fail(str(error), pytrace=False)
+    pytest.fail(message, pytrace=False)
 
 
 # -- hooks ------------------------------------------------------------------------------------
@@ -253,6 +248,7 @@ def pytest_runtest_makereport(
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     report.terminal_summary(terminalreporter)
+    rootless.summary(terminalreporter)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -16,11 +16,29 @@ __all__ = ["tunnels"]  # the fixture, imported for these tests
 def test_outage_drops_the_pings_inside_it(tunnels: None) -> None:
     need("ping")
     r = tunpair(
-        "run", "--outage", "0s,10s", "--", "ping", "-c", "2", "-i", "0.2", "-W", "1", "198.18.0.2"
+        "run", "--outage", "10s", "--", "ping", "-c", "2", "-i", "0.2", "-W", "1", "198.18.0.2"
     )
     assert r.returncode == 1, r.stderr  # no reply
     assert "outage a->b/b->a: from " in r.stderr
     assert {ln.split()[1:3][1] for ln in trace_lines(r.stderr)} == {"lost"}
+
+
+def test_outage_takes_python_order_and_the_old_one_with_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--outage DURATION[,after=AFTER]`` reads as ``outage(duration, after=...)``; 0.2's
+    ``AFTER,DURATION`` still works and says how to write it now."""
+    from pytest_tunpair._cli import build_parser, make_plan
+
+    def outages(*values: str) -> list[tuple[float, float]]:
+        argv = ["run"] + [arg for v in values for arg in ("--outage", v)] + ["--", "true"]
+        return make_plan(build_parser("tunpair").parse_args(argv)).outages
+
+    assert outages("500ms", "500ms,after=2s") == [(0.0, 0.5), (2.0, 0.5)]
+    assert capsys.readouterr().err == ""
+    assert outages("2s,500ms") == [(2.0, 0.5)]  # (after, duration), as before
+    err = capsys.readouterr().err
+    assert "AFTER,DURATION is deprecated" in err and "--outage 500ms,after=2s" in err
 
 
 def test_path_mtu_answers_big_pings(tunnels: None) -> None:
@@ -78,8 +96,9 @@ def test_trace_file_paces_the_link(tunnels: None, tmp_path: Path) -> None:
         (["--gemodel", "0.1"], "argument --gemodel: bad value '0.1': give p,r"),
         (["--gemodel", "1%,2"], "argument --gemodel: bad value '1%,2': use a probability"),
         (["--gemodel", "1%,2%", "--loss", "1%"], "give --loss or --gemodel, not both"),
-        (["--outage", "2s"], "argument --outage: bad value '2s': give AFTER,DURATION"),
-        (["--outage", "2,1s"], "argument --outage: bad value '2,1s': after: add a unit"),
+        (["--outage", "2s,1s,3s"], "argument --outage: bad value '2s,1s,3s': give DURATION"),
+        (["--outage", "1s,after=2"], "argument --outage: bad value '1s,after=2': after: add a"),
+        (["--outage", "2"], "argument --outage: bad value '2': duration: add a unit"),
         (["--path-mtu", "20"], "argument --path-mtu: bad value '20': use a whole number from 68"),
         (["--plot", "x.pdf"], "argument --plot: 'x.pdf' must end in .png or .svg"),
         (["--trace", "/nonexistent.up"], "argument --trace: bad value '/nonexistent.up': cannot"),

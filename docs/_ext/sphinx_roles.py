@@ -4,6 +4,8 @@
   Markdown rendering would show literally, become code spans.
 - ``#:`` comments above an attribute (Sphinx's attribute-doc comments, used across the
   package) become the attribute's docstring when it has none.
+- Parameters whose names start with ``_`` (the package's own plumbing, e.g. ``TunPair``'s
+  ``_keeper``) are left out of signatures, as private members are left out of the page.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class SphinxRoles(griffe.Extension):
             text = _doc_comment(attr)
             if text:
                 attr.docstring = griffe.Docstring(text, parent=attr)
+
+    def on_function_instance(self, *, func: griffe.Function, **kwargs: Any) -> None:
+        private = [p.name for p in func.parameters if p.name.startswith("_")]
+        for name in private:
+            del func.parameters[name]
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:

@@ -106,6 +106,7 @@ from .._wire.ecn import set_ce
 from .._wire.numbers import ECN_NAMES
 from ..traces import Trace, TraceKind
 from .gemodel import GilbertElliott, GilbertElliottChain, LossModel
+from .profiles import ProfileKind, profile_values
 from .queue import DEFAULT_LIMIT, DISCIPLINES, FQ_FLOWS, QueueSpec
 
 __all__ = [
@@ -311,6 +312,18 @@ class ImpairmentSpec:
     does.
     """
 
+    # First: the parameters below it start from the profile's, and each given one wins.
+    profile: str | None = option(
+        None,
+        ProfileKind(),
+        "a named access link (3g, lte, 5g, satellite, dsl, cable, wifi, wifi-congested, "
+        "intercontinental): its rate, delay, jitter, loss and queue for this direction "
+        "(a->b uplink, b->a downlink); parameters given with it override its values; "
+        "see docs/profiles.md",
+        reason_names_option=True,
+        group="impair",
+        inert=True,  # a label: what it sets is in the other fields
+    )
     # option() returns a dataclasses.Field (as for the float fields, which ruff lets pass).
     loss: float | GilbertElliott = option(  # noqa: RUF009
         0.0,
@@ -487,8 +500,10 @@ class ImpairmentSpec:
         return [f.name for f, _ in declared(cls)]
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> ImpairmentSpec:
-        """Build a spec from user keyword arguments, e.g. ``impair()``'s.
+    def from_kwargs(cls, *, towards: str = "a->b", **kwargs: Any) -> ImpairmentSpec:
+        """Build the spec of direction ``towards`` from user keyword arguments, e.g.
+        ``impair()``'s: a ``profile``'s values for that direction, then every parameter
+        given beside it (``profile="lte", loss=0``: LTE without its loss).
 
         Raises ``TypeError`` for an unknown name (listing the allowed ones) and
         :class:`~pytest_tunpair.OptionError` for a bad value.
@@ -501,6 +516,16 @@ class ImpairmentSpec:
                 f"impair() got unexpected keyword argument(s) {names}; "
                 f"allowed: {', '.join(allowed)}"
             )
+        profile = kwargs.get("profile")
+        if profile is not None:
+            try:
+                name = ProfileKind().check(profile)
+            except Invalid as exc:
+                raise OptionError(
+                    "profile", profile, source="impair()", reason=exc.reason
+                ) from None
+            assert name is not None
+            kwargs = {**profile_values(name, towards), **kwargs, "profile": name}
         return cls(**kwargs)
 
     @property
@@ -579,7 +604,8 @@ class ImpairmentSpec:
 
         The output uses the same units :meth:`from_kwargs` accepts.
         """
-        parts = [
+        parts = [f"profile={self.profile}"] if self.profile is not None else []
+        parts += [
             f"{name}={decl.kind.format(v)}" for name, decl, v in changed(self) if not decl.inert
         ]
         if not parts:
@@ -587,7 +613,7 @@ class ImpairmentSpec:
         parts += [
             f"{name}={decl.kind.format(v)}"
             for name, decl, v in changed(self)
-            if decl.inert and name not in ("match", "name")
+            if decl.inert and name not in ("match", "name", "profile")
         ]
         return " ".join(parts)
 

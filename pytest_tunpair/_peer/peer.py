@@ -672,7 +672,11 @@ class ScriptedTcp:
             )
             if "R" in _flags(seg):
                 raise ConnectionResetError(
-                    f"the kernel reset {self} during the handshake (packet #{seg.seq})"
+                    f"the kernel answered the SYN-ACK of {self} with a reset (packet "
+                    f"#{seg.seq}): no socket waits for it any more. A client that blocks "
+                    "(connect(), create_connection()) in the test's thread keeps the script "
+                    "from answering until it gives up: run the client in a thread "
+                    "(docs/peer.md), or connect without blocking"
                 )
             if "S" in _flags(seg):  # our SYN-ACK was slow or lost: the kernel sent its SYN again
                 syn_ack()

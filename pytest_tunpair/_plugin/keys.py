@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 OPTIONS: pytest.StashKey[PluginOptions] = pytest.StashKey()
 #: How tunnels run in this process; set with --tunpair only.
 USERNS: pytest.StashKey[Status] = pytest.StashKey()
+#: Why this run cannot create tunnels (``PrivilegeError``'s message); set with --tunpair only.
+REFUSAL: pytest.StashKey[str] = pytest.StashKey()
 #: The inode of the network namespace tests start in.
 HOME: pytest.StashKey[int] = pytest.StashKey()
 #: The open module and session factories, by scope key.

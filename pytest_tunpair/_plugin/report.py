@@ -94,6 +94,13 @@ class TestSlice:
     def describe(self, replay: Callable[[int], str] | None = None) -> str:
         return self.pair.describe(replay)
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing crossed the pair while the test ran: its trace would say nothing."""
+        return len(self.packets) == 0 and not any(
+            counts.get("packets") or counts.get("dropped") for counts in self.stats.values()
+        )
+
 
 # -- the report section --------------------------------------------------------------------
 def section_title(when: str) -> str:
@@ -299,7 +306,11 @@ def _reported(item: pytest.Item) -> list[TunPair | TestSlice]:
     scoped = item.stash.get(keys.CHECKPOINT, None)
     if keys.FACTORY in item.stash or scoped is None:
         return list(pairs_of(item))
-    return [TestSlice(*entry) for entry in scoped[0].slices(scoped[1])]
+    # A module's or the session's pair the test only joined (an autouse fixture's, say),
+    # and over which nothing crossed during it, has nothing to say about its failure. A
+    # pair of the test's own is always shown: "nothing crossed" is then the news.
+    slices = [TestSlice(*entry) for entry in scoped[0].slices(scoped[1])]
+    return [s for s in slices if not s.quiet]
 
 
 def make_report(item: pytest.Item, report: pytest.TestReport) -> None:

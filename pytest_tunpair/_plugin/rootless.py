@@ -13,28 +13,93 @@ import pytest
 
 from . import keys, scoped
 
+#: The key of ``workerinput`` that carries the controller's refusal to xdist workers.
+_WORKER_KEY = "tunpair_refusal"
+
 
 def configure(config: pytest.Config, mode: str) -> None:
-    """Make this process able to build tunnels (``--tunpair-userns`` = ``mode``), or stop
-    the run with the reason and the fixes."""
+    """Make this process able to build tunnels (``--tunpair-userns`` = ``mode``), or keep
+    the reason it cannot (:func:`refusal`): then the tests that need a tunnel fail with it,
+    and the others run as usual."""
     from .._errors import PrivilegeError
     from .._kernel import userns
 
+    workerinput = getattr(config, "workerinput", None)
+    inherited = workerinput.get(_WORKER_KEY) if workerinput is not None else None
+    if inherited is not None:
+        # The controller could not: this worker would only fail with a worse reason (it is
+        # multi-threaded, so it may not enter a user namespace itself).
+        config.stash[keys.REFUSAL] = inherited
+        return
     try:
         # xdist workers already run execnet's thread: they use the user namespace the
         # controller entered before starting them.
-        status = userns.prepare(mode, may_enter=not hasattr(config, "workerinput"))
+        status = userns.prepare(mode, may_enter=workerinput is None)
     except PrivilegeError as exc:
-        raise pytest.UsageError(str(exc)) from None
+        config.stash[keys.REFUSAL] = str(exc)
+        config.pluginmanager.register(_Refusal(), "tunpair-refusal")
+        return
     config.stash[keys.USERNS] = status
     if config.pluginmanager.hasplugin("timeout"):
         config.pluginmanager.register(TimeoutFromAnyThread(), "tunpair-timeout")
 
 
+def refusal(config: pytest.Config) -> str | None:
+    """Why this run cannot create tunnels (the message naming the fixes), or None."""
+    return config.stash.get(keys.REFUSAL, None)
+
+
+def refuse_tunnel(config: pytest.Config) -> None:
+    """Fail the requesting test's setup with :func:`refusal`'s message, if there is one.
+
+    A failure, not a skip: ``--tunpair`` asked for these tests to run, and a run that could
+    not (a CI job on a machine whose ``/dev/net/tun`` is 0600) must not look green.
+    """
+    message = refusal(config)
+    if message is not None:
+        pytest.fail(message, pytrace=False)
+
+
 def describe(config: pytest.Config) -> str:
     """How tunnels run here, for the report header."""
+    if refusal(config) is not None:
+        return "cannot create tunnels here (tests that need one fail at setup, saying why)"
     status = config.stash.get(keys.USERNS, None)
     return status.describe() if status is not None else "off (run with --tunpair)"
+
+
+def summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """At the end of the run: how many tests failed for want of a tunnel, and why (once)."""
+    message = refusal(terminalreporter.config)
+    if message is None:
+        return
+    # Counted from the reports, so that xdist workers' failures count on the controller.
+    failed = [
+        r
+        for r in terminalreporter.stats.get("error", [])
+        if getattr(r, "when", None) == "setup" and message in str(getattr(r, "longrepr", ""))
+    ]
+    if not failed:
+        return
+    from .report import plural
+
+    terminalreporter.section("tunpair: no tunnels in this run", sep="-", red=True)
+    terminalreporter.line(
+        f"{plural(len(failed), 'test')} that need{'s' if len(failed) == 1 else ''} a tunnel "
+        "failed at setup; the other tests ran as usual."
+    )
+    terminalreporter.line(message)
+
+
+class _Refusal:
+    """Registered when the controller could not prepare: its xdist workers get its reason."""
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: object) -> None:
+        config = getattr(node, "config", None)
+        workerinput = getattr(node, "workerinput", None)
+        if config is not None and workerinput is not None:
+            workerinput[_WORKER_KEY] = refusal(config)
 
 
 def run_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
