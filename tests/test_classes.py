@@ -43,6 +43,7 @@ def test_a_udp_flow_impaired_by_match_while_tcp_is_untouched(tun_pair: TunPair) 
     assert _udp_to(tun_pair, 4434, 20) == 20  # another port: the direction's own link
     payload = os.urandom(500_000)
     assert tcp_send(tun_pair.b.ip or "", payload) == payload
+    tun_pair.packets.wait_quiet()  # the last ACKs and FINs recorded and counted
     tcp = [p for p in tun_pair.packets if p.proto == "tcp"]
     assert tcp and all(p.action == "forwarded" for p in tcp)
     lost = [p for p in tun_pair.packets if p.action == "lost"]
@@ -161,13 +162,14 @@ def _two_flows(pair: TunPair, seconds: float) -> tuple[int, int]:
 def test_fq_codel_shares_the_link_between_a_short_and_a_long_rtt_flow(
     tun_pair: TunPair,
 ) -> None:
-    # The two flows cross the same 20 Mbit/s bottleneck (a->b); their ACKs come back
-    # through classes of b->a delayed 2 ms and 20 ms: RTTs 10x apart.
+    # The two flows cross the same 10 Mbit/s bottleneck (a->b) -- slow enough that a busy
+    # machine still keeps its queue built -- and their ACKs come back through classes of
+    # b->a delayed 2 ms and 20 ms: RTTs 10x apart.
     tun_pair.impair(direction="b->a", delay="2ms", match=dict(dport=40000), name="near")
     tun_pair.impair(direction="b->a", delay="20ms", match=dict(dport=40001), name="far")
-    tun_pair.impair(direction="a->b", rate="20mbit", queue="fq_codel")
+    tun_pair.impair(direction="a->b", rate="10mbit", queue="fq_codel")
     fair = _two_flows(tun_pair, 3.0)
-    tun_pair.impair(direction="a->b", rate="20mbit", limit=1000)
+    tun_pair.impair(direction="a->b", rate="10mbit", limit=1000)
     unfair = _two_flows(tun_pair, 3.0)
     assert _jain(list(fair)) >= 0.9, fair
     # Drop-tail lets the short-RTT flow take more than its share.

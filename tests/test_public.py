@@ -37,7 +37,8 @@ PRIVATE_PATH = re.compile(r"pytest_tunpair\._[a-z]\w*(?:\.\w+)*")
 # fields private. netns and keeper are the plugin's plumbing: private, or their classes
 # exported -- the lead's call, with the factory's new constructor.
 KNOWN_UNTIL_MERGED: set[str] = {
-    "TunPairFactory.begin() -> pytest_tunpair._pair.FactoryCheckpoint",
+    "TunPair.checkpoint() -> pytest_tunpair._pair.Checkpoint",
+    "TunPairFactory.begin() -> pytest_tunpair._factory.FactoryCheckpoint",
     "TunPairFactory.keeper -> pytest_tunpair._kernel.procs.Keeper",
     "TunPairFactory.netns -> pytest_tunpair._kernel.netns.NetNamespace",
     "docstring of pytest_tunpair.TunPair.fail: pytest_tunpair._rules.Fault",

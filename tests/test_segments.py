@@ -135,6 +135,7 @@ def test_loss_takes_segments_and_the_rest_goes_out_in_runs(tun_pair: TunPair) ->
     tun_pair.impair(direction="a->b", loss=0.02, seed=5)
     payload = os.urandom(3_000_000)
     assert tcp_send(tun_pair.b.ip or "", payload) == payload
+    tun_pair.packets.wait_quiet()  # the last ACKs and FINs recorded and counted
     a_b = [p for p in tun_pair.packets if p.direction == "a->b"]
     lost = [p for p in a_b if p.action == "lost"]
     assert lost and all(p.wire_len <= tun_pair.options.mtu for p in lost)
