@@ -41,8 +41,6 @@ KNOWN_UNTIL_MERGED: set[str] = {
     "TunPairFactory.begin() -> pytest_tunpair._factory.FactoryCheckpoint",
     "TunPairFactory.keeper -> pytest_tunpair._kernel.procs.Keeper",
     "TunPairFactory.netns -> pytest_tunpair._kernel.netns.NetNamespace",
-    "docstring of pytest_tunpair.TunPair.fail: pytest_tunpair._rules.Fault",
-    "docstring of pytest_tunpair.TunPair.outage: pytest_tunpair._rules.Outage",
 }
 
 
