@@ -1013,69 +1013,113 @@ class Relay:
         :meth:`_service`); then raise the hook errors, which name the recorded packets.
 
         A run of segments is recorded as its segments and written as one frame (made
-        before the lock is taken)."""
+        before the lock is taken): :meth:`_flush_runs`; without runs, the per-packet loop
+        as it always was."""
         out = self._out
         if out:
             self._out = []
-            frames: dict[int, bytes] = {}
-            for index, entry in enumerate(out):
-                run = entry[0]
-                if type(run) is Run and entry[3] == _WRITE:
-                    frames[index] = run.frame()
-            capture = self.capture
-            with capture.lock:
-                t = time.monotonic() - capture.t0
-                records: list[Packet | SegmentGroup] = []
-                runs: dict[int, SegmentGroup] = {}
-                for index, entry in enumerate(out):
-                    item = entry[0]
-                    if isinstance(item, Run):
-                        group = runs[index] = item.record(t)
-                        records.append(group)
-                    else:
-                        item.time = t
-                        records.append(item)
-                capture.record_locked(records)
-                for index, (item, frame, link, kind) in enumerate(out):
-                    c = link.counters
-                    is_run = isinstance(item, Run)
-                    count = item.count if isinstance(item, Run) else 1
-                    if kind == _DROP:
-                        c.dropped += count
-                        continue
-                    if kind == _REPLACED:
-                        continue
-                    if kind == _TAKEN:
-                        c.packets += 1
-                        c.bytes += item.wire_len
-                        continue
-                    dev = link.src if kind == _REPLY else link.dst
-                    if frame is None:
-                        frame = frames[index] if isinstance(item, Run) else item.frame
-                    try:
-                        fd = dev.fd
-                        if fd is None:
-                            raise OSError(errno.EBADFD, "device closed")
-                        os.write(fd, frame)
-                    except OSError as exc:
-                        if exc.errno not in _DROP_ERRNOS:
-                            raise
-                        if is_run:
-                            runs[index].action = "dropped"
-                        else:
-                            item.action = "dropped"
-                        if kind == _WRITE:
-                            c.dropped += count
-                        continue
-                    if kind == _WRITE:
-                        c.packets += count
-                        c.bytes += item.wire_len
-                        if item.action == "marked":
-                            c.marked += count
+            if any(type(entry[0]) is Run for entry in out):
+                self._flush_runs(out)
+            else:
+                self._flush_packets(out)  # type: ignore[arg-type]
         if self._failures:
             failures, self._failures = self._failures, []
             for failure, pkt in failures:
                 self._add_error(_hook_error(failure, pkt))
+
+    def _flush_packets(self, out: list[tuple[Packet, bytes | None, Link, int]]) -> None:
+        capture = self.capture
+        with capture.lock:
+            t = time.monotonic() - capture.t0
+            for entry in out:
+                entry[0].time = t
+            capture.record_locked([entry[0] for entry in out])
+            for pkt, frame, link, kind in out:
+                c = link.counters
+                if kind == _DROP:
+                    c.dropped += 1
+                    continue
+                if kind == _REPLACED:
+                    continue
+                if kind == _TAKEN:
+                    c.packets += 1
+                    c.bytes += pkt.wire_len
+                    continue
+                dev = link.src if kind == _REPLY else link.dst
+                try:
+                    fd = dev.fd
+                    if fd is None:
+                        raise OSError(errno.EBADFD, "device closed")
+                    os.write(fd, pkt.frame if frame is None else frame)
+                except OSError as exc:
+                    if exc.errno not in _DROP_ERRNOS:
+                        raise
+                    pkt.action = "dropped"
+                    if kind == _WRITE:
+                        c.dropped += 1
+                    continue
+                if kind == _WRITE:
+                    c.packets += 1
+                    c.bytes += pkt.wire_len
+                    if pkt.action == "marked":
+                        c.marked += 1
+
+    def _flush_runs(self, out: list[_Out]) -> None:
+        frames: dict[int, bytes] = {}
+        for index, entry in enumerate(out):
+            run = entry[0]
+            if type(run) is Run and entry[3] == _WRITE:
+                frames[index] = run.frame()
+        capture = self.capture
+        with capture.lock:
+            t = time.monotonic() - capture.t0
+            records: list[Packet | SegmentGroup] = []
+            runs: dict[int, SegmentGroup] = {}
+            for index, entry in enumerate(out):
+                item = entry[0]
+                if isinstance(item, Run):
+                    group = runs[index] = item.record(t)
+                    records.append(group)
+                else:
+                    item.time = t
+                    records.append(item)
+            capture.record_locked(records)
+            for index, (item, frame, link, kind) in enumerate(out):
+                c = link.counters
+                is_run = isinstance(item, Run)
+                count = item.count if isinstance(item, Run) else 1
+                if kind == _DROP:
+                    c.dropped += count
+                    continue
+                if kind == _REPLACED:
+                    continue
+                if kind == _TAKEN:
+                    c.packets += 1
+                    c.bytes += item.wire_len
+                    continue
+                dev = link.src if kind == _REPLY else link.dst
+                if frame is None:
+                    frame = frames[index] if isinstance(item, Run) else item.frame
+                try:
+                    fd = dev.fd
+                    if fd is None:
+                        raise OSError(errno.EBADFD, "device closed")
+                    os.write(fd, frame)
+                except OSError as exc:
+                    if exc.errno not in _DROP_ERRNOS:
+                        raise
+                    if is_run:
+                        runs[index].action = "dropped"
+                    else:
+                        item.action = "dropped"
+                    if kind == _WRITE:
+                        c.dropped += count
+                    continue
+                if kind == _WRITE:
+                    c.packets += count
+                    c.bytes += item.wire_len
+                    if item.action == "marked":
+                        c.marked += count
 
     def _discard_in_flight(self) -> None:
         """At stop (threads joined): record what never reached the other device."""
