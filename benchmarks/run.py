@@ -1396,7 +1396,8 @@ def bench_segments(rep: Report, a: argparse.Namespace) -> None:
             (
                 "trace constant(5000) (per segment)",
                 {"trace": trace_file.name},
-                ["mm-link", trace_file.name, trace_file.name],
+                # "--": mm-link reads options with getopt, which would take sh's "-c".
+                ["mm-link", trace_file.name, trace_file.name, "--"],
                 ">= mahimahi",
             ),
         ]
