@@ -614,3 +614,49 @@ def test_packet_queue_returns_codel_drops_and_ce_marked_copies() -> None:
     marked = [p for p, due in run(True) if p.action == "marked"]
     assert len(marked) >= len(drops)  # a mark does not shorten the queue as a drop does
     assert all(ecn_codepoint(p.data) == ECN_CE and p.arrival < p.time + 1 for p in marked)
+
+
+# -- runs of segments (a per-segment link, drop-tail) -----------------------------------------
+
+
+@pytest.mark.parametrize("limit", [10_000, 60])
+@pytest.mark.parametrize("server", ["rate", "instant", "trace"])
+def test_a_run_of_segments_is_decided_as_its_segments_one_by_one(limit: int, server: str) -> None:
+    """``enqueue_run`` (a super-packet's segments at once) gives every segment the fate and
+    the due time that enqueueing the segments one by one gives."""
+    from pytest_tunpair import traces
+    from pytest_tunpair.traces import TraceServer
+
+    from .test_gso_unit import super_packet
+
+    frame = super_packet(bytes(20 * 1448 + 700), 1448)
+    plan = _gso.plan(frame, _gso.VIRTIO_NET_HDR_LEN)
+    assert plan is not None and plan.count == 21
+
+    def make() -> LinkQueue:
+        srv = {
+            "rate": lambda: RateServer(RATE),
+            "instant": lambda: None,
+            "trace": lambda: TraceServer(traces.load(traces.constant(24)), 0.0),
+        }[server]()
+        return LinkQueue(QueueSpec(limit=limit), srv, delay=0.003)
+
+    runs, singles = make(), make()
+    got: list[Outcome] = []
+    want: list[Outcome] = []
+    for k, t in enumerate((0.0, 0.00101, 0.00153, 0.02031)):  # off the due times: floats
+        got += runs.enqueue_run(k, plan, 0, plan.count, t)
+        for i in range(plan.count):
+            want += singles.enqueue(b"", t, tag=(k, i), size=plan.wire_len(i, 1))
+    got += runs.advance(10.0)
+    want += singles.advance(10.0)
+    # Each run outcome stands for its segments: expand them and compare.
+    expanded = sorted(
+        (o.tag, o.first + j, o.action) for o in got for j in range(o.count)
+    )  # fmt: skip
+    assert expanded == sorted((o.tag[0], o.tag[1], o.action) for o in want)  # type: ignore[index]
+    last_due = {(o.tag, o.first + o.count - 1): o.time for o in got if o.action == "sent"}
+    for o in want:
+        if o.action == "sent" and o.tag in last_due:
+            assert last_due[o.tag] == pytest.approx(o.time)  # type: ignore[index]
+    assert runs.peak == singles.peak and runs.dropped == singles.dropped

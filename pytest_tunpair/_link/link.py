@@ -158,10 +158,11 @@ class Run:
         """Bytes its segments take on the wire."""
         return self.plan.wire_len(self.first, self.count)
 
-    def frame(self) -> bytes:
-        """What is written: a super-packet of these segments (one segment if ``count`` is
-        1), the TCP checksum left to the receiving device as the kernel leaves it."""
-        return _gso.segments(self.source.frame, self.plan, self.first, self.count, ce=self.ce)
+    def frame(self) -> tuple[bytes, memoryview]:
+        """What is written, for ``os.writev``: a super-packet of these segments (one
+        segment if ``count`` is 1), the TCP checksum left to the receiving device as the
+        kernel leaves it; its headers, then its payload in the source's buffer."""
+        return _gso.segments_parts(self.source.frame, self.plan, self.first, self.count, ce=self.ce)
 
     def record(self, time: float) -> SegmentGroup:
         """Its segments' records, written (or dropped) at ``time``: one group the

@@ -94,6 +94,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal, Protocol
 
 from .._packets.packet import Packet
@@ -491,22 +492,50 @@ class LinkQueue:
         last = plan.count - 1
         last_size = plan.header_len + plan.payload - last * plan.mss
         packets, nbytes, free, peak = self.packets, self.bytes, self._free, self.peak
-        dues: list[float] = []
-        starts: list[float] = []
-        run_first = first
         end = first + count
+        if (rate or instant) and packets + count <= limit:
+            total = plan.wire_len(first, count)
+            if nbytes + total <= limit_bytes:
+                # All of them fit: their departures in one pass (the loop below would
+                # compute the same times, one segment at a time).
+                start = free if free > now else now
+                if rate:
+                    sizes = [full] * count
+                    if end - 1 == last:
+                        sizes[-1] = last_size
+                    scale = 8 / rate
+                    ends = [start + c * scale for c in accumulate(sizes)]
+                    starts = [start, *ends[:-1]]
+                    dues = [e + lat for e in ends] if lat else ends
+                    free = ends[-1]
+                else:
+                    starts = [start] * count
+                    dues = [start + lat] * count
+                    free = start
+                packets += count
+                self.packets, self.bytes, self._free = packets, nbytes + total, free
+                if packets > peak:
+                    self.peak = packets
+                self._line_run(tag, plan, first, now, dues, starts)
+                self._advance(now)
+                return self._take()
+        dues = []
+        starts = []
+        run_first = first
+        drop_first = -1
         for i in range(first, end):
             size = full if i != last else last_size
             if packets and (packets + 1 > limit or nbytes + size > limit_bytes):
                 if dues:
                     self._line_run(tag, plan, run_first, now, dues, starts)
                     dues, starts = [], []
-                self.dropped += 1
-                self._out.append(
-                    Outcome("dropped", b"", tag, now, now, 0.0, math.nan, "limit", i, 1)
-                )
+                if drop_first < 0:
+                    drop_first = i
                 run_first = i + 1
                 continue
+            if drop_first >= 0:
+                self._drop_run(tag, now, drop_first, i - drop_first)
+                drop_first = -1
             packets += 1
             nbytes += size
             if packets > peak:
@@ -521,11 +550,20 @@ class LinkQueue:
                 free = math.inf if start == math.inf else server.finish(size, start)
             starts.append(start)
             dues.append(free + lat)
+        if drop_first >= 0:
+            self._drop_run(tag, now, drop_first, end - drop_first)
         self.packets, self.bytes, self._free, self.peak = packets, nbytes, free, peak
         if dues:
             self._line_run(tag, plan, run_first, now, dues, starts)
         self._advance(now)
         return self._take()
+
+    def _drop_run(self, tag: object, now: float, first: int, count: int) -> None:
+        """Segments ``first .. first + count - 1`` of a run dropped by the bound."""
+        self.dropped += count
+        self._out.append(
+            Outcome("dropped", b"", tag, now, now, 0.0, math.nan, "limit", first, count)
+        )
 
     @property
     def runs(self) -> bool:

@@ -1065,7 +1065,7 @@ class Relay:
                         c.marked += 1
 
     def _flush_runs(self, out: list[_Out]) -> None:
-        frames: dict[int, bytes] = {}
+        frames: dict[int, tuple[bytes, memoryview]] = {}
         for index, entry in enumerate(out):
             run = entry[0]
             if type(run) is Run and entry[3] == _WRITE:
@@ -1098,13 +1098,14 @@ class Relay:
                     c.bytes += item.wire_len
                     continue
                 dev = link.src if kind == _REPLY else link.dst
-                if frame is None:
-                    frame = frames[index] if isinstance(item, Run) else item.frame
                 try:
                     fd = dev.fd
                     if fd is None:
                         raise OSError(errno.EBADFD, "device closed")
-                    os.write(fd, frame)
+                    if isinstance(item, Run):
+                        os.writev(fd, frames[index])  # one packet: TUN takes a writev whole
+                    else:
+                        os.write(fd, item.frame if frame is None else frame)
                 except OSError as exc:
                     if exc.errno not in _DROP_ERRNOS:
                         raise

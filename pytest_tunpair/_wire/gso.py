@@ -28,6 +28,7 @@ __all__ = [
     "finish_checksum",
     "plan",
     "segments",
+    "segments_parts",
     "wire_size",
 ]
 
@@ -204,6 +205,31 @@ def segments(
     partial: bool = True,
     ce: bool = False,
 ) -> bytes:
+    """Segments ``first .. first + count - 1`` of the super-packet ``frame`` as one frame
+    (see :func:`segments_parts`)."""
+    head, start, stop = _head(frame, p, first, count, vnet=vnet, partial=partial, ce=ce)
+    return head + frame[start:stop]
+
+
+def segments_parts(
+    frame: bytes, p: GsoPlan, first: int = 0, count: int = 1, *, ce: bool = False
+) -> tuple[bytes, memoryview]:
+    """:func:`segments` (virtio-net header, checksum left partial) as its headers and a
+    view of its payload in ``frame``, for ``os.writev``: no copy of the payload."""
+    head, start, stop = _head(frame, p, first, count, vnet=True, partial=True, ce=ce)
+    return head, memoryview(frame)[start:stop]
+
+
+def _head(
+    frame: bytes,
+    p: GsoPlan,
+    first: int,
+    count: int,
+    *,
+    vnet: bool,
+    partial: bool,
+    ce: bool,
+) -> tuple[bytes, int, int]:
     """Segments ``first .. first + count - 1`` of the super-packet ``frame`` as one frame.
 
     One segment (``count == 1``) is the packet the kernel's GSO makes of it; several are a
@@ -264,7 +290,7 @@ def segments(
         header[l4 + 16] = csum >> 8
         header[l4 + 17] = csum & 0xFF
     if not vnet:
-        return bytes(header) + frame[start:stop]
+        return bytes(header), start, stop
     if partial:
         flags_v = VIRTIO_NET_HDR_F_NEEDS_CSUM
         cstart = l4
@@ -278,7 +304,7 @@ def segments(
         vhdr = VIRTIO_NET_HDR.pack(flags_v, gso_type, p.header_len, mss, cstart, csum_offset)
     else:
         vhdr = VIRTIO_NET_HDR.pack(flags_v, VIRTIO_NET_HDR_GSO_NONE, 0, 0, cstart, csum_offset)
-    return vhdr + bytes(header) + frame[start:stop]
+    return vhdr + bytes(header), start, stop
 
 
 def finish_checksum(frame: bytes, vnet_len: int) -> bytes:
