@@ -39,6 +39,15 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   rate a constant mahimahi trace (12 and 48 Mbit/s) delivers under a 1.5x UDP overload;
   Gilbert-Elliott burst loss (loss rate and mean burst length against the model's
   ``p / (p + r)`` and ``1 / r``).
+- ``segments``: the per-segment link (the relay splits GSO super-packets before the engine
+  and the queue), configured vs achieved in the same run: TCP through ``rate="5gbit"
+  delay="1ms"`` (goal >= 1 Gbit/s) and through a constant 5000 Mbit/s trace (goal: at
+  least mahimahi's), each with the relay's CPU per GB, beside the plain pair, ``delay``
+  alone (super-packets whole) and mahimahi (``mm-delay 1``, ``mm-link`` with the same
+  trace, run as its notes say) on the same machine; CoDel's and PIE's queueing delay at
+  20 Mbit/s with offload on and off (goal: the same); fq_codel's Jain index and per-flow
+  throughput for two Cubic flows whose RTTs are 10x apart (goal >= 0.9; drop-tail
+  beside); rate accuracy under TCP for 1, 20, 100 and 1000 Mbit/s (goal within 2%).
 - ``memory``: RSS growth of a fresh process while 1 GiB of TCP crosses a pair with the
   default capture settings, vs the documented capture bound (``capture_bytes``).
 - ``pcapng``: what a live pcapng stream costs (``tunpair run --pcap -``,
@@ -124,6 +133,7 @@ SECTIONS = (
     "async",
     "pcapng",
     "packetdrill",
+    "segments",
     "profiles",
     "import",
     "hosts",
@@ -1620,6 +1630,235 @@ def bench_packetdrill(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+MAHIMAHI = os.environ.get("MAHIMAHI_BIN", "/opt/mahimahi/bin")
+MM_PORT = 5301
+
+
+def mahimahi_tcp(shell: Sequence[str], secs: float) -> tuple[float, float] | None:
+    """iperf3 TCP through a mahimahi shell (``mm-delay 1``, ``mm-link UP DOWN``) in a
+    fresh network namespace, run as nobody as its notes say (it wants a setuid binary
+    run by a non-root user, ip_forward on, and adds NAT rules: all inside the new
+    namespace). Returns (Gbit/s, mahimahi's CPU seconds per GB: the namespace's
+    processes' CPU minus iperf3's own), or None without mahimahi."""
+    if not os.path.exists(os.path.join(MAHIMAHI, shell[0])):
+        return None
+    inner = f"iperf3 -c $MAHIMAHI_BASE -p {MM_PORT} -t {secs:g} -J"
+    cmd = " ".join([os.path.join(MAHIMAHI, shell[0]), *shell[1:], "sh", "-c", repr(inner)])
+    script = textwrap.dedent(f"""\
+        ip link set lo up
+        sysctl -qw net.ipv4.ip_forward=1
+        iperf3 -s -p {MM_PORT} >/dev/null 2>&1 &
+        server=$!
+        for i in $(seq 100); do ss -ltn | grep -q ':{MM_PORT} ' && break; sleep 0.1; done
+        setpriv --reuid=65534 --regid=65534 --clear-groups {cmd}
+        kill $server
+        wait $server
+        """)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = run(["unshare", "-n", "--", "sh", "-c", script], timeout=secs + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        data = json.loads(res.stdout[res.stdout.index("{") :])
+    except ValueError:
+        raise RuntimeError(f"mahimahi run failed: {res.stderr[-500:]}") from None
+    gb = data["end"]["sum_received"]["bytes"] / 1e9
+    total = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    cpu = data["end"]["cpu_utilization_percent"]
+    iperf = (cpu["host_total"] + cpu["remote_total"]) / 100 * secs
+    return gbits(data), max(0.0, total - iperf) / gb
+
+
+def pair_tcp(impair: dict[str, Any], secs: float, **options: Any) -> tuple[float, float]:
+    """iperf3 TCP a->b through a pair with ``impair`` on a->b: (Gbit/s, relay CPU s/GB,
+    from the relay thread's schedstat)."""
+    from pytest_tunpair import TunPair
+
+    with TunPair(**options) as pair:
+        if impair:
+            pair.impair(direction="a->b", **impair)
+        with iperf_server(pair.b.ip or ""):
+            ns0 = relay_thread_ns()
+            data = iperf_client(pair.b.ip or "", ["-t", f"{secs:g}"])
+            ns1 = relay_thread_ns()
+        pair.check()
+    gb = data["end"]["sum_received"]["bytes"] / 1e9
+    cpu = (ns1 - ns0) / 1e9 if ns0 is not None and ns1 is not None else float("nan")
+    return gbits(data), cpu / gb
+
+
+def _queueing(queue: str, offload: bool, secs: float) -> list[float]:
+    """Sojourn minus own wire time of the a->b data packets of one Cubic flow through
+    rate=20mbit and ``queue``, after the first second."""
+    from pytest_tunpair import TunPair
+
+    with TunPair(ipv6=None, offload=offload) as pair:
+        pair.impair(rate="20mbit", queue=queue, direction="a->b")
+        with iperf_server(pair.b.ip or ""):
+            t_start = time.monotonic() - pair.packets.t0
+            iperf_client(pair.b.ip or "", ["-t", f"{secs + 1:g}", "-C", "cubic"])
+        delays = [
+            p.sojourn - p.wire_len * 8 / 20e6
+            for p in pair.packets
+            if p.direction == "a->b"
+            and p.action in ("delayed", "marked")
+            and p.wire_len > 200
+            and p.arrival > t_start + 1.0
+        ]
+        pair.check()
+    return delays
+
+
+def _two_flows(pair: Any, secs: float) -> list[float]:
+    """Two Cubic flows a->b (client ports 40000 and 40001) for ``secs``: Mbit/s each."""
+    # One iperf3 server serves one test at a time: two servers, two clients, at once.
+    servers = [
+        subprocess.Popen(
+            ["iperf3", "-s", "-1", "-p", str(IPERF_PORT + 1 + i), "-B", pair.b.ip or ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_ENV,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        for i in range(2):
+            wait_listen(IPERF_PORT + 1 + i)
+        clients = [
+            subprocess.Popen(
+                ["iperf3", "-c", pair.b.ip or "", "-p", str(IPERF_PORT + 1 + i),
+                 "-t", f"{secs:g}", "-C", "cubic", "--cport", str(40000 + i), "-J"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ENV,
+            )
+            for i in range(2)
+        ]  # fmt: skip
+        outs = [c.communicate(timeout=secs + 30)[0] for c in clients]
+    finally:
+        for srv in servers:
+            srv.kill()
+            srv.wait()
+    return [json.loads(o)["end"]["sum_received"]["bits_per_second"] / 1e6 for o in outs]
+
+
+def bench_segments(rep: Report, a: argparse.Namespace) -> None:
+    """The per-segment link: speed beside the plain pair and mahimahi, AQMs with offload
+    on and off, fq_codel's fairness, rate accuracy."""
+    from pytest_tunpair import TunPair, traces
+
+    secs = 1.0 if a.quick else 4.0
+    raw: dict[str, Any] = {}
+    trace_file = tempfile.NamedTemporaryFile("w", suffix=".trace", delete=False)
+    with trace_file:
+        trace_file.write("\n".join(map(str, traces.constant(5000))) + "\n")
+    os.chmod(trace_file.name, 0o644)  # mahimahi reads it as nobody
+    try:
+        cases: list[tuple[str, dict[str, Any], list[str] | None, str]] = [
+            ("no impairment", {}, None, ""),
+            ('delay="1ms" (super-packets whole)', {"delay": "1ms"}, ["mm-delay", "1"], ""),
+            (
+                'rate="5gbit" delay="1ms" limit=5000 (per segment)',
+                {"rate": "5gbit", "delay": "1ms", "limit": 5000},
+                ["mm-delay", "1"],
+                ">= 1 Gbit/s",
+            ),
+            (
+                "trace constant(5000) (per segment)",
+                {"trace": trace_file.name},
+                # "--": mm-link reads options with getopt, which would take sh's "-c".
+                ["mm-link", trace_file.name, trace_file.name, "--"],
+                ">= mahimahi",
+            ),
+        ]
+        plain = pair_tcp({}, secs)
+        for label, impair, mm, goal in cases:
+            got = pair_tcp(impair, secs) if impair else plain
+            theirs = None
+            if mm:
+                try:
+                    theirs = mahimahi_tcp(mm, secs)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    rep.notes.append(f"segments: mahimahi ({' '.join(mm[:2])}): {exc}")
+            raw[f"speed {label}"] = {"pair": got, "mahimahi": theirs}
+            base = f"plain {plain[0]:.2f} Gbit/s, {plain[1]:.2f} s/GB"
+            if theirs is not None:
+                base += f"; mahimahi {theirs[0]:.2f} Gbit/s, {theirs[1]:.2f} s/GB"
+            ok: bool | None = None
+            if goal.startswith(">= 1"):
+                ok = got[0] >= 1.0
+            elif goal and theirs is not None:
+                ok = got[0] >= theirs[0]
+            rep.add(
+                "segments",
+                f"iperf3 TCP, {label}",
+                f"{got[0]:.2f} Gbit/s, relay {got[1]:.2f} s/GB",
+                base,
+                f"{got[0] / theirs[0]:.2f}x mm" if theirs else f"{got[0] / plain[0]:.2f}",
+                goal,
+                ok,
+            )
+        if not os.path.exists(os.path.join(MAHIMAHI, "mm-delay")):
+            rep.notes.append(f"segments: mahimahi not found in {MAHIMAHI} (MAHIMAHI_BIN)")
+    finally:
+        os.unlink(trace_file.name)
+
+    # AQMs against one Cubic flow at 20 Mbit/s, offload on (the relay splits) and off (the
+    # kernel does): the same per-packet queue either way.
+    aqms = (("codel", 0.005), ("pie", 0.015))
+    for queue, target in aqms[:1] if a.quick else aqms:
+        on = _queueing(queue, True, secs + 1)
+        off = _queueing(queue, False, secs + 1)
+        raw[f"sojourn {queue}"] = {"offload on": on, "offload off": off}
+        rep.add(
+            "segments",
+            f"queueing delay, 1 Cubic flow, rate=20mbit queue={queue}, offload on",
+            f"median {fmt_ms(med(on))}, p90 {fmt_ms(pct(on, 0.9))}",
+            f"offload off: median {fmt_ms(med(off))}; target {fmt_ms(target)}",
+            f"{med(on) / med(off):.2f}",
+            "0.67 .. 1.5 (same)",
+            0.67 <= med(on) / med(off) <= 1.5,
+        )
+
+    # fq_codel: two Cubic flows through one 20 Mbit/s bottleneck, their ACKs back through
+    # classes of b->a delayed 2 ms and 20 ms: RTTs 10x apart.
+    for queue in ("fq_codel", "droptail"):
+        with TunPair(ipv6=None) as pair:
+            pair.impair(direction="b->a", delay="2ms", match={"dport": 40000}, name="near")
+            pair.impair(direction="b->a", delay="20ms", match={"dport": 40001}, name="far")
+            pair.impair(direction="a->b", rate="20mbit", queue=queue, limit=1000)
+            mbits = _two_flows(pair, secs + 1)
+            pair.check()
+        jain = sum(mbits) ** 2 / (2 * sum(x * x for x in mbits))
+        raw[f"fairness {queue}"] = mbits
+        rep.add(
+            "segments",
+            f"{queue} rate=20mbit, 2 Cubic flows, RTT 10x apart: Jain index",
+            f"{jain:.3f}",
+            f"near {mbits[0]:.1f}, far {mbits[1]:.1f} Mbit/s",
+            "",
+            ">= 0.90" if queue == "fq_codel" else "(reference)",
+            jain >= 0.9 if queue == "fq_codel" else None,
+        )
+
+    # Rate accuracy under TCP (offload on: per segment), from the capture.
+    rates = (("1mbit", 1e6), ("20mbit", 20e6), ("100mbit", 100e6), ("1gbit", 1e9))
+    for label, rate in rates[1::2] if a.quick else rates:
+        with TunPair(ipv6=None) as pair, iperf_server(pair.b.ip or ""):
+            pair.impair(rate=label, direction="a->b", limit=5000)
+            iperf_client(pair.b.ip or "", ["-t", f"{secs + 2:g}", "-C", "cubic"])
+            kept = [p.time for p in pair.packets if p.direction == "a->b"]
+            # The capture's bound may have kept only the end of a fast run: skip a third.
+            got = achieved_rate(pair, (kept[-1] - kept[0]) / 3)
+            pair.check()
+        raw[f"tcp rate {label}"] = got
+        rep.add(
+            "segments",
+            f"rate={label}: delivered under TCP (per segment)",
+            f"{got / 1e6:.3f} Mbit/s",
+            f"configured {rate / 1e6:g} Mbit/s",
+            f"{got / rate:.3f}",
+            "1.00 +- 0.02",
+            abs(got / rate - 1) <= 0.02,
+        )
+    rep.raw["segments"] = raw
+
+
 # -- profiles: each named link, configured vs achieved -----------------------------------------
 
 
@@ -1776,6 +2015,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "async": bench_async,
     "pcapng": bench_pcapng,
     "packetdrill": bench_packetdrill,
+    "segments": bench_segments,
     "profiles": bench_profiles,
     "import": bench_import,
     "hosts": bench_hosts,
@@ -1795,6 +2035,7 @@ NEEDS = {
     "async": [],
     "pcapng": ["iperf3"],
     "packetdrill": [],
+    "segments": ["iperf3"],
     "profiles": ["iperf3"],
     "import": ["valgrind"],
     "hosts": ["iperf3"],

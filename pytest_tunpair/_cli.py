@@ -145,6 +145,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     groups["impair"].add_argument(
         "--direction", choices=("a->b", "b->a"), help="impair one direction only (default both)"
     )
+    groups["impair"].add_argument(
+        "--class",
+        dest="impair_classes",
+        action="append",
+        metavar="NAME:FIELDS:PARAMS",
+        help="impair only the packets that match FIELDS (as packets.filter() takes them), "
+        "as a class of their own with PARAMS (the flags above, without dashes), e.g. "
+        "'quic:proto=udp,dport=443:loss=10%%,delay=20ms'; repeatable (the first class "
+        "that matches takes a packet)",
+    )
     s = common.add_argument_group("scenarios (rules on the link, as pair.outage/path_mtu)")
     s.add_argument(
         "--gemodel",
@@ -205,6 +215,8 @@ class Plan:
     command: list[str]
     options: PairOptions
     impair: dict[str, Any] = field(default_factory=dict)
+    #: ``impair()`` keywords of each ``--class`` (with ``match`` and ``name``).
+    classes: list[dict[str, Any]] = field(default_factory=list)
     direction: str | None = None
     pcap: str | None = None
     pcap_format: str = "pcapng"
@@ -240,6 +252,35 @@ def _given(
                 parser.error(f"argument {flag}: bad value {raw!r}: {exc.reason}")
             typed[f.name] = (flag, raw)
     return values, typed
+
+
+def _class(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:
+    """``--class NAME:FIELDS:PARAMS`` as ``impair()`` keywords, checked."""
+    from ._link.impair import ImpairmentSpec
+
+    def bad(reason: str) -> NoReturn:
+        parser.error(f"argument --class: bad value {text!r}: {reason}")
+
+    name, _, rest = text.partition(":")
+    fields, _, params = rest.partition(":")
+    if not name.strip() or not fields.strip() or not params.strip():
+        bad("write NAME:FIELDS:PARAMS, e.g. 'quic:proto=udp,dport=443:loss=10%,delay=20ms'")
+    kinds = {f.name: decl for f, decl in declared(ImpairmentSpec) if decl.cli}
+    kwargs: dict[str, Any] = {"name": name.strip(), "match": fields}
+    for part in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in kinds:
+            bad(f"{part!r}: give PARAM=VALUE with a PARAM among {', '.join(kinds)}")
+        try:
+            kwargs[key] = kinds[key].kind.from_text(value.strip())
+        except Invalid as exc:
+            bad(f"{key}: {exc.reason}")
+    try:
+        ImpairmentSpec.from_kwargs(**kwargs)
+    except OptionError as exc:
+        bad(exc.reason)
+    return kwargs
 
 
 def _bad(
@@ -283,7 +324,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ImpairmentSpec.from_kwargs(**impair)  # then together (--rate with --trace)
     except OptionError as exc:
         _bad(parser, exc, typed)
-    if args.direction is not None and not impair:
+    classes = [_class(parser, text) for text in args.impair_classes or ()]
+    if args.direction is not None and not impair and not classes:
         flags = [
             decl.flag(f.name, default_of(f)) for f, decl in declared(ImpairmentSpec) if decl.cli
         ]
@@ -328,6 +370,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         command=command,
         options=options,
         impair=impair,
+        classes=classes,
         direction=args.direction,
         pcap=args.pcap,
         pcap_format=args.pcap_format,
@@ -704,6 +747,8 @@ class Session:
             try:
                 if plan.impair:
                     pair.impair(direction=plan.direction, **plan.impair)
+                for cls in plan.classes:
+                    pair.impair(direction=plan.direction, **cls)
                 for after, duration in plan.outages:
                     pair.outage(duration, after=after)
                 if plan.path_mtu is not None:

@@ -602,7 +602,7 @@ class TunPair:
         return self._netns.path
 
     @property
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, Any]]:
         """Per direction (never bounded by the capture):
 
         * ``packets``, ``bytes``: delivered to the other device;
@@ -626,6 +626,8 @@ class TunPair:
             entry = stats[direction]
             entry["queued"] = relay.queued(direction) if relay is not None else 0
             entry["device_dropped"] = drops[i] if i < len(drops) else 0
+            for name, cls in entry.get("classes", {}).items():
+                cls["queued"] = relay.queued(direction, name) if relay is not None else 0
         return stats
 
     @property
@@ -746,14 +748,17 @@ class TunPair:
         """netem-like impairments done in the relay, for one direction or both (``None``).
 
         ``params`` are the fields of ``ImpairmentSpec`` (table in docs/options.md): ``loss``,
-        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``seed``,
-        and ``profile``: a named link (``"lte"``, ``"dsl"``, ...; docs/profiles.md) whose
-        values for each direction (a->b the uplink) the other parameters override.
+        ``delay``, ``jitter``, ``duplicate``, ``reorder``, ``corrupt``, ``rate``, ``trace``,
+        the queue's (``limit``, ``queue``, ...), ``seed``, and ``profile``: a named link
+        (``"lte"``, ``"dsl"``, ...; docs/profiles.md) whose values for each direction (a->b
+        the uplink) the other parameters override; with ``match`` (packet fields as
+        ``packets.filter()`` takes them, or a predicate) and ``name``, they make a class:
+        only the matching packets get them, on a link of their own (docs/link.md).
         Probabilities are 0.0-1.0 (or ``"10%"``), ``delay``/``jitter`` seconds (or
         ``"20ms"``), ``rate`` bits/s (or ``"10mbit"``). A bad value raises
         :class:`~pytest_tunpair.OptionError`, an unknown name ``TypeError``. Each call
-        replaces the settings of the direction(s) it names; ``impair()`` with no arguments
-        turns everything off.
+        replaces the settings of the direction(s) it names (a class's, with ``match``);
+        ``impair()`` with no arguments turns everything off, classes too.
         A packet held back for reordering when the settings change is released, not lost.
         ``seed=None`` uses :attr:`seed`. Same seed and same packets: same decisions.
         """
@@ -770,12 +775,11 @@ class TunPair:
         random_seed = parsed.seed is None and self.options.seed is None
         seed = parsed.seed if parsed.seed is not None else self.seed
         specs = {d: replace(spec, seed=seed) for d, spec in specs.items()}
-        # Offload off before the new engines see a packet; back on after if none needs it.
-        busy = any(spec.active and spec.needs_segments for spec in specs.values())
-        self._update_offload(busy=busy)
         start = time.monotonic()  # a trace's millisecond 0, for the queue and the plot
         for d, spec in specs.items():
-            self._directions[d].impair(spec, random_seed=random_seed, start=start)
+            self._directions[d].impair(
+                spec, random_seed=random_seed, start=start, clear_classes=not params
+            )
         self._update_offload()
 
     def script(self, side: str = "b") -> ScriptedPeer:
@@ -1139,9 +1143,9 @@ class TunPair:
 
     def _update_offload(self, busy: bool = False) -> None:
         """Offload on the devices unless something needs wire-sized packets (``busy``: about
-        to). Delay, jitter, rate and the queue work on GSO super-packets by their wire
-        length (that is how an impaired link reaches gigabit rates); hooks, rules, a
-        scripted peer and the lossy impairments act on packets as a real wire carries them."""
+        to). Impairments keep it on: a per-segment link splits GSO super-packets itself
+        (reading them is what makes the relay fast); hooks, rules and a scripted peer act
+        on packets as a real wire carries them."""
         self._require_relay()
         busy = busy or any(d.needs_segments for d in self._directions.values())
         for dev in self._devices:

@@ -251,7 +251,7 @@ class TraceServer:
     it.
     """
 
-    __slots__ = ("_k", "_left", "_n", "_period", "_repeat", "_start", "_times", "trace")
+    __slots__ = ("_k", "_k_time", "_left", "_n", "_period", "_repeat", "_start", "_times", "trace")
 
     def __init__(self, trace: Trace, start: float, *, repeat: bool = True) -> None:
         self.trace = trace
@@ -264,6 +264,9 @@ class TraceServer:
         # k % n) and how many bytes it has left.
         self._k = 0
         self._left = PACKET_SIZE
+        # The time of opportunity _k: a packet that starts by then (one right behind
+        # another, on a per-segment link nearly every one) needs no search.
+        self._k_time = self._time(0) if self._n else math.inf
 
     def _time(self, k: int) -> float:
         rounds, line = divmod(k, self._n)
@@ -290,6 +293,8 @@ class TraceServer:
         """The earliest time ``>= t`` at which a packet can start: the next opportunity
         with bytes left, ``math.inf`` once the trace has ended (``repeat=False``). Pure:
         it consumes nothing."""
+        if t <= self._k_time:
+            return self._k_time if not self._ended(self._k) else math.inf
         k = max(self._k, self._first_at_or_after(t))
         return math.inf if self._ended(k) else self._time(k)
 
@@ -303,7 +308,7 @@ class TraceServer:
         opportunities that passed before ``start`` are lost. ``math.inf`` (and nothing
         consumed) if the trace ends first: the packet never leaves.
         """
-        k0 = self._first_at_or_after(start)
+        k0 = self._k if start <= self._k_time else self._first_at_or_after(start)
         k, left = (k0, PACKET_SIZE) if k0 > self._k else (self._k, self._left)
         remaining = max(size, 1)  # an empty packet still takes its turn
         while True:
@@ -318,6 +323,8 @@ class TraceServer:
         due = self._time(k)
         if left == 0:
             k, left = k + 1, PACKET_SIZE
+        if k != self._k:
+            self._k_time = self._time(k) if not self._ended(k) else math.inf
         self._k, self._left = k, left
         return due
 

@@ -243,6 +243,19 @@ def test_delay_in_one_direction(tunnels: None) -> None:
     assert {tuple(ln.split()[1:3]) for ln in lines} == {("a->b", "delayed"), ("b->a", "forwarded")}
 
 
+def test_a_class_impairs_only_what_it_matches(tunnels: None) -> None:
+    need("ping")
+    r = tunpair(
+        "run", "--class", "pings:proto=icmp:loss=100%", "--seed", "1", "--direction", "a->b",
+        "--", "ping", "-c", "1", "-W", "1", "198.18.0.2",
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr  # the class loses the echo request
+    assert "impair a->b class 'pings' (match proto=icmp): loss=100% seed=1" in r.stderr
+    assert "impair b->a" not in r.stderr
+    lines = trace_lines(r.stderr)
+    assert len(lines) == 1 and " a->b lost " in lines[0]
+
+
 # -- usage errors ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -264,6 +277,10 @@ def test_delay_in_one_direction(tunnels: None) -> None:
         (["--delay", "20"], "argument --delay: bad value '20': add a unit (20ms, 20s)"),
         (["--jitter", "0.5"], "argument --jitter: bad value '0.5': add a unit (20ms, 20s)"),
         (["--direction", "a->b"], "argument --direction: nothing to impair"),
+        (["--class", "x:dport=53"], "argument --class: bad value 'x:dport=53': write NAME:"),
+        (["--class", "x:dprot=53:loss=1%"], "'dprot' is not a packet field; the fields are"),
+        (["--class", "x:dport=53:los=1%"], "'los=1%': give PARAM=VALUE with a PARAM among"),
+        (["--class", "x:dport=53:loss=2"], "loss is a probability"),
         (["--pcap", "/nonexistent-dir/x.pcap"], "argument --pcap: cannot write"),
     ],
 )

@@ -88,8 +88,8 @@ def by(outs: list[Outcome], action: str) -> list[Outcome]:
 def test_rate_server_departs_when_the_last_bit_has_left() -> None:
     q = LinkQueue(QueueSpec(), RateServer(RATE))
     outs = q.enqueue(ipv4(), 10.0, latency=0.020)
-    assert outs == []  # still on the wire
-    assert q.deadline() == pytest.approx(10.0 + SERVICE)
+    assert outs == []  # on the wire, then propagating: drop-tail knows when it is due
+    assert q.deadline() == pytest.approx(10.0 + SERVICE + 0.020)
     outs = q.advance(10.0 + SERVICE)
     assert outs == []  # left the wire, now propagating
     assert q.deadline() == pytest.approx(10.0 + SERVICE + 0.020)
@@ -588,7 +588,7 @@ def test_packet_queue_labels_what_it_held_and_returns_drops() -> None:
     dropped = [d for p in pkts for d in pq.enqueue(p, 0.0)]
     assert dropped == [pkts[2]] and pkts[2].action == "dropped"
     assert len(pq) == 2 and pq.peak == 2
-    assert pq.deadline() == pytest.approx(SERVICE)
+    assert pq.deadline() == pytest.approx(SERVICE + 0.01)
     out = pq.dequeue_ready(1.0)
     assert [p for p, _due in out] == pkts[:2]
     assert [due for _p, due in out] == pytest.approx([0.011, 0.012])
@@ -614,3 +614,49 @@ def test_packet_queue_returns_codel_drops_and_ce_marked_copies() -> None:
     marked = [p for p, due in run(True) if p.action == "marked"]
     assert len(marked) >= len(drops)  # a mark does not shorten the queue as a drop does
     assert all(ecn_codepoint(p.data) == ECN_CE and p.arrival < p.time + 1 for p in marked)
+
+
+# -- runs of segments (a per-segment link, drop-tail) -----------------------------------------
+
+
+@pytest.mark.parametrize("limit", [10_000, 60])
+@pytest.mark.parametrize("server", ["rate", "instant", "trace"])
+def test_a_run_of_segments_is_decided_as_its_segments_one_by_one(limit: int, server: str) -> None:
+    """``enqueue_run`` (a super-packet's segments at once) gives every segment the fate and
+    the due time that enqueueing the segments one by one gives."""
+    from pytest_tunpair import traces
+    from pytest_tunpair.traces import TraceServer
+
+    from .test_gso_unit import super_packet
+
+    frame = super_packet(bytes(20 * 1448 + 700), 1448)
+    plan = _gso.plan(frame, _gso.VIRTIO_NET_HDR_LEN)
+    assert plan is not None and plan.count == 21
+
+    def make() -> LinkQueue:
+        srv = {
+            "rate": lambda: RateServer(RATE),
+            "instant": lambda: None,
+            "trace": lambda: TraceServer(traces.load(traces.constant(24)), 0.0),
+        }[server]()
+        return LinkQueue(QueueSpec(limit=limit), srv, delay=0.003)
+
+    runs, singles = make(), make()
+    got: list[Outcome] = []
+    want: list[Outcome] = []
+    for k, t in enumerate((0.0, 0.00101, 0.00153, 0.02031)):  # off the due times: floats
+        got += runs.enqueue_run(k, plan, 0, plan.count, t)
+        for i in range(plan.count):
+            want += singles.enqueue(b"", t, tag=(k, i), size=plan.wire_len(i, 1))
+    got += runs.advance(10.0)
+    want += singles.advance(10.0)
+    # Each run outcome stands for its segments: expand them and compare.
+    expanded = sorted(
+        (o.tag, o.first + j, o.action) for o in got for j in range(o.count)
+    )  # fmt: skip
+    assert expanded == sorted((o.tag[0], o.tag[1], o.action) for o in want)  # type: ignore[index]
+    last_due = {(o.tag, o.first + o.count - 1): o.time for o in got if o.action == "sent"}
+    for o in want:
+        if o.action == "sent" and o.tag in last_due:
+            assert last_due[o.tag] == pytest.approx(o.time)  # type: ignore[index]
+    assert runs.peak == singles.peak and runs.dropped == singles.dropped

@@ -473,7 +473,10 @@ def test_a_direction_owns_its_impairment_and_what_the_plot_draws(rig: Rig) -> No
     d = _direction(rig)
     assert d.spec is None and d.configured is None and not d.needs_segments
     d.impair(ImpairmentSpec(loss=1.0, seed=7), random_seed=True, start=time.monotonic())
-    assert d.needs_segments and d.stream == 14  # a->b draws from 2 * seed
+    # Decided per wire packet in the relay: offload stays on.
+    assert not d.needs_segments
+    wait_until(lambda: rig.relay.links["a->b"].split)
+    assert d.stream == 14  # a->b draws from 2 * seed
     assert "impair a->b: loss=100% seed=7 (picked at random" in d.describe()[0]
     rig.a.send(numbered(1))
     wait_until(lambda: len(rig.capture) == 1)

@@ -27,7 +27,17 @@ if TYPE_CHECKING:
     from .queue import PacketQueue
     from .relay import Relay
 
-__all__ = ["Direction", "DirectionState"]
+__all__ = ["ClassState", "Direction", "DirectionState"]
+
+
+@dataclass(frozen=True)
+class ClassState:
+    """One class of a direction (``impair(match=...)``): its spec (with ``match``, ``name``
+    and the seed in use) and the engine handed to the relay."""
+
+    spec: ImpairmentSpec
+    random_seed: bool
+    engine: ImpairmentEngine | None
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class DirectionState:
     spec: ImpairmentSpec | None
     random_seed: bool
     engine: ImpairmentEngine | None
+    classes: tuple[tuple[str, ClassState], ...] = ()
 
 
 class Direction:
@@ -60,6 +71,8 @@ class Direction:
         #: What the link is configured to carry, for ``packets.plot()``'s dashed line: a
         #: rate in bits/s, a trace's server (in the capture's time), or ``None``.
         self.configured: float | TraceServer | None = None
+        #: The classes (``impair(match=...)``) by name, in the order they are tried.
+        self.classes: dict[str, ClassState] = {}
 
     # -- impairments ---------------------------------------------------------------------
     @property
@@ -70,12 +83,29 @@ class Direction:
         assert self.spec is not None and self.spec.seed is not None
         return self.spec.seed * 2 + (self.name == "b->a")
 
-    def impair(self, spec: ImpairmentSpec | None, *, random_seed: bool, start: float) -> None:
+    def impair(
+        self,
+        spec: ImpairmentSpec | None,
+        *,
+        random_seed: bool,
+        start: float,
+        clear_classes: bool = False,
+    ) -> None:
         """Put ``spec`` (with its seed set; ``None`` or an inactive spec: no impairment) in
         force from now on: a fresh engine and queue go to the relay, which releases what the
-        old ones held. ``start`` (``time.monotonic()``) is a trace's millisecond 0."""
+        old ones held. ``start`` (``time.monotonic()``) is a trace's millisecond 0.
+
+        A spec with ``match`` is a class: it replaces the class of its name (an inactive
+        one removes it) and leaves the direction's own settings alone. ``clear_classes``
+        removes every class too."""
         from .impair import ImpairmentEngine
 
+        if spec is not None and spec.class_name is not None:
+            self._impair_class(spec, random_seed, start)
+            return
+        if clear_classes:
+            for name in list(self.classes):
+                self._remove_class(name)
         if spec is not None and not spec.active:
             spec = None
         self.spec = spec
@@ -89,6 +119,7 @@ class Direction:
         self.engine = engine
         self._relay.set_engine(self.name, engine)
         self._relay.set_queue(self.name, queue)
+        self._relay.set_split(self.name, spec is not None and spec.per_segment)
 
     def _configure(self, start: float) -> None:
         from ..traces import TraceServer
@@ -102,11 +133,47 @@ class Direction:
         else:
             self.configured = None
 
-    def _queue(self, start: float) -> PacketQueue | None:
-        """The bottleneck of this direction (``None`` if the spec holds no packet)."""
+    def _class_stream(self, spec: ImpairmentSpec, name: str) -> int:
+        """A class's random stream: the direction's, moved by a hash of the class's name,
+        so each class draws apart from the others and the same name replays."""
+        import zlib
+
+        assert spec.seed is not None
+        return spec.seed * 2 + (self.name == "b->a") + (zlib.crc32(name.encode()) + 1 << 33)
+
+    def _impair_class(self, spec: ImpairmentSpec, random_seed: bool, start: float) -> None:
+        from .impair import ImpairmentEngine
+
+        name = spec.class_name
+        assert name is not None
+        if not spec.active:
+            self._remove_class(name)
+            return
+        stream = self._class_stream(spec, name)
+        engine = ImpairmentEngine(spec, stream, tap=self._tap) if spec.needs_engine else None
+        self.classes[name] = ClassState(spec, random_seed and spec.seed is not None, engine)
+        self._install_class(name, spec, engine, start)
+
+    def _install_class(
+        self, name: str, spec: ImpairmentSpec, engine: ImpairmentEngine | None, start: float
+    ) -> None:
+        queue = self._queue(start, spec, self._class_stream(spec, name))
+        self._relay.set_class(self.name, name, spec.predicate(), engine, queue, spec.per_segment)
+
+    def _remove_class(self, name: str) -> None:
+        if self.classes.pop(name, None) is not None:
+            self._relay.remove_class(self.name, name)
+
+    def _queue(
+        self, start: float, spec: ImpairmentSpec | None = None, stream: int | None = None
+    ) -> PacketQueue | None:
+        """The bottleneck of this direction, or of a class (``None`` if the spec holds no
+        packet)."""
         from .queue import LinkQueue, PacketQueue, RateServer, Server
 
-        spec = self.spec
+        if spec is None:
+            spec = self.spec
+            stream = self.stream if spec is not None else None
         if spec is None or not spec.needs_queue:
             return None
         server: Server | None = None
@@ -124,7 +191,7 @@ class Direction:
             offset=self._vnet_len,
             tap=self._tap,
             delay=spec.delay,
-            seed=f"queue-{self.stream}",
+            seed=f"queue-{stream}",
         )
         return PacketQueue(queue, self._vnet_len)
 
@@ -156,16 +223,20 @@ class Direction:
     @property
     def needs_segments(self) -> bool:
         """Something on this direction must see packets as a real wire carries them (a hook,
-        a rule, a scripted peer, or loss, corruption, duplication, reordering): the pair
-        turns offload off while one does."""
-        spec = self.spec
-        return self._relay.link_needs_segments(self.name) or (
-            spec is not None and spec.needs_segments
-        )
+        a rule, a scripted peer): the pair turns offload off while one does. Impairments
+        do not: a per-segment link splits super-packets in the relay."""
+        return self._relay.link_needs_segments(self.name)
 
     # -- one test of a longer-lived pair ---------------------------------------------------
     def checkpoint(self) -> DirectionState:
-        return DirectionState(self.hooks, self.rules, self.spec, self.random_seed, self.engine)
+        return DirectionState(
+            self.hooks,
+            self.rules,
+            self.spec,
+            self.random_seed,
+            self.engine,
+            tuple(self.classes.items()),
+        )
 
     def restore(self, state: DirectionState) -> None:
         """Take off the rules added since ``state`` and put back its impairments. (Hooks
@@ -183,7 +254,19 @@ class Direction:
             self.spec = state.spec
             self._configure(now)
             self._relay.set_queue(self.name, self._queue(now))
+            spec = self.spec
+            self._relay.set_split(self.name, spec is not None and spec.per_segment)
         self.random_seed = state.random_seed
+        kept = dict(state.classes)
+        for name in list(self.classes):
+            if name not in kept:
+                self._remove_class(name)
+        now = time.monotonic()
+        for name, cls in state.classes:
+            if self.classes.get(name) != cls:
+                # Its engine goes on where it was; its queue comes back fresh.
+                self.classes[name] = cls
+                self._install_class(name, cls.spec, cls.engine, now)
 
     # -- reports ----------------------------------------------------------------------------
     def describe(self, replay: Any = None) -> list[str]:
@@ -198,6 +281,14 @@ class Direction:
                 how = f"; {replay(spec.seed)}" if replay is not None else ""
                 line += f" (picked at random{how})"
             lines.append(line)
+        for name, cls in self.classes.items():
+            match = cls.spec.describe_match()
+            line = f"impair {self.name} class {name!r} (match {match}): {cls.spec.describe()}"
+            if cls.random_seed:
+                assert cls.spec.seed is not None
+                how = f"; {replay(cls.spec.seed)}" if replay is not None else ""
+                line += f" (picked at random{how})"
+            lines.append(line)
         hooks = self.hooks
         if hooks:
             lines.append(f"hooks {self.name}: {', '.join(map(str, hooks))}")
@@ -205,4 +296,8 @@ class Direction:
 
     def __repr__(self) -> str:
         what = self.spec.describe() if self.spec is not None else "no impairment"
-        return f"<Direction {self.name}: {what}, {len(self.rules)} rules, {len(self.hooks)} hooks>"
+        classes = f", {len(self.classes)} classes" if self.classes else ""
+        return (
+            f"<Direction {self.name}: {what}{classes}, {len(self.rules)} rules, "
+            f"{len(self.hooks)} hooks>"
+        )

@@ -8,6 +8,7 @@ with that lock agrees with what the capture shows.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from .._packets.packet import DIRECTIONS
 
@@ -49,14 +50,39 @@ class Stats:
     the capture shows: the relay updates both in one critical section.
     """
 
-    __slots__ = ("counters", "lock")
+    __slots__ = ("classes", "counters", "lock")
 
     def __init__(self, lock: threading.Condition | None = None) -> None:
         self.counters: dict[str, Counters] = {d: Counters() for d in DIRECTIONS}
+        #: Each direction's classes (``impair(match=...)``), by name: kept after a class
+        #: goes, as the direction's own counters are.
+        self.classes: dict[str, dict[str, Counters]] = {d: {} for d in DIRECTIONS}
         self.lock = lock
 
-    def as_dict(self) -> dict[str, dict[str, int]]:
+    def of_class(self, direction: str, name: str) -> Counters:
+        """The counters of class ``name`` of ``direction`` (made on first use)."""
+        counters = self.classes[direction].get(name)
+        if counters is None:
+            counters = self.classes[direction][name] = Counters()
+        return counters
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Per direction: its totals (classes included; ``queue_peak`` is the direction's
+        own queue's), and ``"classes"``, by name, when it has or had any."""
         if self.lock is None:
-            return {d: c.as_dict() for d, c in self.counters.items()}
+            return self._as_dict()
         with self.lock:
-            return {d: c.as_dict() for d, c in self.counters.items()}
+            return self._as_dict()
+
+    def _as_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for d, c in self.counters.items():
+            entry: dict[str, Any] = c.as_dict()
+            classes = self.classes[d]
+            if classes:
+                entry["classes"] = {name: k.as_dict() for name, k in classes.items()}
+                for k in classes.values():
+                    for key in ("packets", "bytes", "dropped", "marked"):
+                        entry[key] += getattr(k, key)
+            out[d] = entry
+        return out

@@ -82,6 +82,7 @@ An engine is not thread-safe; the relay thread owns it.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -92,6 +93,7 @@ from .._schema import (
     Duration,
     Int,
     Invalid,
+    Kind,
     OneOf,
     Probability,
     Rate,
@@ -101,14 +103,18 @@ from .._schema import (
     validate,
 )
 from .._wire.ecn import set_ce
+from .._wire.numbers import ECN_NAMES
 from ..traces import Trace, TraceKind
 from .gemodel import GilbertElliott, GilbertElliottChain, LossModel
 from .profiles import ProfileKind, profile_values
-from .queue import DEFAULT_LIMIT, DISCIPLINES, QueueSpec
+from .queue import DEFAULT_LIMIT, DISCIPLINES, FQ_FLOWS, QueueSpec
 
 __all__ = [
     "ACTIONS",
     "REORDER_MIN_HOLD",
+    "RUN_KEEP",
+    "RUN_LOST",
+    "RUN_MARK",
     "Action",
     "Emit",
     "ImpairmentEngine",
@@ -125,6 +131,9 @@ ACTIONS: tuple[Action, ...] = (
     "delayed",
     "reordered",
 )
+
+#: What :meth:`ImpairmentEngine.submit_run` decided for a run of segments.
+RUN_KEEP, RUN_LOST, RUN_MARK = 0, 1, 2
 
 # With no delay there is no natural reorder window; 5 ms is long enough for the next packet
 # of a burst to overtake, and short enough that a lone packet is not noticeably late.
@@ -159,6 +168,118 @@ class _AqmDuration(Duration):
             return super().from_text(text)
         except Invalid:
             raise Invalid("add a unit (5ms, 100ms)") from None
+
+
+class MatchKind(Kind):
+    """``impair(match=...)``: which packets a class of the direction takes -- packet fields
+    as ``packets.filter()`` takes them (checked here, so a typo fails at once), or a
+    predicate. Normalised to a sorted tuple of ``(field, value)`` pairs (hashable, as the
+    spec is), or the callable itself."""
+
+    allowed = (
+        "packet fields as packets.filter() takes them: a dict such as "
+        "{'proto': 'udp', 'dport': 443} (or the text 'proto=udp,dport=443'), each value "
+        "a value or a predicate; or a predicate Packet -> bool; None for every packet"
+    )
+    metavar = "FIELDS"
+
+    def check(self, value: object) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = self._parse(value)
+        if isinstance(value, Mapping):
+            value = tuple(value.items())
+        elif callable(value):
+            return value
+        if not isinstance(value, tuple) or not value:
+            raise self.refuse()
+        items = []
+        for item in value:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise self.refuse()
+            items.append((item[0], _match_value(*item)))
+        return tuple(sorted(items, key=lambda kv: kv[0]))
+
+    def _parse(self, text: str) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, eq, raw = part.partition("=")
+            name, raw = name.strip(), raw.strip()
+            if not eq or not name or not raw:
+                raise Invalid(f"write fields as name=value, comma-separated ({part!r})")
+            fields[name] = int(raw) if name in _INT_FIELDS and raw.isdigit() else raw
+        if not fields:
+            raise self.refuse()
+        return fields
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "None"
+        if callable(value):
+            return str(getattr(value, "__qualname__", None) or repr(value))
+        return ",".join(
+            f"{k}={getattr(v, '__qualname__', None) or v}" if callable(v) else f"{k}={v}"
+            for k, v in value
+        )
+
+
+# The fields a match may name, and what each takes (besides a predicate).
+_INT_FIELDS = frozenset(
+    {"ip_version", "ip_proto", "sport", "dport", "tcp_seq", "tcp_ack", "window", "ttl",
+     "icmp_type", "icmp_code"}
+)  # fmt: skip
+_PROTOS = ("tcp", "udp", "icmp", "icmpv6", "arp")
+
+
+def _match_value(name: str, value: Any) -> Any:
+    """``value`` for field ``name`` of a match, checked (``Invalid`` naming what to give)."""
+    from .._packets.match import packet_filter
+    from .._packets.packet import FIELDS
+
+    if name not in FIELDS:
+        raise Invalid(f"{name!r} is not a packet field; the fields are: {', '.join(FIELDS)}")
+    if callable(value):
+        return value
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise Invalid(f"{name} is a whole number >= 0 (or a predicate), not {value!r}")
+    elif name == "proto":
+        if value not in _PROTOS:
+            raise Invalid(f"proto is one of {', '.join(_PROTOS)} (or a predicate), not {value!r}")
+    elif name == "ecn":
+        if value not in ECN_NAMES:
+            raise Invalid(f"ecn is one of {', '.join(ECN_NAMES)} (or a predicate), not {value!r}")
+    elif name == "payload":
+        if not isinstance(value, bytes):
+            raise Invalid(f"payload is bytes (or a predicate), not {value!r}")
+    elif name == "tcp_options":
+        raise Invalid("tcp_options takes a predicate (lambda opts: ...)")
+    else:  # src, dst, flags: the filter's own checks
+        try:
+            packet_filter(fields={name: value}, what="impair(match=...)")
+        except (TypeError, ValueError) as exc:
+            raise Invalid(str(exc)) from None
+        if name in ("src", "dst"):
+            import ipaddress
+
+            value = ipaddress.ip_address(value).compressed
+    return value
+
+
+class _Name(Kind):
+    allowed = "a name for the class (a non-empty string), or None for one made from match"
+    metavar = "NAME"
+
+    def check(self, value: object) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.refuse()
+        return value.strip()
+
+    def format(self, value: Any) -> str:
+        return str(value)
 
 
 @dataclass(frozen=True)
@@ -283,7 +404,8 @@ class ImpairmentSpec:
         "droptail",
         Choice(DISCIPLINES),
         "queue discipline: droptail drops the arrival, drophead the oldest waiting packet; "
-        "codel (RFC 8289) and pie (RFC 8033) drop early to keep the queueing delay near target",
+        "codel (RFC 8289) and pie (RFC 8033) drop early to keep the queueing delay near "
+        "target; fq_codel (RFC 8290) gives each flow its own CoDel queue, served in turn",
         reason_names_option=True,
         group="impair",
     )
@@ -303,12 +425,45 @@ class ImpairmentSpec:
         group="impair",
         default_doc="100ms",
     )
+    flows: int = option(
+        FQ_FLOWS,
+        Int(1, 65536, what="a whole number of flow queues from 1 to 65536"),
+        "fq_codel's flow queues: packets are hashed into them by their 5-tuple",
+        reason_names_option=True,
+        group="impair",
+    )
+    quantum: int | None = option(
+        None,
+        Int(64, optional=True, what="None or a whole number of bytes >= 64"),
+        "bytes fq_codel serves a flow per turn",
+        reason_names_option=True,
+        group="impair",
+        default_doc="MTU + 14 (1514)",
+    )
     ecn: bool = option(
         False,
         Bool(),
         "mark ECN-capable packets CE where CoDel, PIE or loss would drop them",
         reason_names_option=True,
         group="impair",
+    )
+    match: Any = option(  # noqa: RUF009
+        None,
+        MatchKind(),
+        "impair only the packets that match, as a class of the direction with its own "
+        "link (queue, random stream, stats); the rest keep the direction's settings",
+        reason_names_option=True,
+        group="impair",
+        inert=True,
+        cli=False,  # the command line's --class
+    )
+    name: str | None = option(
+        None,
+        _Name(),
+        "the class's name (stats, reports); default: made from match",
+        group="impair",
+        inert=True,
+        cli=False,
     )
     seed: int | None = option(
         None,
@@ -324,6 +479,13 @@ class ImpairmentSpec:
         # Normalising here rather than only in from_kwargs means direct construction is just
         # as safe, and that "10ms" and 0.01 give equal (and equally hashed) specs.
         validate(self, source="impair()")
+        if self.name is not None and self.match is None:
+            raise OptionError(
+                "name",
+                self.name,
+                source="impair()",
+                reason="name= names a class of packets: give match= too",
+            )
         if self.trace is not None and self.rate is not None:
             raise OptionError(
                 "trace",
@@ -366,6 +528,27 @@ class ImpairmentSpec:
             kwargs = {**profile_values(name, towards), **kwargs, "profile": name}
         return cls(**kwargs)
 
+    @property
+    def class_name(self) -> str | None:
+        """The name of the class this spec is for (``name``, else made from ``match``);
+        ``None`` for the direction's own settings."""
+        if self.match is None:
+            return self.name
+        return self.name or MatchKind().format(self.match)
+
+    def describe_match(self) -> str:
+        """``match`` as the report shows it (``proto=udp,dport=443``, a predicate's name)."""
+        return MatchKind().format(self.match)
+
+    def predicate(self) -> Any:
+        """``match`` as a predicate on a ``Packet`` (``None`` without one)."""
+        from .._packets.match import packet_filter
+
+        match = self.match
+        if match is None or callable(match):
+            return match
+        return packet_filter(fields=dict(match), what="impair(match=...)")
+
     def queue_spec(self) -> QueueSpec:
         """The bottleneck queue these parameters describe (``limit`` ... ``ecn``)."""
         return QueueSpec(
@@ -375,19 +558,29 @@ class ImpairmentSpec:
             target=self.target,
             interval=self.interval,
             ecn=self.ecn,
+            flows=self.flows,
+            quantum=self.quantum,
         )
 
     @property
-    def needs_segments(self) -> bool:
-        """Loss, corruption, duplication or reordering is on: they act on packets as a real
-        wire carries them, so the pair turns offload off (no GSO super-packets)."""
-        lossy = isinstance(self.loss, GilbertElliott) or self.loss > 0.0
-        return lossy or self.corrupt > 0.0 or self.duplicate > 0.0 or self.reorder > 0.0
+    def per_segment(self) -> bool:
+        """Every decision is taken per wire packet: anything but ``delay`` and ``jitter`` is
+        set (a rate, a trace, the queue, loss, ECN, corruption, duplication, reordering).
+        The relay then splits GSO super-packets into their segments before the engine and
+        the queue; with ``delay``/``jitter`` alone they pass whole."""
+        return any(name not in _WHOLE_OK for name, decl, _v in changed(self) if not decl.inert)
 
     @property
     def needs_engine(self) -> bool:
-        """A random effect is on (those of :attr:`needs_segments`, or jitter)."""
-        return self.needs_segments or self.jitter > 0.0
+        """A random effect is on: loss, corruption, duplication, reordering or jitter."""
+        lossy = isinstance(self.loss, GilbertElliott) or self.loss > 0.0
+        return (
+            lossy
+            or self.corrupt > 0.0
+            or self.duplicate > 0.0
+            or self.reorder > 0.0
+            or self.jitter > 0.0
+        )
 
     @property
     def needs_queue(self) -> bool:
@@ -420,13 +613,17 @@ class ImpairmentSpec:
         parts += [
             f"{name}={decl.kind.format(v)}"
             for name, decl, v in changed(self)
-            if decl.inert and name != "profile"
+            if decl.inert and name not in ("match", "name", "profile")
         ]
         return " ".join(parts)
 
 
+# What a link may do to GSO super-packets whole (delay is the same for every segment).
+_WHOLE_OK = frozenset({"delay", "jitter"})
 # The parameters that configure the queue (and nothing else).
-_QUEUE_FIELDS = frozenset({"limit", "limit_bytes", "queue", "target", "interval"})
+_QUEUE_FIELDS = frozenset(
+    {"limit", "limit_bytes", "queue", "target", "interval", "flows", "quantum"}
+)
 
 
 @dataclass(frozen=True)
@@ -537,6 +734,46 @@ class ImpairmentEngine:
         last_due = max(emit.due for emit in emits if emit.due is not None)
         emits.extend(_release(held, last_due))
         return emits
+
+    @property
+    def runs(self) -> bool:
+        """It can decide a run of segments at once (:meth:`submit_run`): its only random
+        effect is loss (with or without ECN marking) and nothing is held back."""
+        spec = self._spec
+        return (
+            spec.corrupt == 0.0
+            and spec.duplicate == 0.0
+            and spec.reorder == 0.0
+            and spec.jitter == 0.0
+            and self._held is None
+        )
+
+    def submit_run(
+        self, count: int, now: float, *, ect: bool = False
+    ) -> tuple[float, list[tuple[int, int, int]]]:
+        """Decide ``count`` segments read at ``now`` (:attr:`runs` must be true), exactly as
+        ``count`` calls of :meth:`submit` would -- the same six draws each, so the same seed
+        loses the same segments whether they came as one super-packet or one by one -- but
+        without their bytes. ``ect``: the segments are ECN-capable (``ecn`` marks them
+        instead of dropping). Returns the latency of every segment and the runs of
+        segments that share a fate: ``(first, count, RUN_KEEP | RUN_LOST | RUN_MARK)``."""
+        rng = self._rng.random
+        chain = self._chain
+        loss = self._loss
+        lost_kind = RUN_MARK if self._spec.ecn and ect else RUN_LOST
+        runs: list[tuple[int, int, int]] = []
+        kind = -1
+        start = 0
+        for i in range(count):
+            u = rng()
+            rng(), rng(), rng(), rng(), rng()
+            k = lost_kind if (chain.lost() if chain is not None else u < loss) else RUN_KEEP
+            if k != kind:
+                if kind >= 0:
+                    runs.append((start, i - start, kind))
+                kind, start = k, i
+        runs.append((start, count - start, kind))
+        return self._spec.delay, runs
 
     def expire(self, now: float) -> list[Emit]:
         """Release the held packet if its hold time has run out by ``now``.

@@ -24,14 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .._packets.packet import Packet
+from .._packets.packet import Packet, SegmentGroup
+from .._wire import gso as _gso
 from .counters import Counters
 
 if TYPE_CHECKING:
     from .hooks import Hook, HookWorker
     from .impair import ImpairmentEngine
 
-__all__ = ["Divert", "Link", "Queue", "Rule", "Verdict"]
+__all__ = ["Divert", "Link", "Queue", "Rule", "Run", "Verdict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +83,18 @@ class Queue(Protocol):
     delay behind it (``_queue.PacketQueue``). Packets carry their frame (``Packet.frame``)
     and ``arrival``; times are ``time.monotonic()``."""
 
-    def enqueue(self, pkt: Packet, now: float, latency: float | None = None) -> Sequence[Packet]:
+    @property
+    def runs(self) -> bool:
+        """It takes :class:`Run` items (drop-tail); others get one packet per segment."""
+        ...
+
+    def enqueue(self, pkt: Item, now: float, latency: float | None = None) -> Sequence[Item]:
         """Take ``pkt`` (``latency``: its propagation delay, drawn by the engine; ``None``:
         the link's own); return the packets dropped now (it, or older ones), each with its
         ``action`` set (``"dropped"``). The relay records and counts them."""
         ...
 
-    def dequeue_ready(self, now: float) -> Sequence[tuple[Packet, float | None]]:
+    def dequeue_ready(self, now: float) -> Sequence[tuple[Item, float | None]]:
         """What happened by ``now``, in order: packets to write, each with the time it is
         due (service end + propagation delay), and packets dropped at dequeue (CoDel), with
         ``None`` and action ``"dropped"``. ``dequeue_ready(math.inf)`` lets the link finish
@@ -109,8 +115,83 @@ class Queue(Protocol):
         ...
 
 
-# What a timer heap entry is: (due, tie-break, packet, frame to write).
-_Timer = tuple[float, int, Packet, bytes]
+class Run:
+    """Segments ``first .. first + count - 1`` of a GSO super-packet ``source`` (a
+    ``Packet`` as read) on a per-segment link, sharing one fate: what the engine and a
+    drop-tail queue pass along instead of one ``Packet`` per segment.
+
+    Each segment was decided on its own (drawn, counted against the bound, paced); a run
+    is the segments that came out the same way and leave in the same flush. It goes out
+    as one write (:meth:`frame`: a smaller super-packet, or one segment) and is recorded
+    as its segments (:meth:`record`), made only when someone reads the capture.
+    """
+
+    __slots__ = ("action", "arrival", "ce", "count", "first", "plan", "source")
+
+    def __init__(
+        self,
+        source: Packet,
+        plan: _gso.GsoPlan,
+        first: int,
+        count: int,
+        action: str,
+        *,
+        ce: bool = False,
+    ) -> None:
+        self.source = source
+        self.plan = plan
+        self.first = first
+        self.count = count
+        self.action = action
+        #: ECN's CE is set on these segments.
+        self.ce = ce
+        self.arrival = source.arrival
+
+    def part(self, first: int, count: int, action: str) -> Run:
+        """Segments ``first .. first + count - 1`` (of the super-packet) of this run."""
+        run = Run(self.source, self.plan, first, count, action, ce=self.ce)
+        run.arrival = self.arrival
+        return run
+
+    @property
+    def wire_len(self) -> int:
+        """Bytes its segments take on the wire."""
+        return self.plan.wire_len(self.first, self.count)
+
+    def frame(self) -> tuple[bytes, memoryview]:
+        """What is written, for ``os.writev``: a super-packet of these segments (one
+        segment if ``count`` is 1), the TCP checksum left to the receiving device as the
+        kernel leaves it; its headers, then its payload in the source's buffer."""
+        return _gso.segments_parts(self.source.frame, self.plan, self.first, self.count, ce=self.ce)
+
+    def record(self, time: float) -> SegmentGroup:
+        """Its segments' records, written (or dropped) at ``time``: one group the
+        capture expands when it is read."""
+        src = self.source
+        return SegmentGroup(
+            src.frame,
+            self.plan,
+            self.first,
+            self.count,
+            off=src._off,
+            mode=src.mode,
+            direction=src.direction,
+            action=self.action,
+            arrival=self.arrival,
+            time=time,
+            ce=self.ce,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Run {self.action} segments {self.first}..{self.first + self.count - 1}>"
+
+
+#: What moves through a link's engine, queue and timers: a packet, or a run of segments.
+Item = Packet | Run
+
+# What a timer heap entry is: (due, tie-break, packet or run, frame to write: None for a
+# run, which makes its own).
+_Timer = tuple[float, int, Item, bytes | None]
 
 
 class Link:
@@ -123,6 +204,7 @@ class Link:
     __slots__ = (
         "_tseq",
         "backlog",
+        "classes",
         "counters",
         "direction",
         "divert",
@@ -131,9 +213,12 @@ class Link:
         "held",
         "held_arrival",
         "hooks",
+        "match",
+        "name",
         "paused",
         "queue",
         "rules",
+        "split",
         "src",
         "timers",
         "worker",
@@ -148,9 +233,18 @@ class Link:
         self.hooks: tuple[Hook, ...] = ()
         #: Copy-on-write, like ``hooks``.
         self.rules: tuple[Rule, ...] = ()
+        #: Copy-on-write: the direction's classes (``impair(match=...)``), each a link of
+        #: its own (engine, queue, timers, counters) for the packets its ``match`` takes,
+        #: tried in order after the rules; the first that matches gets the packet.
+        self.classes: tuple[Link, ...] = ()
+        #: A class's name and predicate (``None`` for a direction's own link).
+        self.name: str | None = None
+        self.match: Callable[[Packet], object] | None = None
         self.divert: Divert | None = None
         self.engine: ImpairmentEngine | None = None
         self.queue: Queue | None = None
+        #: Decide per wire packet: GSO super-packets are split before the engine and queue.
+        self.split = False
         self.worker: HookWorker | None = None
         #: Packets handed to the hook worker and not handed back yet.
         self.backlog = 0
@@ -172,6 +266,7 @@ class Link:
             or self.engine
             or self.rules
             or self.divert
+            or self.classes
             or self.queue is not None  # not its truth: an empty queue has len() 0
         )
 
@@ -179,10 +274,10 @@ class Link:
         """A stage that must see wire-sized packets (not GSO super-packets) is set."""
         return bool(self.hooks or self.rules or self.divert)
 
-    def schedule(self, due: float, pkt: Packet, frame: bytes) -> None:
+    def schedule(self, due: float, pkt: Item, frame: bytes | None) -> None:
         heapq.heappush(self.timers, (due, next(self._tseq), pkt, frame))
 
-    def pop_due(self, now: float) -> list[tuple[Packet, bytes]]:
+    def pop_due(self, now: float) -> list[tuple[Item, bytes | None]]:
         """Timers due by ``now``, earliest first."""
         timers = self.timers
         out = []
@@ -208,7 +303,8 @@ class Link:
         return self.backlog + len(self.timers) + self.held + (len(queue) if queue else 0)
 
     def __repr__(self) -> str:
-        return f"<Link {self.direction} hooks={len(self.hooks)} pending={self.pending()}>"
+        what = f" class {self.name}" if self.name is not None else ""
+        return f"<Link {self.direction}{what} hooks={len(self.hooks)} pending={self.pending()}>"
 
 
 class _Device(Protocol):

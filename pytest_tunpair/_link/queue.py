@@ -86,17 +86,23 @@ A queue is not thread-safe; the relay thread owns it.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
+import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal, Protocol
 
 from .._packets.packet import Packet
+from .._wire import headers as _h
 from .._wire.ecn import ecn_codepoint, set_ce
-from .._wire.gso import wire_size
+from .._wire.gso import GsoPlan, wire_size
 from .._wire.numbers import ECN_ECT0, ECN_ECT1
+from .link import Item, Run
 
 __all__ = [
     "DISCIPLINES",
@@ -109,8 +115,8 @@ __all__ = [
     "Server",
 ]
 
-Discipline = Literal["droptail", "drophead", "codel", "pie"]
-DISCIPLINES: tuple[Discipline, ...] = ("droptail", "drophead", "codel", "pie")
+Discipline = Literal["droptail", "drophead", "codel", "pie", "fq_codel"]
+DISCIPLINES: tuple[Discipline, ...] = ("droptail", "drophead", "codel", "pie", "fq_codel")
 
 #: netem's and Linux CoDel's/PIE's default ``limit``, in packets.
 DEFAULT_LIMIT = 1000
@@ -125,6 +131,9 @@ PIE_ALPHA = 0.125
 PIE_BETA = 1.25
 #: RFC 8033 section 5.1: above this drop probability, ECN-capable packets are dropped too.
 PIE_MARK_ECNTH = 0.1
+#: RFC 8290 section 5.1 / Linux: fq_codel's number of flow queues; its quantum is one
+#: MTU-sized packet plus the Ethernet header (MTU + 14).
+FQ_FLOWS = 1024
 #: The largest packet the AQMs consider "one packet" (RFC 8289's MAXPACKET, RFC 8033's
 #: MEAN_PKTSIZE): an Ethernet MTU, which is also the pair's default MTU.
 MTU = 1500
@@ -142,7 +151,8 @@ class QueueSpec:
     :data:`DISCIPLINES`; ``target`` is CoDel's or PIE's target delay in seconds (``None``:
     5 ms for CoDel, 15 ms for PIE); ``interval`` is CoDel's interval (``None``: 100 ms);
     ``ecn`` marks ECN-capable packets instead of dropping them where the AQM would drop.
-    ``mtu`` is what the AQMs count as one full-sized packet.
+    ``mtu`` is what the AQMs count as one full-sized packet. ``flows`` and ``quantum`` are
+    fq_codel's number of flow queues and DRR quantum in bytes (``None``: MTU + 14).
 
     The values arrive checked: ``impair()``'s parameters are declared, parsed and
     validated once, in ``ImpairmentSpec`` (``_impair.py``), which builds this record.
@@ -156,6 +166,13 @@ class QueueSpec:
     ecn: bool = False
     mtu: int = MTU
     derandomize: bool = True
+    flows: int = FQ_FLOWS
+    quantum: int | None = None
+
+    @property
+    def effective_quantum(self) -> int:
+        """fq_codel's DRR quantum in bytes (MTU + 14 when ``quantum`` is ``None``)."""
+        return self.mtu + 14 if self.quantum is None else self.quantum
 
     @property
     def effective_target(self) -> float:
@@ -266,6 +283,11 @@ class Outcome:
     departed: float
     """When its last bit left the server (``nan`` if dropped)."""
     reason: str = ""
+    first: int = 0
+    """For a run of segments (:meth:`LinkQueue.enqueue_run`): the first segment it covers;
+    ``time`` is then the last one's due time."""
+    count: int = 1
+    """How many segments of the run it covers (1 for a packet)."""
 
 
 class _Entry:
@@ -274,11 +296,13 @@ class _Entry:
         "count",
         "data",
         "departed",
+        "flow",
         "latency",
         "marked",
         "size",
         "start",
         "tag",
+        "taken",
     )
 
     def __init__(
@@ -291,8 +315,28 @@ class _Entry:
         self.arrival = arrival
         self.latency = latency
         self.marked = False
+        self.taken = False  # fq_codel: served or dropped (left lazily in the arrival order)
+        self.flow: _Flow | None = None
         self.start = math.nan  # when service began; nan while waiting
         self.departed = math.nan  # when its last bit left the server
+
+
+class _RunEntry:
+    """Admitted segments of a run on a drop-tail link: each one's due time, in order."""
+
+    __slots__ = ("arrival", "dues", "first", "plan", "pos", "starts", "tag")
+
+    def __init__(
+        self, tag: object, plan: GsoPlan, first: int, arrival: float, dues: list[float],
+        starts: list[float],
+    ) -> None:  # fmt: skip
+        self.tag = tag
+        self.plan = plan
+        self.first = first
+        self.arrival = arrival
+        self.dues = dues
+        self.starts = starts
+        self.pos = 0  # dues[:pos] have been released
 
 
 class LinkQueue:
@@ -320,6 +364,10 @@ class LinkQueue:
         self.offset = offset
         self.tap = tap
         self.delay = delay
+        # Drop-tail decides everything when a packet arrives (admit, when it starts and
+        # leaves: FIFO, nothing taken back), so it computes departures then -- the same
+        # times the step-by-step model gives -- and holds packets only on the line.
+        self._eager = spec.discipline == "droptail"
         self._limit = spec.limit if spec.limit is not None else math.inf
         self._limit_bytes = spec.limit_bytes if spec.limit_bytes is not None else math.inf
         self._waiting: deque[_Entry] = deque()
@@ -328,7 +376,8 @@ class LinkQueue:
         self._busy: _Entry | None = None
         self._busy_until = -math.inf
         self._free = -math.inf  # when the wire finished its last transmission
-        self._line: list[tuple[float, int, _Entry]] = []  # (due, seq, entry): propagating
+        # (due, seq, entry): propagating (drop-tail: everything admitted)
+        self._line: list[tuple[float, int, _Entry | _RunEntry]] = []
         self._seq = 0
         self._clock = -math.inf
         self._out: list[Outcome] = []
@@ -347,6 +396,8 @@ class LinkQueue:
             self._aqm = _CoDel(self, spec)
         elif spec.discipline == "pie":
             self._aqm = _Pie(self, spec, random.Random(seed))
+        elif spec.discipline == "fq_codel":
+            self._aqm = _FqCoDel(self, spec, random.Random(seed).getrandbits(32))
         else:
             self._aqm = None
 
@@ -375,6 +426,26 @@ class LinkQueue:
         if size is None:
             size = len(data) - self.offset
         entry = _Entry(data, tag, size, count, now, self.delay if latency is None else latency)
+        if self._eager:
+            if self._overflows(entry):
+                self._drop(entry, now, "limit")
+            else:
+                self._hold(entry)
+                self._serve(entry)
+            self._advance(now)
+            return self._take()
+        if self.spec.discipline == "fq_codel":
+            assert isinstance(self._aqm, _FqCoDel)
+            self._aqm.on_enqueue(entry, now)
+            self._waiting.append(entry)
+            self._waiting_bytes += entry.size
+            self._waiting_count += entry.count
+            self._hold(entry)
+            while self.packets > self._limit or self.bytes > self._limit_bytes:
+                if not self._aqm.drop_fattest(now):
+                    break
+            self._advance(now)
+            return self._take()
         if self._overflows(entry) and not self._make_room(entry):
             if self._aqm is not None:
                 self._aqm.on_overflow()
@@ -393,6 +464,121 @@ class LinkQueue:
         self._advance(now)
         return self._take()
 
+    def enqueue_run(
+        self,
+        tag: object,
+        plan: GsoPlan,
+        first: int,
+        count: int,
+        now: float,
+        *,
+        latency: float | None = None,
+    ) -> list[Outcome]:
+        """Offer segments ``first .. first + count - 1`` of the super-packet ``plan`` (all
+        arriving at ``now``), each counted, bounded, paced and delivered as a packet of its
+        own; return the outcomes up to ``now``. Drop-tail only (:attr:`runs`): outcomes
+        cover runs of consecutive segments (``first``, ``count``); a run's ``time`` is when
+        its last segment is due, each of them due by the ``now`` that releases it."""
+        if not self._eager:
+            raise ValueError("enqueue_run() is for a drop-tail queue")
+        self._advance(now)
+        now = self._clock
+        lat = self.delay if latency is None else latency
+        server = self.server
+        rate = server.rate if type(server) is RateServer else 0.0
+        instant = type(server) is _Instant
+        limit, limit_bytes = self._limit, self._limit_bytes
+        full = plan.header_len + plan.mss
+        last = plan.count - 1
+        last_size = plan.header_len + plan.payload - last * plan.mss
+        packets, nbytes, free, peak = self.packets, self.bytes, self._free, self.peak
+        end = first + count
+        if (rate or instant) and packets + count <= limit:
+            total = plan.wire_len(first, count)
+            if nbytes + total <= limit_bytes:
+                # All of them fit: their departures in one pass (the loop below would
+                # compute the same times, one segment at a time).
+                start = free if free > now else now
+                if rate:
+                    sizes = [full] * count
+                    if end - 1 == last:
+                        sizes[-1] = last_size
+                    scale = 8 / rate
+                    ends = [start + c * scale for c in accumulate(sizes)]
+                    starts = [start, *ends[:-1]]
+                    dues = [e + lat for e in ends] if lat else ends
+                    free = ends[-1]
+                else:
+                    starts = [start] * count
+                    dues = [start + lat] * count
+                    free = start
+                packets += count
+                self.packets, self.bytes, self._free = packets, nbytes + total, free
+                if packets > peak:
+                    self.peak = packets
+                self._line_run(tag, plan, first, now, dues, starts)
+                self._advance(now)
+                return self._take()
+        dues = []
+        starts = []
+        run_first = first
+        drop_first = -1
+        for i in range(first, end):
+            size = full if i != last else last_size
+            if packets and (packets + 1 > limit or nbytes + size > limit_bytes):
+                if dues:
+                    self._line_run(tag, plan, run_first, now, dues, starts)
+                    dues, starts = [], []
+                if drop_first < 0:
+                    drop_first = i
+                run_first = i + 1
+                continue
+            if drop_first >= 0:
+                self._drop_run(tag, now, drop_first, i - drop_first)
+                drop_first = -1
+            packets += 1
+            nbytes += size
+            if packets > peak:
+                peak = packets
+            start = free if free > now else now
+            if rate:
+                free = start + size * 8 / rate
+            elif instant:
+                free = start
+            else:
+                start = server.ready(start)
+                free = math.inf if start == math.inf else server.finish(size, start)
+            starts.append(start)
+            dues.append(free + lat)
+        if drop_first >= 0:
+            self._drop_run(tag, now, drop_first, end - drop_first)
+        self.packets, self.bytes, self._free, self.peak = packets, nbytes, free, peak
+        if dues:
+            self._line_run(tag, plan, run_first, now, dues, starts)
+        self._advance(now)
+        return self._take()
+
+    def _drop_run(self, tag: object, now: float, first: int, count: int) -> None:
+        """Segments ``first .. first + count - 1`` of a run dropped by the bound."""
+        self.dropped += count
+        self._out.append(
+            Outcome("dropped", b"", tag, now, now, 0.0, math.nan, "limit", first, count)
+        )
+
+    @property
+    def runs(self) -> bool:
+        """It takes runs of segments (:meth:`enqueue_run`): a drop-tail queue."""
+        return self._eager
+
+    def _line_run(
+        self, tag: object, plan: GsoPlan, first: int, arrival: float, dues: list[float],
+        starts: list[float],
+    ) -> None:  # fmt: skip
+        self._seq += 1
+        heapq.heappush(
+            self._line, (dues[0], self._seq, _RunEntry(tag, plan, first, arrival, dues, starts))
+        )
+
     def advance(self, now: float) -> list[Outcome]:
         """Run the model up to ``now``; return the outcomes that happened by then, in order."""
         self._advance(now)
@@ -403,7 +589,7 @@ class LinkQueue:
         due = self._line[0][0] if self._line else math.inf
         if self._busy is not None:
             due = min(due, self._busy_until)
-        elif self._waiting:
+        elif self._waiting_count:
             due = min(due, self._next_start())
         return None if due == math.inf else due
 
@@ -428,7 +614,7 @@ class LinkQueue:
                 self._busy = None
                 self._free = self._busy_until
                 self._propagate(busy, self._busy_until)
-            if not self._waiting:
+            if not self._waiting_count:
                 break
             start = self._next_start()
             if start > now:
@@ -441,11 +627,51 @@ class LinkQueue:
             self._busy_until = server.finish(entry.size, start)
         line = self._line
         while line and line[0][0] <= now:
-            due, _seq, entry = heapq.heappop(line)
-            self._release(entry, due)
+            due, _seq, held = heapq.heappop(line)
+            if isinstance(held, _RunEntry):
+                self._release_run(held, now)
+            else:
+                self._release(held, due)
+
+    def _serve(self, entry: _Entry) -> None:
+        """Drop-tail: ``entry`` starts when the wire is free and the server ready, and goes
+        onto the line at once (nothing can change its times any more)."""
+        server = self.server
+        start = server.ready(max(self._free, entry.arrival))
+        entry.start = start
+        departed = math.inf if start == math.inf else server.finish(entry.size, start)
+        self._free = departed
+        self._propagate(entry, departed)
+
+    def _release_run(self, entry: _RunEntry, now: float) -> None:
+        """The segments of ``entry`` due by ``now``, as one outcome; the rest back onto
+        the line."""
+        dues = entry.dues
+        k = entry.pos
+        j = bisect.bisect_right(dues, now, k)
+        if j == k:  # pragma: no cover - popped only once its next due has come
+            j = k + 1
+        first = entry.first + k
+        n = j - k
+        self.packets -= n
+        self.bytes -= entry.plan.wire_len(first, n)
+        start = entry.starts[k]
+        self._out.append(
+            Outcome(
+                "sent", b"", entry.tag, entry.arrival, dues[j - 1], start - entry.arrival,
+                dues[j - 1], "", first, n,
+            )
+        )  # fmt: skip
+        entry.pos = j
+        if j < len(dues):
+            self._seq += 1
+            heapq.heappush(self._line, (dues[j], self._seq, entry))
 
     def _next_start(self) -> float:
-        head = self._waiting[0]
+        waiting = self._waiting
+        while waiting[0].taken:  # fq_codel serves out of arrival order
+            waiting.popleft()
+        head = waiting[0]
         return self.server.ready(max(self._free, head.arrival))
 
     def _pop(self) -> _Entry | None:
@@ -558,13 +784,14 @@ def _outcome_time(outcome: Outcome) -> float:
 
 
 class PacketQueue:
-    """A :class:`LinkQueue` as the relay uses it (``_link.Queue``): relay ``Packet`` in,
-    ``(Packet, due)`` out, times on ``time.monotonic()``.
+    """A :class:`LinkQueue` as the relay uses it (``_link.Queue``): relay ``Packet`` (or a
+    :class:`~pytest_tunpair._link.link.Run` of segments, drop-tail only) in, ``(item,
+    due)`` out, times on ``time.monotonic()``.
 
-    A packet is sized by :func:`wire_size` (a GSO super-packet counts as its segments and
-    their length on a real wire). What leaves is relabelled: ``"delayed"`` if the link held
-    it at all, ``"marked"`` (in a new ``Packet`` around the CE-marked frame) if ECN marked
-    it; a drop comes back with ``due`` ``None`` and action ``"dropped"``.
+    A packet is sized by :func:`wire_size` (a GSO super-packet passed whole counts as its
+    segments and their length on a real wire). What leaves is relabelled: ``"delayed"`` if
+    the link held it at all, ``"marked"`` (in a new ``Packet`` around the CE-marked frame)
+    if ECN marked it; a drop comes back with ``due`` ``None`` and action ``"dropped"``.
     """
 
     __slots__ = ("_ready", "queue", "vnet_len")
@@ -572,15 +799,27 @@ class PacketQueue:
     def __init__(self, queue: LinkQueue, vnet_len: int) -> None:
         self.queue = queue
         self.vnet_len = vnet_len
-        self._ready: list[tuple[Packet, float | None]] = []
+        self._ready: list[tuple[Item, float | None]] = []
 
-    def enqueue(self, pkt: Packet, now: float, latency: float | None = None) -> list[Packet]:
+    @property
+    def runs(self) -> bool:
+        """It takes runs of segments (drop-tail): the relay hands it those, not packets."""
+        return self.queue.runs
+
+    def enqueue(self, pkt: Item, now: float, latency: float | None = None) -> list[Item]:
         """Take ``pkt`` (read at ``now``; ``latency``: its propagation delay, default the
         queue's ``delay``); return the packets dropped now. What became ready meanwhile
         waits for the next :meth:`dequeue_ready`."""
-        frame = pkt.frame
-        size, count = wire_size(frame, self.vnet_len, tap=self.queue.tap)
-        outcomes = self.queue.enqueue(frame, now, tag=pkt, size=size, count=count, latency=latency)
+        if isinstance(pkt, Packet):
+            frame = pkt.frame
+            size, count = wire_size(frame, self.vnet_len, tap=self.queue.tap)
+            outcomes = self.queue.enqueue(
+                frame, now, tag=pkt, size=size, count=count, latency=latency
+            )
+        else:
+            outcomes = self.queue.enqueue_run(
+                pkt, pkt.plan, pkt.first, pkt.count, now, latency=latency
+            )
         dropped = []
         for outcome in outcomes:
             pkt_out, due = self._convert(outcome)
@@ -590,7 +829,7 @@ class PacketQueue:
                 self._ready.append((pkt_out, due))
         return dropped
 
-    def dequeue_ready(self, now: float) -> list[tuple[Packet, float | None]]:
+    def dequeue_ready(self, now: float) -> list[tuple[Item, float | None]]:
         """Packets due at the far end by ``now`` and packets the AQM dropped by then, in
         order; ``dequeue_ready(math.inf)`` lets the link serve everything it holds."""
         ready, self._ready = self._ready, []
@@ -610,9 +849,20 @@ class PacketQueue:
     def peak(self) -> int:
         return self.queue.peak
 
-    def _convert(self, outcome: Outcome) -> tuple[Packet, float | None]:
+    def _convert(self, outcome: Outcome) -> tuple[Item, float | None]:
         pkt = outcome.tag
-        assert isinstance(pkt, Packet)
+        if not isinstance(pkt, Packet):
+            # A run: the part this outcome covers, relabelled as a packet would be.
+            assert isinstance(pkt, Run)
+            if outcome.action == "dropped":
+                return pkt.part(outcome.first, outcome.count, "dropped"), None
+            action = pkt.action
+            if action == "forwarded" and outcome.time > outcome.arrival:
+                action = "delayed"
+            if outcome.first == pkt.first and outcome.count == pkt.count:
+                pkt.action = action
+                return pkt, outcome.time
+            return pkt.part(outcome.first, outcome.count, action), outcome.time
         if outcome.action == "dropped":
             pkt.action = "dropped"
             return pkt, None
@@ -655,12 +905,17 @@ class _CoDel:
         "interval",
         "lastcount",
         "mtu",
+        "pop",
         "queue",
         "target",
     )
 
-    def __init__(self, queue: LinkQueue, spec: QueueSpec) -> None:
+    def __init__(
+        self, queue: LinkQueue, spec: QueueSpec, pop: Callable[[], _Entry | None] | None = None
+    ) -> None:
         self.queue = queue
+        #: Takes the head of the queue it controls (a flow's, under fq_codel).
+        self.pop = queue._pop if pop is None else pop
         self.target = spec.effective_target
         self.interval = spec.effective_interval
         self.mtu = spec.mtu
@@ -681,7 +936,7 @@ class _CoDel:
 
     def _dodequeue(self, now: float) -> tuple[_Entry | None, bool]:
         """RFC 8289's dodequeue(): the head and whether it is OK to drop it."""
-        entry = self.queue._pop()
+        entry = self.pop()
         if entry is None:
             self.first_above_time = 0.0
             return None, False
@@ -875,3 +1130,124 @@ class _Pie:
         # once the buffer is empty, so an idle link reads as "no delay".
         self.qdelay = now - entry.arrival if self.queue._waiting else 0.0
         return entry
+
+
+class _Flow:
+    """One fq_codel flow queue: its packets, DRR deficit and CoDel state."""
+
+    __slots__ = ("backlog", "codel", "deficit", "entries", "listed")
+
+    def __init__(self, queue: LinkQueue, spec: QueueSpec) -> None:
+        self.entries: deque[_Entry] = deque()
+        self.backlog = 0  # bytes waiting
+        self.deficit = 0
+        self.listed = False  # on the new or the old list
+        self.codel = _CoDel(queue, spec, self.pop)
+        self.codel.queue = queue
+
+    def pop(self) -> _Entry | None:
+        if not self.entries:
+            return None
+        entry = self.entries.popleft()
+        self.backlog -= entry.size
+        entry.taken = True
+        queue = self.codel.queue
+        queue._waiting_bytes -= entry.size
+        queue._waiting_count -= entry.count
+        return entry
+
+
+class _FqCoDel:
+    """RFC 8290: packets hashed by their 5-tuple (with a seeded perturbation) into
+    ``flows`` queues, each under its own CoDel (RFC 8289), served by deficit round robin
+    with a ``quantum`` of bytes: flows that just became active (the new list) go before
+    the others (the old list), so a sparse flow's packets skip the bulk flows' queues. At
+    the bound, packets are dropped from the head of the flow with the largest backlog
+    (Linux's fq_codel_drop), not from the arriving flow."""
+
+    __slots__ = ("flows", "new", "old", "perturbation", "quantum", "queue", "spec", "table")
+
+    def __init__(self, queue: LinkQueue, spec: QueueSpec, perturbation: int) -> None:
+        self.queue = queue
+        self.spec = spec
+        self.flows = spec.flows
+        self.quantum = spec.effective_quantum
+        self.perturbation = perturbation
+        self.table: dict[int, _Flow] = {}  # flow queues made when first used
+        self.new: deque[_Flow] = deque()
+        self.old: deque[_Flow] = deque()
+
+    def classify(self, data: bytes) -> int:
+        """The flow queue of a packet: its 5-tuple hashed with the perturbation (a packet
+        that is not TCP/UDP/... hashes by addresses and protocol)."""
+        queue = self.queue
+        f = _h.parse(data, queue.offset, "tap" if queue.tap else "tun")
+        src = _h.packed_address(data, f, 0) or b""
+        dst = _h.packed_address(data, f, 1) or b""
+        key = b"%b|%b|%d|%d|%d" % (
+            src,
+            dst,
+            f[_h.IP_PROTO] or 0,
+            f[_h.SPORT] or 0,
+            f[_h.DPORT] or 0,
+        )
+        return zlib.crc32(key, self.perturbation) % self.flows
+
+    def on_enqueue(self, entry: _Entry, now: float) -> None:
+        index = self.classify(entry.data)
+        flow = self.table.get(index)
+        if flow is None:
+            flow = self.table[index] = _Flow(self.queue, self.spec)
+        entry.flow = flow
+        flow.entries.append(entry)
+        flow.backlog += entry.size
+        if not flow.listed:  # RFC 8290 4.1.1: a newly active flow joins the new list
+            flow.listed = True
+            flow.deficit = self.quantum
+            self.new.append(flow)
+
+    def on_overflow(self) -> None:
+        pass
+
+    def drop_fattest(self, now: float) -> bool:
+        """Drop the head of the flow queue holding the most bytes; False if none waits."""
+        fattest = max(self.table.values(), key=_backlog, default=None)
+        if fattest is None or not fattest.entries:
+            return False
+        entry = fattest.pop()
+        assert entry is not None
+        self.queue._drop_waiting(entry, now, "limit")
+        return True
+
+    def on_dequeue(self, now: float) -> _Entry | None:
+        """RFC 8290 4.1.2: the next packet by DRR over the new, then the old list."""
+        new, old = self.new, self.old
+        while True:
+            if new:
+                flows = new
+            elif old:
+                flows = old
+            else:
+                return None
+            flow = flows[0]
+            if flow.deficit <= 0:
+                flow.deficit += self.quantum
+                flows.popleft()
+                old.append(flow)
+                continue
+            entry = flow.codel.on_dequeue(now)
+            if entry is None:
+                flows.popleft()
+                # An emptied new flow goes through the old list once before it is
+                # forgotten (RFC 8290 4.1.2): it cannot starve the old ones by coming back.
+                if flows is new and old:
+                    old.append(flow)
+                else:
+                    flow.listed = False
+                continue
+            flow.deficit -= entry.size
+            return entry
+
+
+def _backlog(flow: _Flow) -> int:
+    return flow.backlog

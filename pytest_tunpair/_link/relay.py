@@ -40,16 +40,20 @@ import select
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import HookError
 from .._kernel.timer import Timer, set_timer_slack
 from .._packets.capture import Capture
-from .._packets.packet import Packet
+from .._packets.packet import Packet, SegmentGroup
 from .._wire import gso as _gso
+from .._wire.ecn import ecn_codepoint
+from .._wire.numbers import ECN_CE, ECN_ECT0, ECN_ECT1
 from .counters import Stats
 from .hooks import Hook, HookFailure, HookWorker, Result
-from .link import Divert, Link, Queue, Rule
+from .impair import RUN_LOST, RUN_MARK
+from .link import Divert, Item, Link, Queue, Rule, Run
 
 if TYPE_CHECKING:
     from .impair import Emit, ImpairmentEngine
@@ -124,7 +128,7 @@ _TAKEN = 3  # record only; count it delivered (taken by the divert function)
 _INJECT = 4  # write to the link's destination, recorded as given (Relay.write); not counted
 _REPLACED = 5  # record only; not counted (a rule forwarded other frames in its place)
 
-_Out = tuple[Packet, bytes, Link, int]
+_Out = tuple[Item, bytes | None, Link, int]
 
 
 class Relay:
@@ -152,8 +156,11 @@ class Relay:
         }
         self._sides = {"a": self.links["b->a"], "b": self.links["a->b"]}
         # Changes the relay thread applies before it reads another packet:
-        # ("engine" | "queue", direction) -> the new one.
-        self._swaps: dict[tuple[str, str], Any] = {}
+        # ("engine" | "queue" | "split" | "class", direction, class name or None) -> the
+        # new one.
+        self._swaps: dict[tuple[str, str, str | None], Any] = {}
+        # Class links taken off their direction that still hold packets (served to the end).
+        self._retired: list[Link] = []
         self._swap_lock = threading.Lock()
         # Serialises the test threads' read-modify-write of the copy-on-write tuples.
         self._edit_lock = threading.Lock()
@@ -254,25 +261,77 @@ class Relay:
         switching off impairments never loses a packet.
         """
         with self._swap_lock:
-            self._swaps["engine", direction] = engine
+            self._swaps["engine", direction, None] = engine
+        self.wake()
+
+    def set_split(self, direction: str, split: bool) -> None:
+        """Decide per wire packet on ``direction`` (``True``): GSO super-packets are split
+        into their segments before the engine and the queue. Applied with the engine and
+        queue swaps asked for before it, before the next packet is read."""
+        with self._swap_lock:
+            self._swaps["split", direction, None] = split
         self.wake()
 
     def set_queue(self, direction: str, queue: Queue | None) -> None:
         """Replace a direction's bottleneck queue (``None``: none). As with
         :meth:`set_engine`, what the old queue holds is released, not lost."""
         with self._swap_lock:
-            self._swaps["queue", direction] = queue
+            self._swaps["queue", direction, None] = queue
         self.wake()
 
-    def queued(self, direction: str) -> int:
-        """Packets ``direction``'s queue holds now (0 without one); any thread may ask."""
-        queue = self.links[direction].queue
+    def set_class(
+        self,
+        direction: str,
+        name: str,
+        match: Callable[[Packet], object],
+        engine: ImpairmentEngine | None,
+        queue: Queue | None,
+        split: bool,
+    ) -> None:
+        """Give the packets of ``direction`` that ``match`` takes (after the rules, before
+        the engine) a link of their own: ``engine``, ``queue``, per-segment or not,
+        counted under ``stats[direction]["classes"][name]``. A class of that name is
+        replaced in place (what its old engine and queue hold is released, as with
+        :meth:`set_engine`); a new one goes after the others."""
+        with self._swap_lock:
+            self._swaps["class", direction, name] = (match, engine, queue, split)
+        self.wake()
+
+    def remove_class(self, direction: str, name: str) -> None:
+        """Take class ``name`` off ``direction``: its packets get the direction's own link
+        again; what it holds is served to the end."""
+        with self._swap_lock:
+            self._swaps["class", direction, name] = None
+        self.wake()
+
+    def class_names(self, direction: str) -> tuple[str, ...]:
+        """The classes on ``direction`` now, in the order they are tried."""
+        return tuple(c.name or "" for c in self.links[direction].classes)
+
+    def queued(self, direction: str, name: str | None = None) -> int:
+        """Packets ``direction``'s queue (or its class ``name``'s) holds now (0 without
+        one); any thread may ask."""
+        link = self.links[direction]
+        if name is not None:
+            link = next((c for c in link.classes if c.name == name), link)
+            if link.name != name:
+                return 0
+        queue = link.queue
         return len(queue) if queue is not None else 0
+
+    def _all_links(self) -> list[Link]:
+        """Every link with something to run: the directions', their classes', retired ones."""
+        out: list[Link] = []
+        for link in self.links.values():
+            out.append(link)
+            out.extend(link.classes)
+        out.extend(self._retired)
+        return out
 
     def pending(self) -> int:
         """Packets held anywhere in the relay now: with a hook worker, in an engine or a
         queue, on a delay timer. (Packets still in a device's own queue are not counted.)"""
-        return sum(link.pending() for link in self.links.values())
+        return sum(link.pending() for link in self._all_links())
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait, while the relay runs, until :meth:`pending` is 0; False after ``timeout``
@@ -420,7 +479,7 @@ class Relay:
     def _deadline(self) -> float | None:
         """The one source of the loop's timeout: the earliest of the links' deadlines."""
         due = None
-        for link in self.links.values():
+        for link in self._all_links():
             if link.timers or link.engine is not None or link.queue is not None:
                 d = link.deadline()
                 if d is not None and (due is None or d < due):
@@ -685,10 +744,28 @@ class Relay:
         """The rules from ``first_rule`` on, then the engine and the queue, for one packet."""
         if len(link.rules) > first_rule and self._apply_rules(link, out, frame, now, first_rule):
             return
+        if link.classes:
+            link = self._classify(link, out)
+        if link.split and len(frame_hdr) >= _gso.VIRTIO_NET_HDR_LEN and frame_hdr[1]:
+            # A GSO super-packet (gso_type set) on a per-segment link.
+            plan = _gso.plan(frame, len(frame_hdr), self.mode)
+            if plan is not None:
+                self._split(link, out, plan, action, now)
+                return
         engine = link.engine
         if engine is None:
             self._forward(link, out, frame, now, now)
             return
+        if frame_hdr and frame_hdr[0] & _gso.VIRTIO_NET_HDR_F_NEEDS_CSUM and not frame_hdr[1]:
+            # Offload on: the checksum is the receiving device's to finish. The engine may
+            # change the bytes (corrupt, mark) or hold them past this header (reorder), so
+            # it gets the packet a wire would carry: checksum done, no offload work left.
+            payload = _gso.finish_checksum(frame, len(frame_hdr))
+            frame_hdr = _gso.ZERO_VNET_HDR
+            frame = frame_hdr + payload
+            out = Packet(
+                out.arrival, link.direction, action, frame, len(frame_hdr), self.mode, out.arrival
+            )
         emits = engine.submit(payload, now)
         if not emits:  # held back for reordering: remember when it came
             link.held_arrival = out.arrival
@@ -696,6 +773,64 @@ class Relay:
         for emit in emits:
             arrival = link.held_arrival if emit.action == "reordered" else out.arrival
             self._emit(link, emit, payload, frame_hdr, now, action, arrival)
+
+    def _classify(self, link: Link, pkt: Packet) -> Link:
+        """The class of ``link`` whose ``match`` takes ``pkt`` first, else ``link``."""
+        for cls in link.classes:
+            match = cls.match
+            try:
+                if match is not None and match(pkt):
+                    return cls
+            except Exception as exc:
+                exc.add_note(
+                    f"(raised by the match of class {cls.name!r} on {link.direction}; the "
+                    "packet did not match)"
+                )
+                self._add_error(exc)
+        return link
+
+    def _split(self, link: Link, pkt: Packet, plan: _gso.GsoPlan, action: str, now: float) -> None:
+        """The engine and the queue for each segment of the super-packet ``pkt``.
+
+        With loss (and ECN) as the only random effect and a drop-tail queue (or none),
+        runs of segments move on together (:class:`~pytest_tunpair._link.link.Run`): each
+        segment is decided and paced on its own, and those that share their fate and
+        leave in the same flush go out in one write. Otherwise (an AQM, corruption,
+        duplication, reordering, jitter) each segment becomes a packet of its own, as the
+        kernel would have sent it with offload off.
+        """
+        engine = link.engine
+        queue = link.queue
+        if (engine is None or engine.runs) and (queue is None or queue.runs):
+            if engine is None:
+                self._forward(link, Run(pkt, plan, 0, plan.count, action), None, now, now)
+                return
+            ect = ecn_codepoint(pkt.frame, len(pkt.vnet_header), tap=self.mode == "tap") in (
+                ECN_ECT0, ECN_ECT1, ECN_CE,
+            )  # fmt: skip
+            latency, runs = engine.submit_run(plan.count, now, ect=ect)
+            keep = _merge(action, "delayed" if latency > 0.0 else "forwarded")
+            for first, count, kind in runs:
+                if kind == RUN_LOST:
+                    self._out.append((Run(pkt, plan, first, count, "lost"), None, link, _DROP))
+                    continue
+                if kind == RUN_MARK:
+                    run = Run(pkt, plan, first, count, _merge(action, "marked"), ce=True)
+                else:
+                    run = Run(pkt, plan, first, count, keep)
+                self._forward(link, run, None, now + latency, now, latency)
+            return
+        dst_hdr = link.dst.hdr_len
+        zero = _gso.ZERO_VNET_HDR if dst_hdr else b""
+        rules = len(link.rules)
+        source = pkt.frame
+        for i in range(plan.count):
+            data = _gso.segments(source, plan, i, 1, vnet=False, partial=False)
+            frame = zero + data
+            seg = Packet(
+                pkt.arrival, link.direction, action, frame, dst_hdr, self.mode, pkt.arrival
+            )
+            self._after_rules(link, seg, frame, data, zero, action, now, rules)
 
     def _apply_rules(
         self, link: Link, pkt: Packet, frame: bytes, now: float, first_rule: int = 0
@@ -760,8 +895,8 @@ class Relay:
     def _forward(
         self,
         link: Link,
-        pkt: Packet,
-        frame: bytes,
+        pkt: Item,
+        frame: bytes | None,
         due: float,
         now: float,
         latency: float | None = None,
@@ -771,7 +906,7 @@ class Relay:
         queue = link.queue
         if queue is not None:
             for dropped in queue.enqueue(pkt, now, latency):
-                self._out.append((dropped, dropped.frame, link, _DROP))
+                self._out.append((dropped, None, link, _DROP))
             if len(queue) > link.counters.queue_peak:
                 link.counters.queue_peak = queue.peak
             self._dequeue(link, queue, now)
@@ -782,12 +917,13 @@ class Relay:
         """What the queue made ready by ``until`` (default ``now``): onto the timers (or out
         now), or recorded as dropped."""
         for pkt, at in queue.dequeue_ready(now if until is None else until):
+            frame = pkt.frame if isinstance(pkt, Packet) else None
             if at is None:
-                self._out.append((pkt, pkt.frame, link, _DROP))
+                self._out.append((pkt, frame, link, _DROP))
             else:
-                self._schedule(link, pkt, pkt.frame, at, now)
+                self._schedule(link, pkt, frame, at, now)
 
-    def _schedule(self, link: Link, pkt: Packet, frame: bytes, due: float, now: float) -> None:
+    def _schedule(self, link: Link, pkt: Item, frame: bytes | None, due: float, now: float) -> None:
         # Straight out only when nothing is waiting: a timer due earlier must not be
         # overtaken by a packet that happens to be due now.
         if due <= now and not link.timers:
@@ -799,9 +935,15 @@ class Relay:
         with self._swap_lock:
             swaps, self._swaps = self._swaps, {}
         now = time.monotonic()
-        for (kind, direction), new in swaps.items():
+        for (kind, direction, name), new in swaps.items():
             link = self.links[direction]
-            if kind == "engine":
+            if kind == "class":
+                assert name is not None
+                self._swap_class(link, name, new, now)
+                continue
+            if kind == "split":
+                link.split = bool(new)
+            elif kind == "engine":
                 old_engine, link.engine = link.engine, new
                 if old_engine is not None:
                     # Release what the old engine held back (reorder): with their own due
@@ -814,6 +956,39 @@ class Relay:
                     self._dequeue(link, old_queue, now, math.inf)
         self._flush()
 
+    def _swap_class(self, link: Link, name: str, new: Any, now: float) -> None:
+        old = next((c for c in link.classes if c.name == name), None)
+        if new is None:
+            if old is None:
+                return
+            link.classes = tuple(c for c in link.classes if c is not old)
+            self._release(old, None, None, now)
+            if old.pending():
+                self._retired.append(old)
+            return
+        match, engine, queue, split = new
+        if old is None:
+            old = Link(
+                link.direction, link.src, link.dst, self.stats.of_class(link.direction, name)
+            )
+            old.name = name
+            link.classes = (*link.classes, old)
+        old.match = match
+        old.split = split
+        self._release(old, engine, queue, now)
+
+    def _release(
+        self, link: Link, engine: ImpairmentEngine | None, queue: Queue | None, now: float
+    ) -> None:
+        """Put ``engine`` and ``queue`` on ``link``; what the old ones hold goes on, on
+        their own schedule (its timers)."""
+        old_engine, link.engine = link.engine, engine
+        if old_engine is not None:
+            self._expire(link, old_engine, math.inf, now)
+        old_queue, link.queue = link.queue, queue
+        if old_queue is not None:
+            self._dequeue(link, old_queue, now, math.inf)
+
     def _expire(self, link: Link, engine: ImpairmentEngine, until: float, now: float) -> None:
         zero = _gso.ZERO_VNET_HDR if link.dst.hdr_len else b""
         for emit in engine.expire(until):
@@ -823,7 +998,7 @@ class Relay:
     def _run_timers(self) -> None:
         now = time.monotonic()
         out = self._out
-        for link in self.links.values():
+        for link in self._all_links():
             engine = link.engine
             if engine is not None:
                 d = engine.deadline()
@@ -837,60 +1012,130 @@ class Relay:
             if link.timers:
                 for pkt, frame in link.pop_due(now):
                     out.append((pkt, frame, link, _WRITE))
+        if self._retired:
+            self._retired = [link for link in self._retired if link.pending()]
         self._flush()
 
     def _flush(self) -> None:
         """Record and write what the stages made ready, in one critical section (see
-        :meth:`_service`); then raise the hook errors, which name the recorded packets."""
+        :meth:`_service`); then raise the hook errors, which name the recorded packets.
+
+        A run of segments is recorded as its segments and written as one frame (made
+        before the lock is taken): :meth:`_flush_runs`; without runs, the per-packet loop
+        as it always was."""
         out = self._out
         if out:
             self._out = []
-            capture = self.capture
-            with capture.lock:
-                t = time.monotonic() - capture.t0
-                for entry in out:
-                    entry[0].time = t
-                capture.record_locked([entry[0] for entry in out])
-                for pkt, frame, link, kind in out:
-                    c = link.counters
-                    if kind == _DROP:
-                        c.dropped += 1
-                        continue
-                    if kind == _REPLACED:
-                        continue
-                    if kind == _TAKEN:
-                        c.packets += 1
-                        c.bytes += pkt.wire_len
-                        continue
-                    dev = link.src if kind == _REPLY else link.dst
-                    try:
-                        fd = dev.fd
-                        if fd is None:
-                            raise OSError(errno.EBADFD, "device closed")
-                        os.write(fd, frame)
-                    except OSError as exc:
-                        if exc.errno not in _DROP_ERRNOS:
-                            raise
-                        pkt.action = "dropped"
-                        if kind == _WRITE:
-                            c.dropped += 1
-                        continue
-                    if kind == _WRITE:
-                        c.packets += 1
-                        c.bytes += pkt.wire_len
-                        if pkt.action == "marked":
-                            c.marked += 1
+            if any(type(entry[0]) is Run for entry in out):
+                self._flush_runs(out)
+            else:
+                self._flush_packets(out)  # type: ignore[arg-type]
         if self._failures:
             failures, self._failures = self._failures, []
             for failure, pkt in failures:
                 self._add_error(_hook_error(failure, pkt))
+
+    def _flush_packets(self, out: list[tuple[Packet, bytes | None, Link, int]]) -> None:
+        capture = self.capture
+        with capture.lock:
+            t = time.monotonic() - capture.t0
+            for entry in out:
+                entry[0].time = t
+            capture.record_locked([entry[0] for entry in out])
+            for pkt, frame, link, kind in out:
+                c = link.counters
+                if kind == _DROP:
+                    c.dropped += 1
+                    continue
+                if kind == _REPLACED:
+                    continue
+                if kind == _TAKEN:
+                    c.packets += 1
+                    c.bytes += pkt.wire_len
+                    continue
+                dev = link.src if kind == _REPLY else link.dst
+                try:
+                    fd = dev.fd
+                    if fd is None:
+                        raise OSError(errno.EBADFD, "device closed")
+                    os.write(fd, pkt.frame if frame is None else frame)
+                except OSError as exc:
+                    if exc.errno not in _DROP_ERRNOS:
+                        raise
+                    pkt.action = "dropped"
+                    if kind == _WRITE:
+                        c.dropped += 1
+                    continue
+                if kind == _WRITE:
+                    c.packets += 1
+                    c.bytes += pkt.wire_len
+                    if pkt.action == "marked":
+                        c.marked += 1
+
+    def _flush_runs(self, out: list[_Out]) -> None:
+        frames: dict[int, tuple[bytes, memoryview]] = {}
+        for index, entry in enumerate(out):
+            run = entry[0]
+            if type(run) is Run and entry[3] == _WRITE:
+                frames[index] = run.frame()
+        capture = self.capture
+        with capture.lock:
+            t = time.monotonic() - capture.t0
+            records: list[Packet | SegmentGroup] = []
+            runs: dict[int, SegmentGroup] = {}
+            for index, entry in enumerate(out):
+                item = entry[0]
+                if isinstance(item, Run):
+                    group = runs[index] = item.record(t)
+                    records.append(group)
+                else:
+                    item.time = t
+                    records.append(item)
+            capture.record_locked(records)
+            for index, (item, frame, link, kind) in enumerate(out):
+                c = link.counters
+                is_run = isinstance(item, Run)
+                count = item.count if isinstance(item, Run) else 1
+                if kind == _DROP:
+                    c.dropped += count
+                    continue
+                if kind == _REPLACED:
+                    continue
+                if kind == _TAKEN:
+                    c.packets += 1
+                    c.bytes += item.wire_len
+                    continue
+                dev = link.src if kind == _REPLY else link.dst
+                try:
+                    fd = dev.fd
+                    if fd is None:
+                        raise OSError(errno.EBADFD, "device closed")
+                    if isinstance(item, Run):
+                        os.writev(fd, frames[index])  # one packet: TUN takes a writev whole
+                    else:
+                        os.write(fd, item.frame if frame is None else frame)
+                except OSError as exc:
+                    if exc.errno not in _DROP_ERRNOS:
+                        raise
+                    if is_run:
+                        runs[index].action = "dropped"
+                    else:
+                        item.action = "dropped"
+                    if kind == _WRITE:
+                        c.dropped += count
+                    continue
+                if kind == _WRITE:
+                    c.packets += count
+                    c.bytes += item.wire_len
+                    if item.action == "marked":
+                        c.marked += count
 
     def _discard_in_flight(self) -> None:
         """At stop (threads joined): record what never reached the other device."""
         self._out = []
         out = self._out
         t = time.monotonic() - self.capture.t0
-        for link in self.links.values():
+        for link in self._all_links():
             hdr = link.dst.hdr_len
             zero = _gso.ZERO_VNET_HDR if hdr else b""
             if link.engine is not None:
@@ -898,14 +1143,14 @@ class Relay:
                     pkt = Packet(t, link.direction, "dropped", zero + emit.data, hdr, self.mode)
                     out.append((pkt, pkt.frame, link, _DROP))
             if link.queue is not None:
-                for pkt, at in link.queue.dequeue_ready(math.inf):
+                for held, at in link.queue.dequeue_ready(math.inf):
                     if at is None:
-                        out.append((pkt, pkt.frame, link, _DROP))
+                        out.append((held, None, link, _DROP))
                     else:
-                        link.schedule(math.inf, pkt, pkt.frame)
-            for _due, _seq, pkt, frame in sorted(link.timers, key=lambda e: e[:2]):
-                pkt.action = "dropped"
-                out.append((pkt, frame, link, _DROP))
+                        link.schedule(math.inf, held, None)
+            for _due, _seq, late, frame in sorted(link.timers, key=lambda e: e[:2]):
+                late.action = "dropped"
+                out.append((late, frame, link, _DROP))
             link.timers.clear()
         for link, pkt, _outputs, failure in self.done:
             if failure is not None:

@@ -21,7 +21,7 @@ from . import flows as _flows
 from . import match as _match
 from . import plot as _plot
 from .flows import Flow
-from .packet import DIRECTIONS, Packet, trace
+from .packet import DIRECTIONS, Packet, SegmentGroup, kept_len, trace
 from .pcap import FORMATS, write_pcap, write_pcapng
 
 if TYPE_CHECKING:
@@ -52,6 +52,10 @@ def _waits(seconds: object) -> bool:
 
 def _no_keylog() -> None:
     return None
+
+
+def _packets_of(item: Packet | SegmentGroup) -> list[Packet]:
+    return item.expand() if type(item) is SegmentGroup else [item]  # type: ignore[list-item]
 
 
 class Capture(Sequence[Packet]):
@@ -90,7 +94,12 @@ class Capture(Sequence[Packet]):
         """Keep only the first N bytes of each packet (``len(packet)`` stays the wire length);
         ``None``: whole packets.
         """
-        self._packets: deque[Packet] = deque()
+        # Packets, and groups of segments a per-segment link recorded at once: a group is
+        # expanded into its packets by the first reader (_expand), off the relay's hot path.
+        self._packets: deque[Packet | SegmentGroup] = deque()
+        self._count = 0  # packets kept (a group counts as its segments)
+        self._groups = 0  # groups not expanded yet
+        self._first_group = 0  # seq of the oldest of them
         self._bytes = 0
         self._next_seq = 0
         self._waiters = 0
@@ -126,8 +135,9 @@ class Capture(Sequence[Packet]):
         with self._cond:
             self.record_locked((pkt,))
 
-    def record_locked(self, pkts: Sequence[Packet]) -> None:
-        """Append packets in order; the caller holds :attr:`lock`.
+    def record_locked(self, pkts: Sequence[Packet | SegmentGroup]) -> None:
+        """Append packets (and groups of segments, each standing for its ``count``
+        packets) in order; the caller holds :attr:`lock`.
 
         Cuts to ``snaplen`` and enforces the bounds. ``capture_bytes`` is charged what the
         kept packets cost the process, not just their bytes: :data:`PACKET_OVERHEAD` per
@@ -137,7 +147,10 @@ class Capture(Sequence[Packet]):
         """
         snaplen = self.snaplen
         if snaplen is not None:
+            if self._groups or any(type(p) is SegmentGroup for p in pkts):
+                pkts = [q for p in pkts for q in _packets_of(p)]
             for pkt in pkts:
+                assert isinstance(pkt, Packet)
                 if pkt.wire_len > snaplen:
                     # A copy of the first bytes: the relay writes its own reference to the
                     # whole buffer, which is then freed.
@@ -145,38 +158,81 @@ class Capture(Sequence[Packet]):
                     pkt._data = None if pkt._off else pkt._raw
         size = 0
         seq = self._next_seq
+        count = 0
         for pkt in pkts:
             pkt.seq = seq
-            seq += 1
-            size += len(pkt._raw)
+            if type(pkt) is SegmentGroup:
+                if not self._groups:
+                    self._first_group = seq
+                self._groups += 1
+                seq += pkt.count
+                count += pkt.count
+                size += pkt.kept
+            else:
+                seq += 1
+                count += 1
+                size += kept_len(pkt)  # type: ignore[arg-type]
         self._next_seq = seq
+        self._count += count
         packets = self._packets
         packets.extend(pkts)
         self._bytes += size
         if self.max_packets is not None:
-            while len(packets) > self.max_packets:
-                self._bytes -= len(packets.popleft()._raw)
-                self.evicted += 1
+            while self._count > self.max_packets:
+                self._evict(self._count - self.max_packets)
         budget = self.capture_bytes
         if budget is not None:
             while (
                 packets
-                and self._bytes + (self._bytes >> SLACK_SHIFT) + len(packets) * PACKET_OVERHEAD
+                and self._bytes + (self._bytes >> SLACK_SHIFT) + self._count * PACKET_OVERHEAD
                 > budget
             ):
-                self._bytes -= len(packets.popleft()._raw)
-                self.evicted += 1
+                self._evict(None)
         if self._waiters:
             # Waiters wake once the caller releases the lock: after the batch's writes.
             self._cond.notify_all()
 
+    def _evict(self, at_most: int | None) -> None:
+        """Forget the oldest entry: a group whole if that is not more than ``at_most``
+        packets (``None``: any group), else its first packet."""
+        packets = self._packets
+        old = packets.popleft()
+        if type(old) is SegmentGroup:
+            self._groups -= 1
+            if at_most is not None and old.count > at_most:
+                expanded = old.expand()
+                packets.extendleft(reversed(expanded[1:]))
+                old = expanded[0]
+            else:
+                self._bytes -= old.kept
+                self._count -= old.count
+                self.evicted += old.count
+                return
+        self._bytes -= kept_len(old)  # type: ignore[arg-type]
+        self._count -= 1
+        self.evicted += 1
+
+    def _expand(self) -> deque[Packet]:
+        """The kept packets, every group expanded (caller holds the lock). Packets before
+        the oldest group are numbered consecutively, so it is one subtraction away."""
+        packets = self._packets
+        if self._groups:
+            start = self._first_group - packets[0].seq if packets else 0
+            if start < 0 or start > len(packets):
+                start = 0
+            tail = [packets.pop() for _ in range(len(packets) - start)]
+            for item in reversed(tail):
+                packets.extend(_packets_of(item))
+            self._groups = 0
+        return packets  # type: ignore[return-value]
+
     # -- sequence protocol ----------------------------------------------------------------
     def _snapshot(self) -> list[Packet]:
         with self._cond:
-            return list(self._packets)
+            return list(self._expand())
 
     def __len__(self) -> int:
-        return len(self._packets)
+        return self._count
 
     def __iter__(self) -> Iterator[Packet]:
         return iter(self._snapshot())
@@ -202,12 +258,13 @@ class Capture(Sequence[Packet]):
     def __getitem__(self, index: slice) -> list[Packet]: ...
     def __getitem__(self, index: int | slice) -> Packet | list[Packet]:
         with self._cond:
+            packets = self._expand()
             if isinstance(index, slice):
-                return list(self._packets)[index]
-            return self._packets[index]
+                return list(packets)[index]
+            return packets[index]
 
     def __bool__(self) -> bool:
-        return bool(self._packets)
+        return self._count > 0
 
     def __repr__(self) -> str:
         extra = f", {self.evicted} older not kept" if self.evicted else ""
@@ -226,6 +283,7 @@ class Capture(Sequence[Packet]):
         """
         with self._cond:
             self._packets.clear()
+            self._count = self._groups = 0
             self._bytes = 0
             self.evicted = 0
 
@@ -261,7 +319,8 @@ class Capture(Sequence[Packet]):
             out.evicted = max(0, min(first, self._next_seq) - start)
             out._next_seq = self._next_seq
         out._packets.extend(packets)
-        out._bytes = sum(len(p._raw) for p in packets)
+        out._count = len(packets)
+        out._bytes = sum(kept_len(p) for p in packets)
         return out
 
     def _since(self, seq: int) -> list[Packet]:
@@ -270,7 +329,7 @@ class Capture(Sequence[Packet]):
         Sequence numbers are consecutive in the deque (assigned under the lock; bounds and
         ``clear`` only ever remove from the left), so the start is one subtraction away.
         """
-        packets = self._packets
+        packets = self._expand()
         if not packets:
             return []
         start = max(0, seq + 1 - packets[0].seq)

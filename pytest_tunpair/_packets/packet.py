@@ -17,7 +17,18 @@ from .._wire import gso as _gso
 from .._wire import headers as _h
 from .._wire.numbers import ECN_NAMES, PROTO_NAMES
 
-__all__ = ["DELIVERED", "DIRECTIONS", "FIELDS", "GsoInfo", "Packet", "parsed", "trace"]
+__all__ = [
+    "DELIVERED",
+    "DIRECTIONS",
+    "FIELDS",
+    "GsoInfo",
+    "Packet",
+    "SegmentGroup",
+    "kept_len",
+    "parsed",
+    "segment_records",
+    "trace",
+]
 
 DIRECTIONS = ("a->b", "b->a")
 #: Actions of packets that reached the receiving side: written to the other device (or,
@@ -404,6 +415,165 @@ class Packet:
             f"<Packet {number} t={self.time:.6f} {self.direction} {self.action} "
             f"{self.wire_len} bytes>"
         )
+
+
+class _Segment(Packet):
+    """One wire-sized segment of a GSO super-packet the relay split (a per-segment link),
+    recorded without its bytes: they are made from the super-packet on first use, with a
+    full TCP checksum and no offload work left (as a wire carries it, and as the kernel
+    sends it with offload off). Everything else is a ``Packet``'s."""
+
+    __slots__ = ("_built", "_ce", "_index", "_plan", "_source")
+    _built: bytes | None
+    _ce: bool
+    _index: int
+    _plan: _gso.GsoPlan
+    _source: bytes
+
+    @property
+    def _raw(self) -> bytes:
+        built = self._built
+        if built is None:
+            data = _gso.segments(
+                self._source, self._plan, self._index, 1, vnet=False, partial=False, ce=self._ce
+            )
+            built = self._built = bytes(self._off) + data if self._off else data
+        return built
+
+    @_raw.setter
+    def _raw(self, value: bytes) -> None:
+        self._built = value
+
+
+def segment_records(
+    source: bytes,
+    plan: _gso.GsoPlan,
+    first: int,
+    count: int,
+    *,
+    off: int,
+    mode: str,
+    direction: str,
+    action: str,
+    arrival: float,
+    time: float,
+    ce: bool = False,
+) -> list[Packet]:
+    """The records of segments ``first .. first + count - 1`` of the super-packet
+    ``source`` (as read, virtio-net header included): one ``Packet`` each, its bytes made
+    on first use. ``off``: the virtio-net header length records carry (zeroed)."""
+    new = _Segment.__new__
+    header_len = plan.header_len
+    mss = plan.mss
+    payload = plan.payload
+    out: list[Packet] = []
+    for i in range(first, first + count):
+        p = new(_Segment)
+        p.time = time
+        p.arrival = arrival
+        p.direction = direction
+        p.action = action
+        p._built = None
+        p._source = source
+        p._plan = plan
+        p._index = i
+        p._ce = ce
+        p._off = off
+        p._data = None
+        p._scapy = None
+        p._f = None
+        p.mode = mode
+        p.wire_len = header_len + min(mss, payload - i * mss)
+        p.seq = -1
+        out.append(p)
+    return out
+
+
+class SegmentGroup:
+    """Segments of one super-packet recorded at once, as one entry of the capture: what a
+    per-segment link records in its hot path instead of one ``Packet`` per segment. The
+    capture expands it into those packets (:meth:`expand`, numbered from ``seq``) the
+    first time anyone reads it, in the reader's thread."""
+
+    __slots__ = (
+        "action",
+        "arrival",
+        "ce",
+        "count",
+        "direction",
+        "first",
+        "mode",
+        "off",
+        "plan",
+        "seq",
+        "source",
+        "time",
+        "wire_len",
+    )
+
+    def __init__(
+        self,
+        source: bytes,
+        plan: _gso.GsoPlan,
+        first: int,
+        count: int,
+        *,
+        off: int,
+        mode: str,
+        direction: str,
+        action: str,
+        arrival: float,
+        time: float,
+        ce: bool = False,
+    ) -> None:
+        self.source = source
+        self.plan = plan
+        self.first = first
+        #: How many packets (segments) it stands for.
+        self.count = count
+        self.off = off
+        self.mode = mode
+        self.direction = direction
+        self.action = action
+        self.arrival = arrival
+        self.time = time
+        self.ce = ce
+        self.seq = -1
+        #: Their bytes on the wire.
+        self.wire_len = plan.wire_len(first, count)
+
+    @property
+    def kept(self) -> int:
+        """What its packets' records hold (virtio-net headers included)."""
+        return self.count * self.off + self.wire_len
+
+    def expand(self) -> list[Packet]:
+        """Its packets, numbered ``seq``, ``seq + 1``, ..."""
+        out = segment_records(
+            self.source,
+            self.plan,
+            self.first,
+            self.count,
+            off=self.off,
+            mode=self.mode,
+            direction=self.direction,
+            action=self.action,
+            arrival=self.arrival,
+            time=self.time,
+            ce=self.ce,
+        )
+        seq = self.seq
+        for p in out:
+            p.seq = seq
+            seq += 1
+        return out
+
+
+def kept_len(p: Packet) -> int:
+    """Bytes ``p``'s record holds (``len(p.frame)``), without making a segment's bytes."""
+    if type(p) is _Segment and p._built is None:
+        return p._off + p.wire_len
+    return len(p._raw)
 
 
 # The trace shows how long the relay held packets it delayed on purpose, and any other

@@ -61,7 +61,7 @@ class ReportedPair(Protocol):
     def packets(self) -> Capture: ...
 
     @property
-    def stats(self) -> dict[str, dict[str, int]]: ...
+    def stats(self) -> dict[str, dict[str, Any]]: ...
 
     def describe(self, replay: Callable[[int], str] | None = None) -> str: ...
 
@@ -80,12 +80,9 @@ class TestSlice:
         return self.pair.packets.view(self.start)
 
     @property
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, Any]]:
         now = self.pair.stats
-        return {
-            d: {k: v - self._stats0.get(d, {}).get(k, 0) for k, v in counts.items()}
-            for d, counts in now.items()
-        }
+        return {d: _since(counts, self._stats0.get(d, {})) for d, counts in now.items()}
 
     @property
     def options(self) -> PairOptions:
@@ -118,6 +115,14 @@ def _header(pair: ReportedPair, replay: Callable[[int], str] | None) -> str:
         return pair.describe(replay)
     except Exception as exc:  # a report must never hide the test's own failure
         return f"{pair!r} (describe() failed: {type(exc).__name__}: {exc})"
+
+
+def _since(now: Mapping[str, Any], then: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts ``now`` minus ``then``, key by key; nested (a direction's ``classes``) too."""
+    return {
+        k: _since(v, then.get(k, {})) if isinstance(v, Mapping) else v - then.get(k, 0)
+        for k, v in now.items()
+    }
 
 
 def _counts(stats: Mapping[str, Mapping[str, int]]) -> str:

@@ -1,0 +1,151 @@
+"""Per-segment links on the wire: the segmenter against the kernel's own GSO, and what a
+direction that decides per wire packet captures, drops, marks and paces."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+import pytest
+
+from pytest_tunpair import TunPair
+from pytest_tunpair._kernel.device import TunDevice
+from pytest_tunpair._wire import gso
+
+from .conftest import tcp_send
+
+pytestmark = pytest.mark.tunpair
+
+FWD_SRC = bytes([198, 18, 5, 2])  # not an address of the namespace: not a martian
+FWD_DST = bytes([198, 18, 6, 2])  # routed out of the kernel-segmenting device
+
+
+def _forward_through_kernel(tun_pair: TunPair, frames: list[bytes]) -> list[bytes]:
+    """Write each super-packet into a TSO device of our own in the pair's namespace; the
+    kernel forwards it out of a device without offload, segmenting it in software (the
+    same tcp_gso_segment as for offload=False); return what that device reads."""
+    from pyroute2 import IPRoute
+
+    assert os.stat("/proc/thread-self/ns/net").st_ino == os.stat(tun_pair.netns_path).st_ino
+    tx = TunDevice("tgso0", vnet_hdr=True)
+    rx = TunDevice("tgso1")
+    try:
+        tx.set_offload(True)
+        with IPRoute() as ipr:
+            for dev in (tx, rx):
+                ipr.link("set", index=dev.index, state="up", mtu=1500)
+            ipr.addr("add", index=rx.index, address="198.18.6.1", prefixlen=24)
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:  # this namespace's own
+            f.write("1")
+        for name in ("all", tx.name):
+            with open(f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "w") as f:
+                f.write("0")
+        out: list[bytes] = []
+        assert tx.fd is not None and rx.fd is not None
+        for frame in frames:  # one at a time: rx's queue (txqueuelen) must not overflow
+            os.write(tx.fd, frame)
+            want = len(out) + gso.wire_size(frame, gso.VIRTIO_NET_HDR_LEN)[1]
+            deadline = time.monotonic() + 5
+            while len(out) < want and time.monotonic() < deadline:
+                if select.select([rx.fd], [], [], 0.2)[0]:
+                    out.append(os.read(rx.fd, 65536))
+        return out
+    finally:
+        tx.close()
+        rx.close()
+
+
+def _readdressed(frame: bytes, p: gso.GsoPlan, ttl_down: int = 0) -> bytes:
+    """``frame`` from FWD_SRC to FWD_DST (partial checksum and IP checksum redone)."""
+    from pytest_tunpair._wire import build
+
+    out = bytearray(frame)
+    l3, l4 = p.l3, p.l4
+    out[l3 + 12 : l3 + 20] = FWD_SRC + FWD_DST
+    out[l3 + 8] -= ttl_down
+    out[l3 + 10 : l3 + 12] = b"\0\0"
+    out[l3 + 10 : l3 + 12] = build.checksum(bytes(out[l3:l4])).to_bytes(2, "big")
+    tcp_len = p.end - l4
+    pseudo = gso._fold(gso._ones_sum(FWD_SRC + FWD_DST) + 6 + tcp_len)
+    out[l4 + 16 : l4 + 18] = pseudo.to_bytes(2, "big")
+    return bytes(out)
+
+
+def test_segmenter_matches_the_kernels_gso_byte_for_byte(tun_pair: TunPair) -> None:
+    """Super-packets of a real transfer, cut by the kernel (forwarded out of a device
+    without offload) and by the segmenter: the same bytes, headers and checksums."""
+    if not tun_pair.options.offload:
+        pytest.skip("needs offload")
+    tcp_send(tun_pair.b.ip or "", os.urandom(2_000_000))
+    supers = [
+        p
+        for p in tun_pair.packets
+        if p.direction == "a->b" and p.gso is not None and p.gso.is_super_packet
+    ][:20]
+    assert supers, "no GSO super-packet crossed the plain pair"
+    vlen = gso.VIRTIO_NET_HDR_LEN
+    frames, expected = [], []
+    for pkt in supers:
+        p = gso.plan(pkt.frame, vlen)
+        assert p is not None
+        frames.append(_readdressed(pkt.frame, p))
+        forwarded = _readdressed(pkt.frame, p, ttl_down=1)  # the kernel's forwarding hop
+        q = gso.plan(forwarded, vlen)
+        assert q is not None
+        expected += [
+            gso.segments(forwarded, q, i, 1, vnet=False, partial=False) for i in range(q.count)
+        ]
+    got = _forward_through_kernel(tun_pair, frames)
+    assert len(got) == len(expected)
+    for i, (mine, kernel) in enumerate(zip(expected, got, strict=True)):
+        assert mine == kernel, f"segment {i} differs: {mine[:60].hex()} != {kernel[:60].hex()}"
+
+
+def _super(p: object) -> bool:
+    gso_info = getattr(p, "gso", None)
+    return bool(gso_info and gso_info.is_super_packet)
+
+
+def test_pie_decides_per_segment_on_a_real_transfer(tun_pair: TunPair) -> None:
+    """A TCP transfer through rate=20mbit queue=pie with offload on: the relay splits the
+    kernel's super-packets, PIE counts, delays and drops wire packets, and the capture
+    holds those, none longer than the MTU, with a median sojourn near PIE's target."""
+    import statistics
+
+    from .test_link import _bulk, _late_sojourns
+
+    tun_pair.impair(direction="a->b", rate="20mbit", queue="pie")
+    start = time.monotonic() - tun_pair.packets.t0
+    _bulk(tun_pair, 3.0)
+    data = [p for p in tun_pair.packets if p.direction == "a->b" and p.wire_len > 200]
+    assert len(data) > 3000
+    assert max(p.wire_len for p in data) <= tun_pair.options.mtu
+    assert not any(_super(p) for p in tun_pair.packets if p.direction == "a->b")
+    sojourns = _late_sojourns(tun_pair, start + 1.0)
+    # PIE aims at 15 ms of queueing (plus 0.6 ms on the wire); a busy machine adds some.
+    assert statistics.median(sojourns) < 0.060, statistics.median(sojourns)
+    stats = tun_pair.stats["a->b"]
+    assert stats["packets"] + stats["dropped"] >= len(data)
+
+
+def test_loss_takes_segments_and_the_rest_goes_out_in_runs(tun_pair: TunPair) -> None:
+    """loss=2% with offload on: the losses are wire packets (a super-packet is not lost
+    whole), the transfer completes, and the counters count segments."""
+    tun_pair.impair(direction="a->b", loss=0.02, seed=5)
+    payload = os.urandom(3_000_000)
+    assert tcp_send(tun_pair.b.ip or "", payload) == payload
+    tun_pair.packets.wait_quiet()  # the last ACKs and FINs recorded and counted
+    a_b = [p for p in tun_pair.packets if p.direction == "a->b"]
+    lost = [p for p in a_b if p.action == "lost"]
+    assert lost and all(p.wire_len <= tun_pair.options.mtu for p in lost)
+    data = [p for p in a_b if p.wire_len > 200]
+    assert 0.005 < len(lost) / len(data) < 0.05
+    assert not any(_super(p) for p in a_b)
+    # Captured segments are what a wire carries: their checksums done.
+    from pytest_tunpair._wire import build
+
+    p = data[len(data) // 2]
+    assert build.checksum(p.data[:20]) == 0
+    stats = tun_pair.stats["a->b"]
+    assert stats["dropped"] == len(lost) and stats["packets"] == len(a_b) - len(lost)
