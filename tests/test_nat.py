@@ -31,8 +31,10 @@ def add_second_address(pair: TunPair) -> None:
 def stun(
     pair: TunPair, endpoints: list[tuple[str, int]]
 ) -> Iterator[dict[tuple[str, int], socket.socket]]:
-    """UDP servers in host b answering each datagram with the source they saw, or, for a
-    datagram ``b"to HOST PORT"``, nothing (the socket is the test's to send from)."""
+    """UDP servers in host b answering each ``b"probe"`` with the source they saw (the
+    sockets are the test's to send from too). A socket the test wants to receive on
+    (an ICMP error's ``ECONNREFUSED`` goes to whichever ``recv`` comes first) is taken
+    from its server thread with :func:`take` first."""
     socks: dict[tuple[str, int], socket.socket] = {}
     with pair.b.entered():
         for ep in endpoints:
@@ -43,7 +45,7 @@ def stun(
     stop = threading.Event()
 
     def serve(s: socket.socket) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and s not in _taken:
             try:
                 data, src = s.recvfrom(100)
             except TimeoutError:
@@ -53,17 +55,30 @@ def stun(
             if data == b"probe":
                 s.sendto(f"{src[0]}:{src[1]}".encode(), src)
 
-    threads = [threading.Thread(target=serve, args=(s,)) for s in socks.values()]
-    for t in threads:
+    threads = {s: threading.Thread(target=serve, args=(s,)) for s in socks.values()}
+    for t in threads.values():
         t.start()
+    _servers.update(threads)
     try:
         yield socks
     finally:
         stop.set()
-        for t in threads:
+        for s, t in threads.items():
             t.join(5)
-        for s in socks.values():
+            _servers.pop(s, None)
+            _taken.discard(s)
             s.close()
+
+
+_servers: dict[socket.socket, threading.Thread] = {}
+_taken: set[socket.socket] = set()
+
+
+def take(s: socket.socket) -> socket.socket:
+    """``s``, its :func:`stun` server thread stopped (within its 0.2 s poll)."""
+    _taken.add(s)
+    _servers[s].join(5)
+    return s
 
 
 def probe(local: socket.socket, server: tuple[str, int]) -> tuple[str, int]:
@@ -251,7 +266,8 @@ def test_icmp_errors_are_translated_both_ways(tun_pair: TunPair) -> None:
     with stun(tun_pair, [(r1, 3478)]) as socks:
         with client() as c:
             mapped = probe(c, (r1, 3478))
-        server = socks[(r1, 3478)]
+        server = take(socks[(r1, 3478)])
+        server.settimeout(5)
         server.connect(mapped)
         server.send(b"still there?")
         with pytest.raises(ConnectionRefusedError):
