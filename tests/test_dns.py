@@ -84,6 +84,18 @@ def test_servfail_for_some_queries_then_success(tun_pair: TunPair) -> None:
     assert resolve("late.test") == ["198.18.0.77"]
 
 
+@pytest.fixture(scope="module")
+def cares_shutdown_thread() -> None:
+    """pycares destroys channels on a thread of its own, started when the first channel
+    closes and kept for the process's life. Started here, before the test's tunnel, it runs
+    outside any test's namespace; one started during the test would keep the namespace
+    alive, and the plugin reports it as a thread the test left running."""
+    import pycares
+
+    pycares.Channel().close()
+
+
+@pytest.mark.usefixtures("cares_shutdown_thread")
 def test_dig_dnspython_cares_and_children_use_it(tun_pair: TunPair) -> None:
     import dns.resolver
     import pycares
