@@ -20,7 +20,7 @@ import pytest
 from pytest_tunpair import TunPair
 
 from . import pcapng_read
-from .conftest import need, run_standalone, tcpdump_read
+from .conftest import need, run_standalone, tcp_send, tcpdump_read
 
 WAIT = 10.0
 NGINX = "/usr/sbin/nginx"
@@ -36,10 +36,12 @@ def tshark(path: object, *args: str) -> str:
     return out.stdout
 
 
-def http2_headers(path: object) -> list[dict[str, str]]:
-    """The header fields of each HTTP/2 HEADERS frame tshark decodes in the file."""
+def http2_headers(path: object, where: str = "") -> list[dict[str, str]]:
+    """The header fields of each HTTP/2 HEADERS frame tshark decodes in the file (of the
+    packets that also match the display filter ``where``)."""
     out = tshark(
-        path, "-Y", "http2.type == 1", "-T", "fields", "-E", "aggregator=\x1f",
+        path, "-Y", f"http2.type == 1 && ({where})" if where else "http2.type == 1",
+        "-T", "fields", "-E", "aggregator=\x1f",
         "-e", "http2.header.name", "-e", "http2.header.value",
     )  # fmt: skip
     frames = []
@@ -196,6 +198,79 @@ def test_gso_super_packets_decode_in_tshark(tun_pair: TunPair, tmp_path) -> None
     assert sorted(int(n) for n in lengths.split()) == sorted(p.wire_len for p in supers)
 
 
+def tcp_fields(path: object, *fields: str) -> list[list[str]]:
+    """One row per packet: ``fields`` of each as tshark decodes it, TCP checksums checked."""
+    out = tshark(path, "-o", "tcp.check_checksum:TRUE", "-T", "fields", *(
+        arg for f in fields for arg in ("-e", f)
+    ))  # fmt: skip
+    return [line.split("\t") for line in out.splitlines()]
+
+
+@pytest.mark.tunpair(ipv6=None)
+def test_a_per_segment_link_is_written_as_wire_packets(tun_pair: TunPair, tmp_path) -> None:
+    # Offload on and a rate with loss: the relay splits super-packets and records runs of
+    # segments as one entry, which the capture expands when read (docs/link.md).
+    tun_pair.impair(rate="200mbit", loss=0.02, seed=3, direction="a->b")
+    payload = os.urandom(1 << 19)
+    assert tcp_send(tun_pair.b.ip, payload) == payload
+    tun_pair.packets.wait_quiet()
+    packets = list(tun_pair.packets)
+    path = tun_pair.packets.to_pcap(tmp_path / "segments.pcapng")
+    cap = pcapng_read.read(path)
+    assert [r.data for r in cap.packets] == [p.data for p in packets]
+    rows = tcp_fields(
+        path, "frame.interface_name", "frame.len", "tcp.len", "tcp.checksum.status",
+        "frame.comment",
+    )  # fmt: skip
+    sent = [row for row in rows if row[0] == "a->b" and int(row[2]) > 0]
+    # Each a segment as a wire carries it: MTU-sized, its checksum done (status 1: good).
+    assert sent and all(int(row[1]) <= tun_pair.a.mtu and row[3] == "1" for row in sent)
+    assert not any("super-packet" in row[4] for row in sent)
+    lost = [row for row in sent if row[4].startswith("lost (not delivered); sojourn ")]
+    assert len(lost) == sum(p.action == "lost" for p in packets) > 0
+    assert tshark(path, "-Y", "_ws.malformed") == ""
+
+
+def test_run_pcap_streams_a_per_segment_link_into_tshark(tmp_path) -> None:
+    need("tshark")
+    script = tmp_path / "send.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import tcp_send\n"
+        "data = os.urandom(1 << 19)\n"
+        "assert tcp_send('198.18.0.2', data) == data\n"
+    )
+    tp = subprocess.Popen(
+        [
+            *_tunpair_cmd(), "run", "-q", "--no-ipv6", "--rate", "200mbit", "--loss", "2%",
+            "--seed", "3", "--direction", "a->b", "--pcap", "-", "--", sys.executable, str(script),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    fields = ["frame.interface_name", "frame.len", "tcp.len", "tcp.checksum.status"]
+    r = subprocess.run(
+        [need("tshark"), "-i", "-", "-o", "tcp.check_checksum:TRUE", "-T", "fields",
+         *(arg for f in [*fields, "frame.comment"] for arg in ("-e", f))],
+        stdin=tp.stdout,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert tp.stdout is not None and tp.stderr is not None
+    tp.stdout.close()
+    assert tp.wait(30) == 0, tp.stderr.read()
+    tp.stderr.close()
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    sent = [row for row in rows if row[0] == "a->b" and row[2] and int(row[2]) > 0]
+    assert len(sent) >= (1 << 19) // 1448
+    assert all(int(row[1]) <= 1500 and row[3] == "1" for row in sent)
+    assert any(row[4].startswith("lost (not delivered)") for row in sent)
+
+
 # -- secrets ---------------------------------------------------------------------------------------
 def test_the_key_log_lives_with_the_pair(tmp_path) -> None:
     def run() -> tuple[TunPair, str, str]:
@@ -342,6 +417,46 @@ def test_http2_to_nginx_over_tls_opens_decrypted_in_tshark(tun_pair: TunPair, tm
     # Without the secrets (classic pcap has no place for them) it is ciphertext.
     plain = tun_pair.packets.to_pcap(tmp_path / "h2.pcap", format="pcap")
     assert tshark(plain, "-Y", "http2") == ""
+
+
+@pytest.mark.tunpair(ipv6=None)
+def test_a_nat_s_packets_in_the_capture_and_decrypted(tun_pair: TunPair, tmp_path) -> None:
+    import httpx
+
+    nat = tun_pair.nat()  # a's address becomes 198.18.1.1 on b's side
+    command, cert = nginx_tls(tmp_path, tun_pair.b.ip)
+    tun_pair.spawn(command, ready=TLS_PORT)
+    with httpx.Client(http2=True, verify=tun_pair.ssl_context(cafile=cert)) as client:
+        response = client.get(f"https://{tun_pair.b.ip}:{TLS_PORT}/nat")
+    assert response.text == "nginx over h2\n"
+    tun_pair.packets.wait_quiet()
+    assert nat.rewritten > 0
+
+    # tls_records() pairs the two sides although no packet delivered names both a's
+    # address and the NAT's: b got 198.18.1.1, a got its own address back.
+    records = tun_pair.packets.tls_records()
+    assert {(r.direction, r.client[0]) for r in records} == {
+        ("a->b", "198.18.1.1"),
+        ("b->a", "198.18.1.1"),
+    }
+    assert all(r.decrypted for r in records if r.encrypted)
+    answer = b"".join(
+        r.data for r in records if r.type == "application_data" and r.direction == "b->a"
+    )
+    assert b"nginx over h2\n" in answer
+
+    path = tun_pair.packets.to_pcap(tmp_path / "nat.pcapng")
+    rows = tcp_fields(path, "ip.src", "ip.dst", "frame.comment")
+    rewritten = [row for row in rows if row[2].startswith("rewritten")]
+    assert len(rewritten) == nat.rewritten
+    assert all(row[2].startswith("rewritten (replaced by its translation); ") for row in rewritten)
+    # A translated packet is not one the receiver never got.
+    assert tshark(path, "-Y", 'frame.comment contains "not delivered"') == ""
+    # The file holds each connection as each side saw it; either view decrypts alone.
+    for view in ("198.18.1.1", tun_pair.a.ip):
+        headers = http2_headers(path, f"ip.addr == {view}")
+        assert [h[":path"] for h in headers if ":method" in h] == ["/nat"]
+        assert [h[":status"] for h in headers if ":status" in h] == ["200"]
 
 
 def test_http3_with_aioquic_opens_decrypted_in_tshark(tun_pair: TunPair, tmp_path) -> None:

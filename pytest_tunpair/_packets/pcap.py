@@ -81,6 +81,14 @@ EPB_OUTBOUND = 0x2
 #: Decryption Secrets Block type of an NSS key log (``SSLKEYLOGFILE``'s format): "TLSK".
 #: Wireshark's TLS and QUIC dissectors both read it.
 SECRETS_TLS_KEYLOG = 0x544C534B
+# Rule verdicts whose packet carries on as other packets (``Verdict.forward``): counted
+# neither dropped nor delivered, so the comment says what replaced it rather than "not
+# delivered" (a display filter for what the receiver never got would list every packet a
+# NAT translated).
+_REPLACED = {
+    "rewritten": "rewritten (replaced by its translation)",
+    "fragmented": "fragmented (replaced by its fragments)",
+}
 # if_tsresol 9: timestamps in nanoseconds (the default, 6, would round the relay's sojourns).
 _TSRESOL_NS = 9
 
@@ -204,12 +212,17 @@ def _duration(seconds: float) -> str:
 def comment(p: Packet) -> str:
     """The packet's ``opt_comment``: what the relay did first (the action word, so a display
     filter ``frame.comment contains "lost"`` finds it), ``(not delivered)`` when the
-    receiver never got it, then the sojourn, a GSO super-packet's segments, a checksum
-    left to the offload and a cut by ``snaplen``: ``"lost (not delivered); sojourn
-    0"``, ``"delayed; sojourn 20.113ms"``, ``"forwarded; sojourn 31.2us; gso tcpv4
-    super-packet: 45 segments of 1448 on a wire; checksum partial (offload)"``."""
+    receiver never got it (a NAT's original: ``(replaced by its translation)``; a path
+    MTU's: ``(replaced by its fragments)``), then the sojourn, a GSO super-packet's
+    segments, a checksum left to the offload and a cut by ``snaplen``: ``"lost (not
+    delivered); sojourn 0"``, ``"delayed; sojourn 20.113ms"``, ``"forwarded; sojourn
+    31.2us; gso tcpv4 super-packet: 45 segments of 1448 on a wire; checksum partial
+    (offload)"``."""
     action = p.action
-    parts = [action if action in DELIVERED else f"{action} (not delivered)"]
+    if action in DELIVERED:
+        parts = [action]
+    else:
+        parts = [_REPLACED.get(action) or f"{action} (not delivered)"]
     parts.append(f"sojourn {_duration(p.time - p.arrival)}")
     frame = p.frame
     vnet = len(p.vnet_header)

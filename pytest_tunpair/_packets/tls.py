@@ -132,6 +132,8 @@ class _Stream:
 
     def __init__(self) -> None:
         self.isn: int | None = None
+        self.syn: int | None = None  # the SYN's sequence number + 1 (a client's stream)
+        self.syn_acked: int | None = None  # what the SYN-ACK acknowledged (a server's)
         self.segments: list[tuple[int, int, bytes, Packet]] = []  # (seq, order, payload, pkt)
         self.data = b""
         self.ends: list[tuple[int, Packet]] = []  # (stream offset after, packet)
@@ -144,6 +146,10 @@ class _Stream:
             return
         if "S" in flags:
             self.isn = (seq + 1) & 0xFFFFFFFF
+            if "A" in flags:
+                self.syn_acked = p.tcp_ack
+            else:
+                self.syn = self.isn
         payload = p.payload or b""
         if len(p.data) < p.wire_len:  # cut by snaplen: the bytes after the cut are missing
             self.segments.append((seq, order, b"", p))
@@ -411,7 +417,7 @@ def tls_records(packets: Sequence[Packet], secrets: bytes) -> list[TlsRecord]:
     for number, ((client, server), c_stream) in enumerate(streams.items()):
         if not _looks_like_tls(c_stream):
             continue
-        s_stream = streams.get((server, client))
+        s_stream = streams.get((server, client)) or _reply_stream(streams, server, c_stream)
         c_recs = _records(c_stream)
         s_recs = _records(s_stream) if s_stream is not None else []
         client_dir = c_recs[0].packet.direction if c_recs else "a->b"
@@ -440,6 +446,21 @@ def tls_records(packets: Sequence[Packet], secrets: bytes) -> list[TlsRecord]:
                 found.append((r.packet.seq, number * 2 + (side == "SERVER"), i, record))
     found.sort(key=lambda entry: entry[:3])
     return [entry[3] for entry in found]
+
+
+def _reply_stream(
+    streams: dict[tuple[Endpoint, Endpoint], _Stream], server: Endpoint, c_stream: _Stream
+) -> _Stream | None:
+    """The server's side of a connection whose client address a NAT on the link changed:
+    b received the translated source, a the translated-back destination, so the two
+    delivered streams do not name the same endpoints. The server's SYN-ACK acknowledges
+    the client's SYN, which no NAT changes."""
+    if c_stream.syn is None:
+        return None
+    for (src, _dst), stream in streams.items():
+        if src == server and stream.syn_acked == c_stream.syn:
+            return stream
+    return None
 
 
 def _version_name(hello: tuple[bytes, int, int] | None) -> str:
