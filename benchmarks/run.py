@@ -53,8 +53,10 @@ Sections (each with its goal; baselines in the same run, on the same machine):
 - ``pcapng``: what a live pcapng stream costs (``tunpair run --pcap -``,
   ``--tunpair-pcap-live``): iperf3 through a pair whose capture is followed into
   ``/dev/null`` vs the same pair unfollowed, interleaved (reference, no goal: the stream
-  must never stop the relay, and does not); and writing the capture of such a run with
-  ``to_pcap()`` as pcapng vs classic pcap.
+  must never stop the relay, and does not); the same through a per-segment link
+  (``rate="1gbit"``, offload on: every segment streamed), configured vs achieved, followed
+  and not; and writing the capture of such a run with ``to_pcap()`` as pcapng vs classic
+  pcap.
 - ``packetdrill``: the scripted peer's pacing and the ``.pkt`` runner's scheduling: the
   kernel's own RTT sample (``tcpi_rtt``) after ``tcp_accept(synack_delay=0.1)``, against
   the same handshake without delay + 100 ms (goal within 1 ms); and how late the runner
@@ -1526,6 +1528,37 @@ def bench_pcapng(rep: Report, a: argparse.Namespace) -> None:
         rep.add(
             "pcapng", "  follower thread CPU during the run", f"{med(cpu) * 100:.1f} % of a core"
         )
+    # A per-segment link (offload on and a rate, docs/link.md): the capture holds runs of
+    # segments as one entry each, which the follower expands and writes segment by segment.
+    rate = 1e9
+    seg: dict[bool, list[float]] = {False: [], True: []}
+    seg_written: list[int] = []
+    for _ in range(rounds):
+        for follow in (False, True):
+            with TunPair(ipv6=None) as pair:
+                pair.impair(rate=rate, direction="a->b")
+                if follow:
+                    sink = Sink(os.open(os.devnull, os.O_WRONLY), name=os.devnull)
+                    follower = Follower(pair.packets, sink, name="tunpair-pcapng-bench").start()
+                with iperf_server(pair.b.ip or ""):
+                    seg[follow].append(gbits(iperf_client(pair.b.ip or "", extra)))
+                pair.check()
+            if follow:
+                follower.stop()
+                sink.close()
+                seg_written.append(sink.packets)
+    rep.raw["pcapng"]["per segment"] = {
+        "plain": seg[False],
+        "streamed": seg[True],
+        "written": seg_written,
+    }
+    rep.add(
+        "pcapng",
+        f"iperf3 TCP {secs} s, rate={rate / 1e9:g}gbit (per segment), followed (x{rounds})",
+        f"{med(seg[True]):.2f} Gbit/s ({int(med(seg_written))} blocks)",
+        f"unfollowed {med(seg[False]):.2f}; configured {rate / 1e9:.2f} Gbit/s",
+        f"{med(seg[True]) / med(seg[False]):.2f}",
+    )
     packets = last.packets
     with tempfile.TemporaryDirectory() as tmp:
         times = {}
