@@ -132,7 +132,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     c.add_argument(
         "--pcap-format",
         choices=FORMATS,
-        default="pcapng",
         help="pcapng (default: streamed) or pcap (classic libpcap, packets only, written at exit)",
     )
     c.add_argument(
@@ -332,6 +331,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         parser.error(
             f"argument --direction: nothing to impair; add {', '.join(flags[:-1])} or {flags[-1]}"
         )
+    if args.pcap_format is not None and args.pcap is None:
+        parser.error(
+            f"argument --pcap-format: no capture file to write it to: add --pcap FILE "
+            f"(--pcap-format {args.pcap_format} --pcap FILE)"
+        )
+    args.pcap_format = args.pcap_format or "pcapng"
     if args.pcap == "-":
         if args.pcap_format != "pcapng":
             parser.error("argument --pcap: '-' streams pcapng; drop --pcap-format pcap")

@@ -282,6 +282,8 @@ def test_a_class_impairs_only_what_it_matches(tunnels: None) -> None:
         (["--class", "x:dport=53:los=1%"], "'los=1%': give PARAM=VALUE with a PARAM among"),
         (["--class", "x:dport=53:loss=2"], "loss is a probability"),
         (["--pcap", "/nonexistent-dir/x.pcap"], "argument --pcap: cannot write"),
+        (["--pcap-format", "pcap"], "argument --pcap-format: no capture file to write it to"),
+        (["--pcap", "-", "--pcap-format", "pcap"], "'-' streams pcapng; drop --pcap-format"),
     ],
 )
 def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
