@@ -206,18 +206,33 @@ def tcp_fields(path: object, *fields: str) -> list[list[str]]:
     return [line.split("\t") for line in out.splitlines()]
 
 
+def _blocks(cap: pcapng_read.Capture) -> list[tuple[int, int, int, str, bytes]]:
+    return [(r.interface, r.flags, r.ts_ns, r.comment, r.data) for r in cap.packets]
+
+
 @pytest.mark.tunpair(ipv6=None)
 def test_a_per_segment_link_is_written_as_wire_packets(tun_pair: TunPair, tmp_path) -> None:
     # Offload on and a rate with loss: the relay splits super-packets and records runs of
     # segments as one entry, which the capture expands when read (docs/link.md).
-    tun_pair.impair(rate="200mbit", loss=0.02, seed=3, direction="a->b")
-    payload = os.urandom(1 << 19)
-    assert tcp_send(tun_pair.b.ip, payload) == payload
-    tun_pair.packets.wait_quiet()
+    from pytest_tunpair._packets.stream import Follower, Sink
+
+    live = str(tmp_path / "live.pcapng")  # what --tunpair-pcap-live streams, the same way
+    sink = Sink(os.open(live, os.O_WRONLY | os.O_CREAT | os.O_EXCL), name=live, path=live)
+    follower = Follower(tun_pair.packets, sink).start()
+    try:
+        tun_pair.impair(rate="200mbit", loss=0.02, seed=3, direction="a->b")
+        payload = os.urandom(1 << 19)
+        assert tcp_send(tun_pair.b.ip, payload) == payload
+        tun_pair.packets.wait_quiet()
+    finally:
+        follower.stop()
+        sink.close()
     packets = list(tun_pair.packets)
     path = tun_pair.packets.to_pcap(tmp_path / "segments.pcapng")
     cap = pcapng_read.read(path)
     assert [r.data for r in cap.packets] == [p.data for p in packets]
+    # The live stream wrote the same blocks as the file written at the end.
+    assert _blocks(pcapng_read.read(live)) == _blocks(cap)
     rows = tcp_fields(
         path, "frame.interface_name", "frame.len", "tcp.len", "tcp.checksum.status",
         "frame.comment",
