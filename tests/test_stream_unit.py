@@ -112,3 +112,18 @@ def test_comment_of_a_packet_cut_by_snaplen() -> None:
     p = _packet(0.0)
     Capture(snaplen=20).record(p)
     assert _pcap.comment(p) == "forwarded; sojourn 0; 20 of 32 bytes kept (snaplen)"
+
+
+@pytest.mark.parametrize(
+    ("action", "first"),
+    [
+        ("dropped", "dropped (not delivered)"),
+        ("too-big", "too-big (not delivered)"),
+        ("marked", "marked"),
+        # A rule sent other packets on in its place (Verdict.forward): not a loss.
+        ("rewritten", "rewritten (replaced by its translation)"),
+        ("fragmented", "fragmented (replaced by its fragments)"),
+    ],
+)
+def test_comment_says_what_became_of_the_packet(action: str, first: str) -> None:
+    assert _pcap.comment(_packet(0.0, action=action)) == f"{first}; sojourn 0"
