@@ -198,10 +198,26 @@ class TunPair:
             self.packets.wall_t0 = time.time()
             relay = self._relay = Relay(dev_a, dev_b, self.packets, self._stats)
             self.a = Endpoint(
-                relay, dev_a, ip=v4[0], ip6=v6[0], mtu=o.mtu, mac=macs[0], side="a", host=host_a
+                relay,
+                dev_a,
+                ip=v4[0],
+                ip6=v6[0],
+                mtu=o.mtu,
+                mac=macs[0],
+                side="a",
+                host=host_a,
+                spawn_env=self._keylog_env,
             )
             self.b = Endpoint(
-                relay, dev_b, ip=v4[1], ip6=v6[1], mtu=o.mtu, mac=macs[1], side="b", host=host_b
+                relay,
+                dev_b,
+                ip=v4[1],
+                ip6=v6[1],
+                mtu=o.mtu,
+                mac=macs[1],
+                side="b",
+                host=host_b,
+                spawn_env=self._keylog_env,
             )
             self._directions = {
                 d: Direction(

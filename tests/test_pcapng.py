@@ -319,6 +319,14 @@ def test_the_key_log_lives_with_the_pair(tmp_path) -> None:
     assert cap.order.index("dsb") < cap.order.index("epb")  # before the packets
 
 
+@pytest.mark.tunpair(hosts=True)
+def test_each_hosts_spawn_gets_the_key_log(tun_pair: TunPair) -> None:
+    for end in (tun_pair.a, tun_pair.b):
+        proc = end.spawn(["sh", "-c", 'echo "$SSLKEYLOGFILE"'])
+        assert proc.wait(WAIT) == 0
+        assert end.output(proc).strip() == tun_pair.keylog
+
+
 @pytest.mark.tunpair(keylog=False)
 def test_keylog_false_turns_it_off(tun_pair: TunPair, tmp_path) -> None:
     assert tun_pair.keylog is None

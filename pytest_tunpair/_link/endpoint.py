@@ -37,8 +37,11 @@ class Endpoint:
         mac: str | None,
         side: str,
         host: Host,
+        spawn_env: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._relay = relay
+        # The pair's: sets SSLKEYLOGFILE in the Popen keywords of what spawn() starts.
+        self._spawn_env = spawn_env
         self._device = device
         self.name = device.name
         """The device's name, e.g. ``"tun0"``."""
@@ -105,7 +108,10 @@ class Endpoint:
         **popen_kwargs: Any,
     ) -> subprocess.Popen[Any]:
         """Start a process in this end's host (:meth:`Host.spawn`; ``TunPair.spawn``'s
-        ``ready`` forms and teardown)."""
+        ``ready`` forms and teardown, and its ``SSLKEYLOGFILE`` pointing at the pair's
+        key log)."""
+        if self._spawn_env is not None:
+            self._spawn_env(popen_kwargs)
         return self.host.spawn(args, ready=ready, timeout=timeout, **popen_kwargs)
 
     def output(self, proc: subprocess.Popen[Any]) -> str:
