@@ -723,6 +723,61 @@ def test_pcap_live_into_a_fifo_is_one_stream_for_the_run(pytester: pytest.Pytest
     assert sorted({r.interface for r in cap.packets}) == [0, 1, 2, 3]
 
 
+INNER_READER_GOES = """
+import pathlib, socket, time
+
+def test_live(tun_pair):
+    deadline = time.monotonic() + 10
+    while not pathlib.Path("reader-gone").exists():  # the reader took a few bytes and left
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((tun_pair.a.ip, 0))
+        s.sendto(b"into a pipe nobody reads", (tun_pair.b.ip, 9))
+    tun_pair.packets.wait_for(direction="b->a")
+
+def test_second(tun_pair):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((tun_pair.a.ip, 0))
+        s.sendto(b"second", (tun_pair.b.ip, 9))
+    tun_pair.packets.wait_for(direction="b->a")
+"""
+
+
+def test_pcap_live_fifo_reader_going_away_ends_the_stream_not_the_tests(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_inner=INNER_READER_GOES)
+    fifo = pytester.path / "wire.fifo"
+    os.mkfifo(fifo)
+
+    def read_a_little() -> None:
+        with open(fifo, "rb") as f:
+            f.read(16)
+        (pytester.path / "reader-gone").touch()
+
+    reader = threading.Thread(target=read_a_little, daemon=True)
+    reader.start()
+    try:
+        result = pytester.runpytest_subprocess(
+            "--tunpair", "-p", "no:cacheprovider", f"--tunpair-pcap-live={fifo}"
+        )
+    finally:
+        if reader.is_alive():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join(WAIT)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*- tunpair: live pcapng -*",
+            f"1 test not streamed: no reader had {fifo} open when the pair opened (first: "
+            "test_inner.py::test_second)*",
+            f"{fifo}: the stream ended early: the reader went away (during "
+            "test_inner.py::test_second)",
+        ]
+    )
+
+
 def test_pcap_live_fifo_without_a_reader_runs_the_tests_and_says_so(
     pytester: pytest.Pytester,
 ) -> None:
