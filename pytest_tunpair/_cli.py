@@ -32,7 +32,7 @@ from ._options import PairOptions
 from ._packets.capture import Capture
 from ._packets.packet import Packet
 from ._packets.pcap import FORMATS
-from ._packets.stream import Follower, Sink, is_regular, open_fifo
+from ._packets.stream import Follower, Sink, is_regular, lost_to_bound, open_fifo
 from ._pair import TunPair
 from ._plugin.report import plural
 from ._schema import Bool, Duration, Int, Invalid, declared, default_of
@@ -589,7 +589,11 @@ class PcapStream:
         text = f"streamed {plural(sink.packets, 'packet')}"
         if sink.secret_lines:
             text += f" and {plural(sink.secret_lines, 'key log line')}"
-        return f"{text} to {self.name}"
+        text += f" to {self.name}"
+        skipped = self.follower.skipped if self.follower is not None else 0
+        if skipped:
+            text += f" ({lost_to_bound(skipped, '--capture-bytes/--max-packets')})"
+        return text
 
 
 def _why(exc: OSError, path: str) -> str:

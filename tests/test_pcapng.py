@@ -567,6 +567,49 @@ def test_a_reader_closing_early_leaves_the_command_unharmed(tmp_path) -> None:
     assert "the reader went away" in r.stderr
 
 
+def test_run_pcap_says_what_a_stream_that_fell_behind_missed(tmp_path) -> None:
+    fifo = tmp_path / "wire"
+    os.mkfifo(fifo)
+    sent = tmp_path / "sent"
+    data = bytearray()
+
+    def read_once_sent() -> None:
+        with open(fifo, "rb") as f:
+            deadline = time.monotonic() + 30
+            # Nothing read meanwhile: the pipe fills and the stream falls behind.
+            while not sent.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            while chunk := f.read(1 << 16):
+                data.extend(chunk)
+
+    reader = threading.Thread(target=read_once_sent, daemon=True)
+    reader.start()
+    send = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for i in range(300):\n"
+        "    s.sendto(b'x' * 1400, ('198.18.0.2', 9))\n"
+    )
+    r = subprocess.run(
+        [
+            *_tunpair_cmd(), "run", "--no-ipv6", "--max-packets", "10", "--pcap", str(fifo),
+            "--", "sh", "-c", f'{sys.executable} -c "{send}" && touch {sent}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    reader.join(WAIT)
+    assert r.returncode == 0, r.stderr
+    assert "packets not streamed: the capture let them go before the stream caught up; a " in (
+        r.stderr
+    )
+    gaps = [p.comment for p in pcapng_read.read(bytes(data)).packets if "not streamed" in p.comment]
+    assert gaps and all(
+        c.endswith("packets before this one not streamed (capture bound)") for c in gaps
+    )
+
+
 def test_run_pcap_file_embeds_the_commands_secrets_first(tmp_path) -> None:
     need("curl")
     need("tshark")
@@ -775,6 +818,57 @@ def test_pcap_live_fifo_reader_going_away_ends_the_stream_not_the_tests(
             f"{fifo}: the stream ended early: the reader went away (during "
             "test_inner.py::test_second)",
         ]
+    )
+
+
+INNER_FALLS_BEHIND = """
+import pathlib, socket, pytest
+
+@pytest.mark.tunpair(max_packets=10)
+def test_burst(tun_pair):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((tun_pair.a.ip, 0))
+        for _ in range(300):
+            s.sendto(b"x" * 1400, (tun_pair.b.ip, 9))
+    tun_pair.packets.wait_quiet()
+    pathlib.Path("sent").touch()  # the reader starts reading now
+"""
+
+
+def test_pcap_live_says_what_a_stream_that_fell_behind_missed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=INNER_FALLS_BEHIND)
+    fifo = pytester.path / "wire.fifo"
+    os.mkfifo(fifo)
+    data = bytearray()
+
+    def read_once_sent() -> None:
+        with open(fifo, "rb") as f:
+            deadline = time.monotonic() + 30
+            while not (pytester.path / "sent").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            while chunk := f.read(1 << 16):
+                data.extend(chunk)
+
+    reader = threading.Thread(target=read_once_sent, daemon=True)
+    reader.start()
+    try:
+        result = pytester.runpytest_subprocess(
+            "--tunpair", "-p", "no:cacheprovider", f"--tunpair-pcap-live={fifo}"
+        )
+    finally:
+        if reader.is_alive():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join(WAIT)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- tunpair: live pcapng -*",
+            f"{fifo}: * packets not streamed: the capture let them go before the stream caught "
+            "up; a larger capture_bytes or max_packets *",
+        ]
+    )
+    assert any(
+        "not streamed (capture bound)" in p.comment for p in pcapng_read.read(bytes(data)).packets
     )
 
 

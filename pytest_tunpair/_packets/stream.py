@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .capture import Capture
     from .packet import Packet
 
-__all__ = ["Follower", "Sink", "hoist_secrets", "is_regular", "open_fifo"]
+__all__ = ["Follower", "Sink", "hoist_secrets", "is_regular", "lost_to_bound", "open_fifo"]
 
 # How long the follower sleeps on the capture before it looks at the key log and whether to
 # stop: bounds how late a secret written while the wire is quiet reaches the stream.
@@ -275,6 +275,17 @@ class Follower:
         if not self._stop.is_set():
             time.sleep(_NAP)
         return ok
+
+
+def lost_to_bound(skipped: int, bound: str) -> str:
+    """What to tell a user whose stream missed ``skipped`` packets (``Follower.skipped``):
+    they crossed while the stream was behind (a slow reader, a per-segment link faster
+    than the stream) and the capture's ``bound`` had let them go before it caught up. Each
+    gap is also in the comment of the packet after it."""
+    return (
+        f"{skipped} packet{'s' if skipped != 1 else ''} not streamed: the capture let them "
+        f"go before the stream caught up; a larger {bound} gives it more slack"
+    )
 
 
 def is_regular(fd: int) -> bool:

@@ -44,6 +44,8 @@ class LiveView:
         """Tests whose pairs were not streamed: no reader had the FIFO open."""
         self.problems: dict[str, str] = {}
         """Where a stream ended early, and why."""
+        self.skipped: dict[str, int] = {}
+        """Where a stream missed packets the capture let go before it caught up, how many."""
 
     def opened(self, pair: TunPair, nodeid: str, index: int) -> None:
         """Start streaming ``pair``, the ``index``-th made for ``nodeid``."""
@@ -101,6 +103,9 @@ class LiveView:
                 continue
             follower, own = entry
             follower.stop()
+            if follower.skipped:
+                where = follower.sink.name
+                self.skipped[where] = self.skipped.get(where, 0) + follower.skipped
             if own is not None:
                 own.close(pair.packets.secrets())
                 if own.broken is not None:
@@ -160,7 +165,7 @@ def unconfigure(config: pytest.Config) -> None:
 def terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Tests not streamed for want of a reader, and streams that ended early."""
     view = terminalreporter.config.stash.get(LIVE, None)
-    if view is None or not (view.unread or view.problems):
+    if view is None or not (view.unread or view.problems or view.skipped):
         return
     terminalreporter.section("tunpair: live pcapng", sep="-", yellow=True)
     if view.unread:
@@ -172,3 +177,8 @@ def terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
     for where, why in view.problems.items():
         terminalreporter.line(f"{where}: the stream ended early: {why}")
+    from .._packets.stream import lost_to_bound
+
+    for where, n in view.skipped.items():
+        bound = "capture_bytes or max_packets (@pytest.mark.tunpair(capture_bytes=...))"
+        terminalreporter.line(f"{where}: {lost_to_bound(n, bound)}")
