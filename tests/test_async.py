@@ -549,6 +549,36 @@ def test_across_tests_loops_runners_pools_and_leftovers(
         result.stdout.no_fnmatch_line(f"*{quiet}*")
 
 
+@pytest.mark.parametrize("userns", USERNS)
+def test_trio_runner_kept_across_rootless_tests_is_refused_in_one_line(
+    pytester: pytest.Pytester, userns: str
+) -> None:
+    """docs/async.md's note: rootless, each tunnel test runs on a thread of its own, and a
+    trio run kept by a module async fixture belongs to the first test's thread: the tests
+    after it stop at setup with one line saying what to do, not trio's error deep inside."""
+    if not runs_on_own_threads(userns):
+        pytest.skip("tunnel tests run on the main thread here: trio's runner spans them")
+    # Without hypothesis' plugin: its import at the summary, while trio's abandoned runner
+    # is collected, trips a CPython 3.11.2 bug (SystemError: AST constructor recursion
+    # depth mismatch), which later 3.11 releases fixed.
+    result = inner(
+        pytester,
+        f"--tunpair-userns={userns}",
+        "-p",
+        "no:hypothesispytest",
+        test_runner=ANYIO_RUNNER.replace("BACKENDS", repr(["trio"])),
+    )
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_to_thread[[]trio-1[]]*",
+            "test_to_thread[[]trio-1[]]: anyio's trio runner was started on another thread by an "
+            "earlier test (a module or session async fixture keeps it)*make the async fixtures "
+            "function-scoped for the trio backend*",
+        ]
+    )
+
+
 def test_leftover_thread_policy_fail(pytester: pytest.Pytester) -> None:
     result = inner(
         pytester, "--tunpair-leftovers=fail", "-k", "leaves_a_thread or zz", test_threads=THREADS
