@@ -124,6 +124,52 @@ def test_restore_puts_the_classes_back_in_their_order(tun_pair: TunPair) -> None
     assert _udp_to(tun_pair, 6100, 3) == 0  # "all-udp" first again
 
 
+MODULE_CLASSES = """
+import socket
+
+def udp(pair, port, n=3):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \\
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        rx.bind((pair.b.ip, port))
+        rx.settimeout(0.5)
+        for _ in range(n):
+            tx.sendto(b"x", (pair.b.ip, port))
+        got = 0
+        try:
+            while got < n:
+                rx.recv(10)
+                got += 1
+        except TimeoutError:
+            pass
+        return got
+
+def test_a_class_shows_in_the_failure_report(tun_pair_module):
+    tun_pair_module.impair(
+        direction="a->b", loss=1.0, match={"proto": "udp", "dport": 7000}, name="quic", seed=3
+    )
+    assert udp(tun_pair_module, 7000) == 3
+
+def test_the_next_test_of_the_module_pair_has_no_class(tun_pair_module):
+    assert "class" not in tun_pair_module.describe()
+    assert udp(tun_pair_module, 7000) == 3
+"""
+
+
+def test_a_module_pair_reports_its_classes_and_takes_them_off_after_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_module_classes=MODULE_CLASSES)
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- Captured packets call -*",
+            "impair a->b class 'quic' (match dport=7000,proto=udp): loss=100% seed=3",
+            "*a->b lost*IP / UDP 198.18.0.1:* > 198.18.0.2:*",
+        ]
+    )
+
+
 def _jain(xs: list[float]) -> float:
     return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))
 
