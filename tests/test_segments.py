@@ -189,3 +189,30 @@ def test_tap_and_ipv6_super_packets_are_split_and_arrive_intact(
     assert {p.ip_version for p in data} == {4 if family == "ipv4" else 6}
     stats = pair.stats["a->b"]
     assert stats["packets"] + stats["dropped"] == len(a_b) + len(plain)
+
+
+@pytest.mark.tunpair(ipv6=None)
+def test_loss_with_ecn_marks_segments_of_a_super_packet(tun_pair: TunPair) -> None:
+    """loss=5% with ecn=True, offload on: where a segment would be lost, the ECN-capable
+    TCP segment is marked CE instead and written with its run's neighbours (one write);
+    each marked record is one wire packet with CE on it, the receiver echoes ECE, and the
+    bytes arrive intact."""
+    assert os.stat("/proc/thread-self/ns/net").st_ino == os.stat(tun_pair.netns_path).st_ino
+    with open("/proc/sys/net/ipv4/tcp_ecn", "w") as f:
+        f.write("1")  # ECN on outgoing connections, in the pair's namespace only
+    tun_pair.impair(direction="a->b", loss=0.05, ecn=True, seed=11)
+    payload = os.urandom(2_000_000)
+    assert tcp_send(tun_pair.b.ip or "", payload) == payload
+    tun_pair.packets.wait_quiet()
+    a_b = [p for p in tun_pair.packets if p.direction == "a->b"]
+    marked = [p for p in a_b if p.action == "marked"]
+    data = [p for p in a_b if p.wire_len > 200]
+    assert 0.02 < len(marked) / len(data) < 0.1
+    assert all(p.ecn == "ce" and p.wire_len <= tun_pair.options.mtu for p in marked)
+    assert not any(_super(p) for p in a_b)
+    # Lost are only packets that are not ECN-capable (the SYN, pure ACKs), never data.
+    assert all(p.wire_len < 200 for p in a_b if p.action == "lost")
+    stats = tun_pair.stats["a->b"]
+    assert stats["marked"] == len(marked)
+    echoed = [p for p in tun_pair.packets if p.direction == "b->a" and p.flags and "E" in p.flags]
+    assert any("S" not in (p.flags or "") for p in echoed)
