@@ -158,14 +158,16 @@ def test_loss_takes_segments_and_the_rest_goes_out_in_runs(tun_pair: TunPair) ->
         ("tun", "ipv6", {"rate": "200mbit", "loss": 0.01}),
         ("tap", "ipv4", {"rate": "200mbit", "loss": 0.01}),
         ("tap", "ipv6", {"rate": "50mbit", "queue": "codel"}),
+        ("tun", "ipv4", {"trace": [1] * 4 + [2] * 4}),  # 4 opportunities a ms: 48 Mbit/s
     ],
-    ids=["tun-ipv6-runs", "tap-ipv4-runs", "tap-ipv6-codel"],
+    ids=["tun-ipv6-runs", "tap-ipv4-runs", "tap-ipv6-codel", "tun-ipv4-trace"],
 )
 def test_tap_and_ipv6_super_packets_are_split_and_arrive_intact(
     tun_pair_factory: Any, mode: str, family: str, impairment: dict[str, Any]
 ) -> None:
     """The segmenter behind Ethernet headers (TAP) and IPv6, on both paths: runs of
-    segments written whole (loss, drop-tail) and each segment a packet of its own (CoDel).
+    segments written whole (loss, drop-tail, a trace's opportunities) and each segment a
+    packet of its own (CoDel).
     The bytes arrive intact and what crossed a->b is wire packets, none over the MTU."""
     pair: TunPair = tun_pair_factory(mode=mode)
     if not pair.options.offload:
