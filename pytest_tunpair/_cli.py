@@ -291,6 +291,9 @@ def _bad(
     parser.error(f"argument {flag}: bad value{value}: {exc.reason}")
 
 
+_FQ_ONLY = ("flows", "quantum")
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Turn parsed arguments into a :class:`Plan`; bad values end in ``parser.error``."""
     from ._link.impair import ImpairmentSpec
@@ -315,9 +318,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         except OptionError as exc:
             parser.error(f"argument --gemodel: bad value {args.gemodel!r}: {exc.reason}")
     for key, value in impair.items():
+        # fq_codel's flows and quantum are refused on another queue: check them with it.
+        with_queue = {"queue": impair["queue"]} if key in _FQ_ONLY and "queue" in impair else {}
         try:
             # One field at a time, so the message names the flag that is wrong.
-            ImpairmentSpec.from_kwargs(**{key: value})
+            ImpairmentSpec.from_kwargs(**{key: value, **with_queue})
         except OptionError as exc:
             _bad(parser, exc, typed)
     try:

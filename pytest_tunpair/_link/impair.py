@@ -493,6 +493,18 @@ class ImpairmentSpec:
                 source="impair()",
                 reason="give rate or trace, not both: a trace is the link's rate",
             )
+        if self.queue != "fq_codel":
+            # fq_codel's own parameters would do nothing on another queue.
+            given = {"flows": self.flows != FQ_FLOWS, "quantum": self.quantum is not None}
+            for name, value in (("flows", self.flows), ("quantum", self.quantum)):
+                if given[name]:
+                    raise OptionError(
+                        name,
+                        value,
+                        source="impair()",
+                        reason=f"{name} is fq_codel's: set the queue to fq_codel too "
+                        f"(it is {self.queue})",
+                    )
 
     @classmethod
     def names(cls) -> list[str]:
