@@ -291,7 +291,7 @@ def _bad(
     parser.error(f"argument {flag}: bad value{value}: {exc.reason}")
 
 
-_FQ_ONLY = ("flows", "quantum")
+_QUEUE_PARAMETERS = ("flows", "quantum", "target", "interval", "ecn")
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -318,8 +318,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         except OptionError as exc:
             parser.error(f"argument --gemodel: bad value {args.gemodel!r}: {exc.reason}")
     for key, value in impair.items():
-        # fq_codel's flows and quantum are refused on another queue: check them with it.
-        with_queue = {"queue": impair["queue"]} if key in _FQ_ONLY and "queue" in impair else {}
+        # A queue parameter is refused where the queue does not use it: check it with the
+        # queue (and ecn with the loss) given beside it.
+        with_queue: dict[str, Any] = {}
+        if key in _QUEUE_PARAMETERS:
+            with_queue = {k: impair[k] for k in ("queue", "loss") if k in impair}
         try:
             # One field at a time, so the message names the flag that is wrong.
             ImpairmentSpec.from_kwargs(**{key: value, **with_queue})
