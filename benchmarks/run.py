@@ -919,10 +919,17 @@ def udp_overload_args(host: str, rate_bps: float, seconds: float) -> list[str]:
     ]  # fmt: skip
 
 
-def achieved_rate(pair: Any, skip: float) -> float:
+def achieved_rate(pair: Any, skip: float, min_len: int = 0) -> float:
     """Bits/s the a->b link delivered, from the capture: the wire bytes written between the
-    first and last delivery after ``skip`` seconds of the run (the queue is full by then)."""
-    out = [p for p in pair.packets if p.direction == "a->b" and p.action == "delayed"]
+    first and last delivery after ``skip`` seconds of the run (the queue is full by then).
+    ``min_len``: count only packets at least this long (a TCP transfer's data segments:
+    the ACKs and the control connection's last packets come after the queue has drained
+    and would stretch the interval)."""
+    out = [
+        p
+        for p in pair.packets
+        if p.direction == "a->b" and p.action == "delayed" and p.wire_len >= min_len
+    ]
     t_first = out[0].time + skip
     steady = [p for p in out if p.time >= t_first]
     if len(steady) < 3:
@@ -1845,7 +1852,7 @@ def bench_segments(rep: Report, a: argparse.Namespace) -> None:
             iperf_client(pair.b.ip or "", ["-t", f"{secs + 2:g}", "-C", "cubic"])
             kept = [p.time for p in pair.packets if p.direction == "a->b"]
             # The capture's bound may have kept only the end of a fast run: skip a third.
-            got = achieved_rate(pair, (kept[-1] - kept[0]) / 3)
+            got = achieved_rate(pair, (kept[-1] - kept[0]) / 3, min_len=200)
             pair.check()
         raw[f"tcp rate {label}"] = got
         rep.add(

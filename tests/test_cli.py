@@ -281,6 +281,9 @@ def test_a_class_impairs_only_what_it_matches(tunnels: None) -> None:
         (["--class", "x:dprot=53:loss=1%"], "'dprot' is not a packet field; the fields are"),
         (["--class", "x:dport=53:los=1%"], "'los=1%': give PARAM=VALUE with a PARAM among"),
         (["--class", "x:dport=53:loss=2"], "loss is a probability"),
+        (["--queue", "codel", "--flows", "64"], "argument --flows: bad value '64': flows does "),
+        (["--ecn"], "argument --ecn: bad value: ecn does nothing on a droptail queue: set the"),
+        (["--class", "x:dport=53:quantum=300"], "quantum does nothing on a droptail queue"),
         (["--pcap", "/nonexistent-dir/x.pcap"], "argument --pcap: cannot write"),
     ],
 )
