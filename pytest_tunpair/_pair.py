@@ -977,7 +977,16 @@ class TunPair:
 
         from ._link.nat import Nat, check_nat
 
-        args = check_nat(mapping, filtering, public, port_range, timeout, tcp_timeout, rebind_every)
+        args = check_nat(
+            mapping,
+            filtering,
+            public,
+            port_range,
+            timeout,
+            tcp_timeout,
+            rebind_every,
+            rebind_address,
+        )
         self._require_relay()
         if self.a.ip is None or self.b.ip is None:
             raise OptionError(
@@ -1053,13 +1062,13 @@ class TunPair:
         from ._kernel.resolver import Resolver, check_failure, open_sockets
 
         self._require_relay()
-        for what, number in (("ttl", ttl), ("timeout", timeout), ("attempts", attempts)):
-            if (
-                isinstance(number, bool)
-                or not isinstance(number, int)
-                or number < (0 if what == "ttl" else 1)
-            ):
-                raise OptionError(what, number, source="dns()", reason="a whole number >= 1")
+        for what, number, least in (
+            ("ttl", ttl, 0),
+            ("timeout", timeout, 1),
+            ("attempts", attempts, 1),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int) or number < least:
+                raise OptionError(what, number, source="dns()", reason=f"a whole number >= {least}")
         table: dict[str, list[str]] = {}
         for record, value in (records or {}).items():
             table[record] = self._addresses(value, f"dns() record {record!r}")

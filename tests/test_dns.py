@@ -185,3 +185,29 @@ def test_second_dns_call_is_refused(tun_pair: TunPair) -> None:
         tun_pair.dns({})
     with pytest.raises(OptionError, match="fail"):
         tun_pair.dns({}, fail="sometimes")
+
+
+def test_a_missing_file_is_named_not_created() -> None:
+    """dns() covers the machine's resolv.conf with the test's own; where there is none (a
+    container without one, a dangling symlink to systemd-resolved's) it says so, and
+    creates nothing."""
+    from pytest_tunpair import NamespaceError
+    from pytest_tunpair._kernel.mountns import private_files
+
+    missing = Path("/etc/tunpair-no-such-file.conf")
+    mnt = Path("/proc/thread-self/ns/mnt")
+
+    def body() -> None:
+        here = mnt.stat().st_ino
+        with pytest.raises(NamespaceError, match="no such file on this machine"):
+            private_files({str(missing): "nameserver 198.18.0.2\n"})
+        assert mnt.stat().st_ino == here or not _can_return()
+
+    run_standalone(body)
+    assert not missing.exists()
+
+
+def _can_return() -> bool:
+    from pytest_tunpair._kernel.userns import thread_can_return
+
+    return thread_can_return()

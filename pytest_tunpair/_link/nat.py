@@ -38,7 +38,7 @@ from .._wire import rewrite as _rw
 from .._wire.numbers import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, PROTO_NAMES
 from .link import Verdict
 
-__all__ = ["BEHAVIOURS", "Nat", "NatMapping", "NatTable", "NatTranslation", "check_nat"]
+__all__ = ["BEHAVIOURS", "CLASSIC", "Nat", "NatMapping", "NatTable", "NatTranslation", "check_nat"]
 
 #: RFC 4787's behaviours, for ``mapping=`` and ``filtering=``.
 BEHAVIOURS = ("endpoint-independent", "address-dependent", "address-and-port-dependent")
@@ -319,6 +319,23 @@ def _checked(kind: Kind, name: str, value: object) -> Any:
         raise OptionError(name, value, source="nat()", reason=exc.reason) from None
 
 
+#: The classic (RFC 3489) names people reach for, as RFC 4787's (mapping, filtering).
+CLASSIC = {
+    "full-cone": ("endpoint-independent", "endpoint-independent"),
+    "restricted-cone": ("endpoint-independent", "address-dependent"),
+    "port-restricted-cone": ("endpoint-independent", "address-and-port-dependent"),
+    "symmetric": ("address-and-port-dependent", "address-and-port-dependent"),
+}
+
+
+def _behaviour(name: str, value: object) -> str:
+    reason = f"use one of {', '.join(BEHAVIOURS)}"
+    classic = CLASSIC.get(str(value).lower().replace(" ", "-").replace("_", "-"))
+    if classic is not None:
+        reason += f" (a {value} NAT is nat(mapping={classic[0]!r}, filtering={classic[1]!r}))"
+    return str(_checked(Choice(BEHAVIOURS, reason=reason), name, value))
+
+
 def check_nat(
     mapping: object,
     filtering: object,
@@ -327,12 +344,12 @@ def check_nat(
     timeout: object,
     tcp_timeout: object,
     rebind_every: object,
+    rebind_address: object = False,
 ) -> dict[str, Any]:
     """``nat()``'s arguments, checked (an :class:`OptionError` names the bad one)."""
-    behaviours = Choice(BEHAVIOURS, reason=f"use one of {', '.join(BEHAVIOURS)}")
     out: dict[str, Any] = {
-        "mapping": _checked(behaviours, "mapping", mapping),
-        "filtering": _checked(behaviours, "filtering", filtering),
+        "mapping": _behaviour("mapping", mapping),
+        "filtering": _behaviour("filtering", filtering),
         "public": _checked(_Public(), "public", public),
         "port_range": _checked(_PortRange(), "port_range", port_range),
         "timeout": _checked(Duration(), "timeout", timeout),
@@ -344,6 +361,25 @@ def check_nat(
     for name in ("timeout", "tcp_timeout", "rebind_every"):
         if out[name] is not None and out[name] <= 0:
             raise OptionError(name, out[name], source="nat()", reason="give a duration > 0")
+    if rebind_address:
+        # Nothing documented may silently do nothing: an address rebind needs a second
+        # address to move to, and a period to happen on.
+        if out["rebind_every"] is None:
+            raise OptionError(
+                "rebind_address",
+                rebind_address,
+                source="nat()",
+                reason="it applies to rebind_every's rebinds: give rebind_every='3s' too, "
+                "or call nat.rebind(address=True) when the test wants one",
+            )
+        if len(out["public"]) < 2:
+            raise OptionError(
+                "rebind_address",
+                rebind_address,
+                source="nat()",
+                reason=f"public={public!r} is one address, so there is none to move to: "
+                "give a pool, e.g. public='198.18.1.0/29'",
+            )
     return out
 
 
