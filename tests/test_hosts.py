@@ -274,3 +274,49 @@ def test_star_of_three_clients_each_on_its_own_link(tun_pair_factory: TunPairFac
         "client2<->server",
         "client3<->server",
     ]
+
+
+# -- a module's pair in hosts mode ------------------------------------------------------------
+MODULE_HOSTS = """
+import os, socket, sys, pytest
+
+pytestmark = pytest.mark.tunpair(hosts=True, ipv6=None)
+
+@pytest.fixture(scope="module")
+def echo(tun_pair_module):
+    # One daemon in host b for the module: answers each line with the source it saw.
+    code = (
+        "import socket\\n"
+        f"s = socket.create_server(({tun_pair_module.b.ip!r}, 7000))\\n"
+        "while True:\\n"
+        "    c, peer = s.accept()\\n"
+        "    c.recv(100); c.sendall(peer[0].encode()); c.close()\\n"
+    )
+    tun_pair_module.b.spawn([sys.executable, "-c", code], ready=7000)
+    return tun_pair_module.b.ip
+
+def seen_as(server):
+    with socket.create_connection((server, 7000), timeout=5) as c:
+        c.sendall(b"who am I?\\n")
+        return c.recv(100).decode()
+
+def test_1_behind_a_nat(echo, tun_pair_module):
+    tun_pair_module.b.sysctl("net.ipv4.tcp_congestion_control", "reno")
+    tun_pair_module.nat()
+    assert seen_as(echo) == "198.18.1.1"
+
+def test_2_the_nat_went_with_the_test(echo, tun_pair_module):
+    assert seen_as(echo) == tun_pair_module.a.ip
+    assert "nat" not in tun_pair_module.describe()
+    assert tun_pair_module.nat()  # a new one may go on
+    assert seen_as(echo) == "198.18.1.1"
+    # The test's thread is in host a, the daemon (still the module's) in host b.
+    assert os.stat("/proc/thread-self/ns/net").st_ino != os.stat(
+        f"/proc/{tun_pair_module.b.pid}/ns/net").st_ino
+"""
+
+
+def test_module_pair_in_hosts_mode(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(MODULE_HOSTS)
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=2)

@@ -395,6 +395,17 @@ def _fmt(addr: bytes, port: int | None) -> str:
     return _ip(addr) if port is None else f"{_ip(addr)}:{port}"
 
 
+def _translation(pkt: Packet, new: bytes) -> NatTranslation:
+    """The record of one rewrite: both tuples read from the bytes before and after."""
+    tuples = []
+    for data in (pkt.data, new):
+        e = _rw.endpoints(data, _h.parse(data, 0, pkt.mode))
+        assert e is not None  # the NAT rewrote it: an IPv4 packet
+        name = PROTO_NAMES.get(e.proto, str(e.proto))
+        tuples.append((name, _fmt(e.src, e.sport), _fmt(e.dst, e.dport)))
+    return NatTranslation(pkt, pkt.direction, tuples[0], tuples[1])
+
+
 class Nat:
     """A NAT between end a (inside) and end b (outside): see the module docstring.
     Returned by ``tun_pair.nat()``; :meth:`rebind` re-maps, :meth:`remove` takes it off the
@@ -439,7 +450,7 @@ class Nat:
         """Rebinds so far (automatic ones included)."""
         self._inside = {socket.inet_pton(socket.AF_INET, a) for a in inside}
         self._public = {socket.inet_pton(socket.AF_INET, a) for a in public}
-        self._log: deque[NatTranslation] = deque(maxlen=MAX_TRANSLATIONS)
+        self._log: deque[tuple[Packet, bytes]] = deque(maxlen=MAX_TRANSLATIONS)
         self._next_rebind = None if rebind_every is None else start + rebind_every
         self._lock = threading.Lock()
         self._on_remove = on_remove
@@ -486,7 +497,8 @@ class Nat:
     def translations(self) -> list[NatTranslation]:
         """The packets rewritten so far (the newest 10,000), oldest first."""
         with self._lock:
-            return list(self._log)
+            raw = list(self._log)
+        return [_translation(pkt, new) for pkt, new in raw]
 
     def rebind(self, *, port: bool = True, address: bool = False) -> None:
         """Re-map every inside endpoint from the next packet on: a new outside port
@@ -551,18 +563,9 @@ class Nat:
     def _done(
         self, pkt: Packet, data: bytes, new: bytes, f: _h.Parsed, e: _rw.Endpoints
     ) -> Verdict:
-        nf = _h.parse(new, 0, pkt.mode)
-        n = _rw.endpoints(new, nf)
-        assert n is not None
-        name = PROTO_NAMES.get(e.proto, str(e.proto))
-        self._log.append(
-            NatTranslation(
-                pkt,
-                pkt.direction,
-                (name, _fmt(e.src, e.sport), _fmt(e.dst, e.dport)),
-                (name, _fmt(n.src, n.sport), _fmt(n.dst, n.dport)),
-            )
-        )
+        # Both versions are kept as bytes and read when the test asks (translations): the
+        # relay's per-packet cost stays the rewrite itself.
+        self._log.append((pkt, new))
         self.rewritten += 1
         return Verdict("rewritten", forward=(new,))
 
