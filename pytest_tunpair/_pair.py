@@ -1211,9 +1211,11 @@ class TunPair:
         else:
             ha, hb = self.a.host.name, self.b.host.name
             name = f"{self.label} " if self.label else ""
+            # A topology's ends have names of their own: say which way a->b goes.
+            ways = "" if (ha, hb) == ("a", "b") else f"a->b is {ha}->{hb}, b->a is {hb}->{ha}; "
             lines = [
                 f"{o.mode} link {name}{ha}:{parts[0]} <-> {hb}:{parts[1]} mtu={o.mtu} "
-                f"(a->b is {ha}->{hb}, b->a is {hb}->{ha}; each end its own host)"
+                f"({ways}each end its own host)"
             ]
         lines.extend(s.describe() for s in self._services)
         for direction in self._directions.values():

@@ -100,14 +100,17 @@ def test_dig_dnspython_cares_and_children_use_it(tun_pair: TunPair) -> None:
     import dns.resolver
     import pycares
 
-    resolver = tun_pair.dns({"api.test": "b"})
+    resolver = tun_pair.dns({"api.test": "b"}, ttl=7)
     b = tun_pair.b.ip
     dig = subprocess.run(
-        [need("dig"), "+short", "+tries=1", "api.test", "A"], capture_output=True, text=True
+        [need("dig"), "+noall", "+answer", "+tries=1", "api.test", "A"],
+        capture_output=True,
+        text=True,
     )
-    assert dig.stdout.split() == [b], dig.stdout + dig.stderr
+    assert dig.stdout.split() == ["api.test.", "7", "IN", "A", b], dig.stdout + dig.stderr
     answer = dns.resolver.Resolver().resolve("api.test", "A")  # reads resolv.conf now
-    assert [r.address for r in answer] == [b]
+    assert [r.address for r in answer] == [b] and answer.rrset is not None
+    assert answer.rrset.ttl == 7
     child = subprocess.run(
         [sys.executable, "-c", "import socket; print(socket.gethostbyname('api.test'))"],
         capture_output=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_tunpair import Host, TunPair, TunPairFactory
+from pytest_tunpair import Host, NamespaceError, TunPair, TunPairFactory
 
 from .conftest import host_snapshot, need, run_standalone
 
@@ -60,6 +60,13 @@ def test_sysctls_differ_per_host_and_tcp_uses_each_hosts(tun_pair: TunPair) -> N
     assert b.sysctl("net.ipv4.tcp_congestion_control", other) == other
     assert a.sysctl("net.ipv4.tcp_congestion_control") == default
     assert b.sysctl("net/ipv4/tcp_congestion_control") == other
+    # Misuse, each said with what to do.
+    with pytest.raises(NamespaceError, match=r"refused the value.*available here: .*reno"):
+        b.sysctl("net.ipv4.tcp_congestion_control", "no-such-algorithm")
+    with pytest.raises(NamespaceError, match="no such sysctl"):
+        b.sysctl("net.ipv4.no_such_knob", 1)
+    with pytest.raises(ValueError, match=r"only net\.\* sysctls"):
+        b.sysctl("kernel.hostname", "b")
     with b.entered():
         server = socket.create_server((b.ip, 5001))
     with server:
@@ -281,6 +288,7 @@ MODULE_HOSTS = """
 import os, socket, sys, pytest
 
 pytestmark = pytest.mark.tunpair(hosts=True, ipv6=None)
+HOST_RESOLV = open("/etc/resolv.conf").read()
 
 @pytest.fixture(scope="module")
 def echo(tun_pair_module):
@@ -303,11 +311,15 @@ def seen_as(server):
 def test_1_behind_a_nat(echo, tun_pair_module):
     tun_pair_module.b.sysctl("net.ipv4.tcp_congestion_control", "reno")
     tun_pair_module.nat()
-    assert seen_as(echo) == "198.18.1.1"
+    tun_pair_module.dns({"echo.test": "b"})
+    assert seen_as(socket.gethostbyname("echo.test")) == "198.18.1.1"
 
 def test_2_the_nat_went_with_the_test(echo, tun_pair_module):
     assert seen_as(echo) == tun_pair_module.a.ip
     assert "nat" not in tun_pair_module.describe()
+    # The resolver went with the test too, and the thread sees the host's file again.
+    assert "dns at" not in tun_pair_module.describe()
+    assert open("/etc/resolv.conf").read() == HOST_RESOLV
     assert tun_pair_module.nat()  # a new one may go on
     assert seen_as(echo) == "198.18.1.1"
     # The test's thread is in host a, the daemon (still the module's) in host b.
@@ -316,7 +328,33 @@ def test_2_the_nat_went_with_the_test(echo, tun_pair_module):
 """
 
 
-def test_module_pair_in_hosts_mode(pytester: pytest.Pytester) -> None:
+def test_module_pair_in_hosts_mode_gives_back_nat_and_dns(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(MODULE_HOSTS)
     result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider", "-q")
     result.assert_outcomes(passed=2)
+
+
+def test_topology_misuse_is_refused_before_anything_is_made(
+    tun_pair_factory: TunPairFactory,
+) -> None:
+    from pytest_tunpair import OptionError, TunPairError
+
+    refused = [
+        (lambda: tun_pair_factory.topology([]), "at least one"),
+        (lambda: tun_pair_factory.topology([("x", "x")]), "two different hosts"),
+        (lambda: tun_pair_factory.topology([("x", "y"), ("y", "x")]), "once"),
+        (lambda: tun_pair_factory.topology([("x y", "z")]), "host names are words"),
+        (lambda: tun_pair_factory.topology([("x", "y")], routers=["r"]), "not a host"),
+        (lambda: tun_pair_factory.topology([("x", "y")], hosts=True), "hosts already"),
+        (lambda: tun_pair_factory.star(0), "from 1 to 60"),
+        (lambda: tun_pair_factory.chain("x"), "at least two"),
+    ]
+    for make, reason in refused:
+        with pytest.raises(OptionError, match=reason):
+            make()
+    assert not tun_pair_factory.pairs and not tun_pair_factory.topologies
+    topo = tun_pair_factory.topology([("x", "y")])
+    with pytest.raises(TunPairError, match="no link between 'x' and 'z': links are x<->y"):
+        topo.link("x", "z")
+    with pytest.raises(KeyError, match="no host 'z' here: x, y"):
+        topo["z"]

@@ -12,6 +12,7 @@ No pytest here: the command-line tool uses the same machinery.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -176,10 +177,20 @@ class Host:
                 with open(path) as f:
                     return f.read().strip()
             except OSError as exc:
+                if not os.path.exists(path):
+                    why = "this kernel has no such sysctl (see `sysctl -a | grep net.`)"
+                elif value is None:
+                    why = f"it cannot be read: {exc.strerror}"
+                else:
+                    why = f"the kernel refused the value: {exc.strerror}"
+                    if name.replace("/", ".").endswith("tcp_congestion_control"):
+                        available = path.replace("tcp_congestion", "tcp_available_congestion")
+                        with contextlib.suppress(OSError), open(available) as f:
+                            why += f" (available here: {f.read().strip()})"
                 raise NamespaceError(
                     f"host {self.name}: sysctl {name}"
                     + (f" = {value!r}" if value is not None else "")
-                    + f" failed: {exc.strerror}",
+                    + f" failed: {why}",
                     netns=self.ns_path,
                 ) from exc
 
