@@ -1099,6 +1099,11 @@ class TunPair:
             nsswitch = _nsswitch_hosts_dns()
             if nsswitch is not None:
                 files["/etc/nsswitch.conf"] = nsswitch
+            # glibc asks a running nscd before any NSS module, and nscd resolves on the
+            # host's side: an empty file over its socket makes connect() fail, and glibc
+            # falls back to the files above.
+            if os.path.exists(NSCD_SOCKET):
+                files[os.path.realpath(NSCD_SOCKET)] = ""
             resolver._view = private_files(files)
         except BaseException:
             resolver.close()
@@ -1252,6 +1257,10 @@ class Checkpoint:
 
 # A direction as a pair made during a test had it before: nothing on it.
 _NOTHING = DirectionState(hooks=(), rules=(), spec=None, random_seed=False, engine=None)
+
+
+#: Where glibc's name-service cache client connects (glibc's nscd/nscd.h, _PATH_NSCDSOCKET).
+NSCD_SOCKET = "/var/run/nscd/socket"
 
 
 def _nsswitch_hosts_dns() -> str | None:

@@ -214,3 +214,63 @@ def _can_return() -> bool:
     from pytest_tunpair._kernel.userns import thread_can_return
 
     return thread_can_return()
+
+
+NSCD_RUN = """
+import json, os, socket, subprocess, sys, threading
+from pytest_tunpair import TunPair
+
+os.makedirs("/run/nscd")
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind("/run/nscd/socket")
+srv.listen()
+hits = []
+
+def fake_nscd():  # counts glibc's connections, answers none (glibc falls back)
+    while True:
+        conn, _ = srv.accept()
+        hits.append(1)
+        conn.close()
+
+def lookup(name):
+    # A fresh process each time: glibc stops asking an nscd that failed it, for a while.
+    code = f"import socket; print(socket.getaddrinfo({name!r}, 80)[0][4][0])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+threading.Thread(target=fake_nscd, daemon=True).start()
+lookup("localhost")
+before = len(hits)
+with TunPair(ipv6=None) as pair:
+    pair.dns({"api.test": "b"})
+    addr = lookup("api.test")
+    during = len(hits) - before
+    print(json.dumps({"before": before, "during": during, "addr": addr, "b": pair.b.ip}))
+"""
+
+
+def test_a_running_nscd_is_bypassed() -> None:
+    """glibc asks nscd first, and nscd resolves on the host's side: dns() hides its socket
+    from the test. Played in a private mount namespace with a tmpfs /run, where a fake
+    nscd listens (the machine's /run is not touched)."""
+    import json
+    import os
+
+    from pytest_tunpair._kernel.userns import in_initial_user_namespace
+
+    if os.geteuid() != 0 or not in_initial_user_namespace():
+        pytest.skip("mounting a tmpfs over /run for the fake nscd needs real root")
+    script = 'mount -t tmpfs tunpair-nscd /run && exec "$0" -c "$1"'
+    r = subprocess.run(
+        [need("unshare"), "-m", "--propagation", "private", "sh", "-c", script,
+         sys.executable, NSCD_RUN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["before"] > 0  # glibc does ask a running nscd ...
+    assert got["during"] == 0  # ... but not under dns()
+    assert got["addr"] == got["b"]
+    assert not Path("/run/nscd").exists()  # the machine's /run never saw it
