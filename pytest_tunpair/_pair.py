@@ -561,17 +561,26 @@ class TunPair:
             stats=self.stats,
             _services=len(self._services),
             _hosts={h.name: h.checkpoint() for h in self._own_hosts},
+            _sysctls=[(h, h._sysctl_mark()) for h in self._hosts()],
         )
+
+    def _hosts(self) -> list[Host]:
+        """End a's host and end b's (one, without hosts mode)."""
+        a, b = self.a.host, self.b.host
+        return [a] if a is b else [a, b]
 
     def restore(self, cp: Checkpoint) -> None:
         """Remove the hooks, rules and impairments added since ``cp``; put back those it
         had; stop a resolver started since, and what was started since in a host of the
         pair's own (b in hosts mode; may raise ``LeftoverProcessError`` by the leftover
-        policy). (A queue comes back fresh, from its settings: what the old one held was
+        policy); put back the sysctls set since with ``tun_pair.a.sysctl()`` /
+        ``b.sysctl()``. (A queue comes back fresh, from its settings: what the old one held was
         delivered.)"""
         self._require_relay()
         while len(self._services) > cp._services:
             self._services.pop().close()
+        for host, mark in cp._sysctls:
+            host._restore_sysctls(mark)
         for host in self._own_hosts:
             host.restore(cp._hosts.get(host.name, (set(), 0)))
         kept = {hook for state in cp._directions.values() for hook in state.hooks}
@@ -1253,6 +1262,8 @@ class Checkpoint:
     _services: int = 0
     #: For each host the pair made (b in hosts mode): ``Host.checkpoint()``.
     _hosts: dict[str, tuple[set[tuple[int, int]], int]] = field(default_factory=dict)
+    #: For each host of the pair: how many ``Host.sysctl()`` writes it had made then.
+    _sysctls: list[tuple[Host, int]] = field(default_factory=list)
 
 
 # A direction as a pair made during a test had it before: nothing on it.

@@ -63,6 +63,11 @@ def test_sysctls_differ_per_host_and_tcp_uses_each_hosts(tun_pair: TunPair) -> N
     # Misuse, each said with what to do.
     with pytest.raises(NamespaceError, match=r"refused the value.*available here: .*reno"):
         b.sysctl("net.ipv4.tcp_congestion_control", "no-such-algorithm")
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
+    for restricted in set(available) - set(allowed):  # cubic on this machine (bbr its default)
+        with pytest.raises(NamespaceError, match="tcp_allowed_congestion_control may be picked"):
+            b.sysctl("net.ipv4.tcp_congestion_control", restricted)
     with pytest.raises(NamespaceError, match="no such sysctl"):
         b.sysctl("net.ipv4.no_such_knob", 1)
     with pytest.raises(ValueError, match=r"only net\.\* sysctls"):
@@ -289,6 +294,7 @@ import os, socket, sys, pytest
 
 pytestmark = pytest.mark.tunpair(hosts=True, ipv6=None)
 HOST_RESOLV = open("/etc/resolv.conf").read()
+DEFAULT_CC = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
 
 @pytest.fixture(scope="module")
 def echo(tun_pair_module):
@@ -309,12 +315,19 @@ def seen_as(server):
         return c.recv(100).decode()
 
 def test_1_behind_a_nat(echo, tun_pair_module):
+    assert DEFAULT_CC != "reno"
     tun_pair_module.b.sysctl("net.ipv4.tcp_congestion_control", "reno")
+    tun_pair_module.b.sysctl("net.ipv4.ip_forward", 1)
+    tun_pair_module.b.sysctl("net.ipv4.ip_forward", 0)
+    tun_pair_module.b.sysctl("net.ipv4.ip_forward", 1)
     tun_pair_module.nat()
     tun_pair_module.dns({"echo.test": "b"})
     assert seen_as(socket.gethostbyname("echo.test")) == "198.18.1.1"
 
 def test_2_the_nat_went_with_the_test(echo, tun_pair_module):
+    # So did the sysctl: b is back at the kernel's default.
+    assert tun_pair_module.b.sysctl("net.ipv4.tcp_congestion_control") == DEFAULT_CC
+    assert tun_pair_module.b.sysctl("net.ipv4.ip_forward") == "0"
     assert seen_as(echo) == tun_pair_module.a.ip
     assert "nat" not in tun_pair_module.describe()
     # The resolver went with the test too, and the thread sees the host's file again.
