@@ -371,3 +371,36 @@ def test_topology_misuse_is_refused_before_anything_is_made(
         topo.link("x", "z")
     with pytest.raises(KeyError, match="no host 'z' here: x, y"):
         topo["z"]
+
+
+STAR_FAILS = """
+import socket
+
+def test_star(tun_pair_factory):
+    star = tun_pair_factory.star(2)
+    server = star.address("server")
+    star["client2"].run(
+        lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (server, 9))
+    )
+    star.link("client2", "server").packets.wait_for(proto="udp", timeout=5)
+    assert False, "deliberate"
+"""
+
+
+def test_failure_report_and_pcaps_name_each_link_after_its_hosts(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(STAR_FAILS)
+    result = pytester.runpytest_subprocess(
+        "--tunpair", "-p", "no:cacheprovider", f"--tunpair-pcap={pytester.path / 'pcaps'}"
+    )
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    for i in (1, 2):
+        assert f"link client{i}<->server client{i}:" in out
+        assert f"a->b is client{i}->server" in out
+    files = sorted(p.name for p in (pytester.path / "pcaps").iterdir())
+    assert len(files) == 2, files
+    assert all(n.endswith(".pcapng") for n in files)
+    assert "-client1-tun0-server-tun1." in files[0] and "-client2-" in files[1], files
+    assert "udp" in out.split("link client2<->server")[1].lower()
