@@ -236,6 +236,20 @@ def test_chain_router_decrements_ttl_and_sends_time_exceeded(
         assert exceeded.src == router_ip and exceeded.dst == first.a.ip
         # The expired probe never reached the second link.
         assert len(second.packets.filter(proto="udp")) == 1
+    # IPv6 the same: the hop limit drops by one, and the router says time exceeded.
+    dst6 = topo.address("server", 6)
+
+    def send6(hops: int) -> None:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+            s.sendto(b"probe", (dst6, 4000))
+
+    client.run(send6, 5)
+    behind = second.packets.wait_for(proto="udp", dst=dst6, timeout=5)
+    assert behind.ttl == 4
+    client.run(send6, 1)
+    exceeded6 = first.packets.wait_for(proto="icmpv6", icmp_type=3, direction="b->a", timeout=5)
+    assert exceeded6.src == first.b.ip6 and exceeded6.dst == first.a.ip6
     assert "client<->router" in first.describe() and "a->b is client->router" in first.describe()
 
 
