@@ -247,6 +247,10 @@ def test_rebind_every(tun_pair: TunPair) -> None:
                 break
             threading.Event().wait(0.05)
     assert len(seen) >= 3 and nat.rebinds >= 2
+    # Periods pass without traffic too: counted, and the mappings they retired gone.
+    before = nat.rebinds
+    threading.Event().wait(0.45)  # two periods at least (what the test is about)
+    assert nat.rebinds >= before + 2 and not nat.mappings
 
 
 @HOSTS

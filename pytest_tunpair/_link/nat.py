@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -446,8 +447,7 @@ class Nat:
         """Inbound packets dropped: no live mapping, or the filtering said no."""
         self.exhausted = 0
         """Outbound packets dropped because the port range was used up."""
-        self.rebinds = 0
-        """Rebinds so far (automatic ones included)."""
+        self._rebinds = 0
         self._inside = {socket.inet_pton(socket.AF_INET, a) for a in inside}
         self._public = {socket.inet_pton(socket.AF_INET, a) for a in public}
         self._log: deque[tuple[Packet, bytes]] = deque(maxlen=MAX_TRANSLATIONS)
@@ -460,7 +460,9 @@ class Nat:
     @property
     def public(self) -> str:
         """The outside address new mappings get now."""
-        return self._table.address
+        with self._lock:
+            self._catch_up(time.monotonic())
+            return self._table.address
 
     @property
     def pool(self) -> list[str]:
@@ -483,9 +485,34 @@ class Nat:
         return self._table.port_range
 
     @property
+    def rebinds(self) -> int:
+        """Rebinds so far: :meth:`rebind`'s, and each period of ``rebind_every`` that has
+        passed (counted with or without traffic)."""
+        with self._lock:
+            self._catch_up(time.monotonic())
+            return self._rebinds
+
+    def _catch_up(self, now: float) -> None:
+        """The ``rebind_every`` rebinds due by ``now`` (the lock held): the mappings retired
+        once, the pool address moved once per period (``rebind_address``). Done when a
+        packet comes or the test looks, so an idle NAT costs nothing."""
+        due = self._next_rebind
+        every = self.rebind_every
+        if due is None or every is None or now < due:
+            return
+        periods = int((now - due) // every) + 1
+        self._next_rebind = due + periods * every
+        self._table.rebind(port=True, address=self.rebind_address)
+        if self.rebind_address:
+            for _ in range((periods - 1) % len(self._table.public)):
+                self._table.rebind(port=False, address=True)  # nothing left to retire
+        self._rebinds += periods
+
+    @property
     def mappings(self) -> list[NatMapping]:
         """The live mappings, oldest first (a copy: later packets do not change it)."""
         with self._lock:
+            self._catch_up(time.monotonic())
             return [
                 NatMapping(
                     m.proto, m.inside, m.outside, m.remote, m.created, m.last_used, set(m.sent_to)
@@ -517,8 +544,9 @@ class Nat:
                 "e.g. public='198.18.1.0/29'",
             )
         with self._lock:
+            self._catch_up(time.monotonic())
             self._table.rebind(port=port, address=address)
-            self.rebinds += 1
+            self._rebinds += 1
 
     def remove(self) -> None:
         """Take the NAT off the link (no-op once removed): packets pass untranslated."""
@@ -550,12 +578,7 @@ class Nat:
         if e is None:
             return None
         with self._lock:
-            if self._next_rebind is not None and now >= self._next_rebind:
-                assert self.rebind_every is not None
-                self._table.rebind(port=True, address=self.rebind_address)
-                self.rebinds += 1
-                while self._next_rebind <= now:
-                    self._next_rebind += self.rebind_every
+            self._catch_up(now)
             if pkt.direction == "a->b":
                 return self._outbound(pkt, data, f, e, now)
             return self._inbound(pkt, data, f, e, now)
@@ -658,14 +681,16 @@ class Nat:
         """One line for failure reports: behaviours, pool, ports, counts."""
         t = self._table
         with self._lock:
+            self._catch_up(time.monotonic())
             count = len(t.mappings())
+            rebinds = self._rebinds
         pool = t.public[0] if len(t.public) == 1 else f"{t.public[0]}..{t.public[-1]}"
         every = f", rebinding every {self.rebind_every:g}s" if self.rebind_every else ""
         return (
             f"nat a->b: {t.mapping} mapping, {t.filtering} filtering, public {pool} "
             f"(now {t.address}), ports {t.port_range[0]}-{t.port_range[1]}{every}; "
             f"{count} mappings, {self.rewritten} rewritten, {self.filtered} filtered, "
-            f"{self.rebinds} rebinds"
+            f"{rebinds} rebinds"
         )
 
     def __repr__(self) -> str:
