@@ -1068,7 +1068,7 @@ class TunPair:
         resolver, a thread pool) keep the host's file.
         """
         from ._kernel.mountns import private_files
-        from ._kernel.resolver import Resolver, check_failure, open_sockets
+        from ._kernel.resolver import Records, Resolver, check_failure, open_sockets
 
         self._require_relay()
         for what, number, least in (
@@ -1078,9 +1078,7 @@ class TunPair:
         ):
             if isinstance(number, bool) or not isinstance(number, int) or number < least:
                 raise OptionError(what, number, source="dns()", reason=f"a whole number >= {least}")
-        table: dict[str, list[str]] = {}
-        for record, value in (records or {}).items():
-            table[record] = self._addresses(value, f"dns() record {record!r}")
+        table = Records(records or {}, self._addresses, "dns() records")  # checked first
         failures: list[tuple[str, str | None]] = []
         if isinstance(fail, str):
             failures.append((check_failure(fail, "dns()"), None))
@@ -1093,7 +1091,9 @@ class TunPair:
         b = self.b
         listen = [x for x in (b.ip, b.ip6) if x]
         socks = b.run(open_sockets, listen)
-        resolver = Resolver(table, sockets=socks, address=listen[0], ttl=ttl)
+        resolver = Resolver(
+            table, sockets=socks, address=listen[0], ttl=ttl, expand=self._addresses
+        )
         try:
             for how, key in failures:
                 resolver.fail(how, name=key)

@@ -82,6 +82,15 @@ def test_servfail_for_some_queries_then_success(tun_pair: TunPair) -> None:
     resolver.fail(None)  # cleared again
     resolver.records["late.test"] = ["198.18.0.77"]
     assert resolve("late.test") == ["198.18.0.77"]
+    # What dns() takes, the table takes, however the name is written; a bad value is
+    # refused here, not later in the server's thread (which would stop answering).
+    resolver.records["Later.Test."] = "b"
+    assert resolve("later.test") == sorted([tun_pair.b.ip, tun_pair.b.ip6])
+    from pytest_tunpair import OptionError
+
+    with pytest.raises(OptionError, match=r"resolver.records\['x.test'\].*use 'a', 'b'"):
+        resolver.records["x.test"] = "c"
+    assert resolve("later.test")  # still serving
 
 
 @pytest.fixture(scope="module")
