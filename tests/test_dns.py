@@ -192,11 +192,15 @@ def test_host_files_untouched_and_given_back() -> None:
 def test_second_dns_call_is_refused(tun_pair: TunPair) -> None:
     from pytest_tunpair import OptionError, TunPairError
 
-    tun_pair.dns({})
+    resolver = tun_pair.dns({})
     with pytest.raises(TunPairError, match="running already"):
         tun_pair.dns({})
     with pytest.raises(OptionError, match="fail"):
         tun_pair.dns({}, fail="sometimes")
+    with pytest.raises(OptionError, match="times"):
+        resolver.fail("servfail", times="3")  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"ttl.*>= 0"):
+        tun_pair.dns({}, ttl=-1)
 
 
 def test_a_missing_file_is_named_not_created() -> None:

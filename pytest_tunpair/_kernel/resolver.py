@@ -194,7 +194,9 @@ class Resolver:
                 self._rules = [r for r in self._rules if key is not None and r.name != key]
                 return
             check_failure(how, "dns.fail()")
-            if times is not None and (isinstance(times, bool) or times < 1):
+            if times is not None and (
+                isinstance(times, bool) or not isinstance(times, int) or times < 1
+            ):
                 raise OptionError(
                     "times", times, source="dns.fail()", reason="an int >= 1, or None"
                 )
