@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import OptionError
+from .._errors import OptionError, TunPairError
 from .._packets.packet import Packet
 from .._schema import Choice, Duration, Invalid, Kind
 from .._wire import headers as _h
@@ -535,6 +535,11 @@ class Nat:
         needs a pool (``public="198.18.1.0/29"``)."""
         if not port and not address:
             raise ValueError("rebind(port=False, address=False) changes nothing: ask for one")
+        if self._removed:
+            raise TunPairError(
+                "this NAT was removed from the link, so a rebind would change nothing: "
+                "rebind before remove(), or put a new one on with tun_pair.nat()"
+            )
         if address and len(self._table.public) < 2:
             raise OptionError(
                 "address",
