@@ -535,11 +535,6 @@ class Nat:
         needs a pool (``public="198.18.1.0/29"``)."""
         if not port and not address:
             raise ValueError("rebind(port=False, address=False) changes nothing: ask for one")
-        if self._removed:
-            raise TunPairError(
-                "this NAT was removed from the link, so a rebind would change nothing: "
-                "rebind before remove(), or put a new one on with tun_pair.nat()"
-            )
         if address and len(self._table.public) < 2:
             raise OptionError(
                 "address",
@@ -547,6 +542,11 @@ class Nat:
                 source="nat.rebind()",
                 reason=f"public={self._table.public[0]!r} is one address: give nat() a pool, "
                 "e.g. public='198.18.1.0/29'",
+            )
+        if self._removed:
+            raise TunPairError(
+                "this NAT was removed from the link, so a rebind would change nothing: "
+                "rebind before remove(), or put a new one on with tun_pair.nat()"
             )
         with self._lock:
             self._catch_up(time.monotonic())
