@@ -39,6 +39,12 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   rate a constant mahimahi trace (12 and 48 Mbit/s) delivers under a 1.5x UDP overload;
   Gilbert-Elliott burst loss (loss rate and mean burst length against the model's
   ``p / (p + r)`` and ``1 / r``).
+- ``hosts``: what hosts mode and the NAT cost (iperf3 TCP a -> b, one namespace vs hosts
+  vs hosts + NAT, interleaved; reference, no goal), and the timed features configured
+  against achieved: ``nat(rebind_every=0.2s)``'s rebinds (goal within 1), ``nat(timeout=
+  0.5s)``'s idle expiry seen by packets b sends every 20 ms (goal: expired within 50 ms
+  after), a lookup through ``dns()``, and getaddrinfo's time to fail under
+  ``dns(fail="timeout", timeout=1, attempts=1|2)`` (glibc's, shown against 1 s x attempts).
 - ``segments``: the per-segment link (the relay splits GSO super-packets before the engine
   and the queue), configured vs achieved in the same run: TCP through ``rate="5gbit"
   delay="1ms"`` (goal >= 1 Gbit/s) and through a constant 5000 Mbit/s trace (goal: at
@@ -96,6 +102,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -921,10 +928,17 @@ def udp_overload_args(host: str, rate_bps: float, seconds: float) -> list[str]:
     ]  # fmt: skip
 
 
-def achieved_rate(pair: Any, skip: float) -> float:
+def achieved_rate(pair: Any, skip: float, min_len: int = 0) -> float:
     """Bits/s the a->b link delivered, from the capture: the wire bytes written between the
-    first and last delivery after ``skip`` seconds of the run (the queue is full by then)."""
-    out = [p for p in pair.packets if p.direction == "a->b" and p.action == "delayed"]
+    first and last delivery after ``skip`` seconds of the run (the queue is full by then).
+    ``min_len``: count only packets at least this long (a TCP transfer's data segments:
+    the ACKs and the control connection's last packets come after the queue has drained
+    and would stretch the interval)."""
+    out = [
+        p
+        for p in pair.packets
+        if p.direction == "a->b" and p.action == "delayed" and p.wire_len >= min_len
+    ]
     t_first = out[0].time + skip
     steady = [p for p in out if p.time >= t_first]
     if len(steady) < 3:
@@ -1234,6 +1248,75 @@ def bench_hosts(rep: Report, a: argparse.Namespace) -> None:
 
     times = lookups() if thread_can_return() else run_in_disposable_thread(lookups, name="dns")
     rep.add("hosts", "getaddrinfo through dns() (A + AAAA over the relay)", fmt_ms(med(times)))
+
+    # nat(timeout=): how long an idle mapping lets b in, against the configured timeout.
+    # b sends to the mapping every 20 ms (inbound packets never refresh it); the expiry is
+    # between the last one let in and the first one filtered, timed from the outbound packet
+    # that made it (the relay's clock: the capture's arrival times).
+    def expiry(timeout: float) -> tuple[float, float]:
+        with TunPair(hosts=True, ipv6=None) as pair:
+            pair.nat(timeout=timeout, filtering="endpoint-independent")
+            b = pair.b.ip or ""
+            with pair.b.entered():
+                rx = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+                rx.bind((b, 3478))
+            with rx, _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as tx:
+                rx.settimeout(5)
+                tx.sendto(b"map me", (b, 3478))
+                _data, mapped = rx.recvfrom(100)
+                end = time.monotonic() + timeout * 1.5 + 0.2
+                while time.monotonic() < end:
+                    rx.sendto(b"in", mapped)
+                    time.sleep(0.02)
+            made = pair.packets.filter(direction="a->b", action="rewritten")[0].arrival
+            inbound = pair.packets.filter(direction="b->a", sport=3478)
+            passed = [p.arrival for p in inbound if p.action == "rewritten"]
+            filtered = [p.arrival for p in inbound if p.action == "filtered"]
+            pair.check()
+        return max(passed, default=made) - made, min(filtered, default=float("inf")) - made
+
+    timeout = 0.5
+    last_in, first_out = (
+        expiry(timeout)
+        if thread_can_return()
+        else run_in_disposable_thread(lambda: expiry(timeout), name="nat")
+    )
+    rep.add(
+        "hosts",
+        f"nat(timeout={timeout}s): idle mapping let b in until / filtered from",
+        f"{last_in:.3f} s / {first_out:.3f} s",
+        f"configured {timeout}",
+        f"{first_out / timeout:.3f}",
+        "expires within 50 ms after",
+        last_in <= timeout < first_out <= timeout + 0.05,
+    )
+
+    # dns(fail="timeout"): getaddrinfo's EAI_AGAIN after resolv.conf's timeout x attempts.
+    def timed_out(attempts: int) -> float:
+        with TunPair() as pair:
+            pair.dns({"api.test": "b"}, fail="timeout", timeout=1, attempts=attempts)
+            t0 = time.perf_counter()
+            try:
+                _socket.getaddrinfo("api.test", 80, proto=_socket.IPPROTO_TCP)
+            except _socket.gaierror:
+                pass
+            took = time.perf_counter() - t0
+            pair.check()
+        return took
+
+    for attempts in (1, 2):
+        took = (
+            timed_out(attempts)
+            if thread_can_return()
+            else run_in_disposable_thread(functools.partial(timed_out, attempts), name="dns")
+        )
+        rep.add(
+            "hosts",
+            f'getaddrinfo under dns(fail="timeout", timeout=1, attempts={attempts})',
+            f"{took:.3f} s",
+            f"configured {attempts}",
+            f"{took / attempts:.3f}",
+        )
 
 
 def _vm(key: str) -> int:
@@ -1882,7 +1965,7 @@ def bench_segments(rep: Report, a: argparse.Namespace) -> None:
             iperf_client(pair.b.ip or "", ["-t", f"{secs + 2:g}", "-C", "cubic"])
             kept = [p.time for p in pair.packets if p.direction == "a->b"]
             # The capture's bound may have kept only the end of a fast run: skip a third.
-            got = achieved_rate(pair, (kept[-1] - kept[0]) / 3)
+            got = achieved_rate(pair, (kept[-1] - kept[0]) / 3, min_len=200)
             pair.check()
         raw[f"tcp rate {label}"] = got
         rep.add(

@@ -290,6 +290,9 @@ def _bad(
     parser.error(f"argument {flag}: bad value{value}: {exc.reason}")
 
 
+_QUEUE_PARAMETERS = ("flows", "quantum", "target", "interval", "ecn")
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Turn parsed arguments into a :class:`Plan`; bad values end in ``parser.error``."""
     from ._link.impair import ImpairmentSpec
@@ -314,9 +317,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         except OptionError as exc:
             parser.error(f"argument --gemodel: bad value {args.gemodel!r}: {exc.reason}")
     for key, value in impair.items():
+        # A queue parameter is refused where the queue does not use it: check it with the
+        # queue (and ecn with the loss) given beside it.
+        with_queue: dict[str, Any] = {}
+        if key in _QUEUE_PARAMETERS:
+            with_queue = {k: impair[k] for k in ("queue", "loss") if k in impair}
         try:
             # One field at a time, so the message names the flag that is wrong.
-            ImpairmentSpec.from_kwargs(**{key: value})
+            ImpairmentSpec.from_kwargs(**{key: value, **with_queue})
         except OptionError as exc:
             _bad(parser, exc, typed)
     try:

@@ -14,7 +14,6 @@
     ├── ThreadNotStopped               an interruption could not stop a test's own thread
     ├── SpawnError                     ``spawn()``: exited or not ready (.command, .returncode)
     ├── LeftoverProcessError           processes left running in the namespace (.processes)
-    ├── LeftoverThreadError            threads left running in the namespace (.threads)
     └── BlockingWaitError (RuntimeError)   a blocking wait on an event loop's thread (.use)
 
     LeftoverProcessWarning (UserWarning)   processes, under --tunpair-leftovers=warn
@@ -35,7 +34,6 @@ __all__ = [
     "HookError",
     "LeftoverProcessError",
     "LeftoverProcessWarning",
-    "LeftoverThreadError",
     "LeftoverThreadWarning",
     "NamespaceError",
     "OptionError",
@@ -245,17 +243,6 @@ class LeftoverProcessWarning(UserWarning):
     (``--tunpair-leftovers=warn``, the default); they have been stopped."""
 
 
-class LeftoverThreadError(TunPairError):
-    """Threads started in the test's namespace were still running at its end
-    (``--tunpair-leftovers=fail``). A thread cannot be stopped from outside: they still run.
-    """
-
-    def __init__(self, message: str, *, threads: Sequence[str]) -> None:
-        super().__init__(message)
-        self.threads = list(threads)
-        """Each thread's name, native id and where it was started."""
-
-
 class LeftoverThreadWarning(UserWarning):
     """Threads started in the test's namespace were still running at its end
     (``--tunpair-leftovers=warn``, the default, or ``kill``: threads cannot be killed)."""
@@ -294,7 +281,6 @@ for _cls in (
     SpawnError,
     LeftoverProcessError,
     LeftoverProcessWarning,
-    LeftoverThreadError,
     LeftoverThreadWarning,
     ThreadNamespaceWarning,
     BlockingWaitError,

@@ -577,17 +577,26 @@ class TunPair:
             stats=self.stats,
             _services=len(self._services),
             _hosts={h.name: h.checkpoint() for h in self._own_hosts},
+            _sysctls=[(h, h._sysctl_mark()) for h in self._hosts()],
         )
+
+    def _hosts(self) -> list[Host]:
+        """End a's host and end b's (one, without hosts mode)."""
+        a, b = self.a.host, self.b.host
+        return [a] if a is b else [a, b]
 
     def restore(self, cp: Checkpoint) -> None:
         """Remove the hooks, rules and impairments added since ``cp``; put back those it
         had; stop a resolver started since, and what was started since in a host of the
         pair's own (b in hosts mode; may raise ``LeftoverProcessError`` by the leftover
-        policy). (A queue comes back fresh, from its settings: what the old one held was
+        policy); put back the sysctls set since with ``tun_pair.a.sysctl()`` /
+        ``b.sysctl()``. (A queue comes back fresh, from its settings: what the old one held was
         delivered.)"""
         self._require_relay()
         while len(self._services) > cp._services:
             self._services.pop().close()
+        for host, mark in cp._sysctls:
+            host._restore_sysctls(mark)
         for host in self._own_hosts:
             host.restore(cp._hosts.get(host.name, (set(), 0)))
         kept = {hook for state in cp._directions.values() for hook in state.hooks}
@@ -993,7 +1002,16 @@ class TunPair:
 
         from ._link.nat import Nat, check_nat
 
-        args = check_nat(mapping, filtering, public, port_range, timeout, tcp_timeout, rebind_every)
+        args = check_nat(
+            mapping,
+            filtering,
+            public,
+            port_range,
+            timeout,
+            tcp_timeout,
+            rebind_every,
+            rebind_address,
+        )
         self._require_relay()
         if self.a.ip is None or self.b.ip is None:
             raise OptionError(
@@ -1066,19 +1084,17 @@ class TunPair:
         resolver, a thread pool) keep the host's file.
         """
         from ._kernel.mountns import private_files
-        from ._kernel.resolver import Resolver, check_failure, open_sockets
+        from ._kernel.resolver import Records, Resolver, check_failure, open_sockets
 
         self._require_relay()
-        for what, number in (("ttl", ttl), ("timeout", timeout), ("attempts", attempts)):
-            if (
-                isinstance(number, bool)
-                or not isinstance(number, int)
-                or number < (0 if what == "ttl" else 1)
-            ):
-                raise OptionError(what, number, source="dns()", reason="a whole number >= 1")
-        table: dict[str, list[str]] = {}
-        for record, value in (records or {}).items():
-            table[record] = self._addresses(value, f"dns() record {record!r}")
+        for what, number, least in (
+            ("ttl", ttl, 0),
+            ("timeout", timeout, 1),
+            ("attempts", attempts, 1),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int) or number < least:
+                raise OptionError(what, number, source="dns()", reason=f"a whole number >= {least}")
+        table = Records(records or {}, self._addresses, "dns() records")  # checked first
         failures: list[tuple[str, str | None]] = []
         if isinstance(fail, str):
             failures.append((check_failure(fail, "dns()"), None))
@@ -1091,7 +1107,9 @@ class TunPair:
         b = self.b
         listen = [x for x in (b.ip, b.ip6) if x]
         socks = b.run(open_sockets, listen)
-        resolver = Resolver(table, sockets=socks, address=listen[0], ttl=ttl)
+        resolver = Resolver(
+            table, sockets=socks, address=listen[0], ttl=ttl, expand=self._addresses
+        )
         try:
             for how, key in failures:
                 resolver.fail(how, name=key)
@@ -1106,6 +1124,11 @@ class TunPair:
             nsswitch = _nsswitch_hosts_dns()
             if nsswitch is not None:
                 files["/etc/nsswitch.conf"] = nsswitch
+            # glibc asks a running nscd before any NSS module, and nscd resolves on the
+            # host's side: an empty file over its socket makes connect() fail, and glibc
+            # falls back to the files above.
+            if os.path.exists(NSCD_SOCKET):
+                files[os.path.realpath(NSCD_SOCKET)] = ""
             resolver._view = private_files(files)
         except BaseException:
             resolver.close()
@@ -1218,9 +1241,11 @@ class TunPair:
         else:
             ha, hb = self.a.host.name, self.b.host.name
             name = f"{self.label} " if self.label else ""
+            # A topology's ends have names of their own: say which way a->b goes.
+            ways = "" if (ha, hb) == ("a", "b") else f"a->b is {ha}->{hb}, b->a is {hb}->{ha}; "
             lines = [
                 f"{o.mode} link {name}{ha}:{parts[0]} <-> {hb}:{parts[1]} mtu={o.mtu} "
-                f"(a->b is {ha}->{hb}, b->a is {hb}->{ha}; each end its own host)"
+                f"({ways}each end its own host)"
             ]
         lines.extend(s.describe() for s in self._services)
         for direction in self._directions.values():
@@ -1253,10 +1278,16 @@ class Checkpoint:
     _services: int = 0
     #: For each host the pair made (b in hosts mode): ``Host.checkpoint()``.
     _hosts: dict[str, tuple[set[tuple[int, int]], int]] = field(default_factory=dict)
+    #: For each host of the pair: how many ``Host.sysctl()`` writes it had made then.
+    _sysctls: list[tuple[Host, int]] = field(default_factory=list)
 
 
 # A direction as a pair made during a test had it before: nothing on it.
 _NOTHING = DirectionState(hooks=(), rules=(), spec=None, random_seed=False, engine=None)
+
+
+#: Where glibc's name-service cache client connects (glibc's nscd/nscd.h, _PATH_NSCDSOCKET).
+NSCD_SOCKET = "/var/run/nscd/socket"
 
 
 def _nsswitch_hosts_dns() -> str | None:

@@ -31,14 +31,14 @@ if TYPE_CHECKING:
 __all__ = ["Topology"]
 
 
-def _check_name(name: object) -> str:
+def _check_name(name: object, source: str) -> str:
     if (
         not isinstance(name, str)
         or not name
         or not name.replace("-", "").replace("_", "").isalnum()
     ):
         raise OptionError(
-            "links", name, source="topology()", reason="host names are words (letters, digits, - _)"
+            "links", name, source=source, reason="host names are words (letters, digits, - _)"
         )
     return name
 
@@ -101,7 +101,7 @@ class Topology:
                 raise OptionError(
                     "links", pair, source=source, reason="each link is a pair of host names"
                 )
-            x, y = (_check_name(n) for n in pair)
+            x, y = (_check_name(n, source) for n in pair)
             if x == y or frozenset((x, y)) in seen:
                 raise OptionError(
                     "links", pair, source=source, reason="a link joins two different hosts, once"

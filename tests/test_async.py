@@ -159,10 +159,14 @@ async def test_a_cancelled_wait_leaves_no_thread_or_waiter(tun_pair: TunPair) ->
 async def test_the_scripted_peer_in_a_coroutine(tun_pair: TunPair) -> None:
     with tun_pair.script("b") as peer:
         client = asyncio.ensure_future(asyncio.open_connection(tun_pair.b.ip, 8080))
-        conn = await peer.tcp_accept_async(8080, timeout=WAIT)
+        conn = await peer.tcp_accept_async(8080, complete=False, timeout=WAIT)
+        assert not conn.established  # SYN-ACK not sent yet: complete_async() sends it
+        assert await conn.complete_async(timeout=WAIT) is conn and conn.established
         reader, writer = await client
         writer.write(b"hello")
-        assert (await conn.recv_async(timeout=WAIT)).payload == b"hello"
+        assert (await conn.expect_next_async(flags="PA", timeout=WAIT)).payload == b"hello"
+        writer.write(b"world")  # sent once the peer's automatic ACK of "hello" is in
+        assert (await conn.recv_async(timeout=WAIT)).payload == b"world"
         with pytest.raises(BlockingWaitError, match=r"conn\.recv\(\).*`await conn\.recv_async"):
             conn.recv(timeout=1)
         with pytest.raises(BlockingWaitError, match=r"peer\.expect\(\).*`await peer\.expect_async"):
@@ -184,7 +188,7 @@ def test_every_wait_has_an_awaitable_form_with_its_parameters() -> None:
         ScriptedPeer: (
             "wait_for", "expect", "expect_none", "expect_sequence", "tcp_accept", "tcp_connect",
         ),
-        ScriptedTcp: ("recv", "expect"),
+        ScriptedTcp: ("recv", "expect", "expect_next", "complete"),
         ScriptedUdp: ("recvfrom", "recv"),
     }  # fmt: skip
     for cls, names in forms.items():
@@ -239,6 +243,89 @@ async def test_anyio_worker_threads_and_awaited_waits(
     with anyio.move_on_after(0.2) as scope:
         await tun_pair.packets.wait_for_async(dport=9, timeout=30)
     assert scope.cancelled_caught and time.monotonic() - started < 5
+    assert wait_threads() == []
+
+
+# -- third-party async clients: each with its server in the same loop ----------------------------
+@pytest.mark.anyio
+async def test_httpx_async_client_and_a_server_in_one_loop(
+    tun_pair: TunPair, anyio_backend: str
+) -> None:
+    """httpx's AsyncClient (httpcore on asyncio, or on trio) against a server task of the
+    same loop, with the response awaited in the capture before the client has it."""
+    import httpx
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive()
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n"
+            )
+
+    listener = await anyio.create_tcp_listener(local_host=tun_pair.b.ip)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    got: dict[str, httpx.Response] = {}
+    done = anyio.Event()
+
+    async def fetch() -> None:
+        # trust_env=False: no proxy from the environment, which would lead off the machine.
+        async with httpx.AsyncClient(trust_env=False) as client:
+            got["response"] = await client.get(f"http://{tun_pair.b.ip}:{port}/async")
+        done.set()
+
+    async with listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, serve)
+        tasks.start_soon(fetch)
+        request = await tun_pair.packets.wait_for_async(
+            lambda p: p.payload.startswith(b"GET /async HTTP/1.1"), direction="a->b", timeout=WAIT
+        )
+        answer = await tun_pair.packets.wait_for_async(
+            lambda p: p.payload.startswith(b"HTTP/1.1 200 OK"),
+            direction="b->a",
+            timeout=WAIT,
+        )
+        with anyio.fail_after(WAIT):
+            await done.wait()
+        tasks.cancel_scope.cancel()
+    assert answer.sport == port and answer.dst == tun_pair.a.ip and answer.seq > request.seq
+    assert got["response"].status_code == 200 and got["response"].text == "hello\n"
+    assert wait_threads() == []
+
+
+@pytest.mark.asyncio
+async def test_aioquic_client_and_server_in_one_loop(tun_pair: TunPair, tmp_path: Path) -> None:
+    """aioquic's server and client in the test's loop: the handshake's datagrams are awaited
+    in the capture while both ends run."""
+    from aioquic.asyncio import connect, serve
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from .h3 import make_certificate
+
+    cert, key = make_certificate(tmp_path, tun_pair.b.ip)
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=["tunpair"])
+    server_config.load_cert_chain(cert, key)
+    server = await serve(tun_pair.b.ip, 4433, configuration=server_config)
+    client_config = QuicConfiguration(alpn_protocols=["tunpair"])
+    client_config.load_verify_locations(cert)
+
+    async def client() -> None:
+        async with connect(tun_pair.b.ip, 4433, configuration=client_config) as connection:
+            await connection.ping()
+
+    try:
+        pinged = asyncio.ensure_future(client())
+        initial = await tun_pair.packets.expect_async(
+            IP(src=tun_pair.a.ip) / UDP(dport=4433), timeout=WAIT
+        )
+        assert len(initial.payload) >= 1200  # a client's Initial is padded (RFC 9000 14.1)
+        await tun_pair.packets.expect_async(
+            IP(src=tun_pair.b.ip) / UDP(sport=4433), after=initial, timeout=WAIT
+        )
+        await asyncio.wait_for(pinged, WAIT)
+    finally:
+        server.close()
     assert wait_threads() == []
 
 
@@ -460,6 +547,36 @@ def test_across_tests_loops_runners_pools_and_leftovers(
     )
     for quiet in ("stopped-in-time", "host-thread", "module-server"):
         result.stdout.no_fnmatch_line(f"*{quiet}*")
+
+
+@pytest.mark.parametrize("userns", USERNS)
+def test_trio_runner_kept_across_rootless_tests_is_refused_in_one_line(
+    pytester: pytest.Pytester, userns: str
+) -> None:
+    """docs/async.md's note: rootless, each tunnel test runs on a thread of its own, and a
+    trio run kept by a module async fixture belongs to the first test's thread: the tests
+    after it stop at setup with one line saying what to do, not trio's error deep inside."""
+    if not runs_on_own_threads(userns):
+        pytest.skip("tunnel tests run on the main thread here: trio's runner spans them")
+    # Without hypothesis' plugin: its import at the summary, while trio's abandoned runner
+    # is collected, trips a CPython 3.11.2 bug (SystemError: AST constructor recursion
+    # depth mismatch), which later 3.11 releases fixed.
+    result = inner(
+        pytester,
+        f"--tunpair-userns={userns}",
+        "-p",
+        "no:hypothesispytest",
+        test_runner=ANYIO_RUNNER.replace("BACKENDS", repr(["trio"])),
+    )
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_to_thread[[]trio-1[]]*",
+            "test_to_thread[[]trio-1[]]: anyio's trio runner was started on another thread by an "
+            "earlier test (a module or session async fixture keeps it)*make the async fixtures "
+            "function-scoped for the trio backend*",
+        ]
+    )
 
 
 def test_leftover_thread_policy_fail(pytester: pytest.Pytester) -> None:

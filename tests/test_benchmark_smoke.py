@@ -26,6 +26,9 @@ def _netns_list() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+# Every section once, quickly: minutes on a busy 2-core machine (the subprocess's own
+# timeout is the same).
+@pytest.mark.timeout(600)
 def test_benchmark_quick_mode_prints_every_row(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

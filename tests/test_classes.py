@@ -107,6 +107,69 @@ def test_checkpoint_and_restore_take_classes_back(tun_pair: TunPair) -> None:
     assert _udp_to(tun_pair, 6000, 3) == 0 and _udp_to(tun_pair, 6001, 3) == 3
 
 
+def test_restore_puts_the_classes_back_in_their_order(tun_pair: TunPair) -> None:
+    """Classes are tried in order: one removed and added again goes last (on the relay as
+    in describe()), and restore() brings the checkpoint's order back."""
+    tun_pair.impair(direction="a->b", loss=1.0, match=dict(proto="udp"), name="all-udp")
+    tun_pair.impair(direction="a->b", delay="1ms", match=dict(dport=6100), name="port")
+    cp = tun_pair.checkpoint()
+    tun_pair.impair(direction="a->b", match=dict(proto="udp"), name="all-udp")  # off
+    tun_pair.impair(direction="a->b", loss=1.0, match=dict(proto="udp"), name="all-udp")
+    described = tun_pair.describe()
+    assert described.index("'port'") < described.index("'all-udp'")
+    assert _udp_to(tun_pair, 6100, 3) == 3  # "port" comes first now
+    tun_pair.restore(cp)
+    described = tun_pair.describe()
+    assert described.index("'all-udp'") < described.index("'port'")
+    assert _udp_to(tun_pair, 6100, 3) == 0  # "all-udp" first again
+
+
+MODULE_CLASSES = """
+import socket
+
+def udp(pair, port, n=3):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \\
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        rx.bind((pair.b.ip, port))
+        rx.settimeout(0.5)
+        for _ in range(n):
+            tx.sendto(b"x", (pair.b.ip, port))
+        got = 0
+        try:
+            while got < n:
+                rx.recv(10)
+                got += 1
+        except TimeoutError:
+            pass
+        return got
+
+def test_a_class_shows_in_the_failure_report(tun_pair_module):
+    tun_pair_module.impair(
+        direction="a->b", loss=1.0, match={"proto": "udp", "dport": 7000}, name="quic", seed=3
+    )
+    assert udp(tun_pair_module, 7000) == 3
+
+def test_the_next_test_of_the_module_pair_has_no_class(tun_pair_module):
+    assert "class" not in tun_pair_module.describe()
+    assert udp(tun_pair_module, 7000) == 3
+"""
+
+
+def test_a_module_pair_reports_its_classes_and_takes_them_off_after_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_module_classes=MODULE_CLASSES)
+    result = pytester.runpytest_subprocess("--tunpair", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- Captured packets call -*",
+            "impair a->b class 'quic' (match dport=7000,proto=udp): loss=100% seed=3",
+            "*a->b lost*IP / UDP 198.18.0.1:* > 198.18.0.2:*",
+        ]
+    )
+
+
 def _jain(xs: list[float]) -> float:
     return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))
 
@@ -169,8 +232,9 @@ def test_fq_codel_shares_the_link_between_a_short_and_a_long_rtt_flow(
     tun_pair.impair(direction="b->a", delay="20ms", match=dict(dport=40001), name="far")
     tun_pair.impair(direction="a->b", rate="10mbit", queue="fq_codel")
     fair = _two_flows(tun_pair, 3.0)
-    tun_pair.impair(direction="a->b", rate="10mbit", limit=1000)
-    unfair = _two_flows(tun_pair, 3.0)
     assert _jain(list(fair)) >= 0.9, fair
-    # Drop-tail lets the short-RTT flow take more than its share.
-    assert unfair[0] > 1.2 * unfair[1], unfair
+    # What drop-tail does to the same two flows is a measurement, not an assertion: the
+    # short-RTT flow usually takes more, but by how much varies from run to run (its
+    # standing queue adds the same delay to both RTTs, and Cubic grows its window by the
+    # clock, not per RTT), and here once the long-RTT flow got more. benchmarks/run.py's
+    # segments section has it beside fq_codel.

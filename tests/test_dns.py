@@ -82,6 +82,15 @@ def test_servfail_for_some_queries_then_success(tun_pair: TunPair) -> None:
     resolver.fail(None)  # cleared again
     resolver.records["late.test"] = ["198.18.0.77"]
     assert resolve("late.test") == ["198.18.0.77"]
+    # What dns() takes, the table takes, however the name is written; a bad value is
+    # refused here, not later in the server's thread (which would stop answering).
+    resolver.records["Later.Test."] = "b"
+    assert resolve("later.test") == sorted([tun_pair.b.ip, tun_pair.b.ip6])
+    from pytest_tunpair import OptionError
+
+    with pytest.raises(OptionError, match=r"resolver.records\['x.test'\].*use 'a', 'b'"):
+        resolver.records["x.test"] = "c"
+    assert resolve("later.test")  # still serving
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +109,17 @@ def test_dig_dnspython_cares_and_children_use_it(tun_pair: TunPair) -> None:
     import dns.resolver
     import pycares
 
-    resolver = tun_pair.dns({"api.test": "b"})
+    resolver = tun_pair.dns({"api.test": "b"}, ttl=7)
     b = tun_pair.b.ip
     dig = subprocess.run(
-        [need("dig"), "+short", "+tries=1", "api.test", "A"], capture_output=True, text=True
+        [need("dig"), "+noall", "+answer", "+tries=1", "api.test", "A"],
+        capture_output=True,
+        text=True,
     )
-    assert dig.stdout.split() == [b], dig.stdout + dig.stderr
+    assert dig.stdout.split() == ["api.test.", "7", "IN", "A", b], dig.stdout + dig.stderr
     answer = dns.resolver.Resolver().resolve("api.test", "A")  # reads resolv.conf now
-    assert [r.address for r in answer] == [b]
+    assert [r.address for r in answer] == [b] and answer.rrset is not None
+    assert answer.rrset.ttl == 7
     child = subprocess.run(
         [sys.executable, "-c", "import socket; print(socket.gethostbyname('api.test'))"],
         capture_output=True,
@@ -180,8 +192,98 @@ def test_host_files_untouched_and_given_back() -> None:
 def test_second_dns_call_is_refused(tun_pair: TunPair) -> None:
     from pytest_tunpair import OptionError, TunPairError
 
-    tun_pair.dns({})
+    resolver = tun_pair.dns({})
     with pytest.raises(TunPairError, match="running already"):
         tun_pair.dns({})
     with pytest.raises(OptionError, match="fail"):
         tun_pair.dns({}, fail="sometimes")
+    with pytest.raises(OptionError, match="times"):
+        resolver.fail("servfail", times="3")  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"ttl.*>= 0"):
+        tun_pair.dns({}, ttl=-1)
+
+
+def test_a_missing_file_is_named_not_created() -> None:
+    """dns() covers the machine's resolv.conf with the test's own; where there is none (a
+    container without one, a dangling symlink to systemd-resolved's) it says so, and
+    creates nothing."""
+    from pytest_tunpair import NamespaceError
+    from pytest_tunpair._kernel.mountns import private_files
+
+    missing = Path("/etc/tunpair-no-such-file.conf")
+    mnt = Path("/proc/thread-self/ns/mnt")
+
+    def body() -> None:
+        here = mnt.stat().st_ino
+        with pytest.raises(NamespaceError, match="no such file on this machine"):
+            private_files({str(missing): "nameserver 198.18.0.2\n"})
+        assert mnt.stat().st_ino == here or not _can_return()
+
+    run_standalone(body)
+    assert not missing.exists()
+
+
+def _can_return() -> bool:
+    from pytest_tunpair._kernel.userns import thread_can_return
+
+    return thread_can_return()
+
+
+NSCD_RUN = """
+import json, os, socket, subprocess, sys, threading
+from pytest_tunpair import TunPair
+
+os.makedirs("/run/nscd")
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind("/run/nscd/socket")
+srv.listen()
+hits = []
+
+def fake_nscd():  # counts glibc's connections, answers none (glibc falls back)
+    while True:
+        conn, _ = srv.accept()
+        hits.append(1)
+        conn.close()
+
+def lookup(name):
+    # A fresh process each time: glibc stops asking an nscd that failed it, for a while.
+    code = f"import socket; print(socket.getaddrinfo({name!r}, 80)[0][4][0])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+threading.Thread(target=fake_nscd, daemon=True).start()
+lookup("localhost")
+before = len(hits)
+with TunPair(ipv6=None) as pair:
+    pair.dns({"api.test": "b"})
+    addr = lookup("api.test")
+    during = len(hits) - before
+    print(json.dumps({"before": before, "during": during, "addr": addr, "b": pair.b.ip}))
+"""
+
+
+def test_a_running_nscd_is_bypassed() -> None:
+    """glibc asks nscd first, and nscd resolves on the host's side: dns() hides its socket
+    from the test. Played in a private mount namespace with a tmpfs /run, where a fake
+    nscd listens (the machine's /run is not touched)."""
+    import json
+    import os
+
+    from pytest_tunpair._kernel.userns import in_initial_user_namespace
+
+    if os.geteuid() != 0 or not in_initial_user_namespace():
+        pytest.skip("mounting a tmpfs over /run for the fake nscd needs real root")
+    script = 'mount -t tmpfs tunpair-nscd /run && exec "$0" -c "$1"'
+    r = subprocess.run(
+        [need("unshare"), "-m", "--propagation", "private", "sh", "-c", script,
+         sys.executable, NSCD_RUN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    assert got["before"] > 0  # glibc does ask a running nscd ...
+    assert got["during"] == 0  # ... but not under dns()
+    assert got["addr"] == got["b"]
+    assert not Path("/run/nscd").exists()  # the machine's /run never saw it

@@ -268,6 +268,12 @@ def test_device_dropped_counts_what_the_kernel_dropped_before_the_relay(
         ({"ecn": "yes"}, "ecn"),
         ({"limit_bytes": 0}, "limit_bytes"),
         ({"interval": 0}, "interval"),
+        # A parameter the queue would not use (drop-tail by default).
+        ({"flows": 64}, "flows"),
+        ({"quantum": 300, "queue": "codel"}, "quantum"),
+        ({"target": "5ms"}, "target"),
+        ({"interval": "20ms", "queue": "pie"}, "interval"),
+        ({"ecn": True}, "ecn"),
     ],
 )
 def test_bad_queue_options_raise_and_change_nothing(

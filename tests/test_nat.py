@@ -9,6 +9,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IPerror, UDPerror
@@ -246,6 +247,10 @@ def test_rebind_every(tun_pair: TunPair) -> None:
                 break
             threading.Event().wait(0.05)
     assert len(seen) >= 3 and nat.rebinds >= 2
+    # Periods pass without traffic too: counted, and the mappings they retired gone.
+    before = nat.rebinds
+    threading.Event().wait(0.45)  # two periods at least (what the test is about)
+    assert nat.rebinds >= before + 2 and not nat.mappings
 
 
 @HOSTS
@@ -279,12 +284,12 @@ def test_icmp_errors_are_translated_both_ways(tun_pair: TunPair) -> None:
 
 @HOSTS
 def test_idle_mapping_expires(tun_pair: TunPair) -> None:
-    tun_pair.nat(timeout="300ms", filtering="endpoint-independent")
+    tun_pair.nat(timeout="1s", filtering="endpoint-independent")
     r1 = tun_pair.b.ip
     assert r1 is not None
     with stun(tun_pair, [(r1, 3478)]) as socks, client() as c:
         mapped = probe(c, (r1, 3478))
-        threading.Event().wait(0.5)  # idle past the timeout (what the test is about)
+        threading.Event().wait(1.2)  # idle past the timeout (what the test is about)
         mark = tun_pair.packets.mark()
         socks[(r1, 3478)].sendto(b"late", mapped)
         late = tun_pair.packets.wait_for(after(mark), direction="b->a", timeout=5)
@@ -304,3 +309,85 @@ def test_port_range_used_up(tun_pair: TunPair) -> None:
         assert dropped.action == "dropped"
     assert nat.exhausted == 1
     assert "40000-40001" in tun_pair.describe()
+
+
+@HOSTS
+def test_quic_survives_a_port_then_an_address_rebind(tun_pair: TunPair, tmp_path: Path) -> None:
+    """aioquic's client behind the NAT, its server in host b: a port rebind, then a move
+    to the pool's next address; one connection answers throughout, and the server
+    validated each new path (RFC 9000 section 9). The example does the port rebind; this
+    one runs in the rootless tier too."""
+    import asyncio
+
+    from aioquic.asyncio import QuicConnectionProtocol, connect, serve
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.events import StreamDataReceived
+    from aioquic.quic.logger import QuicLogger
+
+    from .h3 import make_certificate
+
+    class Upper(QuicConnectionProtocol):
+        def quic_event_received(self, event: object) -> None:
+            if isinstance(event, StreamDataReceived):
+                self._quic.send_stream_data(event.stream_id, event.data.upper(), True)
+                self.transmit()
+
+    b_ip = tun_pair.b.ip
+    assert b_ip is not None
+    nat = tun_pair.nat(public="198.18.1.0/30")  # 198.18.1.1 and .2
+    cert, key = make_certificate(tmp_path, b_ip)
+    log = QuicLogger()
+    config = QuicConfiguration(is_client=False, alpn_protocols=["upper"], quic_logger=log)
+    config.load_cert_chain(cert, key)
+    listening, stop = threading.Event(), threading.Event()
+
+    def server() -> None:
+        async def main() -> None:
+            srv = await serve(b_ip, 4433, configuration=config, create_protocol=Upper)
+            listening.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            srv.close()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=tun_pair.b.run, args=(server,))
+    thread.start()
+
+    async def client() -> list[bytes]:
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=["upper"], cafile=str(cert))
+        async with connect(b_ip, 4433, configuration=cfg) as conn:
+
+            async def ask(text: bytes) -> bytes:
+                reader, writer = await conn.create_stream()
+                writer.write(text)
+                writer.write_eof()
+                return await asyncio.wait_for(reader.read(), 10)
+
+            answers = [await ask(b"first")]
+            nat.rebind()
+            answers.append(await ask(b"new port"))
+            nat.rebind(port=False, address=True)
+            answers.append(await ask(b"new address"))
+            return answers
+
+    try:
+        assert listening.wait(10)
+        assert asyncio.run(client()) == [b"FIRST", b"NEW PORT", b"NEW ADDRESS"]
+    finally:
+        stop.set()
+        thread.join(10)
+    paths = [t.after[1] for t in nat.translations if t.direction == "a->b"]
+    seen = list(dict.fromkeys(paths))  # the client's outside endpoints, in order
+    assert len(seen) == 3, seen
+    assert seen[0].split(":")[0] == seen[1].split(":")[0] == "198.18.1.1"
+    assert seen[2] == f"198.18.1.2:{seen[1].split(':')[1]}"  # the port kept, the address moved
+    sent = [
+        frame["frame_type"]
+        for trace in log.to_dict()["traces"]
+        for event in trace["events"]
+        if event["name"].endswith("packet_sent")
+        for frame in event["data"].get("frames", [])
+    ]
+    assert sent.count("path_challenge") >= 2  # one per new path
+    assert nat.filtered == len(tun_pair.packets.filter(action="filtered"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 
-from pytest_tunpair import OptionError, Packet
+from pytest_tunpair import OptionError, Packet, TunPairError
 from pytest_tunpair._link.nat import Nat, NatTable, check_nat
 from pytest_tunpair._wire import headers as _h
 from pytest_tunpair._wire import rewrite as _rw
@@ -114,6 +114,14 @@ def test_check_nat_messages() -> None:
         check_nat("endpoint-independent", "endpoint-independent", PUB, (9, 2), 1, 1, None)
     with pytest.raises(OptionError, match="rebind_every"):
         check_nat("endpoint-independent", "endpoint-independent", PUB, (1, 2), 1, 1, 0)
+    # The classic names point at RFC 4787's pair.
+    with pytest.raises(OptionError, match=r"symmetric NAT is nat\(mapping='address-and-port"):
+        check_nat("symmetric", "endpoint-independent", PUB, (1, 2), 1, 1, None)
+    # rebind_address that could do nothing is refused, saying what would do something.
+    with pytest.raises(OptionError, match=r"rebind_address.*give rebind_every"):
+        check_nat("endpoint-independent", "endpoint-independent", PUB, (1, 2), 1, 1, None, True)
+    with pytest.raises(OptionError, match=r"rebind_address.*one address.*give a pool"):
+        check_nat("endpoint-independent", "endpoint-independent", PUB, (1, 2), 1, 1, 3, True)
     pool = check_nat(
         "endpoint-independent", "address-dependent", "198.18.1.0/30", (1, 2), "2s", 1, "3s"
     )
@@ -227,3 +235,5 @@ def test_nat_rule_records_both_tuples_and_filters() -> None:
     assert removed == [nat]
     with pytest.raises(OptionError, match="pool"):
         nat.rebind(address=True)
+    with pytest.raises(TunPairError, match="removed from the link"):
+        nat.rebind()

@@ -12,6 +12,8 @@ No pytest here: the command-line tool uses the same machinery.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +44,26 @@ def prepare_host(ns: NetNamespace) -> None:
     routing.link_up_lo()
 
 
+def _congestion_hint(path: str, err: int | None) -> str:
+    """Why a congestion control was refused: not available, or (EPERM) restricted. Outside
+    the initial namespace only the algorithms of ``tcp_allowed_congestion_control`` may be
+    chosen (net/ipv4/tcp_cong.c, tcp_set_default_congestion_control)."""
+    which = "allowed" if err == errno.EPERM else "available"
+    listed = ""
+    with (
+        contextlib.suppress(OSError),
+        open(path.replace("tcp_congestion", f"tcp_{which}_congestion")) as f,
+    ):
+        listed = f.read().strip()
+    if err == errno.EPERM:
+        return (
+            " (outside the machine's own namespace only the algorithms of "
+            f"net.ipv4.tcp_allowed_congestion_control may be picked: {listed}; that list is "
+            "set on the machine itself)"
+        )
+    return f" (available here: {listed})"
+
+
 class Host:
     """One network stack of a pair or a topology (``tun_pair.b.host``, ``topo["router"]``).
 
@@ -60,6 +82,9 @@ class Host:
         self._holder: subprocess.Popen[Any] | None = None
         self._stopped = False
         self._closed = False
+        # Each sysctl() write as (path, value before): what a longer-lived pair's test
+        # changed is put back at its end (_restore_sysctls).
+        self._sysctl_log: list[tuple[str, str]] = []
 
     @classmethod
     def new(cls, name: str, *, leftovers: str = "warn") -> Host:
@@ -171,19 +196,47 @@ class Host:
         def inside() -> str:
             try:
                 if value is not None:
+                    with open(path) as f:
+                        before = f.read().strip()
                     with open(path, "w") as f:
                         f.write(str(value))
+                    self._sysctl_log.append((path, before))
                 with open(path) as f:
                     return f.read().strip()
             except OSError as exc:
+                if not os.path.exists(path):
+                    why = "this kernel has no such sysctl (see `sysctl -a | grep net.`)"
+                elif value is None:
+                    why = f"it cannot be read: {exc.strerror}"
+                else:
+                    why = f"the kernel refused the value: {exc.strerror}"
+                    if path.endswith("/tcp_congestion_control"):
+                        why += _congestion_hint(path, exc.errno)
                 raise NamespaceError(
                     f"host {self.name}: sysctl {name}"
                     + (f" = {value!r}" if value is not None else "")
-                    + f" failed: {exc.strerror}",
+                    + f" failed: {why}",
                     netns=self.ns_path,
                 ) from exc
 
         return self.run(inside)
+
+    def _sysctl_mark(self) -> int:
+        """Where :meth:`_restore_sysctls` goes back to (a module or session pair's test)."""
+        return len(self._sysctl_log)
+
+    def _restore_sysctls(self, mark: int) -> None:
+        """Put back, newest first, every value :meth:`sysctl` set since ``mark``."""
+        undo = self._sysctl_log[mark:]
+        del self._sysctl_log[mark:]
+        if undo and not self.closed:
+
+            def inside() -> None:
+                for path, before in reversed(undo):
+                    with open(path, "w") as f:
+                        f.write(before)
+
+            self.run(inside)
 
     def sockets(self, proto: str = "tcp") -> list[SocketInfo]:
         """Every ``proto`` (``"tcp"``/``"udp"``) socket of this host, whichever process owns

@@ -147,6 +147,14 @@ def private_files(files: dict[str, str]) -> PrivateFiles:
     except BaseException as exc:
         view.leave()
         if isinstance(exc, OSError):
+            if exc.errno == errno.ENOENT and what != "/" and not os.path.exists(what):
+                link = f" (a symlink to {os.path.realpath(what)})" if os.path.islink(what) else ""
+                raise NamespaceError(
+                    f"cannot show the test its own {what}: there is no such file on this "
+                    f"machine{link}, and a private view can only cover a file that exists "
+                    "(the host's files are never created); create it on the machine, e.g. "
+                    "an empty one, then run again"
+                ) from exc
             raise NamespaceError(f"cannot show the test its own {what}: {exc}") from exc
         raise
     return view

@@ -18,13 +18,14 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._errors import OptionError
 from .._wire import dns as _dns
 
-__all__ = ["FAILURES", "DnsQuery", "Resolver"]
+__all__ = ["FAILURES", "DnsQuery", "Records", "Resolver"]
 
 #: What a failure rule does to a query: no answer, or the answer with that code; ``truncate``
 #: answers over UDP with TC set and no records (the client retries over TCP, which works).
@@ -80,6 +81,69 @@ def check_failure(how: object, source: str) -> str:
     return str(how)
 
 
+#: What turns a record's value into addresses (``"a"``/``"b"``, an address, or a list of
+#: those; an ``OptionError`` otherwise): the pair's, which knows its ends' addresses.
+Expand = Callable[[Any, str], list[str]]
+
+
+def _addresses_only(value: Any, source: str) -> list[str]:
+    """:data:`Expand` without ends to name: addresses, or lists of them."""
+    import ipaddress
+
+    items = [value] if isinstance(value, str) else list(value)
+    try:
+        return [str(ipaddress.ip_address(str(item))) for item in items]
+    except ValueError:
+        raise OptionError("records", value, source=source, reason="use addresses") from None
+
+
+class Records(dict[str, list[str]]):
+    """The resolver's table: names (lower case, no trailing dot, however they are written)
+    to addresses. A value set here is read as ``dns()`` reads it (``"a"``/``"b"``, an
+    address, or a list), and refused with an ``OptionError`` at once when it is none of
+    those -- never later, in the server's thread."""
+
+    def __init__(
+        self, items: Mapping[str, Any], expand: Expand, source: str = "resolver.records"
+    ) -> None:
+        super().__init__()
+        self._expand = expand
+        self._source = source
+        for name, value in items.items():
+            self[name] = value
+        self._source = "resolver.records"  # later changes are the test's, on the resolver
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(_norm(name), self._expand(value, f"{self._source}[{name!r}]"))
+
+    def __getitem__(self, name: str) -> list[str]:
+        return super().__getitem__(_norm(name))
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(_norm(name))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(_norm(name))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(_norm(name), default)
+
+    def pop(self, name: str, *default: Any) -> Any:
+        return super().pop(_norm(name), *default)
+
+    def setdefault(self, name: str, default: Any = None) -> Any:
+        if name not in self:
+            self[name] = default
+        return self[name]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        other: Iterable[tuple[str, Any]] = (
+            dict(*args, **kwargs).items() if args or kwargs else iter(())
+        )
+        for name, value in other:
+            self[name] = value
+
+
 class Resolver:
     """The test's DNS server (``tun_pair.dns()``): see the module docstring.
 
@@ -89,14 +153,17 @@ class Resolver:
 
     def __init__(
         self,
-        records: dict[str, list[str]],
+        records: Mapping[str, Any],
         *,
         sockets: list[socket.socket],
         address: str,
         ttl: int,
+        expand: Expand = _addresses_only,
     ) -> None:
-        self.records: dict[str, list[str]] = {_norm(k): list(v) for k, v in records.items()}
-        """Name -> addresses (A for IPv4, AAAA for IPv6), names lower case without dot."""
+        self.records: dict[str, list[str]] = Records(records, expand)
+        """Name -> addresses (A for IPv4, AAAA for IPv6), changeable at any time (the next
+        query sees it): ``resolver.records["new.test"] = "b"`` takes what ``dns()`` takes;
+        names are kept lower case without the trailing dot."""
         self.address = address
         """Where it listens (port 53): end b's address; what ``resolv.conf`` names."""
         self.ttl = ttl
@@ -127,7 +194,9 @@ class Resolver:
                 self._rules = [r for r in self._rules if key is not None and r.name != key]
                 return
             check_failure(how, "dns.fail()")
-            if times is not None and (isinstance(times, bool) or times < 1):
+            if times is not None and (
+                isinstance(times, bool) or not isinstance(times, int) or times < 1
+            ):
                 raise OptionError(
                     "times", times, source="dns.fail()", reason="an int >= 1, or None"
                 )

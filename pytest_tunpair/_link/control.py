@@ -261,6 +261,12 @@ class Direction:
         for name in list(self.classes):
             if name not in kept:
                 self._remove_class(name)
+        if list(self.classes) != list(kept)[: len(self.classes)]:
+            # Removed and added again since (a new class goes last): so that the classes
+            # are tried in the checkpoint's order again, all of them are put back, with
+            # fresh queues.
+            for name in list(self.classes):
+                self._remove_class(name)
         now = time.monotonic()
         for name, cls in state.classes:
             if self.classes.get(name) != cls:

@@ -412,7 +412,7 @@ class ImpairmentSpec:
     target: float | None = option(
         None,
         _AqmDuration(),
-        "queueing delay CoDel or PIE aim at",
+        "queueing delay CoDel, PIE or fq_codel aims at",
         reason_names_option=True,
         group="impair",
         default_doc="5ms (codel), 15ms (pie)",
@@ -443,7 +443,7 @@ class ImpairmentSpec:
     ecn: bool = option(
         False,
         Bool(),
-        "mark ECN-capable packets CE where CoDel, PIE or loss would drop them",
+        "mark ECN-capable packets CE where CoDel, PIE, fq_codel or loss would drop them",
         reason_names_option=True,
         group="impair",
     )
@@ -493,6 +493,30 @@ class ImpairmentSpec:
                 source="impair()",
                 reason="give rate or trace, not both: a trace is the link's rate",
             )
+        self._check_queue_parameters()
+
+    def _check_queue_parameters(self) -> None:
+        """A queue parameter the queue does not use is an error, not a silent no-op."""
+        lossy = isinstance(self.loss, GilbertElliott) or self.loss > 0.0
+        # (parameter, its value, given?, the queues that use it, what to add instead)
+        checks = (
+            ("flows", self.flows, self.flows != FQ_FLOWS, ("fq_codel",)),
+            ("quantum", self.quantum, self.quantum is not None, ("fq_codel",)),
+            ("target", self.target, self.target is not None, ("codel", "pie", "fq_codel")),
+            ("interval", self.interval, self.interval is not None, ("codel", "fq_codel")),
+            ("ecn", self.ecn, self.ecn and not lossy, ("codel", "pie", "fq_codel")),
+        )
+        for name, value, given, queues in checks:
+            if given and self.queue not in queues:
+                users = ", ".join(queues[:-1]) + " or " * (len(queues) > 1) + queues[-1]
+                also = " (or give loss: ecn marks what loss would take)" * (name == "ecn")
+                raise OptionError(
+                    name,
+                    value,
+                    source="impair()",
+                    reason=f"{name} does nothing on a {self.queue} queue: set the queue "
+                    f"to {users} too{also}",
+                )
 
     @classmethod
     def names(cls) -> list[str]:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import OptionError
+from .._errors import OptionError, TunPairError
 from .._packets.packet import Packet
 from .._schema import Choice, Duration, Invalid, Kind
 from .._wire import headers as _h
@@ -38,7 +39,7 @@ from .._wire import rewrite as _rw
 from .._wire.numbers import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, PROTO_NAMES
 from .link import Verdict
 
-__all__ = ["BEHAVIOURS", "Nat", "NatMapping", "NatTable", "NatTranslation", "check_nat"]
+__all__ = ["BEHAVIOURS", "CLASSIC", "Nat", "NatMapping", "NatTable", "NatTranslation", "check_nat"]
 
 #: RFC 4787's behaviours, for ``mapping=`` and ``filtering=``.
 BEHAVIOURS = ("endpoint-independent", "address-dependent", "address-and-port-dependent")
@@ -319,6 +320,23 @@ def _checked(kind: Kind, name: str, value: object) -> Any:
         raise OptionError(name, value, source="nat()", reason=exc.reason) from None
 
 
+#: The classic (RFC 3489) names people reach for, as RFC 4787's (mapping, filtering).
+CLASSIC = {
+    "full-cone": ("endpoint-independent", "endpoint-independent"),
+    "restricted-cone": ("endpoint-independent", "address-dependent"),
+    "port-restricted-cone": ("endpoint-independent", "address-and-port-dependent"),
+    "symmetric": ("address-and-port-dependent", "address-and-port-dependent"),
+}
+
+
+def _behaviour(name: str, value: object) -> str:
+    reason = f"use one of {', '.join(BEHAVIOURS)}"
+    classic = CLASSIC.get(str(value).lower().replace(" ", "-").replace("_", "-"))
+    if classic is not None:
+        reason += f" (a {value} NAT is nat(mapping={classic[0]!r}, filtering={classic[1]!r}))"
+    return str(_checked(Choice(BEHAVIOURS, reason=reason), name, value))
+
+
 def check_nat(
     mapping: object,
     filtering: object,
@@ -327,12 +345,12 @@ def check_nat(
     timeout: object,
     tcp_timeout: object,
     rebind_every: object,
+    rebind_address: object = False,
 ) -> dict[str, Any]:
     """``nat()``'s arguments, checked (an :class:`OptionError` names the bad one)."""
-    behaviours = Choice(BEHAVIOURS, reason=f"use one of {', '.join(BEHAVIOURS)}")
     out: dict[str, Any] = {
-        "mapping": _checked(behaviours, "mapping", mapping),
-        "filtering": _checked(behaviours, "filtering", filtering),
+        "mapping": _behaviour("mapping", mapping),
+        "filtering": _behaviour("filtering", filtering),
         "public": _checked(_Public(), "public", public),
         "port_range": _checked(_PortRange(), "port_range", port_range),
         "timeout": _checked(Duration(), "timeout", timeout),
@@ -344,6 +362,25 @@ def check_nat(
     for name in ("timeout", "tcp_timeout", "rebind_every"):
         if out[name] is not None and out[name] <= 0:
             raise OptionError(name, out[name], source="nat()", reason="give a duration > 0")
+    if rebind_address:
+        # Nothing documented may silently do nothing: an address rebind needs a second
+        # address to move to, and a period to happen on.
+        if out["rebind_every"] is None:
+            raise OptionError(
+                "rebind_address",
+                rebind_address,
+                source="nat()",
+                reason="it applies to rebind_every's rebinds: give rebind_every='3s' too, "
+                "or call nat.rebind(address=True) when the test wants one",
+            )
+        if len(out["public"]) < 2:
+            raise OptionError(
+                "rebind_address",
+                rebind_address,
+                source="nat()",
+                reason=f"public={public!r} is one address, so there is none to move to: "
+                "give a pool, e.g. public='198.18.1.0/29'",
+            )
     return out
 
 
@@ -357,6 +394,17 @@ def _ip(packed: bytes) -> str:
 
 def _fmt(addr: bytes, port: int | None) -> str:
     return _ip(addr) if port is None else f"{_ip(addr)}:{port}"
+
+
+def _translation(pkt: Packet, new: bytes) -> NatTranslation:
+    """The record of one rewrite: both tuples read from the bytes before and after."""
+    tuples = []
+    for data in (pkt.data, new):
+        e = _rw.endpoints(data, _h.parse(data, 0, pkt.mode))
+        assert e is not None  # the NAT rewrote it: an IPv4 packet
+        name = PROTO_NAMES.get(e.proto, str(e.proto))
+        tuples.append((name, _fmt(e.src, e.sport), _fmt(e.dst, e.dport)))
+    return NatTranslation(pkt, pkt.direction, tuples[0], tuples[1])
 
 
 class Nat:
@@ -399,11 +447,10 @@ class Nat:
         """Inbound packets dropped: no live mapping, or the filtering said no."""
         self.exhausted = 0
         """Outbound packets dropped because the port range was used up."""
-        self.rebinds = 0
-        """Rebinds so far (automatic ones included)."""
+        self._rebinds = 0
         self._inside = {socket.inet_pton(socket.AF_INET, a) for a in inside}
         self._public = {socket.inet_pton(socket.AF_INET, a) for a in public}
-        self._log: deque[NatTranslation] = deque(maxlen=MAX_TRANSLATIONS)
+        self._log: deque[tuple[Packet, bytes]] = deque(maxlen=MAX_TRANSLATIONS)
         self._next_rebind = None if rebind_every is None else start + rebind_every
         self._lock = threading.Lock()
         self._on_remove = on_remove
@@ -413,7 +460,9 @@ class Nat:
     @property
     def public(self) -> str:
         """The outside address new mappings get now."""
-        return self._table.address
+        with self._lock:
+            self._catch_up(time.monotonic())
+            return self._table.address
 
     @property
     def pool(self) -> list[str]:
@@ -436,9 +485,34 @@ class Nat:
         return self._table.port_range
 
     @property
+    def rebinds(self) -> int:
+        """Rebinds so far: :meth:`rebind`'s, and each period of ``rebind_every`` that has
+        passed (counted with or without traffic)."""
+        with self._lock:
+            self._catch_up(time.monotonic())
+            return self._rebinds
+
+    def _catch_up(self, now: float) -> None:
+        """The ``rebind_every`` rebinds due by ``now`` (the lock held): the mappings retired
+        once, the pool address moved once per period (``rebind_address``). Done when a
+        packet comes or the test looks, so an idle NAT costs nothing."""
+        due = self._next_rebind
+        every = self.rebind_every
+        if due is None or every is None or now < due:
+            return
+        periods = int((now - due) // every) + 1
+        self._next_rebind = due + periods * every
+        self._table.rebind(port=True, address=self.rebind_address)
+        if self.rebind_address:
+            for _ in range((periods - 1) % len(self._table.public)):
+                self._table.rebind(port=False, address=True)  # nothing left to retire
+        self._rebinds += periods
+
+    @property
     def mappings(self) -> list[NatMapping]:
         """The live mappings, oldest first (a copy: later packets do not change it)."""
         with self._lock:
+            self._catch_up(time.monotonic())
             return [
                 NatMapping(
                     m.proto, m.inside, m.outside, m.remote, m.created, m.last_used, set(m.sent_to)
@@ -450,7 +524,8 @@ class Nat:
     def translations(self) -> list[NatTranslation]:
         """The packets rewritten so far (the newest 10,000), oldest first."""
         with self._lock:
-            return list(self._log)
+            raw = list(self._log)
+        return [_translation(pkt, new) for pkt, new in raw]
 
     def rebind(self, *, port: bool = True, address: bool = False) -> None:
         """Re-map every inside endpoint from the next packet on: a new outside port
@@ -468,9 +543,15 @@ class Nat:
                 reason=f"public={self._table.public[0]!r} is one address: give nat() a pool, "
                 "e.g. public='198.18.1.0/29'",
             )
+        if self._removed:
+            raise TunPairError(
+                "this NAT was removed from the link, so a rebind would change nothing: "
+                "rebind before remove(), or put a new one on with tun_pair.nat()"
+            )
         with self._lock:
+            self._catch_up(time.monotonic())
             self._table.rebind(port=port, address=address)
-            self.rebinds += 1
+            self._rebinds += 1
 
     def remove(self) -> None:
         """Take the NAT off the link (no-op once removed): packets pass untranslated."""
@@ -502,12 +583,7 @@ class Nat:
         if e is None:
             return None
         with self._lock:
-            if self._next_rebind is not None and now >= self._next_rebind:
-                assert self.rebind_every is not None
-                self._table.rebind(port=True, address=self.rebind_address)
-                self.rebinds += 1
-                while self._next_rebind <= now:
-                    self._next_rebind += self.rebind_every
+            self._catch_up(now)
             if pkt.direction == "a->b":
                 return self._outbound(pkt, data, f, e, now)
             return self._inbound(pkt, data, f, e, now)
@@ -515,18 +591,9 @@ class Nat:
     def _done(
         self, pkt: Packet, data: bytes, new: bytes, f: _h.Parsed, e: _rw.Endpoints
     ) -> Verdict:
-        nf = _h.parse(new, 0, pkt.mode)
-        n = _rw.endpoints(new, nf)
-        assert n is not None
-        name = PROTO_NAMES.get(e.proto, str(e.proto))
-        self._log.append(
-            NatTranslation(
-                pkt,
-                pkt.direction,
-                (name, _fmt(e.src, e.sport), _fmt(e.dst, e.dport)),
-                (name, _fmt(n.src, n.sport), _fmt(n.dst, n.dport)),
-            )
-        )
+        # Both versions are kept as bytes and read when the test asks (translations): the
+        # relay's per-packet cost stays the rewrite itself.
+        self._log.append((pkt, new))
         self.rewritten += 1
         return Verdict("rewritten", forward=(new,))
 
@@ -619,14 +686,16 @@ class Nat:
         """One line for failure reports: behaviours, pool, ports, counts."""
         t = self._table
         with self._lock:
+            self._catch_up(time.monotonic())
             count = len(t.mappings())
+            rebinds = self._rebinds
         pool = t.public[0] if len(t.public) == 1 else f"{t.public[0]}..{t.public[-1]}"
         every = f", rebinding every {self.rebind_every:g}s" if self.rebind_every else ""
         return (
             f"nat a->b: {t.mapping} mapping, {t.filtering} filtering, public {pool} "
             f"(now {t.address}), ports {t.port_range[0]}-{t.port_range[1]}{every}; "
             f"{count} mappings, {self.rewritten} rewritten, {self.filtered} filtered, "
-            f"{self.rebinds} rebinds"
+            f"{rebinds} rebinds"
         )
 
     def __repr__(self) -> str:

@@ -156,9 +156,12 @@ class Relay:
         }
         self._sides = {"a": self.links["b->a"], "b": self.links["a->b"]}
         # Changes the relay thread applies before it reads another packet:
-        # ("engine" | "queue" | "split" | "class", direction, class name or None) -> the
-        # new one.
+        # ("engine" | "queue" | "split", direction, None) -> the new one (the last asked
+        # for wins).
         self._swaps: dict[tuple[str, str, str | None], Any] = {}
+        # (direction, class name, the new class or None), applied in the order asked: a
+        # class removed and added again goes to the end, wherever the relay was meanwhile.
+        self._class_swaps: list[tuple[str, str, Any]] = []
         # Class links taken off their direction that still hold packets (served to the end).
         self._retired: list[Link] = []
         self._swap_lock = threading.Lock()
@@ -294,14 +297,14 @@ class Relay:
         replaced in place (what its old engine and queue hold is released, as with
         :meth:`set_engine`); a new one goes after the others."""
         with self._swap_lock:
-            self._swaps["class", direction, name] = (match, engine, queue, split)
+            self._class_swaps.append((direction, name, (match, engine, queue, split)))
         self.wake()
 
     def remove_class(self, direction: str, name: str) -> None:
         """Take class ``name`` off ``direction``: its packets get the direction's own link
         again; what it holds is served to the end."""
         with self._swap_lock:
-            self._swaps["class", direction, name] = None
+            self._class_swaps.append((direction, name, None))
         self.wake()
 
     def class_names(self, direction: str) -> tuple[str, ...]:
@@ -513,7 +516,7 @@ class Relay:
                     timeout = int(wait * 1000 + 0.999)
             events = poller.poll(timeout)
             # Swaps first: one asked for before a packet was sent applies to it.
-            if self._swaps:
+            if self._swaps or self._class_swaps:
                 self._apply_swaps()
             for fd, _ev in events:
                 if fd == wake_r:
@@ -934,13 +937,12 @@ class Relay:
     def _apply_swaps(self) -> None:
         with self._swap_lock:
             swaps, self._swaps = self._swaps, {}
+            class_swaps, self._class_swaps = self._class_swaps, []
         now = time.monotonic()
-        for (kind, direction, name), new in swaps.items():
+        for direction, name, new in class_swaps:
+            self._swap_class(self.links[direction], name, new, now)
+        for (kind, direction, _name), new in swaps.items():
             link = self.links[direction]
-            if kind == "class":
-                assert name is not None
-                self._swap_class(link, name, new, now)
-                continue
             if kind == "split":
                 link.split = bool(new)
             elif kind == "engine":

@@ -1427,6 +1427,10 @@ class ScriptedTcp:
         return self._emit("R", ack=0)
 
     # -- awaitable forms, for coroutines (see _packets/aio.py) ------------------------------
+    complete_async = async_form(complete, "conn")
+    """``await conn.complete_async(...)``: :meth:`complete` in a coroutine (asyncio, trio,
+    anyio): same arguments, result and errors, and the event loop keeps running meanwhile."""
+
     recv_async = async_form(recv, "conn")
     """``await conn.recv_async(...)``: :meth:`recv` in a coroutine (asyncio, trio, anyio):
     same arguments, result and errors, and the event loop keeps running meanwhile."""
@@ -1434,6 +1438,11 @@ class ScriptedTcp:
     expect_async = async_form(expect, "conn")  # type: ignore[arg-type]
     """``await conn.expect_async(...)``: :meth:`expect` in a coroutine (asyncio, trio, anyio):
     same arguments, result and errors, and the event loop keeps running meanwhile."""
+
+    expect_next_async = async_form(expect_next, "conn")  # type: ignore[arg-type]
+    """``await conn.expect_next_async(...)``: :meth:`expect_next` in a coroutine (asyncio,
+    trio, anyio): same arguments, result and errors, and the event loop keeps running
+    meanwhile."""
 
 
 def _always(p: Packet) -> bool:

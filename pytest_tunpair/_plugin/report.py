@@ -357,6 +357,18 @@ def make_report(item: pytest.Item, report: pytest.TestReport) -> None:
         setattr(report, "extras", extras)  # noqa: B010 (TestReport declares no such field)
 
 
+def _file_names(pair: TunPair | TestSlice) -> tuple[str, str]:
+    """What a pair's pcap file is named after: its devices, each after its host for a
+    topology's link (``client1-tun0``, ``server-tun1``): device names are unique in a
+    test, host names say which link it is."""
+    a, b = pair.options.names
+    label = getattr(pair, "label", None)
+    if not label:
+        return a, b
+    ha, hb = label.split("<->")
+    return f"{ha}-{a}", f"{hb}-{b}"
+
+
 def _replay_hint(seed: int) -> str:
     return f"replay with --tunpair-seed={seed}"
 
@@ -371,7 +383,7 @@ def _write_files(item: pytest.Item, pairs: list[TunPair | TestSlice], directory:
     paths = item.stash.get(keys.PCAP_FILES, None)
     if paths is None:
         stem = pcap_stem(item.nodeid, config.stash[keys.PCAP_STEMS])
-        names = [pair.options.names for pair in pairs]
+        names = [_file_names(pair) for pair in pairs]
         paths = item.stash[keys.PCAP_FILES] = pcap_paths(directory, stem, names, fmt)
     errors = config.stash[keys.PCAP_ERRORS]
     notes = []
