@@ -171,7 +171,8 @@ class PairOptions:
         True,
         Bool(),
         "TSO/checksum offload towards the relay (GSO super-packets in the capture); "
-        "off while hooks or impairments are active",
+        "off while a hook, a rule or a scripted peer is set (impairments keep it on: a "
+        "per-segment link splits super-packets in the relay)",
     )
     max_packets: int | None = option(
         None,
