@@ -246,6 +246,38 @@ def test_a_per_segment_link_is_written_as_wire_packets(tun_pair: TunPair, tmp_pa
     assert tshark(path, "-Y", "_ws.malformed") == ""
 
 
+def test_a_class_is_named_in_the_records_and_the_comments(tun_pair: TunPair, tmp_path) -> None:
+    # Packets a class's link carries say so (Packet.link_class, "class NAME" in the
+    # comment): UDP one by one, TCP super-packets split on the class's per-segment link.
+    a, b = tun_pair.a.ip, tun_pair.b.ip
+    assert a is not None and b is not None
+    tun_pair.impair(direction="a->b", match={"proto": "udp"}, name="voice", delay="5ms")
+    tun_pair.impair(
+        direction="a->b", match={"proto": "tcp"}, name="bulk", rate="200mbit", loss=0.01, seed=3
+    )
+    udp_send(a, b, b"hello")
+    payload = os.urandom(1 << 18)
+    assert tcp_send(b, payload) == payload
+    tun_pair.packets.wait_quiet()
+    packets = list(tun_pair.packets)
+    udp = [p for p in packets if p.direction == "a->b" and p.proto == "udp"]
+    tcp = [p for p in packets if p.direction == "a->b" and p.proto == "tcp"]
+    assert udp and {p.link_class for p in udp} == {"voice"}
+    assert tcp and {p.link_class for p in tcp} == {"bulk"}
+    assert any(p.action == "lost" for p in tcp)
+    assert all(p.link_class is None for p in packets if p.direction == "b->a")
+    assert tun_pair.packets.filter(link_class="voice") == udp
+    path = tun_pair.packets.to_pcap(tmp_path / "classes.pcapng")
+    bulk = tshark(
+        path, "-Y", 'frame.comment contains "class bulk"', "-T", "fields", "-e", "frame.number"
+    )
+    assert len(bulk.split()) == len(tcp)
+    voice = tshark(
+        path, "-Y", 'frame.comment contains "class voice"', "-T", "fields", "-e", "frame.number"
+    )
+    assert len(voice.split()) == len(udp)
+
+
 def test_run_pcap_streams_a_per_segment_link_into_tshark(tmp_path) -> None:
     need("tshark")
     script = tmp_path / "send.py"

@@ -1043,6 +1043,8 @@ class Relay:
             t = time.monotonic() - capture.t0
             for entry in out:
                 entry[0].time = t
+                if entry[2].name is not None:  # carried by a class's link
+                    entry[0].link_class = entry[2].name
             capture.record_locked([entry[0] for entry in out])
             for pkt, frame, link, kind in out:
                 c = link.counters
@@ -1089,9 +1091,11 @@ class Relay:
                 item = entry[0]
                 if isinstance(item, Run):
                     group = runs[index] = item.record(t)
+                    group.link_class = entry[2].name
                     records.append(group)
                 else:
                     item.time = t
+                    item.link_class = entry[2].name
                     records.append(item)
             capture.record_locked(records)
             for index, (item, frame, link, kind) in enumerate(out):

@@ -110,8 +110,8 @@ def packet_filter(
     _check_direction(direction, what)
     tests: list[tuple[str, Any, bool]] = []
     for name, value in (fields or {}).items():
-        if name not in FIELDS:
-            valid = ", ".join(("direction", "action", *FIELDS))
+        if name not in FIELDS and name != "link_class":
+            valid = ", ".join(("direction", "action", "link_class", *FIELDS))
             raise TypeError(f"{what}() got an unexpected keyword argument {name!r}; valid: {valid}")
         if (name == "src" or name == "dst") and isinstance(value, str):
             value = _address(value, name, what)

@@ -145,6 +145,7 @@ class Packet:
         "action",
         "arrival",
         "direction",
+        "link_class",
         "mode",
         "seq",
         "time",
@@ -180,6 +181,9 @@ class Packet:
         """``"tun"`` or ``"tap"``: whether ``data`` is an IP packet or an Ethernet frame."""
         self.wire_len = len(raw) - off
         """Its length on the wire (also ``len(packet)``), even when ``snaplen`` kept less."""
+        self.link_class: str | None = None
+        """The name of the class (``impair(match=..., name=...)``) whose link carried it;
+        ``None`` for the direction's own link."""
         self.seq = -1
         """The packet's number in its pair's capture, in the order packets were recorded: 0 for the
         first, counting across both directions. Numbers are never reused: packets that a bound or
@@ -458,6 +462,7 @@ def segment_records(
     arrival: float,
     time: float,
     ce: bool = False,
+    link_class: str | None = None,
 ) -> list[Packet]:
     """The records of segments ``first .. first + count - 1`` of the super-packet
     ``source`` (as read, virtio-net header included): one ``Packet`` each, its bytes made
@@ -484,6 +489,7 @@ def segment_records(
         p._f = None
         p.mode = mode
         p.wire_len = header_len + min(mss, payload - i * mss)
+        p.link_class = link_class
         p.seq = -1
         out.append(p)
     return out
@@ -502,6 +508,7 @@ class SegmentGroup:
         "count",
         "direction",
         "first",
+        "link_class",
         "mode",
         "off",
         "plan",
@@ -538,6 +545,8 @@ class SegmentGroup:
         self.arrival = arrival
         self.time = time
         self.ce = ce
+        #: As :attr:`Packet.link_class`, for each of them.
+        self.link_class: str | None = None
         self.seq = -1
         #: Their bytes on the wire.
         self.wire_len = plan.wire_len(first, count)
@@ -561,6 +570,7 @@ class SegmentGroup:
             arrival=self.arrival,
             time=self.time,
             ce=self.ce,
+            link_class=self.link_class,
         )
         seq = self.seq
         for p in out:

@@ -213,7 +213,8 @@ def comment(p: Packet) -> str:
     """The packet's ``opt_comment``: what the relay did first (the action word, so a display
     filter ``frame.comment contains "lost"`` finds it), ``(not delivered)`` when the
     receiver never got it (a NAT's original: ``(replaced by its translation)``; a path
-    MTU's: ``(replaced by its fragments)``), then the sojourn, a GSO super-packet's
+    MTU's: ``(replaced by its fragments)``), the class whose link carried it (``class
+    video``, for ``impair(match=..., name="video")``), then the sojourn, a GSO super-packet's
     segments, a checksum left to the offload and a cut by ``snaplen``: ``"lost (not
     delivered); sojourn 0"``, ``"delayed; sojourn 20.113ms"``, ``"forwarded; sojourn
     31.2us; gso tcpv4 super-packet: 45 segments of 1448 on a wire; checksum partial
@@ -223,6 +224,8 @@ def comment(p: Packet) -> str:
         parts = [action]
     else:
         parts = [_REPLACED.get(action) or f"{action} (not delivered)"]
+    if p.link_class is not None:
+        parts.append(f"class {p.link_class}")
     parts.append(f"sojourn {_duration(p.time - p.arrival)}")
     frame = p.frame
     vnet = len(p.vnet_header)
