@@ -273,6 +273,9 @@ def config_for(
     """The configuration for ``script`` in ``ip_version``: run_all.py's per-variant flags,
     then the script's own ``--options``, then ``overrides`` (the ini keys).
     ``PktUnsupported`` for an option this runner does not implement."""
+    for name, value, line in script.options:
+        if name == "ip_version" and value not in _VARIANTS:
+            raise PktUnsupported(path, line, f"--ip_version={value} (use {', '.join(IP_VERSIONS)})")
     if ip_version not in _VARIANTS:
         raise PktUnsupported(path, 0, f"--ip_version={ip_version} (use {', '.join(IP_VERSIONS)})")
     v = _VARIANTS[ip_version]
@@ -301,7 +304,10 @@ def config_for(
             except ValueError:
                 raise PktUnsupported(path, line, f"--{name}={value} (not a number)") from None
         elif name == "tolerance_percent":
-            values[name] = float(str(value))
+            try:
+                values[name] = float(str(value))
+            except ValueError:
+                raise PktUnsupported(path, line, f"--{name}={value} (not a number)") from None
         elif name in ("tcp_ts_ecr_scaled", "strict_segments"):
             values[name] = True
         elif name == "ip_version":
