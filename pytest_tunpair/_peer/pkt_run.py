@@ -900,8 +900,20 @@ class Runner:
 
     def code(self, event: Event) -> None:
         """A %{ }% snippet: the socket's tcp_info now; the code runs at the end."""
-        state = self.under_test
-        entry = self._entry_of(state)
+        entry = self._entry_of(self.under_test)
+        worker = self._worker
+        if entry is None and worker is not None and not worker.idle():
+            # The socket may be a blocking accept()'s that the kernel has just returned:
+            # packetdrill's C thread records it within microseconds, ours may take
+            # milliseconds on a busy machine (fastopen/server/basic-non-tfo-listener.pkt
+            # reads its tcp_info 5 ms after the ACK). Give it the event's tolerance.
+            self._lock.release()
+            try:
+                worker.wait_idle(self.tolerance(event.time, None) / 1e6)
+            finally:
+                self._lock.acquire()
+            self._check_worker()
+            entry = self._entry_of(self.under_test)
         if entry is None:
             raise self.fail("runtime error in code: no socket to use for code")
         try:
