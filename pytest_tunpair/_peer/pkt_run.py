@@ -213,6 +213,9 @@ class PktConfig:
     local_ip: str = "192.168.0.1"
     remote_ip: str = "192.0.2.1"
     gateway_ip: str = "192.168.0.1"
+    #: The local address's prefix (IPv4; IPv6 has packetdrill's /48): see
+    #: Runner.route_local_prefix().
+    netmask_ip: str = "255.255.0.0"
     mtu: int = 1500
     bind_port: int = 8080
     connect_port: int = 8080
@@ -240,11 +243,10 @@ class PktConfig:
 
 
 #: Script options accepted without effect, because this runner does what they ask anyway:
-#: its output (``--verbose``, ``--debug``), fresh send buffers (``--send_omit_free``), and
-#: the remote's netmask (the pair routes the remote address point to point). Every other
-#: option this runner does not implement (``--non_fatal``, ``--speed``, ``--dry_run``,
-#: wire mode, ...) makes the script unsupported rather than silently ignored.
-_OPTIONS_IGNORED = frozenset({"send_omit_free", "verbose", "debug", "netmask_ip"})
+#: its output (``--verbose``, ``--debug``) and fresh send buffers (``--send_omit_free``).
+#: Every other option this runner does not implement (``--non_fatal``, ``--speed``,
+#: ``--dry_run``, wire mode, ...) makes the script unsupported rather than silently ignored.
+_OPTIONS_IGNORED = frozenset({"send_omit_free", "verbose", "debug"})
 
 
 def variants(script: Script) -> list[str]:
@@ -296,7 +298,7 @@ def config_for(
         "tcp_ts_tick_usecs",
     }
     for name, value, line in script.options:
-        if name in ("local_ip", "remote_ip", "gateway_ip"):
+        if name in ("local_ip", "remote_ip", "gateway_ip", "netmask_ip"):
             values[name] = str(value).split("/")[0]
         elif name in ints:
             try:
@@ -689,6 +691,7 @@ class Runner:
             self.check_supported()
             if self.config.defaults:
                 self.apply_defaults()
+            self.route_local_prefix()
             if self.script.init_command is not None:
                 self.command(self.script.init_command, self.script.init_line)
             self._start, self._start_wall = time.monotonic(), time.time()
@@ -856,6 +859,30 @@ class Runner:
                 # it (docs/internals.md, "packetdrill: cubic, where the host allows only
                 # bbr"): each socket asks for it instead. Others may not exist here.
                 continue
+
+    def route_local_prefix(self) -> None:
+        """packetdrill gives tun0 its address with a prefix (``--netmask_ip``, 255.255.0.0;
+        /48 for IPv6), so an address inside it is on-link: scripts route the remote
+        ``via 192.168.0.2 dev tun0 advmss 600 mtu lock 640`` (gtests/net/tcp/mtu_probe,
+        the kernel's tcp_advmss_pmtu_ipv4.pkt), which the kernel refuses ("Nexthop has
+        invalid gateway") when the address is point to point, as the pair's is. The same
+        prefix routed to tun0 makes it on-link; the pair's own routes are more specific."""
+        c = self.config
+        if not self._netns_path:
+            return  # never a route outside the pair's namespace
+        _check_namespace(self._netns_path)
+        try:
+            if c.wire_family == 4:
+                net = ipaddress.ip_network(f"{c.local_ip}/{c.netmask_ip}", strict=False)
+            else:
+                net = ipaddress.ip_network(f"{c.local_ip}/48", strict=False)
+        except ValueError:
+            raise self.fail(f"bad --local_ip/--netmask_ip: {c.local_ip}/{c.netmask_ip}") from None
+        if net.prefixlen == net.max_prefixlen or shutil.which("ip") is None:
+            return
+        cmd = ["ip", f"-{c.wire_family}", "route", "replace", str(net), "dev", "tun0"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        self.log.append(f"{' '.join(cmd)} -> {done.returncode} {done.stderr.strip()}".strip())
 
     def command(self, cmd: Command, line: int) -> None:
         """A back-quoted command: ``sh -c`` in the namespace, from the script's directory,
