@@ -264,6 +264,13 @@ def test_configuration_of_a_variant() -> None:
     assert variants(Script()) == list(PKT_IP_VERSIONS)
     with pytest.raises(PktUnsupported, match=r"x\.pkt:3: unsupported: the option --so_filename"):
         config_for(Script(options=[("so_filename", "a.so", 3)]), "ipv4", "x.pkt")
+    # An IPv4 script's addresses over IPv6: the variant's, as run_all.py's command line
+    # overrides them (google/packetdrill's fastopen/server/opt34/*.pkt set --local_ip).
+    v4_script = Script(options=[("local_ip", "192.168.0.2", 1), ("netmask_ip", "255.0.0.0", 2)])
+    assert config_for(v4_script, "ipv6").local_ip == "fd3d:a0b:17d6::1"
+    assert config_for(v4_script, "ipv4").netmask_ip == "255.0.0.0"
+    with pytest.raises(PktUnsupported, match=r"x\.pkt:4: unsupported: --remote_ip=h \(not an"):
+        config_for(Script(options=[("remote_ip", "h", 4)]), "ipv4", "x.pkt")
 
 
 @pytest.mark.parametrize("option", ["non_fatal", "speed", "dry_run", "wire_server"])

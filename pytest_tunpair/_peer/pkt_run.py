@@ -298,8 +298,19 @@ def config_for(
         "tcp_ts_tick_usecs",
     }
     for name, value, line in script.options:
-        if name in ("local_ip", "remote_ip", "gateway_ip", "netmask_ip"):
-            values[name] = str(value).split("/")[0]
+        if name in ("local_ip", "remote_ip", "gateway_ip"):
+            address = str(value).split("/")[0]
+            try:
+                family = ipaddress.ip_address(address).version
+            except ValueError:
+                raise PktUnsupported(path, line, f"--{name}={value} (not an address)") from None
+            # run_all.py and the kernel's ksft_runner.sh give each variant its addresses on
+            # the command line, which overrides the script's (parse_and_finalize_config()):
+            # an IPv4 script's --local_ip=192.168.0.1 runs over IPv6 with the variant's.
+            if family == (6 if ip_version == "ipv6" else 4):
+                values[name] = address
+        elif name == "netmask_ip":
+            values[name] = str(value)
         elif name in ints:
             try:
                 values[name] = int(str(value), 0)
