@@ -73,6 +73,12 @@ def test_failures_name_the_script_line_and_what_went_wrong(pytester: pytest.Pyte
     _pkt(pytester, "capset.pkt", "0 cap_set(CAP_EFFECTIVE, CAP_NET_ADMIN, CAP_CLEAR) = 0\n")
     _pkt(pytester, "wire.pkt", "--wire_client\n0 socket(..., SOCK_STREAM, IPPROTO_TCP) = 3\n")
     _pkt(pytester, "typo.pkt", "0 socket(..., SOCK_STREAM, IPPROTO_TCP) = 3\n+0 > S. 0:0(0) ack\n")
+    # A bad option value: an item that fails, not a traceback, and not a file left with no
+    # item at all (a version no variant matches).
+    _pkt(pytester, "v7.pkt", "--ip_version=ipv7\n0 socket(..., SOCK_STREAM, IPPROTO_TCP) = 3\n")
+    _pkt(
+        pytester, "pct.pkt", "--tolerance_percent=a\n0 socket(..., SOCK_STREAM, IPPROTO_TCP) = 3\n"
+    )
     # The SYN-ACK goes at once; the script says 0.5 s later: packetdrill's 62.5 ms of
     # tolerance, even with 0.1 s of slack, refuse it (test_slack_widens_the_timing_tolerance).
     _pkt(pytester, "late.pkt", LATE)
@@ -99,7 +105,7 @@ def test_failures_name_the_script_line_and_what_went_wrong(pytester: pytest.Pyte
         "-o",
         "tunpair_pkt_slack_usecs=100000",  # a busy machine runs the script late
     )
-    result.assert_outcomes(failed=9)
+    result.assert_outcomes(failed=11)
     result.stdout.fnmatch_lines(
         [
             "wrong_ack.pkt:11: live packet field tcp_ack_seq: expected: 1002 (0x3ea) vs "
@@ -118,6 +124,8 @@ def test_failures_name_the_script_line_and_what_went_wrong(pytester: pytest.Pyte
             "capset.pkt:1: unsupported: the system call cap_set()",
             "wire.pkt:1: unsupported: the option --wire_client",
             "typo.pkt:2: syntax error: expected the ack number, got the end of the file",
+            "v7.pkt:1: unsupported: --ip_version=ipv7 (use ipv4, ipv4-mapped-ipv6, ipv6)",
+            "pct.pkt:1: unsupported: --tolerance_percent=a (not a number)",
             "late.pkt:5: timing error: expected outbound packet at * sec but happened at *",
             "code.pkt:3: error in Python code: AssertionError: 7 (TCP_ESTABLISHED=1, tcpi_state=7)",
             "cmd.pkt:2: error executing command `exit 3`: exit status 3",
@@ -256,6 +264,13 @@ def test_configuration_of_a_variant() -> None:
     assert variants(Script()) == list(PKT_IP_VERSIONS)
     with pytest.raises(PktUnsupported, match=r"x\.pkt:3: unsupported: the option --so_filename"):
         config_for(Script(options=[("so_filename", "a.so", 3)]), "ipv4", "x.pkt")
+    # An IPv4 script's addresses over IPv6: the variant's, as run_all.py's command line
+    # overrides them (google/packetdrill's fastopen/server/opt34/*.pkt set --local_ip).
+    v4_script = Script(options=[("local_ip", "192.168.0.2", 1), ("netmask_ip", "255.0.0.0", 2)])
+    assert config_for(v4_script, "ipv6").local_ip == "fd3d:a0b:17d6::1"
+    assert config_for(v4_script, "ipv4").netmask_ip == "255.0.0.0"
+    with pytest.raises(PktUnsupported, match=r"x\.pkt:4: unsupported: --remote_ip=h \(not an"):
+        config_for(Script(options=[("remote_ip", "h", 4)]), "ipv4", "x.pkt")
 
 
 @pytest.mark.parametrize("option", ["non_fatal", "speed", "dry_run", "wire_server"])

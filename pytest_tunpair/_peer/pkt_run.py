@@ -213,6 +213,9 @@ class PktConfig:
     local_ip: str = "192.168.0.1"
     remote_ip: str = "192.0.2.1"
     gateway_ip: str = "192.168.0.1"
+    #: The local address's prefix (IPv4; IPv6 has packetdrill's /48): see
+    #: Runner.route_local_prefix().
+    netmask_ip: str = "255.255.0.0"
     mtu: int = 1500
     bind_port: int = 8080
     connect_port: int = 8080
@@ -240,11 +243,10 @@ class PktConfig:
 
 
 #: Script options accepted without effect, because this runner does what they ask anyway:
-#: its output (``--verbose``, ``--debug``), fresh send buffers (``--send_omit_free``), and
-#: the remote's netmask (the pair routes the remote address point to point). Every other
-#: option this runner does not implement (``--non_fatal``, ``--speed``, ``--dry_run``,
-#: wire mode, ...) makes the script unsupported rather than silently ignored.
-_OPTIONS_IGNORED = frozenset({"send_omit_free", "verbose", "debug", "netmask_ip"})
+#: its output (``--verbose``, ``--debug``) and fresh send buffers (``--send_omit_free``).
+#: Every other option this runner does not implement (``--non_fatal``, ``--speed``,
+#: ``--dry_run``, wire mode, ...) makes the script unsupported rather than silently ignored.
+_OPTIONS_IGNORED = frozenset({"send_omit_free", "verbose", "debug"})
 
 
 def variants(script: Script) -> list[str]:
@@ -273,6 +275,9 @@ def config_for(
     """The configuration for ``script`` in ``ip_version``: run_all.py's per-variant flags,
     then the script's own ``--options``, then ``overrides`` (the ini keys).
     ``PktUnsupported`` for an option this runner does not implement."""
+    for name, value, line in script.options:
+        if name == "ip_version" and value not in _VARIANTS:
+            raise PktUnsupported(path, line, f"--ip_version={value} (use {', '.join(IP_VERSIONS)})")
     if ip_version not in _VARIANTS:
         raise PktUnsupported(path, 0, f"--ip_version={ip_version} (use {', '.join(IP_VERSIONS)})")
     v = _VARIANTS[ip_version]
@@ -294,14 +299,28 @@ def config_for(
     }
     for name, value, line in script.options:
         if name in ("local_ip", "remote_ip", "gateway_ip"):
-            values[name] = str(value).split("/")[0]
+            address = str(value).split("/")[0]
+            try:
+                family = ipaddress.ip_address(address).version
+            except ValueError:
+                raise PktUnsupported(path, line, f"--{name}={value} (not an address)") from None
+            # run_all.py and the kernel's ksft_runner.sh give each variant its addresses on
+            # the command line, which overrides the script's (parse_and_finalize_config()):
+            # an IPv4 script's --local_ip=192.168.0.1 runs over IPv6 with the variant's.
+            if family == (6 if ip_version == "ipv6" else 4):
+                values[name] = address
+        elif name == "netmask_ip":
+            values[name] = str(value)
         elif name in ints:
             try:
                 values[name] = int(str(value), 0)
             except ValueError:
                 raise PktUnsupported(path, line, f"--{name}={value} (not a number)") from None
         elif name == "tolerance_percent":
-            values[name] = float(str(value))
+            try:
+                values[name] = float(str(value))
+            except ValueError:
+                raise PktUnsupported(path, line, f"--{name}={value} (not a number)") from None
         elif name in ("tcp_ts_ecr_scaled", "strict_segments"):
             values[name] = True
         elif name == "ip_version":
@@ -683,6 +702,7 @@ class Runner:
             self.check_supported()
             if self.config.defaults:
                 self.apply_defaults()
+            self.route_local_prefix()
             if self.script.init_command is not None:
                 self.command(self.script.init_command, self.script.init_line)
             self._start, self._start_wall = time.monotonic(), time.time()
@@ -851,6 +871,30 @@ class Runner:
                 # bbr"): each socket asks for it instead. Others may not exist here.
                 continue
 
+    def route_local_prefix(self) -> None:
+        """packetdrill gives tun0 its address with a prefix (``--netmask_ip``, 255.255.0.0;
+        /48 for IPv6), so an address inside it is on-link: scripts route the remote
+        ``via 192.168.0.2 dev tun0 advmss 600 mtu lock 640`` (gtests/net/tcp/mtu_probe,
+        the kernel's tcp_advmss_pmtu_ipv4.pkt), which the kernel refuses ("Nexthop has
+        invalid gateway") when the address is point to point, as the pair's is. The same
+        prefix routed to tun0 makes it on-link; the pair's own routes are more specific."""
+        c = self.config
+        if not self._netns_path:
+            return  # never a route outside the pair's namespace
+        _check_namespace(self._netns_path)
+        try:
+            if c.wire_family == 4:
+                net = ipaddress.ip_network(f"{c.local_ip}/{c.netmask_ip}", strict=False)
+            else:
+                net = ipaddress.ip_network(f"{c.local_ip}/48", strict=False)
+        except ValueError:
+            raise self.fail(f"bad --local_ip/--netmask_ip: {c.local_ip}/{c.netmask_ip}") from None
+        if net.prefixlen == net.max_prefixlen or shutil.which("ip") is None:
+            return
+        cmd = ["ip", f"-{c.wire_family}", "route", "replace", str(net), "dev", "tun0"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        self.log.append(f"{' '.join(cmd)} -> {done.returncode} {done.stderr.strip()}".strip())
+
     def command(self, cmd: Command, line: int) -> None:
         """A back-quoted command: ``sh -c`` in the namespace, from the script's directory,
         with /proc/sys read-only but for /proc/sys/net (a mount namespace of its own)."""
@@ -894,8 +938,20 @@ class Runner:
 
     def code(self, event: Event) -> None:
         """A %{ }% snippet: the socket's tcp_info now; the code runs at the end."""
-        state = self.under_test
-        entry = self._entry_of(state)
+        entry = self._entry_of(self.under_test)
+        worker = self._worker
+        if entry is None and worker is not None and not worker.idle():
+            # The socket may be a blocking accept()'s that the kernel has just returned:
+            # packetdrill's C thread records it within microseconds, ours may take
+            # milliseconds on a busy machine (fastopen/server/basic-non-tfo-listener.pkt
+            # reads its tcp_info 5 ms after the ACK). Give it the event's tolerance.
+            self._lock.release()
+            try:
+                worker.wait_idle(self.tolerance(event.time, None) / 1e6)
+            finally:
+                self._lock.acquire()
+            self._check_worker()
+            entry = self._entry_of(self.under_test)
         if entry is None:
             raise self.fail("runtime error in code: no socket to use for code")
         try:

@@ -52,7 +52,9 @@ class PktFile(pytest.File):
             own = []  # the item says what is wrong when it runs
         versions = [v for v in IP_VERSIONS if v in wanted]
         if own:
-            versions = [v for v in own if v in wanted]
+            # A version this runner does not know still gets its item, which fails naming
+            # the line: a typo must not leave the file with no test at all.
+            versions = [v for v in own if v in wanted or v not in IP_VERSIONS]
         else:
             # run_all.py: a script named *v4.pkt runs over IPv4 only, *v6.pkt over IPv6.
             if self.path.name.endswith("v6.pkt"):
