@@ -1547,8 +1547,14 @@ class Runner:
         """Where ``pkts`` are in the report's trace (``tun_pair.packets``' numbers and
         times, not the peer's own)."""
         refs = []
+        # The peer gets a packet from the relay before the relay's flush records it in the
+        # pair's capture: a failure found at once waits (briefly) for that record, so the
+        # report's trace holds the packet it names.
+        deadline = time.monotonic() + 1.0
         for p in pkts:
             origin = self.peer._origin.get(p.seq)
+            while origin is not None and origin.seq < 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
             refs.append(origin if origin is not None and origin.seq >= 0 else p)
         numbers = ", ".join(f"#{p.seq}" for p in refs[:8]) + (", ..." if len(refs) > 8 else "")
         return f"in the trace: {numbers} at {refs[0].time:.6f}"
