@@ -111,7 +111,7 @@ def packet_filter(
     tests: list[tuple[str, Any, bool]] = []
     for name, value in (fields or {}).items():
         if name not in FIELDS and name != "link_class":
-            valid = ", ".join(("direction", "action", "link_class", *FIELDS))
+            valid = ", ".join(("direction", "action", *FIELDS, "link_class"))
             raise TypeError(f"{what}() got an unexpected keyword argument {name!r}; valid: {valid}")
         if (name == "src" or name == "dst") and isinstance(value, str):
             value = _address(value, name, what)
