@@ -78,6 +78,8 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   ms); the relay's CPU seconds per GB of TCP through ``delay="1ms"`` with ``offload=False``
   against ``mm-delay 1``'s (goal: at most mahimahi's); what a test using ``tun_pair`` costs
   over one that does not (median per test; goal <= 2 ms). The import goal is ``import``'s.
+  For reference, the RTT while another thread of the process runs Python (the GIL), at the
+  default switch interval and at 0.5 ms.
 - ``fields``: reading ``Packet.dport`` of 100 000 captured packets (a TCP transfer through
   an ``offload=False`` pair, copied) vs scapy's decode of the same packets, per packet from a
   sample; goal < 0.5 s.
@@ -2123,6 +2125,35 @@ def pair_ping(delay: str | None, count: int) -> tuple[list[float], list[float]]:
     return rtts, lo
 
 
+def busy_thread_rtts(count: int, interval: float | None) -> list[float]:
+    """RTTs (:func:`icmp_rtts`) through a plain pair while another thread of this process
+    runs Python without pause, as a test's own server or computation may: the relay thread
+    then waits for the GIL at each wake-up (up to the switch interval, 5 ms by default;
+    ``interval`` sets it for the measurement)."""
+    from pytest_tunpair import TunPair
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(100))
+
+    old = sys.getswitchinterval()
+    spinner = threading.Thread(target=spin, name="bench-spin")
+    with TunPair(ipv6=None) as pair:
+        spinner.start()
+        try:
+            if interval is not None:
+                sys.setswitchinterval(interval)
+            rtts = icmp_rtts(pair.b.ip or "", count)
+        finally:
+            sys.setswitchinterval(old)
+            stop.set()
+            spinner.join()
+        pair.check()
+    return rtts
+
+
 def tunnel_test_cost(n: int) -> tuple[float, float, float]:
     """An inner pytest run of ``n`` tests using ``tun_pair`` and of ``n`` without: median
     time per test (setup + call + teardown) with, without; and the difference."""
@@ -2147,11 +2178,11 @@ def tunnel_test_cost(n: int) -> tuple[float, float, float]:
 
 
 def bench_speed(rep: Report, a: argparse.Namespace) -> None:
-    """Issue 23's speed goals, each beside mahimahi (or the plain run) in the same run.
+    """The relay's speed goals, each beside mahimahi (or the plain run) in the same run.
 
     The machine these run on is shared: every row is a difference or ratio of figures taken
     moments apart, and ``--rounds`` repeats the ping and CPU rows (medians over rounds)."""
-    count = 100 if a.quick else 1000
+    count = 50 if a.quick else 1000
     rounds = a.rounds or (1 if a.quick else 3)
     secs = 1.0 if a.quick else 4.0
     raw: dict[str, Any] = {"rounds": []}
@@ -2218,6 +2249,18 @@ def bench_speed(rep: Report, a: argparse.Namespace) -> None:
         f"{med(cpu_pair) / med(cpu_mm):.2f}x mm" if cpu_mm else "",
         "<= mahimahi's",
         med(cpu_pair) <= med(cpu_mm) if cpu_mm else None,
+    )
+    # Reference, no goal: the GIL handoff when the test process has a busy Python thread.
+    few = count // 5
+    busy = busy_thread_rtts(few, None)
+    busy_fast = busy_thread_rtts(few, 0.0005)
+    raw["busy thread"] = {"default": busy, "0.5 ms": busy_fast}
+    rep.add(
+        "speed",
+        f"  ICMP RTT, plain pair, a busy Python thread beside (GIL; {few} pings)",
+        f"median {fmt_ms(med(busy))}, p90 {fmt_ms(pct(busy, 0.9))}",
+        f"switchinterval 0.5 ms: {fmt_ms(med(busy_fast))}, p90 {fmt_ms(pct(busy_fast, 0.9))}",
+        f"{med(busy) / med(busy_fast):.1f}",
     )
     n = a.tests or (20 if a.quick else 200)
     per_w, per_wo, cost = tunnel_test_cost(n)
