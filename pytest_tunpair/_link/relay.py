@@ -668,6 +668,11 @@ class Relay:
             if hooks or link.backlog:
                 self._to_worker(link, pkt, hooks)
                 continue
+            if link.engine is None and not (link.rules or link.classes or (link.split and hdr)):
+                # A queue alone (delay, rate): what _after_hooks and _after_rules would do,
+                # without ``pkt.data`` -- a copy of the payload when offload is on.
+                self._forward(link, pkt, buf, now, now)
+                continue
             self._after_hooks(link, pkt, None, now)
         self._flush()
 
