@@ -79,6 +79,15 @@ Sections (each with its goal; baselines in the same run, on the same machine):
   instructions (callgrind: steady on a loaded machine, where wall time is not): ``pytest
   --co`` of a generated 500-test project with the plugin against ``-p no:tunpair``, bytecode
   cached, as an installed package has it; goal <= 2 %.
+- ``speed``: the relay against mahimahi (``/opt/mahimahi/bin``, run as its notes say) on
+  the same machine, interleaved and repeated (``--rounds``, default 3): the RTT the plain
+  pair adds (median of 1000 ICMP echoes timed by the kernel, minus ``lo``'s; goal: at most
+  ``mm-delay 0``'s); the same through ``delay="20ms"`` each way minus 40 ms (goal <= 0.1
+  ms); the relay's CPU seconds per GB of TCP through ``delay="1ms"`` with ``offload=False``
+  against ``mm-delay 1``'s (goal: at most mahimahi's); what a test using ``tun_pair`` costs
+  over one that does not (median per test; goal <= 2 ms). The import goal is ``import``'s.
+  For reference, the RTT while another thread of the process runs Python (the GIL), at the
+  default switch interval and at 0.5 ms.
 - ``fields``: reading ``Packet.dport`` of 100 000 captured packets (a TCP transfer through
   an ``offload=False`` pair, copied) vs scapy's decode of the same packets, per packet from a
   sample; goal < 0.5 s.
@@ -146,6 +155,7 @@ SECTIONS = (
     "profiles",
     "import",
     "hosts",
+    "speed",
 )
 IPERF_PORT = 5201
 GIB = 1 << 30
@@ -2122,6 +2132,271 @@ def bench_import(rep: Report, a: argparse.Namespace) -> None:
     )
 
 
+# -- speed: the relay beside mahimahi, per-test cost -------------------------------------------
+
+
+# An ICMP echo client timed by the kernel: the send stamped just before sendto(), the reply
+# by SO_TIMESTAMPNS (the moment the kernel received it), so that RTTs of 40 ms keep their
+# microseconds (ping prints 3 digits: 40.3 ms) and this script's own wake-up is not in them.
+# Argv: HOST COUNT GAP; prints a JSON list of RTTs in seconds. Needs CAP_NET_RAW (root).
+PINGER = """
+import json, os, select, socket, struct, sys, time
+TSNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # include/uapi/asm-generic/socket.h
+host, count, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.setsockopt(socket.SOL_SOCKET, TSNS, 1)
+ident = os.getpid() & 0xFFFF
+p = select.poll()
+p.register(s, select.POLLIN)
+out = []
+for seq in range(count):
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(48)
+    c = sum(struct.unpack("!28H", body))
+    c = (c >> 16) + (c & 0xFFFF)
+    c = ~(c + (c >> 16)) & 0xFFFF
+    body = body[:2] + struct.pack("!H", c) + body[4:]
+    t0 = time.time_ns()
+    s.sendto(body, (host, 0))
+    deadline = time.monotonic() + 2
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not p.poll(left * 1000):
+            break
+        data, anc, _f, _a = s.recvmsg(2048, 64)
+        ihl = (data[0] & 15) * 4
+        typ, _c, _s, rid, rseq = struct.unpack("!BBHHH", data[ihl : ihl + 8])
+        if typ != 0 or rid != ident or rseq != seq:
+            continue
+        for level, kind, val in anc:
+            if level == socket.SOL_SOCKET and kind == TSNS:
+                sec, ns = struct.unpack("qq", val[:16])
+                out.append((sec * 10**9 + ns - t0) / 1e9)
+        break
+    time.sleep(gap)
+print(json.dumps(out))
+"""
+
+
+def icmp_rtts(host: str, count: int, gap: float = 0.01) -> list[float]:
+    """RTTs (seconds) of ``count`` echo requests to ``host``, one at a time, ``gap`` apart,
+    from the calling thread's namespace (:data:`PINGER`)."""
+    res = run([sys.executable, "-c", PINGER, host, str(count), str(gap)], timeout=count + 60)
+    try:
+        rtts: list[float] = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"ICMP echo to {host} failed: {res.stderr[-500:]}") from None
+    if len(rtts) < count // 2:
+        raise RuntimeError(f"ICMP echo to {host}: {len(rtts)} of {count} answered")
+    return rtts
+
+
+def mahimahi_ping(delay_ms: int, count: int) -> tuple[list[float], list[float]] | None:
+    """RTTs (:func:`icmp_rtts`) through ``mm-delay DELAY_MS`` and over ``lo``, in a fresh
+    namespace: (through mahimahi, lo), seconds; None without mahimahi.
+
+    The shell runs as nobody, as its notes say, and only waits; the echo requests go from
+    the outer namespace (root, raw socket) to the shell's address and its kernel answers:
+    the same two crossings of the emulator as a ping from inside."""
+    mm = os.path.join(MAHIMAHI, "mm-delay")
+    if not os.path.exists(mm):
+        return None
+    with tempfile.TemporaryDirectory(prefix="tunpair-mm-") as tmp:
+        os.chmod(tmp, 0o755)
+        flag = os.path.join(tmp, "running")
+        open(flag, "w").close()
+        pinger = os.path.join(tmp, "pinger.py")
+        with open(pinger, "w") as f:
+            f.write(PINGER)
+        py = f"{sys.executable} {pinger}"
+        script = textwrap.dedent(f"""\
+            ip link set lo up
+            sysctl -qw net.ipv4.ip_forward=1
+            {py} 127.0.0.1 {count} 0.01 || exit 1
+            setpriv --reuid=65534 --regid=65534 --clear-groups {mm} {delay_ms} \\
+                sh -c 'while [ -e {flag} ]; do sleep 0.05; done' &
+            shell=$!
+            for i in $(seq 400); do
+                peer=$(ip -4 -o addr | sed -n 's/.* peer \\([0-9.]*\\)\\/.*/\\1/p' | head -1)
+                [ -n "$peer" ] && ping -n -q -c 1 -W 1 $peer >/dev/null 2>&1 && break
+                sleep 0.05
+            done
+            {py} $peer {count} 0.01
+            rm -f {flag}
+            wait $shell
+            """)
+        res = run(["unshare", "-n", "--", "sh", "-c", script], timeout=count * 0.2 + 120)
+    lists = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("[")]
+    if len(lists) != 2 or not lists[0] or not lists[1]:
+        raise RuntimeError(f"mahimahi ping failed: {res.stdout[-300:]} {res.stderr[-300:]}")
+    return lists[1], lists[0]
+
+
+def pair_ping(delay: str | None, count: int) -> tuple[list[float], list[float]]:
+    """RTTs (:func:`icmp_rtts`) through a default pair (``delay`` each way, or none) and
+    over its namespace's ``lo`` just before: (through the pair, lo), seconds."""
+    from pytest_tunpair import TunPair
+
+    with TunPair(ipv6=None) as pair:
+        if delay:
+            pair.impair(delay=delay)
+        lo = icmp_rtts("127.0.0.1", count)
+        rtts = icmp_rtts(pair.b.ip or "", count)
+        pair.check()
+    return rtts, lo
+
+
+def busy_thread_rtts(count: int, interval: float | None) -> list[float]:
+    """RTTs (:func:`icmp_rtts`) through a plain pair while another thread of this process
+    runs Python without pause, as a test's own server or computation may: the relay thread
+    then waits for the GIL at each wake-up (up to the switch interval, 5 ms by default;
+    ``interval`` sets it for the measurement)."""
+    from pytest_tunpair import TunPair
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(100))
+
+    old = sys.getswitchinterval()
+    spinner = threading.Thread(target=spin, name="bench-spin")
+    with TunPair(ipv6=None) as pair:
+        spinner.start()
+        try:
+            if interval is not None:
+                sys.setswitchinterval(interval)
+            rtts = icmp_rtts(pair.b.ip or "", count)
+        finally:
+            sys.setswitchinterval(old)
+            stop.set()
+            spinner.join()
+        pair.check()
+    return rtts
+
+
+def tunnel_test_cost(n: int) -> tuple[float, float, float]:
+    """An inner pytest run of ``n`` tests using ``tun_pair`` and of ``n`` without: median
+    time per test (setup + call + teardown) with, without; and the difference."""
+    load, _block = plugin_args()
+    with tempfile.TemporaryDirectory(prefix="tunpair-bench-") as project:
+        with open(os.path.join(project, "conftest.py"), "w") as f:
+            f.write(INNER_CONFTEST)
+        for name, sig in (("with", "tun_pair, i"), ("without", "i")):
+            with open(os.path.join(project, f"test_{name}.py"), "w") as f:
+                f.write(
+                    "import pytest\n\n"
+                    f"@pytest.mark.parametrize('i', range({n}))\n"
+                    f"def test_{name}({sig}):\n    assert i >= 0\n"
+                )
+        common = ["--tunpair", *load]
+        _w, _c, res_w = inner_pytest(project, [*common, "test_with.py"])
+        _w, _c, res_wo = inner_pytest(project, [*common, "test_without.py"])
+    # The first test pays the imports: not a per-test cost.
+    per_w = med([sum(d.values()) for d in list(res_w["durations"].values())[1:]])
+    per_wo = med([sum(d.values()) for d in list(res_wo["durations"].values())[1:]])
+    return per_w, per_wo, per_w - per_wo
+
+
+def bench_speed(rep: Report, a: argparse.Namespace) -> None:
+    """The relay's speed goals, each beside mahimahi (or the plain run) in the same run.
+
+    The machine these run on is shared: every row is a difference or ratio of figures taken
+    moments apart, and ``--rounds`` repeats the ping and CPU rows (medians over rounds)."""
+    count = 50 if a.quick else 1000
+    rounds = a.rounds or (1 if a.quick else 3)
+    secs = 1.0 if a.quick else 4.0
+    raw: dict[str, Any] = {"rounds": []}
+    added_pair: list[float] = []
+    added_mm: list[float] = []
+    err_pair: list[float] = []
+    err_mm: list[float] = []
+    cpu_pair: list[float] = []
+    cpu_mm: list[float] = []
+    have_mm = os.path.exists(os.path.join(MAHIMAHI, "mm-delay"))
+    for _ in range(rounds):  # interleaved, so that load from elsewhere hits both alike
+        r: dict[str, Any] = {}
+        rtt, lo = pair_ping(None, count)
+        added_pair.append(med(rtt) - med(lo))
+        r["pair"] = {"rtt": rtt, "lo": lo}
+        slow, lo = pair_ping("20ms", count // 2)
+        err_pair.append(med(slow) - 0.040 - med(lo))
+        r["pair 20ms"] = {"rtt": slow, "lo": lo}
+        cpu_pair.append(pair_tcp({"delay": "1ms"}, secs, offload=False)[1])
+        if have_mm:
+            got = mahimahi_ping(0, count)
+            assert got is not None
+            added_mm.append(med(got[0]) - med(got[1]))
+            r["mahimahi"] = {"rtt": got[0], "lo": got[1]}
+            got = mahimahi_ping(20, count // 2)
+            assert got is not None
+            err_mm.append(med(got[0]) - 0.040 - med(got[1]))
+            r["mahimahi 20"] = {"rtt": got[0], "lo": got[1]}
+            mm = mahimahi_tcp(["mm-delay", "1"], secs)
+            if mm is not None:
+                cpu_mm.append(mm[1])
+        raw["rounds"].append(r)
+    if not have_mm:
+        rep.notes.append(f"speed: mahimahi not found in {MAHIMAHI} (MAHIMAHI_BIN)")
+
+    def each(xs: Sequence[float], scale: float = 1e3, unit: str = "ms") -> str:
+        return f"{med(xs) * scale:.3f} {unit}" + (
+            f" ({', '.join(f'{x * scale:.3f}' for x in xs)})" if len(xs) > 1 else ""
+        )
+
+    rep.add(
+        "speed",
+        f"ICMP RTT added by the plain pair: median - lo's ({count} pings, x{rounds})",
+        each(added_pair),
+        f"mm-delay 0: {each(added_mm)}" if added_mm else "",
+        f"{med(added_pair) / med(added_mm):.2f}x mm" if added_mm else "",
+        "<= mahimahi's",
+        med(added_pair) <= med(added_mm) if added_mm else None,
+    )
+    rep.add(
+        "speed",
+        f'  same through delay="20ms" each way: median - lo\'s - 40 ms ({count // 2} pings)',
+        each(err_pair),
+        f"mm-delay 20: {each(err_mm)}" if err_mm else "",
+        "",
+        "<= 0.1 ms (and mm's)",
+        abs(med(err_pair)) <= 0.0001 and (not err_mm or med(err_pair) <= med(err_mm)),
+    )
+    rep.add(
+        "speed",
+        f'relay CPU per GB, TCP through delay="1ms", offload=False ({secs:g} s)',
+        each(cpu_pair, 1, "s/GB"),
+        f"mm-delay 1: {each(cpu_mm, 1, 's/GB')}" if cpu_mm else "",
+        f"{med(cpu_pair) / med(cpu_mm):.2f}x mm" if cpu_mm else "",
+        "<= mahimahi's",
+        med(cpu_pair) <= med(cpu_mm) if cpu_mm else None,
+    )
+    # Reference, no goal: the GIL handoff when the test process has a busy Python thread.
+    few = count // 5
+    busy = busy_thread_rtts(few, None)
+    busy_fast = busy_thread_rtts(few, 0.0005)
+    raw["busy thread"] = {"default": busy, "0.5 ms": busy_fast}
+    rep.add(
+        "speed",
+        f"  ICMP RTT, plain pair, a busy Python thread beside (GIL; {few} pings)",
+        f"median {fmt_ms(med(busy))}, p90 {fmt_ms(pct(busy, 0.9))}",
+        f"switchinterval 0.5 ms: {fmt_ms(med(busy_fast))}, p90 {fmt_ms(pct(busy_fast, 0.9))}",
+        f"{med(busy) / med(busy_fast):.1f}",
+    )
+    n = a.tests or (20 if a.quick else 200)
+    per_w, per_wo, cost = tunnel_test_cost(n)
+    raw["per test"] = {"with": per_w, "without": per_wo}
+    rep.add(
+        "speed",
+        f"per-test cost of tun_pair (median of {n}, setup + call + teardown)",
+        f"+{fmt_ms(cost)}",
+        f"with {fmt_ms(per_w)}, without {fmt_ms(per_wo)}",
+        "",
+        "<= 2 ms",
+        cost <= 0.002,
+    )
+    rep.raw["speed"] = raw
+
+
 BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "throughput": bench_throughput,
     "overhead": bench_overhead,
@@ -2139,6 +2414,7 @@ BENCHES: dict[str, Callable[[Report, argparse.Namespace], None]] = {
     "segments": bench_segments,
     "profiles": bench_profiles,
     "import": bench_import,
+    "speed": bench_speed,
     "hosts": bench_hosts,
 }
 
@@ -2159,6 +2435,7 @@ NEEDS = {
     "segments": ["iperf3"],
     "profiles": ["iperf3"],
     "import": ["valgrind"],
+    "speed": ["iperf3", "ping"],
     "hosts": ["iperf3"],
 }
 

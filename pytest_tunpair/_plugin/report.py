@@ -51,7 +51,7 @@ SECTION_TRACE_LINES = 60
 HTML_TRACE_LINES = 2000
 # File names are limited to 255 bytes; leave room for the pair suffix and ".pcap".
 _MAX_STEM = 180
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_UNSAFE = r"[^A-Za-z0-9._+-]+"  # compiled on first use (a run without tunnels never does)
 
 
 class ReportedPair(Protocol):
@@ -201,7 +201,7 @@ def pcap_stem(nodeid: str, taken: MutableMapping[str, str] | None = None) -> str
     Long ids are cut and end in a digest of the whole id. ``taken`` (stem -> test id, kept
     for the session) makes two ids that clean up to the same stem get different ones.
     """
-    stem = _UNSAFE.sub("_", nodeid).strip("._") or "test"
+    stem = re.sub(_UNSAFE, "_", nodeid).strip("._") or "test"
     digest = hashlib.sha1(nodeid.encode()).hexdigest()[:10]
     if len(stem) > _MAX_STEM:
         stem = f"{stem[: _MAX_STEM - 11]}-{digest}"
@@ -221,7 +221,7 @@ def pcap_paths(
     if len(pair_names) == 1:
         return [directory / f"{stem}.{format}"]
     return [
-        directory / f"{stem}-{_UNSAFE.sub('_', a)}-{_UNSAFE.sub('_', b)}.{format}"
+        directory / f"{stem}-{re.sub(_UNSAFE, '_', a)}-{re.sub(_UNSAFE, '_', b)}.{format}"
         for a, b in pair_names
     ]
 
