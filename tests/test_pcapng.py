@@ -540,9 +540,14 @@ def _tunpair_cmd() -> list[str]:
 
 def test_run_pcap_dash_streams_into_tshark_while_the_command_runs(tmp_path) -> None:
     need("tshark")
-    need("ping")
+    curl = need("curl")
     go = tmp_path / "go"
-    command = f"ping -c 1 -W 2 198.18.0.2; while [ ! -e {go} ]; do sleep 0.05; done; echo finished"
+    # An HTTP server on b, curl from a until it answers, then wait for `go`.
+    command = (
+        f"{sys.executable} -m http.server --bind 198.18.0.2 8080 >/dev/null 2>&1 & "
+        f"for i in $(seq 200); do {curl} -s -o /dev/null http://198.18.0.2:8080/ && break; "
+        f"sleep 0.05; done; while [ ! -e {go} ]; do sleep 0.05; done; kill $!; echo finished"
+    )
     tp = subprocess.Popen(
         [*_tunpair_cmd(), "run", "-q", "--pcap", "-", "--", "sh", "-c", command],
         stdout=subprocess.PIPE,
@@ -562,7 +567,7 @@ def test_run_pcap_dash_streams_into_tshark_while_the_command_runs(tmp_path) -> N
         seen = []
         deadline = time.monotonic() + 30
         # The command is still waiting for `go`: whatever tshark prints came live.
-        while not any("Echo (ping) reply" in line for line in seen):
+        while not any("HTTP/1.0 200 OK" in line for line in seen):
             assert time.monotonic() < deadline, seen
             line = reader.stdout.readline()
             assert line, f"tshark ended early: {seen}"
@@ -578,7 +583,7 @@ def test_run_pcap_dash_streams_into_tshark_while_the_command_runs(tmp_path) -> N
                 p.wait()
     assert tp.stderr is not None
     assert b"finished" in tp.stderr.read()  # COMMAND's stdout went to stderr
-    assert any("Echo (ping) request" in line for line in seen)
+    assert any("GET / HTTP/1.1" in line for line in seen)
 
 
 def test_a_reader_closing_early_leaves_the_command_unharmed(tmp_path) -> None:
