@@ -11,6 +11,11 @@ import socket
 import threading
 import time
 
+# Imported here, at collection, for packets.plot() below: numpy's OpenBLAS starts worker
+# threads when it loads, and threads started inside the test's namespace are reported as
+# left running at its end.
+import matplotlib.figure  # noqa: F401
+
 from pytest_tunpair import traces
 
 

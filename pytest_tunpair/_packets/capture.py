@@ -649,7 +649,9 @@ class Capture(Sequence[Packet]):
         mahimahi's ``mm-throughput-graph`` gives. Returns the path.
 
         Needs matplotlib (``pip install 'pytest-tunpair[plot]'``); without it an
-        ``ImportError`` says so.
+        ``ImportError`` says so. Import matplotlib before the test's tunnel (at the top of
+        the test module): numpy's OpenBLAS starts worker threads when it loads, and threads
+        started inside a test's namespace are reported as left running.
         """
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"plot(direction={direction!r}): use 'a->b', 'b->a' or None")

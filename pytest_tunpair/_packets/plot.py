@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from .packet import DELIVERED as _DELIVERED
 
-__all__ = ["DELIVERED", "NOT_CARRIED", "plot", "to_mahimahi_log"]
+__all__ = ["DELIVERED", "NOT_CARRIED", "load_matplotlib", "plot", "to_mahimahi_log"]
 
 #: Actions of packets that never crossed the link: written by the relay or the test itself
 #: (``inject``, replies of fault rules), taken by the scripted peer, or replaced by their
@@ -58,7 +58,9 @@ class PacketLike(Protocol):
     def action(self) -> str: ...
 
 
-def _load_matplotlib() -> Any:
+def load_matplotlib() -> Any:
+    """matplotlib's ``Figure`` (imported on first call), or an ``ImportError`` that says
+    how to install it."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
@@ -100,7 +102,7 @@ def plot(
             f"plot({str(target)!r}): the file name must end in .png or .svg (the format is "
             "taken from the extension)"
         )
-    Figure = _load_matplotlib()
+    Figure = load_matplotlib()
     directions = [direction] if direction else sorted({p.direction for p in packets})
     carried = [p for p in packets if p.action not in NOT_CARRIED and p.direction in directions]
     configured = configured or {}

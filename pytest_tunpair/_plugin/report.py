@@ -282,6 +282,21 @@ def configure(config: pytest.Config) -> None:
 
     config.stash[keys.PCAP_STEMS] = {}
     config.stash[keys.PCAP_ERRORS] = {}
+    if config.stash[keys.OPTIONS].tunpair_plot:
+        preload_plotting()
+
+
+def preload_plotting() -> None:
+    """Import matplotlib (and numpy) now, outside any test's namespace: numpy's OpenBLAS
+    starts its worker threads when it loads, and threads started inside a test's namespace
+    keep it alive (and are reported as the test's leftovers). Without matplotlib, the plot
+    says so when it is drawn."""
+    from .._packets import plot as _plot
+
+    try:
+        _plot.load_matplotlib()
+    except ImportError:
+        pass
 
 
 def header(config: pytest.Config, how: str) -> list[str]:
