@@ -258,6 +258,9 @@ async def run_blocking(call: Callable[[], R], *, name: str) -> R:
         await _wait_trio(wait)
     else:
         await _wait_asyncio(wait)
+    # Waking the coroutine was the thread's last act: it ends at once, and no wait's thread
+    # outlives the await (a busy machine may not have run its last instructions yet).
+    wait.thread.join(CANCEL_JOIN)
     return wait.result()  # type: ignore[no-any-return]
 
 
