@@ -359,20 +359,32 @@ def test_leftover_policy_from_ini_and_bad_values(pytester: pytest.Pytester) -> N
 
 # -- drained teardown ------------------------------------------------------------------------------
 FIN_SERVER = """
-import signal, socket, sys
+import select, signal, socket, sys, time
 conn = None
 
 def on_term(signum, frame):
     # What the kernel holds for us when teardown stops us: b"" once the client's FIN is in.
+    # The relay's write hands the FIN to the kernel, whose receive path may still be in a
+    # deferred softirq on a busy machine: half a second for it (a FIN the relay never
+    # delivered, with drain=0 and a 2 s delay, does not come in that time).
     conn = srv.accept()[0]  # queued by the kernel already (the handshake is done)
     data = b""
     conn.setblocking(False)
-    try:
-        while chunk := conn.recv(1 << 16):
-            data += chunk
-        got = "fin"
-    except BlockingIOError:
-        got = "no fin"
+    deadline = time.monotonic() + 0.5
+    got = "no fin"
+    while True:
+        try:
+            chunk = conn.recv(1 << 16)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            select.select([conn], [], [], left)
+            continue
+        if not chunk:
+            got = "fin"
+            break
+        data += chunk
     with open(sys.argv[2], "w") as f:
         f.write(f"{got} {data.decode()}")
     sys.exit(0)
