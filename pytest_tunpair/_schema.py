@@ -353,7 +353,7 @@ class OneOf(Kind):
         return repr(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False, eq=False)  # fewer generated methods: cheaper import
 class Declared:
     """One option's declaration (the metadata of its dataclass field)."""
 

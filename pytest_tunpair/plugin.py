@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ._errors import OptionError
-from ._plugin import keys, live, marks, options, report, rootless, scoped, threads
+from ._plugin import keys, marks, options
+
+# The rest of _plugin/ (live, report, rootless, scoped, threads) is imported by the hooks
+# that need it, and those return at once in a run without --tunpair: a project that has the
+# plugin installed and never opens a tunnel pays for the options and the markers only
+# (benchmarks/run.py --only import).
 
 if TYPE_CHECKING:
     from ._factory import TunPairFactory
@@ -34,11 +39,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     resolved = config.stash[keys.OPTIONS] = options.resolve(config)  # bad values stop the run
     if resolved.tunpair:
+        from ._plugin import live, report, rootless, scoped, threads
+
         rootless.configure(config, resolved.tunpair_userns)
         threads.install()
-    scoped.configure(config)
-    report.configure(config)
-    live.configure(config)
+        scoped.configure(config)
+        report.configure(config)
+        live.configure(config)
     # The option names come from the schema: listed only for `pytest --markers`, so that a
     # run that never opens a tunnel does not build it.
     tunpair = marks.tunpair_help() if config.getoption("markers", False) else "tunpair(**options)"
@@ -62,6 +69,8 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
     """
     if not enabled(request.config):
         pytest.skip(SKIP_REASON)
+    from ._plugin import live, rootless, scoped, threads
+
     rootless.refuse_tunnel(request.config)  # this machine cannot: the reason, once per test
     scoped.refuse_mixing(request.node)
     scoped.refuse_stranding(request, "tun_pair_factory")
@@ -127,6 +136,8 @@ def _tunpair_test_in_scoped_namespace(
     request: pytest.FixtureRequest,
 ) -> Generator[None, None, None]:
     # scoped.VISITOR: first among the test's function-scoped fixtures (scoped.tunnel_first).
+    from ._plugin import scoped, threads
+
     factory, checkpoint = scoped.begin(request)
     _warn_at(factory, request.node)
     threads.begin(request, factory)
@@ -139,6 +150,8 @@ def _scoped_factory(
 ) -> Generator[TunPairFactory, None, None]:
     if not enabled(request.config):
         pytest.skip(SKIP_REASON)
+    from ._plugin import live, rootless, scoped, threads
+
     rootless.refuse_tunnel(request.config)
     name = f"tun_pair_factory_{scope}"
     scoped.refuse_stranding(request, name)
@@ -159,6 +172,7 @@ def _open(request: pytest.FixtureRequest, source: str) -> TunPairFactory:
     the calling thread is inside its namespace. Its pairs stream live with
     ``--tunpair-pcap-live``."""
     from ._factory import TunPairFactory
+    from ._plugin import live
 
     resolved = request.config.stash[keys.OPTIONS]
     seed = resolved.tunpair_seed
@@ -200,20 +214,32 @@ def _pair_from_marker(factory: TunPairFactory, request: pytest.FixtureRequest) -
 
 
 # -- hooks ------------------------------------------------------------------------------------
+# Each returns at once without --tunpair: no pair can open, nothing to order, join or report.
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not enabled(config):
+        return
+    from ._plugin import scoped
+
     for item in items:
         scoped.tunnel_first(item)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    if not enabled(item.config):
+        return None
+    from ._plugin import rootless
+
     return rootless.run_protocol(item, nextitem)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    scoped.join_for_setup(item)
+    if enabled(item.config):
+        from ._plugin import scoped
+
+        scoped.join_for_setup(item)
     return (yield)
 
 
@@ -222,6 +248,10 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     # Errors from hooks happen in the relay thread; surface them as the test's failure
     # (pytest-httpserver's check() pattern) rather than waiting for teardown.
     __tracebackhide__ = True
+    if not enabled(item.config):
+        return (yield)
+    from ._plugin import report, threads
+
     threads.bind_call(item)  # the loops the test function runs in exist by now
     result = yield
     for pair in report.pairs_of(item):
@@ -233,6 +263,10 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
 def pytest_runtest_teardown(
     item: pytest.Item, nextitem: pytest.Item | None
 ) -> Generator[None, None, None]:
+    if not enabled(item.config):
+        return (yield)
+    from ._plugin import scoped
+
     scoped.join_for_teardown(item, nextitem)
     try:
         return (yield)
@@ -246,7 +280,10 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     # Outermost (tryfirst), so the report is final: an xfailed test is no failure here.
     result = yield
-    report.make_report(item, result)
+    if enabled(item.config):
+        from ._plugin import report
+
+        report.make_report(item, result)
     return result
 
 
@@ -260,15 +297,27 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not enabled(terminalreporter.config):
+        return
+    from ._plugin import live, report, rootless
+
     report.terminal_summary(terminalreporter)
     rootless.summary(terminalreporter)
     live.terminal_summary(terminalreporter)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if keys.OPTIONS not in config.stash or not enabled(config):
+        return
+    from ._plugin import live, threads
+
     threads.uninstall()
     live.unconfigure(config)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    if not enabled(config):
+        return ["tunpair: off (run with --tunpair)"]
+    from ._plugin import report, rootless
+
     return report.header(config, rootless.describe(config))

@@ -401,6 +401,12 @@ class LinkQueue:
         else:
             self._aqm = None
 
+    @property
+    def delays_only(self) -> bool:
+        """No bottleneck and drop-tail: each packet leaves ``delay`` after it arrives, in
+        order, unless the bound drops it on arrival (what the relay's C core emulates)."""
+        return type(self.server) is _Instant and self.spec.discipline == "droptail"
+
     # -- the relay's interface -------------------------------------------------------------
     def enqueue(
         self,

@@ -47,14 +47,16 @@ from typing import TYPE_CHECKING, Any
 from .._errors import HookError
 from .._kernel.timer import Timer, set_timer_slack
 from .._packets.capture import Capture
-from .._packets.packet import Packet, SegmentGroup
+from .._packets.packet import Packet, PacketBatch, SegmentGroup
 from .._wire import gso as _gso
 from .._wire.ecn import ecn_codepoint
 from .._wire.numbers import ECN_CE, ECN_ECT0, ECN_ECT1
+from . import core as _fast
 from .counters import Stats
 from .hooks import Hook, HookFailure, HookWorker, Result
 from .impair import RUN_LOST, RUN_MARK
 from .link import Divert, Item, Link, Queue, Rule, Run
+from .queue import PacketQueue
 
 if TYPE_CHECKING:
     from .impair import Emit, ImpairmentEngine
@@ -131,6 +133,9 @@ _REPLACED = 5  # record only; not counted (a rule forwarded other frames in its 
 
 _Out = tuple[Item, bytes | None, Link, int]
 
+# The C core's action codes, as the capture names them.
+_CORE_ACTIONS = ("forwarded", "delayed", "dropped")
+
 
 class Relay:
     """Carries packets between ``dev_a`` and ``dev_b`` until :meth:`stop`.
@@ -184,6 +189,13 @@ class Relay:
         except OSError:  # pragma: no cover - timerfd exists since Linux 2.6.25
             self._timer = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The C core (_core.c) runs the loop while both directions are plain or only
+        # delayed; its records come in through the capture's lock (_pull_core).
+        self._core: Any = None
+        core = _fast.load()
+        if core is not None and dev_a.hdr_len == dev_b.hdr_len:
+            self._core = core.Core(dev_a.fd, dev_b.fd, self._wake_r, dev_a.hdr_len, capture.t0)
+            capture.set_source(self._pull_core, self._core_waiters)
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
 
@@ -204,6 +216,23 @@ class Relay:
         except OSError:
             pass  # stopped already (fd closed): nothing to wake
 
+    def _leave_core(self) -> None:
+        """After a change that the C core cannot carry out (a hook, a rule, a divert, a
+        swap): return once the core has stopped relaying, so that no packet read after the
+        change passes without it. The relay thread then runs the Python loop, which sees
+        the change before it reads another packet."""
+        core = self._core
+        if core is None or threading.get_ident() == self._thread.ident:
+            self.wake()
+            return
+        # A return, not "not running": the loop may enter the core again before it reads
+        # the pipe (then the core returns at once, having read nothing).
+        exits = core.exits
+        self.wake()
+        deadline = time.monotonic() + 1.0  # the core returns within a batch's writes
+        while core.running and core.exits == exits and time.monotonic() < deadline:
+            time.sleep(0.0001)
+
     def _links(self, direction: str | None) -> tuple[Link, ...]:
         if direction is None:
             return tuple(self.links.values())
@@ -215,6 +244,7 @@ class Relay:
         with self._edit_lock:
             for link in self._links(hook.direction):
                 link.hooks = (*link.hooks, hook)
+        self._leave_core()
 
     def remove_hook(self, hook: Hook) -> bool:
         """Stop running ``hook``; False if it was not registered. Packets already handed to
@@ -238,6 +268,7 @@ class Relay:
         with self._edit_lock:
             link = self.links[direction]
             link.rules = (*link.rules, rule)
+        self._leave_core()
 
     def remove_rule(self, direction: str, rule: Rule) -> bool:
         """Stop applying ``rule`` to ``direction``; False if it was not there."""
@@ -256,6 +287,8 @@ class Relay:
         the hooks): ``True`` means taken -- recorded as ``"scripted"``, counted as
         delivered, not written to the other device. ``None`` stops diverting."""
         self.links[direction].divert = fn
+        if fn is not None:
+            self._leave_core()
 
     def link_needs_segments(self, direction: str) -> bool:
         """A stage of ``direction`` that must see wire-sized packets is set (hooks, rules,
@@ -271,7 +304,7 @@ class Relay:
         """
         with self._swap_lock:
             self._swaps["engine", direction, None] = engine
-        self.wake()
+        self._leave_core()
 
     def set_split(self, direction: str, split: bool) -> None:
         """Decide per wire packet on ``direction`` (``True``): GSO super-packets are split
@@ -279,14 +312,14 @@ class Relay:
         queue swaps asked for before it, before the next packet is read."""
         with self._swap_lock:
             self._swaps["split", direction, None] = split
-        self.wake()
+        self._leave_core()
 
     def set_queue(self, direction: str, queue: Queue | None) -> None:
         """Replace a direction's bottleneck queue (``None``: none). As with
         :meth:`set_engine`, what the old queue holds is released, not lost."""
         with self._swap_lock:
             self._swaps["queue", direction, None] = queue
-        self.wake()
+        self._leave_core()
 
     def set_class(
         self,
@@ -304,14 +337,14 @@ class Relay:
         :meth:`set_engine`); a new one goes after the others."""
         with self._swap_lock:
             self._class_swaps.append((direction, name, (match, engine, queue, split)))
-        self.wake()
+        self._leave_core()
 
     def remove_class(self, direction: str, name: str) -> None:
         """Take class ``name`` off ``direction``: its packets get the direction's own link
         again; what it holds is served to the end."""
         with self._swap_lock:
             self._class_swaps.append((direction, name, None))
-        self.wake()
+        self._leave_core()
 
     def class_names(self, direction: str) -> tuple[str, ...]:
         """The classes on ``direction`` now, in the order they are tried."""
@@ -340,7 +373,8 @@ class Relay:
     def pending(self) -> int:
         """Packets held anywhere in the relay now: with a hook worker, in an engine or a
         queue, on a delay timer. (Packets still in a device's own queue are not counted.)"""
-        return sum(link.pending() for link in self._all_links())
+        held = sum(link.pending() for link in self._all_links())
+        return held + self._core.pending if self._core is not None else held
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait, while the relay runs, until :meth:`pending` is 0; False after ``timeout``
@@ -515,7 +549,15 @@ class Relay:
         routes = {fd_a: self.links["a->b"], fd_b: self.links["b->a"]}
         wake_r = self._wake_r
         monotonic = time.monotonic
+        core = self._core
         while not self._stopping:
+            if core is not None:
+                specs = self._core_specs()
+                if specs is not None:
+                    # Until something else is asked of the relay (the wake-up pipe).
+                    held = core.run(specs[0], specs[1], self._core_size, self._core_notify)
+                    if held:
+                        self._take_back(held)
             due = self._deadline()
             timeout = -1
             if due is not None:
@@ -558,6 +600,105 @@ class Relay:
                     waiters, self._idle_waiters = self._idle_waiters, []
                 for event in waiters:
                     event.set()
+
+    # -- the C core (relay thread, but _pull_core) ----------------------------------------------
+    def _core_specs(self) -> tuple[tuple[float, int, int] | None, ...] | None:
+        """Each direction as the core takes it (``None``: plain; ``(delay, limit,
+        limit_bytes)``: a queue that only delays), or ``None`` if the Python loop must run:
+        anything else is configured, or it holds packets (a hook's, a timer's, a result)."""
+        if (
+            self._swaps
+            or self._class_swaps
+            or self._retired
+            or self.done
+            or self._out
+            or self._syncs
+            or self._idle_waiters
+        ):
+            return None
+        specs: list[tuple[float, int, int] | None] = []
+        for link in self._pair:
+            if link.timers or link.held:
+                return None  # the Python loop delivers what it holds first
+            if link.plain():
+                specs.append(None)
+                continue
+            queue = link.queue
+            if (
+                link.hooks
+                or link.backlog
+                or link.engine is not None
+                or link.rules
+                or link.divert is not None
+                or link.classes
+                or link.split
+                or not isinstance(queue, PacketQueue)
+                or len(queue)
+                or queue.deadline() is not None
+            ):
+                return None
+            q = queue.queue
+            spec = q.spec
+            if not q.delays_only or q.delay <= 0:
+                return None
+            specs.append(
+                (
+                    q.delay,
+                    -1 if spec.limit is None else spec.limit,
+                    -1 if spec.limit_bytes is None else spec.limit_bytes,
+                )
+            )
+        return tuple(specs)
+
+    def _core_size(self, frame: bytes) -> tuple[int, int]:
+        """A GSO super-packet's wire bytes and segments, for a delayed direction's bound."""
+        return _gso.wire_size(frame, self._pair[0].src.hdr_len, tap=self.mode == "tap")
+
+    def _core_notify(self) -> None:
+        """The core recorded packets that a thread waits for, or holds many: taking the
+        capture's lock pulls them in, and recording wakes the waiters."""
+        with self.capture.lock:
+            pass
+
+    def _core_waiters(self, n: int) -> None:
+        self._core.waiters = n
+
+    def _pull_core(self) -> None:
+        """Record what the core recorded since the last pull, with its counts (the
+        capture's lock is held: :class:`~pytest_tunpair._packets.capture.PullLock`)."""
+        got = self._core.pull()
+        if got is None:
+            return
+        records, counts = got
+        if records:
+            self.capture.record_locked(
+                (
+                    PacketBatch(
+                        records,
+                        off=self._pair[0].src.hdr_len,
+                        mode=self.mode,
+                        directions=("a->b", "b->a"),
+                        actions=_CORE_ACTIONS,
+                    ),
+                )
+            )
+        for link, (packets, nbytes, dropped, peak) in zip(self._pair, counts, strict=True):
+            c = link.counters
+            c.packets += packets
+            c.bytes += nbytes
+            c.dropped += dropped
+            if peak > c.queue_peak:
+                c.queue_peak = peak
+
+    def _take_back(self, held: list[tuple[int, float, float, bytes]]) -> None:
+        """The packets the core still held when it returned, onto their links' timers:
+        delivered when due by this loop, or recorded dropped at stop."""
+        for index, due, arrival, frame in held:
+            link = self._pair[index]
+            hdr = link.src.hdr_len
+            link.schedule(
+                due, Packet(arrival, link.direction, "delayed", frame, hdr, self.mode), None
+            )
 
     def _service(self, link: Link) -> None:
         """Move what the link's source has queued (up to ``BURST`` packets) on, recording it.

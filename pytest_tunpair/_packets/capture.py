@@ -21,7 +21,7 @@ from . import flows as _flows
 from . import match as _match
 from . import plot as _plot
 from .flows import Flow
-from .packet import DIRECTIONS, Packet, SegmentGroup, kept_len, trace
+from .packet import DIRECTIONS, Packet, PacketBatch, SegmentGroup, kept_len, trace
 from .pcap import FORMATS, write_pcap, write_pcapng
 
 if TYPE_CHECKING:
@@ -54,8 +54,50 @@ def _no_keylog() -> None:
     return None
 
 
-def _packets_of(item: Packet | SegmentGroup) -> list[Packet]:
-    return item.expand() if type(item) is SegmentGroup else [item]  # type: ignore[list-item]
+# Entries of the capture that stand for several packets, expanded by the first reader.
+_GROUPS = (SegmentGroup, PacketBatch)
+_Entry = Packet | SegmentGroup | PacketBatch
+
+
+def _packets_of(item: _Entry) -> list[Packet]:
+    return item.expand() if type(item) in _GROUPS else [item]  # type: ignore[union-attr,list-item]
+
+
+class PullLock:
+    """The capture's lock (under its condition). Taking it first runs ``pull``, if set:
+    the relay's C core records packets outside Python (``_link/_core.c``), and ``pull``
+    brings them in (:meth:`Capture.record_locked`), so whoever takes the lock -- a reader,
+    ``tun_pair.stats``, the relay itself -- sees every packet written so far, in order."""
+
+    __slots__ = ("_lock", "pull")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pull: Callable[[], None] | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        pull = self.pull
+        if pull is not None:
+            try:
+                pull()
+            except BaseException:
+                self._lock.release()
+                raise
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
 
 
 class Capture(Sequence[Packet]):
@@ -96,16 +138,19 @@ class Capture(Sequence[Packet]):
         """
         # Packets, and groups of segments a per-segment link recorded at once: a group is
         # expanded into its packets by the first reader (_expand), off the relay's hot path.
-        self._packets: deque[Packet | SegmentGroup] = deque()
+        self._packets: deque[_Entry] = deque()
         self._count = 0  # packets kept (a group counts as its segments)
         self._groups = 0  # groups not expanded yet
         self._first_group = 0  # seq of the oldest of them
         self._bytes = 0
         self._next_seq = 0
         self._waiters = 0
-        self._cond = threading.Condition(threading.Lock())
-        self.evicted = 0
-        """Packets recorded but no longer kept because of a bound (:meth:`clear` not counted)."""
+        self._lock = PullLock()
+        self._cond = threading.Condition(self._lock)  # type: ignore[arg-type]
+        # Told how many threads wait on the condition (a source that records outside
+        # Python wakes them only while some do): set with the source (set_source).
+        self._on_waiters: Callable[[int], None] | None = None
+        self._evicted = 0
         self.t0 = time.monotonic()
         """``time.monotonic()`` when the capture began: ``Packet.time`` counts from here."""
         self.wall_t0 = time.time()
@@ -130,12 +175,22 @@ class Capture(Sequence[Packet]):
         (a write that fails turns "forwarded" into "dropped" before anyone can look)."""
         return self._cond
 
+    def set_source(
+        self, pull: Callable[[], None] | None, on_waiters: Callable[[int], None] | None = None
+    ) -> None:
+        """Packets recorded elsewhere (the relay's C core): ``pull()`` records them (called
+        with the lock held, each time it is taken); ``on_waiters(n)`` is told how many
+        threads wait for new packets. ``None``: no source."""
+        with self._cond:
+            self._lock.pull = pull
+            self._on_waiters = on_waiters
+
     def record(self, pkt: Packet) -> None:
         """Append one packet."""
         with self._cond:
             self.record_locked((pkt,))
 
-    def record_locked(self, pkts: Sequence[Packet | SegmentGroup]) -> None:
+    def record_locked(self, pkts: Sequence[_Entry]) -> None:
         """Append packets (and groups of segments, each standing for its ``count``
         packets) in order; the caller holds :attr:`lock`.
 
@@ -147,7 +202,7 @@ class Capture(Sequence[Packet]):
         """
         snaplen = self.snaplen
         if snaplen is not None:
-            if self._groups or any(type(p) is SegmentGroup for p in pkts):
+            if self._groups or any(type(p) in _GROUPS for p in pkts):
                 pkts = [q for p in pkts for q in _packets_of(p)]
             for pkt in pkts:
                 assert isinstance(pkt, Packet)
@@ -161,7 +216,7 @@ class Capture(Sequence[Packet]):
         count = 0
         for pkt in pkts:
             pkt.seq = seq
-            if type(pkt) is SegmentGroup:
+            if not isinstance(pkt, Packet):  # a group
                 if not self._groups:
                     self._first_group = seq
                 self._groups += 1
@@ -171,7 +226,7 @@ class Capture(Sequence[Packet]):
             else:
                 seq += 1
                 count += 1
-                size += kept_len(pkt)  # type: ignore[arg-type]
+                size += kept_len(pkt)
         self._next_seq = seq
         self._count += count
         packets = self._packets
@@ -197,8 +252,11 @@ class Capture(Sequence[Packet]):
         packets (``None``: any group), else its first packet."""
         packets = self._packets
         old = packets.popleft()
-        if type(old) is SegmentGroup:
+        if not isinstance(old, Packet):  # a group
             self._groups -= 1
+            # A batch of the C core may hold thousands: a bound keeps its newest.
+            if at_most is None and type(old) is PacketBatch:
+                at_most = 1
             if at_most is not None and old.count > at_most:
                 expanded = old.expand()
                 packets.extendleft(reversed(expanded[1:]))
@@ -206,11 +264,11 @@ class Capture(Sequence[Packet]):
             else:
                 self._bytes -= old.kept
                 self._count -= old.count
-                self.evicted += old.count
+                self._evicted += old.count
                 return
-        self._bytes -= kept_len(old)  # type: ignore[arg-type]
+        self._bytes -= kept_len(old)
         self._count -= 1
-        self.evicted += 1
+        self._evicted += 1
 
     def _expand(self) -> deque[Packet]:
         """The kept packets, every group expanded (caller holds the lock). Packets before
@@ -232,7 +290,8 @@ class Capture(Sequence[Packet]):
             return list(self._expand())
 
     def __len__(self) -> int:
-        return self._count
+        with self._cond:  # the lock pulls what the relay's C core recorded
+            return self._count
 
     def __iter__(self) -> Iterator[Packet]:
         return iter(self._snapshot())
@@ -264,7 +323,7 @@ class Capture(Sequence[Packet]):
             return packets[index]
 
     def __bool__(self) -> bool:
-        return self._count > 0
+        return len(self) > 0
 
     def __repr__(self) -> str:
         extra = f", {self.evicted} older not kept" if self.evicted else ""
@@ -274,7 +333,8 @@ class Capture(Sequence[Packet]):
     def nbytes(self) -> int:
         """Bytes the kept packets hold, as read from the device. (``capture_bytes`` charges
         more per packet, see :meth:`record_locked`; decoded scapy objects come on top.)"""
-        return self._bytes
+        with self._cond:
+            return self._bytes
 
     def clear(self) -> None:
         """Forget what was captured so far; the relay keeps running and recording.
@@ -285,12 +345,19 @@ class Capture(Sequence[Packet]):
             self._packets.clear()
             self._count = self._groups = 0
             self._bytes = 0
-            self.evicted = 0
+            self._evicted = 0
+
+    @property
+    def evicted(self) -> int:
+        """Packets recorded but no longer kept because of a bound (:meth:`clear` not counted)."""
+        with self._cond:
+            return self._evicted
 
     def mark(self) -> int:
         """The sequence number the next recorded packet gets: ``since(mark)`` later returns
         what was recorded from now on."""
-        return self._next_seq
+        with self._cond:  # the lock pulls what the relay's C core recorded
+            return self._next_seq
 
     def since(self, start: int) -> list[Packet]:
         """Kept packets whose sequence number (``Packet.seq``) is ``start`` or later, e.g.
@@ -316,7 +383,7 @@ class Capture(Sequence[Packet]):
         with self._cond:
             packets = self._since(start - 1)
             first = self._packets[0].seq if self._packets else self._next_seq
-            out.evicted = max(0, min(first, self._next_seq) - start)
+            out._evicted = max(0, min(first, self._next_seq) - start)
             out._next_seq = self._next_seq
         out._packets.extend(packets)
         out._count = len(packets)
@@ -390,7 +457,7 @@ class Capture(Sequence[Packet]):
         if found is not None:
             return found
         packets = self._snapshot()
-        evicted = self.evicted
+        evicted = self._evicted
         raise PacketTimeout(
             f"no packet matched {', '.join(what) or 'anything'} within {timeout:g} s; "
             f"{len(packets)} captured:\n",
@@ -553,7 +620,7 @@ class Capture(Sequence[Packet]):
                 last = self.last_seq
                 quiet_since = time.monotonic()
         packets = self._snapshot()
-        evicted = self.evicted
+        evicted = self._evicted
         held = f", {pending} held in the relay" if pending else ""
         raise PacketTimeout(
             f"wait_quiet: the wire was not quiet for {idle:g} s within {timeout:g} s{held}; "
@@ -577,7 +644,7 @@ class Capture(Sequence[Packet]):
         and the last packets with ``… N more`` between them."""
         if limit is not None and limit < 1:
             raise ValueError(f"summary(limit={limit!r}): give None or a number >= 1")
-        return trace(self._snapshot(), limit=limit, evicted=self.evicted)
+        return trace(self._snapshot(), limit=limit, evicted=self._evicted)
 
     def to_pcap(self, path: str | os.PathLike[str], *, format: str = "pcapng") -> str:
         """Write the kept packets to a capture file; return its path.
@@ -710,9 +777,20 @@ class Capture(Sequence[Packet]):
                 token.watch(self._cond)
             self._waiters += 1
             try:
+                if self._on_waiters is not None:
+                    # Told first, then pulled: what the source records after the pull
+                    # comes with a wake-up (see set_source).
+                    self._on_waiters(self._waiters)
+                    if self._lock.pull is not None:
+                        self._lock.pull()
+                    new = self._since(after_seq)
+                    if new:
+                        return new
                 self._cond.wait(timeout)
             finally:
                 self._waiters -= 1
+                if self._on_waiters is not None:
+                    self._on_waiters(self._waiters)
                 if token is not None:
                     token.unwatch()
             if token is not None:

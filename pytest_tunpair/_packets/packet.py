@@ -23,6 +23,7 @@ __all__ = [
     "FIELDS",
     "GsoInfo",
     "Packet",
+    "PacketBatch",
     "SegmentGroup",
     "kept_len",
     "parsed",
@@ -576,6 +577,51 @@ class SegmentGroup:
         for p in out:
             p.seq = seq
             seq += 1
+        return out
+
+
+class PacketBatch:
+    """Packets the relay's C core recorded (``_link/_core.c``), as one entry of the capture:
+    like :class:`SegmentGroup`, expanded into its packets (:meth:`expand`, numbered from
+    ``seq``) by the first reader, so the relay thread makes no ``Packet`` per packet.
+
+    ``records`` are ``(time, arrival, direction index, action, frame)``, in the order they
+    were recorded; ``directions`` names the indexes, ``actions`` the action codes."""
+
+    __slots__ = ("actions", "count", "directions", "kept", "mode", "off", "records", "seq", "time")
+
+    def __init__(
+        self,
+        records: list[tuple[float, float, int, int, bytes]],
+        *,
+        off: int,
+        mode: str,
+        directions: tuple[str, str],
+        actions: tuple[str, ...],
+    ) -> None:
+        self.records = records
+        self.off = off
+        self.mode = mode
+        self.directions = directions
+        self.actions = actions
+        #: How many packets it stands for.
+        self.count = len(records)
+        #: What its packets' records hold (virtio-net headers included).
+        self.kept = sum(len(r[4]) for r in records)
+        self.seq = -1
+        #: When the last of them was recorded.
+        self.time = records[-1][0] if records else 0.0
+
+    def expand(self) -> list[Packet]:
+        """Its packets, numbered ``seq``, ``seq + 1``, ..."""
+        off, mode, directions, actions = self.off, self.mode, self.directions, self.actions
+        out = []
+        seq = self.seq
+        for t, arrival, d, action, frame in self.records:
+            p = Packet(t, directions[d], actions[action], frame, off, mode, arrival)
+            p.seq = seq
+            seq += 1
+            out.append(p)
         return out
 
 

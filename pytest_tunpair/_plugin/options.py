@@ -137,7 +137,7 @@ class IpVersions(Kind):
         return ",".join(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False, eq=False)  # fewer generated methods: cheaper import
 class PluginOptions:
     """The plugin's options: declared here, resolved once per run by :func:`resolve`
     (``config.stash[keys.OPTIONS]``)."""

@@ -309,7 +309,9 @@ def header(config: pytest.Config, how: str) -> list[str]:
             versions.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:
             versions.append(f"{dist} not installed")
-    return [f"tunpair: {how}; {', '.join(versions)}"]
+    from .._link.core import describe
+
+    return [f"tunpair: {how}; {', '.join(versions)}; {describe()}"]
 
 
 def pairs_of(item: pytest.Item) -> list[TunPair]:

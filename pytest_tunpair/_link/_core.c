@@ -1,0 +1,601 @@
+/* The relay's C core: the per-packet loop for directions that are plain or only delayed.
+ *
+ * What it is for: the relay thread's Python loop costs ~15 us of interpreter time per packet
+ * and per wake-up, more than the kernel's own work on a packet (docs/timing.md, "Where the
+ * relay's time goes"). While both directions have nothing configured but (at most) a
+ * constant delay -- the state of most tests, and of every plain pair -- the relay thread
+ * calls Core.run(), which polls, reads, holds and writes here without the GIL, and returns
+ * as soon as anything else is asked of the relay (its wake-up pipe becomes readable).
+ *
+ * What it keeps the same as the Python loop (pytest_tunpair/_link/relay.py):
+ * - Every packet is recorded before it is written, and a reader never sees its action
+ *   change: records go to `log` under `mu`, which is held across the batch's writes. The
+ *   capture pulls the log (Core.pull) each time its lock is taken (capture.py, PullLock),
+ *   so whoever looks at the capture or the counters sees what was written.
+ * - A delayed direction is the Python path's drop-tail queue without a rate: packets leave
+ *   `delay` after they were read, in order; the queue's bound (packets, bytes; a GSO
+ *   super-packet counts as its segments) drops what arrives over it.
+ * - Waiters on the capture (wait_for, expect, wait_new) are woken: while Python says some
+ *   wait (`waiters`), each batch ends with a call of `notify` (with the GIL).
+ * - When run() returns, the packets it still holds (delayed, not yet due) are handed back
+ *   to the Python loop, which delivers them on time (or records them dropped at stop).
+ *
+ * Timing: the wait for the next departure is a ppoll() with a nanosecond timeout (an
+ * hrtimer). Waking from a long idle sleep costs ~0.1 ms on these machines
+ * (docs/internals.md, "Waking from idle is late"), so a wait longer than SPIN_AFTER
+ * ends SPIN early and the rest is spent polling the devices without sleeping.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_SIZE (65536 + 256)
+#define BURST 64
+#define ACT_FORWARDED 0
+#define ACT_DELAYED 1
+#define ACT_DROPPED 2
+/* A record pulled by Python or handed over at these sizes of the log (packets, bytes). */
+#define LOG_PACKETS 4096
+#define LOG_BYTES (8 * 1024 * 1024)
+/* virtio-net header: gso_type is byte 1; TCPV4 1, TCPV6 4, the ECN bit 0x80. */
+#define GSO_TCPV4 1
+#define GSO_TCPV6 4
+#define GSO_ECN 0x80
+
+typedef struct Rec {
+    struct Rec *next;
+    double time;    /* written (or dropped), seconds since t0 */
+    double arrival; /* read, seconds since t0 */
+    double due;     /* monotonic seconds: when it may leave */
+    long count;     /* wire packets it stands for (a GSO super-packet: its segments) */
+    long size;      /* wire bytes (without the virtio-net header) */
+    int dir;
+    int action;
+    Py_ssize_t len;
+    unsigned char data[];
+} Rec;
+
+typedef struct {
+    Rec *head;
+    Rec *tail;
+} List;
+
+typedef struct {
+    long long packets, bytes, dropped;
+    long peak;
+} Counts;
+
+typedef struct {
+    double delay; /* < 0: plain */
+    long limit;   /* < 0: no bound */
+    long limit_bytes;
+    long held;    /* packets (segments) held, the queue's units */
+    long held_bytes;
+} Dir;
+
+typedef struct {
+    PyObject_HEAD
+    int fds[2];
+    int wake_fd;
+    int hdr;
+    double t0;
+    pthread_mutex_t mu; /* log, log_n, log_bytes, counts */
+    List log;
+    long log_n;
+    long log_bytes;
+    Counts counts[2];
+    List fifo[2]; /* the relay thread's (run) */
+    long fifo_n[2];
+    int pending; /* packets in the fifos: read by any thread */
+    int waiters; /* set by Python: someone waits on the capture */
+    double spin;
+    double spin_after;
+    long long runs;
+    long long exits; /* read by any thread */
+    int running;     /* read by any thread */
+} Core;
+
+static double now_mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void list_push(List *l, Rec *r) {
+    r->next = NULL;
+    if (l->tail)
+        l->tail->next = r;
+    else
+        l->head = r;
+    l->tail = r;
+}
+
+static Rec *list_pop(List *l) {
+    Rec *r = l->head;
+    if (r) {
+        l->head = r->next;
+        if (!l->head)
+            l->tail = NULL;
+        r->next = NULL;
+    }
+    return r;
+}
+
+static void list_free(List *l) {
+    Rec *r;
+    while ((r = list_pop(l)))
+        free(r);
+}
+
+/* Errors that mean "this packet did not go through" (relay.py's _DROP_ERRNOS). */
+static int drop_errno(int e) {
+    return e == EIO || e == ENOBUFS || e == EAGAIN || e == EINVAL || e == EMSGSIZE ||
+           e == EFAULT || e == ENOMEM || e == EBADFD;
+}
+
+static void Core_dealloc(Core *self) {
+    list_free(&self->log);
+    list_free(&self->fifo[0]);
+    list_free(&self->fifo[1]);
+    pthread_mutex_destroy(&self->mu);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd_a", "fd_b", "wake_fd", "hdr_len", "t0", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiid", kwlist, &self->fds[0], &self->fds[1],
+                                     &self->wake_fd, &self->hdr, &self->t0))
+        return -1;
+    pthread_mutex_init(&self->mu, NULL);
+    self->spin = 150e-6;
+    self->spin_after = 1e-3;
+    return 0;
+}
+
+static int is_tcp_gso(Core *self, Rec *r) {
+    if (self->hdr < 10 || r->len < self->hdr)
+        return 0;
+    int gso_type = r->data[1] & ~GSO_ECN;
+    int gso_size = r->data[4] | (r->data[5] << 8);
+    return gso_size && (gso_type == GSO_TCPV4 || gso_type == GSO_TCPV6);
+}
+
+/* The wire size and segment count of a frame: `size_fn(frame)` for a TCP GSO super-packet
+ * (the Python parser, exact for every header chain). With the GIL. */
+static int wire_size(Core *self, PyObject *size_fn, Rec *r) {
+    PyObject *frame = PyBytes_FromStringAndSize((char *)r->data, r->len);
+    if (!frame)
+        return -1;
+    PyObject *res = PyObject_CallOneArg(size_fn, frame);
+    Py_DECREF(frame);
+    if (!res)
+        return -1;
+    long size, count;
+    int ok = PyArg_ParseTuple(res, "ll", &size, &count);
+    Py_DECREF(res);
+    if (!ok)
+        return -1;
+    r->size = size;
+    r->count = count;
+    return 0;
+}
+
+/* Append `out` (in order) to the log, then write each; under `mu`. Returns 0, or an errno
+ * that is not a drop (the loop raises it). */
+static int emit(Core *self, List *out) {
+    int err = 0;
+    pthread_mutex_lock(&self->mu);
+    double t = now_mono() - self->t0;
+    for (Rec *r = out->head; r; r = r->next) {
+        /* What nothing held is stamped once, when read (relay.py's fast path: sojourn 0). */
+        r->time = r->action == ACT_FORWARDED ? r->arrival : t;
+    }
+    Rec *first = out->head;
+    if (first) {
+        if (self->log.tail)
+            self->log.tail->next = first;
+        else
+            self->log.head = first;
+        self->log.tail = out->tail;
+    }
+    for (Rec *r = first; r; r = r->next) {
+        Counts *c = &self->counts[r->dir];
+        self->log_n++;
+        self->log_bytes += (long)r->len;
+        if (r->action == ACT_DROPPED) {
+            c->dropped++;
+            continue;
+        }
+        ssize_t n = write(self->fds[1 - r->dir], r->data, (size_t)r->len);
+        if (n < 0) {
+            if (!drop_errno(errno) && !err)
+                err = errno;
+            r->action = ACT_DROPPED;
+            c->dropped++;
+            continue;
+        }
+        c->packets++;
+        c->bytes += (long long)r->len - self->hdr;
+    }
+    pthread_mutex_unlock(&self->mu);
+    out->head = out->tail = NULL;
+    return err;
+}
+
+/* Read what device `dir` holds (up to BURST packets) into `out` (plain) or its fifo
+ * (delayed). Returns 0, or an errno that is not a drop. Needs the GIL only for a GSO
+ * super-packet on a bounded delayed direction (wire_size), taking it from `*ts`. */
+static int take(Core *self, int dir, Dir *d, List *out, PyObject *size_fn, PyThreadState **ts) {
+    for (int i = 0; i < BURST; i++) {
+        Rec *r = malloc(sizeof(Rec) + READ_SIZE);
+        if (!r)
+            return ENOMEM;
+        ssize_t n = read(self->fds[dir], r->data, READ_SIZE);
+        if (n <= 0) {
+            int e = n < 0 ? errno : 0;
+            free(r);
+            if (n < 0 && e != EAGAIN && e != EWOULDBLOCK && e != EINTR && !drop_errno(e))
+                return e;
+            return 0;
+        }
+        if (n < READ_SIZE - 4096) { /* give the rest back (relay.py's COPY_BELOW) */
+            Rec *small = realloc(r, sizeof(Rec) + (size_t)n);
+            if (small)
+                r = small;
+        }
+        double now = now_mono();
+        r->len = n;
+        r->dir = dir;
+        r->arrival = now - self->t0;
+        r->count = 1;
+        r->size = (long)(n - self->hdr);
+        if (d->delay < 0) {
+            r->action = ACT_FORWARDED;
+            list_push(out, r);
+            continue;
+        }
+        if (d->limit >= 0 || d->limit_bytes >= 0) {
+            if (is_tcp_gso(self, r)) {
+                PyEval_RestoreThread(*ts);
+                int bad = wire_size(self, size_fn, r);
+                *ts = PyEval_SaveThread();
+                if (bad) {
+                    free(r);
+                    return -1;
+                }
+            }
+            /* drop-tail: an empty direction always takes a packet, however large */
+            if (d->held > 0 && ((d->limit >= 0 && d->held + r->count > d->limit) ||
+                                (d->limit_bytes >= 0 && d->held_bytes + r->size > d->limit_bytes))) {
+                r->action = ACT_DROPPED;
+                list_push(out, r);
+                continue;
+            }
+        }
+        r->action = ACT_DELAYED;
+        r->due = now + d->delay;
+        d->held += r->count;
+        d->held_bytes += r->size;
+        list_push(&self->fifo[dir], r);
+        self->fifo_n[dir]++;
+        __atomic_add_fetch(&self->pending, 1, __ATOMIC_RELAXED);
+        Counts *c = &self->counts[dir];
+        if (d->held > c->peak) {
+            pthread_mutex_lock(&self->mu);
+            c->peak = d->held;
+            pthread_mutex_unlock(&self->mu);
+        }
+    }
+    return 0;
+}
+
+/* Move what is due by `now` from the fifos to `out`. */
+static void release(Core *self, Dir *dirs, double now, List *out) {
+    for (int dir = 0; dir < 2; dir++) {
+        List *f = &self->fifo[dir];
+        while (f->head && f->head->due <= now) {
+            Rec *r = list_pop(f);
+            self->fifo_n[dir]--;
+            __atomic_sub_fetch(&self->pending, 1, __ATOMIC_RELAXED);
+            dirs[dir].held -= r->count;
+            dirs[dir].held_bytes -= r->size;
+            list_push(out, r);
+        }
+    }
+}
+
+static double next_due(Core *self) {
+    double due = -1;
+    for (int dir = 0; dir < 2; dir++) {
+        Rec *h = self->fifo[dir].head;
+        if (h && (due < 0 || h->due < due))
+            due = h->due;
+    }
+    return due;
+}
+
+static int parse_dir(PyObject *spec, Dir *d) {
+    d->held = d->held_bytes = 0;
+    if (spec == Py_None) {
+        d->delay = -1;
+        d->limit = d->limit_bytes = -1;
+        return 0;
+    }
+    if (!PyArg_ParseTuple(spec, "dll", &d->delay, &d->limit, &d->limit_bytes))
+        return -1;
+    if (d->delay < 0) {
+        PyErr_SetString(PyExc_ValueError, "a delay must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* Core.run(a_to_b, b_to_a, size_fn, notify) -> list of (dir, due, arrival, bytes) */
+static PyObject *Core_run(Core *self, PyObject *args) {
+    PyObject *spec[2], *size_fn, *notify;
+    Dir dirs[2];
+    if (!PyArg_ParseTuple(args, "OOOO", &spec[0], &spec[1], &size_fn, &notify))
+        return NULL;
+    if (parse_dir(spec[0], &dirs[0]) || parse_dir(spec[1], &dirs[1]))
+        return NULL;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "Core.run() is already running");
+        return NULL;
+    }
+    __atomic_store_n(&self->running, 1, __ATOMIC_SEQ_CST);
+    self->runs++;
+    int err = 0, pyerr = 0;
+    List out = {NULL, NULL};
+    struct pollfd p[3] = {{self->fds[0], POLLIN, 0}, {self->fds[1], POLLIN, 0},
+                          {self->wake_fd, POLLIN, 0}};
+    PyThreadState *ts = PyEval_SaveThread();
+    for (;;) {
+        double due = next_due(self);
+        double spin_until = -1;
+        int ready;
+        if (due < 0) {
+            ready = ppoll(p, 3, NULL, NULL);
+        } else {
+            double wait = due - now_mono();
+            int spin = wait > self->spin_after;
+            if (spin)
+                wait -= self->spin;
+            if (wait < 0)
+                wait = 0;
+            struct timespec tmo = {(time_t)wait, (long)((wait - (double)(time_t)wait) * 1e9)};
+            ready = ppoll(p, 3, &tmo, NULL);
+            if (ready == 0 && spin)
+                spin_until = due;
+        }
+        if (ready < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        /* The last stretch of a long wait: poll the devices without sleeping. */
+        while (spin_until > 0 && ready == 0) {
+            struct timespec zero = {0, 0};
+            ready = ppoll(p, 3, &zero, NULL);
+            if (ready < 0 && errno != EINTR) {
+                err = errno;
+                break;
+            }
+            if (ready < 0)
+                ready = 0;
+            if (now_mono() >= spin_until)
+                break;
+        }
+        if (err)
+            break;
+        if (ready > 0 && (p[2].revents & POLLIN))
+            break; /* the Python loop reads the pipe and does what was asked */
+        release(self, dirs, now_mono(), &out);
+        for (int dir = 0; dir < 2 && !err && !pyerr; dir++) {
+            if (ready > 0 && (p[dir].revents & (POLLIN | POLLERR | POLLHUP))) {
+                int e = take(self, dir, &dirs[dir], &out, size_fn, &ts);
+                if (e < 0)
+                    pyerr = 1;
+                else if (e)
+                    err = e;
+            }
+        }
+        /* What the reads made due at once (a zero delay) leaves with them. */
+        release(self, dirs, now_mono(), &out);
+        if (out.head) {
+            int e = emit(self, &out);
+            if (e && !err)
+                err = e;
+        }
+        if (pyerr || err)
+            break;
+        if ((__atomic_load_n(&self->waiters, __ATOMIC_RELAXED) > 0 && self->log.head) ||
+            self->log_n >= LOG_PACKETS || self->log_bytes >= LOG_BYTES) {
+            PyEval_RestoreThread(ts);
+            PyObject *res = PyObject_CallNoArgs(notify);
+            if (!res)
+                pyerr = 1;
+            Py_XDECREF(res);
+            ts = PyEval_SaveThread();
+            if (pyerr)
+                break;
+        }
+    }
+    __atomic_add_fetch(&self->exits, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&self->running, 0, __ATOMIC_SEQ_CST);
+    PyEval_RestoreThread(ts);
+    /* What is still held goes back to the Python loop, earliest first per direction. */
+    PyObject *held = PyList_New(0);
+    for (int dir = 0; dir < 2; dir++) {
+        Rec *r;
+        while ((r = list_pop(&self->fifo[dir]))) {
+            __atomic_sub_fetch(&self->pending, 1, __ATOMIC_RELAXED);
+            if (held) {
+                PyObject *item = Py_BuildValue("(iddy#)", dir, r->due, r->arrival,
+                                               (char *)r->data, r->len);
+                if (!item || PyList_Append(held, item) < 0)
+                    Py_CLEAR(held);
+                Py_XDECREF(item);
+            }
+            free(r);
+        }
+        self->fifo_n[dir] = 0;
+    }
+    if (pyerr) {
+        Py_XDECREF(held);
+        return NULL;
+    }
+    if (err) {
+        Py_XDECREF(held);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return held;
+}
+
+/* Core.pull() -> (records, counts) or None: what was recorded since the last pull, as a
+ * list of (time, arrival, dir, action, bytes), and the counters' increments per direction
+ * ((packets, bytes, dropped, peak), ...). Waits (without the GIL) for a batch being
+ * written, so the actions are final. */
+static PyObject *Core_pull(Core *self, PyObject *Py_UNUSED(ignored)) {
+    List log;
+    Counts counts[2];
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->mu);
+    Py_END_ALLOW_THREADS
+    log = self->log;
+    memcpy(counts, self->counts, sizeof counts);
+    int empty = !log.head && !counts[0].packets && !counts[1].packets && !counts[0].dropped &&
+                !counts[1].dropped && !counts[0].peak && !counts[1].peak;
+    self->log.head = self->log.tail = NULL;
+    self->log_n = self->log_bytes = 0;
+    memset(self->counts, 0, sizeof self->counts);
+    pthread_mutex_unlock(&self->mu);
+    if (empty)
+        Py_RETURN_NONE;
+    PyObject *records = PyList_New(0);
+    Rec *r;
+    while ((r = list_pop(&log))) {
+        if (records) {
+            PyObject *item = Py_BuildValue("(ddiiy#)", r->time, r->arrival, r->dir, r->action,
+                                           (char *)r->data, r->len);
+            if (!item || PyList_Append(records, item) < 0)
+                Py_CLEAR(records);
+            Py_XDECREF(item);
+        }
+        free(r);
+    }
+    if (!records)
+        return NULL;
+    return Py_BuildValue("(N((LLLl)(LLLl)))", records, counts[0].packets, counts[0].bytes,
+                         counts[0].dropped, counts[0].peak, counts[1].packets, counts[1].bytes,
+                         counts[1].dropped, counts[1].peak);
+}
+
+static PyObject *Core_get_pending(Core *self, void *closure) {
+    return PyLong_FromLong(__atomic_load_n(&self->pending, __ATOMIC_RELAXED));
+}
+
+static PyObject *Core_get_waiters(Core *self, void *closure) {
+    return PyLong_FromLong(__atomic_load_n(&self->waiters, __ATOMIC_RELAXED));
+}
+
+static int Core_set_waiters(Core *self, PyObject *value, void *closure) {
+    long v = value ? PyLong_AsLong(value) : 0;
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    __atomic_store_n(&self->waiters, (int)v, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static PyObject *Core_get_runs(Core *self, void *closure) { return PyLong_FromLongLong(self->runs); }
+
+static PyObject *Core_get_exits(Core *self, void *closure) {
+    return PyLong_FromLongLong(__atomic_load_n(&self->exits, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *Core_get_running(Core *self, void *closure) {
+    return PyBool_FromLong(__atomic_load_n(&self->running, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *Core_get_spin(Core *self, void *closure) {
+    return Py_BuildValue("(dd)", self->spin, self->spin_after);
+}
+
+static int Core_set_spin(Core *self, PyObject *value, void *closure) {
+    double spin, after;
+    if (!value || !PyArg_ParseTuple(value, "dd", &spin, &after))
+        return -1;
+    if (spin < 0 || after < spin) {
+        PyErr_SetString(PyExc_ValueError, "spin: (seconds >= 0, after >= seconds)");
+        return -1;
+    }
+    self->spin = spin;
+    self->spin_after = after;
+    return 0;
+}
+
+static PyGetSetDef Core_getset[] = {
+    {"pending", (getter)Core_get_pending, NULL, "Packets held (delayed) right now.", NULL},
+    {"waiters", (getter)Core_get_waiters, (setter)Core_set_waiters,
+     "Threads waiting on the capture: while > 0, each batch calls notify.", NULL},
+    {"runs", (getter)Core_get_runs, NULL, "How many times run() was entered.", NULL},
+    {"exits", (getter)Core_get_exits, NULL, "How many times run() returned (any thread).",
+     NULL},
+    {"running", (getter)Core_get_running, NULL, "run() is relaying now (any thread may ask).",
+     NULL},
+    {"spin", (getter)Core_get_spin, (setter)Core_set_spin,
+     "(seconds, after): a wait longer than `after` ends `seconds` early and polls.", NULL},
+    {NULL},
+};
+
+static PyMethodDef Core_methods[] = {
+    {"run", (PyCFunction)Core_run, METH_VARARGS,
+     "run(a_to_b, b_to_a, size_fn, notify): relay until the wake-up fd is readable; each "
+     "direction None (plain) or (delay, limit, limit_bytes); returns the packets still held "
+     "as (dir, due, arrival, frame)."},
+    {"pull", (PyCFunction)Core_pull, METH_NOARGS,
+     "pull(): the records and counter increments since the last pull, or None."},
+    {NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pytest_tunpair._link._core.Core",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The relay's C loop for plain and delay-only directions (see _core.c).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_getset = Core_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_core", "The relay's C core (see _core.c's header).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (PyType_Ready(&CoreType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "FORWARDED", ACT_FORWARDED);
+    PyModule_AddIntConstant(m, "DELAYED", ACT_DELAYED);
+    PyModule_AddIntConstant(m, "DROPPED", ACT_DROPPED);
+    return m;
+}
