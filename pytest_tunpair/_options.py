@@ -120,6 +120,11 @@ class RoutingTable(Int):
         return table
 
 
+# PairOptions.from_kwargs's memory of valid options: (index, kwargs) -> the record.
+_VALID: dict[Any, PairOptions] = {}
+_VALID_MAX = 256
+
+
 @dataclass(frozen=True)
 class PairOptions:
     """Everything that shapes one pair; construction validates (``PairOptions(mtu="big")``
@@ -257,7 +262,27 @@ class PairOptions:
 
         ``index`` picks the defaults for the n-th pair of a namespace (``tun2``/``tun3``,
         ``198.18.0.3``/``198.18.0.4``...) so factory pairs never collide.
+
+        Valid options are remembered (the record is frozen): a run's tests mostly ask for
+        the same few, and checking them costs a tenth of a pair's setup.
         """
+        try:
+            # With each value's type: True == 1 == 1.0, and only one of them may be valid.
+            key: Any = (index, frozenset((k, type(v), v) for k, v in kwargs.items()))
+            known = _VALID.get(key)
+        except TypeError:  # an unhashable value (a list of addresses): checked each time
+            key = known = None
+        if known is not None:
+            return known
+        options = cls._check(kwargs, source, index)
+        if key is not None:
+            if len(_VALID) >= _VALID_MAX:
+                _VALID.clear()
+            _VALID[key] = options
+        return options
+
+    @classmethod
+    def _check(cls, kwargs: Mapping[str, Any], source: str, index: int) -> PairOptions:
         allowed = cls.names_allowed()
         for key, value in kwargs.items():
             if key not in allowed:
