@@ -460,17 +460,31 @@ static PyObject *Core_run(Core *self, PyObject *args) {
     return held;
 }
 
-/* Core.pull() -> (records, counts) or None: what was recorded since the last pull, as a
- * list of (time, arrival, dir, action, bytes), and the counters' increments per direction
- * ((packets, bytes, dropped, peak), ...). Waits (without the GIL) for a batch being
- * written, so the actions are final. */
+/* One record's metadata in pull()'s second blob: _packets/packet.py's BATCH_RECORD,
+ * "<ddQIBBxx" (time, arrival, offset of its frame in the first blob, length, direction,
+ * action). */
+typedef struct __attribute__((packed)) {
+    double time, arrival;
+    unsigned long long offset;
+    unsigned int len;
+    unsigned char dir, action, pad[2];
+} Meta;
+
+/* Core.pull() -> (frames, meta, counts) or None: what was recorded since the last pull --
+ * the frames end to end in one bytes object and a Meta per record in another, so that no
+ * Python object is made per packet (the capture's PacketBatch makes them when read) --
+ * and the counters' increments per direction ((packets, bytes, dropped, peak), ...). Waits
+ * (without the GIL) for a batch being written, so the actions are final. */
 static PyObject *Core_pull(Core *self, PyObject *Py_UNUSED(ignored)) {
     List log;
     Counts counts[2];
+    long n, nbytes;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->mu);
     Py_END_ALLOW_THREADS
     log = self->log;
+    n = self->log_n;
+    nbytes = self->log_bytes;
     memcpy(counts, self->counts, sizeof counts);
     int empty = !log.head && !counts[0].packets && !counts[1].packets && !counts[0].dropped &&
                 !counts[1].dropped && !counts[0].peak && !counts[1].peak;
@@ -480,21 +494,33 @@ static PyObject *Core_pull(Core *self, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_unlock(&self->mu);
     if (empty)
         Py_RETURN_NONE;
-    PyObject *records = PyList_New(0);
+    PyObject *frames = PyBytes_FromStringAndSize(NULL, nbytes);
+    PyObject *meta = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Meta));
+    char *fp = frames ? PyBytes_AS_STRING(frames) : NULL;
+    Meta *mp = meta ? (Meta *)PyBytes_AS_STRING(meta) : NULL;
+    unsigned long long offset = 0;
     Rec *r;
     while ((r = list_pop(&log))) {
-        if (records) {
-            PyObject *item = Py_BuildValue("(ddiiy#)", r->time, r->arrival, r->dir, r->action,
-                                           (char *)r->data, r->len);
-            if (!item || PyList_Append(records, item) < 0)
-                Py_CLEAR(records);
-            Py_XDECREF(item);
+        if (fp && mp) {
+            memcpy(fp + offset, r->data, (size_t)r->len);
+            mp->time = r->time;
+            mp->arrival = r->arrival;
+            mp->offset = offset;
+            mp->len = (unsigned int)r->len;
+            mp->dir = (unsigned char)r->dir;
+            mp->action = (unsigned char)r->action;
+            mp->pad[0] = mp->pad[1] = 0;
+            mp++;
+            offset += (unsigned long long)r->len;
         }
         free(r);
     }
-    if (!records)
+    if (!frames || !meta) {
+        Py_XDECREF(frames);
+        Py_XDECREF(meta);
         return NULL;
-    return Py_BuildValue("(N((LLLl)(LLLl)))", records, counts[0].packets, counts[0].bytes,
+    }
+    return Py_BuildValue("(NN((LLLl)(LLLl)))", frames, meta, counts[0].packets, counts[0].bytes,
                          counts[0].dropped, counts[0].peak, counts[1].packets, counts[1].bytes,
                          counts[1].dropped, counts[1].peak);
 }
@@ -562,7 +588,7 @@ static PyMethodDef Core_methods[] = {
      "direction None (plain) or (delay, limit, limit_bytes); returns the packets still held "
      "as (dir, due, arrival, frame)."},
     {"pull", (PyCFunction)Core_pull, METH_NOARGS,
-     "pull(): the records and counter increments since the last pull, or None."},
+     "pull(): (frames, meta, counts) recorded since the last pull, or None."},
     {NULL},
 };
 
@@ -597,5 +623,6 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "FORWARDED", ACT_FORWARDED);
     PyModule_AddIntConstant(m, "DELAYED", ACT_DELAYED);
     PyModule_AddIntConstant(m, "DROPPED", ACT_DROPPED);
+    PyModule_AddIntConstant(m, "META_SIZE", (long)sizeof(Meta));
     return m;
 }

@@ -669,12 +669,13 @@ class Relay:
         got = self._core.pull()
         if got is None:
             return
-        records, counts = got
-        if records:
+        frames, meta, counts = got
+        if meta:
             self.capture.record_locked(
                 (
                     PacketBatch(
-                        records,
+                        frames,
+                        meta,
                         off=self._pair[0].src.hdr_len,
                         mode=self.mode,
                         directions=("a->b", "b->a"),

@@ -253,10 +253,17 @@ class Capture(Sequence[Packet]):
         packets = self._packets
         old = packets.popleft()
         if not isinstance(old, Packet):  # a group
+            if type(old) is PacketBatch and old.count > 1:
+                # A batch of the C core may hold thousands: a bound keeps its newest,
+                # trimmed from the front without making the rest into packets. Under the
+                # byte budget a sixteenth at a time (it may end up to that much below).
+                n = max(1, old.count // 16) if at_most is None else min(at_most, old.count - 1)
+                packets.appendleft(old)
+                self._bytes -= old.drop_first(n)
+                self._count -= n
+                self._evicted += n
+                return
             self._groups -= 1
-            # A batch of the C core may hold thousands: a bound keeps its newest.
-            if at_most is None and type(old) is PacketBatch:
-                at_most = 1
             if at_most is not None and old.count > at_most:
                 expanded = old.expand()
                 packets.extendleft(reversed(expanded[1:]))

@@ -9,6 +9,7 @@ object only when someone asks.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from .._wire import headers as _h
 from .._wire.numbers import ECN_NAMES, PROTO_NAMES
 
 __all__ = [
+    "BATCH_RECORD",
     "DELIVERED",
     "DIRECTIONS",
     "FIELDS",
@@ -580,45 +582,92 @@ class SegmentGroup:
         return out
 
 
+#: One record of a :class:`PacketBatch`'s metadata (``_link/_core.c``'s ``Meta``): time,
+#: arrival, offset of its frame in the batch's frames, length, direction, action.
+BATCH_RECORD = struct.Struct("<ddQIBBxx")
+
+
 class PacketBatch:
     """Packets the relay's C core recorded (``_link/_core.c``), as one entry of the capture:
     like :class:`SegmentGroup`, expanded into its packets (:meth:`expand`, numbered from
-    ``seq``) by the first reader, so the relay thread makes no ``Packet`` per packet.
+    ``seq``) by the first reader, so the relay thread makes no Python object per packet.
 
-    ``records`` are ``(time, arrival, direction index, action, frame)``, in the order they
-    were recorded; ``directions`` names the indexes, ``actions`` the action codes."""
+    ``frames`` holds the frames end to end, ``meta`` a :data:`BATCH_RECORD` per packet;
+    ``directions`` names the direction indexes, ``actions`` the action codes. A bound
+    trims the oldest (:meth:`drop_first`) without expanding the rest."""
 
-    __slots__ = ("actions", "count", "directions", "kept", "mode", "off", "records", "seq", "time")
+    __slots__ = (
+        "actions",
+        "count",
+        "directions",
+        "frames",
+        "kept",
+        "meta",
+        "mode",
+        "off",
+        "seq",
+        "start",
+        "time",
+    )
 
     def __init__(
         self,
-        records: list[tuple[float, float, int, int, bytes]],
+        frames: bytes,
+        meta: bytes,
         *,
         off: int,
         mode: str,
         directions: tuple[str, str],
         actions: tuple[str, ...],
     ) -> None:
-        self.records = records
+        self.frames = frames
+        self.meta = meta
         self.off = off
         self.mode = mode
         self.directions = directions
         self.actions = actions
+        self.start = 0  # records before it were trimmed by a bound
         #: How many packets it stands for.
-        self.count = len(records)
+        self.count = len(meta) // BATCH_RECORD.size
         #: What its packets' records hold (virtio-net headers included).
-        self.kept = sum(len(r[4]) for r in records)
+        self.kept = len(frames)
         self.seq = -1
         #: When the last of them was recorded.
-        self.time = records[-1][0] if records else 0.0
+        self.time = (
+            BATCH_RECORD.unpack_from(meta, len(meta) - BATCH_RECORD.size)[0] if meta else 0.0
+        )
+
+    def drop_first(self, n: int) -> int:
+        """Forget the oldest ``n`` packets (fewer than :attr:`count`); their kept bytes."""
+        size = BATCH_RECORD.size
+        unpack = BATCH_RECORD.unpack_from
+        meta = self.meta
+        dropped: int = sum(unpack(meta, i * size)[3] for i in range(self.start, self.start + n))
+        self.start += n
+        self.count -= n
+        self.seq += n
+        self.kept -= dropped
+        return dropped
 
     def expand(self) -> list[Packet]:
         """Its packets, numbered ``seq``, ``seq + 1``, ..."""
         off, mode, directions, actions = self.off, self.mode, self.directions, self.actions
+        frames = self.frames
         out = []
         seq = self.seq
-        for t, arrival, d, action, frame in self.records:
-            p = Packet(t, directions[d], actions[action], frame, off, mode, arrival)
+        size = BATCH_RECORD.size
+        for t, arrival, offset, length, d, action in BATCH_RECORD.iter_unpack(
+            memoryview(self.meta)[self.start * size :]
+        ):
+            p = Packet(
+                t,
+                directions[d],
+                actions[action],
+                frames[offset : offset + length],
+                off,
+                mode,
+                arrival,
+            )
             p.seq = seq
             seq += 1
             out.append(p)
