@@ -321,6 +321,31 @@ def test_plots_without_matplotlib_are_a_usage_error(
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "ini", "source"),
+    [
+        (["--tunpair-pcap-format=pcap"], "", "--tunpair-pcap-format"),
+        (["--tunpair-pcap-mode", "all"], "", "--tunpair-pcap-mode"),
+        ([], "tunpair_pcap_format = pcap", "ini key tunpair_pcap_format in */tox.ini"),
+    ],
+    ids=["format", "mode", "ini"],
+)
+def test_pcap_options_without_a_pcap_directory_are_a_usage_error(
+    pytester: pytest.Pytester, args: list[str], ini: str, source: str
+) -> None:
+    """They would do nothing: the run stops at once, saying what is missing."""
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {source}: does nothing without --tunpair-pcap DIR *"])
+    # With the directory, or at the default value, the same option is fine.
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--tunpair-pcap-format=pcapng", "--tunpair-pcap-mode=failed"
+    )
+    assert result.ret == pytest.ExitCode.OK
+
+
 def test_each_option_has_a_flag_and_an_ini_key_with_one_help_text(
     pytester: pytest.Pytester,
 ) -> None:

@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -52,6 +52,13 @@ def _sockets(pair: TunPair) -> tuple[socket.socket, socket.socket]:
     b.settimeout(10)
     a.settimeout(10)
     return a, b
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def _payloads(pair: TunPair, direction: str) -> list[bytes]:
@@ -149,8 +156,7 @@ def test_a_hook_added_while_packets_are_held_loses_none(pair: TunPair) -> None:
     with a, b:
         for i in range(5):
             a.sendto(b"%d" % i, b.getsockname())
-        time.sleep(0.05)  # read (and held) by now
-        assert pair.pending == 5
+        _until(lambda: pair.pending == 5)  # read, and held
         pair.add_hook(
             lambda p: hooked.append(p.payload or b"") if p.proto == "udp" else None, "a->b"
         )
@@ -171,8 +177,7 @@ def test_closing_with_packets_held_records_them_dropped(loop: str) -> None:
         with a, b:
             for i in range(3):
                 a.sendto(b"%d" % i, b.getsockname())
-            time.sleep(0.05)
-            assert pair.pending == 3
+            _until(lambda: pair.pending == 3)
     sent = [p for p in pair.packets if p.direction == "a->b" and p.proto == "udp"]
     assert [(bytes(p.payload), p.action) for p in sent] == [
         (b"%d" % i, "dropped") for i in range(3)

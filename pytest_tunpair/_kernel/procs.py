@@ -102,11 +102,13 @@ def _stat(pid: int) -> tuple[int, int] | None:
 
 
 def _same_ns(pid: int, ns: os.stat_result) -> bool:
+    # The link's text names the namespace's nsfs inode ("net:[4026532]"): half the cost of
+    # a stat() of it, which a scan of /proc pays once per process.
     try:
-        st = os.stat(f"/proc/{pid}/ns/net")
+        link = os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
         return False  # gone, a zombie (its namespaces are released at exit), or not ours
-    return (st.st_dev, st.st_ino) == (ns.st_dev, ns.st_ino)
+    return link == f"net:[{ns.st_ino}]"
 
 
 def members(ns: os.stat_result) -> dict[int, Proc]:

@@ -20,6 +20,10 @@
  * - When run() returns, the packets it still holds (delayed, not yet due) are handed back
  *   to the Python loop, which delivers them on time (or records them dropped at stop).
  *
+ * Locks: `mu` guards the log and the counters. The relay thread never waits for it holding
+ * the GIL, and pull() waits for it without the GIL (then takes the GIL holding it), so the
+ * two never wait for each other.
+ *
  * Timing: the wait for the next departure is a ppoll() with a nanosecond timeout (an
  * hrtimer). Waking from a long idle sleep costs ~0.1 ms on these machines
  * (docs/internals.md, "Waking from idle is late"), so a wait longer than SPIN_AFTER
@@ -428,6 +432,10 @@ static PyObject *Core_run(Core *self, PyObject *args) {
                 break;
         }
     }
+    /* Read but not yet out when an error ended the loop: recorded (and written) all the
+     * same, never lost. Without the GIL: pull() holds `mu` while it waits for the GIL. */
+    if (out.head)
+        emit(self, &out);
     __atomic_add_fetch(&self->exits, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&self->running, 0, __ATOMIC_SEQ_CST);
     PyEval_RestoreThread(ts);

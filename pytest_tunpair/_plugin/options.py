@@ -253,11 +253,26 @@ def resolve(config: pytest.Config) -> PluginOptions:
     Raises ``pytest.UsageError`` for the first bad value, naming where it came from.
     """
     try:
-        return PluginOptions(
+        resolved = PluginOptions(
             **{f.name: _value(config, f, decl) for f, decl in declared(PluginOptions)}
         )
     except OptionError as exc:
         raise usage_error(exc) from None
+    if resolved.tunpair_pcap is None:
+        # Each says something about the files of --tunpair-pcap: without it, nothing.
+        for f, decl in declared(PluginOptions):
+            if f.name in NEED_PCAP and getattr(resolved, f.name) != default_of(f):
+                given = config.getoption(f.name) is not None
+                source = decl.flag(f.name, default_of(f)) if given else _ini_source(config, f.name)
+                raise pytest.UsageError(
+                    f"{source}: does nothing without --tunpair-pcap DIR (the directory the "
+                    "pcap files, and their plots, go to): add it, or leave this out"
+                )
+    return resolved
+
+
+#: Options about --tunpair-pcap's files, refused without it (they would do nothing).
+NEED_PCAP = frozenset({"tunpair_pcap_mode", "tunpair_pcap_format", "tunpair_plot"})
 
 
 def usage_error(exc: OptionError) -> pytest.UsageError:
