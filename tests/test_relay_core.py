@@ -10,11 +10,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from pytest_tunpair import TunPair
+from pytest_tunpair import TunPair, TunPairFactory
 from pytest_tunpair._link import core as _core
 
 # Built, whatever TUNPAIR_RELAY says (each test sets it).
@@ -36,12 +36,13 @@ def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 
 @pytest.fixture
-def pair(loop: str) -> Iterator[TunPair]:
-    with TunPair(ipv6=None) as p:
-        relay = p._relay
-        assert relay is not None
-        assert (relay._core is not None) == (loop == "core")
-        yield p
+def pair(loop: str, tun_pair_factory: TunPairFactory) -> TunPair:
+    """A pair made after ``loop`` chose the relay's loop (the relay reads it at start)."""
+    p = tun_pair_factory(ipv6=None)
+    relay = p._relay
+    assert relay is not None
+    assert (relay._core is not None) == (loop == "core")
+    return p
 
 
 def _sockets(pair: TunPair) -> tuple[socket.socket, socket.socket]:
@@ -170,16 +171,16 @@ def test_a_hook_added_while_packets_are_held_loses_none(pair: TunPair) -> None:
     assert pair.stats["a->b"]["dropped"] == 0
 
 
-def test_closing_with_packets_held_records_them_dropped(loop: str) -> None:
-    with TunPair(ipv6=None) as pair:
-        pair.impair(delay="5s", direction="a->b")
-        a, b = _sockets(pair)
-        with a, b:
-            for i in range(3):
-                a.sendto(b"%d" % i, b.getsockname())
-            _until(lambda: pair.pending == 3)
+def test_closing_with_packets_held_records_them_dropped(pair: TunPair) -> None:
+    pair.impair(delay="5s", direction="a->b")
+    a, b = _sockets(pair)
+    with a, b:
+        for i in range(3):
+            a.sendto(b"%d" % i, b.getsockname())
+        _until(lambda: pair.pending == 3)
+        pair.close(drain=False)
     sent = [p for p in pair.packets if p.direction == "a->b" and p.proto == "udp"]
-    assert [(bytes(p.payload), p.action) for p in sent] == [
+    assert [(bytes(p.payload or b""), p.action) for p in sent] == [
         (b"%d" % i, "dropped") for i in range(3)
     ]
     assert pair.stats["a->b"]["dropped"] == 3
