@@ -309,10 +309,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if keys.OPTIONS not in config.stash or not enabled(config):
         return
+    from ._link import core
     from ._plugin import live, threads
 
     threads.uninstall()
     live.unconfigure(config)
+    core.join_releases()  # the last pairs' arrival-stamp rings (released on threads)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -130,6 +130,49 @@ def test_a_delay_holds_each_packet_for_it_in_order(pair: TunPair) -> None:
     assert pair.stats["a->b"]["packets"] == len([p for p in pair.packets if p.direction == "a->b"])
 
 
+def test_a_delay_counts_from_the_moment_the_packet_entered_the_device(
+    pair: TunPair, loop: str
+) -> None:
+    """In the core, a delayed packet's ``arrival`` is the kernel's stamp of its entering the
+    source device -- inside the sender's ``sendto()`` -- not the relay's later read: it
+    falls between the moments just before and just after the call, and the delay is
+    counted from it. The Python loop stamps the read, after the call began."""
+    fds = set(os.listdir("/proc/self/fd"))
+    relay = pair._relay
+    assert relay is not None
+    pair.impair(delay="20ms")
+    if loop == "core":
+        # Set up on a thread of the relay's (~15 ms): until then, the read times.
+        _until(lambda: bool(relay._core.stamps[0][0]))
+    a, b = _sockets(pair)
+    t0 = pair.packets.t0
+    spans: list[tuple[float, float]] = []
+    with a, b:
+        for i in range(30):
+            before = time.monotonic() - t0
+            a.sendto(b"%d" % i, b.getsockname())
+            spans.append((before, time.monotonic() - t0))
+            assert b.recv(100) == b"%d" % i
+            time.sleep(0.002)  # the relay thread goes back to sleep in between
+    sent = [p for p in pair.packets if p.direction == "a->b" and p.proto == "udp"]
+    assert len(sent) == 30
+    for p, (before, after) in zip(sent, spans, strict=True):
+        assert p.action == "delayed"
+        assert p.sojourn >= 0.020
+        assert p.arrival >= before
+        if loop == "core":
+            assert p.arrival <= after, (p.arrival - before, after - before)
+    if loop == "core":
+        (on, stamped, _missed), _b_to_a = relay._core.stamps
+        assert on and stamped >= 30
+    # The stamp sockets are closed with the pair; their rings go on a thread of their own.
+    pair.close()
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    assert _core.join_releases()
+    if loop == "core":
+        assert relay._core.stamps[0][0] == 0
+
+
 def test_the_bound_of_a_delayed_direction_drops_what_arrives_over_it(pair: TunPair) -> None:
     """Drop-tail: with ``limit=5`` packets held, a burst of 20 keeps its first 5."""
     pair.impair(delay="300ms", limit=5, direction="a->b")

@@ -76,6 +76,8 @@ class TunDevice:
         self.fd: int | None = fd
         # if_nametoindex opens a socket in the calling thread's namespace: ours.
         self.index = socket.if_nametoindex(name)
+        self.netns_inode = os.stat("/proc/thread-self/ns/net").st_ino
+        """The inode of the network namespace the device was made in (and stays in)."""
 
     def set_offload(self, on: bool) -> None:
         """Switch TSO/checksum offload towards the relay (no-op without a vnet header).

@@ -13,8 +13,8 @@
  *   capture pulls the log (Core.pull) each time its lock is taken (capture.py, PullLock),
  *   so whoever looks at the capture or the counters sees what was written.
  * - A delayed direction is the Python path's drop-tail queue without a rate: packets leave
- *   `delay` after they were read, in order; the queue's bound (packets, bytes; a GSO
- *   super-packet counts as its segments) drops what arrives over it.
+ *   `delay` after they arrived (see "Arrival times"), in order; the queue's bound (packets,
+ *   bytes; a GSO super-packet counts as its segments) drops what arrives over it.
  * - Waiters on the capture (wait_for, expect, wait_new) are woken: while Python says some
  *   wait (`waiters`), each batch ends with a call of `notify` (with the GIL).
  * - When run() returns, the packets it still holds (delayed, not yet due) are handed back
@@ -24,6 +24,26 @@
  * the GIL, and pull() waits for it without the GIL (then takes the GIL holding it), so the
  * two never wait for each other.
  *
+ * Arrival times: a delayed direction's delay counts from the moment the packet entered its
+ * source device, not from the moment this thread read it (0.05-0.1 ms later when the thread
+ * slept: docs/internals.md, "Waking from idle is late"). While a direction is delayed here,
+ * a packet socket hooked to its source device with a TPACKET_V2 ring lets packets in, and
+ * the kernel stamps every packet the device is sent as it passes the device's taps, just
+ * before the TUN queue (docs/internals.md, "A packet socket stamps what a device is
+ * sent"). Setting a ring up and releasing one each wait for an RCU grace period (~15 ms):
+ * Python calls prepare_stamps() on a thread of its own the first time a direction is
+ * delayed (the core runs with read times meanwhile), and after close() (which closes the
+ * fds at once: the ring's mapping keeps the socket) release() on another (relay.py,
+ * core.py). Between, the core turns stamping on and off by swapping the socket's filter. A packet read from
+ * the device takes the stamp of the first ring entry with its length and first bytes;
+ * entries of packets the device dropped are passed over, and a packet with no entry
+ * (stamps off, the ring full) keeps its read time. See `Stamp`. What the relay's sleep
+ * added is taken out, and only that: a packet that entered while the relay was busy
+ * (reading, holding, writing others) counts from the moment the relay was next ready to
+ * read (`ready_at`, when it last entered ppoll), as a packet waits for a link's
+ * transmitter -- so a relay saturated by bulk traffic still adds its backlog to the delay,
+ * as the Python loop does, instead of hiding the delay behind it.
+ *
  * Timing: the wait for the next departure is a ppoll() with a nanosecond timeout (an
  * hrtimer). Waking from a long idle sleep costs ~0.1 ms on these machines
  * (docs/internals.md, "Waking from idle is late"), so a wait longer than SPIN_AFTER
@@ -32,11 +52,18 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <linux/filter.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,6 +79,15 @@
 #define GSO_TCPV4 1
 #define GSO_TCPV6 4
 #define GSO_ECN 0x80
+
+/* A stamp ring's frames: each holds a tpacket2_hdr, the link-layer address and the first
+ * STAMP_SNAP bytes of the packet (enough to tell packets apart: headers, some payload). */
+#define STAMP_SNAP 128
+#define STAMP_FRAME 256
+#define STAMP_BLOCK 4096
+/* A miss that scanned this many entries forgets them all: whatever is in the ring then does
+ * not match what the device queue holds, and scanning it again for every packet would cost. */
+#define STAMP_MAX_SCAN 64
 
 typedef struct Rec {
     struct Rec *next;
@@ -84,6 +120,22 @@ typedef struct {
     long held_bytes;
 } Dir;
 
+/* A device's packet socket and its ring (see the header). Only the relay thread touches
+ * a Stamp while run() runs; close() and release() come after it stopped. */
+typedef struct {
+    int fd;          /* the packet socket, -1: not opened (yet) */
+    int ifindex;     /* the source device, in the relay thread's namespace; 0: no stamps */
+    int off;         /* stamps are off for good: failed, or closed */
+    int ready;       /* stamp_prepare() is done: the relay thread may use the Stamp */
+    unsigned char *ring;
+    size_t ring_len;
+    unsigned frames; /* a power of two */
+    unsigned head;   /* the oldest frame not given back to the kernel */
+    int bound;       /* stamping now (the filter lets packets in) */
+    double last;     /* the last arrival given, seconds since t0 (arrivals never go back) */
+    long long stamped, missed;
+} Stamp;
+
 typedef struct {
     PyObject_HEAD
     int fds[2];
@@ -104,6 +156,9 @@ typedef struct {
     long long runs;
     long long exits; /* read by any thread */
     int running;     /* read by any thread */
+    Stamp stamps[2];
+    unsigned stamp_frames; /* each ring's frames */
+    double ready_at;       /* the relay thread's: when it last entered ppoll, since t0 */
 } Core;
 
 static double now_mono(void) {
@@ -144,7 +199,28 @@ static int drop_errno(int e) {
            e == EFAULT || e == ENOMEM || e == EBADFD;
 }
 
+/* Close the socket, for good. While the ring is mapped this is cheap: the mapping keeps
+ * the socket, whose release (an RCU grace period) comes with stamp_unmap. */
+static void stamp_close(Stamp *s) {
+    if (s->fd >= 0)
+        close(s->fd);
+    s->fd = -1;
+    s->bound = 0;
+    s->ready = 0;
+    s->off = 1;
+}
+
+static void stamp_unmap(Stamp *s) {
+    if (s->ring)
+        munmap(s->ring, s->ring_len);
+    s->ring = NULL;
+}
+
 static void Core_dealloc(Core *self) {
+    for (int i = 0; i < 2; i++) {
+        stamp_close(&self->stamps[i]);
+        stamp_unmap(&self->stamps[i]);
+    }
     list_free(&self->log);
     list_free(&self->fifo[0]);
     list_free(&self->fifo[1]);
@@ -153,10 +229,25 @@ static void Core_dealloc(Core *self) {
 }
 
 static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd_a", "fd_b", "wake_fd", "hdr_len", "t0", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiid", kwlist, &self->fds[0], &self->fds[1],
-                                     &self->wake_fd, &self->hdr, &self->t0))
+    static char *kwlist[] = {"fd_a",    "fd_b",    "wake_fd",      "hdr_len", "t0",
+                             "index_a", "index_b", "stamp_frames", NULL};
+    int index[2] = {0, 0};
+    unsigned frames = 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiid|iiI", kwlist, &self->fds[0],
+                                     &self->fds[1], &self->wake_fd, &self->hdr, &self->t0,
+                                     &index[0], &index[1], &frames))
         return -1;
+    if (frames < STAMP_BLOCK / STAMP_FRAME || (frames & (frames - 1))) {
+        PyErr_SetString(PyExc_ValueError, "stamp_frames: a power of two >= 16");
+        return -1;
+    }
+    for (int i = 0; i < 2; i++) {
+        memset(&self->stamps[i], 0, sizeof(Stamp));
+        self->stamps[i].fd = -1;
+        self->stamps[i].ifindex = index[i];
+        self->stamps[i].off = index[i] <= 0;
+    }
+    self->stamp_frames = frames;
     pthread_mutex_init(&self->mu, NULL);
     self->spin = 150e-6;
     self->spin_after = 1e-3;
@@ -233,10 +324,156 @@ static int emit(Core *self, List *out) {
     return err;
 }
 
+static int64_t clock_ns(clockid_t clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static struct tpacket2_hdr *stamp_frame(Stamp *s, unsigned i) {
+    return (struct tpacket2_hdr *)(s->ring + (size_t)(i & (s->frames - 1)) * STAMP_FRAME);
+}
+
+/* Give the `n` oldest frames back to the kernel. */
+static void stamp_release(Stamp *s, unsigned n) {
+    for (; n > 0; n--, s->head = (s->head + 1) & (s->frames - 1))
+        __atomic_store_n(&stamp_frame(s, s->head)->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+}
+
+/* Give back every frame the kernel filled: what it stamped before now is of packets that
+ * were read elsewhere (the Python loop) or are in the device queue unstamped-for. */
+static void stamp_flush(Stamp *s) {
+    unsigned k = 0;
+    for (; k < s->frames; k++)
+        if (!(__atomic_load_n(&stamp_frame(s, s->head + k)->tp_status, __ATOMIC_ACQUIRE) &
+              TP_STATUS_USER))
+            break;
+    stamp_release(s, k);
+}
+
+static int stamp_filter(Stamp *s, int keep) {
+    /* keep: outgoing packets only (a write into the device passes its taps too), cut to
+     * STAMP_SNAP bytes; else none. Swapping a socket's filter is cheap (no grace period),
+     * unlike unhooking it from the device. */
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_B | BPF_ABS, (uint32_t)(SKF_AD_OFF + SKF_AD_PKTTYPE)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PACKET_OUTGOING, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, STAMP_SNAP),
+        BPF_STMT(BPF_RET | BPF_K, 0),
+    };
+    struct sock_fprog prog = {4, code};
+    if (!keep) {
+        prog.len = 1;
+        prog.filter = &code[3];
+    }
+    return setsockopt(s->fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog);
+}
+
+/* Open the device's packet socket, its ring, and hook it to the device, filtering out
+ * everything (stamp_start lets packets in). Any thread but the relay's, without the GIL:
+ * setting a ring up waits for an RCU grace period (~15 ms, packet_set_ring()), which the
+ * relay thread must not (its packets would wait). The relay thread uses the Stamp once
+ * `ready` is set. A failure turns the device's stamps off (read times). */
+static void stamp_prepare(Stamp *s, unsigned frames) {
+    if (s->off || __atomic_load_n(&s->ready, __ATOMIC_ACQUIRE))
+        return;
+    /* Protocol 0: hooked to nothing until bound. */
+    s->fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+    if (s->fd < 0) {
+        s->off = 1; /* not allowed here (no CAP_NET_RAW) */
+        return;
+    }
+    int version = TPACKET_V2;
+    struct tpacket_req req = {STAMP_BLOCK, frames / (STAMP_BLOCK / STAMP_FRAME), STAMP_FRAME,
+                              frames};
+    void *ring = MAP_FAILED;
+    if (stamp_filter(s, 0) == 0 &&
+        setsockopt(s->fd, SOL_PACKET, PACKET_VERSION, &version, sizeof version) == 0 &&
+        setsockopt(s->fd, SOL_PACKET, PACKET_RX_RING, &req, sizeof req) == 0)
+        ring = mmap(NULL, (size_t)frames * STAMP_FRAME, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd,
+                    0);
+    if (ring == MAP_FAILED) {
+        stamp_close(s);
+        return;
+    }
+    s->ring = ring;
+    s->ring_len = (size_t)frames * STAMP_FRAME;
+    s->frames = frames;
+    s->head = 0;
+    struct sockaddr_ll sll;
+    memset(&sll, 0, sizeof sll);
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_ALL);
+    sll.sll_ifindex = s->ifindex;
+    if (bind(s->fd, (struct sockaddr *)&sll, sizeof sll) < 0) {
+        stamp_close(s);
+        return;
+    }
+    __atomic_store_n(&s->ready, 1, __ATOMIC_RELEASE);
+}
+
+/* Stamp what the device is sent from now on (the relay thread): let packets into the ring,
+ * forget older entries. */
+static void stamp_start(Stamp *s) {
+    if (!__atomic_load_n(&s->ready, __ATOMIC_ACQUIRE) || s->bound)
+        return;
+    if (stamp_filter(s, 1) < 0)
+        return; /* read times this time */
+    __atomic_store_n(&s->bound, 1, __ATOMIC_RELAXED);
+    stamp_flush(s);
+}
+
+/* Stop stamping: the Python loop reads the device meanwhile. */
+static void stamp_stop(Stamp *s) {
+    if (s->bound && stamp_filter(s, 0) == 0)
+        __atomic_store_n(&s->bound, 0, __ATOMIC_RELAXED);
+}
+
+/* When `data` (`len` bytes, read from the device at `read_at`) entered the device, in
+ * seconds since t0; `read_at` if its entry is not in the ring. `off` is CLOCK_REALTIME
+ * minus CLOCK_MONOTONIC, in ns (the ring's stamps are wall-clock times). */
+static double stamp_arrival(Core *self, Stamp *s, const unsigned char *data, size_t len,
+                            double read_at, int64_t off) {
+    if (!s->bound)
+        return read_at;
+    unsigned k = 0;
+    for (; k < s->frames; k++) {
+        struct tpacket2_hdr *h = stamp_frame(s, s->head + k);
+        if (!(__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+            break;
+        size_t snap = h->tp_snaplen < len ? h->tp_snaplen : len;
+        if (h->tp_len != len || h->tp_mac + snap > STAMP_FRAME ||
+            memcmp((unsigned char *)h + h->tp_mac, data, snap) != 0)
+            continue;
+        int64_t wall = (int64_t)h->tp_sec * 1000000000 + h->tp_nsec;
+        stamp_release(s, k + 1);
+        double at = (double)(wall - off) * 1e-9 - self->t0;
+        /* Never after the read, never before the relay was ready to read it, never before
+         * the previous packet's arrival. */
+        if (at > read_at)
+            at = read_at;
+        if (at < self->ready_at)
+            at = self->ready_at;
+        if (at < s->last)
+            at = s->last;
+        s->last = at;
+        s->stamped++;
+        return at;
+    }
+    if (k >= STAMP_MAX_SCAN)
+        stamp_release(s, k);
+    s->missed++;
+    if (read_at > s->last)
+        s->last = read_at;
+    return read_at;
+}
+
 /* Read what device `dir` holds (up to BURST packets) into `out` (plain) or its fifo
  * (delayed). Returns 0, or an errno that is not a drop. Needs the GIL only for a GSO
  * super-packet on a bounded delayed direction (wire_size), taking it from `*ts`. */
 static int take(Core *self, int dir, Dir *d, List *out, PyObject *size_fn, PyThreadState **ts) {
+    int64_t off = 0;
+    int have_off = 0;
     for (int i = 0; i < BURST; i++) {
         Rec *r = malloc(sizeof(Rec) + READ_SIZE);
         if (!r)
@@ -265,6 +502,14 @@ static int take(Core *self, int dir, Dir *d, List *out, PyObject *size_fn, PyThr
             list_push(out, r);
             continue;
         }
+        if (self->stamps[dir].bound) {
+            if (!have_off) {
+                off = clock_ns(CLOCK_REALTIME) - clock_ns(CLOCK_MONOTONIC);
+                have_off = 1;
+            }
+            r->arrival = stamp_arrival(self, &self->stamps[dir], r->data + self->hdr,
+                                       (size_t)(n - self->hdr), r->arrival, off);
+        }
         if (d->limit >= 0 || d->limit_bytes >= 0) {
             if (is_tcp_gso(self, r)) {
                 PyEval_RestoreThread(*ts);
@@ -284,7 +529,7 @@ static int take(Core *self, int dir, Dir *d, List *out, PyObject *size_fn, PyThr
             }
         }
         r->action = ACT_DELAYED;
-        r->due = now + d->delay;
+        r->due = r->arrival + self->t0 + d->delay;
         d->held += r->count;
         d->held_bytes += r->size;
         list_push(&self->fifo[dir], r);
@@ -360,10 +605,17 @@ static PyObject *Core_run(Core *self, PyObject *args) {
     struct pollfd p[3] = {{self->fds[0], POLLIN, 0}, {self->fds[1], POLLIN, 0},
                           {self->wake_fd, POLLIN, 0}};
     PyThreadState *ts = PyEval_SaveThread();
+    for (int dir = 0; dir < 2; dir++) {
+        if (dirs[dir].delay > 0)
+            stamp_start(&self->stamps[dir]);
+        else
+            stamp_stop(&self->stamps[dir]);
+    }
     for (;;) {
         double due = next_due(self);
         double spin_until = -1;
         int ready;
+        self->ready_at = now_mono() - self->t0;
         if (due < 0) {
             ready = ppoll(p, 3, NULL, NULL);
         } else {
@@ -436,6 +688,8 @@ static PyObject *Core_run(Core *self, PyObject *args) {
      * same, never lost. Without the GIL: pull() holds `mu` while it waits for the GIL. */
     if (out.head)
         emit(self, &out);
+    stamp_stop(&self->stamps[0]);
+    stamp_stop(&self->stamps[1]);
     __atomic_add_fetch(&self->exits, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&self->running, 0, __ATOMIC_SEQ_CST);
     PyEval_RestoreThread(ts);
@@ -576,7 +830,61 @@ static int Core_set_spin(Core *self, PyObject *value, void *closure) {
     return 0;
 }
 
+static PyObject *Core_get_stamps(Core *self, void *closure) {
+    Stamp *a = &self->stamps[0], *b = &self->stamps[1];
+    return Py_BuildValue("((iLL)(iLL))", __atomic_load_n(&a->bound, __ATOMIC_RELAXED), a->stamped,
+                         a->missed, __atomic_load_n(&b->bound, __ATOMIC_RELAXED), b->stamped,
+                         b->missed);
+}
+
+/* Core.prepare_stamps(a, b): open the stamp sockets and rings of the directions asked for
+ * (see stamp_prepare), without the GIL; from a thread of its own, one at a time. Returns
+ * whether each direction can stamp. */
+static PyObject *Core_prepare_stamps(Core *self, PyObject *args) {
+    int want[2];
+    if (!PyArg_ParseTuple(args, "pp", &want[0], &want[1]))
+        return NULL;
+    unsigned frames = self->stamp_frames;
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 0; i < 2; i++)
+        if (want[i])
+            stamp_prepare(&self->stamps[i], frames);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(ii)", __atomic_load_n(&self->stamps[0].ready, __ATOMIC_ACQUIRE),
+                         __atomic_load_n(&self->stamps[1].ready, __ATOMIC_ACQUIRE));
+}
+
+/* Core.close() -> bool: close the stamp sockets' fds (the relay thread has stopped); True
+ * if rings are still mapped, for release(). */
+static PyObject *Core_close(Core *self, PyObject *Py_UNUSED(ignored)) {
+    if (__atomic_load_n(&self->running, __ATOMIC_SEQ_CST)) {
+        PyErr_SetString(PyExc_RuntimeError, "Core.close() while run() runs");
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++)
+        stamp_close(&self->stamps[i]);
+    return PyBool_FromLong(self->stamps[0].ring || self->stamps[1].ring);
+}
+
+/* Core.release(): unmap the stamp rings, after close(); the sockets go with them, after an
+ * RCU grace period (~15 ms), without the GIL. */
+static PyObject *Core_release(Core *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->stamps[0].fd >= 0 || self->stamps[1].fd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Core.release() before close()");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    stamp_unmap(&self->stamps[0]);
+    stamp_unmap(&self->stamps[1]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyGetSetDef Core_getset[] = {
+    {"stamps", (getter)Core_get_stamps, NULL,
+     "Per direction (on, stamped, missed): whether run() stamps arrivals now, how many "
+     "packets took a stamp, how many kept their read time.",
+     NULL},
     {"pending", (getter)Core_get_pending, NULL, "Packets held (delayed) right now.", NULL},
     {"waiters", (getter)Core_get_waiters, (setter)Core_set_waiters,
      "Threads waiting on the capture: while > 0, each batch calls notify.", NULL},
@@ -597,6 +905,15 @@ static PyMethodDef Core_methods[] = {
      "as (dir, due, arrival, frame)."},
     {"pull", (PyCFunction)Core_pull, METH_NOARGS,
      "pull(): (frames, meta, counts) recorded since the last pull, or None."},
+    {"prepare_stamps", (PyCFunction)Core_prepare_stamps, METH_VARARGS,
+     "prepare_stamps(a_to_b, b_to_a) -> (bool, bool): open the arrival-stamp sockets and "
+     "rings asked for (~15 ms: call it on a thread); run() stamps with them from its next "
+     "entry."},
+    {"close", (PyCFunction)Core_close, METH_NOARGS,
+     "close() -> bool: close the stamp sockets (run() stamps no more); True if release() "
+     "is still to be called."},
+    {"release", (PyCFunction)Core_release, METH_NOARGS,
+     "release(): unmap the stamp rings after close() (~15 ms: call it on a thread)."},
     {NULL},
 };
 

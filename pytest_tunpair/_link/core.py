@@ -9,9 +9,11 @@ Python loop for every packet -- same behaviour, more CPU time and latency per pa
 from __future__ import annotations
 
 import os
+import threading
 from types import ModuleType
+from typing import Any
 
-__all__ = ["CORE_ENV", "describe", "load"]
+__all__ = ["CORE_ENV", "describe", "join_releases", "load", "release_later"]
 
 #: ``TUNPAIR_RELAY=python`` keeps the relay in its Python loop even where the core is built:
 #: to compare the two, or to rule the core out when hunting a bug.
@@ -42,3 +44,41 @@ def describe() -> str:
             "compiler and Python's headers, e.g. apt-get install gcc python3-dev)"
         )
     return "relay: C core"
+
+
+# Threads releasing arrival-stamp rings (release_later), oldest first.
+_releasing: list[threading.Thread] = []
+_releasing_lock = threading.Lock()
+#: At most this many releases at once: one more waits for the oldest.
+MAX_RELEASING = 16
+
+
+def release_later(core: Any) -> None:
+    """Unmap a closed core's arrival-stamp rings on a thread of its own.
+
+    The packet sockets go with their rings, and releasing a packet socket waits for an RCU
+    grace period, ~15 ms here (docs/internals.md, "A packet socket stamps what a device is
+    sent"): not something a test's teardown should wait for. The thread is named
+    ``tunpair-release`` (the leftover-thread checks pass over the package's own threads) and
+    ends when the rings are gone; :func:`join_releases` waits for all of them.
+    """
+    thread = threading.Thread(target=core.release, name="tunpair-release", daemon=True)
+    with _releasing_lock:
+        _releasing[:] = [t for t in _releasing if t.is_alive()]
+        oldest = _releasing[0] if len(_releasing) >= MAX_RELEASING else None
+        _releasing.append(thread)
+    if oldest is not None:
+        oldest.join()
+    thread.start()
+
+
+def join_releases(timeout: float = 5.0) -> bool:
+    """Wait until every :func:`release_later` has finished; False if some had not within
+    ``timeout`` s."""
+    with _releasing_lock:
+        threads = list(_releasing)
+    for thread in threads:
+        thread.join(timeout)
+    with _releasing_lock:
+        _releasing[:] = [t for t in _releasing if t.is_alive()]
+        return not _releasing

@@ -136,12 +136,27 @@ _Out = tuple[Item, bytes | None, Link, int]
 # The C core's action codes, as the capture names them.
 _CORE_ACTIONS = ("forwarded", "delayed", "dropped")
 
+#: Frames of each device's arrival-stamp ring (256 bytes each: 512 KB), the packets that
+#: can wait in a device's queue with their stamps kept; more (a saturated direction) keep
+#: their read times (_core.c, "Arrival times").
+STAMP_FRAMES = 2048
+
+
+def _stamp_index(dev: Any) -> int:
+    """The device's index for the core's arrival stamps, which it opens in the relay
+    thread's namespace -- this thread's, which starts it: 0 (no stamps) for a device
+    elsewhere (another host of the topology) or a stand-in without one."""
+    inode = getattr(dev, "netns_inode", None)
+    if inode is None or inode != os.stat("/proc/thread-self/ns/net").st_ino:
+        return 0
+    return int(dev.index)
+
 
 class Relay:
     """Carries packets between ``dev_a`` and ``dev_b`` until :meth:`stop`.
 
     ``dev_a``/``dev_b`` need ``fd``, ``name``, ``mode`` and ``hdr_len`` (a ``TunDevice``;
-    the unit tests pass socket stand-ins). The methods below are how other modules and
+    the unit tests pass socket stand-ins), and may have ``index`` and ``netns_inode``. The methods below are how other modules and
     threads change what the relay does; the fields are the relay thread's.
     """
 
@@ -194,8 +209,20 @@ class Relay:
         self._core: Any = None
         core = _fast.load()
         if core is not None and dev_a.hdr_len == dev_b.hdr_len:
-            self._core = core.Core(dev_a.fd, dev_b.fd, self._wake_r, dev_a.hdr_len, capture.t0)
+            self._core = core.Core(
+                dev_a.fd,
+                dev_b.fd,
+                self._wake_r,
+                dev_a.hdr_len,
+                capture.t0,
+                index_a=_stamp_index(dev_a),
+                index_b=_stamp_index(dev_b),
+                stamp_frames=STAMP_FRAMES,
+            )
             capture.set_source(self._pull_core, self._core_waiters)
+        # Arrival stamps asked for, per direction, and the threads setting them up.
+        self._stamps_asked = [False, False]
+        self._stampers: list[threading.Thread] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
 
@@ -488,6 +515,10 @@ class Relay:
                     )
                 )
         self._discard_in_flight()
+        for stamper in self._stampers:
+            stamper.join()  # ~15 ms at most (a ring being set up)
+        if self._core is not None and self._core.close():
+            _fast.release_later(self._core)  # its arrival-stamp rings: ~15 ms, not here
         # -1 before closing: a hook left running may still call wake(), and must not write
         # into whatever file reuses the descriptor number.
         wake_r, wake_w = self._wake_r, self._wake_w
@@ -648,7 +679,29 @@ class Relay:
                     -1 if spec.limit_bytes is None else spec.limit_bytes,
                 )
             )
+        self._ask_stamps(specs)
         return tuple(specs)
+
+    def _ask_stamps(self, specs: list[tuple[float, int, int] | None]) -> None:
+        """The first time a direction is delayed in the core, set its arrival stamps up on
+        a thread of its own (_core.c, "Arrival times": that takes an RCU grace period, ~15
+        ms, which the relay thread does not wait for); it wakes the relay when done, and the
+        core stamps from its next entry. Started here, the thread is in the relay's
+        namespace, as the core's stamp sockets must be."""
+        asked = self._stamps_asked
+        want = [spec is not None and not a for spec, a in zip(specs, asked, strict=True)]
+        if not any(want):
+            return
+        self._stamps_asked = [a or w for a, w in zip(asked, want, strict=True)]
+        core = self._core
+
+        def prepare() -> None:
+            core.prepare_stamps(*want)
+            self.wake()
+
+        stamper = threading.Thread(target=prepare, name=f"{self.name}-stamps", daemon=True)
+        self._stampers.append(stamper)
+        stamper.start()
 
     def _core_size(self, frame: bytes) -> tuple[int, int]:
         """A GSO super-packet's wire bytes and segments, for a delayed direction's bound."""

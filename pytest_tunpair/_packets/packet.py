@@ -120,8 +120,10 @@ class Packet:
     """One packet the relay saw.
 
     ``time`` is seconds since the pair came up, when the relay wrote the packet (or dropped
-    it); ``arrival`` when the relay read it (``sojourn`` is the difference: what delay,
-    rate, hooks and queueing added); ``direction`` is ``"a->b"`` or ``"b->a"``;
+    it); ``arrival`` when it reached the link -- when the relay read it, or, in a direction
+    the relay's C core delays, when it entered the sending device (docs/timing.md,
+    "Arrival times") -- and ``sojourn`` is the difference: what delay, rate, hooks and
+    queueing added; ``direction`` is ``"a->b"`` or ``"b->a"``;
     ``action`` says what the relay did (``"forwarded"``, ``"injected"``, ``"dropped"``,
     ``"modified"``, ``"duplicated"``, ``"lost"``, ``"delayed"``, ``"reordered"``,
     ``"corrupted"``, ``"scripted"``; from the scenario rules ``"reset"``,
@@ -168,7 +170,9 @@ class Packet:
         self.time = time
         """When the relay wrote (or dropped) it: seconds since the pair came up."""
         self.arrival = time if arrival is None else arrival
-        """When the relay read it, in seconds since the pair came up (``time`` if injected)."""
+        """When it reached the link, in seconds since the pair came up: when the relay read it,
+        or when it entered the sending device in a direction the C core delays (``time`` if
+        injected)."""
         self.direction = direction
         """``"a->b"`` or ``"b->a"``: the device it came from, and the one it went to."""
         self.action = action
