@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import LeftoverProcessError, NamespaceError, OptionError
 from ._kernel.netns import NetNamespace, Visit
+from ._kernel.spare import Spare
 
 if TYPE_CHECKING:
     from ._kernel.host import Host
 from ._kernel.procs import Keeper
 from ._options import PairOptions
-from ._pair import Checkpoint, TunPair, new_seed, prepare_namespace, run_in
+from ._pair import Checkpoint, TunPair, device_plan, new_seed, prepare_namespace, run_in
 from ._topology import Topology
 
 T = TypeVar("T")
@@ -70,20 +71,36 @@ class TunPairFactory:
         self.random_seed = new_seed()
         """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
         self._thread = threading.get_ident()
+        self._spare: Spare | None = None  # the spare open() entered, with its devices
         self.on_open: Callable[[TunPair], None] | None = None
         """Called with each pair once it is open (the plugin streams it live with
         ``--tunpair-pcap-live``)."""
 
-    def open(self) -> TunPairFactory:
-        """Move the calling thread into a fresh namespace for the pairs (the first call does)."""
-        ns = NetNamespace().enter()
+    def open(self, spare: Spare | None = None) -> TunPairFactory:
+        """Move the calling thread into a fresh namespace for the pairs (the first call does):
+        a new one, or ``spare``, made ahead of time (``_kernel/spare.py``; the plugin keeps
+        one ready) -- whose devices, if it has any, the first pair takes if its options call
+        for them (else they go, unused, with the namespace)."""
+        if spare is not None:
+            fd, spare.fd = spare.fd, -1
+            try:
+                ns = NetNamespace().enter(fd)
+            except BaseException:
+                spare.discard()
+                raise
+        else:
+            ns = NetNamespace().enter()
         try:
-            prepare_namespace(ns)
+            if spare is None:
+                prepare_namespace(ns)
             self.keeper = Keeper(ns.stat(), leftovers=self.leftovers)
         except BaseException:
+            if spare is not None:
+                spare.discard()
             ns.exit()
             raise
         self.netns = ns
+        self._spare = spare
         return self
 
     # -- a namespace that outlives one test (module and session pairs) ------------------------
@@ -157,6 +174,14 @@ class TunPairFactory:
             self.open()
         index = len(self.pairs)
         opts = PairOptions.from_kwargs({**self.defaults, **options}, source=source, index=index)
+        built = None
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.built is not None:
+            if index == 0 and _hosts is None and spare.plan == device_plan(opts, index):
+                built, spare.built = spare.built, None
+            else:
+                # Not this pair's: its devices would be in the way (names, addresses).
+                spare.discard_devices(delete=True)
         # One random seed per factory (per test): replaying it with --tunpair-seed then
         # reproduces every pair of the test, not just one.
         pair = TunPair(
@@ -165,6 +190,7 @@ class TunPairFactory:
             _keeper=self.keeper,
             _random_seed=self.random_seed,
             _hosts=_hosts,
+            _built=built,
         )
         pair.open(_index=index)
         self.pairs.append(pair)
@@ -250,6 +276,9 @@ class TunPairFactory:
         first error any relay or hook hit, or a :class:`LeftoverProcessError`."""
         errors: list[BaseException] = []
         leftover: list[BaseException] = []
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard()  # devices no pair took
         for pair in self.pairs:
             pair.settle(pair.options.drain)
         if self.keeper is not None:
@@ -274,7 +303,8 @@ class TunPairFactory:
             raise errors[0]
 
     def __enter__(self) -> TunPairFactory:
-        return self.open()
+        # ``with TunPairFactory().open(...) as f`` is open already: not a second namespace.
+        return self if self.netns is not None else self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -30,10 +30,12 @@ from ._errors import (
 )
 from ._kernel import linux as _linux
 from ._kernel import routing as _routing
+from ._kernel import spare as _spare
 from ._kernel.device import DeviceCounters, TunDevice
 from ._kernel.host import Host
 from ._kernel.netns import NetNamespace, run_in
 from ._kernel.procs import Keeper
+from ._kernel.spare import BuiltDevices, DevicePlan
 from ._link.control import Direction, DirectionState
 from ._link.counters import Stats
 from ._link.endpoint import Endpoint
@@ -67,20 +69,36 @@ __all__ = ["Checkpoint", "TunPair", "run_in"]
 
 def prepare_namespace(ns: NetNamespace) -> None:
     """Per-namespace settings, done once, inside the namespace (never on the host)."""
-    # Step 2 of the recipe removes the addresses from table local, which is also how the
-    # kernel answers "is this address mine?" for bind(): without this a server cannot bind
-    # to a tunnel address (EADDRNOTAVAIL). Both sysctls are per namespace.
-    ns.write_sysctl("net/ipv4/ip_nonlocal_bind", 1)
-    if os.path.isdir("/proc/sys/net/ipv6"):
-        ns.write_sysctl("net/ipv6/ip_nonlocal_bind", 1)
-        # No link-local address on new devices: no router solicitations, MLD or other
-        # chatter in the capture (docs/internals.md, "No link-local addresses"), only the
-        # test's own traffic.
-        # TAP devices too: neighbour discovery still resolves, the kernel sends the NS from
-        # the global address of the packet waiting for it. What a TAP capture still shows
-        # is each device's MLD report for its solicited-node group (README, "TAP mode").
-        ns.write_sysctl("net/ipv6/conf/default/addr_gen_mode", 1)
-    _routing.link_up_lo()
+    _spare.prepare(ns.write_sysctl)
+
+
+def _macs(mode: str, index: int) -> tuple[str | None, str | None]:
+    """The devices' MAC addresses in TAP mode: stable, so captures and pcaps compare across
+    runs (02 = locally administered unicast, never a vendor's; 74:70 = "tp"; then the
+    pair's index and the side)."""
+    if mode != "tap":
+        return (None, None)
+    return (f"02:74:70:00:{index & 0xFF:02x}:01", f"02:74:70:00:{index & 0xFF:02x}:02")
+
+
+def device_plan(o: PairOptions, index: int = 0) -> DevicePlan | None:
+    """What the devices of a pair with options ``o`` (the ``index``-th of its factory) depend
+    on, when they are built in the pair's namespace by the recipe (:func:`_spare.build_devices`);
+    ``None`` for devices in hosts of their own (the ``hosts`` option)."""
+    if o.hosts:
+        return None
+    return DevicePlan(
+        names=(o.names[0], o.names[1]),
+        mode=o.mode,
+        vnet_hdr=o.offload,
+        v4=o.ipv4 or (None, None),
+        v6=o.ipv6 or (None, None),
+        macs=_macs(o.mode, index),
+        mtu=o.mtu,
+        table=o.table,
+        txqueuelen=o.txqueuelen,
+        no_ipv6=o.ipv6 is None,
+    )
 
 
 class TunPair:
@@ -98,6 +116,7 @@ class TunPair:
         _keeper: Keeper | None = None,
         _random_seed: int | None = None,
         _hosts: tuple[Host, Host] | None = None,
+        _built: BuiltDevices | None = None,
         **kwargs: Any,
     ) -> None:
         if options is not None and kwargs:
@@ -154,6 +173,9 @@ class TunPair:
         """A name for reports: a topology's link is ``"client1<->server"``."""
         self._closed = False
         self._executors: list[ThreadPoolExecutor] = []  # executor(): shut down at teardown
+        # Devices built ahead of time for this pair's plan, in its namespace (the factory's
+        # spare: _kernel/spare.py); adopted by open() instead of building them.
+        self._built = _built
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self, *, _index: int = 0) -> TunPair:
@@ -178,18 +200,13 @@ class TunPair:
                 )
             assert self._keeper is not None
             host_a, host_b = self._place(Host("pair", ns, self._keeper, own=False))
-            macs: tuple[str | None, str | None] = (None, None)
-            if o.mode == "tap":
-                # Stable, so captures and pcaps compare across runs: 02 = locally
-                # administered unicast (never a vendor's), 74:70 = "tp", then pair and side.
-                macs = (
-                    f"02:74:70:00:{_index & 0xFF:02x}:01",
-                    f"02:74:70:00:{_index & 0xFF:02x}:02",
-                )
+            macs = _macs(o.mode, _index)
             v4 = o.ipv4 or (None, None)
             v6 = o.ipv6 or (None, None)
             if host_a is host_b:
-                dev_a, dev_b = self._one_namespace(macs, v4, v6)
+                plan = device_plan(o, _index)
+                assert plan is not None  # one namespace: not the hosts option
+                dev_a, dev_b = self._one_namespace(plan)
             else:
                 dev_a, dev_b = self._separate_hosts((host_a, host_b), macs, v4, v6)
             for d in self._devices:
@@ -243,31 +260,18 @@ class TunPair:
         self._own_hosts.append(b)
         return here, b
 
-    def _one_namespace(
-        self,
-        macs: tuple[str | None, str | None],
-        v4: tuple[str | None, str | None],
-        v6: tuple[str | None, str | None],
-    ) -> tuple[TunDevice, TunDevice]:
-        """Both devices in the pair's namespace, routed with the seed's recipe."""
-        o = self.options
+    def _one_namespace(self, plan: DevicePlan) -> tuple[TunDevice, TunDevice]:
+        """Both devices in the pair's namespace, routed with the seed's recipe: built now,
+        or ahead of time for this very plan (the factory's spare)."""
         ns = self._netns
         assert ns is not None
-        dev_a = TunDevice(o.names[0], mode=o.mode, vnet_hdr=o.offload)
-        self._devices.append(dev_a)
-        dev_b = TunDevice(o.names[1], mode=o.mode, vnet_hdr=o.offload)
-        self._devices.append(dev_b)
-        if o.ipv6 is None and os.path.isdir("/proc/sys/net/ipv6"):
-            for d in self._devices:
-                ns.write_sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
-        sides = [
-            _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
-            _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
-        ]
-        self.steps = _routing.apply_recipe(sides, mtu=o.mtu, table=o.table, txqueuelen=o.txqueuelen)
-        counters = DeviceCounters()  # opened here, inside the namespace
-        self._device_counters = [counters, counters]
-        return dev_a, dev_b
+        built, self._built = self._built, None
+        if built is None:
+            built = _spare.build_devices(plan, ns.write_sysctl)
+        self._devices.extend(built.devices)
+        self.steps = built.steps
+        self._device_counters = [built.counters, built.counters]
+        return built.devices
 
     def _separate_hosts(
         self,
@@ -318,6 +322,9 @@ class TunPair:
 
     def _teardown(self, *, drain: bool = False) -> list[BaseException]:
         errors: list[BaseException] = []
+        if self._built is not None:  # opening failed before it took them
+            self._built.close()
+            self._built = None
         self._close_executors()
         if drain and self._relay is not None:
             self._settle(self.options.drain)

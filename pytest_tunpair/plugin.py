@@ -74,7 +74,7 @@ def tun_pair_factory(request: pytest.FixtureRequest) -> Generator[TunPairFactory
     rootless.refuse_tunnel(request.config)  # this machine cannot: the reason, once per test
     scoped.refuse_mixing(request.node)
     scoped.refuse_stranding(request, "tun_pair_factory")
-    factory = _open(request, "tun_pair_factory()")
+    factory = _open(request, "tun_pair_factory()", spare=True)
     _warn_at(factory, request.node)
     request.node.stash[keys.FACTORY] = factory
     try:
@@ -167,19 +167,19 @@ def _scoped_factory(
             live.closed(request.config, factory)
 
 
-def _open(request: pytest.FixtureRequest, source: str) -> TunPairFactory:
+def _open(request: pytest.FixtureRequest, source: str, *, spare: bool = False) -> TunPairFactory:
     """A factory with the run's defaults (``--tunpair-seed``, ``--tunpair-leftovers``), open:
-    the calling thread is inside its namespace. Its pairs stream live with
-    ``--tunpair-pcap-live``."""
+    the calling thread is inside its namespace (``spare``: one built ahead of time, if the
+    run has one for this test). Its pairs stream live with ``--tunpair-pcap-live``."""
     from ._factory import TunPairFactory
-    from ._plugin import live
+    from ._plugin import live, spares
 
     resolved = request.config.stash[keys.OPTIONS]
     seed = resolved.tunpair_seed
     defaults = {} if seed is None else {"seed": seed}
     factory = TunPairFactory(defaults, source=source, leftovers=resolved.tunpair_leftovers)
     live.watch(request.config, factory, request.node.nodeid)
-    return factory.open()
+    return factory.open(spares.take(request, defaults) if spare else None)
 
 
 def _warn_at(factory: TunPairFactory, item: pytest.Item) -> None:
@@ -310,10 +310,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if keys.OPTIONS not in config.stash or not enabled(config):
         return
     from ._link import core
-    from ._plugin import live, threads
+    from ._plugin import live, spares, threads
 
     threads.uninstall()
     live.unconfigure(config)
+    spares.close(config)
     core.join_releases()  # the last pairs' arrival-stamp rings (released on threads)
 
 

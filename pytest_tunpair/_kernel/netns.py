@@ -64,11 +64,37 @@ class NetNamespace:
         """
         return f"/proc/{os.getpid()}/fd/{self.fd}"
 
-    def enter(self) -> NetNamespace:
+    def enter(self, spare: int | None = None) -> NetNamespace:
+        """Move the calling thread into a new namespace: one ``unshare`` makes, or
+        ``spare``, an fd on a namespace made ahead of time that nobody uses (``spare.py``),
+        which this object then owns (it closes the fd, even if entering fails)."""
         if self._fd is not None:
             raise NamespaceError("this namespace is already entered", netns=self.path)
-        orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            if spare is not None:
+                os.close(spare)
+            raise
         disposable = _disposable.thread_is_disposable()
+        if spare is not None:
+            try:
+                if not disposable:
+                    self._refuse_one_way_trip(orig)
+                # Made by this process: owned by our user namespace, so joining works
+                # rootless too (docs/internals.md, "Daemons: joining a namespace the
+                # process made").
+                _linux.setns(spare, _linux.CLONE_NEWNET)
+            except BaseException:
+                os.close(orig)
+                os.close(spare)
+                raise
+            self._fd = spare
+            self._orig_fd = orig
+            self._thread = threading.get_ident()
+            self._disposable = disposable
+            self.inode = os.fstat(spare).st_ino
+            return self
         if not disposable:
             self._refuse_one_way_trip(orig)
         try:

@@ -23,6 +23,7 @@ No pytest here: the command-line tool uses the same machinery.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import select
@@ -111,14 +112,88 @@ def _same_ns(pid: int, ns: os.stat_result) -> bool:
     return link == f"net:[{ns.st_ino}]"
 
 
-def members(ns: os.stat_result) -> dict[int, Proc]:
-    """The processes (other than this one) whose network namespace is ``ns``."""
+@dataclass(frozen=True)
+class PidMark:
+    """A moment in the pid allocator's life: the last pid given out in our pid namespace
+    (``/proc/sys/kernel/ns_last_pid``) and the number of processes created since boot (the
+    ``processes`` line of ``/proc/stat``, all pid namespaces). A process created after it
+    has a pid after ``last`` in the allocator's cycle, which restarts from the bottom after
+    ``pid_max`` (docs/internals.md, "Which pids are new").
+    """
+
+    last: int
+    forks: int
+
+    @classmethod
+    def now(cls) -> PidMark | None:
+        """The current mark, or ``None`` if the kernel does not say."""
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
+                last = int(f.read())
+            with open("/proc/stat", "rb") as f:
+                for line in f:
+                    if line.startswith(b"processes "):
+                        return cls(last, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def newer(self) -> tuple[range, ...] | None:
+        """The pids given out since this mark (processes' and threads'); ``None`` if the
+        allocator may have come all the way round since (so that any pid may be new)."""
+        now = PidMark.now()
+        if now is None or now.forks - self.forks >= _pid_cycle():
+            return None
+        start, end = self.last, now.last
+        if end >= start:  # no wrap
+            return (range(start + 1, end + 1),)
+        return (range(start + 1, 1 << 22), range(0, end + 1))  # wrapped once (pid_max <= 2^22)
+
+
+#: Up to this many new pids, members() looks each up instead of listing /proc.
+_FEW = 256
+
+
+def _is_process(pid: int) -> bool:
+    """``pid`` is a process's (a thread group leader's), not only a thread's."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1]) == pid
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+@functools.cache
+def _pid_cycle() -> int:
+    """How many pids the allocator gives out before it can reach a pid again (less the
+    first 300, never reused after boot): a lower bound."""
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as f:
+            return max(int(f.read()) - 301, 1)
+    except (OSError, ValueError):
+        return 1
+
+
+def members(ns: os.stat_result, since: PidMark | None = None) -> dict[int, Proc]:
+    """The processes (other than this one) whose network namespace is ``ns``; with
+    ``since``, a mark taken when the namespace was new, only those created after it (so
+    only their links are read: a namespace's processes are made in it -- one that entered
+    it by ``setns`` itself, being older, is not looked for)."""
     me = os.getpid()
     found: dict[int, Proc] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
+    newer = since.newer() if since is not None else None
+    pids: Iterable[int]
+    if newer is not None and sum(len(r) for r in newer) <= _FEW:
+        # Few new pids (the usual test's: a thread or two): look each up, rather than list
+        # /proc. A pid may be a thread's, which /proc's listing leaves out: skip those.
+        pids = (pid for r in newer for pid in r if _same_ns(pid, ns) and _is_process(pid))
+    else:
+        listed = (int(name) for name in os.listdir("/proc") if name.isdigit())
+        pids = listed if newer is None else (p for p in listed if any(p in r for r in newer))
+    for pid in pids:
         if pid == me or not _same_ns(pid, ns):
             continue
         st = _stat(pid)
@@ -305,6 +380,8 @@ class Keeper:
         if leftovers not in LEFTOVER_POLICIES:
             raise ValueError(f"leftovers={leftovers!r}: use one of {', '.join(LEFTOVER_POLICIES)}")
         self._ns = ns
+        # Made with its namespace: every process in it is newer (members(since=)).
+        self._born = PidMark.now()
         self.leftovers = leftovers
         self.spawned: list[subprocess.Popen[Any]] = []
         self._logs: dict[int, IO[bytes]] = {}  # pid -> its output file
@@ -419,7 +496,7 @@ class Keeper:
     # -- teardown ------------------------------------------------------------------------------
     def snapshot(self) -> set[tuple[int, int]]:
         """Who is in the namespace now (for :meth:`stop_leftovers` ``since=``)."""
-        return {p.key for p in members(self._ns).values()}
+        return {p.key for p in members(self._ns, self._born).values()}
 
     def _split(self, found: Mapping[int, Proc]) -> tuple[set[int], set[int]]:
         """(spawned processes and their descendants, everything else) among ``found``."""
@@ -448,7 +525,7 @@ class Keeper:
         ns = self._ns
         chosen = list(self.spawned if procs is None else procs)
         for _round in range(3):  # a dying parent may still fork: look again
-            found = members(ns)
+            found = members(ns, self._born)
             family, _rest = self._split(found)
             if procs is not None:
                 wanted = {p.pid for p in chosen}
@@ -471,7 +548,7 @@ class Keeper:
         them. Returns their descriptions."""
         policy = policy or self.leftovers
         ns = self._ns
-        found = members(ns)
+        found = members(ns, self._born)
         _family, rest = self._split(found)
         if since is not None:
             rest = {pid for pid in rest if found[pid].key not in since}

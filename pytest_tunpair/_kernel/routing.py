@@ -267,6 +267,33 @@ def _v6_cleanup_plan(sides: tuple[Side, ...]) -> tuple[bytes, tuple[str, ...]]:
 def _main_plan(
     sides: tuple[Side, ...], mtu: int, table: int, txqueuelen: int
 ) -> tuple[bytes, tuple[str, ...]]:
+    return _main_calls(sides, mtu, table, txqueuelen).compile()
+
+
+def remove_rules(sides: list[Side], *, mtu: int, table: int, txqueuelen: int) -> None:
+    """Delete the rules :func:`apply_recipe` added for ``sides`` in the calling thread's
+    namespace. Addresses and routes go with their device; a rule names its device
+    (``iif NAME``) and stays: devices deleted from a namespace that goes on being used must
+    take their rules with them, or the next pair's ``ip rule add`` fails (EEXIST)."""
+    nl = _Netlink()
+    try:
+        nl.run(*_rules_undo_plan(tuple(sides), mtu, table, txqueuelen))
+    finally:
+        nl.close()
+
+
+@lru_cache(maxsize=64)
+def _rules_undo_plan(
+    sides: tuple[Side, ...], mtu: int, table: int, txqueuelen: int
+) -> tuple[bytes, tuple[str, ...]]:
+    undo = _Plan()
+    for describe, method, args, kwargs in _main_calls(sides, mtu, table, txqueuelen).calls:
+        if method == "rule" and args == ("add",):
+            undo.add(describe.replace(" rule add ", " rule del "), method, "del", **kwargs)
+    return undo.compile()
+
+
+def _main_calls(sides: tuple[Side, ...], mtu: int, table: int, txqueuelen: int) -> _Plan:
     plan = _Plan()
     for s in sides:
         link: dict[str, Any] = {"index": s.index, "state": "up", "mtu": mtu, "txqlen": txqueuelen}
@@ -362,7 +389,7 @@ def _main_plan(
                 iifname=s.name,
                 table=table,
             )
-    return plan.compile()
+    return plan
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 if TYPE_CHECKING:
     from .._factory import FactoryCheckpoint, TunPairFactory
     from .._kernel.netns import Visit
+    from .._kernel.spare import SparePool
     from .._kernel.userns import Status
     from .options import PluginOptions
     from .threads import TestThreads
@@ -31,6 +32,8 @@ SCOPED: pytest.StashKey[dict[str, TunPairFactory]] = pytest.StashKey()
 CONTEXT: pytest.StashKey[contextvars.Context] = pytest.StashKey()
 #: The running test's stays in namespaces, left after its teardown.
 VISITS: pytest.StashKey[list[Visit]] = pytest.StashKey()
+#: The next tunnel test's namespace and devices, being built (``spares.py``).
+SPARES: pytest.StashKey[SparePool] = pytest.StashKey()
 #: pcap file stem -> test id, so that two ids never share a file.
 PCAP_STEMS: pytest.StashKey[dict[str, str]] = pytest.StashKey()
 #: pcap or plot file -> why it was not written (the terminal summary).

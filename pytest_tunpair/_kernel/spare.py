@@ -1,0 +1,261 @@
+"""A pair's namespace and devices, built in one place -- and built ahead of time.
+
+:func:`build_devices` is how a pair's two devices are made and routed in the calling
+thread's namespace (the routing recipe of ``routing.py``): ``TunPair`` calls it while it
+opens. :class:`SparePool` calls it too, on a thread of its own, to have the *next* test's
+namespace and devices ready before that test asks: most of a tunnel test's set-up cost is
+the kernel's work on these (``unshare(CLONE_NEWNET)`` ~0.5 ms, the devices ~0.35 ms, the
+recipe ~0.5 ms: docs/internals.md, "What a pair's set-up costs"), and none of it depends
+on anything but the pair's options -- which, test after test, are nearly always the
+same. A spare namespace nobody has used is as fresh as one made when asked.
+
+The pool builds for the plan it was last asked for (a :class:`DevicePlan`: the options
+the devices and routing depend on); a test that asks for another plan gets none (it
+builds its own, as without the pool) and the pool builds the next one for its plan. A
+spare that will not be used is dropped without waiting for the kernel: its namespace, and
+the devices in it, go when the last reference does.
+
+No pytest here: the plugin owns a pool (``_plugin``), a ``TunPair`` made without pytest
+builds its own.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .._errors import NamespaceError
+from . import linux as _linux
+from . import routing as _routing
+from .device import DeviceCounters, TunDevice
+
+__all__ = ["BuiltDevices", "DevicePlan", "Spare", "SparePool", "build_devices", "prepare"]
+
+#: Writes a per-namespace sysctl (``"net/ipv4/ip_nonlocal_bind"``, ``1``) in the calling
+#: thread's namespace, refusing anywhere else (the host's sysctls are never touched).
+Sysctl = Callable[[str, int], None]
+
+
+def prepare(sysctl: Sysctl) -> None:
+    """Per-namespace settings, done once, inside the namespace (never on the host)."""
+    # Step 2 of the recipe removes the addresses from table local, which is also how the
+    # kernel answers "is this address mine?" for bind(): without this a server cannot bind
+    # to a tunnel address (EADDRNOTAVAIL). Both sysctls are per namespace.
+    sysctl("net/ipv4/ip_nonlocal_bind", 1)
+    if os.path.isdir("/proc/sys/net/ipv6"):
+        sysctl("net/ipv6/ip_nonlocal_bind", 1)
+        # No link-local address on new devices: no router solicitations, MLD or other
+        # chatter in the capture (docs/internals.md, "No link-local addresses"), only the
+        # test's own traffic.
+        # TAP devices too: neighbour discovery still resolves, the kernel sends the NS from
+        # the global address of the packet waiting for it. What a TAP capture still shows
+        # is each device's MLD report for its solicited-node group (README, "TAP mode").
+        sysctl("net/ipv6/conf/default/addr_gen_mode", 1)
+    _routing.link_up_lo()
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What a pair's two devices and their routing depend on, from its options."""
+
+    names: tuple[str, str]
+    mode: str
+    vnet_hdr: bool
+    v4: tuple[str | None, str | None]
+    v6: tuple[str | None, str | None]
+    macs: tuple[str | None, str | None]
+    mtu: int
+    table: int
+    txqueuelen: int
+    no_ipv6: bool
+    """Turn IPv6 off on the devices (the pair has no IPv6 addresses)."""
+
+
+@dataclass
+class BuiltDevices:
+    """Two devices made and routed by :func:`build_devices`, in one namespace."""
+
+    devices: tuple[TunDevice, TunDevice]
+    steps: list[str]
+    """The ``ip`` commands the routing stands for."""
+    counters: DeviceCounters
+    """The namespace's device counters, opened inside it."""
+    sides: list[_routing.Side]
+    """What the recipe was given (for :func:`_routing.remove_rules`)."""
+    plan: DevicePlan
+
+    def close(self) -> None:
+        self.counters.close()
+        for dev in reversed(self.devices):
+            dev.close()
+
+
+def build_devices(plan: DevicePlan, sysctl: Sysctl) -> BuiltDevices:
+    """Make both devices of ``plan`` in the calling thread's namespace and route them with
+    the recipe; on failure, close what was made and raise."""
+    made: list[TunDevice] = []
+    try:
+        for name in plan.names:
+            made.append(TunDevice(name, mode=plan.mode, vnet_hdr=plan.vnet_hdr))
+        dev_a, dev_b = made
+        if plan.no_ipv6 and os.path.isdir("/proc/sys/net/ipv6"):
+            for d in made:
+                sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
+        v4, v6, macs = plan.v4, plan.v6, plan.macs
+        sides = [
+            _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
+            _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
+        ]
+        steps = _routing.apply_recipe(
+            sides, mtu=plan.mtu, table=plan.table, txqueuelen=plan.txqueuelen
+        )
+        counters = DeviceCounters()  # opened here, inside the namespace
+    except BaseException:
+        for d in reversed(made):
+            d.close()
+        raise
+    return BuiltDevices((dev_a, dev_b), steps, counters, sides, plan)
+
+
+@dataclass
+class Spare:
+    """A namespace made ahead of time by a :class:`SparePool`, prepared (:func:`prepare`),
+    with the devices of ``plan`` in it if the pool had a plan."""
+
+    fd: int
+    """An fd on the namespace (``/proc/thread-self/ns/net``): whoever takes the spare owns it."""
+    plan: DevicePlan | None
+    built: BuiltDevices | None = None
+
+    def discard(self) -> None:
+        """Drop it unused: the namespace goes when its last reference does, its devices with
+        it (persistent, so no synchronous unregister; docs/internals.md, "Teardown:
+        TUNSETPERSIST, then let the namespace go")."""
+        self.discard_devices(delete=False)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard_devices(self, *, delete: bool) -> None:
+        """Drop its devices unused. Without ``delete`` they go with the namespace (see
+        :meth:`discard`). A namespace a test uses and whose devices are not wanted must
+        lose them for good (``delete``): they would be in the way of a pair's own (names,
+        addresses, the recipe's rules, which name them); a non-persistent device is deleted
+        as its fd closes, synchronously (the plugin hands devices only to the pair they were
+        built for, unless a fixture of the test makes a pair of other options first)."""
+        built, self.built = self.built, None
+        if built is None:
+            return
+        built.counters.close()
+        if not delete:
+            for dev in reversed(built.devices):
+                dev.close()
+            return
+        for dev in reversed(built.devices):
+            fd, dev.fd = dev.fd, None
+            if fd is not None:
+                os.close(fd)  # not persistent: the kernel unregisters it now
+        p = built.plan
+        _routing.remove_rules(built.sides, mtu=p.mtu, table=p.table, txqueuelen=p.txqueuelen)
+
+
+class SparePool:
+    """Keeps one :class:`Spare` ready for the next :meth:`take`.
+
+    The spare is built on a thread of its own (it ends when the spare is built, and
+    :meth:`take` and :meth:`close` wait for it), which makes a new
+    namespace for itself with ``unshare``, prepares it, builds the devices of the plan asked
+    for last, and ends there: it never comes back, so it works in a user namespace too (a
+    thread there cannot return from a namespace: ``_userns.py``). A build that fails leaves
+    no spare (the next test builds its own and meets the error itself).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spare: Spare | None = None
+        # Set while no build is under way (a build clears it and sets it when done).
+        self._idle = threading.Event()
+        self._idle.set()
+        self._plan: DevicePlan | None = None
+        self._closed = False
+        self.built = 0
+        """Spares built so far."""
+        self.used = 0
+        """Spares taken (handed to a test)."""
+
+    def take(self, plan: DevicePlan | None) -> Spare | None:
+        """The spare, if it was built for ``plan`` (``None``: a namespace alone), else
+        ``None``; then starts building the next one for ``plan`` (or, for ``None``, the
+        last plan asked for). Waits for a build under way."""
+        with self._lock:
+            if self._closed:
+                return None
+        self._idle.wait()
+        with self._lock:
+            spare, self._spare = self._spare, None
+            if plan is not None:
+                self._plan = plan
+            if spare is not None and spare.plan != plan:
+                spare.discard()
+                spare = None
+            if spare is not None:
+                self.used += 1
+            self._start(self._plan)
+        return spare
+
+    def _start(self, plan: DevicePlan | None) -> None:
+        # A bare thread (_thread), not threading.Thread: start() of the latter waits until
+        # the new thread runs (a cross-CPU wake-up, ~0.15 ms here), in the test's set-up.
+        self._idle.clear()
+        _thread.start_new_thread(self._run, (plan,))
+
+    def _run(self, plan: DevicePlan | None) -> None:
+        # Never in a test's namespace (it starts before the test enters its own and goes to
+        # the spare's at once), so no leftover-thread check meets it; not named, because
+        # naming a bare thread leaves a threading._DummyThread behind when it ends.
+        try:
+            self._build(plan)
+        finally:
+            self._idle.set()
+
+    def _build(self, plan: DevicePlan | None) -> None:
+        try:
+            _linux.unshare(_linux.CLONE_NEWNET)
+        except OSError:
+            return  # not allowed here: each test makes its own (and says why)
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        inode = os.fstat(fd).st_ino
+        spare = Spare(fd, plan)
+
+        def sysctl(name: str, value: int) -> None:
+            if os.stat("/proc/thread-self/ns/net").st_ino != inode:  # pragma: no cover
+                raise NamespaceError(f"refusing to set {name} outside the spare namespace")
+            with open("/proc/sys/" + name, "w") as f:
+                f.write(str(value))
+
+        try:
+            prepare(sysctl)
+            if plan is not None:
+                spare.built = build_devices(plan, sysctl)
+        except Exception:
+            spare.discard()
+            return
+        with self._lock:
+            if self._closed:
+                spare.discard()
+                return
+            self._spare = spare
+            self.built += 1
+
+    def close(self) -> None:
+        """Wait for a build under way and drop the spare: nothing is left behind."""
+        with self._lock:
+            self._closed = True
+        self._idle.wait()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard()
