@@ -78,9 +78,13 @@ class NetNamespace:
             raise
         disposable = _disposable.thread_is_disposable()
         if spare is not None:
+            if not disposable:
+                try:
+                    self._refuse_one_way_trip(orig)  # closes orig when it refuses
+                except BaseException:
+                    os.close(spare)
+                    raise
             try:
-                if not disposable:
-                    self._refuse_one_way_trip(orig)
                 # Made by this process: owned by our user namespace, so joining works
                 # rootless too (docs/internals.md, "Daemons: joining a namespace the
                 # process made").
