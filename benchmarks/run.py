@@ -899,7 +899,7 @@ def bench_timing(rep: Report, a: argparse.Namespace) -> None:
                 "timing",
                 f"departure error, delay={label} ({len(errors)} UDP datagrams)",
                 f"median {fmt_us(p50)}, p99 {fmt_us(p99)}",
-                f"scheduled: read + {label}",
+                f"scheduled: arrival + {label}",
                 "",
                 "< 100 us, < 1 ms",
                 p50 < 100e-6 and p99 < 1e-3 and min(errors) > -1e-6,
