@@ -165,10 +165,9 @@ class Spare:
 class SparePool:
     """Keeps one :class:`Spare` ready for the next :meth:`take`.
 
-    The spare is built on a thread of its own (it ends when the spare is built, and
-    :meth:`take` and :meth:`close` wait for it), which makes a new
-    namespace for itself with ``unshare``, prepares it, builds the devices of the plan asked
-    for last, and ends there: it never comes back, so it works in a user namespace too (a
+    The spare is built on a thread of its own (:meth:`take` and :meth:`close` wait for it),
+    which makes a new namespace for itself with ``unshare``, prepares it, builds the
+    devices of the plan asked for last, and ends there: it never comes back, so it works in a user namespace too (a
     thread there cannot return from a namespace: ``_userns.py``). A build that fails leaves
     no spare (the next test builds its own and meets the error itself).
     """

@@ -156,7 +156,8 @@ class Relay:
     """Carries packets between ``dev_a`` and ``dev_b`` until :meth:`stop`.
 
     ``dev_a``/``dev_b`` need ``fd``, ``name``, ``mode`` and ``hdr_len`` (a ``TunDevice``;
-    the unit tests pass socket stand-ins), and may have ``index`` and ``netns_inode``. The methods below are how other modules and
+    the unit tests pass socket stand-ins), and may have ``index`` and ``netns_inode`` (for
+    the core's arrival stamps). The methods below are how other modules and
     threads change what the relay does; the fields are the relay thread's.
     """
 
