@@ -72,6 +72,9 @@ class TunPairFactory:
         """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
         self._thread = threading.get_ident()
         self._spare: Spare | None = None  # the spare open() entered, with its devices
+        self.dispose: Callable[[Callable[[], object]], None] | None = None
+        """Where a closed pair's device fds are released, if not in :meth:`close` (the
+        plugin's disposer thread: ``_kernel/disposal.py``)."""
         self.on_open: Callable[[TunPair], None] | None = None
         """Called with each pair once it is open (the plugin streams it live with
         ``--tunpair-pcap-live``)."""
@@ -93,7 +96,8 @@ class TunPairFactory:
         try:
             if spare is None:
                 prepare_namespace(ns)
-            self.keeper = Keeper(ns.stat(), leftovers=self.leftovers)
+            born = spare.born if spare is not None else None
+            self.keeper = Keeper(ns.stat(), leftovers=self.leftovers, born=born)
         except BaseException:
             if spare is not None:
                 spare.discard()
@@ -191,6 +195,7 @@ class TunPairFactory:
             _random_seed=self.random_seed,
             _hosts=_hosts,
             _built=built,
+            _dispose=self.dispose,
         )
         pair.open(_index=index)
         self.pairs.append(pair)

@@ -14,7 +14,6 @@ import os
 import secrets
 import select
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +30,12 @@ from ._errors import (
 from ._kernel import linux as _linux
 from ._kernel import routing as _routing
 from ._kernel import spare as _spare
-from ._kernel.device import DeviceCounters, TunDevice
+from ._kernel.device import DeviceCounters, TunDevice, release_fd
 from ._kernel.host import Host
 from ._kernel.netns import NetNamespace, run_in
 from ._kernel.procs import Keeper
 from ._kernel.spare import BuiltDevices, DevicePlan
+from ._kernel.threads import own_thread
 from ._link.control import Direction, DirectionState
 from ._link.counters import Stats
 from ._link.endpoint import Endpoint
@@ -81,6 +81,15 @@ def _macs(mode: str, index: int) -> tuple[str | None, str | None]:
     return (f"02:74:70:00:{index & 0xFF:02x}:01", f"02:74:70:00:{index & 0xFF:02x}:02")
 
 
+def _at_once(work: Callable[[], object]) -> None:
+    work()
+
+
+def _release_fds(fds: Sequence[int | None]) -> None:
+    for fd in fds:
+        release_fd(fd)
+
+
 def device_plan(o: PairOptions, index: int = 0) -> DevicePlan | None:
     """What the devices of a pair with options ``o`` (the ``index``-th of its factory) depend
     on, when they are built in the pair's namespace by the recipe (:func:`_spare.build_devices`);
@@ -117,6 +126,7 @@ class TunPair:
         _random_seed: int | None = None,
         _hosts: tuple[Host, Host] | None = None,
         _built: BuiltDevices | None = None,
+        _dispose: Callable[[Callable[[], object]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         if options is not None and kwargs:
@@ -176,6 +186,9 @@ class TunPair:
         # Devices built ahead of time for this pair's plan, in its namespace (the factory's
         # spare: _kernel/spare.py); adopted by open() instead of building them.
         self._built = _built
+        # Where releasing the closed devices' fds goes (the factory's: the plugin's disposer
+        # thread, _kernel/disposal.py); None: done in close().
+        self._dispose = _dispose
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self, *, _index: int = 0) -> TunPair:
@@ -354,15 +367,16 @@ class TunPair:
         if self._device_counters:
             # The last word, for stats read after close (a failure report); the open files
             # hold the namespaces, so they go before the namespaces do.
-            self._device_drops = [
-                c.tx_dropped().get(d.name, 0)
-                for c, d in zip(self._device_counters, self._devices, strict=False)
-            ]
+            self._device_drops = self._read_device_drops()
             for c in self._device_counters:
                 c.close()
             self._device_counters = []
-        for d in reversed(self._devices):
-            d.close()
+        fds = [d.detach() for d in reversed(self._devices)]  # closed from here on
+        if any(fd is not None for fd in fds):
+            # Later only in one namespace: hosts are closed after their devices, below.
+            one_ns = not self._own_hosts and self._given_hosts is None
+            dispose = self._dispose if one_ns and self._dispose is not None else _at_once
+            dispose(lambda: _release_fds(fds))
         for host in reversed(self._own_hosts):
             try:
                 host.close()
@@ -372,6 +386,18 @@ class TunPair:
             self._netns.exit()
         self._close_keylog()
         return errors + leftover
+
+    def _read_device_drops(self) -> list[int]:
+        """Each device's ``tx_dropped``; one read per namespace (both devices share one
+        but in hosts mode)."""
+        read: dict[int, dict[str, int]] = {}
+        drops = []
+        for c, d in zip(self._device_counters, self._devices, strict=False):
+            counts = read.get(id(c))
+            if counts is None:
+                counts = read[id(c)] = c.tx_dropped()
+            drops.append(counts.get(d.name, 0))
+        return drops
 
     def settle(self, timeout: float) -> bool:
         """Wait (up to ``timeout`` s) until no packet is on its way: nothing held in the
@@ -647,13 +673,7 @@ class TunPair:
         """
         stats = self._stats.as_dict()
         relay = self._relay
-        if self._device_counters:
-            drops = [
-                c.tx_dropped().get(d.name, 0)
-                for c, d in zip(self._device_counters, self._devices, strict=False)
-            ]
-        else:
-            drops = self._device_drops
+        drops = self._read_device_drops() if self._device_counters else self._device_drops
         for i, direction in enumerate(DIRECTIONS):
             entry = stats[direction]
             entry["queued"] = relay.queued(direction) if relay is not None else 0
@@ -721,7 +741,7 @@ class TunPair:
             except BaseException as exc:
                 failure.append(exc)
 
-        t = threading.Thread(target=inside, name="tunpair sockets", daemon=True)
+        t = own_thread(inside, "tunpair sockets")
         t.start()
         t.join()
         if failure:

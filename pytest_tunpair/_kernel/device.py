@@ -12,7 +12,7 @@ from .._errors import PrivilegeError, TunDeviceError
 from .._wire import gso as _gso
 from . import linux as _linux
 
-__all__ = ["OFFLOAD_FLAGS", "TunDevice"]
+__all__ = ["OFFLOAD_FLAGS", "DeviceCounters", "TunDevice", "release_fd"]
 
 # What the relay asks the kernel to hand it when offload is on: checksum offload plus TSO
 # for both families, so TCP arrives as GSO super-packets of up to 64 KB (docs/internals.md,
@@ -100,27 +100,38 @@ class TunDevice:
         return os.write(self.fd, payload)
 
     def close(self) -> None:
-        """Close the fd, leaving the device to its namespace.
+        """Close the fd, leaving the device to its namespace (:func:`release_fd`)."""
+        release_fd(self.detach())
 
-        The device is made persistent first, so it outlives the fd and goes away with its
-        namespace, which the kernel tears down asynchronously. Closing a non-persistent TUN
-        fd unregisters the device synchronously, about 25 ms per device
-        (docs/internals.md, "Teardown: TUNSETPERSIST, then let the namespace go"), which
-        would dominate a test's teardown.
-        """
+    def detach(self) -> int | None:
+        """Take the fd away from the device object (which is closed from now on): the
+        caller releases it (:func:`release_fd`), here or on another thread."""
         fd, self.fd = self.fd, None
-        if fd is None:
-            return
-        try:
-            try:
-                fcntl.ioctl(fd, _linux.TUNSETPERSIST, 1)
-            except OSError:
-                pass  # the device then unregisters synchronously: slower, still correct
-        finally:
-            os.close(fd)
+        return fd
 
     def __repr__(self) -> str:
         return f"<TunDevice {self.name} index={self.index} mode={self.mode} fd={self.fd}>"
+
+
+def release_fd(fd: int | None) -> None:
+    """Close a device's fd (from :meth:`TunDevice.detach`), leaving the device to its
+    namespace.
+
+    The device is made persistent first, so it outlives the fd and goes away with its
+    namespace, which the kernel tears down asynchronously. Closing a non-persistent TUN
+    fd unregisters the device synchronously, about 25 ms per device
+    (docs/internals.md, "Teardown: TUNSETPERSIST, then let the namespace go"), which
+    would dominate a test's teardown.
+    """
+    if fd is None:
+        return
+    try:
+        try:
+            fcntl.ioctl(fd, _linux.TUNSETPERSIST, 1)
+        except OSError:
+            pass  # the device then unregisters synchronously: slower, still correct
+    finally:
+        os.close(fd)
 
 
 class DeviceCounters:

@@ -376,12 +376,15 @@ class Keeper:
     namespace, so that the child forked there starts in it.
     """
 
-    def __init__(self, ns: os.stat_result, *, leftovers: str = "warn") -> None:
+    def __init__(
+        self, ns: os.stat_result, *, leftovers: str = "warn", born: PidMark | None = None
+    ) -> None:
         if leftovers not in LEFTOVER_POLICIES:
             raise ValueError(f"leftovers={leftovers!r}: use one of {', '.join(LEFTOVER_POLICIES)}")
         self._ns = ns
-        # Made with its namespace: every process in it is newer (members(since=)).
-        self._born = PidMark.now()
+        # Taken before the namespace was made (``born``: by whoever made it, e.g. a spare's
+        # builder), or now, with it: every process in it is newer (members(since=)).
+        self._born = born or PidMark.now()
         self.leftovers = leftovers
         self.spawned: list[subprocess.Popen[Any]] = []
         self._logs: dict[int, IO[bytes]] = {}  # pid -> its output file

@@ -24,6 +24,7 @@ from typing import Any
 
 from .._errors import OptionError
 from .._wire import dns as _dns
+from .threads import own_thread
 
 __all__ = ["FAILURES", "DnsQuery", "Records", "Resolver"]
 
@@ -177,7 +178,7 @@ class Resolver:
         self._stopping = False
         self._errors: list[BaseException] = []
         self._view: Any = None  # the test thread's private resolv.conf (mountns)
-        self._thread = threading.Thread(target=self._main, name="tunpair-dns", daemon=True)
+        self._thread = own_thread(self._main, "tunpair-dns")
         self._thread.start()
 
     # -- the test's side -------------------------------------------------------------------

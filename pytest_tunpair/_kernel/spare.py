@@ -31,6 +31,7 @@ from .._errors import NamespaceError
 from . import linux as _linux
 from . import routing as _routing
 from .device import DeviceCounters, TunDevice
+from .procs import PidMark
 
 __all__ = ["BuiltDevices", "DevicePlan", "Spare", "SparePool", "build_devices", "prepare"]
 
@@ -100,6 +101,9 @@ def build_devices(plan: DevicePlan, sysctl: Sysctl) -> BuiltDevices:
     try:
         for name in plan.names:
             made.append(TunDevice(name, mode=plan.mode, vnet_hdr=plan.vnet_hdr))
+            # With a vnet header the pair wants the kernel's offloads (its ``offload``
+            # option): switched on here, so that a spare's devices come ready.
+            made[-1].set_offload(plan.vnet_hdr)
         dev_a, dev_b = made
         if plan.no_ipv6 and os.path.isdir("/proc/sys/net/ipv6"):
             for d in made:
@@ -129,6 +133,9 @@ class Spare:
     """An fd on the namespace (``/proc/thread-self/ns/net``): whoever takes the spare owns it."""
     plan: DevicePlan | None
     built: BuiltDevices | None = None
+    born: PidMark | None = None
+    """The pid allocator just before the namespace was made: every process in it is newer
+    (the namespace's ``Keeper`` looks for leftovers among those only)."""
 
     def discard(self) -> None:
         """Drop it unused: the namespace goes when its last reference does, its devices with
@@ -221,13 +228,14 @@ class SparePool:
             self._idle.set()
 
     def _build(self, plan: DevicePlan | None) -> None:
+        born = PidMark.now()
         try:
             _linux.unshare(_linux.CLONE_NEWNET)
         except OSError:
             return  # not allowed here: each test makes its own (and says why)
         fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         inode = os.fstat(fd).st_ino
-        spare = Spare(fd, plan)
+        spare = Spare(fd, plan, born=born)
 
         def sysctl(name: str, value: int) -> None:
             if os.stat("/proc/thread-self/ns/net").st_ino != inode:  # pragma: no cover

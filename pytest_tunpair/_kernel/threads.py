@@ -34,6 +34,7 @@ __all__ = [
     "ThreadInfo",
     "join_threads",
     "netns_of",
+    "own_thread",
     "pool_threads",
     "record_start_sites",
     "start_site",
@@ -55,6 +56,23 @@ _MACHINERY = (
     __package__,  # this package's kernel level (pools.py, the disposable test threads)
     f"{__package__.rpartition('.')[0]}._packets.aio",  # the awaitable waits' threads
 )
+
+
+#: How the package's threads are named, in Python and (``linux.set_thread_name``) for the kernel.
+OWN_PREFIX = "tunpair"
+
+
+def own_thread(target: Callable[[], object], name: str) -> threading.Thread:
+    """A daemon thread of the package, not started: ``name`` (beginning with
+    :data:`OWN_PREFIX`) is its Python name and, from its first step, its kernel name
+    (``linux.set_thread_name``), which the leftover-thread check reads for a thread Python
+    has already let go of (:func:`threads_in`)."""
+
+    def run() -> None:
+        _linux.set_thread_name(name)
+        target()
+
+    return threading.Thread(target=run, name=name, daemon=True)
 
 
 # -- where each thread is ------------------------------------------------------------------------
@@ -118,7 +136,10 @@ def threads_in(
 ) -> list[ThreadInfo]:
     """The threads of the process inside the namespace ``inode``, but ``besides`` (tids),
     the calling thread, the package's own (named ``tunpair...``: relays, hook workers, a
-    test's own thread in rootless runs, awaitable waits) and Python threads ``skip`` says."""
+    test's own thread in rootless runs, awaitable waits) and Python threads ``skip`` says.
+
+    A thread Python has let go of (joined, or ended) may still be in the kernel's list for
+    a moment: one of ours says so by its kernel name (``linux.set_thread_name``)."""
     known = {*besides, threading.get_native_id()}
     python = _python_threads()
     found = []
@@ -126,7 +147,9 @@ def threads_in(
         if netns_of(tid) != inode:
             continue
         thread = python.get(tid)
-        if thread is not None and (thread.name.startswith("tunpair") or skip(thread)):
+        if thread is not None and (thread.name.startswith(OWN_PREFIX) or skip(thread)):
+            continue
+        if thread is None and _comm(tid).startswith(OWN_PREFIX):
             continue
         found.append(info(tid, python))
     return found

@@ -13,6 +13,8 @@ import threading
 from types import ModuleType
 from typing import Any
 
+from .._kernel.threads import own_thread
+
 __all__ = ["CORE_ENV", "describe", "join_releases", "load", "release_later"]
 
 #: ``TUNPAIR_RELAY=python`` keeps the relay in its Python loop even where the core is built:
@@ -62,7 +64,7 @@ def release_later(core: Any) -> None:
     ``tunpair-release`` (the leftover-thread checks pass over the package's own threads) and
     ends when the rings are gone; :func:`join_releases` waits for all of them.
     """
-    thread = threading.Thread(target=core.release, name="tunpair-release", daemon=True)
+    thread = own_thread(core.release, "tunpair-release")
     with _releasing_lock:
         _releasing[:] = [t for t in _releasing if t.is_alive()]
         oldest = _releasing[0] if len(_releasing) >= MAX_RELEASING else None

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .._kernel.threads import own_thread
 from .._packets.packet import Packet
 from .._wire.validate import is_scapy_packet
 from .link import Link
@@ -92,7 +93,7 @@ class HookWorker:
         self.stopping = False
         self._done = done
         self._wake = wake
-        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.thread = own_thread(self._main, name)
         self.thread.start()
 
     def _main(self) -> None:

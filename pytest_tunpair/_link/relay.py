@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import HookError
+from .._kernel.threads import own_thread
 from .._kernel.timer import Timer, set_timer_slack
 from .._packets.capture import Capture
 from .._packets.packet import Packet, PacketBatch, SegmentGroup
@@ -225,7 +226,7 @@ class Relay:
         self._stamps_asked = [False, False]
         self._stampers: list[threading.Thread] = []
         self._stopping = False
-        self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+        self._thread = own_thread(self._main, self.name)
 
     # -- control (any thread) ----------------------------------------------------------------
     def start(self) -> None:
@@ -700,7 +701,7 @@ class Relay:
             core.prepare_stamps(*want)
             self.wake()
 
-        stamper = threading.Thread(target=prepare, name=f"{self.name}-stamps", daemon=True)
+        stamper = own_thread(prepare, f"{self.name}-stamps")
         self._stampers.append(stamper)
         stamper.start()
 

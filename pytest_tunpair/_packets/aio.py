@@ -31,6 +31,7 @@ from types import CodeType, FrameType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .._errors import BlockingWaitError
+from .._kernel.threads import own_thread
 
 __all__ = [
     "CancelToken",
@@ -166,7 +167,7 @@ class _Wait:
         self.error: BaseException | None = None
         self.on_done: Callable[[], None] = lambda: None
         # The "tunpair" prefix: the leftover-thread report leaves the package's threads out.
-        self.thread = threading.Thread(target=self._run, name=f"tunpair-wait {name}", daemon=True)
+        self.thread = own_thread(self._run, f"tunpair-wait {name}")
 
     def _run(self) -> None:
         _local.token = self.token

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from .._kernel.threads import own_thread
 from . import pcap as _pcap
 from .packet import DIRECTIONS
 
@@ -200,7 +201,7 @@ class Follower:
         self._secrets_sent = 0  # bytes of the key log written (it only ever grows)
         self.skipped = 0
         """Packets the capture let go (its bounds) before the follower could write them."""
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread = own_thread(self._main, name)
 
     def start(self) -> Follower:
         self._thread.start()

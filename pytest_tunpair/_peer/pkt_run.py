@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._kernel.threads import own_thread
 from .._packets.packet import Packet
 from .._wire import build as _build
 from .._wire.numbers import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
@@ -2004,7 +2005,7 @@ class _Worker:
         self._done = threading.Event()
         self._done.set()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="tunpair-pkt-syscall", daemon=True)
+        self._thread = own_thread(self._loop, "tunpair-pkt-syscall")
         self._thread.start()
 
     def idle(self) -> bool:
