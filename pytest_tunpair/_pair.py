@@ -30,7 +30,7 @@ from ._errors import (
 from ._kernel import linux as _linux
 from ._kernel import routing as _routing
 from ._kernel import spare as _spare
-from ._kernel.device import DeviceCounters, TunDevice, release_fd
+from ._kernel.device import DeviceCounters, TunDevice, release_fds
 from ._kernel.host import Host
 from ._kernel.netns import NetNamespace, run_in
 from ._kernel.procs import Keeper
@@ -83,11 +83,6 @@ def _macs(mode: str, index: int) -> tuple[str | None, str | None]:
 
 def _at_once(work: Callable[[], object]) -> None:
     work()
-
-
-def _release_fds(fds: Sequence[int | None]) -> None:
-    for fd in fds:
-        release_fd(fd)
 
 
 def device_plan(o: PairOptions, index: int = 0) -> DevicePlan | None:
@@ -376,7 +371,7 @@ class TunPair:
             # Later only in one namespace: hosts are closed after their devices, below.
             one_ns = not self._own_hosts and self._given_hosts is None
             dispose = self._dispose if one_ns and self._dispose is not None else _at_once
-            dispose(lambda: _release_fds(fds))
+            dispose(lambda: release_fds(fds))
         for host in reversed(self._own_hosts):
             try:
                 host.close()

@@ -49,7 +49,7 @@ def test_the_disposer_runs_work_in_order_on_its_own_thread(
     finally:
         disposer.close()
     assert ran[-1] == (4, "tunpair-dispose")  # close() ran it before stopping
-    assert not any(t.name == "tunpair-dispose" for t in threading.enumerate())
+    assert not disposer._thread.is_alive()
     disposer.later(lambda: ran.append((5, threading.current_thread().name)))
     assert ran[-1] == (5, threading.current_thread().name)  # closed: at once, here
 

@@ -6,19 +6,29 @@ the namespace was new (``procs.PidMark``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import socket
 import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import pytest
 
 from pytest_tunpair import TunPairFactory
 from pytest_tunpair._kernel import procs
-from pytest_tunpair._kernel.spare import SparePool
+from pytest_tunpair._kernel import spare as spare_mod
+from pytest_tunpair._kernel.device import native_builder, release_fds
+from pytest_tunpair._kernel.spare import DevicePlan, SparePool
 from pytest_tunpair._options import PairOptions
 from pytest_tunpair._pair import device_plan
 
 from .conftest import run_standalone
+
+T = TypeVar("T")
 
 INNER = """
 import os, socket, subprocess, pytest
@@ -183,3 +193,122 @@ def test_pid_marks_span_the_allocators_cycle() -> None:
     assert now.last + 1001 in wrapped[0] and now.last in wrapped[1]
     long_ago = procs.PidMark(now.last, now.forks - 10**9)
     assert long_ago.newer() is None  # a whole cycle may have passed: scan everything
+
+
+@pytest.fixture
+def c_builder() -> None:
+    """Skip where the C builder was not built -- but CI builds it: fail there."""
+    if native_builder() is None:
+        message = "the spare's C builder (_kernel/_build.c) was not built"
+        if os.environ.get("TUNPAIR_CI_TOOLS") == "1":
+            pytest.fail(f"CI builds it, but {message}", pytrace=False)
+        pytest.skip(message)
+
+
+def _on_a_thread_of_its_own(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a thread that ends where ``fn`` leaves it (build_spare moves the calling
+    thread into the new namespace for good, as the pool's thread)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="spare-test")
+    thread.start()
+    thread.join(30)
+    if "error" in box:
+        raise box["error"]
+    return cast(T, box["value"])
+
+
+def _routing_state() -> dict[str, str]:
+    """The calling thread's namespace as `ip` shows it (a child forked here starts in it)."""
+
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+    return {
+        "links": ip("-o", "link"),
+        "addresses": ip("-o", "addr"),
+        "rules": ip("rule") + ip("-6", "rule"),
+        "routes": ip("route", "show", "table", "all") + ip("-6", "route", "show", "table", "all"),
+        "sysctls": " ".join(
+            Path(f"/proc/sys/net/{name}").read_text().strip()
+            for name in ("ipv4/ip_nonlocal_bind", "ipv6/ip_nonlocal_bind")
+        ),
+    }
+
+
+def _build_and_look(plan: DevicePlan) -> tuple[dict[str, str], list[str], tuple[int, int]]:
+    def build() -> tuple[dict[str, str], list[str], tuple[int, int]]:
+        spare = spare_mod.build_spare(plan)
+        try:
+            assert spare.built is not None and spare.born is not None
+            devices = spare.built.devices
+            return _routing_state(), spare.built.steps, (devices[0].index, devices[1].index)
+        finally:
+            spare.discard()
+
+    return _on_a_thread_of_its_own(build)
+
+
+@pytest.mark.usefixtures("c_builder")
+@pytest.mark.parametrize("options", [{}, {"ipv6": None}, {"mode": "tap", "offload": False}])
+def test_the_c_builder_builds_what_the_python_one_does(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    """The same namespace, whoever builds it: links, addresses, rules, routes and settings
+    as `ip` shows them, and the same steps -- also when the devices get other ifindexes
+    than the C builder's recipe was compiled for (it then routes them from Python)."""
+    plan = device_plan(PairOptions(**options))
+    assert plan is not None
+    native = _build_and_look(plan)
+    monkeypatch.setattr(spare_mod, "_indexes", (40, 41))  # not what a namespace gives
+    relearned = _build_and_look(plan)
+    assert spare_mod._indexes == native[2]  # learned again
+    monkeypatch.setattr(spare_mod, "native_builder", lambda: None)
+    python = _build_and_look(plan)
+    assert native == relearned == python
+    assert "iif tun0 lookup 13" in native[0]["rules"] and "tun1" in native[0]["links"]
+
+
+@pytest.mark.usefixtures("c_builder")
+def test_a_c_build_that_fails_says_what_and_leaves_nothing_open() -> None:
+    plan = device_plan(PairOptions())
+    assert plan is not None
+    clash = dataclasses.replace(plan, names=("tun0", "tun0"))  # the second TUNSETIFF: EBUSY
+    for _attempt in range(2):  # the first compiles the recipe (pyroute2 keeps sockets)
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError, match="TUNSETIFF") as info:
+            _on_a_thread_of_its_own(lambda: spare_mod.build_spare(clash))
+        assert info.value.errno == errno.EBUSY
+    assert set(os.listdir("/proc/self/fd")) <= before
+    with pytest.raises(ValueError, match="too long"):
+        native_builder().build([], b"", [("x" * 20, 1, -1)] * 2, [], (0, 0), b"", (), b"", 1)
+
+
+@pytest.mark.usefixtures("c_builder")
+def test_released_devices_are_persistent_and_their_fds_closed() -> None:
+    """release_fds (the disposer's work): TUNSETPERSIST then close, so the devices stay in
+    their namespace -- and go with it -- rather than unregistering on the spot."""
+    plan = device_plan(PairOptions())
+    assert plan is not None
+
+    def build() -> tuple[list[int], list[str]]:
+        spare = spare_mod.build_spare(plan)
+        assert spare.built is not None
+        fds = [d.detach() for d in spare.built.devices]
+        release_fds(fds)
+        names = sorted(n for _i, n in socket.if_nameindex())
+        spare.discard()
+        return [fd for fd in fds if fd is not None], names
+
+    fds, names = _on_a_thread_of_its_own(build)
+    assert names == ["lo", "tun0", "tun1"]  # persistent: still there after the close
+    for fd in fds:
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF

@@ -7,12 +7,22 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Iterable
+from typing import Any
 
 from .._errors import PrivilegeError, TunDeviceError
 from .._wire import gso as _gso
 from . import linux as _linux
 
-__all__ = ["OFFLOAD_FLAGS", "DeviceCounters", "TunDevice", "release_fd"]
+__all__ = [
+    "OFFLOAD_FLAGS",
+    "DeviceCounters",
+    "TunDevice",
+    "native_builder",
+    "release_fd",
+    "release_fds",
+    "tun_flags",
+]
 
 # What the relay asks the kernel to hand it when offload is on: checksum offload plus TSO
 # for both families, so TCP arrives as GSO super-packets of up to 64 KB (docs/internals.md,
@@ -50,9 +60,7 @@ class TunDevice:
         self.vnet_hdr = vnet_hdr
         self.hdr_len = _gso.VIRTIO_NET_HDR_LEN if vnet_hdr else 0
         self.offload = False
-        flags = (_linux.IFF_TAP if mode == "tap" else _linux.IFF_TUN) | _linux.IFF_NO_PI
-        if vnet_hdr:
-            flags |= _linux.IFF_VNET_HDR
+        flags = tun_flags(mode, vnet_hdr)
         try:
             fd = os.open(_TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
@@ -78,6 +86,19 @@ class TunDevice:
         self.index = socket.if_nametoindex(name)
         self.netns_inode = os.stat("/proc/thread-self/ns/net").st_ino
         """The inode of the network namespace the device was made in (and stays in)."""
+
+    @classmethod
+    def adopt(
+        cls, fd: int, name: str, *, mode: str, vnet_hdr: bool, offload: bool, index: int
+    ) -> TunDevice:
+        """The device of an fd made with :func:`tun_flags` by other code (the spare's builder
+        in C, ``_build.c``) in the calling thread's namespace: the object owns the fd."""
+        dev = cls.__new__(cls)
+        dev.name, dev.mode, dev.vnet_hdr, dev.offload = name, mode, vnet_hdr, offload
+        dev.hdr_len = _gso.VIRTIO_NET_HDR_LEN if vnet_hdr else 0
+        dev.fd, dev.index = fd, index
+        dev.netns_inode = os.stat("/proc/thread-self/ns/net").st_ino
+        return dev
 
     def set_offload(self, on: bool) -> None:
         """Switch TSO/checksum offload towards the relay (no-op without a vnet header).
@@ -113,6 +134,13 @@ class TunDevice:
         return f"<TunDevice {self.name} index={self.index} mode={self.mode} fd={self.fd}>"
 
 
+def tun_flags(mode: str, vnet_hdr: bool) -> int:
+    """``TUNSETIFF``'s flags for a device of ``mode`` (``"tun"``, ``"tap"``), with or
+    without a virtio-net header."""
+    flags = (_linux.IFF_TAP if mode == "tap" else _linux.IFF_TUN) | _linux.IFF_NO_PI
+    return flags | _linux.IFF_VNET_HDR if vnet_hdr else flags
+
+
 def release_fd(fd: int | None) -> None:
     """Close a device's fd (from :meth:`TunDevice.detach`), leaving the device to its
     namespace.
@@ -134,6 +162,28 @@ def release_fd(fd: int | None) -> None:
         os.close(fd)
 
 
+def release_fds(fds: Iterable[int | None]) -> None:
+    """:func:`release_fd` for each, in one call that holds no GIL where the C builder was
+    built (``_build.c``): each of the calls takes the kernel's RTNL lock, and may wait."""
+    fds = [fd for fd in fds if fd is not None]
+    native = native_builder()
+    if native is None:
+        for fd in fds:
+            release_fd(fd)
+    elif fds:
+        native.release(fds)
+
+
+def native_builder() -> Any:
+    """The spare namespace's builder in C (``_build.c``: ``build``, ``release``), or
+    ``None`` where it was not built (setup.py: it is optional)."""
+    try:
+        from . import _build  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _build
+
+
 class DeviceCounters:
     """The kernel's counters of the devices of one network namespace, readable from any
     thread: ``/proc/net/dev`` opened while inside it.
@@ -148,8 +198,11 @@ class DeviceCounters:
     it with the pair.
     """
 
-    def __init__(self) -> None:
-        self._fd: int | None = os.open("/proc/thread-self/net/dev", os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, fd: int | None = None) -> None:
+        """Opens the file, or owns ``fd``, opened on it by other code (inside the namespace)."""
+        if fd is None:
+            fd = os.open("/proc/thread-self/net/dev", os.O_RDONLY | os.O_CLOEXEC)
+        self._fd: int | None = fd
 
     def tx_dropped(self) -> dict[str, int]:
         """``tx_dropped`` per device name (empty once closed)."""

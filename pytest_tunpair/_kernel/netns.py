@@ -14,6 +14,7 @@ goes, even if this process is SIGKILLed.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -33,6 +34,12 @@ T = TypeVar("T")
 def current_netns_inode() -> int:
     """Inode of the calling thread's network namespace (``/proc/thread-self/ns/net``)."""
     return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+@functools.cache
+def _always_returns() -> bool:
+    # Root of the host's user namespace: CAP_SYS_ADMIN over every namespace (asked once).
+    return _userns.in_initial_user_namespace() and _userns.has_namespace_privileges()
 
 
 class NetNamespace:
@@ -127,7 +134,9 @@ class NetNamespace:
 
     @staticmethod
     def _refuse_one_way_trip(orig: int) -> None:
-        """Refuse to move a thread that could never come back (see ``_userns.py``).
+        """Refuse to move a thread that could never come back (see ``_userns.py``); at once
+        for a process with namespace privileges in the host's user namespace, which can
+        enter every namespace.
 
         In a user namespace that does not own the thread's network namespace (one the
         process entered by itself), ``setns`` back fails with EPERM: the thread would stay
@@ -135,6 +144,8 @@ class NetNamespace:
         makes the same permission check; without namespace privileges at all we let
         ``unshare`` below fail with its own message.
         """
+        if _always_returns():
+            return
         try:
             _linux.setns(orig, _linux.CLONE_NEWNET)
         except OSError as exc:

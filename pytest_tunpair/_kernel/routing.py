@@ -46,7 +46,17 @@ from typing import Any
 from .._errors import NamespaceError
 from . import linux as _linux
 
-__all__ = ["Route", "Side", "add_routes", "apply_hosts", "apply_recipe", "link_up_lo"]
+__all__ = [
+    "Recipe",
+    "Route",
+    "Side",
+    "add_routes",
+    "apply_hosts",
+    "apply_recipe",
+    "compile_recipe",
+    "link_up_lo",
+    "lo_message",
+]
 
 _NLMSG_ERROR = 2
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -77,6 +87,9 @@ class Side:
     peer_ip6: str | None
     mac: str | None = None
 
+
+#: How long the recipe waits for the kernel to install an IPv6 address's local route.
+LOCAL6_TIMEOUT = 2.0
 
 _RTMGRP_IPV6_ROUTE = 0x400
 _RTM_NEWROUTE = 24
@@ -163,8 +176,8 @@ class _Netlink:
                 f"setting up the tunnel failed at `{step}`: {os.strerror(code)} (errno {code})"
             )
 
-    def wait_local6(self, addrs: list[str], timeout: float = 2.0) -> None:
-        want = {socket.inet_pton(socket.AF_INET6, a) for a in addrs}
+    def wait_local6(self, addrs: tuple[bytes, ...], timeout: float = LOCAL6_TIMEOUT) -> None:
+        want = set(addrs)
         deadline = time.monotonic() + timeout
         while not want <= self.local6:
             remaining = deadline - time.monotonic()
@@ -226,22 +239,52 @@ def link_up_lo() -> None:
         nl.close()
 
 
+def lo_message() -> bytes:
+    """``ip link set lo up``, compiled (what :func:`link_up_lo` sends)."""
+    return _lo_plan()[0]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The recipe for one set of sides, compiled: the requests, then (IPv6) the local
+    routes to wait for and the requests that move them, as :func:`apply_recipe` sends
+    them -- or the spare's builder in C (``_build.c``)."""
+
+    main: bytes
+    main_steps: tuple[str, ...]
+    wait6: tuple[bytes, ...]
+    """The IPv6 local routes (packed addresses) the kernel adds from a workqueue."""
+    cleanup: bytes
+    cleanup_steps: tuple[str, ...]
+
+    @property
+    def steps(self) -> list[str]:
+        return [*self.main_steps, *self.cleanup_steps]
+
+
+@lru_cache(maxsize=256)
+def compile_recipe(sides: tuple[Side, ...], mtu: int, table: int, txqueuelen: int) -> Recipe:
+    """The recipe's requests for ``sides`` (indexes included), compiled once per process."""
+    main, main_steps = _main_plan(sides, mtu, table, txqueuelen)
+    v6 = tuple(s for s in sides if s.ip6 and s.peer_ip6)
+    if not v6:
+        return Recipe(main, main_steps, (), b"", ())
+    cleanup, cleanup_steps = _v6_cleanup_plan(v6)
+    wait6 = tuple(socket.inet_pton(socket.AF_INET6, s.ip6) for s in v6 if s.ip6)
+    return Recipe(main, main_steps, wait6, cleanup, cleanup_steps)
+
+
 def apply_recipe(sides: list[Side], *, mtu: int, table: int, txqueuelen: int) -> list[str]:
     """Configure every side in the calling thread's namespace; return the steps taken."""
-    key = (tuple(sides), mtu, table, txqueuelen)
+    recipe = compile_recipe(tuple(sides), mtu, table, txqueuelen)
     nl = _Netlink()
     try:
-        data, steps = _main_plan(*key)
-        nl.run(data, steps)
-        done = list(steps)
-        v6 = [s for s in sides if s.ip6 and s.peer_ip6]
-        if v6:
+        nl.run(recipe.main, recipe.main_steps)
+        if recipe.wait6:
             # Step 2 for IPv6, once the kernel has installed the routes (see _Netlink).
-            nl.wait_local6([s.ip6 for s in v6 if s.ip6])
-            data, steps = _v6_cleanup_plan(tuple(v6))
-            nl.run(data, steps)
-            done += steps
-        return done
+            nl.wait_local6(recipe.wait6)
+            nl.run(recipe.cleanup, recipe.cleanup_steps)
+        return recipe.steps
     finally:
         nl.close()
 

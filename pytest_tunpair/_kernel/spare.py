@@ -22,39 +22,63 @@ builds its own.
 from __future__ import annotations
 
 import _thread
+import functools
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .._errors import NamespaceError
 from . import linux as _linux
 from . import routing as _routing
-from .device import DeviceCounters, TunDevice
+from .device import OFFLOAD_FLAGS, DeviceCounters, TunDevice, native_builder, tun_flags
 from .procs import PidMark
 
-__all__ = ["BuiltDevices", "DevicePlan", "Spare", "SparePool", "build_devices", "prepare"]
+__all__ = [
+    "BuiltDevices",
+    "DevicePlan",
+    "Spare",
+    "SparePool",
+    "build_devices",
+    "build_spare",
+    "describe",
+    "prepare",
+]
 
 #: Writes a per-namespace sysctl (``"net/ipv4/ip_nonlocal_bind"``, ``1``) in the calling
 #: thread's namespace, refusing anywhere else (the host's sysctls are never touched).
 Sysctl = Callable[[str, int], None]
 
 
-def prepare(sysctl: Sysctl) -> None:
-    """Per-namespace settings, done once, inside the namespace (never on the host)."""
+@functools.cache
+def has_ipv6() -> bool:
+    """The kernel has IPv6 (not booted with ``ipv6.disable=1``)."""
+    return os.path.isdir("/proc/sys/net/ipv6")
+
+
+def namespace_sysctls() -> list[tuple[str, int]]:
+    """Per-namespace settings, set once in a new namespace (:func:`prepare`)."""
     # Step 2 of the recipe removes the addresses from table local, which is also how the
     # kernel answers "is this address mine?" for bind(): without this a server cannot bind
     # to a tunnel address (EADDRNOTAVAIL). Both sysctls are per namespace.
-    sysctl("net/ipv4/ip_nonlocal_bind", 1)
-    if os.path.isdir("/proc/sys/net/ipv6"):
-        sysctl("net/ipv6/ip_nonlocal_bind", 1)
+    settings = [("net/ipv4/ip_nonlocal_bind", 1)]
+    if has_ipv6():
+        settings.append(("net/ipv6/ip_nonlocal_bind", 1))
         # No link-local address on new devices: no router solicitations, MLD or other
         # chatter in the capture (docs/internals.md, "No link-local addresses"), only the
         # test's own traffic.
         # TAP devices too: neighbour discovery still resolves, the kernel sends the NS from
         # the global address of the packet waiting for it. What a TAP capture still shows
         # is each device's MLD report for its solicited-node group (README, "TAP mode").
-        sysctl("net/ipv6/conf/default/addr_gen_mode", 1)
+        settings.append(("net/ipv6/conf/default/addr_gen_mode", 1))
+    return settings
+
+
+def prepare(sysctl: Sysctl) -> None:
+    """Per-namespace settings, done once, inside the namespace (never on the host)."""
+    for name, value in namespace_sysctls():
+        sysctl(name, value)
     _routing.link_up_lo()
 
 
@@ -73,6 +97,14 @@ class DevicePlan:
     txqueuelen: int
     no_ipv6: bool
     """Turn IPv6 off on the devices (the pair has no IPv6 addresses)."""
+
+    def sides(self, indexes: tuple[int, int]) -> list[_routing.Side]:
+        """The recipe's two sides, for devices of these ifindexes."""
+        (a, b), v4, v6, macs = self.names, self.v4, self.v6, self.macs
+        return [
+            _routing.Side(a, indexes[0], v4[0], v4[1], v6[0], v6[1], macs[0]),
+            _routing.Side(b, indexes[1], v4[1], v4[0], v6[1], v6[0], macs[1]),
+        ]
 
 
 @dataclass
@@ -104,15 +136,9 @@ def build_devices(plan: DevicePlan, sysctl: Sysctl) -> BuiltDevices:
             # With a vnet header the pair wants the kernel's offloads (its ``offload``
             # option): switched on here, so that a spare's devices come ready.
             made[-1].set_offload(plan.vnet_hdr)
-        dev_a, dev_b = made
-        if plan.no_ipv6 and os.path.isdir("/proc/sys/net/ipv6"):
-            for d in made:
-                sysctl(f"net/ipv6/conf/{d.name}/disable_ipv6", 1)
-        v4, v6, macs = plan.v4, plan.v6, plan.macs
-        sides = [
-            _routing.Side(dev_a.name, dev_a.index, v4[0], v4[1], v6[0], v6[1], macs[0]),
-            _routing.Side(dev_b.name, dev_b.index, v4[1], v4[0], v6[1], v6[0], macs[1]),
-        ]
+        for name, value in device_sysctls(plan):
+            sysctl(name, value)
+        sides = plan.sides((made[0].index, made[1].index))
         steps = _routing.apply_recipe(
             sides, mtu=plan.mtu, table=plan.table, txqueuelen=plan.txqueuelen
         )
@@ -121,7 +147,14 @@ def build_devices(plan: DevicePlan, sysctl: Sysctl) -> BuiltDevices:
         for d in reversed(made):
             d.close()
         raise
-    return BuiltDevices((dev_a, dev_b), steps, counters, sides, plan)
+    return BuiltDevices((made[0], made[1]), steps, counters, sides, plan)
+
+
+def device_sysctls(plan: DevicePlan) -> list[tuple[str, int]]:
+    """The devices' own settings, once they exist."""
+    if plan.no_ipv6 and has_ipv6():
+        return [(f"net/ipv6/conf/{name}/disable_ipv6", 1) for name in plan.names]
+    return []
 
 
 @dataclass
@@ -228,28 +261,10 @@ class SparePool:
             self._idle.set()
 
     def _build(self, plan: DevicePlan | None) -> None:
-        born = PidMark.now()
         try:
-            _linux.unshare(_linux.CLONE_NEWNET)
-        except OSError:
-            return  # not allowed here: each test makes its own (and says why)
-        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        inode = os.fstat(fd).st_ino
-        spare = Spare(fd, plan, born=born)
-
-        def sysctl(name: str, value: int) -> None:
-            if os.stat("/proc/thread-self/ns/net").st_ino != inode:  # pragma: no cover
-                raise NamespaceError(f"refusing to set {name} outside the spare namespace")
-            with open("/proc/sys/" + name, "w") as f:
-                f.write(str(value))
-
-        try:
-            prepare(sysctl)
-            if plan is not None:
-                spare.built = build_devices(plan, sysctl)
+            spare = build_spare(plan)
         except Exception:
-            spare.discard()
-            return
+            return  # no spare: the next test makes its own namespace (and meets the error)
         with self._lock:
             if self._closed:
                 spare.discard()
@@ -266,3 +281,100 @@ class SparePool:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.discard()
+
+
+def build_spare(plan: DevicePlan | None) -> Spare:
+    """Move the calling thread into a new namespace and make it a :class:`Spare`: prepared,
+    with the devices of ``plan`` (if any) built and routed. The thread stays there (it is
+    made for that: ``SparePool``'s ends there). Raises what failed, leaving nothing open.
+
+    In C where it was built (``_build.c``: no GIL held, so the build runs beside a test
+    running Python), else here.
+    """
+    native = native_builder()
+    if native is not None and plan is not None:
+        return _build_natively(native, plan)
+    born = PidMark.now()
+    _linux.unshare(_linux.CLONE_NEWNET)
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    inode = os.fstat(fd).st_ino
+    spare = Spare(fd, plan, born=born)
+
+    def sysctl(name: str, value: int) -> None:
+        if os.stat("/proc/thread-self/ns/net").st_ino != inode:  # pragma: no cover
+            raise NamespaceError(f"refusing to set {name} outside the spare namespace")
+        with open("/proc/sys/" + name, "w") as f:
+            f.write(str(value))
+
+    try:
+        prepare(sysctl)
+        if plan is not None:
+            spare.built = build_devices(plan, sysctl)
+    except BaseException:
+        spare.discard()
+        raise
+    return spare
+
+
+def describe() -> str:
+    """One line for the run's header: who builds the spare namespaces."""
+    if native_builder() is not None:
+        return "spares: C builder"
+    return (
+        "spares: Python builder (the C one was not built; reinstall with a C compiler and "
+        "Python's headers, e.g. apt-get install gcc python3-dev)"
+    )
+
+
+#: The ifindexes a new namespace gives a pair's two devices (``lo`` is 1; modules such as
+#: ``sit`` add a device of their own to every namespace): the C builder sends the recipe
+#: compiled for these, and where the devices got others the recipe is sent from here.
+_indexes: tuple[int, int] | None = None
+
+
+def _build_natively(native: Any, plan: DevicePlan) -> Spare:
+    global _indexes
+    expect = _indexes
+    recipe = None
+    if expect is not None:
+        compiled_for = tuple(plan.sides(expect))
+        recipe = _routing.compile_recipe(compiled_for, plan.mtu, plan.table, plan.txqueuelen)
+    flags = tun_flags(plan.mode, plan.vnet_hdr)
+    offload = OFFLOAD_FLAGS if plan.vnet_hdr else -1
+    ns_fd, ((fd_a, index_a), (fd_b, index_b)), counters_fd, routed, mark = native.build(
+        [(name, str(value)) for name, value in namespace_sysctls()],
+        _routing.lo_message(),
+        [(name, flags, offload) for name in plan.names],
+        [(name, str(value)) for name, value in device_sysctls(plan)],
+        expect or (0, 0),
+        recipe.main if recipe else b"",
+        recipe.wait6 if recipe else (),
+        recipe.cleanup if recipe else b"",
+        int(_routing.LOCAL6_TIMEOUT * 1000),
+    )
+    born = PidMark(*mark) if min(mark) >= 0 else None  # else the keeper takes one itself
+    spare = Spare(ns_fd, plan, born=born)
+    raw = [fd_a, fd_b, counters_fd]  # until objects own them
+    try:
+        devices = tuple(
+            TunDevice.adopt(
+                fd, name, mode=plan.mode, vnet_hdr=plan.vnet_hdr, offload=plan.vnet_hdr, index=i
+            )
+            for fd, name, i in ((fd_a, plan.names[0], index_a), (fd_b, plan.names[1], index_b))
+        )
+        sides = plan.sides((index_a, index_b))
+        built = BuiltDevices((devices[0], devices[1]), [], DeviceCounters(counters_fd), sides, plan)
+        spare.built, raw = built, []
+        if routed and recipe is not None:
+            built.steps = recipe.steps
+        else:
+            built.steps = _routing.apply_recipe(
+                sides, mtu=plan.mtu, table=plan.table, txqueuelen=plan.txqueuelen
+            )
+            _indexes = (index_a, index_b)
+    except BaseException:
+        for fd in raw:
+            os.close(fd)
+        spare.discard()
+        raise
+    return spare

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import HookError
-from .._kernel.threads import own_thread
+from .._kernel.threads import QuickThread, own_thread
 from .._kernel.timer import Timer, set_timer_slack
 from .._packets.capture import Capture
 from .._packets.packet import Packet, PacketBatch, SegmentGroup
@@ -226,7 +226,8 @@ class Relay:
         self._stamps_asked = [False, False]
         self._stampers: list[threading.Thread] = []
         self._stopping = False
-        self._thread = own_thread(self._main, self.name)
+        # Started without waiting for it (QuickThread): it is the set-up's last step.
+        self._thread = QuickThread(self._main, self.name)
 
     # -- control (any thread) ----------------------------------------------------------------
     def start(self) -> None:
@@ -490,7 +491,7 @@ class Relay:
             return
         self._stopping = True
         self.wake()
-        if self._thread.ident is not None:
+        if self._thread.ident is not None:  # started
             self._thread.join(timeout)
         if self._thread.is_alive():  # pragma: no cover - the loop itself never blocks
             self._add_error(

@@ -309,9 +309,10 @@ def header(config: pytest.Config, how: str) -> list[str]:
             versions.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:
             versions.append(f"{dist} not installed")
+    from .._kernel.spare import describe as spares
     from .._link.core import describe
 
-    return [f"tunpair: {how}; {', '.join(versions)}; {describe()}"]
+    return [f"tunpair: {how}; {', '.join(versions)}; {describe()}; {spares()}"]
 
 
 def pairs_of(item: pytest.Item) -> list[TunPair]:
