@@ -16,7 +16,7 @@
  *   expect: the ifindexes the recipe was compiled for (0: not known);
  *   recipe, cleanup: the recipe's requests, and those that move the IPv6 local routes
  *     once the kernel has added them (wait6: their packed addresses; timeout_ms for that);
- * returns (namespace fd, ((fd, ifindex), (fd, ifindex)), /proc/thread-self/net/dev fd,
+ * returns ((namespace fd, its inode), ((fd, ifindex), (fd, ifindex)), /proc/thread-self/net/dev fd,
  * recipe_done, (ns_last_pid, forks) read before the namespace was made: procs.PidMark). recipe_done is False when the devices got other ifindexes than expected:
  * the caller then routes them itself, in the namespace this thread is now in. On failure
  * everything opened is closed and OSError(errno, "what failed") is raised; the thread stays
@@ -76,6 +76,7 @@ typedef struct {
     /* results */
     int ns_fd, counters_fd, nl, recipe_done;
     long last_pid, forks; /* -1: not known */
+    unsigned long long ns_ino;
     int err;
     char what[192];
     unsigned char buf[RECV_SIZE];
@@ -298,6 +299,7 @@ static int build(Build *b) {
         return fail(b, errno, "fstat (namespace)");
     if (st.st_ino == before)
         return fail(b, EPERM, "unshare left the thread in its namespace");
+    b->ns_ino = (unsigned long long)st.st_ino;
     if (write_sysctls(b, b->pre, b->n_pre, st.st_ino) < 0)
         return -1;
     b->nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
@@ -435,10 +437,10 @@ static PyObject *py_build(PyObject *self, PyObject *args) {
         }
         goto error;
     }
-    PyObject *result = Py_BuildValue("(i((ii)(ii))iO(ll))", b->ns_fd, b->dev[0].fd,
-                                     b->dev[0].index, b->dev[1].fd, b->dev[1].index,
-                                     b->counters_fd, b->recipe_done ? Py_True : Py_False,
-                                     b->last_pid, b->forks);
+    PyObject *result = Py_BuildValue("((iK)((ii)(ii))iO(ll))", b->ns_fd, b->ns_ino,
+                                     b->dev[0].fd, b->dev[0].index, b->dev[1].fd,
+                                     b->dev[1].index, b->counters_fd,
+                                     b->recipe_done ? Py_True : Py_False, b->last_pid, b->forks);
     if (result == NULL)
         close_all(b);
     PyMem_Free(b);
@@ -485,12 +487,30 @@ static PyObject *py_release(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* pid_mark(): (ns_last_pid, forks since boot), procs.PidMark's two numbers, read with no
+ * GIL held (six system calls: in Python, six waits for the GIL beside a busy thread). */
+static PyObject *py_pid_mark(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    long last, forks;
+    Py_BEGIN_ALLOW_THREADS
+    last = read_number("/proc/sys/kernel/ns_last_pid", NULL);
+    forks = read_number("/proc/stat", "\nprocesses ");
+    Py_END_ALLOW_THREADS
+    if (last < 0 || forks < 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(ll)", last, forks);
+}
+
 static PyMethodDef methods[] = {
+    {"pid_mark", py_pid_mark, METH_NOARGS,
+     "pid_mark() -> (ns_last_pid, forks) or None: procs.PidMark's numbers"},
     {"release", py_release, METH_O,
      "release(fds): make each device persistent and close its fd (device.release_fd)"},
     {"build", py_build, METH_VARARGS,
      "build(sysctls, lo, devices, device_sysctls, expect, recipe, wait6, cleanup, timeout_ms)"
-     " -> (ns_fd, ((fd, index), (fd, index)), counters_fd, recipe_done, (last_pid, forks)):"
+     " -> ((ns_fd, ns_inode), ((fd, index), (fd, index)), counters_fd, recipe_done,"
+     " (last_pid, forks)):"
      " a spare namespace"},
     {NULL, NULL, 0, NULL},
 };

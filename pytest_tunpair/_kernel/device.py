@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -89,15 +90,22 @@ class TunDevice:
 
     @classmethod
     def adopt(
-        cls, fd: int, name: str, *, mode: str, vnet_hdr: bool, offload: bool, index: int
+        cls,
+        fd: int,
+        name: str,
+        *,
+        mode: str,
+        vnet_hdr: bool,
+        offload: bool,
+        index: int,
+        netns_inode: int,
     ) -> TunDevice:
         """The device of an fd made with :func:`tun_flags` by other code (the spare's builder
-        in C, ``_build.c``) in the calling thread's namespace: the object owns the fd."""
+        in C, ``_build.c``) in the namespace of inode ``netns_inode``: the object owns the fd."""
         dev = cls.__new__(cls)
         dev.name, dev.mode, dev.vnet_hdr, dev.offload = name, mode, vnet_hdr, offload
         dev.hdr_len = _gso.VIRTIO_NET_HDR_LEN if vnet_hdr else 0
-        dev.fd, dev.index = fd, index
-        dev.netns_inode = os.stat("/proc/thread-self/ns/net").st_ino
+        dev.fd, dev.index, dev.netns_inode = fd, index, netns_inode
         return dev
 
     def set_offload(self, on: bool) -> None:
@@ -174,6 +182,7 @@ def release_fds(fds: Iterable[int | None]) -> None:
         native.release(fds)
 
 
+@functools.cache
 def native_builder() -> Any:
     """The spare namespace's builder in C (``_build.c``: ``build``, ``release``), or
     ``None`` where it was not built (setup.py: it is optional)."""

@@ -45,6 +45,14 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+@lru_cache(maxsize=1)
+def quick_libc() -> ctypes.PyDLL:
+    """libc for calls that never wait (``prctl``): made holding the GIL. A ``CDLL`` call lets
+    go of it and takes it back after, which costs a wait whenever another thread runs
+    Python meanwhile -- a test's set-up runs beside the relay thread that is starting."""
+    return ctypes.PyDLL(None, use_errno=True)
+
+
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
@@ -72,7 +80,7 @@ def set_thread_name(name: str) -> None:
     been joined may still be in the kernel's task list a moment longer, and its name is
     how the leftover-thread check tells it from a test's (``threads.threads_in``). Best
     effort: a refusal changes nothing else."""
-    _libc().prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    quick_libc().prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 EPERM_LIKE = (errno.EPERM, errno.EACCES)

@@ -341,7 +341,7 @@ def _build_natively(native: Any, plan: DevicePlan) -> Spare:
         recipe = _routing.compile_recipe(compiled_for, plan.mtu, plan.table, plan.txqueuelen)
     flags = tun_flags(plan.mode, plan.vnet_hdr)
     offload = OFFLOAD_FLAGS if plan.vnet_hdr else -1
-    ns_fd, ((fd_a, index_a), (fd_b, index_b)), counters_fd, routed, mark = native.build(
+    (ns_fd, inode), ((fd_a, index_a), (fd_b, index_b)), counters_fd, routed, mark = native.build(
         [(name, str(value)) for name, value in namespace_sysctls()],
         _routing.lo_message(),
         [(name, flags, offload) for name in plan.names],
@@ -358,7 +358,13 @@ def _build_natively(native: Any, plan: DevicePlan) -> Spare:
     try:
         devices = tuple(
             TunDevice.adopt(
-                fd, name, mode=plan.mode, vnet_hdr=plan.vnet_hdr, offload=plan.vnet_hdr, index=i
+                fd,
+                name,
+                mode=plan.mode,
+                vnet_hdr=plan.vnet_hdr,
+                offload=plan.vnet_hdr,
+                index=i,
+                netns_inode=inode,
             )
             for fd, name, i in ((fd_a, plan.names[0], index_a), (fd_b, plan.names[1], index_b))
         )

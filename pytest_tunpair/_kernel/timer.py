@@ -103,6 +103,7 @@ def set_timer_slack(ns: int = TIMER_SLACK_NS) -> bool:
     False if the kernel refused (e.g. a seccomp filter); the timers are then merely coarser.
     """
     try:
-        return int(_linux._libc().prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(ns), 0, 0, 0)) == 0
+        prctl = _linux.quick_libc().prctl
+        return int(prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(ns), 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
