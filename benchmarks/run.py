@@ -315,21 +315,36 @@ def gbits(data: dict[str, Any]) -> float:
     return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
+def relay_tids() -> list[int]:
+    """The relay threads of this process, by their kernel name (the relay thread is not a
+    ``threading.Thread``: ``threading.enumerate()`` does not list it)."""
+    from pytest_tunpair._link.relay import RELAY_COMM
+
+    tids = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == RELAY_COMM:
+                    tids.append(int(tid))
+        except FileNotFoundError:
+            continue
+    return tids
+
+
 def relay_thread_cpu() -> tuple[float, float] | None:
     """(user, system) CPU seconds of the relay thread(s) of this process so far."""
     tick = os.sysconf("SC_CLK_TCK")
     user = system = 0.0
     found = False
-    for t in threading.enumerate():
-        if t.name.startswith("tunpair-relay") and t.native_id is not None:
-            try:
-                with open(f"/proc/self/task/{t.native_id}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue
-            user += int(fields[11]) / tick
-            system += int(fields[12]) / tick
-            found = True
+    for tid in relay_tids():
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        user += int(fields[11]) / tick
+        system += int(fields[12]) / tick
+        found = True
     return (user, system) if found else None
 
 
@@ -337,13 +352,12 @@ def relay_thread_ns() -> int | None:
     """Nanoseconds the relay thread(s) of this process ran on a CPU so far (schedstat: ns,
     where ``stat``'s clock ticks are 10 ms)."""
     total = None
-    for t in threading.enumerate():
-        if t.name.startswith("tunpair-relay") and t.native_id is not None and "hooks" not in t.name:
-            try:
-                with open(f"/proc/self/task/{t.native_id}/schedstat") as f:
-                    total = (total or 0) + int(f.read().split()[0])
-            except (FileNotFoundError, ValueError, IndexError):
-                continue
+    for tid in relay_tids():
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total = (total or 0) + int(f.read().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            continue
     return total
 
 

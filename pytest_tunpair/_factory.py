@@ -72,9 +72,6 @@ class TunPairFactory:
         """The impairment seed its pairs use when none is given (one per test, so one replays all)."""
         self._thread = threading.get_ident()
         self._spare: Spare | None = None  # the spare open() entered, with its devices
-        self.dispose: Callable[[Callable[[], object]], None] | None = None
-        """Where a closed pair's device fds are released, if not in :meth:`close` (the
-        plugin's disposer thread: ``_kernel/disposal.py``)."""
         self.on_open: Callable[[TunPair], None] | None = None
         """Called with each pair once it is open (the plugin streams it live with
         ``--tunpair-pcap-live``)."""
@@ -195,7 +192,6 @@ class TunPairFactory:
             _random_seed=self.random_seed,
             _hosts=_hosts,
             _built=built,
-            _dispose=self.dispose,
         )
         pair.open(_index=index)
         self.pairs.append(pair)

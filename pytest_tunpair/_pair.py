@@ -81,10 +81,6 @@ def _macs(mode: str, index: int) -> tuple[str | None, str | None]:
     return (f"02:74:70:00:{index & 0xFF:02x}:01", f"02:74:70:00:{index & 0xFF:02x}:02")
 
 
-def _at_once(work: Callable[[], object]) -> None:
-    work()
-
-
 def device_plan(o: PairOptions, index: int = 0) -> DevicePlan | None:
     """What the devices of a pair with options ``o`` (the ``index``-th of its factory) depend
     on, when they are built in the pair's namespace by the recipe (:func:`_spare.build_devices`);
@@ -121,7 +117,6 @@ class TunPair:
         _random_seed: int | None = None,
         _hosts: tuple[Host, Host] | None = None,
         _built: BuiltDevices | None = None,
-        _dispose: Callable[[Callable[[], object]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         if options is not None and kwargs:
@@ -181,9 +176,6 @@ class TunPair:
         # Devices built ahead of time for this pair's plan, in its namespace (the factory's
         # spare: _kernel/spare.py); adopted by open() instead of building them.
         self._built = _built
-        # Where releasing the closed devices' fds goes (the factory's: the plugin's disposer
-        # thread, _kernel/disposal.py); None: done in close().
-        self._dispose = _dispose
 
     # -- lifecycle -------------------------------------------------------------------------
     def open(self, *, _index: int = 0) -> TunPair:
@@ -366,12 +358,7 @@ class TunPair:
             for c in self._device_counters:
                 c.close()
             self._device_counters = []
-        fds = [d.detach() for d in reversed(self._devices)]  # closed from here on
-        if any(fd is not None for fd in fds):
-            # Later only in one namespace: hosts are closed after their devices, below.
-            one_ns = not self._own_hosts and self._given_hosts is None
-            dispose = self._dispose if one_ns and self._dispose is not None else _at_once
-            dispose(lambda: release_fds(fds))
+        release_fds(d.detach() for d in reversed(self._devices))
         for host in reversed(self._own_hosts):
             try:
                 host.close()

@@ -170,8 +170,7 @@ def _scoped_factory(
 def _open(request: pytest.FixtureRequest, source: str, *, spare: bool = False) -> TunPairFactory:
     """A factory with the run's defaults (``--tunpair-seed``, ``--tunpair-leftovers``), open:
     the calling thread is inside its namespace (``spare``: one built ahead of time, if the
-    run has one for this test; and its pairs' devices released by the run's disposer).
-    Its pairs stream live with ``--tunpair-pcap-live``."""
+    run has one for this test). Its pairs stream live with ``--tunpair-pcap-live``."""
     from ._factory import TunPairFactory
     from ._plugin import live, spares
 
@@ -180,10 +179,7 @@ def _open(request: pytest.FixtureRequest, source: str, *, spare: bool = False) -
     defaults = {} if seed is None else {"seed": seed}
     factory = TunPairFactory(defaults, source=source, leftovers=resolved.tunpair_leftovers)
     live.watch(request.config, factory, request.node.nodeid)
-    if not spare:
-        return factory.open()
-    factory.dispose = spares.disposer(request.config).later
-    return factory.open(spares.take(request, defaults))
+    return factory.open(spares.take(request, defaults) if spare else None)
 
 
 def _warn_at(factory: TunPairFactory, item: pytest.Item) -> None:

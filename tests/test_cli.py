@@ -663,7 +663,7 @@ def test_wait_new_wakes_on_real_traffic(tun_pair: TunPair) -> None:
 def test_main_leaves_no_thread_or_fd_behind(tunnels: None, tmp_path: Path) -> None:
     need("ping")
     script = """
-import os, sys, threading
+import os, sys, threading, time
 from pytest_tunpair._cli import main
 from pytest_tunpair._kernel.userns import thread_can_return
 
@@ -688,6 +688,9 @@ for args in (
     print("RESULT", main(args), flush=True)
 print("RESULT", fds() == before, [t.name for t in threading.enumerate()])
 print("RESULT", netns() == ns)
+# The relay thread is not a threading.Thread: the kernel's list of the process's threads.
+time.sleep(0.05)  # a joined thread may be listed a moment longer (docs/internals.md)
+print("RESULT", os.listdir("/proc/self/task") == [str(os.getpid())])
 """
     r = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "leak.pcap")],
@@ -700,4 +703,4 @@ print("RESULT", netns() == ns)
     results = [
         ln.removeprefix("RESULT ") for ln in r.stdout.splitlines() if ln.startswith("RESULT")
     ]
-    assert results == ["True", "0", "1", "3", "True ['MainThread']", "True"], r.stderr
+    assert results == ["True", "0", "1", "3", "True ['MainThread']", "True", "True"], r.stderr

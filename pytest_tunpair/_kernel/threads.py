@@ -64,14 +64,15 @@ _MACHINERY = (
 OWN_PREFIX = "tunpair"
 
 
-def own_thread(target: Callable[[], object], name: str) -> threading.Thread:
+def own_thread(target: Callable[[], object], name: str, comm: str = "") -> threading.Thread:
     """A daemon thread of the package, not started: ``name`` (beginning with
-    :data:`OWN_PREFIX`) is its Python name and, from its first step, its kernel name
-    (``linux.set_thread_name``), which the leftover-thread check reads for a thread Python
-    has already let go of (:func:`threads_in`)."""
+    :data:`OWN_PREFIX`) is its Python name and, from its first step, ``comm`` (default:
+    ``name``; 15 bytes kept) its kernel name (``linux.set_thread_name``), which the
+    leftover-thread check reads for a thread Python has already let go of
+    (:func:`threads_in`)."""
 
     def run() -> None:
-        _linux.set_thread_name(name)
+        _linux.set_thread_name(comm or name)
         target()
 
     return threading.Thread(target=run, name=name, daemon=True)
@@ -91,8 +92,10 @@ class QuickThread:
 
     daemon = True
 
-    def __init__(self, target: Callable[[], object], name: str) -> None:
+    def __init__(self, target: Callable[[], object], name: str, comm: str = "") -> None:
         self.name = name
+        self.comm = comm or name
+        """Its kernel name (``/proc/self/task/TID/comm``; 15 bytes kept)."""
         self._target = target
         self._running = _thread.allocate_lock()  # held from start() until the target returns
         self._started = False
@@ -113,7 +116,7 @@ class QuickThread:
     def _run(self) -> None:
         try:
             self.ident = _thread.get_ident()  # before start() has returned it, too
-            _linux.set_thread_name(self.name)
+            _linux.set_thread_name(self.comm)
             self._target()
         finally:
             self._running.release()

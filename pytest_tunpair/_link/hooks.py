@@ -93,7 +93,7 @@ class HookWorker:
         self.stopping = False
         self._done = done
         self._wake = wake
-        self.thread = own_thread(self._main, name)
+        self.thread = own_thread(self._main, name, comm="tunpair-hooks")
         self.thread.start()
 
     def _main(self) -> None:

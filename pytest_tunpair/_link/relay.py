@@ -142,6 +142,10 @@ _CORE_ACTIONS = ("forwarded", "delayed", "dropped")
 #: their read times (_core.c, "Arrival times").
 STAMP_FRAMES = 2048
 
+#: The relay thread's kernel name (``/proc/self/task/TID/comm``: ``top -H``, and how the
+#: benchmarks find it; Python's ``threading.enumerate()`` does not list it).
+RELAY_COMM = "tunpair-relay"
+
 
 def _stamp_index(dev: Any) -> int:
     """The device's index for the core's arrival stamps, which it opens in the relay
@@ -227,7 +231,7 @@ class Relay:
         self._stampers: list[threading.Thread] = []
         self._stopping = False
         # Started without waiting for it (QuickThread): it is the set-up's last step.
-        self._thread = QuickThread(self._main, self.name)
+        self._thread = QuickThread(self._main, self.name, comm=RELAY_COMM)
 
     # -- control (any thread) ----------------------------------------------------------------
     def start(self) -> None:
@@ -702,7 +706,7 @@ class Relay:
             core.prepare_stamps(*want)
             self.wake()
 
-        stamper = own_thread(prepare, f"{self.name}-stamps")
+        stamper = own_thread(prepare, f"{self.name}-stamps", comm="tunpair-stamps")
         self._stampers.append(stamper)
         stamper.start()
 

@@ -11,7 +11,6 @@ import pytest
 
 if TYPE_CHECKING:
     from .._factory import FactoryCheckpoint, TunPairFactory
-    from .._kernel.disposal import Disposer
     from .._kernel.netns import Visit
     from .._kernel.spare import SparePool
     from .._kernel.userns import Status
@@ -35,8 +34,6 @@ CONTEXT: pytest.StashKey[contextvars.Context] = pytest.StashKey()
 VISITS: pytest.StashKey[list[Visit]] = pytest.StashKey()
 #: The next tunnel test's namespace and devices, being built (``spares.py``).
 SPARES: pytest.StashKey[SparePool] = pytest.StashKey()
-#: Releases finished tests' devices on a thread of its own (``spares.py``).
-DISPOSER: pytest.StashKey[Disposer] = pytest.StashKey()
 #: pcap file stem -> test id, so that two ids never share a file.
 PCAP_STEMS: pytest.StashKey[dict[str, str]] = pytest.StashKey()
 #: pcap or plot file -> why it was not written (the terminal summary).

@@ -1,7 +1,5 @@
 """The run's spare namespaces: the next tunnel test's namespace and devices, built while the
-current test runs (``_kernel/spare.py``), so that a test's set-up mostly takes them; and
-its disposer, which releases a finished test's devices while the next one runs
-(``_kernel/disposal.py``).
+current test runs (``_kernel/spare.py``), so that a test's set-up mostly takes them.
 
 Used by the function-scoped ``tun_pair_factory`` (and so ``tun_pair``): for a test that
 requests ``tun_pair``, the plan is its marker's options, and the spare comes with the
@@ -17,13 +15,12 @@ from collections.abc import Mapping
 import pytest
 
 from .._errors import OptionError
-from .._kernel.disposal import Disposer
 from .._kernel.spare import DevicePlan, Spare, SparePool
 from .._options import PairOptions
 from .._pair import device_plan
 from . import keys, marks
 
-__all__ = ["close", "disposer", "take"]
+__all__ = ["close", "take"]
 
 
 def take(request: pytest.FixtureRequest, defaults: Mapping[str, object]) -> Spare | None:
@@ -52,21 +49,8 @@ def _plan(request: pytest.FixtureRequest, defaults: Mapping[str, object]) -> Dev
     return device_plan(opts, 0)
 
 
-def disposer(config: pytest.Config) -> Disposer:
-    """The run's disposer; the first call starts its thread (call it outside any test's
-    namespace)."""
-    found = config.stash.get(keys.DISPOSER, None)
-    if found is None:
-        found = config.stash[keys.DISPOSER] = Disposer()
-    return found
-
-
 def close(config: pytest.Config) -> None:
-    """Wait for a build under way and drop the spare, and release what the disposer still
-    holds (the end of the run)."""
+    """Wait for a build under way and drop the spare (the end of the run)."""
     pool = config.stash.get(keys.SPARES, None)
     if pool is not None:
         pool.close()
-    found = config.stash.get(keys.DISPOSER, None)
-    if found is not None:
-        found.close()
