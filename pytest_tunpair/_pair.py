@@ -903,7 +903,8 @@ class TunPair:
         """A fault rule for retry logic: the first ``times`` packets of ``direction`` that
         match get ``how``.
 
-        ``match`` is a predicate on the :class:`~pytest_tunpair.Packet`; ``fields`` are
+        ``match`` is a predicate on the :class:`~pytest_tunpair.Packet`, called on the relay
+        thread for each packet of ``direction`` (keep it quick: the packet waits); ``fields`` are
         the keyword filters of ``packets.filter`` (``src``, ``dst``, ``proto``, ``sport``,
         ``dport``, ``flags`` in scapy's letters, e.g. ``flags="S"``, ...), each a value or a
         predicate on it; all given must hold. ``how``: ``"drop"`` (recorded ``"dropped"``), ``"reset"``
