@@ -16,6 +16,7 @@ import pytest
 
 from pytest_tunpair import TunPair, TunPairFactory
 from pytest_tunpair._link import core as _core
+from pytest_tunpair._plugin import keys
 
 # Built, whatever TUNPAIR_RELAY says (each test sets it).
 BUILT = importlib.util.find_spec("pytest_tunpair._link._core") is not None
@@ -131,12 +132,15 @@ def test_a_delay_holds_each_packet_for_it_in_order(pair: TunPair) -> None:
 
 
 def test_a_delay_counts_from_the_moment_the_packet_entered_the_device(
-    pair: TunPair, loop: str
+    pair: TunPair, loop: str, pytestconfig: pytest.Config
 ) -> None:
     """In the core, a delayed packet's ``arrival`` is the kernel's stamp of its entering the
     source device -- inside the sender's ``sendto()`` -- not the relay's later read: it
     falls between the moments just before and just after the call, and the delay is
     counted from it. The Python loop stamps the read, after the call began."""
+    # The next test's spare, built meanwhile, opens fds of its own: counted once it is built.
+    pool = pytestconfig.stash.get(keys.SPARES, None)
+    assert pool is None or pool.wait_idle(30.0)
     fds = set(os.listdir("/proc/self/fd"))
     relay = pair._relay
     assert relay is not None

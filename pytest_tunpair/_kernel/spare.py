@@ -272,6 +272,11 @@ class SparePool:
             self._spare = spare
             self.built += 1
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no build is under way (the one a :meth:`take` started opens fds and
+        devices meanwhile); False after ``timeout`` s."""
+        return self._idle.wait(timeout)
+
     def close(self) -> None:
         """Wait for a build under way and drop the spare: nothing is left behind."""
         with self._lock:
